@@ -1,1 +1,280 @@
-//! placeholder
+//! Persistence for Reachback: one storage interface over SQLite (default) and
+//! PostgreSQL, the migrations, and the one place SQL lives.
+//!
+//! Both backends go through sqlx's `Any` driver with SQL written once; the few
+//! differences (column types, locking) are switched on [`Backend`]. Invariants the
+//! database enforces by itself: no address bound twice (primary key of `bindings`),
+//! one binding per device, unique range names, hostnames and usernames
+//! (case-folded key columns), used counters that never go negative.
+
+mod admin;
+mod audit;
+mod bindings;
+mod devices;
+mod enroll;
+mod keys;
+mod ranges;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor, Row};
+
+pub use admin::{AdminRow, ApiKeyRow, Principal, SessionRow};
+pub use audit::{AuditEntry, AuditQuery, AuditRow};
+pub use admin::new_id;
+pub use bindings::{BindingQuery, BindingRow, BindingSort, EngineSnapshot, binding_address};
+pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
+pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
+pub use keys::EnrollmentKeyRow;
+pub use ranges::{RangeRow, RangeWrite};
+
+/// What went wrong in the store. Conflicts are typed so the API can map them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// a row with this id does not exist
+    #[error("not found")]
+    NotFound,
+    /// the new range overlaps an existing one
+    #[error("range overlaps {name} ({range})")]
+    Overlap { id: String, name: String, range: String },
+    /// a unique name or key is taken
+    #[error("{0} is already taken")]
+    Duplicate(&'static str),
+    /// the range still has bindings
+    #[error("range has {0} bindings")]
+    RangeInUse(i64),
+    /// a range edit would leave bound addresses outside the range
+    #[error("{0} bound addresses would fall outside the new range")]
+    BindingsOutside(i64),
+    /// the database refused or failed
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// stored data could not be read back
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which database is behind the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The store: a pool and, for SQLite, a gate that serialises writers.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    write_gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+
+/// Advisory lock key for range and migration changes on PostgreSQL.
+const PG_LOCK_SCHEMA: i64 = 0x7265_6163_6862_0001;
+const PG_LOCK_RANGES: i64 = 0x7265_6163_6862_0002;
+
+impl Store {
+    /// Connects (creating an SQLite file if needed) and applies migrations.
+    pub async fn connect(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        let options = AnyConnectOptions::from_str(url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        connection
+                            .execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        let store = Store { pool, backend, write_gate: Arc::new(tokio::sync::Mutex::new(())) };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let _gate = self.write_gate.lock().await;
+        let mut connection = self.pool.acquire().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_lock($1)").bind(PG_LOCK_SCHEMA).execute(&mut *connection).await?;
+        }
+        let result = async {
+            connection.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)").await?;
+            let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
+                .fetch_all(&mut *connection)
+                .await?
+                .iter()
+                .map(|row| row.try_get::<i64, _>(0))
+                .collect::<Result<_, _>>()?;
+            for &(version, script) in MIGRATIONS {
+                if applied.contains(&version) {
+                    continue;
+                }
+                let script = match self.backend {
+                    Backend::Sqlite => script.replace("{BLOB}", "BLOB").replace("{REAL}", "REAL").replace("{BOOL}", "BOOLEAN"),
+                    Backend::Postgres => script.replace("{BLOB}", "BYTEA").replace("{REAL}", "DOUBLE PRECISION").replace("{BOOL}", "BOOLEAN"),
+                };
+                let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(script)).execute(&mut *transaction).await?;
+                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                    .bind(version)
+                    .bind(now_micros())
+                    .execute(&mut *transaction)
+                    .await?;
+                transaction.commit().await?;
+                tracing::info!(version, "applied migration");
+            }
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_unlock($1)").bind(PG_LOCK_SCHEMA).execute(&mut *connection).await?;
+        }
+        result
+    }
+
+    /// Starts a write transaction: on SQLite behind the process-wide writer gate
+    /// (one writer at a time, so no lock upgrades fail), on PostgreSQL directly.
+    async fn write(&self) -> Result<WriteTx<'_>> {
+        let gate = match self.backend {
+            Backend::Sqlite => Some(self.write_gate.lock().await),
+            Backend::Postgres => None,
+        };
+        let transaction = self.pool.begin().await?;
+        Ok(WriteTx { transaction, _gate: gate })
+    }
+
+    /// Serialises range changes across replicas (PostgreSQL advisory lock).
+    async fn lock_ranges(&self, tx: &mut WriteTx<'_>) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_LOCK_RANGES).execute(&mut *tx.transaction).await?;
+        }
+        Ok(())
+    }
+}
+
+struct WriteTx<'a> {
+    transaction: sqlx::Transaction<'static, sqlx::Any>,
+    _gate: Option<tokio::sync::MutexGuard<'a, ()>>,
+}
+
+impl WriteTx<'_> {
+    async fn commit(self) -> Result<()> {
+        self.transaction.commit().await?;
+        Ok(())
+    }
+}
+
+/// Microseconds since the Unix epoch: the store's only time unit.
+pub fn now_micros() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` substring match, lowercased.
+pub(crate) fn like_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for character in text.to_lowercase().chars() {
+        if matches!(character, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(character);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// Whether an error is a unique-constraint violation.
+pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(database) => {
+            database.is_unique_violation() || database.code().is_some_and(|code| code == "23505" || code == "2067" || code == "1555")
+        }
+        _ => false,
+    }
+}
+
+/// A small builder for dynamic WHERE clauses with numbered parameters.
+pub(crate) struct Filter {
+    clauses: Vec<String>,
+    values: Vec<FilterValue>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum FilterValue {
+    Text(String),
+    Int(i64),
+    Bytes(Vec<u8>),
+}
+
+impl Filter {
+    pub(crate) fn new() -> Self {
+        Filter { clauses: Vec::new(), values: Vec::new() }
+    }
+
+    /// Adds a clause; `?` in it stands for the next parameter.
+    pub(crate) fn push(&mut self, clause: &str, values: impl IntoIterator<Item = FilterValue>) {
+        let mut text = String::new();
+        let mut values = values.into_iter();
+        for piece in clause.split_inclusive('?') {
+            if let Some(stripped) = piece.strip_suffix('?') {
+                text.push_str(stripped);
+                if let Some(value) = values.next() {
+                    self.values.push(value);
+                    text.push_str(&format!("${}", self.values.len()));
+                }
+            } else {
+                text.push_str(piece);
+            }
+        }
+        self.clauses.push(text);
+    }
+
+    pub(crate) fn sql(&self) -> String {
+        if self.clauses.is_empty() { String::new() } else { format!(" WHERE {}", self.clauses.join(" AND ")) }
+    }
+
+    pub(crate) fn bind<'q>(&'q self, mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+        for value in &self.values {
+            query = match value {
+                FilterValue::Text(text) => query.bind(text.as_str()),
+                FilterValue::Int(number) => query.bind(*number),
+                FilterValue::Bytes(bytes) => query.bind(bytes.as_slice()),
+            };
+        }
+        query
+    }
+}

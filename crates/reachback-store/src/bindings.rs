@@ -1,0 +1,331 @@
+//! IP bindings: listing with filters and numeric address order, release into
+//! quarantine, streaming export, and the snapshot the allocation engine starts from.
+
+use std::collections::HashMap;
+
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use reachback_ipam::{Family, Location, address_from_key};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::audit::AuditEntry;
+use crate::ranges::{RangeRow, location_from_row};
+use crate::{Filter, FilterValue, Result, Store, StoreError, like_pattern, now_micros};
+
+/// A bound address with what the listing shows about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BindingRow {
+    pub ip: String,
+    pub range_id: String,
+    pub range_name: String,
+    pub range_location: Option<Location>,
+    pub device_id: String,
+    pub username: String,
+    pub platform: String,
+    pub client_hostname: String,
+    pub last_updated: i64,
+}
+
+/// Sort orders of the bindings listing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BindingSort {
+    #[default]
+    Ip,
+    Username,
+    Platform,
+    ClientHostname,
+    RangeName,
+    LastUpdated,
+}
+
+/// Filters, order and page of a bindings listing. `limit` 0 means no limit (export).
+#[derive(Clone, Debug, Default)]
+pub struct BindingQuery {
+    /// inclusive key bounds of an address or CIDR
+    pub ip_keys: Option<([u8; 17], [u8; 17])>,
+    pub range_name: Option<String>,
+    pub range_location: Option<String>,
+    pub username: Option<String>,
+    pub platform: Option<String>,
+    pub client_hostname: Option<String>,
+    pub updated_after: Option<i64>,
+    pub updated_before: Option<i64>,
+    pub sort: BindingSort,
+    pub descending: bool,
+    pub offset: i64,
+    pub limit: i64,
+}
+
+impl BindingQuery {
+    fn only_range_filters(&self) -> bool {
+        self.ip_keys.is_none()
+            && self.username.is_none()
+            && self.platform.is_none()
+            && self.client_hostname.is_none()
+            && self.updated_after.is_none()
+            && self.updated_before.is_none()
+    }
+}
+
+/// What the allocation engine needs from the store at start-up.
+#[derive(Debug, Default)]
+pub struct EngineSnapshot {
+    pub ranges: Vec<RangeRow>,
+    /// per range id: bound address values
+    pub bound: HashMap<String, Vec<u128>>,
+    /// per range id: (value, released_at) of quarantined addresses
+    pub quarantined: HashMap<String, Vec<(u128, i64)>>,
+}
+
+const BINDING_COLUMNS: &str = "b.ip, b.range_id, r.name AS range_name, r.city, r.state, r.country, r.latitude, r.longitude, b.device_id, b.username, b.platform, b.client_hostname, b.last_updated";
+
+fn binding_from_row(row: &AnyRow) -> Result<BindingRow> {
+    let mut range_location = location_from_row(row, "")?;
+    if let Some(location) = range_location.as_mut() {
+        location.latitude = None;
+        location.longitude = None;
+    }
+    Ok(BindingRow {
+        ip: row.try_get("ip")?,
+        range_id: row.try_get("range_id")?,
+        range_name: row.try_get("range_name")?,
+        range_location,
+        device_id: row.try_get::<Option<String>, _>("device_id")?.unwrap_or_default(),
+        username: row.try_get::<Option<String>, _>("username")?.unwrap_or_default(),
+        platform: row.try_get::<Option<String>, _>("platform")?.unwrap_or_default(),
+        client_hostname: row.try_get::<Option<String>, _>("client_hostname")?.unwrap_or_default(),
+        last_updated: row.try_get("last_updated")?,
+    })
+}
+
+fn contains_folded(haystack: Option<&str>, needle: &str) -> bool {
+    haystack.is_some_and(|value| value.to_lowercase().contains(needle))
+}
+
+impl Store {
+    /// The ranges a bindings query may touch, or `None` when it does not filter on ranges.
+    async fn matching_range_ids(&self, query: &BindingQuery) -> Result<Option<Vec<RangeRow>>> {
+        if query.range_name.is_none() && query.range_location.is_none() {
+            return Ok(None);
+        }
+        let name = query.range_name.as_deref().map(str::to_lowercase);
+        let place = query.range_location.as_deref().map(str::to_lowercase);
+        let ranges = self.list_ranges().await?;
+        Ok(Some(
+            ranges
+                .into_iter()
+                .filter(|range| name.as_deref().is_none_or(|name| range.name.to_lowercase().contains(name)))
+                .filter(|range| {
+                    place.as_deref().is_none_or(|place| {
+                        range.location.as_ref().is_some_and(|location| {
+                            contains_folded(location.city.as_deref(), place)
+                                || contains_folded(location.state.as_deref(), place)
+                                || contains_folded(location.country.as_deref(), place)
+                        })
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    async fn binding_filter(&self, query: &BindingQuery) -> Result<Option<(Filter, Option<Vec<RangeRow>>)>> {
+        let mut filter = Filter::new();
+        filter.push("b.device_id IS NOT NULL", []);
+        let ranges = self.matching_range_ids(query).await?;
+        if let Some(ranges) = &ranges {
+            if ranges.is_empty() {
+                return Ok(None);
+            }
+            let placeholders = vec!["?"; ranges.len()].join(", ");
+            filter.push(&format!("b.range_id IN ({placeholders})"), ranges.iter().map(|range| FilterValue::Text(range.id.clone())));
+        }
+        if let Some((first, last)) = query.ip_keys {
+            filter.push("b.ip_key >= ? AND b.ip_key <= ?", [FilterValue::Bytes(first.to_vec()), FilterValue::Bytes(last.to_vec())]);
+        }
+        for (column, value) in [("b.username", &query.username), ("b.platform", &query.platform), ("b.client_hostname", &query.client_hostname)] {
+            if let Some(value) = value {
+                filter.push(&format!("lower({column}) LIKE ? ESCAPE '\\'"), [FilterValue::Text(like_pattern(value))]);
+            }
+        }
+        if let Some(after) = query.updated_after {
+            filter.push("b.last_updated > ?", [FilterValue::Int(after)]);
+        }
+        if let Some(before) = query.updated_before {
+            filter.push("b.last_updated < ?", [FilterValue::Int(before)]);
+        }
+        Ok(Some((filter, ranges)))
+    }
+
+    fn binding_select(&self, filter: &Filter, query: &BindingQuery) -> String {
+        let direction = if query.descending { "DESC" } else { "ASC" };
+        let order = match query.sort {
+            BindingSort::Ip => format!("b.ip_key {direction}"),
+            BindingSort::Username => format!("b.username {direction}, b.ip_key {direction}"),
+            BindingSort::Platform => format!("b.platform {direction}, b.ip_key {direction}"),
+            BindingSort::ClientHostname => format!("b.client_hostname {direction}, b.ip_key {direction}"),
+            BindingSort::RangeName => format!("r.name_key {direction}, b.ip_key {direction}"),
+            BindingSort::LastUpdated => format!("b.last_updated {direction}, b.ip_key {direction}"),
+        };
+        let mut sql = format!("SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id{} ORDER BY {order}", filter.sql());
+        if query.limit > 0 {
+            sql.push_str(&format!(" LIMIT {} OFFSET {}", query.limit, query.offset.max(0)));
+        }
+        sql
+    }
+
+    /// How many bindings match. Without filters other than on ranges this is read from
+    /// the ranges' maintained counters instead of counting rows.
+    pub async fn count_bindings(&self, query: &BindingQuery) -> Result<i64> {
+        let Some((filter, ranges)) = self.binding_filter(query).await? else {
+            return Ok(0);
+        };
+        if query.only_range_filters() {
+            let ranges = match ranges {
+                Some(ranges) => ranges,
+                None => self.list_ranges().await?,
+            };
+            return Ok(ranges.iter().map(|range| range.used_ips).sum());
+        }
+        let sql = format!("SELECT COUNT(*) FROM bindings b{}", filter.sql());
+        Ok(filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql))).fetch_one(&self.pool).await?.try_get(0)?)
+    }
+
+    /// One page of bindings and the matching total.
+    pub async fn list_bindings(&self, query: &BindingQuery) -> Result<(Vec<BindingRow>, i64)> {
+        let Some((filter, _)) = self.binding_filter(query).await? else {
+            return Ok((Vec::new(), 0));
+        };
+        let sql = self.binding_select(&filter, query);
+        let rows = filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql))).fetch_all(&self.pool).await?;
+        let items = rows.iter().map(binding_from_row).collect::<Result<Vec<_>>>()?;
+        let total = self.count_bindings(query).await?;
+        Ok((items, total))
+    }
+
+    /// Every matching binding, streamed from the database in constant memory.
+    pub async fn stream_bindings(&self, query: &BindingQuery) -> Result<BoxStream<'static, Result<BindingRow>>> {
+        let Some((filter, _)) = self.binding_filter(query).await? else {
+            return Ok(futures_util::stream::empty().boxed());
+        };
+        let mut query = query.clone();
+        query.limit = 0;
+        let sql = self.binding_select(&filter, &query);
+        Ok(crate::audit::async_stream(self.pool.clone(), sql, filter, binding_from_row))
+    }
+
+    pub async fn get_binding(&self, ip_key: &[u8; 17]) -> Result<BindingRow> {
+        let sql = format!("SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE b.ip_key = $1 AND b.device_id IS NOT NULL");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ip_key.to_vec()).fetch_optional(&self.pool).await?.ok_or(StoreError::NotFound)?;
+        binding_from_row(&row)
+    }
+
+    /// The binding of a device, if it has one.
+    pub async fn binding_of_device(&self, device_id: &str) -> Result<Option<BindingRow>> {
+        let sql = format!("SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE b.device_id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(device_id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(binding_from_row).transpose()
+    }
+
+    /// Releases a bound address into quarantine. Returns the released binding.
+    pub async fn release_binding(&self, ip_key: &[u8; 17], audit: impl FnOnce(&BindingRow) -> AuditEntry) -> Result<BindingRow> {
+        let mut tx = self.write().await?;
+        let sql = format!("SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE b.ip_key = $1 AND b.device_id IS NOT NULL");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ip_key.to_vec()).fetch_optional(&mut *tx.transaction).await?.ok_or(StoreError::NotFound)?;
+        let binding = binding_from_row(&row)?;
+        release_in(&mut tx.transaction, ip_key, &binding.range_id).await?;
+        crate::audit::record(&mut tx.transaction, audit(&binding)).await?;
+        tx.commit().await?;
+        Ok(binding)
+    }
+
+    /// Everything the allocation engine needs, read in one pass over the bindings.
+    pub async fn engine_snapshot(&self) -> Result<EngineSnapshot> {
+        let ranges = self.list_ranges().await?;
+        let mut snapshot = EngineSnapshot { ranges, ..EngineSnapshot::default() };
+        let mut connection = self.pool.acquire().await?;
+        let mut rows = sqlx::query("SELECT range_id, ip_key, released_at FROM bindings ORDER BY range_id, ip_key").fetch(&mut *connection);
+        let mut current: Option<(String, Vec<u128>, Vec<(u128, i64)>)> = None;
+        while let Some(row) = rows.next().await {
+            let row = row?;
+            let range_id: String = row.try_get(0)?;
+            let key: Vec<u8> = row.try_get(1)?;
+            let released_at: Option<i64> = row.try_get(2)?;
+            let (_, value) = address_from_key(&key).ok_or_else(|| StoreError::Corrupt("address key".into()))?;
+            if current.as_ref().is_none_or(|(id, _, _)| *id != range_id) {
+                if let Some((id, bound, quarantined)) = current.take() {
+                    snapshot.bound.insert(id.clone(), bound);
+                    snapshot.quarantined.insert(id, quarantined);
+                }
+                current = Some((range_id, Vec::new(), Vec::new()));
+            }
+            if let Some((_, bound, quarantined)) = current.as_mut() {
+                match released_at {
+                    Some(released_at) => quarantined.push((value, released_at)),
+                    None => bound.push(value),
+                }
+            }
+        }
+        if let Some((id, bound, quarantined)) = current.take() {
+            snapshot.bound.insert(id.clone(), bound);
+            snapshot.quarantined.insert(id, quarantined);
+        }
+        Ok(snapshot)
+    }
+
+    /// Bound and quarantined addresses of one range (to rebuild the engine after an edit).
+    pub async fn range_addresses(&self, range_id: &str) -> Result<(Vec<u128>, Vec<(u128, i64)>)> {
+        let rows = sqlx::query("SELECT ip_key, released_at FROM bindings WHERE range_id = $1").bind(range_id).fetch_all(&self.pool).await?;
+        let mut bound = Vec::new();
+        let mut quarantined = Vec::new();
+        for row in rows {
+            let key: Vec<u8> = row.try_get(0)?;
+            let released_at: Option<i64> = row.try_get(1)?;
+            let (_, value) = address_from_key(&key).ok_or_else(|| StoreError::Corrupt("address key".into()))?;
+            match released_at {
+                Some(released_at) => quarantined.push((value, released_at)),
+                None => bound.push(value),
+            }
+        }
+        Ok((bound, quarantined))
+    }
+
+    /// Checks the maintained counters against the rows (consistency checks and tests).
+    pub async fn verify_counters(&self) -> Result<Vec<(String, i64, i64)>> {
+        let rows = sqlx::query(
+            "SELECT r.id, r.used_ips, (SELECT COUNT(*) FROM bindings b WHERE b.range_id = r.id AND b.device_id IS NOT NULL) AS counted FROM ip_ranges r",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut mismatches = Vec::new();
+        for row in rows {
+            let (id, used, counted): (String, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            if used != counted {
+                mismatches.push((id, used, counted));
+            }
+        }
+        Ok(mismatches)
+    }
+}
+
+/// Turns a bound address into a quarantine row and lowers its range's counter.
+pub(crate) async fn release_in(connection: &mut sqlx::AnyConnection, ip_key: &[u8; 17], range_id: &str) -> Result<()> {
+    let now = now_micros();
+    let released = sqlx::query(
+        "UPDATE bindings SET device_id = NULL, username = NULL, platform = NULL, client_hostname = NULL, released_at = $2, last_updated = $2 WHERE ip_key = $1 AND device_id IS NOT NULL",
+    )
+    .bind(ip_key.to_vec())
+    .bind(now)
+    .execute(&mut *connection)
+    .await?
+    .rows_affected();
+    if released > 0 {
+        sqlx::query("UPDATE ip_ranges SET used_ips = used_ips - 1 WHERE id = $1").bind(range_id).execute(&mut *connection).await?;
+    }
+    Ok(())
+}
+
+/// The family and value of a binding's address.
+pub fn binding_address(binding: &BindingRow) -> Option<(Family, u128)> {
+    reachback_ipam::parse_address(&binding.ip)
+}

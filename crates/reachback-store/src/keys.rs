@@ -1,0 +1,100 @@
+//! Enrollment keys: created bound to a username, single-use or reusable, revocable.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::audit::AuditEntry;
+use crate::{Result, Store, StoreError, now_micros};
+
+/// A stored enrollment key (its secret is kept only as a hash).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnrollmentKeyRow {
+    pub id: String,
+    pub username: String,
+    pub description: String,
+    pub reusable: bool,
+    pub expires_at: Option<i64>,
+    pub used_count: i64,
+    pub revoked: bool,
+    pub created_at: i64,
+}
+
+impl EnrollmentKeyRow {
+    /// Whether a new device may enroll with this key now.
+    pub fn usable(&self, now: i64) -> bool {
+        !self.revoked && self.expires_at.is_none_or(|expires_at| expires_at > now) && (self.reusable || self.used_count == 0)
+    }
+}
+
+const KEY_COLUMNS: &str = "id, username, description, reusable, expires_at, used_count, revoked, created_at";
+
+fn key_from_row(row: &AnyRow) -> Result<EnrollmentKeyRow> {
+    Ok(EnrollmentKeyRow {
+        id: row.try_get("id")?,
+        username: row.try_get("username")?,
+        description: row.try_get("description")?,
+        reusable: row.try_get("reusable")?,
+        expires_at: row.try_get("expires_at")?,
+        used_count: row.try_get("used_count")?,
+        revoked: row.try_get("revoked")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Store {
+    pub async fn create_enrollment_key(&self, row: &EnrollmentKeyRow, key_hash: &[u8], audit: AuditEntry) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("INSERT INTO enrollment_keys (id, key_hash, username, description, reusable, expires_at, used_count, revoked, created_at) VALUES ($1, $2, $3, $4, $5, $6, 0, FALSE, $7)")
+            .bind(row.id.as_str())
+            .bind(key_hash)
+            .bind(row.username.as_str())
+            .bind(row.description.as_str())
+            .bind(row.reusable)
+            .bind(row.expires_at)
+            .bind(row.created_at)
+            .execute(&mut *tx.transaction)
+            .await?;
+        crate::audit::record(&mut tx.transaction, audit).await?;
+        tx.commit().await
+    }
+
+    pub async fn list_enrollment_keys(&self) -> Result<Vec<EnrollmentKeyRow>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM enrollment_keys ORDER BY created_at DESC, id")))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    pub async fn get_enrollment_key(&self, id: &str) -> Result<EnrollmentKeyRow> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        key_from_row(&row)
+    }
+
+    pub async fn find_enrollment_key(&self, key_hash: &[u8]) -> Result<Option<EnrollmentKeyRow>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = $1")))
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    pub async fn revoke_enrollment_key(&self, id: &str, audit: impl FnOnce(&EnrollmentKeyRow) -> AuditEntry) -> Result<EnrollmentKeyRow> {
+        let mut tx = self.write().await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&mut *tx.transaction)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let mut key = key_from_row(&row)?;
+        sqlx::query("UPDATE enrollment_keys SET revoked = TRUE WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;
+        key.revoked = true;
+        crate::audit::record(&mut tx.transaction, audit(&key)).await?;
+        tx.commit().await?;
+        let _ = now_micros();
+        Ok(key)
+    }
+}
