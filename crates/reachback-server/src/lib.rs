@@ -1,1 +1,289 @@
-//! placeholder
+//! `reachback server`: the control plane's HTTP API, enrollment, the internal CA,
+//! and the allocation engine kept in step with the store.
+//!
+//! The only crate that speaks HTTP on the server side.
+
+pub mod api;
+pub mod auth;
+pub mod crypto;
+pub mod error;
+pub mod ops;
+pub mod request;
+pub mod state;
+pub mod validate;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
+use reachback_ipam::{Engine, RangeSpec};
+use reachback_store::{Backend, Store};
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::api::{admin, audit, bindings, devices, enroll, keys, ranges};
+use crate::crypto::CertificateAuthority;
+pub use crate::ops::RouteDoc;
+use crate::state::{AppState, Metrics, Settings};
+pub use crate::state::{ServerConfig, SharedState};
+
+/// The largest request body the API reads.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+macro_rules! api_routes {
+    ($( $method:ident $path:literal => $handler:path, $role:literal, $status:literal, $summary:literal, [$($query:literal),*]; )*) => {
+        /// Every API route: the router is built from this table and the OpenAPI document generated from it.
+        pub const ROUTES: &[RouteDoc] = &[ $( RouteDoc { method: stringify!($method), path: $path, summary: $summary, role: $role, query: &[$($query),*], success: $status } ),* ];
+
+        fn api_router() -> Router<SharedState> {
+            Router::new() $( .route($path, axum::routing::$method($handler)) )*
+        }
+    };
+}
+
+api_routes! {
+    get "/api/v1/ip-ranges" => ranges::list, "viewer", 200, "List IP ranges", ["page", "page_size", "sort", "name", "range", "city", "state", "country", "status"];
+    post "/api/v1/ip-ranges" => ranges::create, "admin", 201, "Create an IP range", [];
+    get "/api/v1/ip-ranges/{id}" => ranges::get, "viewer", 200, "Get an IP range", [];
+    patch "/api/v1/ip-ranges/{id}" => ranges::patch, "admin", 200, "Change an IP range", [];
+    delete "/api/v1/ip-ranges/{id}" => ranges::delete, "admin", 204, "Delete an IP range (force=true releases its bindings)", ["force"];
+    post "/api/v1/ip-ranges/{id}/enable" => ranges::enable, "admin", 200, "Enable an IP range", [];
+    post "/api/v1/ip-ranges/{id}/disable" => ranges::disable, "admin", 200, "Disable an IP range", [];
+    get "/api/v1/ip-bindings" => bindings::list, "viewer", 200, "List IP bindings", ["page", "page_size", "sort", "ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before"];
+    get "/api/v1/ip-bindings/export.csv" => bindings::export, "viewer", 200, "Export IP bindings as CSV", ["sort", "ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before"];
+    get "/api/v1/ip-bindings/{ip}" => bindings::get, "viewer", 200, "Get the binding of an address", [];
+    delete "/api/v1/ip-bindings/{ip}" => bindings::release, "admin", 204, "Release a binding into quarantine", [];
+    post "/api/v1/enrollment-keys" => keys::create, "admin", 201, "Create an enrollment key (secret shown once)", [];
+    get "/api/v1/enrollment-keys" => keys::list, "viewer", 200, "List enrollment keys", ["page", "page_size", "sort", "username"];
+    get "/api/v1/enrollment-keys/{id}" => keys::get, "viewer", 200, "Get an enrollment key", [];
+    delete "/api/v1/enrollment-keys/{id}" => keys::revoke, "admin", 204, "Revoke an enrollment key", [];
+    post "/api/v1/enroll" => enroll::enroll, "none", 201, "Enroll a device (authenticated by its enrollment key)", [];
+    get "/api/v1/devices" => devices::list, "viewer", 200, "List devices", ["page", "page_size", "sort", "hostname", "username", "platform"];
+    get "/api/v1/devices/{id}" => devices::get, "viewer", 200, "Get a device", [];
+    delete "/api/v1/devices/{id}" => devices::delete, "admin", 204, "Delete a device: revoke, release, disconnect", [];
+    get "/api/v1/me" => admin::me, "viewer", 200, "The caller's identity and role", [];
+    get "/api/v1/admins" => admin::list_admins, "superadmin", 200, "List administrators", ["page", "page_size"];
+    post "/api/v1/admins" => admin::create_admin, "superadmin", 201, "Create an administrator", [];
+    get "/api/v1/admins/{id}" => admin::get_admin, "superadmin", 200, "Get an administrator", [];
+    patch "/api/v1/admins/{id}" => admin::patch_admin, "superadmin", 200, "Set or clear an administrator's console password", [];
+    delete "/api/v1/admins/{id}" => admin::delete_admin, "superadmin", 204, "Delete an administrator", [];
+    get "/api/v1/admins/{id}/api-keys" => admin::list_api_keys, "superadmin", 200, "List an administrator's API keys", [];
+    post "/api/v1/admins/{id}/api-keys" => admin::create_api_key, "superadmin", 201, "Create an API key (secret shown once)", [];
+    delete "/api/v1/admins/{id}/api-keys/{key_id}" => admin::delete_api_key, "superadmin", 204, "Delete an API key", [];
+    get "/api/v1/admin-sessions" => admin::list_sessions, "superadmin", 200, "List admin sessions and API keys in use", ["page", "page_size", "admin_username"];
+    delete "/api/v1/admin-sessions/{id}" => admin::delete_session, "superadmin", 204, "End an admin session or revoke its API key", [];
+    get "/api/v1/settings" => admin::get_settings, "viewer", 200, "Get settings", [];
+    patch "/api/v1/settings" => admin::patch_settings, "admin", 200, "Change settings", [];
+    get "/api/v1/audit-logs" => audit::list, "viewer", 200, "List audit-log entries, newest first", ["page", "page_size", "sort", "actor", "action", "resource_type", "after", "before"];
+    get "/api/v1/audit-logs/export.csv" => audit::export, "viewer", 200, "Export the audit log as CSV", ["sort", "actor", "action", "resource_type", "after", "before"];
+}
+
+/// A built server: its router and state, ready to serve.
+pub struct App {
+    pub router: Router,
+    pub state: SharedState,
+    /// the bootstrap API key, when this start created the first superadmin
+    pub bootstrap_token: Option<String>,
+    writer: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).with_context(|| format!("opening {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    file.sync_all()?;
+    Ok(())
+}
+
+async fn load_ca(store: &Store, data_dir: &Path) -> anyhow::Result<CertificateAuthority> {
+    let (certificate, key) = match store.load_ca().await? {
+        Some(pair) => pair,
+        None => {
+            let (certificate, key) = CertificateAuthority::generate()?;
+            tracing::info!("created the internal certificate authority");
+            store.save_ca(&certificate, &key).await?
+        }
+    };
+    let ca = CertificateAuthority::load(&certificate, &key)?;
+    ca.mirror_to(data_dir, &key)?;
+    Ok(ca)
+}
+
+fn range_spec(row: &reachback_store::RangeRow) -> RangeSpec {
+    RangeSpec { id: row.id.clone(), name: row.name.clone(), range: row.range, location: row.location.clone(), enabled: row.enabled }
+}
+
+/// Prepares everything: data directory, store and migrations, bootstrap admin, CA,
+/// settings, the allocation engine loaded from the store, the enrollment writer.
+pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let store = Store::connect(&config.database_url()).await.context("opening the database")?;
+
+    let mut bootstrap_token = None;
+    if store.count_admins().await? == 0 {
+        let (token, generated) = match &config.bootstrap_token {
+            Some(token) => (token.clone(), false),
+            None => (crypto::new_secret("rbk_"), true),
+        };
+        if store.bootstrap("admin", "bootstrap", &crypto::hash_secret(&token)).await? {
+            if generated {
+                let path = config.data_dir.join("bootstrap-token");
+                write_private_file(&path, &format!("{token}\n"))?;
+                println!("Created superadmin 'admin'; its API key is in {}", path.display());
+            } else {
+                println!("Created superadmin 'admin' with the API key from --bootstrap-token");
+            }
+            tracing::info!("created the first superadmin");
+            bootstrap_token = Some(token);
+        }
+    }
+
+    let ca = load_ca(&store, &config.data_dir).await?;
+    let settings = Settings::from_stored(&store.load_settings().await?);
+
+    let started = std::time::Instant::now();
+    let snapshot = store.engine_snapshot().await?;
+    let mut engine = Engine::new(settings.quarantine_micros());
+    let mut snapshot_bound = snapshot.bound;
+    let mut snapshot_quarantined = snapshot.quarantined;
+    for row in &snapshot.ranges {
+        let bound = snapshot_bound.remove(&row.id).unwrap_or_default();
+        let quarantined = snapshot_quarantined.remove(&row.id).unwrap_or_default();
+        if let Err(error) = engine.load_range(range_spec(row), bound, quarantined) {
+            tracing::error!(%error, range_id = %row.id, "stored range refused by the engine");
+        }
+    }
+    tracing::info!(ranges = snapshot.ranges.len(), elapsed_ms = started.elapsed().as_millis() as u64, "allocation engine loaded");
+
+    let (enroll_tx, enroll_rx) = mpsc::channel(4096);
+    let state = Arc::new(AppState {
+        store,
+        engine: Mutex::new(engine),
+        settings: RwLock::new(settings),
+        ca,
+        metrics: Metrics::new(),
+        enroll_tx,
+        config,
+    });
+    let writer = tokio::spawn(writer::run(state.clone(), enroll_rx));
+    let mut background = Vec::new();
+    if state.store.backend() == Backend::Postgres {
+        background.push(tokio::spawn(sync_replicas(Arc::downgrade(&state))));
+    }
+    background.push(tokio::spawn(release_idle_bindings(Arc::downgrade(&state))));
+    let router = router(state.clone());
+    Ok(App { router, state, bootstrap_token, writer, background })
+}
+
+/// The full HTTP router over a state.
+pub fn router(state: SharedState) -> Router {
+    let openapi_document = ops::openapi(ROUTES);
+    Router::new()
+        .merge(api_router())
+        .route("/api/v1/openapi.json", axum::routing::get(move || async move { axum::Json(openapi_document) }))
+        .route("/healthz", axum::routing::get(ops::healthz))
+        .route("/readyz", axum::routing::get(ops::readyz))
+        .route("/metrics", axum::routing::get(ops::metrics))
+        .fallback(|| async { error::ApiError::not_found("path").into_response() })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), ops::track))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+impl App {
+    /// Serves until `shutdown` resolves, then drains requests and the enrollment queue.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let App { router, state, writer, background, .. } = self;
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, service).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
+        for task in background {
+            task.abort();
+        }
+        let store = state.store.clone();
+        drop(state);
+        // the writer ends once every queued enrollment is written and all senders are gone
+        if tokio::time::timeout(Duration::from_secs(10), writer).await.is_err() {
+            tracing::warn!("enrollment writer did not finish in time");
+        }
+        store.close().await;
+        Ok(())
+    }
+}
+
+/// On PostgreSQL several replicas share the database: pick up ranges and settings
+/// that other replicas changed. Addresses other replicas bound are found on insert
+/// (the primary key refuses them) and skipped.
+async fn sync_replicas(state: std::sync::Weak<AppState>) {
+    let mut known: HashMap<String, i64> = HashMap::new();
+    let mut interval = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        interval.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        let Ok(ranges) = state.store.list_ranges().await else { continue };
+        if known.is_empty() {
+            known = ranges.iter().map(|row| (row.id.clone(), row.updated_at)).collect();
+            continue;
+        }
+        let mut engine = state.engine.lock().await;
+        for row in &ranges {
+            if known.get(&row.id) != Some(&row.updated_at) || engine.range(&row.id).is_none() {
+                if let Ok((bound, quarantined)) = state.store.range_addresses(&row.id).await {
+                    if engine.load_range(range_spec(row), bound, quarantined).is_ok() {
+                        known.insert(row.id.clone(), row.updated_at);
+                    }
+                }
+            }
+        }
+        let live: std::collections::HashSet<&str> = ranges.iter().map(|row| row.id.as_str()).collect();
+        let gone: Vec<String> = engine.range_ids().filter(|id| !live.contains(id)).map(str::to_string).collect();
+        for id in gone {
+            engine.remove_range(&id);
+            known.remove(&id);
+        }
+        drop(engine);
+        if let Ok(values) = state.store.load_settings().await {
+            let settings = Settings::from_stored(&values);
+            state.engine.lock().await.set_quarantine_duration(settings.quarantine_micros());
+            state.set_settings(settings);
+        }
+    }
+}
+
+/// Releases bindings of devices not seen for `binding_idle_ttl_seconds` (0 disables).
+async fn release_idle_bindings(state: std::sync::Weak<AppState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(300));
+    loop {
+        interval.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        let ttl = state.settings().binding_idle_ttl_seconds;
+        if ttl == 0 {
+            continue;
+        }
+        let cutoff = reachback_store::now_micros() - ttl.saturating_mul(1_000_000);
+        let mut engine = state.engine.lock().await;
+        match state.store.release_idle(cutoff).await {
+            Ok(released) => {
+                let now = reachback_store::now_micros();
+                for (range_id, value) in &released {
+                    engine.release(range_id, *value, now);
+                }
+                if !released.is_empty() {
+                    tracing::info!(count = released.len(), "released idle bindings");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not release idle bindings"),
+        }
+    }
+}

@@ -329,3 +329,39 @@ pub(crate) async fn release_in(connection: &mut sqlx::AnyConnection, ip_key: &[u
 pub fn binding_address(binding: &BindingRow) -> Option<(Family, u128)> {
     reachback_ipam::parse_address(&binding.ip)
 }
+
+impl Store {
+    /// Releases the bindings of devices last seen before `cutoff`; returns (range id, address value) of each.
+    pub async fn release_idle(&self, cutoff: i64) -> Result<Vec<(String, u128)>> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query("SELECT b.ip_key, b.range_id FROM bindings b JOIN devices d ON d.id = b.device_id WHERE d.last_seen < $1 LIMIT 10000")
+            .bind(cutoff)
+            .fetch_all(&mut *tx.transaction)
+            .await?;
+        let mut released = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key: Vec<u8> = row.try_get(0)?;
+            let range_id: String = row.try_get(1)?;
+            let key: [u8; 17] = key.as_slice().try_into().map_err(|_| StoreError::Corrupt("address key".into()))?;
+            let (_, value) = address_from_key(&key).ok_or_else(|| StoreError::Corrupt("address key".into()))?;
+            release_in(&mut tx.transaction, &key, &range_id).await?;
+            released.push((range_id, value));
+        }
+        if !released.is_empty() {
+            crate::audit::record(
+                &mut tx.transaction,
+                AuditEntry {
+                    actor: "system".into(),
+                    action: "release_idle".into(),
+                    resource_type: "ip_binding".into(),
+                    resource_id: "*".into(),
+                    after: Some(serde_json::json!({"released": released.len()})),
+                    ..AuditEntry::default()
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(released)
+    }
+}

@@ -31,6 +31,7 @@ pub struct EnrollOutcome {
     pub device_id: String,
     pub virtual_ip: String,
     pub range_id: String,
+    pub range_name: String,
 }
 
 /// Why one enrollment of a batch was refused.
@@ -190,6 +191,7 @@ impl Store {
                     outcomes.push(Ok(EnrollOutcome {
                         device_id: job.device_id.clone(),
                         virtual_ip: join_address(allocation.family, allocation.value).to_string(),
+                        range_name: engine.range(&allocation.range_id).map(|spec| spec.name.clone()).unwrap_or_default(),
                         range_id: allocation.range_id,
                     }));
                 }

@@ -1,0 +1,155 @@
+//! `/api/v1/ip-bindings`: list, get, release, and the streamed CSV export.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use futures_util::StreamExt;
+use reachback_ipam::{Family, address_key, parse_address, split_address};
+use reachback_store::{BindingQuery, BindingRow, BindingSort};
+use serde_json::{Value, json};
+
+use crate::api::{csv_response, list_json, location_json, location_text, no_content};
+use crate::auth::{Caller, Role};
+use crate::error::{ApiError, ApiResult};
+use crate::request::{Paging, QueryParams, format_time};
+use crate::state::SharedState;
+
+pub fn binding_json(row: &BindingRow) -> Value {
+    json!({
+        "ip": row.ip,
+        "range_id": row.range_id,
+        "range_name": row.range_name,
+        "range_location": location_json(&row.range_location, false),
+        "device_id": row.device_id,
+        "username": row.username,
+        "platform": row.platform,
+        "client_hostname": row.client_hostname,
+        "last_updated": format_time(row.last_updated),
+    })
+}
+
+const FILTERS: &[&str] = &["ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before", "sort"];
+const SORTS: &[&str] = &["ip", "username", "platform", "client_hostname", "range_name", "last_updated"];
+
+/// Key bounds of an address or CIDR (host bits are ignored).
+pub fn ip_filter(text: &str) -> Option<([u8; 17], [u8; 17])> {
+    let (address, prefix) = match text.split_once('/') {
+        Some((address, prefix)) => (address, Some(prefix.parse::<u8>().ok()?)),
+        None => (text, None),
+    };
+    let (family, value) = split_address(address.trim().parse().ok()?);
+    let width = match family {
+        Family::V4 => 32u32,
+        Family::V6 => 128,
+    };
+    let prefix = u32::from(prefix.unwrap_or(width as u8));
+    if prefix > width {
+        return None;
+    }
+    let host_bits = width - prefix;
+    let mask = if host_bits >= 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
+    Some((address_key(family, value & !mask), address_key(family, value | mask)))
+}
+
+fn binding_query(query: &QueryParams, paging: Option<Paging>) -> ApiResult<BindingQuery> {
+    let (sort, descending) = query.sort(SORTS, "ip")?;
+    let ip_keys = match query.text("ip") {
+        None => None,
+        Some(text) => Some(ip_filter(&text).ok_or_else(|| ApiError::bad_request(format!("'ip' must be an address or a CIDR, got '{text}'")))?),
+    };
+    Ok(BindingQuery {
+        ip_keys,
+        range_name: query.text("range_name"),
+        range_location: query.text("range_location"),
+        username: query.text("username"),
+        platform: query.text("platform"),
+        client_hostname: query.text("client_hostname"),
+        updated_after: query.timestamp("updated_after")?,
+        updated_before: query.timestamp("updated_before")?,
+        sort: match sort {
+            "username" => BindingSort::Username,
+            "platform" => BindingSort::Platform,
+            "client_hostname" => BindingSort::ClientHostname,
+            "range_name" => BindingSort::RangeName,
+            "last_updated" => BindingSort::LastUpdated,
+            _ => BindingSort::Ip,
+        },
+        descending,
+        offset: paging.map_or(0, |paging| paging.offset()),
+        limit: paging.map_or(0, |paging| paging.page_size),
+    })
+}
+
+pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let allowed: Vec<&str> = FILTERS.iter().copied().chain(["page", "page_size"]).collect();
+    let query = QueryParams::parse(raw.as_deref(), &allowed)?;
+    let paging = query.paging()?;
+    let binding_query = binding_query(&query, Some(paging))?;
+    let (rows, total) = state.store.list_bindings(&binding_query).await?;
+    Ok(list_json(rows.iter().map(binding_json).collect(), total, paging))
+}
+
+fn address_param(ip: &str) -> ApiResult<[u8; 17]> {
+    let (family, value) = parse_address(ip).ok_or_else(|| ApiError::bad_request(format!("'{ip}' is not an IP address")))?;
+    Ok(address_key(family, value))
+}
+
+pub async fn get(State(state): State<SharedState>, caller: Caller, Path(ip): Path<String>) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let key = address_param(&ip)?;
+    let row = state.store.get_binding(&key).await.map_err(|error| crate::api::ranges::not_found_as(error, "IP binding"))?;
+    Ok(Json(binding_json(&row)))
+}
+
+pub async fn release(State(state): State<SharedState>, caller: Caller, Path(ip): Path<String>) -> ApiResult<Response> {
+    caller.require(Role::Admin)?;
+    let key = address_param(&ip)?;
+    let mut engine = state.engine.lock().await;
+    let row = state
+        .store
+        .release_binding(&key, |row| caller.audit("release", "ip_binding", &row.ip, Some(binding_json(row)), None))
+        .await
+        .map_err(|error| crate::api::ranges::not_found_as(error, "IP binding"))?;
+    if let Some((_, value)) = parse_address(&row.ip) {
+        engine.release(&row.range_id, value, reachback_store::now_micros());
+    }
+    drop(engine);
+    Ok(no_content())
+}
+
+pub async fn export(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Response> {
+    caller.require(Role::Viewer)?;
+    let query = QueryParams::parse(raw.as_deref(), FILTERS)?;
+    let binding_query = binding_query(&query, None)?;
+    let limit = state.settings().export_limit;
+    let matching = state.store.count_bindings(&binding_query).await?;
+    if matching > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Export too large",
+            format!("{matching} bindings match, more than the export limit of {limit}; narrow the export with filters (range_name, ip, username, …)"),
+        )
+        .with("matching", json!(matching))
+        .with_limit(limit));
+    }
+    let rows = state.store.stream_bindings(&binding_query).await?;
+    let records = rows.map(|row| {
+        row.map(|row| vec![row.ip, row.range_name, location_text(&row.range_location), row.username, row.platform, row.client_hostname, format_time(row.last_updated)])
+    });
+    Ok(csv_response("ip-bindings.csv", &["ip", "range_name", "range_location", "username", "platform", "client_hostname", "last_updated"], records))
+}
+
+impl ApiError {
+    fn with_limit(self, limit: i64) -> Self {
+        let mut error = self;
+        let matching = error.extra.take();
+        let mut extra = json!({"export_limit": limit});
+        if let Some((key, value)) = matching {
+            extra[key] = value;
+        }
+        error.extra = Some(("export", extra));
+        error
+    }
+}

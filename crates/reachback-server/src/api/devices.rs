@@ -1,0 +1,74 @@
+//! `/api/v1/devices`: enrolled agents; deleting one revokes it and releases its address.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::Response;
+use reachback_ipam::parse_address;
+use reachback_store::{DeviceQuery, DeviceRow, DeviceSort};
+use serde_json::{Value, json};
+
+use crate::api::{list_json, location_json, no_content};
+use crate::auth::{Caller, Role};
+use crate::error::ApiResult;
+use crate::request::{QueryParams, format_time};
+use crate::state::SharedState;
+
+pub fn device_json(row: &DeviceRow) -> Value {
+    json!({
+        "id": row.id,
+        "hostname": row.hostname,
+        "username": row.username,
+        "platform": row.platform,
+        "virtual_ip": row.virtual_ip,
+        "location": location_json(&row.location, true),
+        "created_at": format_time(row.created_at),
+        "last_seen": format_time(row.last_seen),
+    })
+}
+
+pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let query = QueryParams::parse(raw.as_deref(), &["page", "page_size", "sort", "hostname", "username", "platform"])?;
+    let paging = query.paging()?;
+    let (sort, descending) = query.sort(&["hostname", "username", "last_seen"], "hostname")?;
+    let device_query = DeviceQuery {
+        hostname: query.text("hostname"),
+        username: query.text("username"),
+        platform: query.text("platform"),
+        sort: match sort {
+            "username" => DeviceSort::Username,
+            "last_seen" => DeviceSort::LastSeen,
+            _ => DeviceSort::Hostname,
+        },
+        descending,
+        offset: paging.offset(),
+        limit: paging.page_size,
+    };
+    let (rows, total) = state.store.list_devices(&device_query).await?;
+    Ok(list_json(rows.iter().map(device_json).collect(), total, paging))
+}
+
+pub async fn get(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let row = state.store.get_device(&id).await.map_err(|error| crate::api::ranges::not_found_as(error, "device"))?;
+    Ok(Json(device_json(&row)))
+}
+
+pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
+    caller.require(Role::Admin)?;
+    let mut engine = state.engine.lock().await;
+    let range_of = match state.store.binding_of_device(&id).await? {
+        Some(binding) => Some(binding.range_id),
+        None => None,
+    };
+    let device = state
+        .store
+        .delete_device(&id, |row| caller.audit("delete", "device", &id, Some(device_json(row)), None))
+        .await
+        .map_err(|error| crate::api::ranges::not_found_as(error, "device"))?;
+    if let (Some(range_id), Some((_, value))) = (range_of, device.virtual_ip.as_deref().and_then(parse_address)) {
+        engine.release(&range_id, value, reachback_store::now_micros());
+    }
+    drop(engine);
+    Ok(no_content())
+}

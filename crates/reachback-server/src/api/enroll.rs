@@ -1,0 +1,156 @@
+//! `POST /api/v1/enroll`: an agent enrolls with a key, gets a virtual IP and a certificate.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use reachback_store::{EnrollFailure, EnrollJob, EnrollOutcome, new_id, now_micros};
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::crypto::{hash_secret, parse_public_key};
+use crate::error::{ApiError, ApiResult};
+use crate::request::{Fields, JsonObject};
+use crate::state::SharedState;
+use crate::validate;
+use crate::writer::EnrollRequest;
+
+pub async fn enroll(State(state): State<SharedState>, body: JsonObject) -> ApiResult<Response> {
+    let result = enroll_inner(&state, body).await;
+    let label = match &result {
+        Ok((StatusCode::CREATED, _)) => "created",
+        Ok(_) => "reenrolled",
+        Err(error) if error.status == StatusCode::UNAUTHORIZED => "unauthorized",
+        Err(error) if error.status == StatusCode::CONFLICT => "conflict",
+        Err(error) if error.status.is_client_error() => "invalid",
+        Err(_) => "error",
+    };
+    state.metrics.count_enrollment(label);
+    let (status, body) = result?;
+    Ok((status, Json(body)).into_response())
+}
+
+async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(StatusCode, serde_json::Value)> {
+    let mut fields = Fields::new(body, &["enrollment_key", "hostname", "platform", "public_key", "location"])?;
+    // authentication comes first: a bad key is a 401 whatever else is wrong
+    let secret = fields.string("enrollment_key", false).unwrap_or_default();
+    if secret.is_empty() || secret.len() > 256 {
+        return Err(ApiError::unauthorized("the enrollment key is missing or not valid"));
+    }
+    let now = now_micros();
+    let key = state.store.find_enrollment_key(&hash_secret(&secret)).await?.ok_or_else(|| ApiError::unauthorized("the enrollment key is not valid"))?;
+    if key.revoked || key.expires_at.is_some_and(|at| at <= now) {
+        return Err(ApiError::unauthorized("the enrollment key is revoked or expired"));
+    }
+    let settings = state.settings();
+    let hostname = match fields.string("hostname", true).map(|name| validate::fqdn(name.trim())) {
+        Some(Ok(name)) => {
+            if !settings.client_domains.is_empty() && !settings.client_domains.iter().any(|domain| validate::in_domain(&name, domain)) {
+                fields.error("hostname", format!("must lie inside one of the client domains: {}", settings.client_domains.join(", ")));
+            }
+            Some(name)
+        }
+        Some(Err(message)) => {
+            fields.error("hostname", message);
+            None
+        }
+        None => None,
+    };
+    let platform = fields.string("platform", true).map(|platform| platform.trim().to_ascii_lowercase());
+    if let Some(platform) = &platform {
+        if !validate::PLATFORMS.contains(&platform.as_str()) {
+            fields.error("platform", format!("must be one of: {}", validate::PLATFORMS.join(", ")));
+        }
+    }
+    let public_key = match fields.string("public_key", true).map(|text| parse_public_key(&text)) {
+        Some(Ok(key)) => Some(key),
+        Some(Err(message)) => {
+            fields.error("public_key", message);
+            None
+        }
+        None => None,
+    };
+    let location = match fields.raw("location").cloned() {
+        Some(value) => {
+            let mut errors = Vec::new();
+            let location = validate::location(&value, "location", &mut errors);
+            fields.errors.extend(errors);
+            location
+        }
+        None => None,
+    };
+    fields.finish()?;
+    let (Some(hostname), Some(platform), Some(public_key)) = (hostname, platform, public_key) else {
+        return Err(ApiError::invalid_field("request", "is incomplete"));
+    };
+
+    let existing = state.store.find_device_by_hostname(&hostname).await?;
+    let (status, device_id, rebind, binding) = match existing {
+        Some(device) if device.public_key_fingerprint == public_key.fingerprint && device.username == key.username => {
+            let binding = state.store.binding_of_device(&device.id).await?;
+            (StatusCode::OK, device.id, binding.is_none(), binding)
+        }
+        Some(_) => return Err(ApiError::conflict(format!("the hostname {hostname} is held by another device"))),
+        None => {
+            if !key.usable(now) {
+                return Err(ApiError::unauthorized("the enrollment key has been used"));
+            }
+            (StatusCode::CREATED, new_id(), true, None)
+        }
+    };
+    let (certificate, serial) = state.ca.sign_device(&public_key, &device_id, &hostname).map_err(ApiError::internal)?;
+    let outcome = match binding {
+        Some(binding) => EnrollOutcome { device_id: device_id.clone(), virtual_ip: binding.ip, range_id: binding.range_id, range_name: binding.range_name },
+        None => {
+            let job = EnrollJob {
+                device_id: device_id.clone(),
+                hostname: hostname.clone(),
+                username: key.username.clone(),
+                platform,
+                public_key_fingerprint: public_key.fingerprint.clone(),
+                certificate_serial: serial,
+                enrollment_key_id: key.id.clone(),
+                key_reusable: key.reusable,
+                location,
+                rebind: status == StatusCode::OK && rebind,
+            };
+            let (reply, receiver) = oneshot::channel();
+            state.enroll_tx.send(EnrollRequest { job, reply }).await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+            let written = receiver.await.map_err(|_| ApiError::unavailable("the server is shutting down"))??;
+            match written {
+                Ok(outcome) => outcome,
+                Err(EnrollFailure::KeyUnusable) => return Err(ApiError::unauthorized("the enrollment key has been used")),
+                Err(EnrollFailure::HostnameTaken) => return Err(ApiError::conflict(format!("the hostname {hostname} is held by another device"))),
+                Err(EnrollFailure::DeviceGone) => return Err(ApiError::conflict("the device was deleted while enrolling; enroll again")),
+                Err(EnrollFailure::Exhausted) => {
+                    state.metrics.allocation_failures.inc();
+                    tracing::warn!("enrollment refused: every enabled range is full");
+                    let _ = state
+                        .store
+                        .record_audit(reachback_store::AuditEntry {
+                            actor: "system".into(),
+                            action: "allocation_failed".into(),
+                            resource_type: "ip_binding".into(),
+                            resource_id: device_id.clone(),
+                            after: Some(json!({"reason": "no free address in any enabled range"})),
+                            ..Default::default()
+                        })
+                        .await;
+                    return Err(ApiError::conflict("no free address is left in any enabled range; add or enable a range"));
+                }
+            }
+        }
+    };
+    tracing::debug!(device_id = %outcome.device_id, hostname = %hostname, virtual_ip = %outcome.virtual_ip, "device enrolled");
+    Ok((
+        status,
+        json!({
+            "device_id": outcome.device_id,
+            "virtual_ip": outcome.virtual_ip,
+            "range_name": outcome.range_name,
+            "certificate": certificate,
+            "ca_certificate": state.ca.certificate_pem,
+            "broker_endpoints": state.config.broker_endpoints,
+        }),
+    ))
+}

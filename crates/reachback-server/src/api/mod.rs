@@ -1,0 +1,121 @@
+//! The REST API under `/api/v1`: one module per resource, shared renderers here.
+
+pub mod admin;
+pub mod audit;
+pub mod bindings;
+pub mod devices;
+pub mod enroll;
+pub mod keys;
+pub mod ranges;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use reachback_ipam::Location;
+use serde_json::{Value, json};
+
+use crate::request::Paging;
+
+/// A count as JSON: a number up to 2^53 − 1, a decimal string above.
+pub fn count_json(count: u128) -> Value {
+    const MAX_SAFE: u128 = (1 << 53) - 1;
+    if count <= MAX_SAFE { json!(count as u64) } else { json!(count.to_string()) }
+}
+
+pub fn location_json(location: &Option<Location>, with_coordinates: bool) -> Value {
+    match location {
+        None => Value::Null,
+        Some(location) => {
+            let mut value = json!({"city": location.city, "state": location.state, "country": location.country});
+            if with_coordinates {
+                value["latitude"] = json!(location.latitude);
+                value["longitude"] = json!(location.longitude);
+            }
+            value
+        }
+    }
+}
+
+/// `City, State, Country`, absent parts left out.
+pub fn location_text(location: &Option<Location>) -> String {
+    match location {
+        None => String::new(),
+        Some(location) => [&location.city, &location.state, &location.country].iter().filter_map(|part| part.as_deref()).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// The list envelope of API.md.
+pub fn list_json(items: Vec<Value>, total: i64, paging: Paging) -> Json<Value> {
+    Json(json!({"items": items, "total": total, "page": paging.page, "page_size": paging.page_size}))
+}
+
+/// Pages an in-memory list.
+pub fn page_of<T>(items: Vec<T>, paging: Paging) -> Vec<T> {
+    let offset = usize::try_from(paging.offset()).unwrap_or(usize::MAX);
+    let size = usize::try_from(paging.page_size).unwrap_or(50);
+    items.into_iter().skip(offset).take(size).collect()
+}
+
+pub fn created(value: Value) -> Response {
+    (StatusCode::CREATED, Json(value)).into_response()
+}
+
+pub fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Neutralises a CSV cell a spreadsheet would evaluate as a formula.
+pub fn csv_cell(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.as_bytes().first() {
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') => std::borrow::Cow::Owned(format!("'{value}")),
+        _ => std::borrow::Cow::Borrowed(value),
+    }
+}
+
+/// Turns a stream of CSV records into a streamed `text/csv` response.
+pub fn csv_response<S>(filename: &str, header: &[&str], records: S) -> Response
+where
+    S: futures_util::Stream<Item = Result<Vec<String>, reachback_store::StoreError>> + Send + 'static,
+{
+    use futures_util::StreamExt;
+    let header_line = {
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        let _ = writer.write_record(header);
+        writer.into_inner().unwrap_or_default()
+    };
+    let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(header_line)) }).chain(
+        records.ready_chunks(512).map(|chunk| {
+            let mut writer = csv::Writer::from_writer(Vec::with_capacity(chunk.len() * 128));
+            for record in chunk {
+                let record = record.map_err(|error| {
+                    tracing::error!(%error, "export stream failed");
+                    std::io::Error::other("export failed")
+                })?;
+                writer.write_record(record.iter().map(|cell| csv_cell(cell).into_owned())).map_err(std::io::Error::other)?;
+            }
+            writer.into_inner().map(bytes::Bytes::from).map_err(|error| std::io::Error::other(error.to_string()))
+        }),
+    );
+    let mut response = axum::body::Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("text/csv; charset=utf-8"));
+    if let Ok(value) = axum::http::HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+        headers.insert(axum::http::header::CONTENT_DISPOSITION, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_are_neutralised() {
+        for (input, expected) in [("=1+1", "'=1+1"), ("+x", "'+x"), ("-2", "'-2"), ("@a", "'@a"), ("\tx", "'\tx"), ("\rx", "'\rx"), ("alice", "alice"), ("", "")] {
+            assert_eq!(csv_cell(input), expected);
+        }
+        assert_eq!(count_json(254), json!(254));
+        assert_eq!(count_json((1 << 53) - 1), json!(9007199254740991u64));
+        assert_eq!(count_json(1 << 53), json!("9007199254740992"));
+    }
+}

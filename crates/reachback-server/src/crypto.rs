@@ -1,0 +1,160 @@
+//! Secrets, hashes and the internal certificate authority.
+
+use std::path::Path;
+
+use anyhow::Context;
+use base64::Engine as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PublicKeyData, SerialNumber, SubjectPublicKeyInfo,
+};
+use ring::rand::SecureRandom;
+
+/// A fresh random secret: `prefix` + 32 random bytes, base64url.
+pub fn new_secret(prefix: &str) -> String {
+    let mut bytes = [0u8; 32];
+    // the system RNG does not fail on Linux; an all-zero secret would be caught by uniqueness
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The stored form of a high-entropy secret: its SHA-256.
+pub fn hash_secret(secret: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref().to_vec()
+}
+
+pub fn hash_password(password: &str) -> anyhow::Result<String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let mut salt_bytes = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut salt_bytes).map_err(|_| anyhow::anyhow!("no randomness"))?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|error| anyhow::anyhow!("salt: {error}"))?;
+    argon2::Argon2::default().hash_password(password.as_bytes(), &salt).map(|hash| hash.to_string()).map_err(|error| anyhow::anyhow!("hashing failed: {error}"))
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(hash).is_ok_and(|parsed| argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+}
+
+/// A device public key accepted for enrollment.
+pub struct DevicePublicKey {
+    spki: SubjectPublicKeyInfo,
+    /// SHA-256 of the SubjectPublicKeyInfo DER
+    pub fingerprint: Vec<u8>,
+}
+
+/// Parses a PEM `PUBLIC KEY` (or bare base64 DER) holding an ECDSA P-256 or Ed25519 key.
+pub fn parse_public_key(text: &str) -> Result<DevicePublicKey, String> {
+    let text = text.trim();
+    if text.len() > 4096 {
+        return Err("is too long for a P-256 or Ed25519 public key".into());
+    }
+    let spki = if text.starts_with("-----BEGIN") {
+        if !text.starts_with("-----BEGIN PUBLIC KEY-----") {
+            return Err("must be a PEM PUBLIC KEY (SubjectPublicKeyInfo)".into());
+        }
+        SubjectPublicKeyInfo::from_pem(text)
+    } else {
+        let der = base64::engine::general_purpose::STANDARD.decode(text.split_whitespace().collect::<String>()).map_err(|_| "must be a PEM PUBLIC KEY or base64 DER".to_string())?;
+        SubjectPublicKeyInfo::from_der(&der)
+    }
+    .map_err(|_| "is not a valid SubjectPublicKeyInfo of a supported key type (ECDSA P-256 or Ed25519)".to_string())?;
+    let algorithm = spki.algorithm();
+    let length_ok = if algorithm == &rcgen::PKCS_ECDSA_P256_SHA256 {
+        spki.der_bytes().len() == 65 && spki.der_bytes()[0] == 4
+    } else if algorithm == &rcgen::PKCS_ED25519 {
+        spki.der_bytes().len() == 32
+    } else {
+        return Err("must be an ECDSA P-256 or Ed25519 key".into());
+    };
+    if !length_ok {
+        return Err("holds a malformed key".into());
+    }
+    let fingerprint = hash_bytes(&spki.subject_public_key_info());
+    Ok(DevicePublicKey { spki, fingerprint })
+}
+
+fn hash_bytes(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().to_vec()
+}
+
+/// The internal CA: created at first start, kept in the database (shared by
+/// replicas) and mirrored to the data directory (private key file 0600).
+pub struct CertificateAuthority {
+    pub certificate_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl CertificateAuthority {
+    pub fn generate() -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the CA key")?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "Reachback internal CA");
+        name.push(DnType::OrganizationName, "Reachback");
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        let certificate = params.self_signed(&key).context("signing the CA certificate")?;
+        Ok((certificate.pem(), key.serialize_pem()))
+    }
+
+    pub fn load(certificate_pem: &str, private_key_pem: &str) -> anyhow::Result<Self> {
+        let key = KeyPair::from_pem(private_key_pem).context("reading the CA private key")?;
+        let issuer = Issuer::from_ca_cert_pem(certificate_pem, key).context("reading the CA certificate")?;
+        Ok(CertificateAuthority { certificate_pem: certificate_pem.to_string(), issuer })
+    }
+
+    /// Writes `ca.pem` and `ca-key.pem` (0600) into the data directory.
+    pub fn mirror_to(&self, data_dir: &Path, private_key_pem: &str) -> anyhow::Result<()> {
+        std::fs::write(data_dir.join("ca.pem"), &self.certificate_pem).context("writing ca.pem")?;
+        crate::write_private_file(&data_dir.join("ca-key.pem"), private_key_pem)
+    }
+
+    /// Signs a client certificate for a device: CN is the device id, the hostname a DNS SAN.
+    pub fn sign_device(&self, key: &DevicePublicKey, device_id: &str, hostname: &str) -> anyhow::Result<(String, String)> {
+        let mut params = CertificateParams::new(vec![hostname.to_string()]).context("certificate names")?;
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, device_id);
+        name.push(DnType::OrganizationalUnitName, "device");
+        params.distinguished_name = name;
+        let mut serial = [0u8; 16];
+        let _ = ring::rand::SystemRandom::new().fill(&mut serial);
+        serial[0] &= 0x7f;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(365);
+        let certificate = params.signed_by(&key.spki, &self.issuer).context("signing the device certificate")?;
+        let serial_hex = serial.iter().map(|byte| format!("{byte:02x}")).collect();
+        Ok((certificate.pem(), serial_hex))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_p256_and_ed25519_only() {
+        let p256 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let ed25519 = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        assert!(parse_public_key(&p256.public_key_pem()).is_ok());
+        assert!(parse_public_key(&ed25519.public_key_pem()).is_ok());
+        assert!(parse_public_key(&p384.public_key_pem()).is_err());
+        assert!(parse_public_key("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----").is_err());
+        assert!(parse_public_key("not a key").is_err());
+        let (ca_pem, ca_key) = CertificateAuthority::generate().unwrap();
+        let ca = CertificateAuthority::load(&ca_pem, &ca_key).unwrap();
+        let key = parse_public_key(&ed25519.public_key_pem()).unwrap();
+        let (pem, serial) = ca.sign_device(&key, "dev1", "alice.corp.example").unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_eq!(serial.len(), 32);
+    }
+}

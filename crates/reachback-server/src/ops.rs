@@ -1,0 +1,115 @@
+//! Operations endpoints: health, readiness, Prometheus metrics, the OpenAPI document,
+//! and the HTTP metrics middleware.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::state::SharedState;
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<SharedState>) -> Response {
+    if state.store.ping().await {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "database unreachable"}))).into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    if let Ok(ranges) = state.store.list_ranges().await {
+        state.metrics.range_used.clear();
+        state.metrics.range_total.clear();
+        let mut bound = 0i64;
+        for range in &ranges {
+            let labels = vec![("range_id".to_string(), range.id.clone()), ("range".to_string(), range.name.clone())];
+            state.metrics.range_used.get_or_create(&labels).set(range.used_ips);
+            state.metrics.range_total.get_or_create(&labels).set(range.range.total() as f64);
+            bound += range.used_ips;
+        }
+        state.metrics.bindings.set(bound);
+    }
+    let mut text = String::new();
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &state.metrics.registry) {
+        return crate::error::ApiError::internal(error).into_response();
+    }
+    let mut response = text.into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"));
+    response
+}
+
+/// Counts requests and their latency by method, route template and status.
+pub async fn track(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request.extensions().get::<MatchedPath>().map(|path| path.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    state.metrics.http_requests.get_or_create(&vec![("method".into(), method.clone()), ("route".into(), route.clone()), ("status".into(), status)]).inc();
+    state.metrics.http_duration.get_or_create(&vec![("method".into(), method), ("route".into(), route)]).observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The route table: the router is built from it and the OpenAPI document generated from it.
+pub struct RouteDoc {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub summary: &'static str,
+    pub role: &'static str,
+    pub query: &'static [&'static str],
+    pub success: u16,
+}
+
+pub fn openapi(routes: &[RouteDoc]) -> Value {
+    let mut paths = serde_json::Map::new();
+    for route in routes {
+        let entry = paths.entry(route.path.to_string()).or_insert_with(|| json!({}));
+        let mut parameters: Vec<Value> = route
+            .path
+            .split('/')
+            .filter_map(|segment| segment.strip_prefix('{').and_then(|name| name.strip_suffix('}')))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        parameters.extend(route.query.iter().map(|name| json!({"name": name, "in": "query", "required": false, "schema": {"type": "string"}})));
+        let mut responses = serde_json::Map::new();
+        responses.insert(route.success.to_string(), json!({"description": "success"}));
+        for (code, text) in [("400", "malformed request"), ("401", "not authenticated"), ("403", "role too low"), ("404", "unknown id"), ("409", "conflict"), ("422", "invalid values")] {
+            responses.insert(code.into(), json!({"description": text, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}));
+        }
+        let mut operation = json!({
+            "summary": route.summary,
+            "parameters": parameters,
+            "responses": responses,
+            "x-required-role": route.role,
+        });
+        if route.role == "none" {
+            operation["security"] = json!([]);
+        }
+        if matches!(route.method, "post" | "patch") {
+            operation["requestBody"] = json!({"content": {"application/json": {"schema": {"type": "object"}}}});
+        }
+        entry[route.method] = operation;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Reachback API", "version": env!("CARGO_PKG_VERSION")},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Problem": {"type": "object", "required": ["title", "status", "detail"], "properties": {
+                "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {"type": "string"},
+                "errors": {"type": "array", "items": {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}}
+            }}}
+        }
+    })
+}

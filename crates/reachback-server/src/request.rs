@@ -1,0 +1,269 @@
+//! Reading requests: JSON bodies field by field (unknown fields refused, each bad
+//! value reported against its field), query strings with allowed keys, paging,
+//! timestamps.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{StatusCode, header};
+use serde_json::{Map, Value};
+
+use crate::error::{ApiError, FieldError};
+
+/// A JSON object body, read with the router's size limit.
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
+            let content_type = content_type.to_str().unwrap_or("");
+            if !content_type.starts_with("application/json") && !content_type.starts_with("application/merge-patch+json") {
+                return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Unsupported media type", "send the body as application/json"));
+            }
+        }
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large", "the request body is larger than the server accepts (64 KiB)")
+            } else {
+                ApiError::bad_request(format!("the request body could not be read: {rejection}"))
+            }
+        })?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(_) => Err(ApiError::bad_request("the request body must be a JSON object")),
+            Err(error) => Err(ApiError::bad_request(format!("the request body is not valid JSON: {error}"))),
+        }
+    }
+}
+
+/// Reads typed fields out of a JSON object, collecting every problem.
+pub struct Fields {
+    map: Map<String, Value>,
+    pub errors: Vec<FieldError>,
+}
+
+impl Fields {
+    /// Refuses (400) any key not in `allowed`.
+    pub fn new(JsonObject(map): JsonObject, allowed: &[&str]) -> Result<Self, ApiError> {
+        let unknown: Vec<&str> = map.keys().map(String::as_str).filter(|key| !allowed.contains(key)).collect();
+        if !unknown.is_empty() {
+            return Err(ApiError::bad_request(format!("unknown field(s): {}; allowed: {}", unknown.join(", "), allowed.join(", "))));
+        }
+        Ok(Fields { map, errors: Vec::new() })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    pub fn raw(&self, name: &str) -> Option<&Value> {
+        self.map.get(name)
+    }
+
+    pub fn error(&mut self, field: &str, message: impl Into<String>) {
+        self.errors.push(FieldError { field: field.into(), message: message.into() });
+    }
+
+    /// A string field; `None` when absent or null (a required one is reported).
+    pub fn string(&mut self, name: &str, required: bool) -> Option<String> {
+        match self.map.get(name) {
+            None | Some(Value::Null) => {
+                if required {
+                    self.error(name, "is required");
+                }
+                None
+            }
+            Some(Value::String(text)) => Some(text.clone()),
+            Some(_) => {
+                self.error(name, "must be a string");
+                None
+            }
+        }
+    }
+
+    pub fn boolean(&mut self, name: &str) -> Option<bool> {
+        match self.map.get(name) {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(value)) => Some(*value),
+            Some(_) => {
+                self.error(name, "must be true or false");
+                None
+            }
+        }
+    }
+
+    pub fn integer(&mut self, name: &str, min: i64, max: i64) -> Option<i64> {
+        match self.map.get(name) {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(number)) => match number.as_i64().filter(|value| (min..=max).contains(value)) {
+                Some(value) => Some(value),
+                None => {
+                    self.error(name, format!("must be a whole number from {min} to {max}"));
+                    None
+                }
+            },
+            Some(_) => {
+                self.error(name, "must be a number");
+                None
+            }
+        }
+    }
+
+    pub fn string_list(&mut self, name: &str) -> Option<Vec<String>> {
+        match self.map.get(name) {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => {
+                let mut list = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        Value::String(text) => list.push(text.clone()),
+                        _ => {
+                            self.error(name, "must be a list of strings");
+                            return None;
+                        }
+                    }
+                }
+                Some(list)
+            }
+            Some(_) => {
+                self.error(name, "must be a list of strings");
+                None
+            }
+        }
+    }
+
+    /// 422 with every collected error, if any.
+    pub fn finish(self) -> Result<(), ApiError> {
+        if self.errors.is_empty() { Ok(()) } else { Err(ApiError::invalid(self.errors)) }
+    }
+}
+
+/// Query-string parameters, checked against the keys an endpoint knows.
+pub struct QueryParams {
+    values: BTreeMap<String, String>,
+}
+
+/// 1-based page, page size and the derived offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Paging {
+    pub page: i64,
+    pub page_size: i64,
+}
+
+impl Paging {
+    pub fn offset(&self) -> i64 {
+        (self.page - 1) * self.page_size
+    }
+}
+
+const MAX_OFFSET: i64 = 1_000_000_000;
+
+impl QueryParams {
+    /// Parses `raw`; unknown keys and repeated keys are a 400.
+    pub fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<Self, ApiError> {
+        let mut values = BTreeMap::new();
+        for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            if !allowed.contains(&key.as_ref()) {
+                return Err(ApiError::bad_request(format!("unknown query parameter '{key}'; allowed: {}", allowed.join(", "))));
+            }
+            if values.insert(key.to_string(), value.to_string()).is_some() {
+                return Err(ApiError::bad_request(format!("query parameter '{key}' is given more than once")));
+            }
+        }
+        Ok(QueryParams { values })
+    }
+
+    /// A non-empty text filter.
+    pub fn text(&self, key: &str) -> Option<String> {
+        self.values.get(key).map(|value| value.trim().to_string()).filter(|value| !value.is_empty())
+    }
+
+    pub fn paging(&self) -> Result<Paging, ApiError> {
+        let number = |key: &str, default: i64| -> Result<i64, ApiError> {
+            match self.values.get(key) {
+                None => Ok(default),
+                Some(text) => text.parse::<i64>().map_err(|_| ApiError::bad_request(format!("'{key}' must be a whole number, got '{text}'"))),
+            }
+        };
+        let page = number("page", 1)?;
+        let page_size = number("page_size", 50)?;
+        if page < 1 {
+            return Err(ApiError::bad_request("'page' starts at 1"));
+        }
+        if !(1..=1000).contains(&page_size) {
+            return Err(ApiError::bad_request("'page_size' must be from 1 to 1000"));
+        }
+        if (page - 1).checked_mul(page_size).is_none_or(|offset| offset > MAX_OFFSET) {
+            return Err(ApiError::bad_request("'page' is beyond any possible result"));
+        }
+        Ok(Paging { page, page_size })
+    }
+
+    /// The sort field (one of `allowed`) and whether it is descending.
+    pub fn sort<'a>(&self, allowed: &[&'a str], default: &'a str) -> Result<(&'a str, bool), ApiError> {
+        let Some(text) = self.values.get("sort") else { return Ok((default, false)) };
+        let (descending, name) = match text.strip_prefix('-') {
+            Some(name) => (true, name),
+            None => (false, text.as_str()),
+        };
+        match allowed.iter().find(|field| **field == name) {
+            Some(field) => Ok((field, descending)),
+            None => Err(ApiError::bad_request(format!("cannot sort by '{name}'; sort by one of: {}", allowed.join(", ")))),
+        }
+    }
+
+    pub fn timestamp(&self, key: &str) -> Result<Option<i64>, ApiError> {
+        match self.text(key) {
+            None => Ok(None),
+            Some(text) => parse_time(&text).map(Some).ok_or_else(|| ApiError::bad_request(format!("'{key}' must be an RFC 3339 timestamp such as 2026-01-31T12:00:00Z"))),
+        }
+    }
+
+    pub fn flag(&self, key: &str) -> Result<bool, ApiError> {
+        match self.values.get(key).map(String::as_str) {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") | Some("") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!("'{key}' must be true or false, got '{other}'"))),
+        }
+    }
+}
+
+/// Microseconds since the epoch as an RFC 3339 UTC string.
+pub fn format_time(micros: i64) -> String {
+    let nanos = i128::from(micros) * 1000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|moment| moment.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+pub fn parse_time(text: &str) -> Option<i64> {
+    let moment = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(moment.unix_timestamp_nanos() / 1000).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paging_limits() {
+        let ok = QueryParams::parse(Some("page=3&page_size=1000"), &["page", "page_size"]).unwrap().paging().unwrap();
+        assert_eq!((ok.page, ok.page_size, ok.offset()), (3, 1000, 2000));
+        for bad in ["page=0", "page_size=1001", "page=-1", "page=abc", "page=99999999999999999999", "page=9223372036854775807"] {
+            assert!(QueryParams::parse(Some(bad), &["page", "page_size"]).unwrap().paging().is_err(), "{bad}");
+        }
+        assert!(QueryParams::parse(Some("bogus=1"), &["page"]).is_err());
+        assert!(QueryParams::parse(Some("page=1&page=2"), &["page"]).is_err());
+    }
+
+    #[test]
+    fn times_round_trip() {
+        let micros = parse_time("2026-11-22T16:25:17.123456Z").unwrap();
+        assert_eq!(format_time(micros), "2026-11-22T16:25:17.123456Z");
+        assert_eq!(parse_time("yesterday"), None);
+    }
+}

@@ -1,0 +1,157 @@
+//! Shared server state: store, allocation engine, settings, CA, metrics, the enrollment writer.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use reachback_ipam::Engine;
+use reachback_store::Store;
+use serde::Serialize;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::crypto::CertificateAuthority;
+use crate::writer::EnrollRequest;
+
+/// Runtime settings an admin changes through `/api/v1/settings`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Settings {
+    pub client_domains: Vec<String>,
+    pub binding_idle_ttl_seconds: i64,
+    pub release_quarantine_seconds: i64,
+    pub export_limit: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { client_domains: Vec::new(), binding_idle_ttl_seconds: 30 * 86_400, release_quarantine_seconds: 3600, export_limit: 1_000_000 }
+    }
+}
+
+impl Settings {
+    /// Applies stored `(name, json)` pairs over the defaults; unknown or bad ones are ignored with a warning.
+    pub fn from_stored(values: &[(String, String)]) -> Self {
+        let mut settings = Settings::default();
+        for (name, value) in values {
+            let parsed: Option<serde_json::Value> = serde_json::from_str(value).ok();
+            let applied = match (name.as_str(), parsed) {
+                ("client_domains", Some(value)) => serde_json::from_value(value).map(|domains| settings.client_domains = domains).is_ok(),
+                ("binding_idle_ttl_seconds", Some(value)) => value.as_i64().map(|number| settings.binding_idle_ttl_seconds = number).is_some(),
+                ("release_quarantine_seconds", Some(value)) => value.as_i64().map(|number| settings.release_quarantine_seconds = number).is_some(),
+                ("export_limit", Some(value)) => value.as_i64().map(|number| settings.export_limit = number).is_some(),
+                _ => false,
+            };
+            if !applied {
+                tracing::warn!(setting = %name, "ignoring a stored setting that cannot be read");
+            }
+        }
+        settings
+    }
+
+    pub fn quarantine_micros(&self) -> i64 {
+        self.release_quarantine_seconds.saturating_mul(1_000_000)
+    }
+}
+
+/// What `reachback server` is started with.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: std::net::SocketAddr,
+    pub tunnel_listen: std::net::SocketAddr,
+    pub data_dir: PathBuf,
+    /// `None`: SQLite inside the data directory
+    pub database_url: Option<String>,
+    pub bootstrap_token: Option<String>,
+    /// tunnel endpoints handed to agents; defaults to the tunnel listen address
+    pub broker_endpoints: Vec<String>,
+    /// this replica's name (shown as a session's broker node)
+    pub node_name: String,
+}
+
+impl ServerConfig {
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("reachback.db").display()),
+        }
+    }
+}
+
+/// Prometheus metrics of the control plane.
+pub struct Metrics {
+    pub registry: Registry,
+    pub enrollments: Family<Vec<(String, String)>, Counter>,
+    pub allocation_failures: Counter,
+    pub http_requests: Family<Vec<(String, String)>, Counter>,
+    pub http_duration: Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
+    pub range_used: Family<Vec<(String, String)>, Gauge>,
+    pub range_total: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
+    pub bindings: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("reachback");
+        let enrollments = Family::default();
+        let allocation_failures = Counter::default();
+        let http_requests = Family::default();
+        let http_duration: Family<Vec<(String, String)>, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency_histogram);
+        let range_used = Family::default();
+        let range_total = Family::default();
+        let bindings = Gauge::default();
+        registry.register("enrollments", "Enrollment requests by result", enrollments.clone());
+        registry.register("allocation_failures", "Enrollments refused because no address was free", allocation_failures.clone());
+        registry.register("http_requests", "HTTP requests by method, route and status", http_requests.clone());
+        registry.register("http_request_duration_seconds", "HTTP request latency by method and route", http_duration.clone());
+        registry.register("range_used_ips", "Bound addresses per range", range_used.clone());
+        registry.register("range_total_ips", "Assignable addresses per range", range_total.clone());
+        registry.register("bindings", "Bound addresses in all ranges", bindings.clone());
+        Metrics { registry, enrollments, allocation_failures, http_requests, http_duration, range_used, range_total, bindings }
+    }
+
+    pub fn count_enrollment(&self, result: &str) {
+        self.enrollments.get_or_create(&vec![("result".to_string(), result.to_string())]).inc();
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub struct AppState {
+    pub store: Store,
+    pub engine: Mutex<Engine>,
+    pub settings: RwLock<Settings>,
+    pub ca: CertificateAuthority,
+    pub metrics: Metrics,
+    pub enroll_tx: mpsc::Sender<EnrollRequest>,
+    pub config: ServerConfig,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub fn settings(&self) -> Settings {
+        match self.settings.read() {
+            Ok(settings) => settings.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set_settings(&self, settings: Settings) {
+        match self.settings.write() {
+            Ok(mut guard) => *guard = settings,
+            Err(poisoned) => *poisoned.into_inner() = settings,
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The enrollment writer: one task that takes enrollments off a queue and writes
+//! them in batches (group commit), holding the allocation engine while it does.
+
+use reachback_store::{EnrollFailure, EnrollJob, EnrollOutcome};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ApiError;
+use crate::state::SharedState;
+
+/// One queued enrollment and where to send its result.
+pub struct EnrollRequest {
+    pub job: EnrollJob,
+    pub reply: oneshot::Sender<Result<Result<EnrollOutcome, EnrollFailure>, ApiError>>,
+}
+
+const MAX_BATCH: usize = 512;
+
+/// Runs until every sender is gone (server shutdown).
+pub async fn run(state: SharedState, mut queue: mpsc::Receiver<EnrollRequest>) {
+    let mut batch: Vec<EnrollRequest> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let jobs: Vec<EnrollJob> = batch.iter().map(|request| request.job.clone()).collect();
+        let quarantine = state.settings().quarantine_micros();
+        let result = {
+            let mut engine = state.engine.lock().await;
+            state.store.enroll_batch(&jobs, &mut engine, quarantine).await
+        };
+        tracing::trace!(size = jobs.len(), "enrollment batch written");
+        match result {
+            Ok(outcomes) => {
+                for (request, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = request.reply.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                let error = ApiError::from(error);
+                for request in batch.drain(..) {
+                    let _ = request.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! `reachback ctl`: the admin CLI over the REST API, tables by default, `--output json`.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Map, Value, json};
+
+#[derive(Args)]
+pub struct CtlArgs {
+    /// Server API address
+    #[arg(long, env = "REACHBACK_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    server: String,
+    /// API key
+    #[arg(long, env = "REACHBACK_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Output format
+    #[arg(long, short, default_value = "table", value_parser = ["table", "json"], global = true)]
+    output: String,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// IP ranges
+    #[command(subcommand)]
+    Ranges(RangeCommand),
+    /// IP bindings
+    #[command(subcommand)]
+    Bindings(BindingCommand),
+    /// Enrollment keys
+    #[command(subcommand)]
+    Keys(KeyCommand),
+    /// Enrolled devices
+    #[command(subcommand)]
+    Devices(DeviceCommand),
+    /// Administrators and their API keys
+    #[command(subcommand)]
+    Admins(AdminCommand),
+    /// Admin sessions
+    #[command(subcommand)]
+    Sessions(SessionCommand),
+    /// Settings
+    #[command(subcommand)]
+    Settings(SettingsCommand),
+    /// The audit log
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Who the token belongs to
+    Me,
+}
+
+#[derive(Args, Default)]
+struct ListArgs {
+    /// Page number (1-based)
+    #[arg(long)]
+    page: Option<u64>,
+    /// Rows per page (at most 1000)
+    #[arg(long)]
+    page_size: Option<u64>,
+    /// Sort field, '-' prefix for descending
+    #[arg(long, allow_hyphen_values = true)]
+    sort: Option<String>,
+}
+
+#[derive(Args, Default)]
+struct RangeFields {
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+    /// A subnet (100.64.0.0/16) or range (100.64.0.10-100.64.0.200)
+    #[arg(long)]
+    range: Option<String>,
+    #[arg(long)]
+    city: Option<String>,
+    #[arg(long)]
+    state: Option<String>,
+    /// ISO 3166-1 alpha-2 country code
+    #[arg(long)]
+    country: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    latitude: Option<f64>,
+    #[arg(long, allow_hyphen_values = true)]
+    longitude: Option<f64>,
+    /// Make the range global (no location)
+    #[arg(long)]
+    no_location: bool,
+}
+
+#[derive(Subcommand)]
+enum RangeCommand {
+    /// List ranges
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+        #[arg(long)]
+        name: Option<String>,
+        /// An address (ranges containing it) or text
+        #[arg(long)]
+        range: Option<String>,
+        #[arg(long)]
+        country: Option<String>,
+        /// enabled or disabled
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show one range
+    Get { id: String },
+    /// Create a range
+    Create {
+        #[command(flatten)]
+        fields: RangeFields,
+        /// Create it disabled
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Change a range
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: RangeFields,
+    },
+    Enable { id: String },
+    Disable { id: String },
+    /// Delete a range (--force releases its bindings)
+    Delete {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args, Default)]
+struct BindingFilters {
+    /// An address or CIDR
+    #[arg(long)]
+    ip: Option<String>,
+    #[arg(long)]
+    range_name: Option<String>,
+    #[arg(long)]
+    range_location: Option<String>,
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long)]
+    platform: Option<String>,
+    #[arg(long)]
+    client_hostname: Option<String>,
+    #[arg(long)]
+    updated_after: Option<String>,
+    #[arg(long)]
+    updated_before: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum BindingCommand {
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+        #[command(flatten)]
+        filters: BindingFilters,
+    },
+    Get { ip: String },
+    /// Release a binding (the address goes into quarantine)
+    Release { ip: String },
+    /// Download bindings as CSV
+    Export {
+        /// File to write ('-' for standard output)
+        #[arg(long)]
+        file: String,
+        #[arg(long, allow_hyphen_values = true)]
+        sort: Option<String>,
+        #[command(flatten)]
+        filters: BindingFilters,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Create an enrollment key (the secret is shown once)
+    Create {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        reusable: bool,
+        /// RFC 3339 expiry
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+        #[arg(long)]
+        hostname: Option<String>,
+        #[arg(long)]
+        username: Option<String>,
+    },
+    Get { id: String },
+    /// Delete a device: revoke its certificate and release its address
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    List,
+    Create {
+        #[arg(long)]
+        username: String,
+        /// superadmin, admin or viewer
+        #[arg(long)]
+        role: String,
+        /// Read a console password from standard input
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Set an admin's console password, read from standard input
+    SetPassword { id: String },
+    /// Create an API key for an admin (the secret is shown once)
+    CreateKey {
+        id: String,
+        #[arg(long)]
+        name: String,
+    },
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    List,
+    /// End a session or revoke its API key
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum SettingsCommand {
+    Get,
+    Set {
+        /// Comma-separated client domains ('' for none)
+        #[arg(long)]
+        client_domains: Option<String>,
+        #[arg(long)]
+        release_quarantine_seconds: Option<i64>,
+        #[arg(long)]
+        binding_idle_ttl_seconds: Option<i64>,
+        #[arg(long)]
+        export_limit: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        resource_type: Option<String>,
+    },
+    Export {
+        #[arg(long)]
+        file: String,
+    },
+}
+
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn url(&self, path: &str, query: &[(&str, Option<String>)]) -> String {
+        let mut url = format!("{}{}", self.base.trim_end_matches('/'), path);
+        let pairs: Vec<(&str, String)> = query.iter().filter_map(|(key, value)| value.clone().map(|value| (*key, value))).collect();
+        if !pairs.is_empty() {
+            let encoded = form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish();
+            url.push('?');
+            url.push_str(&encoded);
+        }
+        url
+    }
+
+    fn request(&self, method: &str, url: &str, body: Option<Value>) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        let mut builder = ureq::http::Request::builder().method(method).uri(url);
+        if let Some(token) = &self.token {
+            builder = builder.header("Authorization", format!("Bearer {token}"));
+        }
+        let response = match body {
+            Some(body) => self.agent.run(builder.header("Content-Type", "application/json").body(body.to_string())?),
+            None => self.agent.run(builder.body(())?),
+        }
+        .with_context(|| format!("cannot reach {url}"))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let mut text = String::new();
+        let _ = response.into_body().into_reader().take(64 * 1024).read_to_string(&mut text);
+        let problem: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let detail = problem["detail"].as_str().unwrap_or(text.trim());
+        let mut message = format!("{} {}: {}", status.as_u16(), problem["title"].as_str().unwrap_or(status.canonical_reason().unwrap_or("")), detail);
+        if let Some(errors) = problem["errors"].as_array() {
+            for error in errors {
+                message.push_str(&format!("\n  {}: {}", error["field"].as_str().unwrap_or(""), error["message"].as_str().unwrap_or("")));
+            }
+        }
+        bail!(message)
+    }
+
+    fn json(&self, method: &str, path: &str, query: &[(&str, Option<String>)], body: Option<Value>) -> anyhow::Result<Value> {
+        let url = self.url(path, query);
+        let response = self.request(method, &url, body)?;
+        if response.status() == 204 {
+            return Ok(Value::Null);
+        }
+        let mut text = String::new();
+        response.into_body().into_reader().read_to_string(&mut text)?;
+        serde_json::from_str(&text).context("the server's answer is not JSON")
+    }
+
+    /// Streams a download into a file, with a progress line on standard error.
+    fn download(&self, path: &str, query: &[(&str, Option<String>)], file: &str) -> anyhow::Result<()> {
+        let url = self.url(path, query);
+        let response = self.request("GET", &url, None)?;
+        let mut reader = response.into_body().into_reader();
+        let mut output: Box<dyn Write> = if file == "-" { Box::new(std::io::stdout().lock()) } else { Box::new(std::io::BufWriter::new(std::fs::File::create(file).with_context(|| format!("creating {file}"))?)) };
+        let mut buffer = vec![0u8; 256 * 1024];
+        let (mut bytes, mut lines) = (0u64, 0u64);
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        loop {
+            let read = reader.read(&mut buffer)?;
+            if read == 0 {
+                break;
+            }
+            output.write_all(&buffer[..read])?;
+            bytes += read as u64;
+            lines += buffer[..read].iter().filter(|&&byte| byte == b'\n').count() as u64;
+            if file != "-" && last_report.elapsed() > Duration::from_millis(200) {
+                eprint!("\r{} rows, {:.1} MB", lines.saturating_sub(1), bytes as f64 / 1e6);
+                last_report = Instant::now();
+            }
+        }
+        output.flush()?;
+        if file != "-" {
+            eprintln!("\r{} rows, {:.1} MB written to {file} in {:.1}s", lines.saturating_sub(1), bytes as f64 / 1e6, started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+}
+
+fn list_query(list: &ListArgs) -> Vec<(&'static str, Option<String>)> {
+    vec![("page", list.page.map(|n| n.to_string())), ("page_size", list.page_size.map(|n| n.to_string())), ("sort", list.sort.clone())]
+}
+
+fn binding_query(filters: &BindingFilters) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("ip", filters.ip.clone()),
+        ("range_name", filters.range_name.clone()),
+        ("range_location", filters.range_location.clone()),
+        ("username", filters.username.clone()),
+        ("platform", filters.platform.clone()),
+        ("client_hostname", filters.client_hostname.clone()),
+        ("updated_after", filters.updated_after.clone()),
+        ("updated_before", filters.updated_before.clone()),
+    ]
+}
+
+fn range_body(fields: &RangeFields) -> Value {
+    let mut body = Map::new();
+    for (key, value) in [("name", &fields.name), ("description", &fields.description), ("range", &fields.range)] {
+        if let Some(value) = value {
+            body.insert(key.into(), json!(value));
+        }
+    }
+    if fields.no_location {
+        body.insert("location".into(), Value::Null);
+    } else if fields.city.is_some() || fields.state.is_some() || fields.country.is_some() || fields.latitude.is_some() {
+        body.insert(
+            "location".into(),
+            json!({"city": fields.city, "state": fields.state, "country": fields.country, "latitude": fields.latitude, "longitude": fields.longitude}),
+        );
+    }
+    Value::Object(body)
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let mut password = String::new();
+    std::io::stdin().read_line(&mut password)?;
+    let password = password.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        bail!("no password on standard input");
+    }
+    Ok(password)
+}
+
+/// Prints a value: JSON as is, or a table of chosen columns.
+fn print(value: &Value, output: &str, columns: &[&str]) {
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        return;
+    }
+    let cell = |item: &Value, column: &str| -> String {
+        match &item[column] {
+            Value::Null => String::new(),
+            Value::String(text) => text.clone(),
+            Value::Object(object) if column.ends_with("location") => ["city", "state", "country"].iter().filter_map(|key| object.get(*key).and_then(Value::as_str)).collect::<Vec<_>>().join(", "),
+            other => other.to_string(),
+        }
+    };
+    let (items, footer) = match value.get("items").and_then(Value::as_array) {
+        Some(items) => (items.clone(), Some(format!("{} of {} (page {})", items.len(), value["total"], value["page"]))),
+        None if value.is_null() => {
+            println!("done");
+            return;
+        }
+        None => {
+            for (key, field) in value.as_object().into_iter().flatten() {
+                let text = match field {
+                    Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                };
+                println!("{key:>18}  {text}");
+            }
+            return;
+        }
+    };
+    let rows: Vec<Vec<String>> = items.iter().map(|item| columns.iter().map(|column| cell(item, column)).collect()).collect();
+    let widths: Vec<usize> = columns.iter().enumerate().map(|(index, column)| rows.iter().map(|row| row[index].chars().count()).chain([column.len()]).max().unwrap_or(0).min(48)).collect();
+    let line = |cells: Vec<String>| cells.iter().zip(&widths).map(|(cell, width)| format!("{:<width$}", cell.chars().take(*width).collect::<String>(), width = width)).collect::<Vec<_>>().join("  ");
+    println!("{}", line(columns.iter().map(|column| column.to_uppercase()).collect()));
+    for row in rows {
+        println!("{}", line(row));
+    }
+    if let Some(footer) = footer {
+        println!("{footer}");
+    }
+}
+
+pub fn run(args: CtlArgs) -> anyhow::Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(3600))).build().into();
+    let client = Client { agent, base: args.server.clone(), token: args.token.clone() };
+    let output = args.output.as_str();
+    const RANGE_COLUMNS: &[&str] = &["id", "name", "range", "location", "total_ips", "used_ips", "enabled"];
+    const BINDING_COLUMNS: &[&str] = &["ip", "range_name", "range_location", "username", "platform", "client_hostname", "last_updated"];
+    match args.command {
+        CtlCommand::Me => print(&client.json("GET", "/api/v1/me", &[], None)?, output, &[]),
+        CtlCommand::Ranges(command) => match command {
+            RangeCommand::List { list, name, range, country, status } => {
+                let mut query = list_query(&list);
+                query.extend([("name", name), ("range", range), ("country", country), ("status", status)]);
+                print(&client.json("GET", "/api/v1/ip-ranges", &query, None)?, output, RANGE_COLUMNS);
+            }
+            RangeCommand::Get { id } => print(&client.json("GET", &format!("/api/v1/ip-ranges/{id}"), &[], None)?, output, &[]),
+            RangeCommand::Create { fields, disabled } => {
+                let mut body = range_body(&fields);
+                if disabled {
+                    body["enabled"] = json!(false);
+                }
+                print(&client.json("POST", "/api/v1/ip-ranges", &[], Some(body))?, output, &[]);
+            }
+            RangeCommand::Update { id, fields } => print(&client.json("PATCH", &format!("/api/v1/ip-ranges/{id}"), &[], Some(range_body(&fields)))?, output, &[]),
+            RangeCommand::Enable { id } => print(&client.json("POST", &format!("/api/v1/ip-ranges/{id}/enable"), &[], None)?, output, &[]),
+            RangeCommand::Disable { id } => print(&client.json("POST", &format!("/api/v1/ip-ranges/{id}/disable"), &[], None)?, output, &[]),
+            RangeCommand::Delete { id, force } => {
+                print(&client.json("DELETE", &format!("/api/v1/ip-ranges/{id}"), &[("force", force.then(|| "true".to_string()))], None)?, output, &[])
+            }
+        },
+        CtlCommand::Bindings(command) => match command {
+            BindingCommand::List { list, filters } => {
+                let mut query = list_query(&list);
+                query.extend(binding_query(&filters));
+                print(&client.json("GET", "/api/v1/ip-bindings", &query, None)?, output, BINDING_COLUMNS);
+            }
+            BindingCommand::Get { ip } => print(&client.json("GET", &format!("/api/v1/ip-bindings/{ip}"), &[], None)?, output, &[]),
+            BindingCommand::Release { ip } => print(&client.json("DELETE", &format!("/api/v1/ip-bindings/{ip}"), &[], None)?, output, &[]),
+            BindingCommand::Export { file, sort, filters } => {
+                let mut query = binding_query(&filters);
+                query.push(("sort", sort));
+                client.download("/api/v1/ip-bindings/export.csv", &query, &file)?;
+            }
+        },
+        CtlCommand::Keys(command) => match command {
+            KeyCommand::List { list } => print(&client.json("GET", "/api/v1/enrollment-keys", &list_query(&list), None)?, output, &["id", "username", "reusable", "used_count", "revoked", "expires_at", "created_at"]),
+            KeyCommand::Create { username, reusable, expires_at, description } => {
+                let body = json!({"username": username, "reusable": reusable, "expires_at": expires_at, "description": description.unwrap_or_default()});
+                print(&client.json("POST", "/api/v1/enrollment-keys", &[], Some(body))?, output, &[]);
+            }
+            KeyCommand::Revoke { id } => print(&client.json("DELETE", &format!("/api/v1/enrollment-keys/{id}"), &[], None)?, output, &[]),
+        },
+        CtlCommand::Devices(command) => match command {
+            DeviceCommand::List { list, hostname, username } => {
+                let mut query = list_query(&list);
+                query.extend([("hostname", hostname), ("username", username)]);
+                print(&client.json("GET", "/api/v1/devices", &query, None)?, output, &["id", "hostname", "username", "platform", "virtual_ip", "last_seen"]);
+            }
+            DeviceCommand::Get { id } => print(&client.json("GET", &format!("/api/v1/devices/{id}"), &[], None)?, output, &[]),
+            DeviceCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/devices/{id}"), &[], None)?, output, &[]),
+        },
+        CtlCommand::Admins(command) => match command {
+            AdminCommand::List => print(&client.json("GET", "/api/v1/admins", &[], None)?, output, &["id", "username", "role", "has_password", "created_at"]),
+            AdminCommand::Create { username, role, password_stdin } => {
+                let mut body = json!({"username": username, "role": role});
+                if password_stdin {
+                    body["password"] = json!(read_password()?);
+                }
+                print(&client.json("POST", "/api/v1/admins", &[], Some(body))?, output, &[]);
+            }
+            AdminCommand::SetPassword { id } => {
+                let body = json!({"password": read_password()?});
+                print(&client.json("PATCH", &format!("/api/v1/admins/{id}"), &[], Some(body))?, output, &[]);
+            }
+            AdminCommand::CreateKey { id, name } => print(&client.json("POST", &format!("/api/v1/admins/{id}/api-keys"), &[], Some(json!({"name": name})))?, output, &[]),
+            AdminCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/admins/{id}"), &[], None)?, output, &[]),
+        },
+        CtlCommand::Sessions(command) => match command {
+            SessionCommand::List => print(&client.json("GET", "/api/v1/admin-sessions", &[], None)?, output, &["id", "admin_username", "api_key_name", "client_ip", "active_since", "expires_at"]),
+            SessionCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/admin-sessions/{id}"), &[], None)?, output, &[]),
+        },
+        CtlCommand::Settings(command) => match command {
+            SettingsCommand::Get => print(&client.json("GET", "/api/v1/settings", &[], None)?, output, &[]),
+            SettingsCommand::Set { client_domains, release_quarantine_seconds, binding_idle_ttl_seconds, export_limit } => {
+                let mut body = Map::new();
+                if let Some(domains) = client_domains {
+                    let list: Vec<&str> = domains.split(',').map(str::trim).filter(|domain| !domain.is_empty()).collect();
+                    body.insert("client_domains".into(), json!(list));
+                }
+                for (key, value) in [("release_quarantine_seconds", release_quarantine_seconds), ("binding_idle_ttl_seconds", binding_idle_ttl_seconds), ("export_limit", export_limit)] {
+                    if let Some(value) = value {
+                        body.insert(key.into(), json!(value));
+                    }
+                }
+                print(&client.json("PATCH", "/api/v1/settings", &[], Some(Value::Object(body)))?, output, &[]);
+            }
+        },
+        CtlCommand::Audit(command) => match command {
+            AuditCommand::List { list, actor, action, resource_type } => {
+                let mut query = list_query(&list);
+                query.extend([("actor", actor), ("action", action), ("resource_type", resource_type)]);
+                print(&client.json("GET", "/api/v1/audit-logs", &query, None)?, output, &["at", "actor", "action", "resource_type", "resource_id", "source_ip"]);
+            }
+            AuditCommand::Export { file } => client.download("/api/v1/audit-logs/export.csv", &[], &file)?,
+        },
+    }
+    Ok(())
+}
