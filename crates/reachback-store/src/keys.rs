@@ -33,10 +33,10 @@ fn key_from_row(row: &AnyRow) -> Result<EnrollmentKeyRow> {
         id: row.try_get("id")?,
         username: row.try_get("username")?,
         description: row.try_get("description")?,
-        reusable: row.try_get("reusable")?,
+        reusable: crate::get_bool(row, "reusable")?,
         expires_at: row.try_get("expires_at")?,
         used_count: row.try_get("used_count")?,
-        revoked: row.try_get("revoked")?,
+        revoked: crate::get_bool(row, "revoked")?,
         created_at: row.try_get("created_at")?,
     })
 }

@@ -150,7 +150,8 @@ impl Store {
                     continue;
                 }
                 let script = match self.backend {
-                    Backend::Sqlite => script.replace("{BLOB}", "BLOB").replace("{REAL}", "REAL").replace("{BOOL}", "BOOLEAN"),
+                    // sqlx's Any driver maps no SQLite BOOLEAN, so SQLite keeps flags as 0/1 integers
+                    Backend::Sqlite => script.replace("{BLOB}", "BLOB").replace("{REAL}", "REAL").replace("{BOOL}", "INTEGER"),
                     Backend::Postgres => script.replace("{BLOB}", "BYTEA").replace("{REAL}", "DOUBLE PRECISION").replace("{BOOL}", "BOOLEAN"),
                 };
                 let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
@@ -208,6 +209,14 @@ impl WriteTx<'_> {
 pub fn now_micros() -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Reads a flag stored as BOOLEAN (PostgreSQL) or 0/1 INTEGER (SQLite).
+pub(crate) fn get_bool(row: &sqlx::any::AnyRow, column: &str) -> Result<bool> {
+    match row.try_get::<bool, _>(column) {
+        Ok(value) => Ok(value),
+        Err(_) => Ok(row.try_get::<i64, _>(column)? != 0),
+    }
 }
 
 /// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` substring match, lowercased.

@@ -61,7 +61,7 @@ fn range_from_row(row: &AnyRow) -> Result<RangeRow> {
         description: row.try_get("description")?,
         range,
         location: location_from_row(row, "")?,
-        enabled: row.try_get("enabled")?,
+        enabled: crate::get_bool(row, "enabled")?,
         used_ips: row.try_get("used_ips")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

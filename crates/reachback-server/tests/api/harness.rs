@@ -1,0 +1,187 @@
+//! Test servers on temporary SQLite files or throwaway PostgreSQL databases.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use reachback_server::{ServerConfig, SharedState};
+use serde_json::Value;
+use sqlx::Connection;
+use tower::ServiceExt;
+
+pub const TOKEN: &str = "rbk_test_bootstrap_token_0123456789";
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{prefix}_{}_{}_{}", std::process::id(), nanos % 1_000_000_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The PostgreSQL URL from the gate variable, if the PostgreSQL suite is on.
+pub fn postgres_gate() -> Option<String> {
+    std::env::var("REACHBACK_TEST_POSTGRES").ok().filter(|url| !url.is_empty())
+}
+
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestServer {
+    pub router: Router,
+    pub state: Option<SharedState>,
+    pub data_dir: PathBuf,
+    database_url: Option<String>,
+    postgres: Option<(String, String)>,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> Option<TestServer> {
+        let data_dir = std::env::temp_dir().join(unique("reachback_test"));
+        let (database_url, postgres) = match backend {
+            Backend::Sqlite => (None, None),
+            Backend::Postgres => {
+                let Some(admin_url) = postgres_gate() else {
+                    eprintln!("REACHBACK_TEST_POSTGRES not set: PostgreSQL suite off");
+                    return None;
+                };
+                let name = unique("reachback_test");
+                sqlx::any::install_default_drivers();
+                let mut connection = sqlx::AnyConnection::connect(&admin_url).await.expect("REACHBACK_TEST_POSTGRES is set but PostgreSQL is unreachable");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut connection).await.expect("creating the test database");
+                let base = admin_url.rsplit_once('/').map(|(base, _)| base.to_string()).unwrap_or(admin_url.clone());
+                (Some(format!("{base}/{name}")), Some((admin_url, name)))
+            }
+        };
+        let mut server = TestServer { router: Router::new(), state: None, data_dir, database_url, postgres };
+        server.boot().await;
+        Some(server)
+    }
+
+    fn config(&self) -> ServerConfig {
+        ServerConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            tunnel_listen: "127.0.0.1:8443".parse().expect("address"),
+            data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
+            bootstrap_token: Some(TOKEN.into()),
+            broker_endpoints: vec!["broker.test:8443".into()],
+            node_name: "test".into(),
+        }
+    }
+
+    async fn boot(&mut self) {
+        let app = reachback_server::build(self.config()).await.expect("server builds");
+        self.router = app.router.clone();
+        self.state = Some(app.state.clone());
+        // keep the app's tasks alive for the test's lifetime
+        std::mem::forget(app);
+    }
+
+    /// Builds a new server over the same database, as a restart would.
+    pub async fn restart(&mut self) {
+        self.boot().await;
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>, token: Option<&str>) -> Reply {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(body) => {
+                request = request.header("content-type", "application/json");
+                Body::from(body.to_string())
+            }
+            None => Body::empty(),
+        };
+        self.send(request.body(body).expect("request")).await
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self.router.clone().oneshot(request).await.expect("router answers");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
+        Reply { status, headers, body }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.call(Method::GET, path, None, Some(TOKEN)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.call(Method::POST, path, Some(body), Some(TOKEN)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Reply {
+        self.call(Method::PATCH, path, Some(body), Some(TOKEN)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.call(Method::DELETE, path, None, Some(TOKEN)).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if let Some((admin_url, name)) = self.postgres.take() {
+            // a fresh runtime on a fresh thread: Drop may run inside the test's runtime
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                runtime.block_on(async move {
+                    if let Ok(mut connection) = sqlx::AnyConnection::connect(&admin_url).await {
+                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut connection).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Runs a scenario on SQLite and on PostgreSQL.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use $crate::harness::{Backend, TestServer};
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let server = TestServer::start(Backend::Sqlite).await.expect("sqlite server");
+                    super::$name(server).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    if let Some(server) = TestServer::start(Backend::Postgres).await {
+                        super::$name(server).await;
+                    }
+                }
+            }
+        )*
+    };
+}

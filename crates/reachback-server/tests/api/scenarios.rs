@@ -1,0 +1,585 @@
+//! Scenarios at the API boundary; each runs on both backends.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+
+use crate::harness::{TOKEN, TestServer};
+use crate::on_both_backends;
+
+on_both_backends!(
+    ranges_create_validate_and_refuse_without_change,
+    ranges_list_filter_sort_page,
+    ranges_edit_enable_disable_delete,
+    authentication_and_roles,
+    enrollment_flow,
+    enrollment_refusals,
+    allocation_by_location_quarantine_and_exhaustion,
+    bindings_list_get_release,
+    csv_export,
+    admins_keys_and_sessions,
+    audit_log,
+    settings_and_client_domains,
+    operations_endpoints,
+    hostile_input,
+    restart_keeps_bindings_sticky,
+);
+
+fn public_key() -> String {
+    rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem()
+}
+
+async fn create_range(server: &TestServer, body: Value) -> Value {
+    let reply = server.post("/api/v1/ip-ranges", body).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    reply.json()
+}
+
+async fn create_key(server: &TestServer, username: &str, reusable: bool) -> String {
+    let reply = server.post("/api/v1/enrollment-keys", json!({"username": username, "reusable": reusable})).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    reply.json()["key"].as_str().expect("key").to_string()
+}
+
+async fn enroll(server: &TestServer, key: &str, hostname: &str, public_key: &str, location: Value) -> crate::harness::Reply {
+    server
+        .call(
+            Method::POST,
+            "/api/v1/enroll",
+            Some(json!({"enrollment_key": key, "hostname": hostname, "platform": "windows", "public_key": public_key, "location": location})),
+            None,
+        )
+        .await
+}
+
+async fn range_count(server: &TestServer) -> i64 {
+    server.get("/api/v1/ip-ranges").await.json()["total"].as_i64().expect("total")
+}
+
+async fn ranges_create_validate_and_refuse_without_change(server: TestServer) {
+    let paris = create_range(
+        &server,
+        json!({"name": "Paris laptops", "range": "100.64.0.0/16", "location": {"city": "Paris", "state": "Ile-de-France", "country": "fr", "latitude": 48.8566, "longitude": 2.3522}}),
+    )
+    .await;
+    assert_eq!(paris["range"], "100.64.0.0/16");
+    assert_eq!(paris["total_ips"], 65534);
+    assert_eq!(paris["used_ips"], 0);
+    assert_eq!(paris["enabled"], true);
+    assert_eq!(paris["location"]["country"], "FR");
+    assert!(paris["created_at"].as_str().expect("time").ends_with('Z'));
+    let span = create_range(&server, json!({"name": "Span", "range": "100.65.0.10 - 100.65.0.200", "enabled": false})).await;
+    assert_eq!((span["range"].clone(), span["total_ips"].clone(), span["enabled"].clone(), span["location"].clone()), (json!("100.65.0.10-100.65.0.200"), json!(191), json!(false), Value::Null));
+    let v6 = create_range(&server, json!({"name": "v6", "range": "FD7A:115C:0::/64"})).await;
+    assert_eq!((v6["range"].clone(), v6["total_ips"].clone()), (json!("fd7a:115c::/64"), json!("18446744073709551615")));
+    let small = create_range(&server, json!({"name": "v6 small", "range": "fd7a:115d::/120"})).await;
+    assert_eq!(small["total_ips"], 255);
+
+    let before = range_count(&server).await;
+    // overlap: 409 naming the other range
+    let reply = server.post("/api/v1/ip-ranges", json!({"name": "Overlap", "range": "100.64.200.0/24"})).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT);
+    let problem = reply.json();
+    assert_eq!(reply.headers["content-type"], "application/problem+json");
+    assert!(problem["detail"].as_str().expect("detail").contains("Paris laptops"), "{problem}");
+    assert_eq!(problem["conflicts_with"]["name"], "Paris laptops");
+    assert_eq!(problem["conflicts_with"]["id"], paris["id"]);
+    assert_eq!(problem["conflicts_with"]["range"], "100.64.0.0/16");
+    assert_eq!(problem["status"], 409);
+    // a disabled range still blocks overlaps
+    assert_eq!(server.post("/api/v1/ip-ranges", json!({"name": "o2", "range": "100.65.0.200/32"})).await.status, StatusCode::CONFLICT);
+    // duplicate name, case-insensitively
+    let reply = server.post("/api/v1/ip-ranges", json!({"name": "PARIS LAPTOPS", "range": "100.66.0.0/24"})).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    // host bits, with the corrected form
+    let reply = server.post("/api/v1/ip-ranges", json!({"name": "h", "range": "100.66.0.5/24"})).await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(reply.json()["errors"][0]["field"], "range");
+    assert!(reply.json()["errors"][0]["message"].as_str().expect("message").contains("100.66.0.0/24"));
+    for (range, why) in [
+        ("127.0.0.0/8", "loopback"),
+        ("224.0.0.0/24", "multicast"),
+        ("169.254.0.0/16", "link-local"),
+        ("0.0.0.0/8", "unspecified"),
+        ("255.255.255.255/32", "broadcast"),
+        ("fe80::/64", "link-local"),
+        ("fd00::/48", "shorter than /64"),
+        ("100.66.0.9-100.66.0.1", "after its end"),
+        ("banana", "not an address"),
+    ] {
+        let reply = server.post("/api/v1/ip-ranges", json!({"name": "bad", "range": range})).await;
+        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{range}");
+        assert!(reply.text().contains(why), "{range}: {}", reply.text());
+    }
+    for (location, field) in [
+        (json!({"country": "XX"}), "location.country"),
+        (json!({"country": "FRA"}), "location.country"),
+        (json!({"city": "Paris"}), "location.country"),
+        (json!({"country": "FR", "latitude": 91, "longitude": 0}), "location.latitude"),
+        (json!({"country": "FR", "latitude": 10}), "location.latitude"),
+        (json!({"country": "FR", "zip": "75001"}), "location.zip"),
+        (json!("Paris"), "location"),
+    ] {
+        let reply = server.post("/api/v1/ip-ranges", json!({"name": "bad", "range": "100.67.0.0/24", "location": location})).await;
+        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{location}");
+        assert_eq!(reply.json()["errors"][0]["field"], field, "{location}");
+    }
+    assert_eq!(server.post("/api/v1/ip-ranges", json!({"name": "", "range": "100.67.0.0/24"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(server.post("/api/v1/ip-ranges", json!({"name": "x".repeat(129), "range": "100.67.0.0/24"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(server.post("/api/v1/ip-ranges", json!({"range": "100.67.0.0/24"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(server.post("/api/v1/ip-ranges", json!({"name": "n", "range": 5})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(server.post("/api/v1/ip-ranges", json!({"name": "n", "range": "100.67.0.0/24", "colour": "red"})).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(range_count(&server).await, before, "refused requests changed nothing");
+    assert_eq!(server.get("/api/v1/ip-ranges/nope").await.status, StatusCode::NOT_FOUND);
+    let fetched = server.get(&format!("/api/v1/ip-ranges/{}", paris["id"].as_str().expect("id"))).await.json();
+    assert_eq!(fetched, paris);
+}
+
+async fn ranges_list_filter_sort_page(server: TestServer) {
+    for (name, range, country, city) in [
+        ("bravo", "100.64.1.0/24", "FR", "Paris"),
+        ("Alpha", "100.64.0.0/24", "JP", "Tokyo"),
+        ("charlie", "100.64.2.0/25", "FR", "Lyon"),
+        ("delta", "fd00:1::/64", "US", "Austin"),
+    ] {
+        create_range(&server, json!({"name": name, "range": range, "location": {"country": country, "city": city, "state": "S"}})).await;
+    }
+    let names = |reply: crate::harness::Reply| -> Vec<String> { reply.json()["items"].as_array().expect("items").iter().map(|item| item["name"].as_str().expect("name").to_string()).collect() };
+    assert_eq!(names(server.get("/api/v1/ip-ranges").await), ["Alpha", "bravo", "charlie", "delta"]);
+    assert_eq!(names(server.get("/api/v1/ip-ranges?sort=-name").await), ["delta", "charlie", "bravo", "Alpha"]);
+    assert_eq!(names(server.get("/api/v1/ip-ranges?sort=range").await), ["Alpha", "bravo", "charlie", "delta"]);
+    assert_eq!(names(server.get("/api/v1/ip-ranges?sort=-total_ips").await), ["delta", "Alpha", "bravo", "charlie"]);
+    assert_eq!(names(server.get("/api/v1/ip-ranges?country=fr").await), ["bravo", "charlie"]);
+    assert_eq!(names(server.get("/api/v1/ip-ranges?city=TOK").await), ["Alpha"]);
+    assert_eq!(names(server.get("/api/v1/ip-ranges?range=100.64.2.77").await), ["charlie"]);
+    assert_eq!(names(server.get("/api/v1/ip-ranges?range=fd00").await), ["delta"]);
+    assert_eq!(names(server.get("/api/v1/ip-ranges?name=ar").await), ["charlie"]);
+    let page = server.get("/api/v1/ip-ranges?page=2&page_size=3").await.json();
+    assert_eq!((page["total"].clone(), page["page"].clone(), page["page_size"].clone(), page["items"].as_array().expect("items").len()), (json!(4), json!(2), json!(3), 1));
+    assert_eq!(page["items"][0]["name"], "delta");
+    let id = page["items"][0]["id"].as_str().expect("id").to_string();
+    server.call(Method::POST, &format!("/api/v1/ip-ranges/{id}/disable"), None, Some(TOKEN)).await;
+    assert_eq!(names(server.get("/api/v1/ip-ranges?status=disabled").await), ["delta"]);
+    assert_eq!(names(server.get("/api/v1/ip-ranges?sort=status").await), ["Alpha", "bravo", "charlie", "delta"]);
+    for bad in ["page_size=1001", "page=0", "sort=colour", "status=maybe", "colour=red", "page=abc", "name=a&name=b"] {
+        let reply = server.get(&format!("/api/v1/ip-ranges?{bad}")).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(reply.headers["content-type"], "application/problem+json");
+    }
+    assert_eq!(server.get("/api/v1/ip-ranges?page=99").await.json()["items"], json!([]));
+}
+
+async fn ranges_edit_enable_disable_delete(server: TestServer) {
+    let range = create_range(&server, json!({"name": "Edit me", "range": "100.64.0.0/28"})).await;
+    let id = range["id"].as_str().expect("id");
+    let path = format!("/api/v1/ip-ranges/{id}");
+    let key = create_key(&server, "bob@corp.example", true).await;
+    for index in 0..3 {
+        assert_eq!(enroll(&server, &key, &format!("pc{index}.corp.example"), &public_key(), Value::Null).await.status, StatusCode::CREATED);
+    }
+    let neighbour = create_range(&server, json!({"name": "Neighbour", "range": "100.64.1.0/24"})).await;
+    let reply = server.patch(&path, json!({"name": "Edited", "description": "lab", "location": {"country": "DE", "city": "Berlin", "state": "Berlin"}})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let edited = reply.json();
+    assert_eq!((edited["name"].clone(), edited["description"].clone(), edited["location"]["city"].clone(), edited["range"].clone()), (json!("Edited"), json!("lab"), json!("Berlin"), json!("100.64.0.0/28")));
+    assert_ne!(edited["updated_at"], range["updated_at"]);
+    // growing the range is fine; shrinking below a bound address or into a neighbour is not
+    assert_eq!(server.patch(&path, json!({"range": "100.64.0.0/24"})).await.json()["total_ips"], 254);
+    let reply = server.patch(&path, json!({"range": "100.64.0.0/23"})).await;
+    assert_eq!((reply.status, reply.json()["conflicts_with"]["name"].clone()), (StatusCode::CONFLICT, json!("Neighbour")));
+    assert_eq!(server.delete(&format!("/api/v1/ip-ranges/{}", neighbour["id"].as_str().expect("id"))).await.status, StatusCode::NO_CONTENT);
+    let reply = server.patch(&path, json!({"range": "100.64.0.2-100.64.0.50"})).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    assert!(reply.text().contains("outside"));
+    assert_eq!(server.patch(&path, json!({"range": "100.64.0.1-100.64.0.3"})).await.status, StatusCode::OK);
+    assert_eq!(server.patch(&path, json!({"location": null})).await.json()["location"], Value::Null);
+    assert_eq!(server.patch(&path, json!({"enabled": "yes"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(server.patch("/api/v1/ip-ranges/nope", json!({"name": "x"})).await.status, StatusCode::NOT_FOUND);
+    // disable, enable
+    let disabled = server.call(Method::POST, &format!("{path}/disable"), None, Some(TOKEN)).await;
+    assert_eq!((disabled.status, disabled.json()["enabled"].clone()), (StatusCode::OK, json!(false)));
+    let refused = enroll(&server, &key, "pc9.corp.example", &public_key(), Value::Null).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "a disabled range assigns nothing: {}", refused.text());
+    let enabled = server.call(Method::POST, &format!("{path}/enable"), None, Some(TOKEN)).await;
+    assert_eq!(enabled.json()["enabled"], true);
+    assert_eq!(server.call(Method::POST, "/api/v1/ip-ranges/nope/enable", None, Some(TOKEN)).await.status, StatusCode::NOT_FOUND);
+    // delete: refused with bindings, forced releases them
+    let reply = server.delete(&path).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT);
+    assert_eq!(reply.json()["bindings"], 3);
+    assert_eq!(server.get(&path).await.status, StatusCode::OK);
+    assert_eq!(server.call(Method::DELETE, &format!("{path}?force=maybe"), None, Some(TOKEN)).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(server.call(Method::DELETE, &format!("{path}?force=true"), None, Some(TOKEN)).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.get(&path).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(server.get("/api/v1/ip-bindings").await.json()["total"], 0);
+    let devices = server.get("/api/v1/devices").await.json();
+    assert_eq!(devices["total"], 3, "devices stay; they get new addresses when they come back");
+    assert_eq!(devices["items"][0]["virtual_ip"], Value::Null);
+    assert_eq!(server.delete(&path).await.status, StatusCode::NOT_FOUND);
+}
+
+async fn authentication_and_roles(server: TestServer) {
+    let reply = server.call(Method::GET, "/api/v1/ip-ranges", None, None).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(reply.headers["content-type"], "application/problem+json");
+    assert_eq!(server.call(Method::GET, "/api/v1/ip-ranges", None, Some("rbk_wrong")).await.status, StatusCode::UNAUTHORIZED);
+    let request = Request::builder().uri("/api/v1/ip-ranges").header("authorization", "Basic abc").body(Body::empty()).expect("request");
+    assert_eq!(server.send(request).await.status, StatusCode::UNAUTHORIZED);
+    let me = server.get("/api/v1/me").await.json();
+    assert_eq!((me["username"].clone(), me["role"].clone()), (json!("admin"), json!("superadmin")));
+    let mut tokens = Vec::new();
+    for role in ["viewer", "admin"] {
+        let admin = server.post("/api/v1/admins", json!({"username": format!("{role}-user"), "role": role})).await.json();
+        let key = server.post(&format!("/api/v1/admins/{}/api-keys", admin["id"].as_str().expect("id")), json!({"name": "ci"})).await;
+        assert_eq!(key.status, StatusCode::CREATED);
+        tokens.push(key.json()["key"].as_str().expect("key").to_string());
+    }
+    let (viewer, admin) = (&tokens[0], &tokens[1]);
+    let body = json!({"name": "r", "range": "100.64.0.0/24"});
+    assert_eq!(server.call(Method::POST, "/api/v1/ip-ranges", Some(body.clone()), Some(viewer)).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(server.get("/api/v1/ip-ranges").await.json()["total"], 0, "a forbidden write changes nothing");
+    assert_eq!(server.call(Method::GET, "/api/v1/ip-ranges", None, Some(viewer)).await.status, StatusCode::OK);
+    assert_eq!(server.call(Method::GET, "/api/v1/ip-bindings", None, Some(viewer)).await.status, StatusCode::OK);
+    assert_eq!(server.call(Method::PATCH, "/api/v1/settings", Some(json!({"export_limit": 5})), Some(viewer)).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(server.call(Method::POST, "/api/v1/enrollment-keys", Some(json!({"username": "a"})), Some(viewer)).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(server.call(Method::POST, "/api/v1/ip-ranges", Some(body), Some(admin)).await.status, StatusCode::CREATED);
+    assert_eq!(server.call(Method::GET, "/api/v1/admins", None, Some(admin)).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(server.call(Method::GET, "/api/v1/admin-sessions", None, Some(admin)).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(server.call(Method::POST, "/api/v1/admins", Some(json!({"username": "x", "role": "superadmin"})), Some(admin)).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(server.call(Method::GET, "/api/v1/me", None, Some(viewer)).await.json()["role"], "viewer");
+}
+
+async fn enrollment_flow(server: TestServer) {
+    create_range(&server, json!({"name": "Global", "range": "100.64.0.0/24"})).await;
+    let key = create_key(&server, "alice@corp.example", false).await;
+    let public_key = public_key();
+    let reply = enroll(&server, &key, "Alice-Laptop.corp.example", &public_key, json!({"city": "Paris", "country": "FR"})).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let enrolled = reply.json();
+    assert_eq!((enrolled["virtual_ip"].clone(), enrolled["range_name"].clone()), (json!("100.64.0.1"), json!("Global")));
+    assert!(enrolled["certificate"].as_str().expect("cert").starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(enrolled["ca_certificate"].as_str().expect("ca").starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(enrolled["broker_endpoints"], json!(["broker.test:8443"]));
+    // the key is spent for new devices, but the same device gets its binding back
+    assert_eq!(enroll(&server, &key, "bob.corp.example", &self::public_key(), Value::Null).await.status, StatusCode::UNAUTHORIZED);
+    let again = enroll(&server, &key, "alice-laptop.CORP.example", &public_key, Value::Null).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+    assert_eq!((again.json()["virtual_ip"].clone(), again.json()["device_id"].clone()), (json!("100.64.0.1"), enrolled["device_id"].clone()));
+    // another key pair cannot take the hostname
+    let other = create_key(&server, "mallory@corp.example", true).await;
+    let reply = enroll(&server, &other, "alice-laptop.corp.example", &self::public_key(), Value::Null).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    let binding = server.get("/api/v1/ip-bindings/100.64.0.1").await.json();
+    assert_eq!(
+        (binding["username"].clone(), binding["platform"].clone(), binding["client_hostname"].clone(), binding["range_name"].clone(), binding["range_location"].clone()),
+        (json!("alice@corp.example"), json!("windows"), json!("alice-laptop.corp.example"), json!("Global"), Value::Null)
+    );
+    let device_id = enrolled["device_id"].as_str().expect("id");
+    let device = server.get(&format!("/api/v1/devices/{device_id}")).await.json();
+    assert_eq!((device["hostname"].clone(), device["virtual_ip"].clone(), device["location"]["city"].clone()), (json!("alice-laptop.corp.example"), json!("100.64.0.1"), json!("Paris")));
+    let keys = server.get("/api/v1/enrollment-keys").await.json();
+    let spent = keys["items"].as_array().expect("items").iter().find(|item| item["username"] == "alice@corp.example").expect("key listed").clone();
+    assert_eq!(spent["used_count"], 1);
+    assert!(spent.get("key").is_none(), "secrets are shown only once");
+    // P-256 keys are accepted too
+    let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key").public_key_pem();
+    assert_eq!(enroll(&server, &other, "carol.corp.example", &p256, Value::Null).await.status, StatusCode::CREATED);
+    // deleting the device releases its address and revokes it
+    assert_eq!(server.delete(&format!("/api/v1/devices/{device_id}")).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.get(&format!("/api/v1/devices/{device_id}")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(server.get("/api/v1/ip-bindings/100.64.0.1").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(server.delete(&format!("/api/v1/devices/{device_id}")).await.status, StatusCode::NOT_FOUND);
+}
+
+async fn enrollment_refusals(server: TestServer) {
+    create_range(&server, json!({"name": "Global", "range": "100.64.0.0/24"})).await;
+    let key = create_key(&server, "dave@corp.example", false).await;
+    let good = public_key();
+    let call = |body: Value| server.call(Method::POST, "/api/v1/enroll", Some(body), None);
+    // authentication first: a bad key is a 401 whatever else is wrong
+    for bad_key in [json!("rbe_nope"), json!(""), Value::Null, json!(5)] {
+        let reply = call(json!({"enrollment_key": bad_key, "hostname": "-bad-", "platform": "beos", "public_key": "x"})).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{bad_key}");
+    }
+    let cases = [
+        (json!({"enrollment_key": key, "hostname": "laptop", "platform": "windows", "public_key": good}), "hostname"),
+        (json!({"enrollment_key": key, "hostname": "bad_host.corp.example", "platform": "windows", "public_key": good}), "hostname"),
+        (json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "beos", "public_key": good}), "platform"),
+        (json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"}), "public_key"),
+        (json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key").public_key_pem()}), "public_key"),
+        (json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": good, "location": {"country": "ZZ"}}), "location.country"),
+        (json!({"enrollment_key": key, "platform": "linux", "public_key": good}), "hostname"),
+    ];
+    for (body, field) in cases {
+        let reply = call(body).await;
+        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {}", reply.text());
+        assert_eq!(reply.json()["errors"][0]["field"], field);
+    }
+    assert_eq!(call(json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": good, "username": "root"})).await.status, StatusCode::BAD_REQUEST);
+    // nothing above used the single-use key
+    let reply = enroll(&server, &key, "ok.corp.example", &good, Value::Null).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    // revoked and expired keys
+    let revoked = server.post("/api/v1/enrollment-keys", json!({"username": "eve", "reusable": true})).await.json();
+    assert_eq!(server.delete(&format!("/api/v1/enrollment-keys/{}", revoked["id"].as_str().expect("id"))).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(enroll(&server, revoked["key"].as_str().expect("key"), "eve.corp.example", &public_key(), Value::Null).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(server.get(&format!("/api/v1/enrollment-keys/{}", revoked["id"].as_str().expect("id"))).await.json()["revoked"], true);
+    let reply = server.post("/api/v1/enrollment-keys", json!({"username": "eve", "expires_at": "2001-01-01T00:00:00Z"})).await;
+    assert_eq!((reply.status, reply.json()["errors"][0]["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("expires_at")));
+    assert_eq!(server.post("/api/v1/enrollment-keys", json!({"username": ""})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(server.delete("/api/v1/enrollment-keys/nope").await.status, StatusCode::NOT_FOUND);
+}
+
+async fn allocation_by_location_quarantine_and_exhaustion(server: TestServer) {
+    create_range(&server, json!({"name": "Paris", "range": "100.64.0.0/30", "location": {"city": "Paris", "state": "IDF", "country": "FR"}})).await;
+    create_range(&server, json!({"name": "Tokyo", "range": "100.64.1.0/30", "location": {"city": "Tokyo", "state": "Tokyo", "country": "JP"}})).await;
+    let key = create_key(&server, "pool@corp.example", true).await;
+    let ip = |reply: crate::harness::Reply| reply.json()["virtual_ip"].as_str().map(str::to_string).unwrap_or_else(|| reply.text());
+    let paris = json!({"city": "paris", "state": "idf", "country": "FR"});
+    assert_eq!(ip(enroll(&server, &key, "p1.corp.example", &public_key(), paris.clone()).await), "100.64.0.1");
+    assert_eq!(ip(enroll(&server, &key, "o1.corp.example", &public_key(), json!({"city": "Osaka", "country": "JP"})).await), "100.64.1.1");
+    assert_eq!(ip(enroll(&server, &key, "p2.corp.example", &public_key(), paris.clone()).await), "100.64.0.2");
+    // Paris is full: the fallback is the other range
+    assert_eq!(ip(enroll(&server, &key, "p3.corp.example", &public_key(), paris.clone()).await), "100.64.1.2");
+    // everything is full: 409, counted in metrics
+    let reply = enroll(&server, &key, "p4.corp.example", &public_key(), paris.clone()).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT);
+    assert!(reply.json()["detail"].as_str().expect("detail").contains("no free address"));
+    assert!(server.get("/metrics").await.text().contains("reachback_allocation_failures_total 1"));
+    // a released address waits in quarantine, but is reused when nothing else is left
+    assert_eq!(server.delete("/api/v1/ip-bindings/100.64.0.1").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(ip(enroll(&server, &key, "p5.corp.example", &public_key(), paris.clone()).await), "100.64.0.1");
+    let ranges = server.get("/api/v1/ip-ranges").await.json();
+    let used: Vec<i64> = ranges["items"].as_array().expect("items").iter().map(|item| item["used_ips"].as_i64().expect("used")).collect();
+    assert_eq!(used, [2, 2]);
+}
+
+async fn bindings_list_get_release(server: TestServer) {
+    create_range(&server, json!({"name": "Lab", "range": "100.64.0.0/24", "location": {"city": "Lyon", "country": "FR"}})).await;
+    create_range(&server, json!({"name": "Six", "range": "fd00::/120"})).await;
+    let key = create_key(&server, "ops@corp.example", true).await;
+    for index in 0..12 {
+        let reply = enroll(&server, &key, &format!("host{index:02}.corp.example"), &public_key(), json!({"city": "Lyon", "country": "FR"})).await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+    }
+    let ips = |reply: crate::harness::Reply| -> Vec<String> { reply.json()["items"].as_array().expect("items").iter().map(|item| item["ip"].as_str().expect("ip").to_string()).collect() };
+    let all = ips(server.get("/api/v1/ip-bindings?page_size=5").await);
+    assert_eq!(all, ["100.64.0.1", "100.64.0.2", "100.64.0.3", "100.64.0.4", "100.64.0.5"]);
+    let descending = ips(server.get("/api/v1/ip-bindings?sort=-ip&page_size=4").await);
+    assert_eq!(descending, ["100.64.0.12", "100.64.0.11", "100.64.0.10", "100.64.0.9"], "numeric, not text, order");
+    let page = server.get("/api/v1/ip-bindings?page=3&page_size=5").await.json();
+    assert_eq!((page["total"].clone(), page["items"].as_array().expect("items").len()), (json!(12), 2));
+    assert_eq!(ips(server.get("/api/v1/ip-bindings?ip=100.64.0.8/29").await), ["100.64.0.8", "100.64.0.9", "100.64.0.10", "100.64.0.11", "100.64.0.12"]);
+    assert_eq!(ips(server.get("/api/v1/ip-bindings?ip=100.64.0.3").await), ["100.64.0.3"]);
+    assert_eq!(server.get("/api/v1/ip-bindings?client_hostname=HOST1").await.json()["total"], 2);
+    assert_eq!(server.get("/api/v1/ip-bindings?range_name=lab&range_location=lyon&username=OPS&platform=win").await.json()["total"], 12);
+    assert_eq!(server.get("/api/v1/ip-bindings?range_name=six").await.json()["total"], 0);
+    assert_eq!(server.get("/api/v1/ip-bindings?updated_after=2001-01-01T00:00:00Z").await.json()["total"], 12);
+    assert_eq!(server.get("/api/v1/ip-bindings?updated_before=2001-01-01T00:00:00Z").await.json()["total"], 0);
+    let by_host = server.get("/api/v1/ip-bindings?sort=-client_hostname&page_size=1").await.json();
+    assert_eq!(by_host["items"][0]["client_hostname"], "host11.corp.example");
+    for sort in ["username", "platform", "range_name", "last_updated", "-last_updated"] {
+        assert_eq!(server.get(&format!("/api/v1/ip-bindings?sort={sort}")).await.status, StatusCode::OK, "{sort}");
+    }
+    for bad in ["ip=banana", "ip=100.64.0.0/33", "sort=ram", "updated_after=yesterday", "page_size=5000", "device=1"] {
+        assert_eq!(server.get(&format!("/api/v1/ip-bindings?{bad}")).await.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let one = server.get("/api/v1/ip-bindings/100.64.0.7").await.json();
+    assert_eq!((one["client_hostname"].clone(), one["range_location"].clone()), (json!("host06.corp.example"), json!({"city": "Lyon", "state": null, "country": "FR"})));
+    assert_eq!(server.get("/api/v1/ip-bindings/100.64.0.99").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(server.get("/api/v1/ip-bindings/not-an-ip").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(server.delete("/api/v1/ip-bindings/100.64.0.7").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.delete("/api/v1/ip-bindings/100.64.0.7").await.status, StatusCode::NOT_FOUND);
+    // the released address stays in quarantine while fresh ones exist
+    let next = enroll(&server, &key, "host99.corp.example", &public_key(), json!({"city": "Lyon", "country": "FR"})).await;
+    assert_eq!(next.json()["virtual_ip"], "100.64.0.13");
+    // the device whose binding was released gets a new address when it comes back
+    let device = server.get("/api/v1/devices?hostname=host06").await.json();
+    assert_eq!(device["items"][0]["virtual_ip"], Value::Null);
+    let ranges = server.get("/api/v1/ip-ranges?name=lab").await.json();
+    assert_eq!(ranges["items"][0]["used_ips"], 12);
+    let devices = server.get("/api/v1/devices?sort=-hostname&page_size=2&platform=windows").await.json();
+    assert_eq!((devices["total"].clone(), devices["items"][0]["hostname"].clone()), (json!(13), json!("host99.corp.example")));
+}
+
+async fn csv_export(server: TestServer) {
+    create_range(&server, json!({"name": "=Evil range", "range": "100.64.0.0/24", "location": {"city": "Paris", "state": "IDF", "country": "FR"}})).await;
+    create_range(&server, json!({"name": "Plain", "range": "100.65.0.0/24"})).await;
+    let evil = create_key(&server, "=HYPERLINK(\"http://x\")", true).await;
+    let plain = create_key(&server, "@alice", true).await;
+    assert_eq!(enroll(&server, &evil, "a.corp.example", &public_key(), json!({"city": "Paris", "state": "IDF", "country": "FR"})).await.status, StatusCode::CREATED);
+    assert_eq!(enroll(&server, &plain, "b.corp.example", &public_key(), json!({"city": "Paris", "state": "IDF", "country": "FR"})).await.status, StatusCode::CREATED);
+    server.call(Method::POST, &format!("/api/v1/ip-ranges/{}/disable", server.get("/api/v1/ip-ranges?name=evil").await.json()["items"][0]["id"].as_str().expect("id")), None, Some(TOKEN)).await;
+    assert_eq!(enroll(&server, &plain, "c.corp.example", &public_key(), Value::Null).await.status, StatusCode::CREATED);
+    let reply = server.get("/api/v1/ip-bindings/export.csv").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.headers["content-type"].to_str().expect("type").starts_with("text/csv"));
+    assert!(reply.headers["content-disposition"].to_str().expect("disposition").contains("attachment"));
+    assert!(!reply.body.starts_with(&[0xEF, 0xBB, 0xBF]), "no byte-order mark");
+    let text = reply.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "ip,range_name,range_location,username,platform,client_hostname,last_updated");
+    assert_eq!(lines.len(), 4);
+    assert!(lines[1].starts_with("100.64.0.1,'=Evil range,\"Paris, IDF, FR\",\"'=HYPERLINK(\"\"http://x\"\")\",windows,a.corp.example,"), "{}", lines[1]);
+    assert!(lines[2].starts_with("100.64.0.2,'=Evil range,\"Paris, IDF, FR\",'@alice,windows,b.corp.example,"), "{}", lines[2]);
+    assert!(lines[3].starts_with("100.65.0.1,Plain,,'@alice,windows,c.corp.example,"), "{}", lines[3]);
+    let filtered = server.get("/api/v1/ip-bindings/export.csv?range_name=plain&sort=-ip").await.text();
+    assert_eq!(filtered.lines().count(), 2);
+    assert_eq!(server.get("/api/v1/ip-bindings/export.csv?page=2").await.status, StatusCode::BAD_REQUEST);
+    // over the limit: 413 before any byte, telling the user to filter
+    assert_eq!(server.patch("/api/v1/settings", json!({"export_limit": 2})).await.status, StatusCode::OK);
+    let reply = server.get("/api/v1/ip-bindings/export.csv").await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.headers["content-type"], "application/problem+json");
+    assert!(reply.json()["detail"].as_str().expect("detail").contains("filter"));
+    assert_eq!(server.get("/api/v1/ip-bindings/export.csv?username=hyperlink").await.status, StatusCode::OK);
+}
+
+async fn admins_keys_and_sessions(server: TestServer) {
+    let reply = server.post("/api/v1/admins", json!({"username": "olivia", "role": "admin", "password": "correct horse battery"})).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let olivia = reply.json();
+    assert_eq!((olivia["username"].clone(), olivia["role"].clone()), (json!("olivia"), json!("admin")));
+    assert!(olivia.get("password").is_none() && olivia.get("password_hash").is_none());
+    assert_eq!(server.post("/api/v1/admins", json!({"username": "OLIVIA", "role": "admin"})).await.status, StatusCode::CONFLICT);
+    assert_eq!(server.post("/api/v1/admins", json!({"username": "p", "role": "root"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(server.post("/api/v1/admins", json!({"username": "p", "role": "admin", "password": "short"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let id = olivia["id"].as_str().expect("id");
+    let key = server.post(&format!("/api/v1/admins/{id}/api-keys"), json!({"name": "laptop"})).await.json();
+    let secret = key["key"].as_str().expect("key").to_string();
+    assert_eq!(server.call(Method::GET, "/api/v1/me", None, Some(&secret)).await.json()["username"], "olivia");
+    let keys = server.get(&format!("/api/v1/admins/{id}/api-keys")).await.json();
+    assert_eq!(keys["items"][0]["name"], "laptop");
+    assert!(keys["items"][0].get("key").is_none());
+    let sessions = server.get("/api/v1/admin-sessions").await.json();
+    let session = sessions["items"].as_array().expect("items").iter().find(|item| item["api_key_name"] == "laptop").expect("listed").clone();
+    assert_eq!(session["admin_username"], "olivia");
+    assert_eq!(server.delete(&format!("/api/v1/admin-sessions/{}", session["id"].as_str().expect("id"))).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.call(Method::GET, "/api/v1/me", None, Some(&secret)).await.status, StatusCode::UNAUTHORIZED, "a deleted session stops at once");
+    assert_eq!(server.delete("/api/v1/admin-sessions/key:nope").await.status, StatusCode::NOT_FOUND);
+    let second = server.post(&format!("/api/v1/admins/{id}/api-keys"), json!({"name": "ci"})).await.json();
+    assert_eq!(server.delete(&format!("/api/v1/admins/{id}/api-keys/{}", second["id"].as_str().expect("id"))).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.call(Method::GET, "/api/v1/me", None, second["key"].as_str()).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(server.patch(&format!("/api/v1/admins/{id}"), json!({"password": "another long password"})).await.json()["has_password"], true);
+    let me = server.get("/api/v1/me").await.json();
+    assert_eq!(server.delete(&format!("/api/v1/admins/{}", me["id"].as_str().expect("id"))).await.status, StatusCode::CONFLICT);
+    assert_eq!(server.delete(&format!("/api/v1/admins/{id}")).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.get(&format!("/api/v1/admins/{id}")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(server.get("/api/v1/admins").await.json()["total"], 1);
+}
+
+async fn audit_log(server: TestServer) {
+    let range = create_range(&server, json!({"name": "Audited", "range": "100.64.0.0/24"})).await;
+    let id = range["id"].as_str().expect("id");
+    server.patch(&format!("/api/v1/ip-ranges/{id}"), json!({"name": "Audited 2"})).await;
+    let failed = server.post("/api/v1/ip-ranges", json!({"name": "x", "range": "100.64.0.0/25"})).await;
+    assert_eq!(failed.status, StatusCode::CONFLICT);
+    let log = server.get("/api/v1/audit-logs?resource_type=ip_range").await.json();
+    assert_eq!(log["total"], 2, "refused requests are not changes: {log}");
+    let newest = &log["items"][0];
+    assert_eq!((newest["action"].clone(), newest["actor"].clone(), newest["resource_id"].clone()), (json!("update"), json!("admin"), json!(id)));
+    assert_eq!((newest["before"]["name"].clone(), newest["after"]["name"].clone()), (json!("Audited"), json!("Audited 2")));
+    let oldest = server.get("/api/v1/audit-logs?sort=at&resource_type=ip_range").await.json();
+    assert_eq!(oldest["items"][0]["action"], "create");
+    assert_eq!(server.get("/api/v1/audit-logs?actor=nobody").await.json()["total"], 0);
+    assert_eq!(server.get("/api/v1/audit-logs?after=2999-01-01T00:00:00Z").await.json()["total"], 0);
+    assert_eq!(server.get("/api/v1/audit-logs?sort=actor").await.status, StatusCode::BAD_REQUEST);
+    let csv = server.get("/api/v1/audit-logs/export.csv?resource_type=ip_range").await;
+    assert_eq!(csv.status, StatusCode::OK);
+    let text = csv.text();
+    assert_eq!(text.lines().next(), Some("id,at,actor,action,resource_type,resource_id,source_ip,before,after"));
+    assert!(text.contains("Audited 2"));
+}
+
+async fn settings_and_client_domains(server: TestServer) {
+    let settings = server.get("/api/v1/settings").await.json();
+    assert_eq!(settings, json!({"client_domains": [], "binding_idle_ttl_seconds": 2592000, "release_quarantine_seconds": 3600, "export_limit": 1000000}));
+    let reply = server.patch("/api/v1/settings", json!({"client_domains": ["Corp.Example"], "release_quarantine_seconds": 0})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["client_domains"], json!(["corp.example"]));
+    for bad in [json!({"client_domains": ["not a domain"]}), json!({"export_limit": 0}), json!({"release_quarantine_seconds": -1}), json!({"client_domains": "corp.example"})] {
+        assert_eq!(server.patch("/api/v1/settings", bad.clone()).await.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    }
+    assert_eq!(server.patch("/api/v1/settings", json!({"colour": 1})).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(server.get("/api/v1/settings").await.json()["client_domains"], json!(["corp.example"]));
+    create_range(&server, json!({"name": "Tiny", "range": "100.64.0.1-100.64.0.2"})).await;
+    let key = create_key(&server, "frank", true).await;
+    let reply = enroll(&server, &key, "frank.other.example", &public_key(), Value::Null).await;
+    assert_eq!((reply.status, reply.json()["errors"][0]["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("hostname")));
+    assert_eq!(enroll(&server, &key, "frank.corp.example", &public_key(), Value::Null).await.status, StatusCode::CREATED);
+    // with quarantine off a released address comes straight back
+    assert_eq!(server.delete("/api/v1/ip-bindings/100.64.0.1").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(enroll(&server, &key, "gina.corp.example", &public_key(), Value::Null).await.json()["virtual_ip"], "100.64.0.1");
+}
+
+async fn operations_endpoints(server: TestServer) {
+    assert_eq!(server.call(Method::GET, "/healthz", None, None).await.status, StatusCode::OK);
+    assert_eq!(server.call(Method::GET, "/readyz", None, None).await.json()["status"], "ready");
+    create_range(&server, json!({"name": "Metered", "range": "100.64.0.0/24"})).await;
+    let key = create_key(&server, "m", true).await;
+    enroll(&server, &key, "m.corp.example", &public_key(), Value::Null).await;
+    let metrics = server.call(Method::GET, "/metrics", None, None).await.text();
+    for expected in ["reachback_range_used_ips{", "range=\"Metered\"", "reachback_range_total_ips{", "reachback_enrollments_total{result=\"created\"} 1", "reachback_http_requests_total{", "reachback_http_request_duration_seconds_bucket{", "reachback_bindings 1"] {
+        assert!(metrics.contains(expected), "{expected} missing in\n{metrics}");
+    }
+    let openapi = server.call(Method::GET, "/api/v1/openapi.json", None, None).await.json();
+    assert_eq!(openapi["openapi"], "3.1.0");
+    for path in ["/api/v1/ip-ranges", "/api/v1/ip-bindings/export.csv", "/api/v1/enroll", "/api/v1/audit-logs"] {
+        assert!(openapi["paths"].get(path).is_some(), "{path}");
+    }
+    // every documented route exists
+    for route in reachback_server::ROUTES {
+        let path = route.path.replace("{id}", "x").replace("{ip}", "100.64.0.200").replace("{key_id}", "x");
+        let method = Method::from_bytes(route.method.to_uppercase().as_bytes()).expect("method");
+        let reply = server.call(method, &path, Some(json!({})), Some(TOKEN)).await;
+        assert_ne!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{} {}", route.method, route.path);
+        assert!(reply.status != StatusCode::NOT_FOUND || reply.json()["detail"] != "path not found", "{} {}", route.method, route.path);
+        assert!(!reply.status.is_server_error(), "{} {}: {}", route.method, route.path, reply.text());
+    }
+    assert_eq!(server.get("/api/v1/nothing-here").await.status, StatusCode::NOT_FOUND);
+}
+
+async fn hostile_input(server: TestServer) {
+    let raw = |body: &'static str, content_type: &'static str| {
+        Request::builder().method(Method::POST).uri("/api/v1/ip-ranges").header("authorization", format!("Bearer {TOKEN}")).header("content-type", content_type).body(Body::from(body)).expect("request")
+    };
+    for body in ["{", "[]", "null", "\"x\"", "{\"name\": \"a\", \"range\": \"100.64.0.0/24\",}"] {
+        let reply = server.send(raw(body, "application/json")).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(reply.headers["content-type"], "application/problem+json");
+    }
+    assert_eq!(server.send(raw("name=a", "application/x-www-form-urlencoded")).await.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let huge = format!("{{\"name\": \"{}\", \"range\": \"100.64.0.0/24\"}}", "a".repeat(200_000));
+    let request = Request::builder().method(Method::POST).uri("/api/v1/ip-ranges").header("authorization", format!("Bearer {TOKEN}")).header("content-type", "application/json").body(Body::from(huge)).expect("request");
+    assert_eq!(server.send(request).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let enroll_huge = Request::builder().method(Method::POST).uri("/api/v1/enroll").header("content-type", "application/json").body(Body::from(vec![b' '; 100_000])).expect("request");
+    assert_eq!(server.send(enroll_huge).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+    for name in ["bad\u{0}name", "tab\there"] {
+        assert_eq!(server.post("/api/v1/ip-ranges", json!({"name": name, "range": "100.64.0.0/24"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    // names with markup are stored as text, unchanged
+    let range = create_range(&server, json!({"name": "<script>alert(1)</script>", "range": "100.64.0.0/24", "description": "\"><img src=x onerror=alert(1)>"})).await;
+    assert_eq!(range["description"], "\"><img src=x onerror=alert(1)>");
+    assert_eq!(server.get("/api/v1/ip-ranges?page=999999999999").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(server.get("/api/v1/ip-ranges?page_size=-1").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(server.get("/api/v1/ip-ranges?name=%ZZ").await.status, StatusCode::OK);
+    assert_eq!(server.get("/api/v1/ip-bindings?username=%25_%5C").await.json()["total"], 0, "LIKE wildcards are matched literally");
+    assert_eq!(server.get("/api/v1/ip-ranges").await.json()["total"], 1);
+}
+
+async fn restart_keeps_bindings_sticky(mut server: TestServer) {
+    create_range(&server, json!({"name": "Sticky", "range": "100.64.0.0/24"})).await;
+    let key = create_key(&server, "sam", true).await;
+    let laptop = public_key();
+    assert_eq!(enroll(&server, &key, "sam.corp.example", &laptop, Value::Null).await.json()["virtual_ip"], "100.64.0.1");
+    assert_eq!(enroll(&server, &key, "tom.corp.example", &public_key(), Value::Null).await.json()["virtual_ip"], "100.64.0.2");
+    assert_eq!(server.delete("/api/v1/ip-bindings/100.64.0.2").await.status, StatusCode::NO_CONTENT);
+    server.restart().await;
+    // the engine was rebuilt from the store: bound and quarantined addresses are skipped
+    assert_eq!(enroll(&server, &key, "uma.corp.example", &public_key(), Value::Null).await.json()["virtual_ip"], "100.64.0.3");
+    let again = enroll(&server, &key, "sam.corp.example", &laptop, Value::Null).await;
+    assert_eq!((again.status, again.json()["virtual_ip"].clone()), (StatusCode::OK, json!("100.64.0.1")));
+    assert_eq!(server.get("/api/v1/ip-ranges").await.json()["items"][0]["used_ips"], 2);
+    let state = server.state.as_ref().expect("state");
+    assert_eq!(state.store.verify_counters().await.expect("counters"), Vec::<(String, i64, i64)>::new());
+}
