@@ -177,7 +177,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         enroll_tx,
         config,
     });
-    let writer = tokio::spawn(writer::run(state.clone(), enroll_rx));
+    let writer = tokio::spawn(writer::run(Arc::downgrade(&state), enroll_rx));
     let mut background = Vec::new();
     if state.store.backend() == Backend::Postgres {
         background.push(tokio::spawn(sync_replicas(Arc::downgrade(&state))));

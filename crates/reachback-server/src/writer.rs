@@ -5,7 +5,7 @@ use reachback_store::{EnrollFailure, EnrollJob, EnrollOutcome};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
-use crate::state::SharedState;
+use crate::state::AppState;
 
 /// One queued enrollment and where to send its result.
 pub struct EnrollRequest {
@@ -15,8 +15,9 @@ pub struct EnrollRequest {
 
 const MAX_BATCH: usize = 512;
 
-/// Runs until every sender is gone (server shutdown).
-pub async fn run(state: SharedState, mut queue: mpsc::Receiver<EnrollRequest>) {
+/// Runs until every sender is gone (server shutdown). Holds the state weakly, so
+/// dropping the last server handle closes the queue.
+pub async fn run(state: std::sync::Weak<AppState>, mut queue: mpsc::Receiver<EnrollRequest>) {
     let mut batch: Vec<EnrollRequest> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
@@ -26,6 +27,12 @@ pub async fn run(state: SharedState, mut queue: mpsc::Receiver<EnrollRequest>) {
                 Err(_) => break,
             }
         }
+        let Some(state) = state.upgrade() else {
+            for request in batch.drain(..) {
+                let _ = request.reply.send(Err(ApiError::unavailable("the server is shutting down")));
+            }
+            continue;
+        };
         let jobs: Vec<EnrollJob> = batch.iter().map(|request| request.job.clone()).collect();
         let quarantine = state.settings().quarantine_micros();
         let result = {

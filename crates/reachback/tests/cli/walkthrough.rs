@@ -1,0 +1,81 @@
+//! The README walkthrough, as a new user does it: start the server, use the CLI.
+
+use std::os::unix::fs::PermissionsExt;
+
+use serde_json::{Value, json};
+
+use crate::process::{Server, TempDir, agent, public_key, request};
+
+#[test]
+fn first_start_cli_walkthrough_and_clean_shutdown() {
+    let temp = TempDir::new();
+    let data_dir = temp.0.join("nested/reachback-data");
+    let mut server = Server::start(&data_dir, None, &[]);
+    // the generated bootstrap key and the CA key are readable by the owner only
+    let token_path = data_dir.join("bootstrap-token");
+    for path in [&token_path, &data_dir.join("ca-key.pem")] {
+        let mode = std::fs::metadata(path).expect("file exists").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
+    let token = std::fs::read_to_string(&token_path).expect("token").trim().to_string();
+
+    let (ok, stdout, stderr) = server.ctl(&token, &["ranges", "create", "--name", "Paris laptops", "--range", "100.64.0.0/16", "--city", "Paris", "--state", "Ile-de-France", "--country", "FR"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("65534"), "{stdout}");
+    let (ok, _, stderr) = server.ctl(&token, &["ranges", "create", "--name", "Overlap", "--range", "100.64.5.0/24"]);
+    assert!(!ok);
+    assert!(stderr.contains("409") && stderr.contains("Paris laptops"), "{stderr}");
+    let (ok, stdout, _) = server.ctl(&token, &["ranges", "list"]);
+    assert!(ok && stdout.lines().next().is_some_and(|header| header.contains("NAME") && header.contains("USED_IPS")), "{stdout}");
+
+    let (ok, stdout, stderr) = server.ctl(&token, &["keys", "create", "--username", "alice@corp.example", "--output", "json"]);
+    assert!(ok, "{stderr}");
+    let key: Value = serde_json::from_str(&stdout).expect("json");
+    let http = agent();
+    let (status, enrolled) = request(
+        &http,
+        "POST",
+        &format!("{}/api/v1/enroll", server.base),
+        None,
+        Some(&json!({"enrollment_key": key["key"], "hostname": "alice-laptop.corp.example", "platform": "macos", "public_key": public_key(), "location": {"city": "Paris", "state": "Ile-de-France", "country": "FR"}})),
+    );
+    assert_eq!(status, 201, "{enrolled}");
+    assert_eq!(enrolled["virtual_ip"], "100.64.0.1");
+
+    let (ok, stdout, _) = server.ctl(&token, &["bindings", "list", "--username", "alice", "-o", "json"]);
+    assert!(ok);
+    let list: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(list["items"][0]["client_hostname"], "alice-laptop.corp.example");
+    let csv_path = temp.0.join("bindings.csv");
+    let (ok, _, stderr) = server.ctl(&token, &["bindings", "export", "--file", csv_path.to_str().expect("path")]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("1 rows"), "{stderr}");
+    let csv = std::fs::read_to_string(&csv_path).expect("csv");
+    assert!(csv.starts_with("ip,range_name,range_location,username,platform,client_hostname,last_updated\n100.64.0.1,Paris laptops,\"Paris, Ile-de-France, FR\",alice@corp.example,macos,alice-laptop.corp.example,"), "{csv}");
+
+    let (ok, _, stderr) = server.ctl("rbk_wrong", &["ranges", "list"]);
+    assert!(!ok && stderr.contains("401"), "{stderr}");
+    let status = server.terminate();
+    assert!(status.success(), "SIGTERM shuts down cleanly: {status:?}");
+
+    // a restart keeps everything
+    let server = Server::start(&data_dir, None, &[]);
+    let (ok, stdout, _) = server.ctl(&token, &["bindings", "get", "100.64.0.1", "-o", "json"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<Value>(&stdout).expect("json")["username"], "alice@corp.example");
+}
+
+#[test]
+fn bad_configuration_is_refused_clearly() {
+    let temp = TempDir::new();
+    let config = temp.0.join("reachback.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\ncolour = \"red\"\n").expect("write");
+    let output = std::process::Command::new(crate::process::BIN).args(["server", "--config"]).arg(&config).output().expect("runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown field"), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = std::process::Command::new(crate::process::BIN).args(["server", "--database", "mysql://x", "--data-dir"]).arg(&temp.0).output().expect("runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("postgres://"));
+    let output = std::process::Command::new(crate::process::BIN).arg("--version").output().expect("runs");
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("reachback "));
+}
