@@ -57,9 +57,78 @@ struct RangeState {
     /// (released_at, value), oldest first
     quarantine: BTreeSet<(i64, u128)>,
     quarantined_at: HashMap<u128, i64>,
+    quarantined_values: BTreeSet<u128>,
 }
 
 impl RangeState {
+    fn quarantine_insert(&mut self, value: u128, released_at: i64) {
+        self.quarantine.insert((released_at, value));
+        self.quarantined_at.insert(value, released_at);
+        self.quarantined_values.insert(value);
+    }
+
+    fn quarantine_remove(&mut self, value: u128) -> Option<i64> {
+        let released_at = self.quarantined_at.remove(&value)?;
+        self.quarantine.remove(&(released_at, value));
+        self.quarantined_values.remove(&value);
+        Some(released_at)
+    }
+
+    /// The `n`-th (0-based) bound address counted from the bottom, or from the top.
+    fn nth_bound(&self, mut n: u128, from_top: bool) -> Option<u128> {
+        let (first, last) = self.spec.range.assignable();
+        // bound addresses are the gaps between free intervals, less quarantined ones
+        let mut gaps = Vec::new();
+        let mut cursor = first;
+        for (start, end) in self.free.intervals() {
+            if start > cursor {
+                gaps.push((cursor, start - 1));
+            }
+            cursor = end.saturating_add(1);
+            if end == u128::MAX {
+                cursor = u128::MAX;
+                break;
+            }
+        }
+        if cursor <= last && self.free.intervals().next_back().is_none_or(|(_, end)| end < last) {
+            gaps.push((cursor, last));
+        }
+        if from_top {
+            gaps.reverse();
+        }
+        for (start, end) in gaps {
+            let quarantined: Vec<u128> = self.quarantined_values.range(start..=end).copied().collect();
+            let size = end - start + 1 - quarantined.len() as u128;
+            if n >= size {
+                n -= size;
+                continue;
+            }
+            // walk to the n-th address of the gap that is not quarantined
+            let mut skipped = quarantined.into_iter().peekable();
+            if from_top {
+                let mut candidate = end - n;
+                let mut above: Vec<u128> = skipped.collect();
+                above.reverse();
+                for value in above {
+                    if value >= candidate {
+                        candidate -= 1;
+                    }
+                }
+                return Some(candidate);
+            }
+            let mut candidate = start + n;
+            while let Some(&value) = skipped.peek() {
+                if value <= candidate {
+                    candidate += 1;
+                    skipped.next();
+                } else {
+                    break;
+                }
+            }
+            return Some(candidate);
+        }
+        None
+    }
     fn unbound(&self) -> u128 {
         self.free.len() + self.quarantine.len() as u128
     }
@@ -132,11 +201,11 @@ impl Engine {
             free,
             quarantine: BTreeSet::new(),
             quarantined_at: HashMap::new(),
+            quarantined_values: BTreeSet::new(),
         };
         for (value, released_at) in quarantined {
             if state.free.remove(value) {
-                state.quarantine.insert((released_at, value));
-                state.quarantined_at.insert(value, released_at);
+                state.quarantine_insert(value, released_at);
             }
         }
         match self.by_id.get(&state.spec.id) {
@@ -193,18 +262,17 @@ impl Engine {
         self.by_id.get(id).is_some_and(|&index| self.ranges[index].free.contains(value))
     }
 
+    /// The `n`-th bound address (0-based) of a range in address order, or from the top;
+    /// lets a listing seek to a deep page instead of skipping rows.
+    pub fn nth_bound(&self, id: &str, n: u128, from_top: bool) -> Option<u128> {
+        self.by_id.get(id).and_then(|&index| self.ranges[index].nth_bound(n, from_top))
+    }
+
     /// Records that an address is bound (found taken in the store, or loaded).
     pub fn mark_bound(&mut self, id: &str, value: u128) -> bool {
         let Some(&index) = self.by_id.get(id) else { return false };
         let state = &mut self.ranges[index];
-        if state.free.remove(value) {
-            return true;
-        }
-        if let Some(released_at) = state.quarantined_at.remove(&value) {
-            state.quarantine.remove(&(released_at, value));
-            return true;
-        }
-        false
+        state.free.remove(value) || state.quarantine_remove(value).is_some()
     }
 
     /// Puts a released address into quarantine (or straight back to free space when
@@ -218,8 +286,7 @@ impl Engine {
         if self.quarantine_duration == 0 {
             state.free.insert(value);
         } else {
-            state.quarantine.insert((now, value));
-            state.quarantined_at.insert(value, now);
+            state.quarantine_insert(value, now);
         }
     }
 
@@ -228,10 +295,7 @@ impl Engine {
         let Some(&index) = self.by_id.get(&allocation.range_id) else { return };
         let state = &mut self.ranges[index];
         match allocation.quarantined_since {
-            Some(released_at) => {
-                state.quarantine.insert((released_at, allocation.value));
-                state.quarantined_at.insert(allocation.value, released_at);
-            }
+            Some(released_at) => state.quarantine_insert(allocation.value, released_at),
             None => {
                 state.free.insert(allocation.value);
             }
@@ -248,8 +312,7 @@ impl Engine {
             if released_at.saturating_add(quarantine_duration) > now {
                 break;
             }
-            state.quarantine.pop_first();
-            state.quarantined_at.remove(&value);
+            state.quarantine_remove(value);
             state.free.insert(value);
         }
         let family = state.spec.range.family();
@@ -257,8 +320,8 @@ impl Engine {
         if let Some(value) = state.free.take_lowest() {
             return Ok(Allocation { range_id, family, value, quarantined_since: None, tier });
         }
-        let (released_at, value) = state.quarantine.pop_first().ok_or(AllocationError::Exhausted)?;
-        state.quarantined_at.remove(&value);
+        let &(released_at, value) = state.quarantine.first().ok_or(AllocationError::Exhausted)?;
+        state.quarantine_remove(value);
         Ok(Allocation { range_id, family, value, quarantined_since: Some(released_at), tier })
     }
 

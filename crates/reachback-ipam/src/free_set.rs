@@ -95,6 +95,11 @@ impl FreeSet {
         true
     }
 
+    /// The free intervals, ascending.
+    pub fn intervals(&self) -> impl DoubleEndedIterator<Item = (u128, u128)> + '_ {
+        self.intervals.iter().map(|(&start, &end)| (start, end))
+    }
+
     /// Every free address in ascending order (tests and small ranges only).
     pub fn iter(&self) -> impl Iterator<Item = u128> + '_ {
         self.intervals.iter().flat_map(|(&start, &end)| start..=end)

@@ -114,16 +114,22 @@ impl CertificateAuthority {
         crate::write_private_file(&data_dir.join("ca-key.pem"), private_key_pem)
     }
 
+    /// A fresh random certificate serial (positive, 16 bytes).
+    pub fn new_serial() -> [u8; 16] {
+        let mut serial = [0u8; 16];
+        let _ = ring::rand::SystemRandom::new().fill(&mut serial);
+        serial[0] &= 0x7f;
+        serial[0] |= 0x01;
+        serial
+    }
+
     /// Signs a client certificate for a device: CN is the device id, the hostname a DNS SAN.
-    pub fn sign_device(&self, key: &DevicePublicKey, device_id: &str, hostname: &str) -> anyhow::Result<(String, String)> {
+    pub fn sign_device(&self, key: &DevicePublicKey, device_id: &str, hostname: &str, serial: [u8; 16]) -> anyhow::Result<String> {
         let mut params = CertificateParams::new(vec![hostname.to_string()]).context("certificate names")?;
         let mut name = DistinguishedName::new();
         name.push(DnType::CommonName, device_id);
         name.push(DnType::OrganizationalUnitName, "device");
         params.distinguished_name = name;
-        let mut serial = [0u8; 16];
-        let _ = ring::rand::SystemRandom::new().fill(&mut serial);
-        serial[0] &= 0x7f;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -131,8 +137,7 @@ impl CertificateAuthority {
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::days(365);
         let certificate = params.signed_by(&key.spki, &self.issuer).context("signing the device certificate")?;
-        let serial_hex = serial.iter().map(|byte| format!("{byte:02x}")).collect();
-        Ok((certificate.pem(), serial_hex))
+        Ok(certificate.pem())
     }
 }
 
@@ -153,8 +158,7 @@ mod tests {
         let (ca_pem, ca_key) = CertificateAuthority::generate().unwrap();
         let ca = CertificateAuthority::load(&ca_pem, &ca_key).unwrap();
         let key = parse_public_key(&ed25519.public_key_pem()).unwrap();
-        let (pem, serial) = ca.sign_device(&key, "dev1", "alice.corp.example").unwrap();
+        let pem = ca.sign_device(&key, "dev1", "alice.corp.example", CertificateAuthority::new_serial()).unwrap();
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
-        assert_eq!(serial.len(), 32);
     }
 }

@@ -39,6 +39,7 @@ pub async fn run(state: std::sync::Weak<AppState>, mut queue: mpsc::Receiver<Enr
             let mut engine = state.engine.lock().await;
             state.store.enroll_batch(&jobs, &mut engine, quarantine).await
         };
+        state.metrics.enroll_batch_size.observe(jobs.len() as f64);
         tracing::trace!(size = jobs.len(), "enrollment batch written");
         match result {
             Ok(outcomes) => {

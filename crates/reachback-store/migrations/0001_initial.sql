@@ -1,5 +1,5 @@
--- Reachback schema, version 1. Written once for both backends: {BLOB}, {REAL} and
--- {BOOL} are replaced per backend before the script runs.
+-- Reachback schema, version 1. Written once for both backends: {BLOB}, {REAL},
+-- {BOOL} and {CLUSTERED} are replaced per backend before the script runs.
 CREATE TABLE admins (
     id TEXT PRIMARY KEY,
     username TEXT NOT NULL,
@@ -95,7 +95,7 @@ CREATE TABLE bindings (
     last_updated BIGINT NOT NULL,
     released_at BIGINT,
     CHECK ((device_id IS NULL) = (released_at IS NOT NULL))
-);
+){CLUSTERED};
 CREATE INDEX bindings_range ON bindings (range_id, ip_key);
 CREATE INDEX bindings_username ON bindings (username, ip_key);
 CREATE INDEX bindings_hostname ON bindings (client_hostname, ip_key);

@@ -58,7 +58,8 @@ pub struct BindingQuery {
 }
 
 impl BindingQuery {
-    fn only_range_filters(&self) -> bool {
+    /// Whether the query filters on nothing but the range name and location.
+    pub fn only_range_filters(&self) -> bool {
         self.ip_keys.is_none()
             && self.username.is_none()
             && self.platform.is_none()
@@ -105,7 +106,7 @@ fn contains_folded(haystack: Option<&str>, needle: &str) -> bool {
 
 impl Store {
     /// The ranges a bindings query may touch, or `None` when it does not filter on ranges.
-    async fn matching_range_ids(&self, query: &BindingQuery) -> Result<Option<Vec<RangeRow>>> {
+    pub async fn matching_range_ids(&self, query: &BindingQuery) -> Result<Option<Vec<RangeRow>>> {
         if query.range_name.is_none() && query.range_location.is_none() {
             return Ok(None);
         }
@@ -193,14 +194,19 @@ impl Store {
 
     /// One page of bindings and the matching total.
     pub async fn list_bindings(&self, query: &BindingQuery) -> Result<(Vec<BindingRow>, i64)> {
+        let items = self.binding_page(query).await?;
+        let total = self.count_bindings(query).await?;
+        Ok((items, total))
+    }
+
+    /// One page of bindings.
+    pub async fn binding_page(&self, query: &BindingQuery) -> Result<Vec<BindingRow>> {
         let Some((filter, _)) = self.binding_filter(query).await? else {
-            return Ok((Vec::new(), 0));
+            return Ok(Vec::new());
         };
         let sql = self.binding_select(&filter, query);
         let rows = filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql))).fetch_all(&self.pool).await?;
-        let items = rows.iter().map(binding_from_row).collect::<Result<Vec<_>>>()?;
-        let total = self.count_bindings(query).await?;
-        Ok((items, total))
+        rows.iter().map(binding_from_row).collect()
     }
 
     /// Every matching binding, streamed from the database in constant memory.

@@ -105,7 +105,7 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         connection
-                            .execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
+                            .execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; PRAGMA cache_size = -65536; PRAGMA mmap_size = 268435456; PRAGMA wal_autocheckpoint = 16384;")
                             .await?;
                     }
                     Ok(())
@@ -151,8 +151,8 @@ impl Store {
                 }
                 let script = match self.backend {
                     // sqlx's Any driver maps no SQLite BOOLEAN, so SQLite keeps flags as 0/1 integers
-                    Backend::Sqlite => script.replace("{BLOB}", "BLOB").replace("{REAL}", "REAL").replace("{BOOL}", "INTEGER"),
-                    Backend::Postgres => script.replace("{BLOB}", "BYTEA").replace("{REAL}", "DOUBLE PRECISION").replace("{BOOL}", "BOOLEAN"),
+                    Backend::Sqlite => script.replace("{BLOB}", "BLOB").replace("{REAL}", "REAL").replace("{BOOL}", "INTEGER").replace("{CLUSTERED}", " WITHOUT ROWID"),
+                    Backend::Postgres => script.replace("{BLOB}", "BYTEA").replace("{REAL}", "DOUBLE PRECISION").replace("{BOOL}", "BOOLEAN").replace("{CLUSTERED}", ""),
                 };
                 let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
                 sqlx::raw_sql(sqlx::AssertSqlSafe(script)).execute(&mut *transaction).await?;

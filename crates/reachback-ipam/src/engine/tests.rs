@@ -245,6 +245,11 @@ proptest! {
             let mut seen = BTreeSet::new();
             for (id, (spec, bound, _)) in &model.ranges {
                 prop_assert_eq!(engine.used(id), Some(bound.len() as u128));
+                for (n, &value) in bound.iter().enumerate() {
+                    prop_assert_eq!(engine.nth_bound(id, n as u128, false), Some(value));
+                    prop_assert_eq!(engine.nth_bound(id, n as u128, true), bound.iter().rev().nth(n).copied());
+                }
+                prop_assert_eq!(engine.nth_bound(id, bound.len() as u128, false), None);
                 for &value in bound {
                     prop_assert!(spec.range.is_assignable(spec.range.family(), value));
                     prop_assert!(seen.insert((spec.range.family(), value)));

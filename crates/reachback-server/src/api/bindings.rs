@@ -87,8 +87,51 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
     let query = QueryParams::parse(raw.as_deref(), &allowed)?;
     let paging = query.paging()?;
     let binding_query = binding_query(&query, Some(paging))?;
-    let (rows, total) = state.store.list_bindings(&binding_query).await?;
+    let total = state.store.count_bindings(&binding_query).await?;
+    let page_query = match seek(&state, &binding_query).await? {
+        Some(seeking) => seeking,
+        None => binding_query,
+    };
+    let rows = state.store.binding_page(&page_query).await?;
     Ok(list_json(rows.iter().map(binding_json).collect(), total, paging))
+}
+
+/// Deep pages in address order without skipping rows: on SQLite (one server
+/// process, so the engine's view equals the committed rows once its lock is held)
+/// the engine names the first address of the page and the query seeks to it.
+async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<BindingQuery>> {
+    const SEEK_FROM: i64 = 200;
+    if state.store.backend() != reachback_store::Backend::Sqlite || query.sort != BindingSort::Ip || query.offset < SEEK_FROM || !query.only_range_filters() {
+        return Ok(None);
+    }
+    let mut ranges = match state.store.matching_range_ids(query).await? {
+        Some(ranges) => ranges,
+        None => state.store.list_ranges().await?,
+    };
+    ranges.sort_by_key(|range| (range.range.family(), range.range.first()));
+    if query.descending {
+        ranges.reverse();
+    }
+    let engine = state.engine.lock().await;
+    let mut remaining = u128::try_from(query.offset).unwrap_or(0);
+    let mut start = None;
+    for range in &ranges {
+        let used = engine.used(&range.id).unwrap_or(0);
+        if remaining >= used {
+            remaining -= used;
+            continue;
+        }
+        start = engine.nth_bound(&range.id, remaining, query.descending).map(|value| address_key(range.range.family(), value));
+        break;
+    }
+    drop(engine);
+    let bounds = match (start, query.descending) {
+        // past the last binding: an empty page
+        (None, _) => ([0xff; 17], [0; 17]),
+        (Some(key), false) => (key, [0xff; 17]),
+        (Some(key), true) => ([0; 17], key),
+    };
+    Ok(Some(BindingQuery { ip_keys: Some(bounds), offset: 0, ..query.clone() }))
 }
 
 fn address_param(ip: &str) -> ApiResult<[u8; 17]> {

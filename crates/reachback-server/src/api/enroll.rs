@@ -4,11 +4,11 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use reachback_store::{EnrollFailure, EnrollJob, EnrollOutcome, new_id, now_micros};
+use reachback_store::{EnrollFailure, EnrollJob, new_id, now_micros};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::crypto::{hash_secret, parse_public_key};
+use crate::crypto::{CertificateAuthority, hash_secret, parse_public_key};
 use crate::error::{ApiError, ApiResult};
 use crate::request::{Fields, JsonObject};
 use crate::state::SharedState;
@@ -36,11 +36,6 @@ async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(Statu
     let secret = fields.string("enrollment_key", false).unwrap_or_default();
     if secret.is_empty() || secret.len() > 256 {
         return Err(ApiError::unauthorized("the enrollment key is missing or not valid"));
-    }
-    let now = now_micros();
-    let key = state.store.find_enrollment_key(&hash_secret(&secret)).await?.ok_or_else(|| ApiError::unauthorized("the enrollment key is not valid"))?;
-    if key.revoked || key.expires_at.is_some_and(|at| at <= now) {
-        return Err(ApiError::unauthorized("the enrollment key is revoked or expired"));
     }
     let settings = state.settings();
     let hostname = match fields.string("hostname", true).map(|name| validate::fqdn(name.trim())) {
@@ -79,69 +74,56 @@ async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(Statu
         }
         None => None,
     };
-    fields.finish()?;
+    if !fields.errors.is_empty() {
+        // authentication comes first: invalid values are reported only with a valid key
+        let key = state.store.find_enrollment_key(&hash_secret(&secret)).await?;
+        if key.is_none_or(|key| key.revoked || key.expires_at.is_some_and(|at| at <= now_micros())) {
+            return Err(ApiError::unauthorized("the enrollment key is not valid"));
+        }
+        fields.finish()?;
+    }
     let (Some(hostname), Some(platform), Some(public_key)) = (hostname, platform, public_key) else {
         return Err(ApiError::invalid_field("request", "is incomplete"));
     };
-
-    let existing = state.store.find_device_by_hostname(&hostname).await?;
-    let (status, device_id, rebind, binding) = match existing {
-        Some(device) if device.public_key_fingerprint == public_key.fingerprint && device.username == key.username => {
-            let binding = state.store.binding_of_device(&device.id).await?;
-            (StatusCode::OK, device.id, binding.is_none(), binding)
-        }
-        Some(_) => return Err(ApiError::conflict(format!("the hostname {hostname} is held by another device"))),
-        None => {
-            if !key.usable(now) {
-                return Err(ApiError::unauthorized("the enrollment key has been used"));
-            }
-            (StatusCode::CREATED, new_id(), true, None)
+    let serial = CertificateAuthority::new_serial();
+    let job = EnrollJob {
+        key_hash: hash_secret(&secret),
+        new_device_id: new_id(),
+        hostname: hostname.clone(),
+        platform,
+        public_key_fingerprint: public_key.fingerprint.clone(),
+        certificate_serial: serial.iter().map(|byte| format!("{byte:02x}")).collect(),
+        location,
+    };
+    let (reply, receiver) = oneshot::channel();
+    state.enroll_tx.send(EnrollRequest { job, reply }).await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+    let written = receiver.await.map_err(|_| ApiError::unavailable("the server is shutting down"))??;
+    let outcome = match written {
+        Ok(outcome) => outcome,
+        Err(EnrollFailure::UnknownKey) => return Err(ApiError::unauthorized("the enrollment key is not valid")),
+        Err(EnrollFailure::KeyRevokedOrExpired) => return Err(ApiError::unauthorized("the enrollment key is revoked or expired")),
+        Err(EnrollFailure::KeySpent) => return Err(ApiError::unauthorized("the enrollment key has been used")),
+        Err(EnrollFailure::HostnameTaken) => return Err(ApiError::conflict(format!("the hostname {hostname} is held by another device"))),
+        Err(EnrollFailure::Exhausted) => {
+            state.metrics.allocation_failures.inc();
+            tracing::warn!("enrollment refused: every enabled range is full");
+            let _ = state
+                .store
+                .record_audit(reachback_store::AuditEntry {
+                    actor: "system".into(),
+                    action: "allocation_failed".into(),
+                    resource_type: "ip_binding".into(),
+                    resource_id: hostname.clone(),
+                    after: Some(json!({"reason": "no free address in any enabled range"})),
+                    ..Default::default()
+                })
+                .await;
+            return Err(ApiError::conflict("no free address is left in any enabled range; add or enable a range"));
         }
     };
-    let (certificate, serial) = state.ca.sign_device(&public_key, &device_id, &hostname).map_err(ApiError::internal)?;
-    let outcome = match binding {
-        Some(binding) => EnrollOutcome { device_id: device_id.clone(), virtual_ip: binding.ip, range_id: binding.range_id, range_name: binding.range_name },
-        None => {
-            let job = EnrollJob {
-                device_id: device_id.clone(),
-                hostname: hostname.clone(),
-                username: key.username.clone(),
-                platform,
-                public_key_fingerprint: public_key.fingerprint.clone(),
-                certificate_serial: serial,
-                enrollment_key_id: key.id.clone(),
-                key_reusable: key.reusable,
-                location,
-                rebind: status == StatusCode::OK && rebind,
-            };
-            let (reply, receiver) = oneshot::channel();
-            state.enroll_tx.send(EnrollRequest { job, reply }).await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
-            let written = receiver.await.map_err(|_| ApiError::unavailable("the server is shutting down"))??;
-            match written {
-                Ok(outcome) => outcome,
-                Err(EnrollFailure::KeyUnusable) => return Err(ApiError::unauthorized("the enrollment key has been used")),
-                Err(EnrollFailure::HostnameTaken) => return Err(ApiError::conflict(format!("the hostname {hostname} is held by another device"))),
-                Err(EnrollFailure::DeviceGone) => return Err(ApiError::conflict("the device was deleted while enrolling; enroll again")),
-                Err(EnrollFailure::Exhausted) => {
-                    state.metrics.allocation_failures.inc();
-                    tracing::warn!("enrollment refused: every enabled range is full");
-                    let _ = state
-                        .store
-                        .record_audit(reachback_store::AuditEntry {
-                            actor: "system".into(),
-                            action: "allocation_failed".into(),
-                            resource_type: "ip_binding".into(),
-                            resource_id: device_id.clone(),
-                            after: Some(json!({"reason": "no free address in any enabled range"})),
-                            ..Default::default()
-                        })
-                        .await;
-                    return Err(ApiError::conflict("no free address is left in any enabled range; add or enable a range"));
-                }
-            }
-        }
-    };
+    let certificate = state.ca.sign_device(&public_key, &outcome.device_id, &hostname, serial).map_err(ApiError::internal)?;
     tracing::debug!(device_id = %outcome.device_id, hostname = %hostname, virtual_ip = %outcome.virtual_ip, "device enrolled");
+    let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((
         status,
         json!({

@@ -1,0 +1,246 @@
+//! Control-plane benchmark against a running `reachback server` (release build):
+//! enrollments per second over HTTP, bindings listing latency, CSV export time and
+//! memory, and start-up time, all with 1,000,000 bindings. Prints figures.
+//!
+//!   cargo bench -p reachback --bench control_plane                      # SQLite
+//!   REACHBACK_BENCH_POSTGRES=postgres://postgres@127.0.0.1:5432/test \
+//!     cargo bench -p reachback --bench control_plane                    # and PostgreSQL
+//!
+//! REACHBACK_BENCH_BINDINGS (default 1000000) sets the number of bindings.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_reachback");
+const TOKEN: &str = "rbk_bench_bootstrap_token_0123456789";
+const CONNECTIONS: usize = 64;
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(data_dir: &std::path::Path, database: Option<&str>) -> (Server, f64) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let mut command = Command::new(BIN);
+        command.args(["server", "--listen", &format!("127.0.0.1:{port}"), "--bootstrap-token", TOKEN, "--data-dir"]).arg(data_dir).env("RUST_LOG", "warn").stdout(Stdio::null());
+        if let Some(database) = database {
+            command.args(["--database", database]);
+        }
+        let started = Instant::now();
+        let child = command.spawn().expect("server");
+        let server = Server { child, port };
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(120), "server did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (server, started.elapsed().as_secs_f64())
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn rss_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status.lines().find(|line| line.starts_with(field)).and_then(|line| line.split_whitespace().nth(1)).and_then(|value| value.parse().ok()).unwrap_or(0)
+    }
+
+    fn reset_peak(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn api(method: &str, url: &str, body: Option<Value>) -> Value {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(600))).build().into();
+    let builder = ureq::http::Request::builder().method(method).uri(url).header("Authorization", format!("Bearer {TOKEN}"));
+    let mut reply = match body {
+        Some(body) => agent.run(builder.header("Content-Type", "application/json").body(body.to_string()).expect("request")),
+        None => agent.run(builder.body(()).expect("request")),
+    }
+    .expect("request");
+    let text = reply.body_mut().with_config().limit(u64::MAX).read_to_string().unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+/// Sends `total` enrollments over `CONNECTIONS` keep-alive connections; returns (seconds, successes).
+async fn enroll_load(port: u16, key: &str, public_key: &str, offset: usize, total: usize) -> (f64, usize) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let created = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (next, created, key, public_key) = (next.clone(), created.clone(), key.to_string(), public_key.to_string());
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+            stream.set_nodelay(true).expect("nodelay");
+            let (reader, mut writer) = stream.into_split();
+            let mut reader = BufReader::new(reader);
+            let mut line = String::new();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= total {
+                    return;
+                }
+                let body = json!({"enrollment_key": key, "hostname": format!("d{}.bench.example", offset + index), "platform": "linux", "public_key": public_key}).to_string();
+                let request = format!("POST /api/v1/enroll HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                writer.write_all(request.as_bytes()).await.expect("write");
+                line.clear();
+                reader.read_line(&mut line).await.expect("status line");
+                if line.contains(" 201 ") {
+                    created.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut length = 0usize;
+                loop {
+                    line.clear();
+                    reader.read_line(&mut line).await.expect("header");
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; length];
+                reader.read_exact(&mut body).await.expect("body");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    (started.elapsed().as_secs_f64(), created.load(Ordering::Relaxed))
+}
+
+fn agent_text(url: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    agent.get(url).call().ok().and_then(|mut reply| reply.body_mut().read_to_string().ok()).unwrap_or_default()
+}
+
+fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * fraction).round() as usize]
+}
+
+fn run(label: &str, database: Option<String>, bindings: usize) {
+    let data_dir = std::env::temp_dir().join(format!("reachback_bench_{}_{label}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let (server, _) = Server::start(&data_dir, database.as_deref());
+    api("POST", &server.url("/api/v1/ip-ranges"), Some(json!({"name": "Bench", "range": "100.64.0.0/10", "location": {"country": "FR"}})));
+    for index in 0..199u32 {
+        let range = format!("fd00:{index:x}::/64");
+        api("POST", &server.url("/api/v1/ip-ranges"), Some(json!({"name": format!("extra {index:03}"), "range": range, "location": {"country": "JP"}})));
+    }
+    let key = api("POST", &server.url("/api/v1/enrollment-keys"), Some(json!({"username": "bench@corp.example", "reusable": true})))["key"].as_str().expect("key").to_string();
+    let public_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    println!("== {label} ==");
+
+    // enrollment rate: several timed rounds on the growing store, median reported
+    let mut rates = Vec::new();
+    let mut done = 0usize;
+    let round = 20_000.min(bindings);
+    while done < bindings {
+        let count = round.min(bindings - done);
+        let (seconds, created) = runtime.block_on(enroll_load(server.port, &key, &public_key, done, count));
+        assert_eq!(created, count, "every enrollment succeeds");
+        rates.push(count as f64 / seconds);
+        done += count;
+        if rates.len() <= 5 || done % 200_000 == 0 {
+            println!("  enrolled {done:>8}: {:.0} enrollments/s this round", count as f64 / seconds);
+        }
+    }
+    let mut sorted = rates.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!("  enrollments/s over HTTP ({CONNECTIONS} connections, {} rounds of {round}): median {:.0}, min {:.0}, max {:.0}", rates.len(), percentile(&sorted, 0.5), sorted[0], sorted[sorted.len() - 1]);
+
+    let metrics = agent_text(&server.url("/metrics"));
+    let sum: f64 = metrics.lines().find(|line| line.starts_with("reachback_enroll_batch_size_sum")).and_then(|line| line.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let count: f64 = metrics.lines().find(|line| line.starts_with("reachback_enroll_batch_size_count")).and_then(|line| line.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    println!("  mean enrollments per write transaction: {:.1}", sum / count.max(1.0));
+
+    // bindings listing latency with 1M bindings: filtered, sorted, deep pages
+    let queries = [
+        "/api/v1/ip-bindings?page=1&page_size=50",
+        "/api/v1/ip-bindings?sort=-ip&page=1000&page_size=50",
+        "/api/v1/ip-bindings?page=19999&page_size=50",
+        "/api/v1/ip-bindings?range_name=bench&sort=ip&page=5000&page_size=100",
+        "/api/v1/ip-bindings?ip=100.64.128.0/17&sort=ip&page=300&page_size=50",
+        "/api/v1/ip-bindings?client_hostname=d99999&page=1&page_size=50",
+        "/api/v1/ip-bindings?sort=client_hostname&page=10000&page_size=50",
+    ];
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    for query in queries {
+        let mut latencies = Vec::new();
+        for _ in 0..30 {
+            let started = Instant::now();
+            let mut reply = agent.get(&server.url(query)).header("Authorization", format!("Bearer {TOKEN}")).call().expect("list");
+            let _ = reply.body_mut().read_to_string();
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        latencies.sort_by(f64::total_cmp);
+        println!("  GET {query}: p50 {:.1} ms, p99 {:.1} ms", percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    }
+
+    // CSV export of every binding: time and memory growth of the server
+    server.reset_peak();
+    let rss_before = server.rss_kib("VmRSS:");
+    let started = Instant::now();
+    let mut reply = agent.get(&server.url("/api/v1/ip-bindings/export.csv")).header("Authorization", format!("Bearer {TOKEN}")).call().expect("export");
+    let mut reader = reply.body_mut().as_reader();
+    let (mut bytes, mut lines) = (0usize, 0usize);
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = std::io::Read::read(&mut reader, &mut buffer).expect("read");
+        if read == 0 {
+            break;
+        }
+        bytes += read;
+        lines += buffer[..read].iter().filter(|&&b| b == b'\n').count();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = server.rss_kib("VmHWM:");
+    println!("  CSV export: {} rows, {:.1} MB in {seconds:.2} s; server RSS {:.1} MB before, peak {:.1} MB during (growth {:.1} MB)", lines - 1, bytes as f64 / 1e6, rss_before as f64 / 1024.0, peak as f64 / 1024.0, (peak.saturating_sub(rss_before)) as f64 / 1024.0);
+
+    // start-up with the bindings in the store
+    drop(server);
+    let mut startups = Vec::new();
+    for _ in 0..3 {
+        let (server, seconds) = Server::start(&data_dir, database.as_deref());
+        startups.push(seconds);
+        println!("  start-up to listening: {seconds:.2} s (RSS {:.1} MB)", server.rss_kib("VmRSS:") as f64 / 1024.0);
+    }
+    startups.sort_by(f64::total_cmp);
+    println!("  start-up median: {:.2} s", startups[1]);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+fn main() {
+    let bindings: usize = std::env::var("REACHBACK_BENCH_BINDINGS").ok().and_then(|value| value.parse().ok()).unwrap_or(1_000_000);
+    if std::env::args().any(|arg| arg == "--list" || arg == "--test") {
+        return;
+    }
+    if std::env::var("REACHBACK_BENCH_SKIP_SQLITE").is_err() {
+        run("sqlite", None, bindings);
+    }
+    if let Ok(admin_url) = std::env::var("REACHBACK_BENCH_POSTGRES") {
+        let name = format!("reachback_bench_{}", std::process::id());
+        let status = Command::new("psql").args([admin_url.as_str(), "-qc", &format!("CREATE DATABASE {name}")]).status().expect("psql");
+        assert!(status.success(), "cannot create the benchmark database");
+        let base = admin_url.rsplit_once('/').map(|(base, _)| base.to_string()).unwrap_or(admin_url.clone());
+        run("postgres", Some(format!("{base}/{name}")), bindings);
+        let _ = Command::new("psql").args([admin_url.as_str(), "-qc", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")]).status();
+    }
+}
