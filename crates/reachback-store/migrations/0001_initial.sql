@@ -80,6 +80,7 @@ CREATE TABLE devices (
     last_seen BIGINT NOT NULL
 );
 CREATE INDEX devices_username ON devices (username);
+CREATE INDEX devices_last_seen ON devices (last_seen);
 
 -- One row per address that is bound (device_id set) or in release quarantine
 -- (device_id NULL, released_at set). The primary key is the last word: no

@@ -149,7 +149,7 @@ pub(crate) fn async_stream<T: Send + 'static>(
     filter: Filter,
     map: fn(&AnyRow) -> Result<T>,
 ) -> BoxStream<'static, Result<T>> {
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<T>>(256);
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<T>>(4096);
     tokio::spawn(async move {
         let mut connection = match pool.acquire().await {
             Ok(connection) => connection,

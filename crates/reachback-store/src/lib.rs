@@ -79,6 +79,7 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     write_gate: Arc<tokio::sync::Mutex<()>>,
+    export_chunk: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
@@ -105,7 +106,7 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         connection
-                            .execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; PRAGMA cache_size = -65536; PRAGMA mmap_size = 268435456; PRAGMA wal_autocheckpoint = 16384;")
+                            .execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; PRAGMA cache_size = -16384; PRAGMA wal_autocheckpoint = 16384;")
                             .await?;
                     }
                     Ok(())
@@ -113,9 +114,14 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        let store = Store { pool, backend, write_gate: Arc::new(tokio::sync::Mutex::new(())) };
+        let store = Store { pool, backend, write_gate: Arc::new(tokio::sync::Mutex::new(())), export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)) };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Rows per round trip of a streamed export (5,000; tests lower it to cross chunk borders).
+    pub fn set_export_chunk(&self, rows: usize) {
+        self.export_chunk.store(rows.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn backend(&self) -> Backend {
@@ -244,6 +250,7 @@ pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
 }
 
 /// A small builder for dynamic WHERE clauses with numbered parameters.
+#[derive(Clone)]
 pub(crate) struct Filter {
     clauses: Vec<String>,
     values: Vec<FilterValue>,

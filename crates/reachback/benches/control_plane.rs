@@ -6,7 +6,8 @@
 //!   REACHBACK_BENCH_POSTGRES=postgres://postgres@127.0.0.1:5432/test \
 //!     cargo bench -p reachback --bench control_plane                    # and PostgreSQL
 //!
-//! REACHBACK_BENCH_BINDINGS (default 1000000) sets the number of bindings.
+//! REACHBACK_BENCH_BINDINGS (default 1000000) sets the number of bindings;
+//! REACHBACK_BENCH_KEEP keeps the SQLite data directory in the temp folder.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -135,7 +136,8 @@ fn percentile(sorted: &[f64], fraction: f64) -> f64 {
 }
 
 fn run(label: &str, database: Option<String>, bindings: usize) {
-    let data_dir = std::env::temp_dir().join(format!("reachback_bench_{}_{label}", std::process::id()));
+    let keep = std::env::var("REACHBACK_BENCH_KEEP").is_ok();
+    let data_dir = std::env::temp_dir().join(if keep { format!("reachback_bench_{label}") } else { format!("reachback_bench_{}_{label}", std::process::id()) });
     let _ = std::fs::remove_dir_all(&data_dir);
     let (server, _) = Server::start(&data_dir, database.as_deref());
     api("POST", &server.url("/api/v1/ip-ranges"), Some(json!({"name": "Bench", "range": "100.64.0.0/10", "location": {"country": "FR"}})));
@@ -224,7 +226,9 @@ fn run(label: &str, database: Option<String>, bindings: usize) {
     }
     startups.sort_by(f64::total_cmp);
     println!("  start-up median: {:.2} s", startups[1]);
-    let _ = std::fs::remove_dir_all(&data_dir);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
 }
 
 fn main() {

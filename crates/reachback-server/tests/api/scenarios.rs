@@ -24,6 +24,7 @@ on_both_backends!(
     hostile_input,
     restart_keeps_bindings_sticky,
     deep_pages_match_row_by_row_order,
+    export_order_across_chunks,
 );
 
 fn public_key() -> String {
@@ -612,4 +613,29 @@ async fn deep_pages_match_row_by_row_order(server: TestServer) {
         let skipping = server.get(&format!("/api/v1/ip-bindings?sort={sort}&page=3&page_size=100&range_name=a&updated_after=2000-01-01T00:00:00Z")).await.json();
         assert_eq!(ips(seeking), ips(skipping));
     }
+}
+
+async fn export_order_across_chunks(server: TestServer) {
+    create_range(&server, json!({"name": "Zulu", "range": "100.64.0.0/28"})).await;
+    create_range(&server, json!({"name": "alpha", "range": "100.65.0.0/28"})).await;
+    create_range(&server, json!({"name": "Six", "range": "fd00::/124"})).await;
+    let keys = [create_key(&server, "carol", true).await, create_key(&server, "=bob", true).await, create_key(&server, "alice", true).await];
+    for index in 0..31 {
+        let reply = enroll(&server, &keys[index % 3], &format!("h{:02}.corp.example", (index * 7) % 31), &public_key(), Value::Null).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    }
+    server.state.as_ref().expect("state").store.set_export_chunk(4);
+    for sort in ["ip", "-ip", "username", "-username", "client_hostname", "-last_updated", "range_name", "-range_name", "platform"] {
+        let listed: Vec<String> = server.get(&format!("/api/v1/ip-bindings?sort={sort}&page_size=1000")).await.json()["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|item| item["ip"].as_str().expect("ip").to_string())
+            .collect();
+        let csv = server.get(&format!("/api/v1/ip-bindings/export.csv?sort={sort}")).await.text();
+        let exported: Vec<String> = csv.lines().skip(1).map(|line| line.split(',').next().expect("ip").to_string()).collect();
+        assert_eq!(exported, listed, "sort={sort}");
+    }
+    let filtered = server.get("/api/v1/ip-bindings/export.csv?username=alice&sort=-ip").await.text();
+    assert_eq!(filtered.lines().count(), 1 + 10);
 }
