@@ -92,6 +92,7 @@ pub struct Metrics {
     pub range_total: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
     pub bindings: Gauge,
     pub enroll_batch_size: Histogram,
+    pub enroll_batch_seconds: Histogram,
 }
 
 impl Metrics {
@@ -105,6 +106,7 @@ impl Metrics {
         let range_total = Family::default();
         let bindings = Gauge::default();
         let enroll_batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]);
+        let enroll_batch_seconds = latency_histogram();
         registry.register("enrollments", "Enrollment requests by result", enrollments.clone());
         registry.register("allocation_failures", "Enrollments refused because no address was free", allocation_failures.clone());
         registry.register("http_requests", "HTTP requests by method, route and status", http_requests.clone());
@@ -113,7 +115,8 @@ impl Metrics {
         registry.register("range_total_ips", "Assignable addresses per range", range_total.clone());
         registry.register("bindings", "Bound addresses in all ranges", bindings.clone());
         registry.register("enroll_batch_size", "Enrollments written per transaction", enroll_batch_size.clone());
-        Metrics { registry, enrollments, allocation_failures, http_requests, http_duration, range_used, range_total, bindings, enroll_batch_size }
+        registry.register("enroll_batch_duration_seconds", "Time to write one enrollment transaction", enroll_batch_seconds.clone());
+        Metrics { registry, enrollments, allocation_failures, http_requests, http_duration, range_used, range_total, bindings, enroll_batch_size, enroll_batch_seconds }
     }
 
     pub fn count_enrollment(&self, result: &str) {

@@ -35,11 +35,13 @@ pub async fn run(state: std::sync::Weak<AppState>, mut queue: mpsc::Receiver<Enr
         };
         let jobs: Vec<EnrollJob> = batch.iter().map(|request| request.job.clone()).collect();
         let quarantine = state.settings().quarantine_micros();
+        let started = std::time::Instant::now();
         let result = {
             let mut engine = state.engine.lock().await;
             state.store.enroll_batch(&jobs, &mut engine, quarantine).await
         };
         state.metrics.enroll_batch_size.observe(jobs.len() as f64);
+        state.metrics.enroll_batch_seconds.observe(started.elapsed().as_secs_f64());
         tracing::trace!(size = jobs.len(), "enrollment batch written");
         match result {
             Ok(outcomes) => {

@@ -95,7 +95,8 @@ CREATE TABLE bindings (
     client_hostname TEXT,
     last_updated BIGINT NOT NULL,
     released_at BIGINT,
-    CHECK ((device_id IS NULL) = (released_at IS NOT NULL))
+    CHECK ((device_id IS NULL) = (released_at IS NOT NULL)),
+    CHECK ((device_id IS NULL) = (username IS NULL) AND (device_id IS NULL) = (platform IS NULL) AND (device_id IS NULL) = (client_hostname IS NULL))
 ){CLUSTERED};
 CREATE INDEX bindings_range ON bindings (range_id, ip_key);
 CREATE INDEX bindings_username ON bindings (username, ip_key);

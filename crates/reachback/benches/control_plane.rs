@@ -152,6 +152,7 @@ fn run(label: &str, database: Option<String>, bindings: usize) {
 
     // enrollment rate: several timed rounds on the growing store, median reported
     let mut rates = Vec::new();
+    let mut enroll_seconds = 0.0;
     let mut done = 0usize;
     let round = 20_000.min(bindings);
     while done < bindings {
@@ -159,6 +160,7 @@ fn run(label: &str, database: Option<String>, bindings: usize) {
         let (seconds, created) = runtime.block_on(enroll_load(server.port, &key, &public_key, done, count));
         assert_eq!(created, count, "every enrollment succeeds");
         rates.push(count as f64 / seconds);
+        enroll_seconds += seconds;
         done += count;
         if rates.len() <= 5 || done % 200_000 == 0 {
             println!("  enrolled {done:>8}: {:.0} enrollments/s this round", count as f64 / seconds);
@@ -171,7 +173,8 @@ fn run(label: &str, database: Option<String>, bindings: usize) {
     let metrics = agent_text(&server.url("/metrics"));
     let sum: f64 = metrics.lines().find(|line| line.starts_with("reachback_enroll_batch_size_sum")).and_then(|line| line.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let count: f64 = metrics.lines().find(|line| line.starts_with("reachback_enroll_batch_size_count")).and_then(|line| line.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(1.0);
-    println!("  mean enrollments per write transaction: {:.1}", sum / count.max(1.0));
+    let seconds: f64 = metrics.lines().find(|line| line.starts_with("reachback_enroll_batch_duration_seconds_sum")).and_then(|line| line.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    println!("  mean enrollments per write transaction: {:.1}; mean transaction time {:.2} ms; writer busy {:.0}% of the enrollment time", sum / count.max(1.0), seconds / count.max(1.0) * 1000.0, seconds / enroll_seconds * 100.0);
 
     // bindings listing latency with 1M bindings: filtered, sorted, deep pages
     let queries = [

@@ -610,6 +610,18 @@ async fn deep_pages_match_row_by_row_order(server: TestServer) {
             assert_eq!(seeking["total"], 416);
         }
         let seeking = server.get(&format!("/api/v1/ip-bindings?sort={sort}&page=3&page_size=100&range_name=a")).await.json();
+        let store = &server.state.as_ref().expect("state").store;
+        store.set_export_chunk(1);
+        for range in store.list_ranges().await.expect("ranges") {
+            let (mut chunked, mut chunked_quarantine) = store.range_addresses(&range.id).await.expect("chunked");
+            let (mut by_row, mut by_row_quarantine) = store.range_addresses_by_row(&range.id).await.expect("rows");
+            chunked.sort();
+            by_row.sort();
+            chunked_quarantine.sort();
+            by_row_quarantine.sort();
+            assert_eq!((chunked.len() > 20, &chunked, &chunked_quarantine), (true, &by_row, &by_row_quarantine), "{}", range.name);
+        }
+        store.set_export_chunk(5000);
         let skipping = server.get(&format!("/api/v1/ip-bindings?sort={sort}&page=3&page_size=100&range_name=a&updated_after=2000-01-01T00:00:00Z")).await.json();
         assert_eq!(ips(seeking), ips(skipping));
     }
