@@ -83,10 +83,13 @@ enum Plan {
 const MAX_ADDRESS_TRIES: usize = 64;
 const INSERT_CHUNK: usize = 500;
 
-fn placeholders(rows: usize, columns: usize, first: usize) -> String {
+/// Numbered parameters for a multi-row statement. SQLite gets `?N`: it resolves `$N`
+/// as a named parameter with a linear search per occurrence, quadratic in a
+/// statement with thousands of them.
+fn placeholders(mark: char, rows: usize, columns: usize, first: usize) -> String {
     (0..rows)
         .map(|row| {
-            let cells: Vec<String> = (0..columns).map(|column| format!("${}", first + row * columns + column)).collect();
+            let cells: Vec<String> = (0..columns).map(|column| format!("{mark}{}", first + row * columns + column)).collect();
             format!("({})", cells.join(", "))
         })
         .collect::<Vec<_>>()
@@ -117,12 +120,17 @@ impl Store {
     ) -> Result<Vec<Result<EnrollOutcome, EnrollFailure>>> {
         let mut tx = self.write().await?;
         let now = now_micros();
+        let mark = match self.backend {
+            crate::Backend::Sqlite => '?',
+            crate::Backend::Postgres => '$',
+        };
+        let list = |count: usize, first: usize| (first..first + count).map(|index| format!("{mark}{index}")).collect::<Vec<_>>().join(", ");
 
         // 1. the keys of the batch
         let hashes: Vec<&Vec<u8>> = jobs.iter().map(|job| &job.key_hash).collect::<HashSet<_>>().into_iter().collect();
         let sql = format!(
             "SELECT id, key_hash, username, reusable, expires_at, used_count, revoked FROM enrollment_keys WHERE key_hash IN ({})",
-            (1..=hashes.len()).map(|index| format!("${index}")).collect::<Vec<_>>().join(", ")
+            list(hashes.len(), 1)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for hash in &hashes {
@@ -150,7 +158,7 @@ impl Store {
         let sql = format!(
             "SELECT d.id, d.hostname_key, d.username, d.public_key_fingerprint, b.ip, b.range_id, r.name AS range_name \
              FROM devices d LEFT JOIN bindings b ON b.device_id = d.id LEFT JOIN ip_ranges r ON r.id = b.range_id WHERE d.hostname_key IN ({})",
-            (1..=hostnames.len()).map(|index| format!("${index}")).collect::<Vec<_>>().join(", ")
+            list(hostnames.len(), 1)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for hostname in &hostnames {
@@ -231,7 +239,7 @@ impl Store {
             let sql = format!(
                 "INSERT INTO devices (id, hostname, hostname_key, username, platform, public_key_fingerprint, certificate_serial, enrollment_key_id, city, state, country, latitude, longitude, created_at, last_seen) \
                  VALUES {} ON CONFLICT DO NOTHING RETURNING id",
-                placeholders(chunk.len(), 15, 1)
+                placeholders(mark, chunk.len(), 15, 1)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for &index in chunk {
@@ -302,8 +310,8 @@ impl Store {
                      ON CONFLICT (ip_key) DO UPDATE SET ip = excluded.ip, range_id = excluded.range_id, device_id = excluded.device_id, \
                      username = excluded.username, platform = excluded.platform, client_hostname = excluded.client_hostname, \
                      last_updated = excluded.last_updated, released_at = NULL \
-                     WHERE bindings.device_id IS NULL AND bindings.released_at <= $1 RETURNING ip_key",
-                    placeholders(chunk.len(), 8, 2)
+                     WHERE bindings.device_id IS NULL AND bindings.released_at <= {mark}1 RETURNING ip_key",
+                    placeholders(mark, chunk.len(), 8, 2)
                 );
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(reuse);
                 for (index, allocation) in chunk.iter().copied() {
@@ -374,7 +382,7 @@ impl Store {
         seen_devices.sort();
         seen_devices.dedup();
         for chunk in seen_devices.chunks(INSERT_CHUNK) {
-            let sql = format!("UPDATE devices SET last_seen = $1 WHERE id IN ({})", (2..chunk.len() + 2).map(|index| format!("${index}")).collect::<Vec<_>>().join(", "));
+            let sql = format!("UPDATE devices SET last_seen = {mark}1 WHERE id IN ({})", list(chunk.len(), 2));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
             for id in chunk {
                 query = query.bind(id.as_str());

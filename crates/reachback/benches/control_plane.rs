@@ -7,7 +7,8 @@
 //!     cargo bench -p reachback --bench control_plane                    # and PostgreSQL
 //!
 //! REACHBACK_BENCH_BINDINGS (default 1000000) sets the number of bindings;
-//! REACHBACK_BENCH_KEEP keeps the SQLite data directory in the temp folder.
+//! REACHBACK_BENCH_KEEP keeps the SQLite data directory in the temp folder;
+//! REACHBACK_BENCH_CONNECTIONS (default 64) sets the concurrent enrollment connections.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -19,7 +20,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_reachback");
 const TOKEN: &str = "rbk_bench_bootstrap_token_0123456789";
-const CONNECTIONS: usize = 64;
 
 struct Server {
     child: Child,
@@ -78,12 +78,12 @@ fn api(method: &str, url: &str, body: Option<Value>) -> Value {
 }
 
 /// Sends `total` enrollments over `CONNECTIONS` keep-alive connections; returns (seconds, successes).
-async fn enroll_load(port: u16, key: &str, public_key: &str, offset: usize, total: usize) -> (f64, usize) {
+async fn enroll_load(port: u16, key: &str, public_key: &str, offset: usize, total: usize, connections: usize) -> (f64, usize) {
     let next = Arc::new(AtomicUsize::new(0));
     let created = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for _ in 0..connections {
         let (next, created, key, public_key) = (next.clone(), created.clone(), key.to_string(), public_key.to_string());
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
@@ -135,7 +135,7 @@ fn percentile(sorted: &[f64], fraction: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * fraction).round() as usize]
 }
 
-fn run(label: &str, database: Option<String>, bindings: usize) {
+fn run(label: &str, database: Option<String>, bindings: usize, connections: usize) {
     let keep = std::env::var("REACHBACK_BENCH_KEEP").is_ok();
     let data_dir = std::env::temp_dir().join(if keep { format!("reachback_bench_{label}") } else { format!("reachback_bench_{}_{label}", std::process::id()) });
     let _ = std::fs::remove_dir_all(&data_dir);
@@ -157,7 +157,7 @@ fn run(label: &str, database: Option<String>, bindings: usize) {
     let round = 20_000.min(bindings);
     while done < bindings {
         let count = round.min(bindings - done);
-        let (seconds, created) = runtime.block_on(enroll_load(server.port, &key, &public_key, done, count));
+        let (seconds, created) = runtime.block_on(enroll_load(server.port, &key, &public_key, done, count, connections));
         assert_eq!(created, count, "every enrollment succeeds");
         rates.push(count as f64 / seconds);
         enroll_seconds += seconds;
@@ -168,7 +168,7 @@ fn run(label: &str, database: Option<String>, bindings: usize) {
     }
     let mut sorted = rates.clone();
     sorted.sort_by(f64::total_cmp);
-    println!("  enrollments/s over HTTP ({CONNECTIONS} connections, {} rounds of {round}): median {:.0}, min {:.0}, max {:.0}", rates.len(), percentile(&sorted, 0.5), sorted[0], sorted[sorted.len() - 1]);
+    println!("  enrollments/s over HTTP ({connections} connections, {} rounds of {round}): median {:.0}, min {:.0}, max {:.0}", rates.len(), percentile(&sorted, 0.5), sorted[0], sorted[sorted.len() - 1]);
 
     let metrics = agent_text(&server.url("/metrics"));
     let sum: f64 = metrics.lines().find(|line| line.starts_with("reachback_enroll_batch_size_sum")).and_then(|line| line.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
@@ -239,15 +239,16 @@ fn main() {
     if std::env::args().any(|arg| arg == "--list" || arg == "--test") {
         return;
     }
+    let connections: usize = std::env::var("REACHBACK_BENCH_CONNECTIONS").ok().and_then(|value| value.parse().ok()).unwrap_or(64);
     if std::env::var("REACHBACK_BENCH_SKIP_SQLITE").is_err() {
-        run("sqlite", None, bindings);
+        run("sqlite", None, bindings, connections);
     }
     if let Ok(admin_url) = std::env::var("REACHBACK_BENCH_POSTGRES") {
         let name = format!("reachback_bench_{}", std::process::id());
         let status = Command::new("psql").args([admin_url.as_str(), "-qc", &format!("CREATE DATABASE {name}")]).status().expect("psql");
         assert!(status.success(), "cannot create the benchmark database");
         let base = admin_url.rsplit_once('/').map(|(base, _)| base.to_string()).unwrap_or(admin_url.clone());
-        run("postgres", Some(format!("{base}/{name}")), bindings);
+        run("postgres", Some(format!("{base}/{name}")), bindings, connections);
         let _ = Command::new("psql").args([admin_url.as_str(), "-qc", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")]).status();
     }
 }
