@@ -83,13 +83,14 @@ enum Plan {
 const MAX_ADDRESS_TRIES: usize = 64;
 const INSERT_CHUNK: usize = 500;
 
-/// Numbered parameters for a multi-row statement. SQLite gets `?N`: it resolves `$N`
-/// as a named parameter with a linear search per occurrence, quadratic in a
+/// Parameters for a multi-row statement: `$N` on PostgreSQL, anonymous `?` on SQLite
+/// (bound in order of appearance). SQLite keeps named and numbered parameters in a
+/// list searched linearly, and sqlx asks for every parameter's name: quadratic in a
 /// statement with thousands of them.
 fn placeholders(mark: char, rows: usize, columns: usize, first: usize) -> String {
     (0..rows)
         .map(|row| {
-            let cells: Vec<String> = (0..columns).map(|column| format!("{mark}{}", first + row * columns + column)).collect();
+            let cells: Vec<String> = (0..columns).map(|column| if mark == '?' { "?".to_string() } else { format!("${}", first + row * columns + column) }).collect();
             format!("({})", cells.join(", "))
         })
         .collect::<Vec<_>>()
@@ -124,7 +125,8 @@ impl Store {
             crate::Backend::Sqlite => '?',
             crate::Backend::Postgres => '$',
         };
-        let list = |count: usize, first: usize| (first..first + count).map(|index| format!("{mark}{index}")).collect::<Vec<_>>().join(", ");
+        let list = |count: usize, first: usize| (first..first + count).map(|index| if mark == '?' { "?".to_string() } else { format!("${index}") }).collect::<Vec<_>>().join(", ");
+        let numbered = |index: usize| if mark == '?' { "?".to_string() } else { format!("${index}") };
 
         // 1. the keys of the batch
         let hashes: Vec<&Vec<u8>> = jobs.iter().map(|job| &job.key_hash).collect::<HashSet<_>>().into_iter().collect();
@@ -310,10 +312,15 @@ impl Store {
                      ON CONFLICT (ip_key) DO UPDATE SET ip = excluded.ip, range_id = excluded.range_id, device_id = excluded.device_id, \
                      username = excluded.username, platform = excluded.platform, client_hostname = excluded.client_hostname, \
                      last_updated = excluded.last_updated, released_at = NULL \
-                     WHERE bindings.device_id IS NULL AND bindings.released_at <= {mark}1 RETURNING ip_key",
-                    placeholders(mark, chunk.len(), 8, 2)
+                     WHERE bindings.device_id IS NULL AND bindings.released_at <= {} RETURNING ip_key",
+                    placeholders(mark, chunk.len(), 8, 2),
+                    numbered(1)
                 );
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(reuse);
+                // the quarantine limit is $1 on PostgreSQL, the last `?` on SQLite
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                if mark == '$' {
+                    query = query.bind(reuse);
+                }
                 for (index, allocation) in chunk.iter().copied() {
                     let Plan::Bind { device_id, username, .. } = &plans[*index] else { continue };
                     query = query
@@ -325,6 +332,9 @@ impl Store {
                         .bind(jobs[*index].platform.as_str())
                         .bind(jobs[*index].hostname.as_str())
                         .bind(now);
+                }
+                if mark == '?' {
+                    query = query.bind(reuse);
                 }
                 for row in query.fetch_all(&mut *tx.transaction).await? {
                     written.insert(row.try_get(0)?);
@@ -382,7 +392,7 @@ impl Store {
         seen_devices.sort();
         seen_devices.dedup();
         for chunk in seen_devices.chunks(INSERT_CHUNK) {
-            let sql = format!("UPDATE devices SET last_seen = {mark}1 WHERE id IN ({})", list(chunk.len(), 2));
+            let sql = format!("UPDATE devices SET last_seen = {} WHERE id IN ({})", numbered(1), list(chunk.len(), 2));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
             for id in chunk {
                 query = query.bind(id.as_str());
