@@ -135,6 +135,15 @@ impl Fields {
         }
     }
 
+    /// A location object: `None` when absent, `Some(None)` when null.
+    pub fn location(&mut self, name: &str) -> Option<Option<reachback_ipam::Location>> {
+        let value = self.map.get(name)?.clone();
+        let mut errors = Vec::new();
+        let location = crate::validate::location(&value, name, &mut errors);
+        self.errors.extend(errors);
+        Some(location)
+    }
+
     /// 422 with every collected error, if any.
     pub fn finish(self) -> Result<(), ApiError> {
         if self.errors.is_empty() { Ok(()) } else { Err(ApiError::invalid(self.errors)) }

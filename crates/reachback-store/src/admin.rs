@@ -54,6 +54,10 @@ pub struct Principal {
     pub last_used_at: Option<i64>,
 }
 
+fn principal_from_row(row: &AnyRow, session_id: String, csrf_token: Option<String>, last_used_at: Option<i64>) -> Result<Principal> {
+    Ok(Principal { admin_id: row.try_get("id")?, username: row.try_get("username")?, role: row.try_get("role")?, session_id, csrf_token, last_used_at })
+}
+
 fn admin_from_row(row: &AnyRow) -> Result<AdminRow> {
     Ok(AdminRow {
         id: row.try_get("id")?,
@@ -221,17 +225,7 @@ impl Store {
             .bind(key_hash)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|row| {
-            Ok(Principal {
-                admin_id: row.try_get("id")?,
-                username: row.try_get("username")?,
-                role: row.try_get("role")?,
-                session_id: format!("key:{}", row.try_get::<String, _>("key_id")?),
-                csrf_token: None,
-                last_used_at: row.try_get("last_used_at")?,
-            })
-        })
-        .transpose()
+        row.map(|row| principal_from_row(&row, format!("key:{}", row.try_get::<String, _>("key_id")?), None, row.try_get("last_used_at")?)).transpose()
     }
 
     /// Notes when and from where an API key was last used.
@@ -248,17 +242,7 @@ impl Store {
             .bind(now_micros())
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|row| {
-            Ok(Principal {
-                admin_id: row.try_get("id")?,
-                username: row.try_get("username")?,
-                role: row.try_get("role")?,
-                session_id: format!("session:{}", row.try_get::<String, _>("session_id")?),
-                csrf_token: row.try_get("csrf_token")?,
-                last_used_at: None,
-            })
-        })
-        .transpose()
+        row.map(|row| principal_from_row(&row, format!("session:{}", row.try_get::<String, _>("session_id")?), row.try_get("csrf_token")?, None)).transpose()
     }
 
     pub async fn create_session(&self, id: &str, admin_id: &str, token_hash: &[u8], csrf_token: &str, client_ip: Option<&str>, expires_at: i64, audit: AuditEntry) -> Result<()> {

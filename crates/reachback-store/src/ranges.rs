@@ -93,25 +93,12 @@ impl Store {
         check_overlap(&mut tx.transaction, &write.range, None).await?;
         check_name(&mut tx.transaction, &write.name, None).await?;
         let now = now_micros();
-        let location = write.location.clone().unwrap_or_default();
-        sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO ip_ranges (id, name, name_key, description, range_text, family, first_key, last_key, city, state, country, latitude, longitude, enabled, used_ips, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15, $15)",
         )
-        .bind(id)
-        .bind(write.name.as_str())
-        .bind(write.name.to_lowercase())
-        .bind(write.description.as_str())
-        .bind(write.range.to_string())
-        .bind(family_number(write.range.family()))
-        .bind(address_key(write.range.family(), write.range.first()).to_vec())
-        .bind(address_key(write.range.family(), write.range.last()).to_vec())
-        .bind(location.city)
-        .bind(location.state)
-        .bind(location.country)
-        .bind(location.latitude)
-        .bind(location.longitude)
-        .bind(write.enabled)
+        .bind(id);
+        bind_write(query, write)
         .bind(now)
         .execute(&mut *tx.transaction)
         .await
@@ -170,25 +157,12 @@ impl Store {
             check_name(&mut tx.transaction, &write.name, Some(id)).await?;
         }
         let now = now_micros().max(before.updated_at + 1);
-        let location = write.location.clone().unwrap_or_default();
-        sqlx::query(
+        let query = sqlx::query(
             "UPDATE ip_ranges SET name = $2, name_key = $3, description = $4, range_text = $5, family = $6, first_key = $7, last_key = $8, \
              city = $9, state = $10, country = $11, latitude = $12, longitude = $13, enabled = $14, updated_at = $15 WHERE id = $1",
         )
-        .bind(id)
-        .bind(write.name.as_str())
-        .bind(write.name.to_lowercase())
-        .bind(write.description.as_str())
-        .bind(write.range.to_string())
-        .bind(family_number(write.range.family()))
-        .bind(address_key(write.range.family(), write.range.first()).to_vec())
-        .bind(address_key(write.range.family(), write.range.last()).to_vec())
-        .bind(location.city)
-        .bind(location.state)
-        .bind(location.country)
-        .bind(location.latitude)
-        .bind(location.longitude)
-        .bind(write.enabled)
+        .bind(id);
+        bind_write(query, write)
         .bind(now)
         .execute(&mut *tx.transaction)
         .await
@@ -232,6 +206,26 @@ impl Store {
         tx.commit().await?;
         Ok((before, bound))
     }
+}
+
+/// Binds name, name key, description, range text, family, first and last key,
+/// location and status, in that order ($2 … $14).
+fn bind_write<'q>(query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>, write: &RangeWrite) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let location = write.location.clone().unwrap_or_default();
+    query
+        .bind(write.name.clone())
+        .bind(write.name.to_lowercase())
+        .bind(write.description.clone())
+        .bind(write.range.to_string())
+        .bind(family_number(write.range.family()))
+        .bind(address_key(write.range.family(), write.range.first()).to_vec())
+        .bind(address_key(write.range.family(), write.range.last()).to_vec())
+        .bind(location.city)
+        .bind(location.state)
+        .bind(location.country)
+        .bind(location.latitude)
+        .bind(location.longitude)
+        .bind(write.enabled)
 }
 
 async fn check_overlap(connection: &mut sqlx::AnyConnection, range: &AddressRange, except: Option<&str>) -> Result<()> {

@@ -65,15 +65,7 @@ async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(Statu
         }
         None => None,
     };
-    let location = match fields.raw("location").cloned() {
-        Some(value) => {
-            let mut errors = Vec::new();
-            let location = validate::location(&value, "location", &mut errors);
-            fields.errors.extend(errors);
-            location
-        }
-        None => None,
-    };
+    let location = fields.location("location").flatten();
     if !fields.errors.is_empty() {
         // authentication comes first: invalid values are reported only with a valid key
         let key = state.store.find_enrollment_key(&hash_secret(&secret)).await?;

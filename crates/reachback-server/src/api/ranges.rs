@@ -61,15 +61,7 @@ fn read_write(mut fields: Fields, base: Option<&RangeRow>) -> ApiResult<RangeWri
         }
         None => None,
     };
-    let location = match fields.raw("location").cloned() {
-        Some(value) => {
-            let mut errors = Vec::new();
-            let location = validate::location(&value, "location", &mut errors);
-            fields.errors.extend(errors);
-            Some(location)
-        }
-        None => None,
-    };
+    let location = fields.location("location");
     let enabled = fields.boolean("enabled");
     fields.finish()?;
     let write = match base {
