@@ -315,7 +315,7 @@ impl Client {
         let problem: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let detail = problem["detail"].as_str().unwrap_or(text.trim());
         let mut message = format!("{} {}: {}", status.as_u16(), problem["title"].as_str().unwrap_or(status.canonical_reason().unwrap_or("")), detail);
-        if let Some(errors) = problem["errors"].as_array() {
+        if let Some(errors) = problem["errors"].as_array().filter(|_| status == 422) {
             for error in errors {
                 message.push_str(&format!("\n  {}: {}", error["field"].as_str().unwrap_or(""), error["message"].as_str().unwrap_or("")));
             }
@@ -353,15 +353,23 @@ impl Client {
             bytes += read as u64;
             lines += buffer[..read].iter().filter(|&&byte| byte == b'\n').count() as u64;
             if file != "-" && last_report.elapsed() > Duration::from_millis(200) {
-                eprint!("\r{} rows, {:.1} MB", lines.saturating_sub(1), bytes as f64 / 1e6);
+                eprint!("\r{}, {:.1} MB", rows(lines), bytes as f64 / 1e6);
                 last_report = Instant::now();
             }
         }
         output.flush()?;
         if file != "-" {
-            eprintln!("\r{} rows, {:.1} MB written to {file} in {:.1}s", lines.saturating_sub(1), bytes as f64 / 1e6, started.elapsed().as_secs_f64());
+            eprintln!("\r{}, {:.1} MB written to {file} in {:.1}s", rows(lines), bytes as f64 / 1e6, started.elapsed().as_secs_f64());
         }
         Ok(())
+    }
+}
+
+/// "N rows" for a CSV of `lines` lines with a header.
+fn rows(lines: u64) -> String {
+    match lines.saturating_sub(1) {
+        1 => "1 row".to_string(),
+        count => format!("{count} rows"),
     }
 }
 

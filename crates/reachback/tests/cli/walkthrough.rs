@@ -49,7 +49,7 @@ fn first_start_cli_walkthrough_and_clean_shutdown() {
     let csv_path = temp.0.join("bindings.csv");
     let (ok, _, stderr) = server.ctl(&token, &["bindings", "export", "--file", csv_path.to_str().expect("path")]);
     assert!(ok, "{stderr}");
-    assert!(stderr.contains("1 rows"), "{stderr}");
+    assert!(stderr.contains("1 row,"), "{stderr}");
     let csv = std::fs::read_to_string(&csv_path).expect("csv");
     assert!(csv.starts_with("ip,range_name,range_location,username,platform,client_hostname,last_updated\n100.64.0.1,Paris laptops,\"Paris, Ile-de-France, FR\",alice@corp.example,macos,alice-laptop.corp.example,"), "{csv}");
 
