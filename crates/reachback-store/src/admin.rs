@@ -231,7 +231,7 @@ impl Store {
     /// Notes when and from where an API key was last used.
     pub async fn touch_api_key(&self, key_id: &str, client_ip: Option<&str>) -> Result<()> {
         let _gate = if self.backend == crate::Backend::Sqlite { Some(self.write_gate.lock().await) } else { None };
-        sqlx::query("UPDATE api_keys SET last_used_at = $2, last_ip = $3 WHERE id = $1").bind(key_id).bind(now_micros()).bind(client_ip).execute(&self.pool).await?;
+        sqlx::query("UPDATE api_keys SET last_used_at = $2, last_ip = $3 WHERE id = $1").bind(key_id).bind(now_micros()).bind(client_ip).execute(&self.writer).await?;
         Ok(())
     }
 

@@ -77,6 +77,7 @@ pub enum Backend {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    writer: AnyPool,
     backend: Backend,
     write_gate: Arc<tokio::sync::Mutex<()>>,
     export_chunk: Arc<std::sync::atomic::AtomicUsize>,
@@ -98,23 +99,14 @@ impl Store {
             Backend::Sqlite
         };
         let options = AnyConnectOptions::from_str(url)?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .after_connect(move |connection, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        connection
-                            .execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; PRAGMA cache_size = -16384; PRAGMA wal_autocheckpoint = 16384;")
-                            .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await?;
-        let store = Store { pool, backend, write_gate: Arc::new(tokio::sync::Mutex::new(())), export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)) };
+        let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }, "-8192").await?;
+        // SQLite: one long-lived writer connection whose page cache stays warm;
+        // PostgreSQL: writes share the pool
+        let writer = match backend {
+            Backend::Sqlite => Self::pool(&options, backend, 1, "-65536").await?,
+            Backend::Postgres => pool.clone(),
+        };
+        let store = Store { pool, writer, backend, write_gate: Arc::new(tokio::sync::Mutex::new(())), export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)) };
         store.migrate().await?;
         Ok(store)
     }
@@ -124,12 +116,34 @@ impl Store {
         self.export_chunk.store(rows.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
+    async fn pool(options: &AnyConnectOptions, backend: Backend, size: u32, cache_size: &'static str) -> Result<AnyPool> {
+        Ok(AnyPoolOptions::new()
+            .max_connections(size)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        let pragmas = format!(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
+                             PRAGMA cache_size = {cache_size}; PRAGMA wal_autocheckpoint = 16384; PRAGMA temp_store = MEMORY;"
+                        );
+                        connection.execute(sqlx::AssertSqlSafe(pragmas)).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options.clone())
+            .await?)
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 
     /// Whether the database answers.
@@ -186,7 +200,7 @@ impl Store {
             Backend::Sqlite => Some(self.write_gate.lock().await),
             Backend::Postgres => None,
         };
-        let transaction = self.pool.begin().await?;
+        let transaction = self.writer.begin().await?;
         Ok(WriteTx { transaction, _gate: gate })
     }
 
