@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use reachback_ipam::{Family, Location, address_from_key};
+use reachback_ipam::{Location, address_from_key};
 use sqlx::Row;
 use serde_json::Value;
 use sqlx::any::AnyRow;
@@ -477,11 +477,6 @@ pub(crate) async fn release_in(connection: &mut sqlx::AnyConnection, ip_key: &[u
         sqlx::query("UPDATE ip_ranges SET used_ips = used_ips - 1 WHERE id = $1").bind(range_id).execute(&mut *connection).await?;
     }
     Ok(())
-}
-
-/// The family and value of a binding's address.
-pub fn binding_address(binding: &BindingRow) -> Option<(Family, u128)> {
-    reachback_ipam::parse_address(&binding.ip)
 }
 
 impl Store {

@@ -135,10 +135,4 @@ impl Store {
         tx.commit().await?;
         Ok(device)
     }
-
-    /// The range id a bound address belongs to (for engine updates after releases).
-    pub async fn range_of_address(&self, ip_key: &[u8; 17]) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT range_id FROM bindings WHERE ip_key = $1").bind(ip_key.to_vec()).fetch_optional(&self.pool).await?;
-        Ok(row.map(|row| row.try_get(0)).transpose()?)
-    }
 }

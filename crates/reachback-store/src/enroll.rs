@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use reachback_ipam::{Allocation, Engine, Location, Place, address_from_key, address_key, join_address};
+use reachback_ipam::{Allocation, Engine, Location, Place, address_key, join_address};
 use sqlx::Row;
 
 use crate::{Result, Store, now_micros};
@@ -445,12 +445,5 @@ impl Store {
             }
         }
         Ok(None)
-    }
-
-    /// Whether a row exists for an address key (tests).
-    pub async fn address_row_exists(&self, key: &[u8; 17]) -> Result<bool> {
-        let row = sqlx::query("SELECT COUNT(*) FROM bindings WHERE ip_key = $1").bind(key.to_vec()).fetch_one(&self.pool).await?;
-        let _ = address_from_key(key);
-        Ok(row.try_get::<i64, _>(0)? > 0)
     }
 }

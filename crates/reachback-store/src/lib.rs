@@ -25,7 +25,7 @@ use sqlx::{AnyPool, Executor, Row};
 pub use admin::{AdminRow, ApiKeyRow, Principal, SessionRow};
 pub use audit::{AuditEntry, AuditQuery, AuditRow};
 pub use admin::new_id;
-pub use bindings::{BindingQuery, BindingRow, BindingSort, EngineSnapshot, binding_address};
+pub use bindings::{BindingQuery, BindingRow, BindingSort, EngineSnapshot};
 pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
 pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
 pub use keys::EnrollmentKeyRow;

@@ -96,7 +96,9 @@ async fn enroll_load(port: u16, key: &str, public_key: &str, offset: usize, tota
                 if index >= total {
                     return;
                 }
-                let body = json!({"enrollment_key": key, "hostname": format!("d{}.bench.example", offset + index), "platform": "linux", "public_key": public_key}).to_string();
+                let number = offset + index;
+                let location = json!({"country": "FR", "state": "IDF", "city": format!("city{}", number % 200)});
+                let body = json!({"enrollment_key": key, "hostname": format!("d{number}.bench.example"), "platform": "linux", "public_key": public_key, "location": location}).to_string();
                 let request = format!("POST /api/v1/enroll HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
                 writer.write_all(request.as_bytes()).await.expect("write");
                 line.clear();
@@ -140,10 +142,11 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
     let data_dir = std::env::temp_dir().join(if keep { format!("reachback_bench_{label}") } else { format!("reachback_bench_{}_{label}", std::process::id()) });
     let _ = std::fs::remove_dir_all(&data_dir);
     let (server, _) = Server::start(&data_dir, database.as_deref());
-    api("POST", &server.url("/api/v1/ip-ranges"), Some(json!({"name": "Bench", "range": "100.64.0.0/10", "location": {"country": "FR"}})));
-    for index in 0..199u32 {
-        let range = format!("fd00:{index:x}::/64");
-        api("POST", &server.url("/api/v1/ip-ranges"), Some(json!({"name": format!("extra {index:03}"), "range": range, "location": {"country": "JP"}})));
+    // 200 ranges: 100.64.0.0/10 cut into /18s, one city each; clients are spread evenly
+    for index in 0..200u32 {
+        let base = std::net::Ipv4Addr::from(0x6440_0000u32 + (index << 14));
+        let body = json!({"name": format!("range-{index:03}"), "range": format!("{base}/18"), "location": {"country": "FR", "state": "IDF", "city": format!("city{index}")}});
+        api("POST", &server.url("/api/v1/ip-ranges"), Some(body));
     }
     let key = api("POST", &server.url("/api/v1/enrollment-keys"), Some(json!({"username": "bench@corp.example", "reusable": true})))["key"].as_str().expect("key").to_string();
     let public_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem();
@@ -181,7 +184,8 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
         "/api/v1/ip-bindings?page=1&page_size=50",
         "/api/v1/ip-bindings?sort=-ip&page=1000&page_size=50",
         "/api/v1/ip-bindings?page=19999&page_size=50",
-        "/api/v1/ip-bindings?range_name=bench&sort=ip&page=5000&page_size=100",
+        "/api/v1/ip-bindings?range_name=range-042&sort=ip&page=40&page_size=100",
+        "/api/v1/ip-bindings?range_location=city7&sort=-ip&page=30&page_size=100",
         "/api/v1/ip-bindings?ip=100.64.128.0/17&sort=ip&page=300&page_size=50",
         "/api/v1/ip-bindings?client_hostname=d99999&page=1&page_size=50",
         "/api/v1/ip-bindings?sort=client_hostname&page=10000&page_size=50",
@@ -189,14 +193,16 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     for query in queries {
         let mut latencies = Vec::new();
+        let mut returned = 0;
         for _ in 0..30 {
             let started = Instant::now();
             let mut reply = agent.get(&server.url(query)).header("Authorization", format!("Bearer {TOKEN}")).call().expect("list");
-            let _ = reply.body_mut().read_to_string();
+            let text = reply.body_mut().read_to_string().unwrap_or_default();
             latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+            returned = serde_json::from_str::<Value>(&text).ok().and_then(|body| body["items"].as_array().map(Vec::len)).unwrap_or(0);
         }
         latencies.sort_by(f64::total_cmp);
-        println!("  GET {query}: p50 {:.1} ms, p99 {:.1} ms", percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+        println!("  GET {query}: {returned} rows, p50 {:.1} ms, p99 {:.1} ms", percentile(&latencies, 0.5), percentile(&latencies, 0.99));
     }
 
     // CSV export of every binding: time and memory growth of the server

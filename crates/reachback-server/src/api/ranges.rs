@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
-use reachback_ipam::{AddressRange, RangeSpec, parse_address};
+use reachback_ipam::{AddressRange, RangeSpec};
 use reachback_store::{RangeRow, RangeWrite, new_id};
 use serde_json::{Value, json};
 
@@ -235,9 +235,4 @@ pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): 
     drop(engine);
     tracing::info!(range_id = %id, released, "range deleted");
     Ok(no_content())
-}
-
-/// Whether the text names an address (for filters).
-pub fn is_address(text: &str) -> bool {
-    parse_address(text).is_some()
 }
