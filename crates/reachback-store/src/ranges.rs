@@ -119,9 +119,8 @@ impl Store {
         Ok(created)
     }
 
-    /// Replaces a range's fields. A new address block must hold every bound address
-    /// and overlap no other range; quarantined addresses outside it are forgotten.
-    pub async fn update_range(&self, id: &str, write: &RangeWrite, audit: impl FnOnce(&RangeRow) -> AuditEntry) -> Result<(RangeRow, RangeRow)> {
+    /// Opens a write transaction holding the range lock and reads the range to change.
+    async fn range_for_change(&self, id: &str) -> Result<(crate::WriteTx<'_>, RangeRow)> {
         let mut tx = self.write().await?;
         self.lock_ranges(&mut tx).await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {RANGE_COLUMNS} FROM ip_ranges WHERE id = $1")))
@@ -129,7 +128,14 @@ impl Store {
             .fetch_optional(&mut *tx.transaction)
             .await?
             .ok_or(StoreError::NotFound)?;
-        let before = range_from_row(&row)?;
+        let range = range_from_row(&row)?;
+        Ok((tx, range))
+    }
+
+    /// Replaces a range's fields. A new address block must hold every bound address
+    /// and overlap no other range; quarantined addresses outside it are forgotten.
+    pub async fn update_range(&self, id: &str, write: &RangeWrite, audit: impl FnOnce(&RangeRow) -> AuditEntry) -> Result<(RangeRow, RangeRow)> {
+        let (mut tx, before) = self.range_for_change(id).await?;
         if write.range != before.range {
             check_overlap(&mut tx.transaction, &write.range, Some(id)).await?;
             let (first, last) = write.range.assignable();
@@ -184,14 +190,7 @@ impl Store {
     /// Deletes a range. With bindings it is refused unless `force`, which releases them.
     /// Returns the deleted range and how many bindings went with it.
     pub async fn delete_range(&self, id: &str, force: bool, audit: impl FnOnce(&RangeRow, i64) -> AuditEntry) -> Result<(RangeRow, i64)> {
-        let mut tx = self.write().await?;
-        self.lock_ranges(&mut tx).await?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {RANGE_COLUMNS} FROM ip_ranges WHERE id = $1")))
-            .bind(id)
-            .fetch_optional(&mut *tx.transaction)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        let before = range_from_row(&row)?;
+        let (mut tx, before) = self.range_for_change(id).await?;
         let bound: i64 = sqlx::query("SELECT COUNT(*) FROM bindings WHERE range_id = $1 AND device_id IS NOT NULL")
             .bind(id)
             .fetch_one(&mut *tx.transaction)
