@@ -93,8 +93,8 @@ impl FromRequestParts<SharedState> for Caller {
             };
             let principal = state.store.principal_for_api_key(&hash_secret(token)).await?.ok_or_else(|| ApiError::unauthorized("the API key is not valid"))?;
             let stale = principal.last_used_at.is_none_or(|at| reachback_store::now_micros() - at > 60_000_000);
-            if stale {
-                if let Some(key_id) = principal.session_id.strip_prefix("key:") {
+            if stale
+                && let Some(key_id) = principal.session_id.strip_prefix("key:") {
                     let (store, key_id, ip) = (state.store.clone(), key_id.to_string(), client_ip.clone());
                     tokio::spawn(async move {
                         if let Err(error) = store.touch_api_key(&key_id, ip.as_deref()).await {
@@ -102,7 +102,6 @@ impl FromRequestParts<SharedState> for Caller {
                         }
                     });
                 }
-            }
             principal
         } else if let Some(token) = cookie(parts, SESSION_COOKIE) {
             let principal = state.store.principal_for_session(&hash_secret(token)).await?.ok_or_else(|| ApiError::unauthorized("the session has ended; sign in again"))?;

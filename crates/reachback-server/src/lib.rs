@@ -238,13 +238,11 @@ async fn sync_replicas(state: std::sync::Weak<AppState>) {
         }
         let mut engine = state.engine.lock().await;
         for row in &ranges {
-            if known.get(&row.id) != Some(&row.updated_at) || engine.range(&row.id).is_none() {
-                if let Ok((bound, quarantined)) = state.store.range_addresses(&row.id).await {
-                    if engine.load_range(range_spec(row), bound, quarantined).is_ok() {
+            if (known.get(&row.id) != Some(&row.updated_at) || engine.range(&row.id).is_none())
+                && let Ok((bound, quarantined)) = state.store.range_addresses(&row.id).await
+                    && engine.load_range(range_spec(row), bound, quarantined).is_ok() {
                         known.insert(row.id.clone(), row.updated_at);
                     }
-                }
-            }
         }
         let live: std::collections::HashSet<&str> = ranges.iter().map(|row| row.id.as_str()).collect();
         let gone: Vec<String> = engine.range_ids().filter(|id| !live.contains(id)).map(str::to_string).collect();

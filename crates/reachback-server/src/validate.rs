@@ -87,11 +87,10 @@ pub fn location(value: &Value, field: &str, errors: &mut Vec<FieldError>) -> Opt
                         continue;
                     }
                 };
-                if let Some(text) = &text {
-                    if let Err(message) = plain_text(text, 128) {
+                if let Some(text) = &text
+                    && let Err(message) = plain_text(text, 128) {
                         error(key, &message);
                     }
-                }
                 match key.as_str() {
                     "city" => location.city = text,
                     "state" => location.state = text,

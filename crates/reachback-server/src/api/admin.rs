@@ -31,11 +31,10 @@ fn session_json(row: &SessionRow) -> Value {
 }
 
 fn check_password(fields: &mut Fields, password: &Option<String>) {
-    if let Some(password) = password {
-        if password.chars().count() < 10 || password.len() > 1024 {
+    if let Some(password) = password
+        && (password.chars().count() < 10 || password.len() > 1024) {
             fields.error("password", "must have 10 to 1024 characters");
         }
-    }
 }
 
 pub async fn me(caller: Caller) -> Json<Value> {

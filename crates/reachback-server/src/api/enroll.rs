@@ -52,11 +52,10 @@ async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(Statu
         None => None,
     };
     let platform = fields.string("platform", true).map(|platform| platform.trim().to_ascii_lowercase());
-    if let Some(platform) = &platform {
-        if !validate::PLATFORMS.contains(&platform.as_str()) {
+    if let Some(platform) = &platform
+        && !validate::PLATFORMS.contains(&platform.as_str()) {
             fields.error("platform", format!("must be one of: {}", validate::PLATFORMS.join(", ")));
         }
-    }
     let public_key = match fields.string("public_key", true).map(|text| parse_public_key(&text)) {
         Some(Ok(key)) => Some(key),
         Some(Err(message)) => {

@@ -47,11 +47,10 @@ fn read_write(mut fields: Fields, base: Option<&RangeRow>) -> ApiResult<RangeWri
         }
     }
     let description = fields.string("description", false);
-    if let Some(description) = &description {
-        if description.chars().count() > 1024 {
+    if let Some(description) = &description
+        && description.chars().count() > 1024 {
             fields.error("description", "must have at most 1024 characters");
         }
-    }
     let range_text = fields.string("range", creating);
     let range = match range_text.as_deref().map(AddressRange::parse) {
         Some(Ok(range)) => Some(range),
