@@ -28,7 +28,13 @@ fn build() -> Engine {
         // 200 /16s carved out of 100.64.0.0/10 and beyond: 65,534 addresses each
         let base = 0x6440_0000u32 + (index << 16);
         let text = format!("{}/16", std::net::Ipv4Addr::from(base));
-        let spec = RangeSpec { id: format!("range{index:03}"), name: format!("range {index:03}"), range: AddressRange::parse(&text).expect("range"), location: Some(location(index)), enabled: true };
+        let spec = RangeSpec {
+            id: format!("range{index:03}"),
+            name: format!("range {index:03}"),
+            range: AddressRange::parse(&text).expect("range"),
+            location: Some(location(index)),
+            enabled: true,
+        };
         let first = u128::from(base) + 1;
         engine.load_range(spec, (0..PRELOADED).map(|offset| first + u128::from(offset)), []).expect("load");
     }

@@ -352,14 +352,10 @@ impl Engine {
 
     /// Most unbound addresses (fresh or in quarantine), then the name.
     fn best_of(&self, candidates: &[usize]) -> Option<usize> {
-        candidates
-            .iter()
-            .copied()
-            .filter(|&index| self.ranges[index].is_candidate())
-            .min_by(|&a, &b| {
-                let (a, b) = (&self.ranges[a], &self.ranges[b]);
-                b.unbound().cmp(&a.unbound()).then_with(|| a.spec.name.cmp(&b.spec.name))
-            })
+        candidates.iter().copied().filter(|&index| self.ranges[index].is_candidate()).min_by(|&a, &b| {
+            let (a, b) = (&self.ranges[a], &self.ranges[b]);
+            b.unbound().cmp(&a.unbound()).then_with(|| a.spec.name.cmp(&b.spec.name))
+        })
     }
 
     fn best_fallback(&self, place: &Place) -> Option<usize> {
@@ -372,10 +368,7 @@ impl Engine {
         };
         (0..self.ranges.len()).filter(|&index| self.ranges[index].is_candidate()).min_by(|&a, &b| {
             let (a, b) = (&self.ranges[a], &self.ranges[b]);
-            distance(a)
-                .total_cmp(&distance(b))
-                .then(b.unbound().cmp(&a.unbound()))
-                .then_with(|| a.spec.name.cmp(&b.spec.name))
+            distance(a).total_cmp(&distance(b)).then(b.unbound().cmp(&a.unbound())).then_with(|| a.spec.name.cmp(&b.spec.name))
         })
     }
 

@@ -78,15 +78,17 @@ impl FreeSet {
         let mut end = value;
         if value > 0
             && let Some((&left_start, &left_end)) = self.intervals.range(..value).next_back()
-                && left_end == value - 1 {
-                    self.intervals.remove(&left_start);
-                    start = left_start;
-                }
+            && left_end == value - 1
+        {
+            self.intervals.remove(&left_start);
+            start = left_start;
+        }
         if value < u128::MAX
-            && let Some(&right_end) = self.intervals.get(&(value + 1)) {
-                self.intervals.remove(&(value + 1));
-                end = right_end;
-            }
+            && let Some(&right_end) = self.intervals.get(&(value + 1))
+        {
+            self.intervals.remove(&(value + 1));
+            end = right_end;
+        }
         self.intervals.insert(start, end);
         self.count += 1;
         true

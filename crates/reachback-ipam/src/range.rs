@@ -84,10 +84,7 @@ impl AddressRange {
             let host_mask = host_mask(width, prefix);
             let network = value & !host_mask;
             if network != value {
-                return Err(RangeError::HostBitsSet {
-                    given: text.to_string(),
-                    corrected: format!("{}/{}", join_address(family, network), prefix),
-                });
+                return Err(RangeError::HostBitsSet { given: text.to_string(), corrected: format!("{}/{}", join_address(family, network), prefix) });
             }
             AddressRange { family, first: network, last: network | host_mask, prefix: Some(prefix) }
         } else if let Some((start, end)) = text.split_once('-') {
@@ -205,7 +202,13 @@ impl Family {
 
 fn host_mask(width: u8, prefix: u8) -> u128 {
     let host_bits = u32::from(width - prefix);
-    if host_bits == 0 { 0 } else if host_bits >= 128 { u128::MAX } else { (1u128 << host_bits) - 1 }
+    if host_bits == 0 {
+        0
+    } else if host_bits >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << host_bits) - 1
+    }
 }
 
 /// Splits an address into its family and numeric value. IPv4-mapped IPv6 addresses stay IPv6.
@@ -315,18 +318,11 @@ mod tests {
 
     #[test]
     fn keys_sort_numerically() {
-        let mut values = vec![
-            address_key(Family::V6, 1 << 100),
-            address_key(Family::V4, 0x6440_0100),
-            address_key(Family::V4, 0x6440_0002),
-            address_key(Family::V6, 2),
-        ];
+        let mut values =
+            vec![address_key(Family::V6, 1 << 100), address_key(Family::V4, 0x6440_0100), address_key(Family::V4, 0x6440_0002), address_key(Family::V6, 2)];
         values.sort();
         let decoded: Vec<_> = values.iter().map(|key| address_from_key(key).unwrap()).collect();
-        assert_eq!(
-            decoded,
-            vec![(Family::V4, 0x6440_0002), (Family::V4, 0x6440_0100), (Family::V6, 2), (Family::V6, 1 << 100)]
-        );
+        assert_eq!(decoded, vec![(Family::V4, 0x6440_0002), (Family::V4, 0x6440_0100), (Family::V6, 2), (Family::V6, 1 << 100)]);
         assert_eq!(address_from_key(&[5; 17]), None);
         assert_eq!(address_from_key(&[4; 3]), None);
     }

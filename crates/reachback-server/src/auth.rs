@@ -48,16 +48,26 @@ impl Caller {
         if self.role >= role {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!("this needs the {} role", match role {
-                Role::Viewer => "viewer",
-                Role::Admin => "admin",
-                Role::Superadmin => "superadmin",
-            })))
+            Err(ApiError::forbidden(format!(
+                "this needs the {} role",
+                match role {
+                    Role::Viewer => "viewer",
+                    Role::Admin => "admin",
+                    Role::Superadmin => "superadmin",
+                }
+            )))
         }
     }
 
     /// An audit entry for a change this caller makes.
-    pub fn audit(&self, action: &str, resource_type: &str, resource_id: &str, before: Option<serde_json::Value>, after: Option<serde_json::Value>) -> AuditEntry {
+    pub fn audit(
+        &self,
+        action: &str,
+        resource_type: &str,
+        resource_id: &str,
+        before: Option<serde_json::Value>,
+        after: Option<serde_json::Value>,
+    ) -> AuditEntry {
         AuditEntry {
             actor: self.principal.username.clone(),
             action: action.into(),
@@ -93,18 +103,18 @@ impl FromRequestParts<SharedState> for Caller {
             };
             let principal = state.store.principal_for_api_key(&hash_secret(token)).await?.ok_or_else(|| ApiError::unauthorized("the API key is not valid"))?;
             let stale = principal.last_used_at.is_none_or(|at| reachback_store::now_micros() - at > 60_000_000);
-            if stale
-                && let Some(key_id) = principal.session_id.strip_prefix("key:") {
-                    let (store, key_id, ip) = (state.store.clone(), key_id.to_string(), client_ip.clone());
-                    tokio::spawn(async move {
-                        if let Err(error) = store.touch_api_key(&key_id, ip.as_deref()).await {
-                            tracing::debug!(%error, "could not note API key use");
-                        }
-                    });
-                }
+            if stale && let Some(key_id) = principal.session_id.strip_prefix("key:") {
+                let (store, key_id, ip) = (state.store.clone(), key_id.to_string(), client_ip.clone());
+                tokio::spawn(async move {
+                    if let Err(error) = store.touch_api_key(&key_id, ip.as_deref()).await {
+                        tracing::debug!(%error, "could not note API key use");
+                    }
+                });
+            }
             principal
         } else if let Some(token) = cookie(parts, SESSION_COOKIE) {
-            let principal = state.store.principal_for_session(&hash_secret(token)).await?.ok_or_else(|| ApiError::unauthorized("the session has ended; sign in again"))?;
+            let principal =
+                state.store.principal_for_session(&hash_secret(token)).await?.ok_or_else(|| ApiError::unauthorized("the session has ended; sign in again"))?;
             let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
             if !safe {
                 let sent = parts.headers.get(CSRF_HEADER).and_then(|value| value.to_str().ok());

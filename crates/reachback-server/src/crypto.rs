@@ -5,8 +5,8 @@ use std::path::Path;
 use anyhow::Context;
 use base64::Engine as _;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PublicKeyData, SerialNumber, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SerialNumber, SubjectPublicKeyInfo,
 };
 use ring::rand::SecureRandom;
 
@@ -55,7 +55,9 @@ pub fn parse_public_key(text: &str) -> Result<DevicePublicKey, String> {
         }
         SubjectPublicKeyInfo::from_pem(text)
     } else {
-        let der = base64::engine::general_purpose::STANDARD.decode(text.split_whitespace().collect::<String>()).map_err(|_| "must be a PEM PUBLIC KEY or base64 DER".to_string())?;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(text.split_whitespace().collect::<String>())
+            .map_err(|_| "must be a PEM PUBLIC KEY or base64 DER".to_string())?;
         SubjectPublicKeyInfo::from_der(&der)
     }
     .map_err(|_| "is not a valid SubjectPublicKeyInfo of a supported key type (ECDSA P-256 or Ed25519)".to_string())?;

@@ -100,7 +100,8 @@ pub struct App {
 pub fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).with_context(|| format!("opening {}", path.display()))?;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     file.sync_all()?;
@@ -168,15 +169,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
     tracing::info!(ranges = snapshot.ranges.len(), elapsed_ms = started.elapsed().as_millis() as u64, "allocation engine loaded");
 
     let (enroll_tx, enroll_rx) = mpsc::channel(4096);
-    let state = Arc::new(AppState {
-        store,
-        engine: Mutex::new(engine),
-        settings: RwLock::new(settings),
-        ca,
-        metrics: Metrics::new(),
-        enroll_tx,
-        config,
-    });
+    let state = Arc::new(AppState { store, engine: Mutex::new(engine), settings: RwLock::new(settings), ca, metrics: Metrics::new(), enroll_tx, config });
     let writer = tokio::spawn(writer::run(Arc::downgrade(&state), enroll_rx));
     let mut background = Vec::new();
     if state.store.backend() == Backend::Postgres {
@@ -240,9 +233,10 @@ async fn sync_replicas(state: std::sync::Weak<AppState>) {
         for row in &ranges {
             if (known.get(&row.id) != Some(&row.updated_at) || engine.range(&row.id).is_none())
                 && let Ok((bound, quarantined)) = state.store.range_addresses(&row.id).await
-                    && engine.load_range(range_spec(row), bound, quarantined).is_ok() {
-                        known.insert(row.id.clone(), row.updated_at);
-                    }
+                && engine.load_range(range_spec(row), bound, quarantined).is_ok()
+            {
+                known.insert(row.id.clone(), row.updated_at);
+            }
         }
         let live: std::collections::HashSet<&str> = ranges.iter().map(|row| row.id.as_str()).collect();
         let gone: Vec<String> = engine.range_ids().filter(|id| !live.contains(id)).map(str::to_string).collect();

@@ -81,8 +81,18 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
         parameters.extend(route.query.iter().map(|name| json!({"name": name, "in": "query", "required": false, "schema": {"type": "string"}})));
         let mut responses = serde_json::Map::new();
         responses.insert(route.success.to_string(), json!({"description": "success"}));
-        for (code, text) in [("400", "malformed request"), ("401", "not authenticated"), ("403", "role too low"), ("404", "unknown id"), ("409", "conflict"), ("422", "invalid values")] {
-            responses.insert(code.into(), json!({"description": text, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}));
+        for (code, text) in [
+            ("400", "malformed request"),
+            ("401", "not authenticated"),
+            ("403", "role too low"),
+            ("404", "unknown id"),
+            ("409", "conflict"),
+            ("422", "invalid values"),
+        ] {
+            responses.insert(
+                code.into(),
+                json!({"description": text, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}),
+            );
         }
         let mut operation = json!({
             "summary": route.summary,

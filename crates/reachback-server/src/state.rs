@@ -116,7 +116,18 @@ impl Metrics {
         registry.register("bindings", "Bound addresses in all ranges", bindings.clone());
         registry.register("enroll_batch_size", "Enrollments written per transaction", enroll_batch_size.clone());
         registry.register("enroll_batch_duration_seconds", "Time to write one enrollment transaction", enroll_batch_seconds.clone());
-        Metrics { registry, enrollments, allocation_failures, http_requests, http_duration, range_used, range_total, bindings, enroll_batch_size, enroll_batch_seconds }
+        Metrics {
+            registry,
+            enrollments,
+            allocation_failures,
+            http_requests,
+            http_duration,
+            range_used,
+            range_total,
+            bindings,
+            enroll_batch_size,
+            enroll_batch_seconds,
+        }
     }
 
     pub fn count_enrollment(&self, result: &str) {

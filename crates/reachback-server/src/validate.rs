@@ -88,9 +88,10 @@ pub fn location(value: &Value, field: &str, errors: &mut Vec<FieldError>) -> Opt
                     }
                 };
                 if let Some(text) = &text
-                    && let Err(message) = plain_text(text, 128) {
-                        error(key, &message);
-                    }
+                    && let Err(message) = plain_text(text, 128)
+                {
+                    error(key, &message);
+                }
                 match key.as_str() {
                     "city" => location.city = text,
                     "state" => location.state = text,

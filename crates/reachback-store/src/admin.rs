@@ -158,7 +158,8 @@ impl Store {
     /// Sets or clears an admin's console password hash.
     pub async fn set_admin_password(&self, id: &str, password_hash: Option<&str>, audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
-        let changed = sqlx::query("UPDATE admins SET password_hash = $2 WHERE id = $1").bind(id).bind(password_hash).execute(&mut *tx.transaction).await?.rows_affected();
+        let changed =
+            sqlx::query("UPDATE admins SET password_hash = $2 WHERE id = $1").bind(id).bind(password_hash).execute(&mut *tx.transaction).await?.rows_affected();
         if changed == 0 {
             return Err(StoreError::NotFound);
         }
@@ -211,7 +212,12 @@ impl Store {
 
     pub async fn delete_api_key(&self, admin_id: &str, key_id: &str, audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
-        let deleted = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND admin_id = $2").bind(key_id).bind(admin_id).execute(&mut *tx.transaction).await?.rows_affected();
+        let deleted = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND admin_id = $2")
+            .bind(key_id)
+            .bind(admin_id)
+            .execute(&mut *tx.transaction)
+            .await?
+            .rows_affected();
         if deleted == 0 {
             return Err(StoreError::NotFound);
         }
@@ -221,17 +227,24 @@ impl Store {
 
     /// Resolves an API key hash to its admin.
     pub async fn principal_for_api_key(&self, key_hash: &[u8]) -> Result<Option<Principal>> {
-        let row = sqlx::query("SELECT a.id, a.username, a.role, k.id AS key_id, k.last_used_at FROM api_keys k JOIN admins a ON a.id = k.admin_id WHERE k.key_hash = $1")
-            .bind(key_hash)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT a.id, a.username, a.role, k.id AS key_id, k.last_used_at FROM api_keys k JOIN admins a ON a.id = k.admin_id WHERE k.key_hash = $1",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|row| principal_from_row(&row, format!("key:{}", row.try_get::<String, _>("key_id")?), None, row.try_get("last_used_at")?)).transpose()
     }
 
     /// Notes when and from where an API key was last used.
     pub async fn touch_api_key(&self, key_id: &str, client_ip: Option<&str>) -> Result<()> {
         let _gate = if self.backend == crate::Backend::Sqlite { Some(self.write_gate.lock().await) } else { None };
-        sqlx::query("UPDATE api_keys SET last_used_at = $2, last_ip = $3 WHERE id = $1").bind(key_id).bind(now_micros()).bind(client_ip).execute(&self.writer).await?;
+        sqlx::query("UPDATE api_keys SET last_used_at = $2, last_ip = $3 WHERE id = $1")
+            .bind(key_id)
+            .bind(now_micros())
+            .bind(client_ip)
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
@@ -245,18 +258,29 @@ impl Store {
         row.map(|row| principal_from_row(&row, format!("session:{}", row.try_get::<String, _>("session_id")?), row.try_get("csrf_token")?, None)).transpose()
     }
 
-    pub async fn create_session(&self, id: &str, admin_id: &str, token_hash: &[u8], csrf_token: &str, client_ip: Option<&str>, expires_at: i64, audit: AuditEntry) -> Result<()> {
+    pub async fn create_session(
+        &self,
+        id: &str,
+        admin_id: &str,
+        token_hash: &[u8],
+        csrf_token: &str,
+        client_ip: Option<&str>,
+        expires_at: i64,
+        audit: AuditEntry,
+    ) -> Result<()> {
         let mut tx = self.write().await?;
-        sqlx::query("INSERT INTO admin_sessions (id, admin_id, token_hash, csrf_token, client_ip, active_since, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
-            .bind(id)
-            .bind(admin_id)
-            .bind(token_hash)
-            .bind(csrf_token)
-            .bind(client_ip)
-            .bind(now_micros())
-            .bind(expires_at)
-            .execute(&mut *tx.transaction)
-            .await?;
+        sqlx::query(
+            "INSERT INTO admin_sessions (id, admin_id, token_hash, csrf_token, client_ip, active_since, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(id)
+        .bind(admin_id)
+        .bind(token_hash)
+        .bind(csrf_token)
+        .bind(client_ip)
+        .bind(now_micros())
+        .bind(expires_at)
+        .execute(&mut *tx.transaction)
+        .await?;
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await
     }

@@ -121,11 +121,8 @@ impl Store {
             query.offset
         );
         let rows = filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql))).fetch_all(&self.pool).await?;
-        let total: i64 = filter
-            .bind(sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM audit_log{}", filter.sql()))))
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
+        let total: i64 =
+            filter.bind(sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM audit_log{}", filter.sql())))).fetch_one(&self.pool).await?.try_get(0)?;
         Ok((rows.iter().map(audit_from_row).collect::<Result<_>>()?, total))
     }
 

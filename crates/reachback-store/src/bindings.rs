@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use reachback_ipam::{Location, address_from_key};
-use sqlx::Row;
 use serde_json::Value;
+use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::audit::AuditEntry;

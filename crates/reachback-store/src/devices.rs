@@ -83,11 +83,8 @@ impl Store {
             query.offset
         );
         let rows = filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql))).fetch_all(&self.pool).await?;
-        let total: i64 = filter
-            .bind(sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM devices d{}", filter.sql()))))
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
+        let total: i64 =
+            filter.bind(sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM devices d{}", filter.sql())))).fetch_one(&self.pool).await?.try_get(0)?;
         Ok((rows.iter().map(device_from_row).collect::<Result<_>>()?, total))
     }
 
@@ -117,11 +114,8 @@ impl Store {
         let device = device_from_row(&row)?;
         if let Some((family, value)) = device.virtual_ip.as_deref().and_then(parse_address) {
             let key = address_key(family, value);
-            let range_id: String = sqlx::query("SELECT range_id FROM bindings WHERE ip_key = $1")
-                .bind(key.to_vec())
-                .fetch_one(&mut *tx.transaction)
-                .await?
-                .try_get(0)?;
+            let range_id: String =
+                sqlx::query("SELECT range_id FROM bindings WHERE ip_key = $1").bind(key.to_vec()).fetch_one(&mut *tx.transaction).await?.try_get(0)?;
             crate::bindings::release_in(&mut tx.transaction, &key, &range_id).await?;
         }
         sqlx::query("DELETE FROM devices WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;

@@ -77,7 +77,13 @@ struct KnownDevice {
 enum Plan {
     Done(Result<EnrollOutcome, EnrollFailure>),
     /// a new device (with its key) or a known device without a binding
-    Bind { device_id: String, username: String, new_device: bool, key_id: String, reusable: bool },
+    Bind {
+        device_id: String,
+        username: String,
+        new_device: bool,
+        key_id: String,
+        reusable: bool,
+    },
 }
 
 const MAX_ADDRESS_TRIES: usize = 64;
@@ -90,7 +96,8 @@ const INSERT_CHUNK: usize = 500;
 fn placeholders(mark: char, rows: usize, columns: usize, first: usize) -> String {
     (0..rows)
         .map(|row| {
-            let cells: Vec<String> = (0..columns).map(|column| if mark == '?' { "?".to_string() } else { format!("${}", first + row * columns + column) }).collect();
+            let cells: Vec<String> =
+                (0..columns).map(|column| if mark == '?' { "?".to_string() } else { format!("${}", first + row * columns + column) }).collect();
             format!("({})", cells.join(", "))
         })
         .collect::<Vec<_>>()
@@ -125,7 +132,9 @@ impl Store {
             crate::Backend::Sqlite => '?',
             crate::Backend::Postgres => '$',
         };
-        let list = |count: usize, first: usize| (first..first + count).map(|index| if mark == '?' { "?".to_string() } else { format!("${index}") }).collect::<Vec<_>>().join(", ");
+        let list = |count: usize, first: usize| {
+            (first..first + count).map(|index| if mark == '?' { "?".to_string() } else { format!("${index}") }).collect::<Vec<_>>().join(", ")
+        };
         let numbered = |index: usize| if mark == '?' { "?".to_string() } else { format!("${index}") };
 
         // 1. the keys of the batch
@@ -201,9 +210,13 @@ impl Store {
                                 range_name: range_name.clone(),
                             }))
                         }
-                        None if claimed_hostnames.insert(&job.hostname) => {
-                            Plan::Bind { device_id: device.id.clone(), username: device.username.clone(), new_device: false, key_id: key.id.clone(), reusable: key.reusable }
-                        }
+                        None if claimed_hostnames.insert(&job.hostname) => Plan::Bind {
+                            device_id: device.id.clone(),
+                            username: device.username.clone(),
+                            new_device: false,
+                            key_id: key.id.clone(),
+                            reusable: key.reusable,
+                        },
                         None => Plan::Done(Err(EnrollFailure::HostnameTaken)),
                     },
                     Some(_) => Plan::Done(Err(EnrollFailure::HostnameTaken)),
@@ -213,7 +226,13 @@ impl Store {
                         if !key.reusable {
                             spent_in_batch.insert(key.id.clone());
                         }
-                        Plan::Bind { device_id: job.new_device_id.clone(), username: key.username.clone(), new_device: true, key_id: key.id.clone(), reusable: key.reusable }
+                        Plan::Bind {
+                            device_id: job.new_device_id.clone(),
+                            username: key.username.clone(),
+                            new_device: true,
+                            key_id: key.id.clone(),
+                            reusable: key.reusable,
+                        }
                     }
                 },
             };
@@ -235,7 +254,8 @@ impl Store {
         }
 
         // 5. new devices, in multi-row inserts; a hostname another replica took meanwhile is refused
-        let new_devices: Vec<usize> = plans.iter().enumerate().filter(|(_, plan)| matches!(plan, Plan::Bind { new_device: true, .. })).map(|(index, _)| index).collect();
+        let new_devices: Vec<usize> =
+            plans.iter().enumerate().filter(|(_, plan)| matches!(plan, Plan::Bind { new_device: true, .. })).map(|(index, _)| index).collect();
         let mut inserted: HashSet<String> = HashSet::new();
         for chunk in new_devices.chunks(INSERT_CHUNK) {
             let sql = format!(
@@ -272,7 +292,10 @@ impl Store {
             let Plan::Bind { device_id, key_id, reusable, .. } = &plans[index] else { continue };
             if !inserted.contains(device_id) {
                 if !reusable {
-                    sqlx::query("UPDATE enrollment_keys SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0").bind(key_id.as_str()).execute(&mut *tx.transaction).await?;
+                    sqlx::query("UPDATE enrollment_keys SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0")
+                        .bind(key_id.as_str())
+                        .execute(&mut *tx.transaction)
+                        .await?;
                 }
                 plans[index] = Plan::Done(Err(EnrollFailure::HostnameTaken));
             }
@@ -377,17 +400,28 @@ impl Store {
                 Some(Err(_)) if *new_device => {
                     sqlx::query("DELETE FROM devices WHERE id = $1").bind(device_id.as_str()).execute(&mut *tx.transaction).await?;
                     if !reusable {
-                        sqlx::query("UPDATE enrollment_keys SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0").bind(key_id.as_str()).execute(&mut *tx.transaction).await?;
+                        sqlx::query("UPDATE enrollment_keys SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0")
+                            .bind(key_id.as_str())
+                            .execute(&mut *tx.transaction)
+                            .await?;
                     }
                 }
                 _ => {}
             }
         }
         for (range_id, delta) in &range_deltas {
-            sqlx::query("UPDATE ip_ranges SET used_ips = used_ips + $2 WHERE id = $1").bind(range_id.as_str()).bind(*delta).execute(&mut *tx.transaction).await?;
+            sqlx::query("UPDATE ip_ranges SET used_ips = used_ips + $2 WHERE id = $1")
+                .bind(range_id.as_str())
+                .bind(*delta)
+                .execute(&mut *tx.transaction)
+                .await?;
         }
         for (key_id, uses) in &reusable_uses {
-            sqlx::query("UPDATE enrollment_keys SET used_count = used_count + $2 WHERE id = $1").bind(key_id.as_str()).bind(*uses).execute(&mut *tx.transaction).await?;
+            sqlx::query("UPDATE enrollment_keys SET used_count = used_count + $2 WHERE id = $1")
+                .bind(key_id.as_str())
+                .bind(*uses)
+                .execute(&mut *tx.transaction)
+                .await?;
         }
         seen_devices.sort();
         seen_devices.dedup();

@@ -59,9 +59,8 @@ impl Store {
     }
 
     pub async fn list_enrollment_keys(&self) -> Result<Vec<EnrollmentKeyRow>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM enrollment_keys ORDER BY created_at DESC, id")))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM enrollment_keys ORDER BY created_at DESC, id"))).fetch_all(&self.pool).await?;
         rows.iter().map(key_from_row).collect()
     }
 

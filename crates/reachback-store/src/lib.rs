@@ -22,9 +22,9 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
 
+pub use admin::new_id;
 pub use admin::{AdminRow, ApiKeyRow, Principal, SessionRow};
 pub use audit::{AuditEntry, AuditQuery, AuditRow};
-pub use admin::new_id;
 pub use bindings::{BindingQuery, BindingRow, BindingSort, EngineSnapshot};
 pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
 pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
@@ -93,11 +93,7 @@ impl Store {
     /// Connects (creating an SQLite file if needed) and applies migrations.
     pub async fn connect(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
-        } else {
-            Backend::Sqlite
-        };
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") { Backend::Postgres } else { Backend::Sqlite };
         let options = AnyConnectOptions::from_str(url)?;
         let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }, "-8192").await?;
         // SQLite: one long-lived writer connection whose page cache stays warm;
@@ -106,7 +102,13 @@ impl Store {
             Backend::Sqlite => Self::pool(&options, backend, 1, "-65536").await?,
             Backend::Postgres => pool.clone(),
         };
-        let store = Store { pool, writer, backend, write_gate: Arc::new(tokio::sync::Mutex::new(())), export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)) };
+        let store = Store {
+            pool,
+            writer,
+            backend,
+            write_gate: Arc::new(tokio::sync::Mutex::new(())),
+            export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -171,8 +173,12 @@ impl Store {
                 }
                 let script = match self.backend {
                     // sqlx's Any driver maps no SQLite BOOLEAN, so SQLite keeps flags as 0/1 integers
-                    Backend::Sqlite => script.replace("{BLOB}", "BLOB").replace("{REAL}", "REAL").replace("{BOOL}", "INTEGER").replace("{CLUSTERED}", " WITHOUT ROWID"),
-                    Backend::Postgres => script.replace("{BLOB}", "BYTEA").replace("{REAL}", "DOUBLE PRECISION").replace("{BOOL}", "BOOLEAN").replace("{CLUSTERED}", ""),
+                    Backend::Sqlite => {
+                        script.replace("{BLOB}", "BLOB").replace("{REAL}", "REAL").replace("{BOOL}", "INTEGER").replace("{CLUSTERED}", " WITHOUT ROWID")
+                    }
+                    Backend::Postgres => {
+                        script.replace("{BLOB}", "BYTEA").replace("{REAL}", "DOUBLE PRECISION").replace("{BOOL}", "BOOLEAN").replace("{CLUSTERED}", "")
+                    }
                 };
                 let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
                 sqlx::raw_sql(sqlx::AssertSqlSafe(script)).execute(&mut *transaction).await?;
@@ -304,7 +310,10 @@ impl Filter {
         if self.clauses.is_empty() { String::new() } else { format!(" WHERE {}", self.clauses.join(" AND ")) }
     }
 
-    pub(crate) fn bind<'q>(&'q self, mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    pub(crate) fn bind<'q>(
+        &'q self,
+        mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
         for value in &self.values {
             query = match value {
                 FilterValue::Text(text) => query.bind(text.as_str()),

@@ -71,9 +71,7 @@ fn range_from_row(row: &AnyRow) -> Result<RangeRow> {
 impl Store {
     /// Every range, by name. Ranges number in the hundreds, so callers filter and page in memory.
     pub async fn list_ranges(&self) -> Result<Vec<RangeRow>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {RANGE_COLUMNS} FROM ip_ranges ORDER BY name_key, id")))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {RANGE_COLUMNS} FROM ip_ranges ORDER BY name_key, id"))).fetch_all(&self.pool).await?;
         rows.iter().map(range_from_row).collect()
     }
 
@@ -99,10 +97,10 @@ impl Store {
         )
         .bind(id);
         bind_write(query, write)
-        .bind(now)
-        .execute(&mut *tx.transaction)
-        .await
-        .map_err(|error| if crate::is_unique_violation(&error) { StoreError::Duplicate("name") } else { error.into() })?;
+            .bind(now)
+            .execute(&mut *tx.transaction)
+            .await
+            .map_err(|error| if crate::is_unique_violation(&error) { StoreError::Duplicate("name") } else { error.into() })?;
         let created = RangeRow {
             id: id.to_string(),
             name: write.name.clone(),
@@ -140,15 +138,13 @@ impl Store {
             check_overlap(&mut tx.transaction, &write.range, Some(id)).await?;
             let (first, last) = write.range.assignable();
             let family = write.range.family();
-            let outside: i64 = sqlx::query(
-                "SELECT COUNT(*) FROM bindings WHERE range_id = $1 AND device_id IS NOT NULL AND (ip_key < $2 OR ip_key > $3)",
-            )
-            .bind(id)
-            .bind(address_key(family, first).to_vec())
-            .bind(address_key(family, last).to_vec())
-            .fetch_one(&mut *tx.transaction)
-            .await?
-            .try_get(0)?;
+            let outside: i64 = sqlx::query("SELECT COUNT(*) FROM bindings WHERE range_id = $1 AND device_id IS NOT NULL AND (ip_key < $2 OR ip_key > $3)")
+                .bind(id)
+                .bind(address_key(family, first).to_vec())
+                .bind(address_key(family, last).to_vec())
+                .fetch_one(&mut *tx.transaction)
+                .await?
+                .try_get(0)?;
             if outside > 0 {
                 return Err(StoreError::BindingsOutside(outside));
             }
@@ -169,10 +165,10 @@ impl Store {
         )
         .bind(id);
         bind_write(query, write)
-        .bind(now)
-        .execute(&mut *tx.transaction)
-        .await
-        .map_err(|error| if crate::is_unique_violation(&error) { StoreError::Duplicate("name") } else { error.into() })?;
+            .bind(now)
+            .execute(&mut *tx.transaction)
+            .await
+            .map_err(|error| if crate::is_unique_violation(&error) { StoreError::Duplicate("name") } else { error.into() })?;
         let after = RangeRow {
             name: write.name.clone(),
             description: write.description.clone(),
@@ -209,7 +205,10 @@ impl Store {
 
 /// Binds name, name key, description, range text, family, first and last key,
 /// location and status, in that order ($2 … $14).
-fn bind_write<'q>(query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>, write: &RangeWrite) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+fn bind_write<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    write: &RangeWrite,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     let location = write.location.clone().unwrap_or_default();
     query
         .bind(write.name.clone())
@@ -229,13 +228,15 @@ fn bind_write<'q>(query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArgumen
 
 async fn check_overlap(connection: &mut sqlx::AnyConnection, range: &AddressRange, except: Option<&str>) -> Result<()> {
     let family = range.family();
-    let row = sqlx::query("SELECT id, name, range_text FROM ip_ranges WHERE family = $1 AND first_key <= $2 AND last_key >= $3 AND id <> $4 ORDER BY first_key LIMIT 1")
-        .bind(family_number(family))
-        .bind(address_key(family, range.last()).to_vec())
-        .bind(address_key(family, range.first()).to_vec())
-        .bind(except.unwrap_or(""))
-        .fetch_optional(&mut *connection)
-        .await?;
+    let row = sqlx::query(
+        "SELECT id, name, range_text FROM ip_ranges WHERE family = $1 AND first_key <= $2 AND last_key >= $3 AND id <> $4 ORDER BY first_key LIMIT 1",
+    )
+    .bind(family_number(family))
+    .bind(address_key(family, range.last()).to_vec())
+    .bind(address_key(family, range.first()).to_vec())
+    .bind(except.unwrap_or(""))
+    .fetch_optional(&mut *connection)
+    .await?;
     match row {
         Some(row) => Err(StoreError::Overlap { id: row.try_get("id")?, name: row.try_get("name")?, range: row.try_get("range_text")? }),
         None => Ok(()),

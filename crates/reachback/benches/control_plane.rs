@@ -30,7 +30,11 @@ impl Server {
     fn start(data_dir: &std::path::Path, database: Option<&str>) -> (Server, f64) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let mut command = Command::new(BIN);
-        command.args(["server", "--listen", &format!("127.0.0.1:{port}"), "--bootstrap-token", TOKEN, "--data-dir"]).arg(data_dir).env("RUST_LOG", "warn").stdout(Stdio::null());
+        command
+            .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--bootstrap-token", TOKEN, "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
         if let Some(database) = database {
             command.args(["--database", database]);
         }
@@ -148,7 +152,10 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
         let body = json!({"name": format!("range-{index:03}"), "range": format!("{base}/18"), "location": {"country": "FR", "state": "IDF", "city": format!("city{index}")}});
         api("POST", &server.url("/api/v1/ip-ranges"), Some(body));
     }
-    let key = api("POST", &server.url("/api/v1/enrollment-keys"), Some(json!({"username": "bench@corp.example", "reusable": true})))["key"].as_str().expect("key").to_string();
+    let key = api("POST", &server.url("/api/v1/enrollment-keys"), Some(json!({"username": "bench@corp.example", "reusable": true})))["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
     let public_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     println!("== {label} ==");
@@ -171,13 +178,39 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
     }
     let mut sorted = rates.clone();
     sorted.sort_by(f64::total_cmp);
-    println!("  enrollments/s over HTTP ({connections} connections, {} rounds of {round}): median {:.0}, min {:.0}, max {:.0}", rates.len(), percentile(&sorted, 0.5), sorted[0], sorted[sorted.len() - 1]);
+    println!(
+        "  enrollments/s over HTTP ({connections} connections, {} rounds of {round}): median {:.0}, min {:.0}, max {:.0}",
+        rates.len(),
+        percentile(&sorted, 0.5),
+        sorted[0],
+        sorted[sorted.len() - 1]
+    );
 
     let metrics = agent_text(&server.url("/metrics"));
-    let sum: f64 = metrics.lines().find(|line| line.starts_with("reachback_enroll_batch_size_sum")).and_then(|line| line.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let count: f64 = metrics.lines().find(|line| line.starts_with("reachback_enroll_batch_size_count")).and_then(|line| line.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(1.0);
-    let seconds: f64 = metrics.lines().find(|line| line.starts_with("reachback_enroll_batch_duration_seconds_sum")).and_then(|line| line.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    println!("  mean enrollments per write transaction: {:.1}; mean transaction time {:.2} ms; writer busy {:.0}% of the enrollment time", sum / count.max(1.0), seconds / count.max(1.0) * 1000.0, seconds / enroll_seconds * 100.0);
+    let sum: f64 = metrics
+        .lines()
+        .find(|line| line.starts_with("reachback_enroll_batch_size_sum"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let count: f64 = metrics
+        .lines()
+        .find(|line| line.starts_with("reachback_enroll_batch_size_count"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    let seconds: f64 = metrics
+        .lines()
+        .find(|line| line.starts_with("reachback_enroll_batch_duration_seconds_sum"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    println!(
+        "  mean enrollments per write transaction: {:.1}; mean transaction time {:.2} ms; writer busy {:.0}% of the enrollment time",
+        sum / count.max(1.0),
+        seconds / count.max(1.0) * 1000.0,
+        seconds / enroll_seconds * 100.0
+    );
 
     // bindings listing latency with 1M bindings: filtered, sorted, deep pages
     let queries = [
@@ -223,7 +256,14 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
     }
     let seconds = started.elapsed().as_secs_f64();
     let peak = server.rss_kib("VmHWM:");
-    println!("  CSV export: {} rows, {:.1} MB in {seconds:.2} s; server RSS {:.1} MB before, peak {:.1} MB during (growth {:.1} MB)", lines - 1, bytes as f64 / 1e6, rss_before as f64 / 1024.0, peak as f64 / 1024.0, (peak.saturating_sub(rss_before)) as f64 / 1024.0);
+    println!(
+        "  CSV export: {} rows, {:.1} MB in {seconds:.2} s; server RSS {:.1} MB before, peak {:.1} MB during (growth {:.1} MB)",
+        lines - 1,
+        bytes as f64 / 1e6,
+        rss_before as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        (peak.saturating_sub(rss_before)) as f64 / 1024.0
+    );
 
     // start-up with the bindings in the store
     drop(server);

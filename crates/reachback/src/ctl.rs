@@ -108,7 +108,9 @@ enum RangeCommand {
         status: Option<String>,
     },
     /// Show one range
-    Get { id: String },
+    Get {
+        id: String,
+    },
     /// Create a range
     Create {
         #[command(flatten)]
@@ -123,8 +125,12 @@ enum RangeCommand {
         #[command(flatten)]
         fields: RangeFields,
     },
-    Enable { id: String },
-    Disable { id: String },
+    Enable {
+        id: String,
+    },
+    Disable {
+        id: String,
+    },
     /// Delete a range (--force releases its bindings)
     Delete {
         id: String,
@@ -162,9 +168,13 @@ enum BindingCommand {
         #[command(flatten)]
         filters: BindingFilters,
     },
-    Get { ip: String },
+    Get {
+        ip: String,
+    },
     /// Release a binding (the address goes into quarantine)
-    Release { ip: String },
+    Release {
+        ip: String,
+    },
     /// Download bindings as CSV
     Export {
         /// File to write ('-' for standard output)
@@ -195,7 +205,9 @@ enum KeyCommand {
         #[arg(long)]
         description: Option<String>,
     },
-    Revoke { id: String },
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -208,9 +220,13 @@ enum DeviceCommand {
         #[arg(long)]
         username: Option<String>,
     },
-    Get { id: String },
+    Get {
+        id: String,
+    },
     /// Delete a device: revoke its certificate and release its address
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -227,21 +243,27 @@ enum AdminCommand {
         password_stdin: bool,
     },
     /// Set an admin's console password, read from standard input
-    SetPassword { id: String },
+    SetPassword {
+        id: String,
+    },
     /// Create an API key for an admin (the secret is shown once)
     CreateKey {
         id: String,
         #[arg(long)]
         name: String,
     },
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum SessionCommand {
     List,
     /// End a session or revoke its API key
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -339,7 +361,11 @@ impl Client {
         let url = self.url(path, query);
         let response = self.request("GET", &url, None)?;
         let mut reader = response.into_body().into_reader();
-        let mut output: Box<dyn Write> = if file == "-" { Box::new(std::io::stdout().lock()) } else { Box::new(std::io::BufWriter::new(std::fs::File::create(file).with_context(|| format!("creating {file}"))?)) };
+        let mut output: Box<dyn Write> = if file == "-" {
+            Box::new(std::io::stdout().lock())
+        } else {
+            Box::new(std::io::BufWriter::new(std::fs::File::create(file).with_context(|| format!("creating {file}"))?))
+        };
         let mut buffer = vec![0u8; 256 * 1024];
         let (mut bytes, mut lines) = (0u64, 0u64);
         let started = Instant::now();
@@ -428,7 +454,9 @@ fn print(value: &Value, output: &str, columns: &[&str]) {
         match &item[column] {
             Value::Null => String::new(),
             Value::String(text) => text.clone(),
-            Value::Object(object) if column.ends_with("location") => ["city", "state", "country"].iter().filter_map(|key| object.get(*key).and_then(Value::as_str)).collect::<Vec<_>>().join(", "),
+            Value::Object(object) if column.ends_with("location") => {
+                ["city", "state", "country"].iter().filter_map(|key| object.get(*key).and_then(Value::as_str)).collect::<Vec<_>>().join(", ")
+            }
             other => other.to_string(),
         }
     };
@@ -450,8 +478,19 @@ fn print(value: &Value, output: &str, columns: &[&str]) {
         }
     };
     let rows: Vec<Vec<String>> = items.iter().map(|item| columns.iter().map(|column| cell(item, column)).collect()).collect();
-    let widths: Vec<usize> = columns.iter().enumerate().map(|(index, column)| rows.iter().map(|row| row[index].chars().count()).chain([column.len()]).max().unwrap_or(0).min(48)).collect();
-    let line = |cells: Vec<String>| cells.iter().zip(&widths).map(|(cell, width)| format!("{:<width$}", cell.chars().take(*width).collect::<String>(), width = width)).collect::<Vec<_>>().join("  ");
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(index, column)| rows.iter().map(|row| row[index].chars().count()).chain([column.len()]).max().unwrap_or(0).min(48))
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{:<width$}", cell.chars().take(*width).collect::<String>(), width = width))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
     println!("{}", line(columns.iter().map(|column| column.to_uppercase()).collect()));
     for row in rows {
         println!("{}", line(row));
@@ -483,7 +522,9 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 }
                 print(&client.json("POST", "/api/v1/ip-ranges", &[], Some(body))?, output, &[]);
             }
-            RangeCommand::Update { id, fields } => print(&client.json("PATCH", &format!("/api/v1/ip-ranges/{id}"), &[], Some(range_body(&fields)))?, output, &[]),
+            RangeCommand::Update { id, fields } => {
+                print(&client.json("PATCH", &format!("/api/v1/ip-ranges/{id}"), &[], Some(range_body(&fields)))?, output, &[])
+            }
             RangeCommand::Enable { id } => print(&client.json("POST", &format!("/api/v1/ip-ranges/{id}/enable"), &[], None)?, output, &[]),
             RangeCommand::Disable { id } => print(&client.json("POST", &format!("/api/v1/ip-ranges/{id}/disable"), &[], None)?, output, &[]),
             RangeCommand::Delete { id, force } => {
@@ -505,7 +546,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         },
         CtlCommand::Keys(command) => match command {
-            KeyCommand::List { list } => print(&client.json("GET", "/api/v1/enrollment-keys", &list_query(&list), None)?, output, &["id", "username", "reusable", "used_count", "revoked", "expires_at", "created_at"]),
+            KeyCommand::List { list } => print(
+                &client.json("GET", "/api/v1/enrollment-keys", &list_query(&list), None)?,
+                output,
+                &["id", "username", "reusable", "used_count", "revoked", "expires_at", "created_at"],
+            ),
             KeyCommand::Create { username, reusable, expires_at, description } => {
                 let body = json!({"username": username, "reusable": reusable, "expires_at": expires_at, "description": description.unwrap_or_default()});
                 print(&client.json("POST", "/api/v1/enrollment-keys", &[], Some(body))?, output, &[]);
@@ -534,11 +579,17 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 let body = json!({"password": read_password()?});
                 print(&client.json("PATCH", &format!("/api/v1/admins/{id}"), &[], Some(body))?, output, &[]);
             }
-            AdminCommand::CreateKey { id, name } => print(&client.json("POST", &format!("/api/v1/admins/{id}/api-keys"), &[], Some(json!({"name": name})))?, output, &[]),
+            AdminCommand::CreateKey { id, name } => {
+                print(&client.json("POST", &format!("/api/v1/admins/{id}/api-keys"), &[], Some(json!({"name": name})))?, output, &[])
+            }
             AdminCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/admins/{id}"), &[], None)?, output, &[]),
         },
         CtlCommand::Sessions(command) => match command {
-            SessionCommand::List => print(&client.json("GET", "/api/v1/admin-sessions", &[], None)?, output, &["id", "admin_username", "api_key_name", "client_ip", "active_since", "expires_at"]),
+            SessionCommand::List => print(
+                &client.json("GET", "/api/v1/admin-sessions", &[], None)?,
+                output,
+                &["id", "admin_username", "api_key_name", "client_ip", "active_since", "expires_at"],
+            ),
             SessionCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/admin-sessions/{id}"), &[], None)?, output, &[]),
         },
         CtlCommand::Settings(command) => match command {
@@ -549,7 +600,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                     let list: Vec<&str> = domains.split(',').map(str::trim).filter(|domain| !domain.is_empty()).collect();
                     body.insert("client_domains".into(), json!(list));
                 }
-                for (key, value) in [("release_quarantine_seconds", release_quarantine_seconds), ("binding_idle_ttl_seconds", binding_idle_ttl_seconds), ("export_limit", export_limit)] {
+                for (key, value) in [
+                    ("release_quarantine_seconds", release_quarantine_seconds),
+                    ("binding_idle_ttl_seconds", binding_idle_ttl_seconds),
+                    ("export_limit", export_limit),
+                ] {
                     if let Some(value) = value {
                         body.insert(key.into(), json!(value));
                     }
@@ -561,7 +616,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             AuditCommand::List { list, actor, action, resource_type } => {
                 let mut query = list_query(&list);
                 query.extend([("actor", actor), ("action", action), ("resource_type", resource_type)]);
-                print(&client.json("GET", "/api/v1/audit-logs", &query, None)?, output, &["at", "actor", "action", "resource_type", "resource_id", "source_ip"]);
+                print(
+                    &client.json("GET", "/api/v1/audit-logs", &query, None)?,
+                    output,
+                    &["at", "actor", "action", "resource_type", "resource_id", "source_ip"],
+                );
             }
             AuditCommand::Export { file } => client.download("/api/v1/audit-logs/export.csv", &[], &file)?,
         },

@@ -105,13 +105,15 @@ impl ServerArgs {
 
 fn validate(config: &ServerConfig) -> anyhow::Result<()> {
     if let Some(url) = &config.database_url
-        && !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
-            anyhow::bail!("--database must be a postgres:// or sqlite: URL");
-        }
+        && !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:"))
+    {
+        anyhow::bail!("--database must be a postgres:// or sqlite: URL");
+    }
     if let Some(token) = &config.bootstrap_token
-        && (token.len() < 16 || token.len() > 256 || token.chars().any(|c| c.is_whitespace() || c.is_control())) {
-            anyhow::bail!("--bootstrap-token must be 16 to 256 characters without spaces");
-        }
+        && (token.len() < 16 || token.len() > 256 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        anyhow::bail!("--bootstrap-token must be 16 to 256 characters without spaces");
+    }
     if config.broker_endpoints.is_empty() {
         anyhow::bail!("--broker-endpoints must name at least one endpoint");
     }

@@ -130,9 +130,7 @@ impl Model {
         let id = best?.4;
         let (spec, bound, quarantined) = self.ranges.get_mut(&id)?;
         let (first, last) = spec.range.assignable();
-        let fresh = (first..=last).find(|value| {
-            !bound.contains(value) && quarantined.get(value).is_none_or(|&released| released + quarantine <= now)
-        });
+        let fresh = (first..=last).find(|value| !bound.contains(value) && quarantined.get(value).is_none_or(|&released| released + quarantine <= now));
         let value = match fresh {
             Some(value) => value,
             None => *quarantined.iter().min_by_key(|(value, released)| (**released, **value))?.0,
@@ -163,7 +161,15 @@ fn locations() -> Vec<Option<Location>> {
     let mut far = place("JP", "Tokyo", "Tokyo");
     far.latitude = Some(35.0);
     far.longitude = Some(139.0);
-    vec![None, Some(place("FR", "IDF", "Paris")), Some(place("FR", "IDF", "")), Some(place("FR", "", "")), Some(near), Some(far), Some(place("DE", "Berlin", "Berlin"))]
+    vec![
+        None,
+        Some(place("FR", "IDF", "Paris")),
+        Some(place("FR", "IDF", "")),
+        Some(place("FR", "", "")),
+        Some(near),
+        Some(far),
+        Some(place("DE", "Berlin", "Berlin")),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {

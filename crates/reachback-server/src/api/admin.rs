@@ -11,7 +11,7 @@ use crate::auth::{Caller, Role};
 use crate::crypto::{hash_password, hash_secret, new_secret};
 use crate::error::{ApiError, ApiResult};
 use crate::request::{Fields, JsonObject, QueryParams, format_time};
-use crate::state::{SharedState, Settings};
+use crate::state::{Settings, SharedState};
 use crate::validate;
 
 fn admin_json(row: &AdminRow) -> Value {
@@ -32,9 +32,10 @@ fn session_json(row: &SessionRow) -> Value {
 
 fn check_password(fields: &mut Fields, password: &Option<String>) {
     if let Some(password) = password
-        && (password.chars().count() < 10 || password.len() > 1024) {
-            fields.error("password", "must have 10 to 1024 characters");
-        }
+        && (password.chars().count() < 10 || password.len() > 1024)
+    {
+        fields.error("password", "must have 10 to 1024 characters");
+    }
 }
 
 pub async fn me(caller: Caller) -> Json<Value> {
@@ -66,14 +67,12 @@ pub async fn create_admin(State(state): State<SharedState>, caller: Caller, body
     fields.finish()?;
     let password_hash = password.as_deref().map(hash_password).transpose().map_err(ApiError::internal)?;
     let row = AdminRow { id: new_id(), username: username.unwrap_or_default(), role: role.unwrap_or_default(), password_hash, created_at: now_micros() };
-    state
-        .store
-        .create_admin(&row, caller.audit("create", "admin", &row.id, None, Some(json!({"username": row.username, "role": row.role}))))
-        .await
-        .map_err(|error| match error {
+    state.store.create_admin(&row, caller.audit("create", "admin", &row.id, None, Some(json!({"username": row.username, "role": row.role})))).await.map_err(
+        |error| match error {
             reachback_store::StoreError::Duplicate(_) => ApiError::conflict(format!("an admin named {} exists already", row.username)),
             other => other.into(),
-        })?;
+        },
+    )?;
     Ok(created(admin_json(&row)))
 }
 
@@ -103,7 +102,11 @@ pub async fn patch_admin(State(state): State<SharedState>, caller: Caller, Path(
     let hash = password.as_deref().map(hash_password).transpose().map_err(ApiError::internal)?;
     state
         .store
-        .set_admin_password(&id, hash.as_deref(), caller.audit("set_password", "admin", &id, None, Some(json!({"password": if clear { "cleared" } else { "set" }}))))
+        .set_admin_password(
+            &id,
+            hash.as_deref(),
+            caller.audit("set_password", "admin", &id, None, Some(json!({"password": if clear { "cleared" } else { "set" }}))),
+        )
         .await
         .map_err(|error| crate::api::ranges::not_found_as(error, "admin"))?;
     let row = state.store.get_admin(&id).await?;
@@ -138,8 +141,12 @@ pub async fn create_api_key(State(state): State<SharedState>, caller: Caller, Pa
     fields.finish()?;
     state.store.get_admin(&admin_id).await.map_err(|error| crate::api::ranges::not_found_as(error, "admin"))?;
     let secret = new_secret("rbk_");
-    let row = ApiKeyRow { id: new_id(), admin_id: admin_id.clone(), name: name.unwrap_or_default(), created_at: now_micros(), last_used_at: None, last_ip: None };
-    state.store.create_api_key(&row, &hash_secret(&secret), caller.audit("create", "api_key", &row.id, None, Some(json!({"admin_id": admin_id, "name": row.name})))).await?;
+    let row =
+        ApiKeyRow { id: new_id(), admin_id: admin_id.clone(), name: name.unwrap_or_default(), created_at: now_micros(), last_used_at: None, last_ip: None };
+    state
+        .store
+        .create_api_key(&row, &hash_secret(&secret), caller.audit("create", "api_key", &row.id, None, Some(json!({"admin_id": admin_id, "name": row.name}))))
+        .await?;
     let mut body = api_key_json(&row);
     body["key"] = json!(secret);
     Ok(created(body))
@@ -168,14 +175,24 @@ pub async fn list_sessions(State(state): State<SharedState>, caller: Caller, Raw
     let query = QueryParams::parse(raw.as_deref(), &["page", "page_size", "admin_username"])?;
     let paging = query.paging()?;
     let filter = query.text("admin_username").map(|name| name.to_lowercase());
-    let rows: Vec<SessionRow> = state.store.list_sessions().await?.into_iter().filter(|row| filter.as_ref().is_none_or(|name| row.admin_username.to_lowercase().contains(name))).collect();
+    let rows: Vec<SessionRow> = state
+        .store
+        .list_sessions()
+        .await?
+        .into_iter()
+        .filter(|row| filter.as_ref().is_none_or(|name| row.admin_username.to_lowercase().contains(name)))
+        .collect();
     let total = rows.len() as i64;
     Ok(list_json(page_of(rows, paging).iter().map(session_json).collect(), total, paging))
 }
 
 pub async fn delete_session(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     caller.require(Role::Superadmin)?;
-    state.store.delete_session(&id, caller.audit("delete", "admin_session", &id, None, None)).await.map_err(|error| crate::api::ranges::not_found_as(error, "admin session"))?;
+    state
+        .store
+        .delete_session(&id, caller.audit("delete", "admin_session", &id, None, None))
+        .await
+        .map_err(|error| crate::api::ranges::not_found_as(error, "admin session"))?;
     Ok(no_content())
 }
 

@@ -62,7 +62,17 @@ pub async fn export(State(state): State<SharedState>, caller: Caller, RawQuery(r
     let records = rows.map(|row| {
         row.map(|row| {
             let json_text = |value: &Option<Value>| value.as_ref().map(Value::to_string).unwrap_or_default();
-            vec![row.id.clone(), format_time(row.at), row.actor.clone(), row.action.clone(), row.resource_type.clone(), row.resource_id.clone(), row.source_ip.clone().unwrap_or_default(), json_text(&row.before), json_text(&row.after)]
+            vec![
+                row.id.clone(),
+                format_time(row.at),
+                row.actor.clone(),
+                row.action.clone(),
+                row.resource_type.clone(),
+                row.resource_id.clone(),
+                row.source_ip.clone().unwrap_or_default(),
+                json_text(&row.before),
+                json_text(&row.after),
+            ]
         })
     });
     Ok(csv_response("audit-log.csv", &["id", "at", "actor", "action", "resource_type", "resource_id", "source_ip", "before", "after"], records))

@@ -53,9 +53,10 @@ async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(Statu
     };
     let platform = fields.string("platform", true).map(|platform| platform.trim().to_ascii_lowercase());
     if let Some(platform) = &platform
-        && !validate::PLATFORMS.contains(&platform.as_str()) {
-            fields.error("platform", format!("must be one of: {}", validate::PLATFORMS.join(", ")));
-        }
+        && !validate::PLATFORMS.contains(&platform.as_str())
+    {
+        fields.error("platform", format!("must be one of: {}", validate::PLATFORMS.join(", ")));
+    }
     let public_key = match fields.string("public_key", true).map(|text| parse_public_key(&text)) {
         Some(Ok(key)) => Some(key),
         Some(Err(message)) => {

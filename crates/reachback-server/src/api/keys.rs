@@ -112,7 +112,9 @@ pub async fn revoke(State(state): State<SharedState>, caller: Caller, Path(id): 
     caller.require(Role::Admin)?;
     state
         .store
-        .revoke_enrollment_key(&id, |row| caller.audit("revoke", "enrollment_key", &id, Some(key_json(&EnrollmentKeyRow { revoked: false, ..row.clone() })), Some(key_json(row))))
+        .revoke_enrollment_key(&id, |row| {
+            caller.audit("revoke", "enrollment_key", &id, Some(key_json(&EnrollmentKeyRow { revoked: false, ..row.clone() })), Some(key_json(row)))
+        })
         .await
         .map_err(|error| crate::api::ranges::not_found_as(error, "enrollment key"))?;
     Ok(no_content())

@@ -83,8 +83,8 @@ where
         let _ = writer.write_record(header);
         writer.into_inner().unwrap_or_default()
     };
-    let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(header_line)) }).chain(
-        records.ready_chunks(512).map(|chunk| {
+    let body =
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(header_line)) }).chain(records.ready_chunks(512).map(|chunk| {
             let mut writer = csv::Writer::from_writer(Vec::with_capacity(chunk.len() * 128));
             for record in chunk {
                 let record = record.map_err(|error| {
@@ -94,8 +94,7 @@ where
                 writer.write_record(record.iter().map(|cell| csv_cell(cell).into_owned())).map_err(std::io::Error::other)?;
             }
             writer.into_inner().map(bytes::Bytes::from).map_err(|error| std::io::Error::other(error.to_string()))
-        }),
-    );
+        }));
     let mut response = axum::body::Body::from_stream(body).into_response();
     let headers = response.headers_mut();
     headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("text/csv; charset=utf-8"));
@@ -111,7 +110,9 @@ mod tests {
 
     #[test]
     fn csv_cells_are_neutralised() {
-        for (input, expected) in [("=1+1", "'=1+1"), ("+x", "'+x"), ("-2", "'-2"), ("@a", "'@a"), ("\tx", "'\tx"), ("\rx", "'\rx"), ("alice", "alice"), ("", "")] {
+        for (input, expected) in
+            [("=1+1", "'=1+1"), ("+x", "'+x"), ("-2", "'-2"), ("@a", "'@a"), ("\tx", "'\tx"), ("\rx", "'\rx"), ("alice", "alice"), ("", "")]
+        {
             assert_eq!(csv_cell(input), expected);
         }
         assert_eq!(count_json(254), json!(254));

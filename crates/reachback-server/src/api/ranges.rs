@@ -48,9 +48,10 @@ fn read_write(mut fields: Fields, base: Option<&RangeRow>) -> ApiResult<RangeWri
     }
     let description = fields.string("description", false);
     if let Some(description) = &description
-        && description.chars().count() > 1024 {
-            fields.error("description", "must have at most 1024 characters");
-        }
+        && description.chars().count() > 1024
+    {
+        fields.error("description", "must have at most 1024 characters");
+    }
     let range_text = fields.string("range", creating);
     let range = match range_text.as_deref().map(AddressRange::parse) {
         Some(Ok(range)) => Some(range),
@@ -119,7 +120,9 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
         Some("disabled") => Some(false),
         Some(other) => return Err(ApiError::bad_request(format!("'status' must be enabled or disabled, got '{other}'"))),
     };
-    let contains = |value: Option<&str>, needle: &Option<String>| needle.as_ref().is_none_or(|needle| value.is_some_and(|value| value.to_lowercase().contains(&needle.to_lowercase())));
+    let contains = |value: Option<&str>, needle: &Option<String>| {
+        needle.as_ref().is_none_or(|needle| value.is_some_and(|value| value.to_lowercase().contains(&needle.to_lowercase())))
+    };
     let range_filter = query.text("range");
     let address = range_filter.as_deref().and_then(|text| text.parse::<std::net::IpAddr>().ok());
     let (city, region, country, name) = (query.text("city"), query.text("state"), query.text("country"), query.text("name"));
@@ -175,14 +178,13 @@ async fn apply(state: &SharedState, caller: &Caller, id: &str, action: &str, bui
     let write = build(&current)?;
     let mut engine = state.engine.lock().await;
     let before_json = range_json(&current);
-    let (before, after) = state
-        .store
-        .update_range(id, &write, |after| caller.audit(action, "ip_range", id, Some(before_json.clone()), Some(range_json(after))))
-        .await
-        .map_err(|error| match error {
-            reachback_store::StoreError::NotFound => ApiError::not_found("IP range"),
-            other => overlap_error(other),
-        })?;
+    let (before, after) =
+        state.store.update_range(id, &write, |after| caller.audit(action, "ip_range", id, Some(before_json.clone()), Some(range_json(after)))).await.map_err(
+            |error| match error {
+                reachback_store::StoreError::NotFound => ApiError::not_found("IP range"),
+                other => overlap_error(other),
+            },
+        )?;
     if before.range != after.range {
         let (bound, quarantined) = state.store.range_addresses(id).await?;
         if let Err(error) = engine.load_range(spec_of(&after), bound, quarantined) {
@@ -213,7 +215,13 @@ async fn set_enabled(state: SharedState, caller: Caller, id: String, enabled: bo
     caller.require(Role::Admin)?;
     let action = if enabled { "enable" } else { "disable" };
     apply(&state, &caller, &id, action, |current| {
-        Ok(RangeWrite { name: current.name.clone(), description: current.description.clone(), range: current.range, location: current.location.clone(), enabled })
+        Ok(RangeWrite {
+            name: current.name.clone(),
+            description: current.description.clone(),
+            range: current.range,
+            location: current.location.clone(),
+            enabled,
+        })
     })
     .await
 }
@@ -226,7 +234,13 @@ pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): 
     let (_, released) = state
         .store
         .delete_range(&id, force, |row, released| {
-            caller.audit(if released > 0 { "force_delete" } else { "delete" }, "ip_range", &id, Some(range_json(row)), Some(json!({"released_bindings": released})))
+            caller.audit(
+                if released > 0 { "force_delete" } else { "delete" },
+                "ip_range",
+                &id,
+                Some(range_json(row)),
+                Some(json!({"released_bindings": released})),
+            )
         })
         .await
         .map_err(|error| not_found_as(error, "IP range"))?;

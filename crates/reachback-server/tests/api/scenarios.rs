@@ -71,7 +71,10 @@ async fn ranges_create_validate_and_refuse_without_change(server: TestServer) {
     assert_eq!(paris["location"]["country"], "FR");
     assert!(paris["created_at"].as_str().expect("time").ends_with('Z'));
     let span = create_range(&server, json!({"name": "Span", "range": "100.65.0.10 - 100.65.0.200", "enabled": false})).await;
-    assert_eq!((span["range"].clone(), span["total_ips"].clone(), span["enabled"].clone(), span["location"].clone()), (json!("100.65.0.10-100.65.0.200"), json!(191), json!(false), Value::Null));
+    assert_eq!(
+        (span["range"].clone(), span["total_ips"].clone(), span["enabled"].clone(), span["location"].clone()),
+        (json!("100.65.0.10-100.65.0.200"), json!(191), json!(false), Value::Null)
+    );
     let v6 = create_range(&server, json!({"name": "v6", "range": "FD7A:115C:0::/64"})).await;
     assert_eq!((v6["range"].clone(), v6["total_ips"].clone()), (json!("fd7a:115c::/64"), json!("18446744073709551615")));
     let small = create_range(&server, json!({"name": "v6 small", "range": "fd7a:115d::/120"})).await;
@@ -146,7 +149,9 @@ async fn ranges_list_filter_sort_page(server: TestServer) {
     ] {
         create_range(&server, json!({"name": name, "range": range, "location": {"country": country, "city": city, "state": "S"}})).await;
     }
-    let names = |reply: crate::harness::Reply| -> Vec<String> { reply.json()["items"].as_array().expect("items").iter().map(|item| item["name"].as_str().expect("name").to_string()).collect() };
+    let names = |reply: crate::harness::Reply| -> Vec<String> {
+        reply.json()["items"].as_array().expect("items").iter().map(|item| item["name"].as_str().expect("name").to_string()).collect()
+    };
     assert_eq!(names(server.get("/api/v1/ip-ranges").await), ["Alpha", "bravo", "charlie", "delta"]);
     assert_eq!(names(server.get("/api/v1/ip-ranges?sort=-name").await), ["delta", "charlie", "bravo", "Alpha"]);
     assert_eq!(names(server.get("/api/v1/ip-ranges?sort=range").await), ["Alpha", "bravo", "charlie", "delta"]);
@@ -157,7 +162,10 @@ async fn ranges_list_filter_sort_page(server: TestServer) {
     assert_eq!(names(server.get("/api/v1/ip-ranges?range=fd00").await), ["delta"]);
     assert_eq!(names(server.get("/api/v1/ip-ranges?name=ar").await), ["charlie"]);
     let page = server.get("/api/v1/ip-ranges?page=2&page_size=3").await.json();
-    assert_eq!((page["total"].clone(), page["page"].clone(), page["page_size"].clone(), page["items"].as_array().expect("items").len()), (json!(4), json!(2), json!(3), 1));
+    assert_eq!(
+        (page["total"].clone(), page["page"].clone(), page["page_size"].clone(), page["items"].as_array().expect("items").len()),
+        (json!(4), json!(2), json!(3), 1)
+    );
     assert_eq!(page["items"][0]["name"], "delta");
     let id = page["items"][0]["id"].as_str().expect("id").to_string();
     server.call(Method::POST, &format!("/api/v1/ip-ranges/{id}/disable"), None, Some(TOKEN)).await;
@@ -183,7 +191,10 @@ async fn ranges_edit_enable_disable_delete(server: TestServer) {
     let reply = server.patch(&path, json!({"name": "Edited", "description": "lab", "location": {"country": "DE", "city": "Berlin", "state": "Berlin"}})).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let edited = reply.json();
-    assert_eq!((edited["name"].clone(), edited["description"].clone(), edited["location"]["city"].clone(), edited["range"].clone()), (json!("Edited"), json!("lab"), json!("Berlin"), json!("100.64.0.0/28")));
+    assert_eq!(
+        (edited["name"].clone(), edited["description"].clone(), edited["location"]["city"].clone(), edited["range"].clone()),
+        (json!("Edited"), json!("lab"), json!("Berlin"), json!("100.64.0.0/28"))
+    );
     assert_ne!(edited["updated_at"], range["updated_at"]);
     // growing the range is fine; shrinking below a bound address or into a neighbour is not
     assert_eq!(server.patch(&path, json!({"range": "100.64.0.0/24"})).await.json()["total_ips"], 254);
@@ -247,7 +258,10 @@ async fn authentication_and_roles(server: TestServer) {
     assert_eq!(server.call(Method::POST, "/api/v1/ip-ranges", Some(body), Some(admin)).await.status, StatusCode::CREATED);
     assert_eq!(server.call(Method::GET, "/api/v1/admins", None, Some(admin)).await.status, StatusCode::FORBIDDEN);
     assert_eq!(server.call(Method::GET, "/api/v1/admin-sessions", None, Some(admin)).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(server.call(Method::POST, "/api/v1/admins", Some(json!({"username": "x", "role": "superadmin"})), Some(admin)).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        server.call(Method::POST, "/api/v1/admins", Some(json!({"username": "x", "role": "superadmin"})), Some(admin)).await.status,
+        StatusCode::FORBIDDEN
+    );
     assert_eq!(server.call(Method::GET, "/api/v1/me", None, Some(viewer)).await.json()["role"], "viewer");
 }
 
@@ -273,12 +287,21 @@ async fn enrollment_flow(server: TestServer) {
     assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
     let binding = server.get("/api/v1/ip-bindings/100.64.0.1").await.json();
     assert_eq!(
-        (binding["username"].clone(), binding["platform"].clone(), binding["client_hostname"].clone(), binding["range_name"].clone(), binding["range_location"].clone()),
+        (
+            binding["username"].clone(),
+            binding["platform"].clone(),
+            binding["client_hostname"].clone(),
+            binding["range_name"].clone(),
+            binding["range_location"].clone()
+        ),
         (json!("alice@corp.example"), json!("windows"), json!("alice-laptop.corp.example"), json!("Global"), Value::Null)
     );
     let device_id = enrolled["device_id"].as_str().expect("id");
     let device = server.get(&format!("/api/v1/devices/{device_id}")).await.json();
-    assert_eq!((device["hostname"].clone(), device["virtual_ip"].clone(), device["location"]["city"].clone()), (json!("alice-laptop.corp.example"), json!("100.64.0.1"), json!("Paris")));
+    assert_eq!(
+        (device["hostname"].clone(), device["virtual_ip"].clone(), device["location"]["city"].clone()),
+        (json!("alice-laptop.corp.example"), json!("100.64.0.1"), json!("Paris"))
+    );
     let keys = server.get("/api/v1/enrollment-keys").await.json();
     let spent = keys["items"].as_array().expect("items").iter().find(|item| item["username"] == "alice@corp.example").expect("key listed").clone();
     assert_eq!(spent["used_count"], 1);
@@ -307,9 +330,18 @@ async fn enrollment_refusals(server: TestServer) {
         (json!({"enrollment_key": key, "hostname": "laptop", "platform": "windows", "public_key": good}), "hostname"),
         (json!({"enrollment_key": key, "hostname": "bad_host.corp.example", "platform": "windows", "public_key": good}), "hostname"),
         (json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "beos", "public_key": good}), "platform"),
-        (json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"}), "public_key"),
-        (json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key").public_key_pem()}), "public_key"),
-        (json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": good, "location": {"country": "ZZ"}}), "location.country"),
+        (
+            json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"}),
+            "public_key",
+        ),
+        (
+            json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key").public_key_pem()}),
+            "public_key",
+        ),
+        (
+            json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": good, "location": {"country": "ZZ"}}),
+            "location.country",
+        ),
         (json!({"enrollment_key": key, "platform": "linux", "public_key": good}), "hostname"),
     ];
     for (body, field) in cases {
@@ -317,7 +349,10 @@ async fn enrollment_refusals(server: TestServer) {
         assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {}", reply.text());
         assert_eq!(reply.json()["errors"][0]["field"], field);
     }
-    assert_eq!(call(json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": good, "username": "root"})).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        call(json!({"enrollment_key": key, "hostname": "ok.corp.example", "platform": "linux", "public_key": good, "username": "root"})).await.status,
+        StatusCode::BAD_REQUEST
+    );
     // nothing above used the single-use key
     let reply = enroll(&server, &key, "ok.corp.example", &good, Value::Null).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
@@ -364,7 +399,9 @@ async fn bindings_list_get_release(server: TestServer) {
         let reply = enroll(&server, &key, &format!("host{index:02}.corp.example"), &public_key(), json!({"city": "Lyon", "country": "FR"})).await;
         assert_eq!(reply.status, StatusCode::CREATED);
     }
-    let ips = |reply: crate::harness::Reply| -> Vec<String> { reply.json()["items"].as_array().expect("items").iter().map(|item| item["ip"].as_str().expect("ip").to_string()).collect() };
+    let ips = |reply: crate::harness::Reply| -> Vec<String> {
+        reply.json()["items"].as_array().expect("items").iter().map(|item| item["ip"].as_str().expect("ip").to_string()).collect()
+    };
     let all = ips(server.get("/api/v1/ip-bindings?page_size=5").await);
     assert_eq!(all, ["100.64.0.1", "100.64.0.2", "100.64.0.3", "100.64.0.4", "100.64.0.5"]);
     let descending = ips(server.get("/api/v1/ip-bindings?sort=-ip&page_size=4").await);
@@ -387,7 +424,10 @@ async fn bindings_list_get_release(server: TestServer) {
         assert_eq!(server.get(&format!("/api/v1/ip-bindings?{bad}")).await.status, StatusCode::BAD_REQUEST, "{bad}");
     }
     let one = server.get("/api/v1/ip-bindings/100.64.0.7").await.json();
-    assert_eq!((one["client_hostname"].clone(), one["range_location"].clone()), (json!("host06.corp.example"), json!({"city": "Lyon", "state": null, "country": "FR"})));
+    assert_eq!(
+        (one["client_hostname"].clone(), one["range_location"].clone()),
+        (json!("host06.corp.example"), json!({"city": "Lyon", "state": null, "country": "FR"}))
+    );
     assert_eq!(server.get("/api/v1/ip-bindings/100.64.0.99").await.status, StatusCode::NOT_FOUND);
     assert_eq!(server.get("/api/v1/ip-bindings/not-an-ip").await.status, StatusCode::BAD_REQUEST);
     assert_eq!(server.delete("/api/v1/ip-bindings/100.64.0.7").await.status, StatusCode::NO_CONTENT);
@@ -409,9 +449,22 @@ async fn csv_export(server: TestServer) {
     create_range(&server, json!({"name": "Plain", "range": "100.65.0.0/24"})).await;
     let evil = create_key(&server, "=HYPERLINK(\"http://x\")", true).await;
     let plain = create_key(&server, "@alice", true).await;
-    assert_eq!(enroll(&server, &evil, "a.corp.example", &public_key(), json!({"city": "Paris", "state": "IDF", "country": "FR"})).await.status, StatusCode::CREATED);
-    assert_eq!(enroll(&server, &plain, "b.corp.example", &public_key(), json!({"city": "Paris", "state": "IDF", "country": "FR"})).await.status, StatusCode::CREATED);
-    server.call(Method::POST, &format!("/api/v1/ip-ranges/{}/disable", server.get("/api/v1/ip-ranges?name=evil").await.json()["items"][0]["id"].as_str().expect("id")), None, Some(TOKEN)).await;
+    assert_eq!(
+        enroll(&server, &evil, "a.corp.example", &public_key(), json!({"city": "Paris", "state": "IDF", "country": "FR"})).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        enroll(&server, &plain, "b.corp.example", &public_key(), json!({"city": "Paris", "state": "IDF", "country": "FR"})).await.status,
+        StatusCode::CREATED
+    );
+    server
+        .call(
+            Method::POST,
+            &format!("/api/v1/ip-ranges/{}/disable", server.get("/api/v1/ip-ranges?name=evil").await.json()["items"][0]["id"].as_str().expect("id")),
+            None,
+            Some(TOKEN),
+        )
+        .await;
     assert_eq!(enroll(&server, &plain, "c.corp.example", &public_key(), Value::Null).await.status, StatusCode::CREATED);
     let reply = server.get("/api/v1/ip-bindings/export.csv").await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -499,7 +552,12 @@ async fn settings_and_client_domains(server: TestServer) {
     let reply = server.patch("/api/v1/settings", json!({"client_domains": ["Corp.Example"], "release_quarantine_seconds": 0})).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["client_domains"], json!(["corp.example"]));
-    for bad in [json!({"client_domains": ["not a domain"]}), json!({"export_limit": 0}), json!({"release_quarantine_seconds": -1}), json!({"client_domains": "corp.example"})] {
+    for bad in [
+        json!({"client_domains": ["not a domain"]}),
+        json!({"export_limit": 0}),
+        json!({"release_quarantine_seconds": -1}),
+        json!({"client_domains": "corp.example"}),
+    ] {
         assert_eq!(server.patch("/api/v1/settings", bad.clone()).await.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
     }
     assert_eq!(server.patch("/api/v1/settings", json!({"colour": 1})).await.status, StatusCode::BAD_REQUEST);
@@ -521,7 +579,15 @@ async fn operations_endpoints(server: TestServer) {
     let key = create_key(&server, "m", true).await;
     enroll(&server, &key, "m.corp.example", &public_key(), Value::Null).await;
     let metrics = server.call(Method::GET, "/metrics", None, None).await.text();
-    for expected in ["reachback_range_used_ips{", "range=\"Metered\"", "reachback_range_total_ips{", "reachback_enrollments_total{result=\"created\"} 1", "reachback_http_requests_total{", "reachback_http_request_duration_seconds_bucket{", "reachback_bindings 1"] {
+    for expected in [
+        "reachback_range_used_ips{",
+        "range=\"Metered\"",
+        "reachback_range_total_ips{",
+        "reachback_enrollments_total{result=\"created\"} 1",
+        "reachback_http_requests_total{",
+        "reachback_http_request_duration_seconds_bucket{",
+        "reachback_bindings 1",
+    ] {
         assert!(metrics.contains(expected), "{expected} missing in\n{metrics}");
     }
     let openapi = server.call(Method::GET, "/api/v1/openapi.json", None, None).await.json();
@@ -543,7 +609,13 @@ async fn operations_endpoints(server: TestServer) {
 
 async fn hostile_input(server: TestServer) {
     let raw = |body: &'static str, content_type: &'static str| {
-        Request::builder().method(Method::POST).uri("/api/v1/ip-ranges").header("authorization", format!("Bearer {TOKEN}")).header("content-type", content_type).body(Body::from(body)).expect("request")
+        Request::builder()
+            .method(Method::POST)
+            .uri("/api/v1/ip-ranges")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", content_type)
+            .body(Body::from(body))
+            .expect("request")
     };
     for body in ["{", "[]", "null", "\"x\"", "{\"name\": \"a\", \"range\": \"100.64.0.0/24\",}"] {
         let reply = server.send(raw(body, "application/json")).await;
@@ -552,15 +624,27 @@ async fn hostile_input(server: TestServer) {
     }
     assert_eq!(server.send(raw("name=a", "application/x-www-form-urlencoded")).await.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let huge = format!("{{\"name\": \"{}\", \"range\": \"100.64.0.0/24\"}}", "a".repeat(200_000));
-    let request = Request::builder().method(Method::POST).uri("/api/v1/ip-ranges").header("authorization", format!("Bearer {TOKEN}")).header("content-type", "application/json").body(Body::from(huge)).expect("request");
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/ip-ranges")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Body::from(huge))
+        .expect("request");
     assert_eq!(server.send(request).await.status, StatusCode::PAYLOAD_TOO_LARGE);
-    let enroll_huge = Request::builder().method(Method::POST).uri("/api/v1/enroll").header("content-type", "application/json").body(Body::from(vec![b' '; 100_000])).expect("request");
+    let enroll_huge = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/enroll")
+        .header("content-type", "application/json")
+        .body(Body::from(vec![b' '; 100_000]))
+        .expect("request");
     assert_eq!(server.send(enroll_huge).await.status, StatusCode::PAYLOAD_TOO_LARGE);
     for name in ["bad\u{0}name", "tab\there"] {
         assert_eq!(server.post("/api/v1/ip-ranges", json!({"name": name, "range": "100.64.0.0/24"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
     }
     // names with markup are stored as text, unchanged
-    let range = create_range(&server, json!({"name": "<script>alert(1)</script>", "range": "100.64.0.0/24", "description": "\"><img src=x onerror=alert(1)>"})).await;
+    let range =
+        create_range(&server, json!({"name": "<script>alert(1)</script>", "range": "100.64.0.0/24", "description": "\"><img src=x onerror=alert(1)>"})).await;
     assert_eq!(range["description"], "\"><img src=x onerror=alert(1)>");
     assert_eq!(server.get("/api/v1/ip-ranges?page=999999999999").await.status, StatusCode::BAD_REQUEST);
     assert_eq!(server.get("/api/v1/ip-ranges?page_size=-1").await.status, StatusCode::BAD_REQUEST);
@@ -600,7 +684,8 @@ async fn deep_pages_match_row_by_row_order(server: TestServer) {
     for ip in ["100.64.0.7", "100.64.0.99", "100.64.1.3", "fd00::20"] {
         assert_eq!(server.delete(&format!("/api/v1/ip-bindings/{ip}")).await.status, StatusCode::NO_CONTENT);
     }
-    let ips = |value: Value| -> Vec<String> { value["items"].as_array().expect("items").iter().map(|item| item["ip"].as_str().expect("ip").to_string()).collect() };
+    let ips =
+        |value: Value| -> Vec<String> { value["items"].as_array().expect("items").iter().map(|item| item["ip"].as_str().expect("ip").to_string()).collect() };
     for sort in ["ip", "-ip"] {
         for page in [4, 5, 6, 7, 8, 9] {
             // the filter on updated_after forces the row-skipping path: both must agree
@@ -622,7 +707,8 @@ async fn deep_pages_match_row_by_row_order(server: TestServer) {
             assert_eq!((chunked.len() > 20, &chunked, &chunked_quarantine), (true, &by_row, &by_row_quarantine), "{}", range.name);
         }
         store.set_export_chunk(5000);
-        let skipping = server.get(&format!("/api/v1/ip-bindings?sort={sort}&page=3&page_size=100&range_name=a&updated_after=2000-01-01T00:00:00Z")).await.json();
+        let skipping =
+            server.get(&format!("/api/v1/ip-bindings?sort={sort}&page=3&page_size=100&range_name=a&updated_after=2000-01-01T00:00:00Z")).await.json();
         assert_eq!(ips(seeking), ips(skipping));
     }
 }

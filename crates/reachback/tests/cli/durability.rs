@@ -12,9 +12,11 @@ fn kill_during_enrollments_loses_no_acknowledged_binding() {
     let temp = TempDir::new();
     let mut server = Server::start(&temp.0, None, &["--bootstrap-token", TOKEN]);
     let http = agent();
-    let (status, _) = request(&http, "POST", &format!("{}/api/v1/ip-ranges", server.base), Some(TOKEN), Some(&json!({"name": "Pool", "range": "100.64.0.0/16"})));
+    let (status, _) =
+        request(&http, "POST", &format!("{}/api/v1/ip-ranges", server.base), Some(TOKEN), Some(&json!({"name": "Pool", "range": "100.64.0.0/16"})));
     assert_eq!(status, 201);
-    let (_, key) = request(&http, "POST", &format!("{}/api/v1/enrollment-keys", server.base), Some(TOKEN), Some(&json!({"username": "fleet", "reusable": true})));
+    let (_, key) =
+        request(&http, "POST", &format!("{}/api/v1/enrollment-keys", server.base), Some(TOKEN), Some(&json!({"username": "fleet", "reusable": true})));
     let key = key["key"].as_str().expect("key").to_string();
     let acknowledged: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
     let base = server.base.clone();
@@ -26,7 +28,13 @@ fn kill_during_enrollments_loses_no_acknowledged_binding() {
                 let public_key = public_key();
                 for index in 0.. {
                     let hostname = format!("w{worker}-{index}.corp.example");
-                    let (status, body) = request(&http, "POST", &format!("{base}/api/v1/enroll"), None, Some(&json!({"enrollment_key": key, "hostname": hostname, "platform": "linux", "public_key": public_key})));
+                    let (status, body) = request(
+                        &http,
+                        "POST",
+                        &format!("{base}/api/v1/enroll"),
+                        None,
+                        Some(&json!({"enrollment_key": key, "hostname": hostname, "platform": "linux", "public_key": public_key})),
+                    );
                     match status {
                         201 => acknowledged.lock().expect("lock").push((body["virtual_ip"].as_str().expect("ip").to_string(), hostname)),
                         0 => return,
@@ -70,6 +78,12 @@ fn kill_during_enrollments_loses_no_acknowledged_binding() {
     assert_eq!(seen.len() as i64, used);
     assert!(used as usize >= acknowledged.len());
     // and it keeps allocating after the unclean stop
-    let (status, body): (u16, Value) = request(&http, "POST", &format!("{}/api/v1/enroll", server.base), None, Some(&json!({"enrollment_key": key, "hostname": "after.corp.example", "platform": "linux", "public_key": public_key()})));
+    let (status, body): (u16, Value) = request(
+        &http,
+        "POST",
+        &format!("{}/api/v1/enroll", server.base),
+        None,
+        Some(&json!({"enrollment_key": key, "hostname": "after.corp.example", "platform": "linux", "public_key": public_key()})),
+    );
     assert_eq!(status, 201, "{body}");
 }

@@ -47,9 +47,11 @@ fn three_replicas_never_bind_an_address_twice() {
     let first = Server::start(&dirs[0].0, Some(&url), &["--bootstrap-token", TOKEN]);
     let http = agent();
     // 2,046 addresses for 3,000 enrollments: some must be refused, cleanly
-    let (status, _) = request(&http, "POST", &format!("{}/api/v1/ip-ranges", first.base), Some(TOKEN), Some(&json!({"name": "Shared", "range": "100.64.0.0/21"})));
+    let (status, _) =
+        request(&http, "POST", &format!("{}/api/v1/ip-ranges", first.base), Some(TOKEN), Some(&json!({"name": "Shared", "range": "100.64.0.0/21"})));
     assert_eq!(status, 201);
-    let (_, key) = request(&http, "POST", &format!("{}/api/v1/enrollment-keys", first.base), Some(TOKEN), Some(&json!({"username": "fleet", "reusable": true})));
+    let (_, key) =
+        request(&http, "POST", &format!("{}/api/v1/enrollment-keys", first.base), Some(TOKEN), Some(&json!({"username": "fleet", "reusable": true})));
     let key = key["key"].as_str().expect("key").to_string();
     let others: Vec<Server> = dirs[1..].iter().map(|dir| Server::start(&dir.0, Some(&url), &["--bootstrap-token", TOKEN])).collect();
     let bases: Vec<String> = std::iter::once(first.base.clone()).chain(others.iter().map(|server| server.base.clone())).collect();

@@ -19,7 +19,10 @@ fn first_start_cli_walkthrough_and_clean_shutdown() {
     }
     let token = std::fs::read_to_string(&token_path).expect("token").trim().to_string();
 
-    let (ok, stdout, stderr) = server.ctl(&token, &["ranges", "create", "--name", "Paris laptops", "--range", "100.64.0.0/16", "--city", "Paris", "--state", "Ile-de-France", "--country", "FR"]);
+    let (ok, stdout, stderr) = server.ctl(
+        &token,
+        &["ranges", "create", "--name", "Paris laptops", "--range", "100.64.0.0/16", "--city", "Paris", "--state", "Ile-de-France", "--country", "FR"],
+    );
     assert!(ok, "{stderr}");
     assert!(stdout.contains("65534"), "{stdout}");
     let (ok, _, stderr) = server.ctl(&token, &["ranges", "create", "--name", "Overlap", "--range", "100.64.5.0/24"]);
@@ -37,7 +40,9 @@ fn first_start_cli_walkthrough_and_clean_shutdown() {
         "POST",
         &format!("{}/api/v1/enroll", server.base),
         None,
-        Some(&json!({"enrollment_key": key["key"], "hostname": "alice-laptop.corp.example", "platform": "macos", "public_key": public_key(), "location": {"city": "Paris", "state": "Ile-de-France", "country": "FR"}})),
+        Some(
+            &json!({"enrollment_key": key["key"], "hostname": "alice-laptop.corp.example", "platform": "macos", "public_key": public_key(), "location": {"city": "Paris", "state": "Ile-de-France", "country": "FR"}}),
+        ),
     );
     assert_eq!(status, 201, "{enrolled}");
     assert_eq!(enrolled["virtual_ip"], "100.64.0.1");
