@@ -19,12 +19,12 @@ pub struct ApiError {
     pub title: &'static str,
     pub detail: String,
     pub errors: Vec<FieldError>,
-    pub extra: Option<(&'static str, Value)>,
+    pub extra: Vec<(&'static str, Value)>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        ApiError { status, title, detail: detail.into(), errors: Vec::new(), extra: None }
+        ApiError { status, title, detail: detail.into(), errors: Vec::new(), extra: Vec::new() }
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
@@ -41,6 +41,14 @@ impl ApiError {
 
     pub fn not_found(what: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "Not found", format!("{what} not found"))
+    }
+
+    /// A store error, with "not found" naming what was looked for.
+    pub fn not_found_or(error: StoreError, what: &str) -> Self {
+        match error {
+            StoreError::NotFound => ApiError::not_found(what),
+            other => other.into(),
+        }
     }
 
     pub fn conflict(detail: impl Into<String>) -> Self {
@@ -66,7 +74,7 @@ impl ApiError {
     }
 
     pub fn with(mut self, key: &'static str, value: Value) -> Self {
-        self.extra = Some((key, value));
+        self.extra.push((key, value));
         self
     }
 }
@@ -100,7 +108,7 @@ impl IntoResponse for ApiError {
         if !self.errors.is_empty() {
             body["errors"] = json!(self.errors);
         }
-        if let Some((key, value)) = self.extra {
+        for (key, value) in self.extra {
             body[key] = value;
         }
         let mut response = (self.status, body.to_string()).into_response();

@@ -33,7 +33,7 @@ pub async fn run(state: std::sync::Weak<AppState>, mut queue: mpsc::Receiver<Enr
             }
             continue;
         };
-        let jobs: Vec<EnrollJob> = batch.iter().map(|request| request.job.clone()).collect();
+        let (jobs, replies): (Vec<EnrollJob>, Vec<_>) = batch.drain(..).map(|request| (request.job, request.reply)).unzip();
         let quarantine = state.settings().quarantine_micros();
         let started = std::time::Instant::now();
         let result = {
@@ -45,14 +45,14 @@ pub async fn run(state: std::sync::Weak<AppState>, mut queue: mpsc::Receiver<Enr
         tracing::trace!(size = jobs.len(), "enrollment batch written");
         match result {
             Ok(outcomes) => {
-                for (request, outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = request.reply.send(Ok(outcome));
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
                 }
             }
             Err(error) => {
                 let error = ApiError::from(error);
-                for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(error.clone()));
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }

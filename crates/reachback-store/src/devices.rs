@@ -23,6 +23,8 @@ pub struct DeviceRow {
     pub last_seen: i64,
     /// its bound address, if any
     pub virtual_ip: Option<String>,
+    /// the range of that address
+    pub range_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,7 +46,7 @@ pub struct DeviceQuery {
     pub limit: i64,
 }
 
-const DEVICE_COLUMNS: &str = "d.id, d.hostname, d.username, d.platform, d.public_key_fingerprint, d.certificate_serial, d.enrollment_key_id, d.city, d.state, d.country, d.latitude, d.longitude, d.created_at, d.last_seen, b.ip AS virtual_ip";
+const DEVICE_COLUMNS: &str = "d.id, d.hostname, d.username, d.platform, d.public_key_fingerprint, d.certificate_serial, d.enrollment_key_id, d.city, d.state, d.country, d.latitude, d.longitude, d.created_at, d.last_seen, b.ip AS virtual_ip, b.range_id AS range_id";
 
 fn device_from_row(row: &AnyRow) -> Result<DeviceRow> {
     Ok(DeviceRow {
@@ -59,6 +61,7 @@ fn device_from_row(row: &AnyRow) -> Result<DeviceRow> {
         created_at: row.try_get("created_at")?,
         last_seen: row.try_get("last_seen")?,
         virtual_ip: row.try_get("virtual_ip")?,
+        range_id: row.try_get("range_id")?,
     })
 }
 
@@ -112,11 +115,8 @@ impl Store {
         let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices d LEFT JOIN bindings b ON b.device_id = d.id WHERE d.id = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *tx.transaction).await?.ok_or(StoreError::NotFound)?;
         let device = device_from_row(&row)?;
-        if let Some((family, value)) = device.virtual_ip.as_deref().and_then(parse_address) {
-            let key = address_key(family, value);
-            let range_id: String =
-                sqlx::query("SELECT range_id FROM bindings WHERE ip_key = $1").bind(key.to_vec()).fetch_one(&mut *tx.transaction).await?.try_get(0)?;
-            crate::bindings::release_in(&mut tx.transaction, &key, &range_id).await?;
+        if let (Some((family, value)), Some(range_id)) = (device.virtual_ip.as_deref().and_then(parse_address), &device.range_id) {
+            crate::bindings::release_in(&mut tx.transaction, &address_key(family, value), range_id).await?;
         }
         sqlx::query("DELETE FROM devices WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;
         sqlx::query("INSERT INTO revoked_certificates (serial, device_id, revoked_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")

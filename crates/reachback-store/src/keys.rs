@@ -4,7 +4,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::audit::AuditEntry;
-use crate::{Result, Store, StoreError, now_micros};
+use crate::{Result, Store, StoreError};
 
 /// A stored enrollment key (its secret is kept only as a hash).
 #[derive(Clone, Debug, PartialEq)]
@@ -93,7 +93,6 @@ impl Store {
         key.revoked = true;
         crate::audit::record(&mut tx.transaction, audit(&key)).await?;
         tx.commit().await?;
-        let _ = now_micros();
         Ok(key)
     }
 }

@@ -96,11 +96,7 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15, $15)",
         )
         .bind(id);
-        bind_write(query, write)
-            .bind(now)
-            .execute(&mut *tx.transaction)
-            .await
-            .map_err(|error| if crate::is_unique_violation(&error) { StoreError::Duplicate("name") } else { error.into() })?;
+        bind_write(query, write).bind(now).execute(&mut *tx.transaction).await.map_err(name_taken)?;
         let created = RangeRow {
             id: id.to_string(),
             name: write.name.clone(),
@@ -164,11 +160,7 @@ impl Store {
              city = $9, state = $10, country = $11, latitude = $12, longitude = $13, enabled = $14, updated_at = $15 WHERE id = $1",
         )
         .bind(id);
-        bind_write(query, write)
-            .bind(now)
-            .execute(&mut *tx.transaction)
-            .await
-            .map_err(|error| if crate::is_unique_violation(&error) { StoreError::Duplicate("name") } else { error.into() })?;
+        bind_write(query, write).bind(now).execute(&mut *tx.transaction).await.map_err(name_taken)?;
         let after = RangeRow {
             name: write.name.clone(),
             description: write.description.clone(),
@@ -224,6 +216,11 @@ fn bind_write<'q>(
         .bind(location.latitude)
         .bind(location.longitude)
         .bind(write.enabled)
+}
+
+/// A unique violation on a range write can only be the case-folded name.
+fn name_taken(error: sqlx::Error) -> StoreError {
+    if crate::is_unique_violation(&error) { StoreError::Duplicate("name") } else { error.into() }
 }
 
 async fn check_overlap(connection: &mut sqlx::AnyConnection, range: &AddressRange, except: Option<&str>) -> Result<()> {

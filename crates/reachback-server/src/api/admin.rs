@@ -87,7 +87,7 @@ pub async fn list_admins(State(state): State<SharedState>, caller: Caller, RawQu
 
 pub async fn get_admin(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     caller.require(Role::Superadmin)?;
-    let row = state.store.get_admin(&id).await.map_err(|error| crate::api::ranges::not_found_as(error, "admin"))?;
+    let row = state.store.get_admin(&id).await.map_err(|error| ApiError::not_found_or(error, "admin"))?;
     Ok(Json(admin_json(&row)))
 }
 
@@ -108,7 +108,7 @@ pub async fn patch_admin(State(state): State<SharedState>, caller: Caller, Path(
             caller.audit("set_password", "admin", &id, None, Some(json!({"password": if clear { "cleared" } else { "set" }}))),
         )
         .await
-        .map_err(|error| crate::api::ranges::not_found_as(error, "admin"))?;
+        .map_err(|error| ApiError::not_found_or(error, "admin"))?;
     let row = state.store.get_admin(&id).await?;
     Ok(Json(admin_json(&row)))
 }
@@ -118,7 +118,7 @@ pub async fn delete_admin(State(state): State<SharedState>, caller: Caller, Path
     if id == caller.principal.admin_id {
         return Err(ApiError::conflict("you cannot delete yourself"));
     }
-    let before = state.store.get_admin(&id).await.map_err(|error| crate::api::ranges::not_found_as(error, "admin"))?;
+    let before = state.store.get_admin(&id).await.map_err(|error| ApiError::not_found_or(error, "admin"))?;
     state.store.delete_admin(&id, caller.audit("delete", "admin", &id, Some(admin_json(&before)), None)).await?;
     Ok(no_content())
 }
@@ -139,7 +139,7 @@ pub async fn create_api_key(State(state): State<SharedState>, caller: Caller, Pa
         }
     }
     fields.finish()?;
-    state.store.get_admin(&admin_id).await.map_err(|error| crate::api::ranges::not_found_as(error, "admin"))?;
+    state.store.get_admin(&admin_id).await.map_err(|error| ApiError::not_found_or(error, "admin"))?;
     let secret = new_secret("rbk_");
     let row =
         ApiKeyRow { id: new_id(), admin_id: admin_id.clone(), name: name.unwrap_or_default(), created_at: now_micros(), last_used_at: None, last_ip: None };
@@ -154,7 +154,7 @@ pub async fn create_api_key(State(state): State<SharedState>, caller: Caller, Pa
 
 pub async fn list_api_keys(State(state): State<SharedState>, caller: Caller, Path(admin_id): Path<String>) -> ApiResult<Json<Value>> {
     caller.require(Role::Superadmin)?;
-    state.store.get_admin(&admin_id).await.map_err(|error| crate::api::ranges::not_found_as(error, "admin"))?;
+    state.store.get_admin(&admin_id).await.map_err(|error| ApiError::not_found_or(error, "admin"))?;
     let rows = state.store.list_api_keys(&admin_id).await?;
     let total = rows.len() as i64;
     Ok(Json(json!({"items": rows.iter().map(api_key_json).collect::<Vec<_>>(), "total": total, "page": 1, "page_size": total.max(1)})))
@@ -166,7 +166,7 @@ pub async fn delete_api_key(State(state): State<SharedState>, caller: Caller, Pa
         .store
         .delete_api_key(&admin_id, &key_id, caller.audit("delete", "api_key", &key_id, Some(json!({"admin_id": admin_id})), None))
         .await
-        .map_err(|error| crate::api::ranges::not_found_as(error, "API key"))?;
+        .map_err(|error| ApiError::not_found_or(error, "API key"))?;
     Ok(no_content())
 }
 
@@ -192,7 +192,7 @@ pub async fn delete_session(State(state): State<SharedState>, caller: Caller, Pa
         .store
         .delete_session(&id, caller.audit("delete", "admin_session", &id, None, None))
         .await
-        .map_err(|error| crate::api::ranges::not_found_as(error, "admin session"))?;
+        .map_err(|error| ApiError::not_found_or(error, "admin session"))?;
     Ok(no_content())
 }
 

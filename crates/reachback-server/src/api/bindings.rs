@@ -142,7 +142,7 @@ fn address_param(ip: &str) -> ApiResult<[u8; 17]> {
 pub async fn get(State(state): State<SharedState>, caller: Caller, Path(ip): Path<String>) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let key = address_param(&ip)?;
-    let row = state.store.get_binding(&key).await.map_err(|error| crate::api::ranges::not_found_as(error, "IP binding"))?;
+    let row = state.store.get_binding(&key).await.map_err(|error| ApiError::not_found_or(error, "IP binding"))?;
     Ok(Json(binding_json(&row)))
 }
 
@@ -154,7 +154,7 @@ pub async fn release(State(state): State<SharedState>, caller: Caller, Path(ip):
         .store
         .release_binding(&key, |row| caller.audit("release", "ip_binding", &row.ip, Some(binding_json(row)), None))
         .await
-        .map_err(|error| crate::api::ranges::not_found_as(error, "IP binding"))?;
+        .map_err(|error| ApiError::not_found_or(error, "IP binding"))?;
     if let Some((_, value)) = parse_address(&row.ip) {
         engine.release(&row.range_id, value, reachback_store::now_micros());
     }
@@ -174,8 +174,7 @@ pub async fn export(State(state): State<SharedState>, caller: Caller, RawQuery(r
             "Export too large",
             format!("{matching} bindings match, more than the export limit of {limit}; narrow the export with filters (range_name, ip, username, …)"),
         )
-        .with("matching", json!(matching))
-        .with_limit(limit));
+        .with("export", json!({"export_limit": limit, "matching": matching})));
     }
     let rows = state.store.stream_bindings(&binding_query).await?;
     let records = rows.map(|row| {
@@ -184,17 +183,4 @@ pub async fn export(State(state): State<SharedState>, caller: Caller, RawQuery(r
         })
     });
     Ok(csv_response("ip-bindings.csv", &["ip", "range_name", "range_location", "username", "platform", "client_hostname", "last_updated"], records))
-}
-
-impl ApiError {
-    fn with_limit(self, limit: i64) -> Self {
-        let mut error = self;
-        let matching = error.extra.take();
-        let mut extra = json!({"export_limit": limit});
-        if let Some((key, value)) = matching {
-            extra[key] = value;
-        }
-        error.extra = Some(("export", extra));
-        error
-    }
 }

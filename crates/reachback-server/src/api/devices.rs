@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::api::{list_json, location_json, no_content};
 use crate::auth::{Caller, Role};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::request::{QueryParams, format_time};
 use crate::state::SharedState;
 
@@ -50,24 +50,20 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
 
 pub async fn get(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
-    let row = state.store.get_device(&id).await.map_err(|error| crate::api::ranges::not_found_as(error, "device"))?;
+    let row = state.store.get_device(&id).await.map_err(|error| ApiError::not_found_or(error, "device"))?;
     Ok(Json(device_json(&row)))
 }
 
 pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
     let mut engine = state.engine.lock().await;
-    let range_of = match state.store.binding_of_device(&id).await? {
-        Some(binding) => Some(binding.range_id),
-        None => None,
-    };
     let device = state
         .store
         .delete_device(&id, |row| caller.audit("delete", "device", &id, Some(device_json(row)), None))
         .await
-        .map_err(|error| crate::api::ranges::not_found_as(error, "device"))?;
-    if let (Some(range_id), Some((_, value))) = (range_of, device.virtual_ip.as_deref().and_then(parse_address)) {
-        engine.release(&range_id, value, reachback_store::now_micros());
+        .map_err(|error| ApiError::not_found_or(error, "device"))?;
+    if let (Some(range_id), Some((_, value))) = (&device.range_id, device.virtual_ip.as_deref().and_then(parse_address)) {
+        engine.release(range_id, value, reachback_store::now_micros());
     }
     drop(engine);
     Ok(no_content())

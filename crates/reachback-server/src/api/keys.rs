@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::api::{created, list_json, no_content, page_of};
 use crate::auth::{Caller, Role};
 use crate::crypto::{hash_secret, new_secret};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::request::{Fields, JsonObject, QueryParams, format_time, parse_time};
 use crate::state::SharedState;
 use crate::validate;
@@ -104,7 +104,7 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
 
 pub async fn get(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
-    let row = state.store.get_enrollment_key(&id).await.map_err(|error| crate::api::ranges::not_found_as(error, "enrollment key"))?;
+    let row = state.store.get_enrollment_key(&id).await.map_err(|error| ApiError::not_found_or(error, "enrollment key"))?;
     Ok(Json(key_json(&row)))
 }
 
@@ -116,6 +116,6 @@ pub async fn revoke(State(state): State<SharedState>, caller: Caller, Path(id): 
             caller.audit("revoke", "enrollment_key", &id, Some(key_json(&EnrollmentKeyRow { revoked: false, ..row.clone() })), Some(key_json(row)))
         })
         .await
-        .map_err(|error| crate::api::ranges::not_found_as(error, "enrollment key"))?;
+        .map_err(|error| ApiError::not_found_or(error, "enrollment key"))?;
     Ok(no_content())
 }

@@ -162,19 +162,12 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
 
 pub async fn get(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
-    let row = state.store.get_range(&id).await.map_err(|error| not_found_as(error, "IP range"))?;
+    let row = state.store.get_range(&id).await.map_err(|error| ApiError::not_found_or(error, "IP range"))?;
     Ok(Json(range_json(&row)))
 }
 
-pub fn not_found_as(error: reachback_store::StoreError, what: &str) -> ApiError {
-    match error {
-        reachback_store::StoreError::NotFound => ApiError::not_found(what),
-        other => other.into(),
-    }
-}
-
 async fn apply(state: &SharedState, caller: &Caller, id: &str, action: &str, build: impl FnOnce(&RangeRow) -> ApiResult<RangeWrite>) -> ApiResult<Json<Value>> {
-    let current = state.store.get_range(id).await.map_err(|error| not_found_as(error, "IP range"))?;
+    let current = state.store.get_range(id).await.map_err(|error| ApiError::not_found_or(error, "IP range"))?;
     let write = build(&current)?;
     let mut engine = state.engine.lock().await;
     let before_json = range_json(&current);
@@ -243,7 +236,7 @@ pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): 
             )
         })
         .await
-        .map_err(|error| not_found_as(error, "IP range"))?;
+        .map_err(|error| ApiError::not_found_or(error, "IP range"))?;
     engine.remove_range(&id);
     drop(engine);
     tracing::info!(range_id = %id, released, "range deleted");
