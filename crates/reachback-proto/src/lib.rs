@@ -1,0 +1,28 @@
+//! The tunnel protocol of Reachback, without I/O: the messages agents, connectors
+//! and the broker exchange, their framing, and the state machines that decide
+//! keepalive, reconnect backoff and the life of a relayed flow. Time comes in as
+//! an argument (`now`), randomness as a value, so everything here is tested in
+//! memory with a fake clock.
+//!
+//! A tunnel is one QUIC connection (mutual TLS). Its first bidirectional stream,
+//! opened by the agent or connector, is the *control stream* ([`Control`]
+//! messages). Every relayed TCP flow is a further bidirectional stream that starts
+//! with one [`FlowOpen`] frame and one [`FlowReply`] frame the other way, then
+//! carries the flow's bytes unframed.
+
+mod backoff;
+mod flow;
+mod frame;
+mod liveness;
+mod message;
+
+pub use backoff::Backoff;
+pub use flow::{Flow, FlowAction, FlowEvent, FlowPhase, Side};
+pub use frame::{FRAME_HEADER, FrameDecoder, FrameError, MAX_FRAME, decode_body, decode_length, encode};
+pub use liveness::{Liveness, LivenessAction};
+pub use message::{ClientRole, Control, FlowOpen, FlowReply, Refusal, Welcome};
+
+/// The ALPN protocol id of the tunnel.
+pub const ALPN: &[u8] = b"reachback/1";
+/// The name the broker's certificate carries and clients verify (the CA is private).
+pub const BROKER_SERVER_NAME: &str = "broker.reachback.internal";

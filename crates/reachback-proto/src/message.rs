@@ -1,0 +1,95 @@
+//! The messages of the tunnel protocol.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// What kind of peer opened a tunnel (its certificate says so too; the broker
+/// trusts the certificate, this is a consistency check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientRole {
+    Agent,
+    Connector,
+}
+
+/// The broker's answer to [`Control::Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Welcome {
+    /// the client session id (agents) or connector id (connectors)
+    pub session_id: String,
+    /// the agent's virtual address; `None` for connectors
+    pub virtual_ip: Option<String>,
+    /// the virtual ranges (connectors route them), canonical text
+    pub ranges: Vec<String>,
+    /// seconds between keepalives the broker expects
+    pub keepalive_seconds: u64,
+}
+
+/// Messages on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Control {
+    /// first message of a client: who it is and how it runs
+    Hello { role: ClientRole, version: String, mode: Option<String> },
+    /// the broker accepted the tunnel
+    Welcome(Welcome),
+    /// the virtual ranges changed (to connectors)
+    Ranges { ranges: Vec<String> },
+    /// liveness probe; answered with `Pong` carrying the same sequence number
+    Ping { seq: u64 },
+    Pong { seq: u64 },
+    /// the broker ends the tunnel (session deleted, device revoked); no reconnect when `final`
+    Bye { reason: String, r#final: bool },
+}
+
+/// First frame of a flow stream: from the connector to the broker (destination is
+/// the virtual address and port), and from the broker to the agent (same fields).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowOpen {
+    pub destination: SocketAddr,
+    /// the server that connects (as the connector saw it)
+    pub source: SocketAddr,
+}
+
+/// Why a flow was not opened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Refusal {
+    /// no live agent holds the address
+    Offline,
+    /// the access policy denied it; `rule` names the deciding policy, `None` is the default deny
+    Denied { rule: Option<String> },
+    /// the agent's local allow-list does not have the port
+    PortNotAllowed,
+    /// the agent's local connect was refused or failed
+    ConnectFailed { reason: String },
+    /// nothing answered in time
+    Timeout,
+    /// the request itself was bad
+    BadRequest { reason: String },
+}
+
+/// The answer to a [`FlowOpen`]: after `Ok`, the stream carries the flow's bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FlowReply {
+    Ok,
+    Refused(Refusal),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Offline => write!(formatter, "no live agent holds the address"),
+            Refusal::Denied { rule: Some(rule) } => write!(formatter, "denied by policy {rule}"),
+            Refusal::Denied { rule: None } => write!(formatter, "denied: no policy allows it"),
+            Refusal::PortNotAllowed => write!(formatter, "the agent does not allow the port"),
+            Refusal::ConnectFailed { reason } => write!(formatter, "the agent's local connect failed: {reason}"),
+            Refusal::Timeout => write!(formatter, "timed out"),
+            Refusal::BadRequest { reason } => write!(formatter, "bad request: {reason}"),
+        }
+    }
+}
