@@ -127,10 +127,19 @@ impl CertificateAuthority {
 
     /// Signs a client certificate for a device: CN is the device id, the hostname a DNS SAN.
     pub fn sign_device(&self, key: &DevicePublicKey, device_id: &str, hostname: &str, serial: [u8; 16]) -> anyhow::Result<String> {
-        let mut params = CertificateParams::new(vec![hostname.to_string()]).context("certificate names")?;
+        self.sign_client(key, device_id, "device", vec![hostname.to_string()], serial)
+    }
+
+    /// Signs a client certificate for a connector: CN is the connector id.
+    pub fn sign_connector(&self, key: &DevicePublicKey, connector_id: &str, serial: [u8; 16]) -> anyhow::Result<String> {
+        self.sign_client(key, connector_id, "connector", Vec::new(), serial)
+    }
+
+    fn sign_client(&self, key: &DevicePublicKey, id: &str, unit: &str, names: Vec<String>, serial: [u8; 16]) -> anyhow::Result<String> {
+        let mut params = CertificateParams::new(names).context("certificate names")?;
         let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, device_id);
-        name.push(DnType::OrganizationalUnitName, "device");
+        name.push(DnType::CommonName, id);
+        name.push(DnType::OrganizationalUnitName, unit);
         params.distinguished_name = name;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -138,8 +147,26 @@ impl CertificateAuthority {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::days(365);
-        let certificate = params.signed_by(&key.spki, &self.issuer).context("signing the device certificate")?;
+        let certificate = params.signed_by(&key.spki, &self.issuer).context("signing the client certificate")?;
         Ok(certificate.pem())
+    }
+
+    /// A fresh key and certificate for this replica's tunnel endpoint, named
+    /// [`reachback_proto::BROKER_SERVER_NAME`] (clients trust only the CA, so one name serves every replica).
+    pub fn sign_broker(&self) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the broker key")?;
+        let mut params = CertificateParams::new(vec![reachback_proto::BROKER_SERVER_NAME.to_string()]).context("certificate names")?;
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, reachback_proto::BROKER_SERVER_NAME);
+        params.distinguished_name = name;
+        params.serial_number = Some(SerialNumber::from_slice(&Self::new_serial()));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(365);
+        let certificate = params.signed_by(&key, &self.issuer).context("signing the broker certificate")?;
+        Ok((certificate.pem(), key.serialize_pem()))
     }
 }
 

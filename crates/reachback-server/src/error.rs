@@ -89,6 +89,7 @@ impl From<StoreError> for ApiError {
             StoreError::RangeInUse(count) => {
                 ApiError::conflict(format!("the range has {count} bindings; delete with ?force=true to release them")).with("bindings", json!(count))
             }
+            StoreError::InUse(detail) => ApiError::conflict(format!("still in use: {detail}")),
             StoreError::BindingsOutside(count) => ApiError::conflict(format!("{count} bound addresses would fall outside the new range")),
             error @ StoreError::Database(_) if error.is_transient() => ApiError::unavailable("the database is busy or unreachable; try again"),
             StoreError::Database(error) => ApiError::internal(error),

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod broker;
 pub mod crypto;
 pub mod error;
 pub mod ops;
@@ -29,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::api::{admin, audit, bindings, devices, enroll, keys, ranges};
+use crate::api::{admin, audit, bindings, dataplane, devices, enroll, keys, ranges};
 use crate::crypto::CertificateAuthority;
 pub use crate::ops::RouteDoc;
 use crate::state::{AppState, Metrics, Settings};
@@ -82,6 +83,23 @@ api_routes! {
     delete "/api/v1/admin-sessions/{id}" => admin::delete_session, "superadmin", 204, "End an admin session or revoke its API key", [];
     get "/api/v1/settings" => admin::get_settings, "viewer", 200, "Get settings", [];
     patch "/api/v1/settings" => admin::patch_settings, "admin", 200, "Change settings", [];
+    get "/api/v1/client-sessions" => dataplane::list_sessions, "viewer", 200, "List live client sessions (agent tunnels)", ["page", "page_size", "sort", "client_hostname", "username", "virtual_ip", "platform"];
+    delete "/api/v1/client-sessions/{id}" => dataplane::delete_session, "admin", 204, "Disconnect a client session", [];
+    get "/api/v1/app-segments" => dataplane::list_segments, "viewer", 200, "List application segments", ["page", "page_size", "sort", "name", "enabled"];
+    post "/api/v1/app-segments" => dataplane::create_segment, "admin", 201, "Create an application segment", [];
+    get "/api/v1/app-segments/{id}" => dataplane::get_segment, "viewer", 200, "Get an application segment", [];
+    patch "/api/v1/app-segments/{id}" => dataplane::patch_segment, "admin", 200, "Change an application segment", [];
+    delete "/api/v1/app-segments/{id}" => dataplane::delete_segment, "admin", 204, "Delete an application segment (409 while a policy names it)", [];
+    get "/api/v1/access-policies" => dataplane::list_policies, "viewer", 200, "List access policies in evaluation order", ["page", "page_size", "sort", "name", "enabled"];
+    post "/api/v1/access-policies" => dataplane::create_policy, "admin", 201, "Create an access policy", [];
+    get "/api/v1/access-policies/{id}" => dataplane::get_policy, "viewer", 200, "Get an access policy", [];
+    patch "/api/v1/access-policies/{id}" => dataplane::patch_policy, "admin", 200, "Change an access policy", [];
+    delete "/api/v1/access-policies/{id}" => dataplane::delete_policy, "admin", 204, "Delete an access policy", [];
+    get "/api/v1/connectors" => dataplane::list_connectors, "viewer", 200, "List connectors with their status", ["page", "page_size", "name", "status"];
+    post "/api/v1/connectors" => dataplane::create_connector, "admin", 201, "Create a connector (provisioning key shown once)", [];
+    post "/api/v1/connectors/enroll" => dataplane::enroll_connector, "none", 200, "Enroll a connector (authenticated by its provisioning key)", [];
+    get "/api/v1/connectors/{id}" => dataplane::get_connector, "viewer", 200, "Get a connector", [];
+    delete "/api/v1/connectors/{id}" => dataplane::delete_connector, "admin", 204, "Revoke a connector and disconnect it", [];
     get "/api/v1/audit-logs" => audit::list, "viewer", 200, "List audit-log entries, newest first", ["page", "page_size", "sort", "actor", "action", "resource_type", "after", "before"];
     get "/api/v1/audit-logs/export.csv" => audit::export, "viewer", 200, "Export the audit log as CSV", ["sort", "actor", "action", "resource_type", "after", "before"];
 }
@@ -169,13 +187,23 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
     tracing::info!(ranges = snapshot.ranges.len(), elapsed_ms = started.elapsed().as_millis() as u64, "allocation engine loaded");
 
     let (enroll_tx, enroll_rx) = mpsc::channel(4096);
-    let state = Arc::new(AppState { store, engine: Mutex::new(engine), settings: RwLock::new(settings), ca, metrics: Metrics::new(), enroll_tx, config });
+    let state = Arc::new(AppState {
+        store,
+        engine: Mutex::new(engine),
+        settings: RwLock::new(settings),
+        ca,
+        metrics: Metrics::new(),
+        enroll_tx,
+        config,
+        broker: broker::Broker::default(),
+    });
     let writer = tokio::spawn(writer::run(Arc::downgrade(&state), enroll_rx));
     let mut background = Vec::new();
     if state.store.backend() == Backend::Postgres {
         background.push(tokio::spawn(sync_replicas(Arc::downgrade(&state))));
     }
     background.push(tokio::spawn(release_idle_bindings(Arc::downgrade(&state))));
+    background.push(tokio::spawn(sync_broker(Arc::downgrade(&state))));
     let router = router(state.clone());
     Ok(App { router, state, bootstrap_token, writer, background })
 }
@@ -196,11 +224,19 @@ pub fn router(state: SharedState) -> Router {
 }
 
 impl App {
+    /// Binds the tunnel endpoint (`tunnel_listen`) and starts accepting agents and connectors.
+    pub async fn start_broker(&mut self) -> anyhow::Result<std::net::SocketAddr> {
+        let (local, task) = broker::start(self.state.clone()).await?;
+        self.background.push(task);
+        Ok(local)
+    }
+
     /// Serves until `shutdown` resolves, then drains requests and the enrollment queue.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let App { router, state, writer, background, .. } = self;
         let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
         axum::serve(listener, service).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
+        state.broker.close_all();
         for task in background {
             task.abort();
         }
@@ -249,6 +285,29 @@ async fn sync_replicas(state: std::sync::Weak<AppState>) {
             let settings = Settings::from_stored(&values);
             state.engine.lock().await.set_quarantine_duration(settings.quarantine_micros());
             state.set_settings(settings);
+        }
+    }
+}
+
+/// Keeps the broker in step with the store: policy changes made by other replicas,
+/// and client sessions deleted through another replica's API.
+async fn sync_broker(state: std::sync::Weak<AppState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        interval.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        if let Err(error) = broker::reload_policy(&state, false).await {
+            tracing::warn!(error = format!("{error:#}"), "could not reload the access policy");
+        }
+        let live = state.broker.session_ids();
+        if live.is_empty() {
+            continue;
+        }
+        let Ok(stored) = state.store.client_session_ids_on(&state.config.node_name).await else { continue };
+        for session_id in live.iter().filter(|id| !stored.contains(id)) {
+            if state.broker.kick_session(session_id) {
+                tracing::info!(session_id = %session_id, "session deleted elsewhere; disconnected");
+            }
         }
     }
 }

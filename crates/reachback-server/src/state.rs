@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub broker_endpoints: Vec<String>,
     /// this replica's name (shown as a session's broker node)
     pub node_name: String,
+    /// flows with no byte either way for this long are reset
+    pub flow_idle_timeout: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -93,6 +95,14 @@ pub struct Metrics {
     pub bindings: Gauge,
     pub enroll_batch_size: Histogram,
     pub enroll_batch_seconds: Histogram,
+    pub client_sessions: Gauge,
+    pub connectors_online: Gauge,
+    pub flows_opened: Counter,
+    pub flows_active: Gauge,
+    pub flows_denied: Counter,
+    pub flows_failed: Family<Vec<(String, String)>, Counter>,
+    pub bytes_relayed: Family<Vec<(String, String)>, Counter>,
+    pub flow_setup_seconds: Histogram,
 }
 
 impl Metrics {
@@ -116,6 +126,22 @@ impl Metrics {
         registry.register("bindings", "Bound addresses in all ranges", bindings.clone());
         registry.register("enroll_batch_size", "Enrollments written per transaction", enroll_batch_size.clone());
         registry.register("enroll_batch_duration_seconds", "Time to write one enrollment transaction", enroll_batch_seconds.clone());
+        let client_sessions = Gauge::default();
+        let connectors_online = Gauge::default();
+        let flows_opened = Counter::default();
+        let flows_active = Gauge::default();
+        let flows_denied = Counter::default();
+        let flows_failed = Family::default();
+        let bytes_relayed = Family::default();
+        let flow_setup_seconds = Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register("client_sessions", "Live agent tunnels on this replica", client_sessions.clone());
+        registry.register("connectors_online", "Live connector tunnels on this replica", connectors_online.clone());
+        registry.register("flows_opened", "Flows relayed to an agent", flows_opened.clone());
+        registry.register("flows_active", "Flows being relayed now", flows_active.clone());
+        registry.register("flows_denied", "Flows refused by the access policy", flows_denied.clone());
+        registry.register("flows_failed", "Flows that could not be opened, by reason", flows_failed.clone());
+        registry.register("bytes_relayed", "Bytes relayed, by direction (to_client, to_server)", bytes_relayed.clone());
+        registry.register("flow_setup_duration_seconds", "Time from a connector's flow request to the agent's local connect", flow_setup_seconds.clone());
         Metrics {
             registry,
             enrollments,
@@ -127,6 +153,14 @@ impl Metrics {
             bindings,
             enroll_batch_size,
             enroll_batch_seconds,
+            client_sessions,
+            connectors_online,
+            flows_opened,
+            flows_active,
+            flows_denied,
+            flows_failed,
+            bytes_relayed,
+            flow_setup_seconds,
         }
     }
 
@@ -153,6 +187,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub enroll_tx: mpsc::Sender<EnrollRequest>,
     pub config: ServerConfig,
+    pub broker: crate::broker::Broker,
 }
 
 pub type SharedState = Arc<AppState>;

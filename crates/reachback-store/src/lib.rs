@@ -10,6 +10,7 @@
 mod admin;
 mod audit;
 mod bindings;
+mod dataplane;
 mod devices;
 mod enroll;
 mod keys;
@@ -26,6 +27,7 @@ pub use admin::new_id;
 pub use admin::{AdminRow, ApiKeyRow, Principal, SessionRow};
 pub use audit::{AuditEntry, AuditQuery, AuditRow};
 pub use bindings::{BindingQuery, BindingRow, BindingSort, EngineSnapshot};
+pub use dataplane::{ClientSessionRow, ConnectorRow, DocKind, DocRow};
 pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
 pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
 pub use keys::EnrollmentKeyRow;
@@ -49,6 +51,9 @@ pub enum StoreError {
     /// a range edit would leave bound addresses outside the range
     #[error("{0} bound addresses would fall outside the new range")]
     BindingsOutside(i64),
+    /// something else still refers to the row
+    #[error("in use: {0}")]
+    InUse(String),
     /// the database refused or failed
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -83,7 +88,7 @@ pub struct Store {
     export_chunk: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql")), (2, include_str!("../migrations/0002_dataplane.sql"))];
 
 /// Advisory lock key for range and migration changes on PostgreSQL.
 const PG_LOCK_SCHEMA: i64 = 0x7265_6163_6862_0001;

@@ -22,6 +22,96 @@ enum Command {
     Server(ServerArgs),
     /// Administer a running server over its REST API
     Ctl(ctl::CtlArgs),
+    /// The client agent: enroll once, then run
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// The connector: next-hop router for the virtual ranges
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum AgentCommand {
+    /// Enroll this machine with an enrollment key (makes a key pair, gets a certificate and a virtual IP)
+    Enroll(AgentEnrollArgs),
+    /// Keep the tunnel to the broker and serve flows to allowed local ports
+    Run(AgentRunArgs),
+}
+
+#[derive(clap::Args)]
+struct AgentEnrollArgs {
+    /// The server's API address, e.g. http://reachback.corp.example:8080
+    #[arg(long, env = "REACHBACK_SERVER")]
+    server: String,
+    /// The enrollment key
+    #[arg(long, env = "REACHBACK_ENROLLMENT_KEY", hide_env_values = true)]
+    key: String,
+    /// This machine's FQDN [default: the host name]
+    #[arg(long)]
+    hostname: Option<String>,
+    /// windows, macos, linux, ios or android [default: this machine's]
+    #[arg(long)]
+    platform: Option<String>,
+    #[arg(long)]
+    city: Option<String>,
+    #[arg(long)]
+    state: Option<String>,
+    /// ISO 3166-1 alpha-2 country code
+    #[arg(long)]
+    country: Option<String>,
+    /// Where the key pair, certificates and state live [default: /var/lib/reachback/agent as root, else $XDG_STATE_HOME/reachback/agent]
+    #[arg(long, env = "REACHBACK_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct AgentRunArgs {
+    /// Local ports flows may reach, comma-separated, ranges allowed
+    #[arg(long, env = "REACHBACK_ALLOW_PORTS", default_value = reachback_agent::DEFAULT_ALLOWED_PORTS)]
+    allow_ports: String,
+    /// Address allowed flows connect to
+    #[arg(long, env = "REACHBACK_CONNECT_HOST", default_value = "127.0.0.1")]
+    connect_host: std::net::IpAddr,
+    #[arg(long, env = "REACHBACK_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Log format
+    #[arg(long, env = "REACHBACK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(clap::Subcommand)]
+enum ConnectorCommand {
+    /// Enroll (first run) and route the virtual ranges through the tunnel
+    Run(ConnectorRunArgs),
+}
+
+#[derive(clap::Args)]
+struct ConnectorRunArgs {
+    /// The server's API address
+    #[arg(long, env = "REACHBACK_SERVER")]
+    server: String,
+    /// The provisioning key (needed for the first run only)
+    #[arg(long, env = "REACHBACK_PROVISIONING_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Ingress mode
+    #[arg(long, default_value = "tproxy", value_parser = ["tproxy"])]
+    mode: String,
+    /// Local port intercepted connections are handed to
+    #[arg(long, env = "REACHBACK_TPROXY_PORT", default_value_t = 15001)]
+    tproxy_port: u16,
+    /// nftables table name
+    #[arg(long, default_value = "reachback")]
+    nft_table: String,
+    /// Firewall mark and routing table for intercepted packets
+    #[arg(long, default_value_t = 1)]
+    fwmark: u32,
+    #[arg(long, default_value_t = 100)]
+    route_table: u32,
+    #[arg(long, env = "REACHBACK_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Log format
+    #[arg(long, env = "REACHBACK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(clap::Args)]
@@ -47,6 +137,9 @@ struct ServerArgs {
     /// Name of this replica [default: the host name]
     #[arg(long, env = "REACHBACK_NODE_NAME")]
     node_name: Option<String>,
+    /// Seconds a relayed flow may stay silent both ways before it is reset [default: 3600]
+    #[arg(long, env = "REACHBACK_FLOW_IDLE_TIMEOUT")]
+    flow_idle_timeout: Option<u64>,
     /// TOML file with any of the keys above (listen, tunnel_listen, data_dir, database_url, …)
     #[arg(long, env = "REACHBACK_CONFIG")]
     config: Option<PathBuf>,
@@ -66,6 +159,7 @@ struct ConfigFile {
     bootstrap_token: Option<String>,
     broker_endpoints: Option<Vec<String>>,
     node_name: Option<String>,
+    flow_idle_timeout: Option<u64>,
 }
 
 /// A secret that prints as a mask.
@@ -96,6 +190,7 @@ impl ServerArgs {
             bootstrap_token: self.bootstrap_token.or(file.bootstrap_token),
             broker_endpoints: self.broker_endpoints.or(file.broker_endpoints).unwrap_or_else(|| vec![tunnel_listen.to_string()]),
             node_name: self.node_name.or(file.node_name).unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "reachback".into())),
+            flow_idle_timeout: std::time::Duration::from_secs(self.flow_idle_timeout.or(file.flow_idle_timeout).unwrap_or(3600)),
         };
         validate(&config)?;
         tracing::debug!(listen = %config.listen, data_dir = %config.data_dir.display(), bootstrap_token = ?Masked(&config.bootstrap_token), "configuration");
@@ -113,6 +208,9 @@ fn validate(config: &ServerConfig) -> anyhow::Result<()> {
         && (token.len() < 16 || token.len() > 256 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
     {
         anyhow::bail!("--bootstrap-token must be 16 to 256 characters without spaces");
+    }
+    if config.flow_idle_timeout.is_zero() || config.flow_idle_timeout.as_secs() > 7 * 86_400 {
+        anyhow::bail!("--flow-idle-timeout must be 1 to 604800 seconds");
     }
     if config.broker_endpoints.is_empty() {
         anyhow::bail!("--broker-endpoints must name at least one endpoint");
@@ -152,7 +250,9 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listen = config.listen;
-        let app = reachback_server::build(config).await?;
+        let mut app = reachback_server::build(config).await?;
+        let tunnel = app.start_broker().await?;
+        println!("Reachback tunnel endpoint listening on udp://{tunnel}");
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "API listening");
         println!("Reachback API listening on http://{}", listener.local_addr()?);
@@ -160,11 +260,69 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     })
 }
 
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|name| name.trim().to_string()).unwrap_or_default()
+}
+
+fn run_agent(command: AgentCommand) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::Enroll(args) => {
+            let location = if args.city.is_some() || args.state.is_some() || args.country.is_some() {
+                Some(serde_json::json!({"city": args.city, "state": args.state, "country": args.country}))
+            } else {
+                None
+            };
+            let options = reachback_agent::EnrollOptions {
+                server: args.server,
+                key: args.key,
+                hostname: args.hostname.unwrap_or_else(local_hostname),
+                platform: args.platform.unwrap_or_else(|| reachback_agent::local_platform().to_string()),
+                location,
+                state_dir: args.state_dir.unwrap_or_else(reachback_agent::default_state_dir),
+            };
+            let state = reachback_agent::enroll(&options)?;
+            println!(
+                "Enrolled as device {} with virtual IP {}; state in {}",
+                state.id,
+                state.virtual_ip.as_deref().unwrap_or("(none)"),
+                options.state_dir.display()
+            );
+            Ok(())
+        }
+        AgentCommand::Run(args) => {
+            init_logging(&args.log_format);
+            let options = reachback_agent::RunOptions {
+                state_dir: args.state_dir.unwrap_or_else(reachback_agent::default_state_dir),
+                allow_ports: reachback_agent::parse_allow_ports(&args.allow_ports)?,
+                connect_host: args.connect_host,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(reachback_agent::run(options, shutdown_signal()))
+        }
+    }
+}
+
+fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
+    let ConnectorCommand::Run(args) = command;
+    init_logging(&args.log_format);
+    let options = reachback_connector::RunOptions {
+        server: args.server,
+        key: args.key,
+        state_dir: args.state_dir.unwrap_or_else(|| reachback_tunnel::client::default_state_dir("connector")),
+        tproxy_port: args.tproxy_port,
+        routing: reachback_connector::nft::Routing { table: args.nft_table, fwmark: args.fwmark, route_table: args.route_table },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(reachback_connector::run(options, shutdown_signal()))
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => run_server(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Agent(command) => run_agent(command),
+        Command::Connector(command) => run_connector(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

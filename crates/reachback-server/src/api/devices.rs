@@ -66,5 +66,7 @@ pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): 
         engine.release(range_id, value, reachback_store::now_micros());
     }
     drop(engine);
+    // its certificate no longer opens a tunnel; the live one ends now
+    state.broker.kick_device(&id);
     Ok(no_content())
 }

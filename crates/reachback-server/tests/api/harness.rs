@@ -87,6 +87,7 @@ impl TestServer {
             bootstrap_token: Some(TOKEN.into()),
             broker_endpoints: vec!["broker.test:8443".into()],
             node_name: "test".into(),
+            flow_idle_timeout: std::time::Duration::from_secs(3600),
         }
     }
 

@@ -1,0 +1,223 @@
+//! `reachback agent`: enrolls once (key pair made here, certificate from the
+//! server's CA, both kept in the state directory, 0600), then keeps one tunnel to
+//! the broker and connects each flow the broker hands over to a local port on
+//! its allow-list. Needs no root, no TUN device and no inbound port.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use reachback_policy::{PortRange, parse_port_range};
+use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply, Refusal};
+use reachback_tunnel::client::{self, EnrolledState, FinalRefusal, TunnelEnd};
+use reachback_tunnel::{End, read_frame, write_frame};
+use serde_json::{Value, json};
+
+/// Ports allowed when `--allow-ports` is not given: SSH, SMB, RDP, WinRM.
+pub const DEFAULT_ALLOWED_PORTS: &str = "22,445,3389,5985-5986";
+/// How long the local connect may take before the flow is refused.
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// What `agent enroll` sends.
+#[derive(Clone, Debug)]
+pub struct EnrollOptions {
+    pub server: String,
+    pub key: String,
+    pub hostname: String,
+    pub platform: String,
+    pub location: Option<Value>,
+    pub state_dir: PathBuf,
+}
+
+/// Parses `22,445,3389,5985-5986`.
+pub fn parse_allow_ports(text: &str) -> anyhow::Result<Vec<PortRange>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| parse_port_range(part).map_err(|error| anyhow::anyhow!("--allow-ports: {error}")))
+        .collect()
+}
+
+/// This machine's platform name as the server knows it.
+pub fn local_platform() -> &'static str {
+    match std::env::consts::OS {
+        "windows" => "windows",
+        "macos" => "macos",
+        "ios" => "ios",
+        "android" => "android",
+        _ => "linux",
+    }
+}
+
+/// Posts JSON and returns the body, turning a problem document into a readable error.
+pub fn post_json(url: &str, body: &Value) -> anyhow::Result<Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build().into();
+    let mut response = agent.post(url).header("Content-Type", "application/json").send(body.to_string()).with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let text = response.body_mut().read_to_string().context("reading the answer")?;
+    let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    if !status.is_success() {
+        let detail = value["detail"].as_str().unwrap_or(text.as_str()).to_string();
+        let fields: Vec<String> = value["errors"].as_array().into_iter().flatten().map(|error| format!("{}: {}", error["field"].as_str().unwrap_or("?"), error["message"].as_str().unwrap_or("?"))).collect();
+        anyhow::bail!("the server refused ({status}): {detail}{}", if fields.is_empty() { String::new() } else { format!(" ({})", fields.join("; ")) });
+    }
+    Ok(value)
+}
+
+fn text_of(value: &Value, key: &str) -> anyhow::Result<String> {
+    value[key].as_str().map(str::to_string).with_context(|| format!("the server's answer has no {key}"))
+}
+
+/// Generates a key pair, enrolls and keeps the result in the state directory.
+pub fn enroll(options: &EnrollOptions) -> anyhow::Result<EnrolledState> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the key pair")?;
+    let mut body = json!({
+        "enrollment_key": options.key,
+        "hostname": options.hostname,
+        "platform": options.platform,
+        "public_key": key.public_key_pem(),
+    });
+    if let Some(location) = &options.location {
+        body["location"] = location.clone();
+    }
+    let url = format!("{}/api/v1/enroll", options.server.trim_end_matches('/'));
+    let answer = post_json(&url, &body)?;
+    let brokers: Vec<String> = answer["broker_endpoints"].as_array().into_iter().flatten().filter_map(|item| item.as_str().map(str::to_string)).collect();
+    let state = EnrolledState {
+        server: options.server.clone(),
+        id: text_of(&answer, "device_id")?,
+        broker_endpoints: brokers,
+        virtual_ip: answer["virtual_ip"].as_str().map(str::to_string),
+        hostname: Some(options.hostname.clone()),
+    };
+    client::save_enrollment(&options.state_dir, &state, &key.serialize_pem(), &text_of(&answer, "certificate")?, &text_of(&answer, "ca_certificate")?)?;
+    Ok(state)
+}
+
+/// What `agent run` needs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub state_dir: PathBuf,
+    pub allow_ports: Vec<PortRange>,
+    /// where allowed flows connect (127.0.0.1 by default)
+    pub connect_host: IpAddr,
+}
+
+/// Keeps the tunnel up until `shutdown` resolves or the broker revokes this device.
+pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let (mut state, material) = client::load_state(&options.state_dir)?;
+    let endpoint = reachback_tunnel::client_endpoint(&material)?;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
+    let options = std::sync::Arc::new(options);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let attempt = async {
+            let tunnel = client::connect(&endpoint, &state.broker_endpoints, ClientRole::Agent, None).await?;
+            Ok::<_, anyhow::Error>(tunnel)
+        };
+        let tunnel = tokio::select! {
+            tunnel = attempt => tunnel,
+            _ = &mut shutdown => break,
+        };
+        let wait = match tunnel {
+            Ok(tunnel) => {
+                backoff.connected(Instant::now());
+                let welcome = tunnel.welcome.clone();
+                tracing::info!(session_id = %welcome.session_id, virtual_ip = ?welcome.virtual_ip, "tunnel up");
+                if welcome.virtual_ip != state.virtual_ip {
+                    state.virtual_ip = welcome.virtual_ip.clone();
+                    client::save_state(&options.state_dir, &state)?;
+                }
+                let connection = tunnel.connection.clone();
+                let flows = tokio::spawn(accept_flows(connection.clone(), options.clone()));
+                let end = tokio::select! {
+                    end = tunnel.run_control(|_| {}) => Some(end),
+                    _ = &mut shutdown => None,
+                };
+                flows.abort();
+                match end {
+                    None => {
+                        connection.close(quinn::VarInt::from_u32(0), b"agent stopping");
+                        break;
+                    }
+                    Some(TunnelEnd::Final(reason)) => anyhow::bail!(FinalRefusal(reason)),
+                    Some(TunnelEnd::Lost(reason)) => {
+                        let delay = backoff.next_delay(Instant::now(), client::jitter());
+                        tracing::info!(%reason, retry_in_ms = delay.as_millis() as u64, "tunnel lost");
+                        delay
+                    }
+                }
+            }
+            Err(error) => {
+                if let Some(refusal) = error.downcast_ref::<FinalRefusal>() {
+                    anyhow::bail!("{refusal}");
+                }
+                let delay = backoff.next_delay(Instant::now(), client::jitter());
+                tracing::info!(error = format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
+                delay
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+async fn accept_flows(connection: quinn::Connection, options: std::sync::Arc<RunOptions>) {
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        tokio::spawn(serve_flow(send, recv, options.clone()));
+    }
+}
+
+async fn refuse(mut send: quinn::SendStream, refusal: Refusal) {
+    let _ = write_frame(&mut send, &FlowReply::Refused(refusal)).await;
+    let _ = send.finish();
+}
+
+/// One flow: check the port against the allow-list, connect locally, relay.
+async fn serve_flow(mut send: quinn::SendStream, mut recv: quinn::RecvStream, options: std::sync::Arc<RunOptions>) {
+    let open: FlowOpen = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Ok(Some(open))) => open,
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            tracing::info!(error = %error, "bad flow request from the broker");
+            return refuse(send, Refusal::BadRequest { reason: error.to_string() }).await;
+        }
+        Err(_) => return End::Quic { send, recv }.reset(),
+    };
+    let port = open.destination.port();
+    if !options.allow_ports.iter().any(|range| range.contains(port)) {
+        tracing::info!(port, source = %open.source, "flow refused: port not in the allow-list");
+        return refuse(send, Refusal::PortNotAllowed).await;
+    }
+    let target = std::net::SocketAddr::new(options.connect_host, port);
+    let stream = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%target, %error, "local connect failed");
+            return refuse(send, Refusal::ConnectFailed { reason: error.to_string() }).await;
+        }
+        Err(_) => return refuse(send, Refusal::ConnectFailed { reason: "the local connect timed out".into() }).await,
+    };
+    let _ = stream.set_nodelay(true);
+    if write_frame(&mut send, &FlowReply::Ok).await.is_err() {
+        return End::Tcp(stream).reset();
+    }
+    tracing::trace!(%target, source = %open.source, "flow open");
+    // the broker enforces the idle timeout; this bound only frees a forgotten flow
+    reachback_tunnel::relay(End::Quic { send, recv }, End::Tcp(stream), Duration::from_secs(7 * 86_400), &|_, _| {}).await;
+}
+
+/// The default state directory of the agent.
+pub fn default_state_dir() -> PathBuf {
+    client::default_state_dir("agent")
+}
+
+/// Whether the state directory holds an enrollment.
+pub fn is_enrolled(dir: &Path) -> bool {
+    dir.join(client::STATE_FILE).exists()
+}

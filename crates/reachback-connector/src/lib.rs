@@ -1,0 +1,210 @@
+//! `reachback connector`: the next-hop router for the virtual ranges. In `tproxy`
+//! mode it installs nftables TPROXY rules and policy routing for the ranges the
+//! broker announces (and removes them on exit), accepts the intercepted TCP
+//! connections with their original destination, and opens one tunnel stream per
+//! connection. A refused flow is answered with a TCP reset.
+
+pub mod nft;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply};
+use reachback_tunnel::client::{self, EnrolledState, FinalRefusal, TunnelEnd};
+use reachback_tunnel::{End, read_frame, write_frame};
+use serde_json::json;
+use tokio::sync::watch;
+
+/// How long the broker has to answer a flow request (its open at the agent included).
+const FLOW_REPLY_TIMEOUT: Duration = Duration::from_secs(8);
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub server: String,
+    pub key: Option<String>,
+    pub state_dir: PathBuf,
+    /// the port TPROXY hands intercepted connections to
+    pub tproxy_port: u16,
+    pub routing: nft::Routing,
+}
+
+/// Enrolls with the provisioning key unless the state directory holds an enrollment.
+fn ensure_enrolled(options: &RunOptions) -> anyhow::Result<()> {
+    if reachback_agent::is_enrolled(&options.state_dir) {
+        return Ok(());
+    }
+    let key = options.key.as_deref().context("not enrolled yet: --key (the provisioning key) is needed")?;
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the key pair")?;
+    let url = format!("{}/api/v1/connectors/enroll", options.server.trim_end_matches('/'));
+    let answer = reachback_agent::post_json(&url, &json!({"provisioning_key": key, "public_key": pair.public_key_pem()}))?;
+    let text = |key: &str| answer[key].as_str().map(str::to_string).with_context(|| format!("the server's answer has no {key}"));
+    let state = EnrolledState {
+        server: options.server.clone(),
+        id: text("connector_id")?,
+        broker_endpoints: answer["broker_endpoints"].as_array().into_iter().flatten().filter_map(|item| item.as_str().map(str::to_string)).collect(),
+        virtual_ip: None,
+        hostname: None,
+    };
+    client::save_enrollment(&options.state_dir, &state, &pair.serialize_pem(), &text("certificate")?, &text("ca_certificate")?)?;
+    tracing::info!(connector_id = %state.id, "connector enrolled");
+    Ok(())
+}
+
+/// A listening socket that accepts connections addressed to any destination (IP_TRANSPARENT).
+fn transparent_listener(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let domain = if address.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv4() {
+        socket.set_ip_transparent_v4(true).context("IP_TRANSPARENT needs CAP_NET_ADMIN (run as root)")?;
+    } else {
+        socket.set_only_v6(true)?;
+        socket.set_ip_transparent_v6(true).context("IPV6_TRANSPARENT needs CAP_NET_ADMIN (run as root)")?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into()).with_context(|| format!("binding {address}"))?;
+    socket.listen(4096)?;
+    Ok(tokio::net::TcpListener::from_std(socket.into())?)
+}
+
+/// Runs the connector until `shutdown` resolves; the routing it installed is removed on the way out.
+pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    ensure_enrolled(&options)?;
+    let (state, material) = client::load_state(&options.state_dir)?;
+    let endpoint = reachback_tunnel::client_endpoint(&material)?;
+    let mut listeners = vec![transparent_listener(SocketAddr::from(([0, 0, 0, 0], options.tproxy_port)))?];
+    match transparent_listener(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, options.tproxy_port))) {
+        Ok(listener) => listeners.push(listener),
+        Err(error) => tracing::info!(error = format!("{error:#}"), "no IPv6 interception"),
+    }
+    let (connection_tx, connection_rx) = watch::channel::<Option<quinn::Connection>>(None);
+    let mut accept_tasks = Vec::new();
+    for listener in listeners {
+        accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone())));
+    }
+    let routing = Arc::new(options.routing.clone());
+    let result = tunnel_loop(&endpoint, &state, &options, routing.clone(), connection_tx, shutdown).await;
+    for task in accept_tasks {
+        task.abort();
+    }
+    if let Err(error) = nft::remove(&routing) {
+        tracing::warn!(error = format!("{error:#}"), "could not remove the interception rules");
+    } else {
+        tracing::info!("interception rules removed");
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"connector stopping");
+    result
+}
+
+async fn tunnel_loop(
+    endpoint: &quinn::Endpoint,
+    state: &EnrolledState,
+    options: &RunOptions,
+    routing: Arc<nft::Routing>,
+    connection_tx: watch::Sender<Option<quinn::Connection>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let tunnel = tokio::select! {
+            tunnel = client::connect(endpoint, &state.broker_endpoints, ClientRole::Connector, Some("tproxy")) => tunnel,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let delay = match tunnel {
+            Ok(tunnel) => {
+                backoff.connected(Instant::now());
+                // the welcome carries the current ranges: (re)install, the script replaces the table as a whole
+                let ranges = tunnel.welcome.ranges.clone();
+                nft::install(&routing, &ranges, options.tproxy_port).context("installing the interception rules")?;
+                tracing::info!(ranges = ranges.len(), "interception rules installed");
+                tracing::info!(connector_id = %tunnel.welcome.session_id, "tunnel up");
+                let _ = connection_tx.send(Some(tunnel.connection.clone()));
+                let port = options.tproxy_port;
+                let on_ranges = |ranges: Vec<String>| match nft::install(&routing, &ranges, port) {
+                    Ok(()) => tracing::info!(ranges = ranges.len(), "virtual ranges changed; interception rules replaced"),
+                    Err(error) => tracing::warn!(error = format!("{error:#}"), "could not apply the new virtual ranges"),
+                };
+                let end = tokio::select! {
+                    end = tunnel.run_control(on_ranges) => Some(end),
+                    _ = &mut shutdown => None,
+                };
+                let _ = connection_tx.send(None);
+                match end {
+                    None => return Ok(()),
+                    Some(TunnelEnd::Final(reason)) => anyhow::bail!(FinalRefusal(reason)),
+                    Some(TunnelEnd::Lost(reason)) => {
+                        let delay = backoff.next_delay(Instant::now(), client::jitter());
+                        tracing::info!(%reason, retry_in_ms = delay.as_millis() as u64, "tunnel lost");
+                        delay
+                    }
+                }
+            }
+            Err(error) => {
+                if let Some(refusal) = error.downcast_ref::<FinalRefusal>() {
+                    anyhow::bail!("{refusal}");
+                }
+                let delay = backoff.next_delay(Instant::now(), client::jitter());
+                tracing::info!(error = format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
+                delay
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, connection: watch::Receiver<Option<quinn::Connection>>) {
+    loop {
+        let (stream, source) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let tunnel = connection.borrow().clone();
+        tokio::spawn(serve_connection(stream, source, tunnel));
+    }
+}
+
+/// One intercepted connection: ask the broker, then relay or reset.
+async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tunnel: Option<quinn::Connection>) {
+    // TPROXY keeps the original destination as the accepted socket's local address
+    let Ok(destination) = stream.local_addr() else { return End::Tcp(stream).reset() };
+    let Some(tunnel) = tunnel else {
+        tracing::debug!(%destination, "no tunnel to the broker; flow reset");
+        return End::Tcp(stream).reset();
+    };
+    let _ = stream.set_nodelay(true);
+    let request = async {
+        let (mut send, mut recv) = tunnel.open_bi().await?;
+        write_frame(&mut send, &FlowOpen { destination, source }).await?;
+        let reply: FlowReply = read_frame(&mut recv).await?.context("the broker closed the flow")?;
+        Ok::<_, anyhow::Error>((reply, send, recv))
+    };
+    match tokio::time::timeout(FLOW_REPLY_TIMEOUT, request).await {
+        Ok(Ok((FlowReply::Ok, send, recv))) => {
+            tracing::trace!(%destination, %source, "flow open");
+            reachback_tunnel::relay(End::Tcp(stream), End::Quic { send, recv }, Duration::from_secs(7 * 86_400), &|_, _| {}).await;
+        }
+        Ok(Ok((FlowReply::Refused(refusal), _, _))) => {
+            tracing::info!(%destination, %source, %refusal, "flow refused");
+            End::Tcp(stream).reset();
+        }
+        Ok(Err(error)) => {
+            tracing::info!(%destination, error = format!("{error:#}"), "flow failed");
+            End::Tcp(stream).reset();
+        }
+        Err(_) => {
+            tracing::info!(%destination, "the broker did not answer in time; flow reset");
+            End::Tcp(stream).reset();
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! The broker: the tunnel endpoint inside `reachback server`. Agents and
+//! connectors keep one QUIC connection each (mutual TLS, certificates from the
+//! internal CA). The broker registers live agents by virtual address, takes each
+//! flow a connector opens, checks it against the access policy, opens a stream to
+//! the agent that holds the address and relays the bytes both ways.
+//!
+//! One task per tunnel (its control stream and, for connectors, the flows it
+//! opens), one task per flow.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use reachback_policy::{Action, FlowFacts, PolicySet, Protocol};
+use reachback_proto::{ClientRole, Control, FlowOpen, FlowReply, Liveness, LivenessAction, Refusal, Side, Welcome};
+use reachback_store::{ClientSessionRow, new_id, now_micros};
+use reachback_tunnel::{End, PeerIdentity, TlsMaterial, read_frame, write_frame};
+
+use crate::state::{AppState, SharedState};
+
+/// How long an agent has to answer a flow request (its local connect included).
+pub const FLOW_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new tunnel has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVE: Duration = Duration::from_secs(10);
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// QUIC application close codes.
+const CLOSE_KICKED: u32 = 1;
+const CLOSE_REFUSED: u32 = 2;
+const CLOSE_SHUTDOWN: u32 = 3;
+
+/// A live agent tunnel.
+#[derive(Clone)]
+pub struct AgentSession {
+    pub session_id: String,
+    pub device_id: String,
+    pub hostname: String,
+    pub username: String,
+    pub platform: String,
+    pub range_id: String,
+    pub virtual_ip: IpAddr,
+    connection: quinn::Connection,
+}
+
+/// A live connector tunnel.
+#[derive(Clone)]
+struct ConnectorSession {
+    connection: quinn::Connection,
+}
+
+/// The broker's live state, shared with the API (kicks, status, policy reloads).
+#[derive(Default)]
+pub struct Broker {
+    agents: RwLock<HashMap<IpAddr, AgentSession>>,
+    connectors: RwLock<HashMap<String, ConnectorSession>>,
+    policy: RwLock<Arc<PolicySet>>,
+    policy_version: RwLock<Option<(i64, i64)>>,
+    endpoint: RwLock<Option<quinn::Endpoint>>,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Broker {
+    /// Disconnects a client session now; returns whether this replica held it.
+    pub fn kick_session(&self, session_id: &str) -> bool {
+        let agents = read(&self.agents);
+        let Some(session) = agents.values().find(|session| session.session_id == session_id) else { return false };
+        session.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"session deleted");
+        true
+    }
+
+    /// Disconnects every session of a device (deleted or revoked).
+    pub fn kick_device(&self, device_id: &str) {
+        for session in read(&self.agents).values().filter(|session| session.device_id == device_id) {
+            session.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"device revoked");
+        }
+    }
+
+    pub fn kick_connector(&self, connector_id: &str) {
+        if let Some(session) = read(&self.connectors).get(connector_id) {
+            session.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"connector revoked");
+        }
+    }
+
+    pub fn connector_online(&self, connector_id: &str) -> bool {
+        read(&self.connectors).contains_key(connector_id)
+    }
+
+    pub fn session_ids(&self) -> Vec<String> {
+        read(&self.agents).values().map(|session| session.session_id.clone()).collect()
+    }
+
+    fn policy(&self) -> Arc<PolicySet> {
+        read(&self.policy).clone()
+    }
+
+    /// Closes every tunnel (shutdown).
+    pub fn close_all(&self) {
+        if let Some(endpoint) = read(&self.endpoint).as_ref() {
+            endpoint.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"server shutting down");
+        }
+    }
+}
+
+/// Reloads segments and policies from the store when they changed (or when `force`).
+pub async fn reload_policy(state: &AppState, force: bool) -> anyhow::Result<()> {
+    let version = state.store.policy_version().await?;
+    if !force && *read(&state.broker.policy_version) == Some(version) {
+        return Ok(());
+    }
+    let segments = state.store.list_docs(reachback_store::DocKind::Segment).await?;
+    let policies = state.store.list_docs(reachback_store::DocKind::Policy).await?;
+    let set = crate::api::dataplane::compile_policy(&segments, &policies);
+    *write(&state.broker.policy) = Arc::new(set);
+    *write(&state.broker.policy_version) = Some(version);
+    tracing::debug!(segments = segments.len(), policies = policies.len(), "access policy loaded");
+    Ok(())
+}
+
+/// Binds the tunnel endpoint and accepts tunnels until the endpoint closes.
+pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let (certificate_pem, private_key_pem) = state.ca.sign_broker()?;
+    let material = TlsMaterial { certificate_pem, private_key_pem, ca_pem: state.ca.certificate_pem.clone() };
+    let endpoint = reachback_tunnel::server_endpoint(state.config.tunnel_listen, &material)?;
+    let local = endpoint.local_addr()?;
+    *write(&state.broker.endpoint) = Some(endpoint.clone());
+    let cleared = state.store.clear_client_sessions_on(&state.config.node_name).await?;
+    if cleared > 0 {
+        tracing::info!(cleared, "cleared client sessions left by an earlier run of this node");
+    }
+    reload_policy(&state, true).await?;
+    let weak = Arc::downgrade(&state);
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Some(state) = weak.upgrade() else { break };
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(connection) => {
+                        if let Err(error) = serve_tunnel(state, connection.clone()).await {
+                            tracing::info!(%remote, error = format!("{error:#}"), "tunnel ended");
+                        }
+                    }
+                    Err(error) => tracing::info!(%remote, %error, "tunnel handshake failed"),
+                }
+            });
+        }
+    });
+    tracing::info!(%local, "tunnel endpoint listening (QUIC)");
+    Ok((local, task))
+}
+
+async fn serve_tunnel(state: SharedState, connection: quinn::Connection) -> anyhow::Result<()> {
+    let remote = connection.remote_address();
+    let identity = reachback_tunnel::peer_identity(&connection)?;
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await.context("no control stream in time")??;
+    let hello: Control = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await.context("no hello in time")??.context("control stream closed")?;
+    let Control::Hello { role, version, mode } = hello else { anyhow::bail!("the first control message was not a hello") };
+    match (role, identity.kind.as_str()) {
+        (ClientRole::Agent, "device") => serve_agent(state, connection, identity, send, recv).await,
+        (ClientRole::Connector, "connector") => serve_connector(state, connection, identity, version, mode, send, recv).await,
+        _ => {
+            let bye = Control::Bye { reason: "the certificate does not match the role".into(), r#final: true };
+            let _ = write_frame(&mut send, &bye).await;
+            connection.close(quinn::VarInt::from_u32(CLOSE_REFUSED), b"role mismatch");
+            anyhow::bail!("{remote}: role {role:?} with a {} certificate", identity.kind)
+        }
+    }
+}
+
+async fn refuse(connection: &quinn::Connection, send: &mut quinn::SendStream, reason: &str) {
+    let _ = write_frame(send, &Control::Bye { reason: reason.to_string(), r#final: true }).await;
+    let _ = send.finish();
+    // give the peer a moment to read the reason before the connection closes
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    connection.close(quinn::VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
+}
+
+async fn serve_agent(state: SharedState, connection: quinn::Connection, identity: PeerIdentity, mut send: quinn::SendStream, recv: quinn::RecvStream) -> anyhow::Result<()> {
+    let device = match state.store.get_device(&identity.id).await {
+        // the device row exists (deleting it revokes) and holds the key the certificate carries
+        // (re-enrollment with the same key pair issues a new certificate for it)
+        Ok(device) if device.public_key_fingerprint == identity.key_fingerprint => device,
+        Ok(_) | Err(reachback_store::StoreError::NotFound) => {
+            refuse(&connection, &mut send, "the device certificate is revoked").await;
+            anyhow::bail!("device {} refused: revoked or replaced certificate", identity.id);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let virtual_ip = device.virtual_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
+    let session_id = new_id();
+    let row = ClientSessionRow {
+        id: session_id.clone(),
+        device_id: device.id.clone(),
+        client_hostname: device.hostname.clone(),
+        username: device.username.clone(),
+        platform: device.platform.clone(),
+        virtual_ip: virtual_ip.map(|ip| ip.to_string()),
+        broker_node: state.config.node_name.clone(),
+        remote_addr: connection.remote_address().to_string(),
+        connected_at: now_micros(),
+    };
+    state.store.insert_client_session(&row).await?;
+    let session = virtual_ip.map(|virtual_ip| AgentSession {
+        session_id: session_id.clone(),
+        device_id: device.id.clone(),
+        hostname: device.hostname.clone(),
+        username: device.username.clone(),
+        platform: device.platform.clone(),
+        range_id: device.range_id.clone().unwrap_or_default(),
+        virtual_ip,
+        connection: connection.clone(),
+    });
+    if let Some(session) = &session {
+        // a newer tunnel of the same device replaces an older one
+        if let Some(previous) = write(&state.broker.agents).insert(session.virtual_ip, session.clone()) {
+            previous.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"replaced by a newer tunnel");
+        }
+    }
+    state.metrics.client_sessions.inc();
+    tracing::info!(session_id = %session_id, device_id = %device.id, virtual_ip = ?virtual_ip, "agent connected");
+    tracing::debug!(session_id = %session_id, hostname = %device.hostname, username = %device.username, "agent identity");
+    let welcome = Welcome { session_id: session_id.clone(), virtual_ip: virtual_ip.map(|ip| ip.to_string()), ranges: Vec::new(), keepalive_seconds: KEEPALIVE.as_secs() };
+    let result = async {
+        write_frame(&mut send, &Control::Welcome(welcome)).await?;
+        control_loop(&connection, send, recv, None).await
+    }
+    .await;
+    {
+        let mut agents = write(&state.broker.agents);
+        if let Some(ip) = virtual_ip
+            && agents.get(&ip).is_some_and(|current| current.session_id == session_id)
+        {
+            agents.remove(&ip);
+        }
+    }
+    state.metrics.client_sessions.dec();
+    if let Err(error) = state.store.end_client_session(&session_id).await {
+        tracing::warn!(%error, session_id = %session_id, "could not remove the ended session");
+    }
+    tracing::info!(session_id = %session_id, "agent disconnected");
+    result
+}
+
+/// Runs the control stream: answers pings, sends keepalives, detects a dead peer,
+/// and (for connectors) pushes range changes. Ends when the tunnel does.
+async fn control_loop(
+    connection: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut ranges: Option<(SharedState, Vec<String>)>,
+) -> anyhow::Result<()> {
+    let (incoming_tx, mut incoming) = tokio::sync::mpsc::channel::<anyhow::Result<Option<Control>>>(8);
+    let reader = tokio::spawn(async move {
+        loop {
+            let frame = read_frame::<Control>(&mut recv).await;
+            let end = !matches!(frame, Ok(Some(_)));
+            if incoming_tx.send(frame).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    let mut liveness = Liveness::new(Instant::now(), KEEPALIVE, LIVENESS_TIMEOUT);
+    let mut range_check = tokio::time::interval(Duration::from_secs(3));
+    let result = loop {
+        tokio::select! {
+            frame = incoming.recv() => {
+                liveness.heard(Instant::now());
+                match frame {
+                    Some(Ok(Some(Control::Ping { seq }))) => {
+                        write_frame(&mut send, &Control::Pong { seq }).await?;
+                        liveness.sent(Instant::now());
+                    }
+                    Some(Ok(Some(Control::Pong { .. }))) => {}
+                    Some(Ok(Some(other))) => break Err(anyhow::anyhow!("unexpected control message {other:?}")),
+                    Some(Ok(None)) | None => break Ok(()),
+                    Some(Err(error)) => break Err(error),
+                }
+            }
+            _ = tokio::time::sleep_until(liveness.poll_timeout().into()) => {
+                match liveness.handle_timeout(Instant::now()) {
+                    Some(LivenessAction::SendPing(seq)) => write_frame(&mut send, &Control::Ping { seq }).await?,
+                    Some(LivenessAction::Dead) => break Err(anyhow::anyhow!("no keepalive for {LIVENESS_TIMEOUT:?}")),
+                    None => {}
+                }
+            }
+            _ = range_check.tick(), if ranges.is_some() => {
+                if let Some((state, known)) = ranges.as_mut()
+                    && let Ok(current) = virtual_ranges(state).await
+                    && current != *known
+                {
+                    write_frame(&mut send, &Control::Ranges { ranges: current.clone() }).await?;
+                    *known = current;
+                }
+            }
+            reason = connection.closed() => break Err(anyhow::anyhow!("{reason}")),
+        }
+    };
+    reader.abort();
+    result
+}
+
+async fn virtual_ranges(state: &AppState) -> anyhow::Result<Vec<String>> {
+    let mut ranges: Vec<String> = state.store.list_ranges().await?.iter().map(|row| row.range.to_string()).collect();
+    ranges.sort();
+    Ok(ranges)
+}
+
+async fn serve_connector(
+    state: SharedState,
+    connection: quinn::Connection,
+    identity: PeerIdentity,
+    version: String,
+    mode: Option<String>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    let connector = match state.store.get_connector(&identity.id).await {
+        Ok(connector) if !connector.revoked && connector.certificate_serial.as_deref() == Some(identity.serial.as_str()) => connector,
+        Ok(_) | Err(reachback_store::StoreError::NotFound) => {
+            refuse(&connection, &mut send, "the connector is revoked").await;
+            anyhow::bail!("connector {} refused: revoked or replaced certificate", identity.id);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let version: String = version.chars().take(64).collect();
+    let mode: Option<String> = mode.map(|mode| mode.chars().take(16).collect());
+    state.store.connector_seen(&connector.id, &version, mode.as_deref()).await?;
+    if let Some(previous) = write(&state.broker.connectors).insert(connector.id.clone(), ConnectorSession { connection: connection.clone() }) {
+        previous.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"replaced by a newer tunnel");
+    }
+    state.metrics.connectors_online.inc();
+    tracing::info!(connector_id = %connector.id, %version, mode = ?mode, "connector connected");
+    let ranges = virtual_ranges(&state).await?;
+    let welcome = Welcome { session_id: connector.id.clone(), virtual_ip: None, ranges: ranges.clone(), keepalive_seconds: KEEPALIVE.as_secs() };
+    write_frame(&mut send, &Control::Welcome(welcome)).await?;
+    let flows = {
+        let state = state.clone();
+        let connection = connection.clone();
+        let connector_id = connector.id.clone();
+        tokio::spawn(async move {
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                tokio::spawn(serve_flow(state.clone(), connector_id.clone(), send, recv));
+            }
+        })
+    };
+    let result = control_loop(&connection, send, recv, Some((state.clone(), ranges))).await;
+    flows.abort();
+    {
+        let mut connectors = write(&state.broker.connectors);
+        if connectors.get(&connector.id).is_some_and(|current| current.connection.stable_id() == connection.stable_id()) {
+            connectors.remove(&connector.id);
+        }
+    }
+    state.metrics.connectors_online.dec();
+    let _ = state.store.connector_seen(&connector.id, &version, mode.as_deref()).await;
+    tracing::info!(connector_id = %connector.id, "connector disconnected");
+    result
+}
+
+fn count_failure(state: &AppState, reason: &str) {
+    state.metrics.flows_failed.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc();
+}
+
+async fn reply(send: &mut quinn::SendStream, reply: &FlowReply) {
+    let _ = write_frame(send, reply).await;
+}
+
+/// One flow from a connector: policy, open at the agent, relay.
+async fn serve_flow(state: SharedState, connector_id: String, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let started = Instant::now();
+    let open: FlowOpen = match tokio::time::timeout(FLOW_OPEN_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Ok(Some(open))) => open,
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            tracing::info!(connector_id = %connector_id, error = %error, "bad flow request refused");
+            count_failure(&state, "bad_request");
+            reply(&mut send, &FlowReply::Refused(Refusal::BadRequest { reason: error.to_string() })).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => {
+            count_failure(&state, "timeout");
+            End::Quic { send, recv }.reset();
+            return;
+        }
+    };
+    let destination = open.destination;
+    let agent = read(&state.broker.agents).get(&destination.ip()).cloned();
+    let Some(agent) = agent else {
+        tracing::debug!(%destination, source = %open.source, "flow to an address no live agent holds");
+        count_failure(&state, "offline");
+        reply(&mut send, &FlowReply::Refused(Refusal::Offline)).await;
+        let _ = send.finish();
+        return;
+    };
+    let facts = FlowFacts {
+        protocol: Protocol::Tcp,
+        source: open.source.ip(),
+        destination: destination.ip(),
+        port: destination.port(),
+        connector_id: &connector_id,
+        client_hostname: &agent.hostname,
+        username: &agent.username,
+        platform: &agent.platform,
+        range_id: &agent.range_id,
+    };
+    let decision = state.broker.policy().evaluate(&facts);
+    if decision.action == Action::Deny {
+        state.metrics.flows_denied.inc();
+        tracing::info!(%destination, source = %open.source, connector_id = %connector_id, rule = decision.rule_name.as_deref().unwrap_or("default deny"), "flow denied");
+        reply(&mut send, &FlowReply::Refused(Refusal::Denied { rule: decision.rule_name })).await;
+        let _ = send.finish();
+        return;
+    }
+    let agent_end = async {
+        let (mut agent_send, mut agent_recv) = agent.connection.open_bi().await?;
+        write_frame(&mut agent_send, &open).await?;
+        let answer: FlowReply = read_frame(&mut agent_recv).await?.context("the agent closed the flow stream")?;
+        Ok::<_, anyhow::Error>((answer, agent_send, agent_recv))
+    };
+    let (answer, agent_send, agent_recv) = match tokio::time::timeout(FLOW_OPEN_TIMEOUT, agent_end).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(error)) => {
+            tracing::info!(%destination, error = %error, "the agent did not take the flow");
+            count_failure(&state, "agent_error");
+            reply(&mut send, &FlowReply::Refused(Refusal::ConnectFailed { reason: "the agent's tunnel failed".into() })).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => {
+            count_failure(&state, "timeout");
+            reply(&mut send, &FlowReply::Refused(Refusal::Timeout)).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if let FlowReply::Refused(refusal) = answer {
+        tracing::debug!(%destination, %refusal, "the agent refused the flow");
+        count_failure(&state, match refusal {
+            Refusal::PortNotAllowed => "port_not_allowed",
+            _ => "connect_failed",
+        });
+        reply(&mut send, &FlowReply::Refused(refusal)).await;
+        let _ = send.finish();
+        return;
+    }
+    if write_frame(&mut send, &FlowReply::Ok).await.is_err() {
+        End::Quic { send: agent_send, recv: agent_recv }.reset();
+        return;
+    }
+    state.metrics.flow_setup_seconds.observe(started.elapsed().as_secs_f64());
+    state.metrics.flows_opened.inc();
+    state.metrics.flows_active.inc();
+    tracing::trace!(%destination, source = %open.source, "flow open");
+    let to_client = state.metrics.bytes_relayed.get_or_create(&vec![("direction".to_string(), "to_client".to_string())]).clone();
+    let to_server = state.metrics.bytes_relayed.get_or_create(&vec![("direction".to_string(), "to_server".to_string())]).clone();
+    let on_bytes = move |side: Side, length: u64| {
+        match side {
+            Side::Server => to_client.inc_by(length),
+            Side::Client => to_server.inc_by(length),
+        };
+    };
+    let totals = reachback_tunnel::relay(End::Quic { send, recv }, End::Quic { send: agent_send, recv: agent_recv }, state.config.flow_idle_timeout, &on_bytes).await;
+    state.metrics.flows_active.dec();
+    tracing::trace!(%destination, up = totals.server_to_client, down = totals.client_to_server, clean = totals.clean, "flow closed");
+}

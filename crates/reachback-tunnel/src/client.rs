@@ -1,0 +1,220 @@
+//! The client side of a tunnel, shared by the agent and the connector: enrollment
+//! state on disk, connecting to the first broker endpoint that answers, the hello
+//! exchange, and the control loop (keepalive, range updates, the broker's bye).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use reachback_proto::{ClientRole, Control, Liveness, LivenessAction, Welcome};
+use serde::{Deserialize, Serialize};
+
+use crate::{TlsMaterial, read_frame, write_frame};
+
+/// What enrollment left in the state directory (besides the key and certificates).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnrolledState {
+    /// the server's API address
+    pub server: String,
+    /// device id (agents) or connector id (connectors)
+    pub id: String,
+    pub broker_endpoints: Vec<String>,
+    /// the agent's virtual address as last learnt
+    #[serde(default)]
+    pub virtual_ip: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+pub const STATE_FILE: &str = "state.json";
+pub const KEY_FILE: &str = "key.pem";
+pub const CERTIFICATE_FILE: &str = "certificate.pem";
+pub const CA_FILE: &str = "ca.pem";
+
+/// Writes a file readable by its owner only (0600), atomically (write, then rename).
+pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary).with_context(|| format!("opening {}", temporary.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Creates the state directory (0700) if needed.
+pub fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("securing {}", dir.display()))?;
+    Ok(())
+}
+
+/// The default state directory: `/var/lib/reachback/<component>` as root, else under `$XDG_STATE_HOME`.
+pub fn default_state_dir(component: &str) -> PathBuf {
+    let root = std::env::var("USER").is_ok_and(|user| user == "root") || std::fs::metadata("/proc/self").is_ok_and(|meta| std::os::unix::fs::MetadataExt::uid(&meta) == 0);
+    if root {
+        return PathBuf::from("/var/lib/reachback").join(component);
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("reachback").join(component)
+}
+
+pub fn save_state(dir: &Path, state: &EnrolledState) -> anyhow::Result<()> {
+    write_private(&dir.join(STATE_FILE), &serde_json::to_string_pretty(state)?)
+}
+
+/// Loads the state and TLS material of an enrolled component.
+pub fn load_state(dir: &Path) -> anyhow::Result<(EnrolledState, TlsMaterial)> {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).with_context(|| format!("reading {} (enroll first)", dir.join(name).display()));
+    let state: EnrolledState = serde_json::from_str(&read(STATE_FILE)?).with_context(|| format!("reading {}", dir.join(STATE_FILE).display()))?;
+    let material = TlsMaterial { certificate_pem: read(CERTIFICATE_FILE)?, private_key_pem: read(KEY_FILE)?, ca_pem: read(CA_FILE)? };
+    Ok((state, material))
+}
+
+/// Keeps everything enrollment returned.
+pub fn save_enrollment(dir: &Path, state: &EnrolledState, private_key_pem: &str, certificate_pem: &str, ca_pem: &str) -> anyhow::Result<()> {
+    prepare_state_dir(dir)?;
+    write_private(&dir.join(KEY_FILE), private_key_pem)?;
+    write_private(&dir.join(CERTIFICATE_FILE), certificate_pem)?;
+    write_private(&dir.join(CA_FILE), ca_pem)?;
+    save_state(dir, state)
+}
+
+/// A tunnel that said hello and got its welcome.
+pub struct Tunnel {
+    pub connection: quinn::Connection,
+    pub welcome: Welcome,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+/// How a tunnel ended.
+#[derive(Debug)]
+pub enum TunnelEnd {
+    /// the broker said not to come back (revoked)
+    Final(String),
+    /// lost or closed; reconnect
+    Lost(String),
+}
+
+async fn resolve(endpoint: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    Ok(tokio::net::lookup_host(endpoint).await.with_context(|| format!("resolving {endpoint}"))?.collect())
+}
+
+/// Connects to the first endpoint that answers and exchanges hello and welcome.
+pub async fn connect(endpoint: &quinn::Endpoint, brokers: &[String], role: ClientRole, mode: Option<&str>) -> anyhow::Result<Tunnel> {
+    let mut last_error = anyhow::anyhow!("no broker endpoint configured");
+    for broker in brokers {
+        let addresses = match resolve(broker).await {
+            Ok(addresses) => addresses,
+            Err(error) => {
+                last_error = error;
+                continue;
+            }
+        };
+        for address in addresses {
+            match tokio::time::timeout(Duration::from_secs(10), hello(endpoint, address, role, mode)).await {
+                Ok(Ok(tunnel)) => return Ok(tunnel),
+                Ok(Err(error)) => last_error = error.context(format!("broker {address}")),
+                Err(_) => last_error = anyhow::anyhow!("broker {address}: no answer in 10 s"),
+            }
+        }
+    }
+    Err(last_error)
+}
+
+async fn hello(endpoint: &quinn::Endpoint, address: SocketAddr, role: ClientRole, mode: Option<&str>) -> anyhow::Result<Tunnel> {
+    let connection = endpoint.connect(address, reachback_proto::BROKER_SERVER_NAME)?.await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    let hello = Control::Hello { role, version: env!("CARGO_PKG_VERSION").to_string(), mode: mode.map(str::to_string) };
+    write_frame(&mut send, &hello).await?;
+    match read_frame::<Control>(&mut recv).await? {
+        Some(Control::Welcome(welcome)) => Ok(Tunnel { connection, welcome, send, recv }),
+        Some(Control::Bye { reason, .. }) => Err(anyhow::anyhow!(FinalRefusal(reason))),
+        Some(other) => anyhow::bail!("unexpected answer to hello: {other:?}"),
+        None => anyhow::bail!("the broker closed the control stream"),
+    }
+}
+
+/// The broker refused this client for good (revoked certificate).
+#[derive(Debug)]
+pub struct FinalRefusal(pub String);
+
+impl std::fmt::Display for FinalRefusal {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "the broker refused this client: {}", self.0)
+    }
+}
+
+impl std::error::Error for FinalRefusal {}
+
+impl Tunnel {
+    /// Runs the control stream until the tunnel ends; `on_ranges` sees range updates.
+    pub async fn run_control(self, mut on_ranges: impl FnMut(Vec<String>)) -> TunnelEnd {
+        let Tunnel { connection, welcome, mut send, mut recv } = self;
+        let keepalive = Duration::from_secs(welcome.keepalive_seconds.clamp(1, 300));
+        let mut liveness = Liveness::new(Instant::now(), keepalive, keepalive * 3);
+        let (frames_tx, mut frames) = tokio::sync::mpsc::channel(8);
+        let reader = tokio::spawn(async move {
+            loop {
+                let frame = read_frame::<Control>(&mut recv).await;
+                let end = !matches!(frame, Ok(Some(_)));
+                if frames_tx.send(frame).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+        let end = loop {
+            tokio::select! {
+                frame = frames.recv() => {
+                    liveness.heard(Instant::now());
+                    match frame {
+                        Some(Ok(Some(Control::Ping { seq }))) => {
+                            if write_frame(&mut send, &Control::Pong { seq }).await.is_err() {
+                                break TunnelEnd::Lost("control stream broke".into());
+                            }
+                            liveness.sent(Instant::now());
+                        }
+                        Some(Ok(Some(Control::Pong { .. }))) => {}
+                        Some(Ok(Some(Control::Ranges { ranges }))) => on_ranges(ranges),
+                        Some(Ok(Some(Control::Bye { reason, r#final: true }))) => break TunnelEnd::Final(reason),
+                        Some(Ok(Some(Control::Bye { reason, .. }))) => break TunnelEnd::Lost(reason),
+                        Some(Ok(Some(other))) => break TunnelEnd::Lost(format!("unexpected control message {other:?}")),
+                        Some(Ok(None)) | None => break TunnelEnd::Lost("the broker closed the control stream".into()),
+                        Some(Err(error)) => break TunnelEnd::Lost(format!("{error:#}")),
+                    }
+                }
+                _ = tokio::time::sleep_until(liveness.poll_timeout().into()) => {
+                    match liveness.handle_timeout(Instant::now()) {
+                        Some(LivenessAction::SendPing(seq)) => {
+                            if write_frame(&mut send, &Control::Ping { seq }).await.is_err() {
+                                break TunnelEnd::Lost("control stream broke".into());
+                            }
+                        }
+                        Some(LivenessAction::Dead) => break TunnelEnd::Lost("the broker stopped answering".into()),
+                        None => {}
+                    }
+                }
+                reason = connection.closed() => break match reason {
+                    quinn::ConnectionError::ApplicationClosed(close) if close.error_code == quinn::VarInt::from_u32(2) => TunnelEnd::Final(String::from_utf8_lossy(&close.reason).into_owned()),
+                    reason => TunnelEnd::Lost(reason.to_string()),
+                },
+            }
+        };
+        reader.abort();
+        end
+    }
+}
+
+/// A uniform random number in `[0, 1)` for backoff jitter, without a RNG crate.
+pub fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.subsec_nanos()).unwrap_or(0);
+    let mixed = (nanos as u64 ^ (std::process::id() as u64).rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mixed >> 11) as f64 / (1u64 << 53) as f64
+}
