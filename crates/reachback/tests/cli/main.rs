@@ -1,6 +1,8 @@
 //! Tests of the `reachback` binary as users run it: spawned server processes,
-//! the CLI, kill -9 durability, and several replicas on one PostgreSQL database.
+//! the CLI, kill -9 durability, several replicas on one PostgreSQL database, and
+//! the data plane end to end in network namespaces.
 
+mod dataplane;
 mod durability;
 mod process;
 mod replicas;
