@@ -1,0 +1,282 @@
+//! Test fixtures shared by the end-to-end tests and the data-plane benchmark.
+//!
+//! [`Lab`] builds the network namespaces of `scripts/netns-lab` (server host,
+//! connector host, broker host, client host), runs `reachback server`, the
+//! connector, the agent and real services in them, and tears everything down
+//! when dropped. Needs root, iproute2, nftables, curl, OpenSSH and iperf3.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The bootstrap API key of the lab's server.
+pub const TOKEN: &str = "rbk_lab_bootstrap_token_0123456789";
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let path = std::env::temp_dir().join(format!("{prefix}_{}_{}", std::process::id(), nanos % 1_000_000_000));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/netns-lab")
+}
+
+/// The namespaces and every process started in them; all torn down on drop.
+pub struct Lab {
+    pub prefix: String,
+    pub dir: TempDir,
+    pub children: Vec<(String, Child)>,
+    /// the `reachback` binary
+    pub bin: PathBuf,
+}
+
+impl Lab {
+    pub fn up(bin: &Path) -> Lab {
+        for tool in ["ip", "nft", "curl", "ssh", "sshd", "ssh-keygen", "iperf3", "python3"] {
+            let found = Command::new("sh").args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")]).output().is_ok_and(|out| out.status.success());
+            assert!(found, "{tool} is missing: install nftables iproute2 curl openssh-client openssh-server iperf3 python3");
+        }
+        let prefix = format!("rb{}", std::process::id() % 100_000);
+        let status = Command::new(script()).args(["up", &prefix]).status().expect("netns-lab runs");
+        assert!(status.success(), "scripts/netns-lab up failed (root needed)");
+        Lab { prefix, dir: TempDir::new("reachback_lab"), children: Vec::new(), bin: bin.to_path_buf() }
+    }
+
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    pub fn command(&self, host: &str, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.ns(host), program]).args(args);
+        command
+    }
+
+    pub fn run(&self, host: &str, program: &str, args: &[&str]) -> Output {
+        self.command(host, program, args).output().expect("command runs")
+    }
+
+    /// Starts a long-running process in a namespace, its output in `<name>.log`.
+    pub fn spawn(&mut self, name: &str, host: &str, program: &str, args: &[&str]) {
+        let log = std::fs::File::create(self.dir.0.join(format!("{name}.log"))).expect("log file");
+        let child = self
+            .command(host, program, args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|error| panic!("starting {name}: {error}"));
+        self.children.push((name.to_string(), child));
+    }
+
+    /// Stops a process: SIGTERM (clean exit expected) or SIGKILL.
+    pub fn stop(&mut self, name: &str, kill: bool) -> Option<std::process::ExitStatus> {
+        let index = self.children.iter().position(|(child_name, _)| child_name == name)?;
+        let (_, mut child) = self.children.remove(index);
+        let signal = if kill { "-KILL" } else { "-TERM" };
+        let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+        child.wait().ok()
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.0.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("http://127.0.0.1:8080/api/v1{path}");
+        let authorization = format!("Authorization: Bearer {TOKEN}");
+        let mut args = vec!["-s", "-m", "10", "-w", "\n%{http_code}", "-X", method, "-H", &authorization, "-H", "Content-Type: application/json", &url];
+        let text;
+        if let Some(body) = &body {
+            text = body.to_string();
+            args.extend(["-d", &text]);
+        }
+        let output = self.run("brk", "curl", &args);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
+        (status.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        let output = self.run("brk", "curl", &["-s", "http://127.0.0.1:8080/metrics"]);
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn start_server(&mut self) {
+        let bin = self.bin.to_string_lossy().into_owned();
+        let data = self.dir.0.join("server");
+        let data = data.to_string_lossy().into_owned();
+        self.spawn(
+            "server",
+            "brk",
+            &bin,
+            &["server", "--listen", "0.0.0.0:8080", "--tunnel-listen", "0.0.0.0:8443", "--broker-endpoints", "10.77.2.2:8443", "--data-dir", &data, "--bootstrap-token", TOKEN, "--node-name", "lab-broker", "--flow-idle-timeout", "30"],
+        );
+        wait_for("the server to answer", Duration::from_secs(30), || self.api("GET", "/me", None).0 == 200);
+    }
+
+    pub fn start_agent(&mut self) {
+        let bin = self.bin.to_string_lossy().into_owned();
+        let state = self.dir.0.join("agent").to_string_lossy().into_owned();
+        self.spawn("agent", "cli", &bin, &["agent", "run", "--allow-ports", "22,7000,8000,8001,5201", "--state-dir", &state]);
+    }
+
+    /// `curl` from the server host; returns (exit code, body, seconds taken).
+    pub fn curl(&self, url: &str) -> (i32, String, f64) {
+        let started = Instant::now();
+        let output = self.run("srv", "curl", &["-sS", "-m", "20", url]);
+        (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned(), started.elapsed().as_secs_f64())
+    }
+
+    /// Waits until something listens on `port` on a host's loopback.
+    pub fn wait_listening(&self, host: &str, address: &str, port: u16) {
+        let probe = format!("exec 3<>/dev/tcp/{address}/{port}");
+        wait_for(&format!("{host} to listen on {address}:{port}"), Duration::from_secs(20), || self.run(host, "bash", &["-c", &probe]).status.success());
+    }
+
+    /// Real services on the client host's loopback: HTTP on 8000, 8001 and 9999
+    /// (serving `hello.txt`), iperf3 on 5201, OpenSSH on 22 (key in `ssh/client_key`).
+    pub fn start_services(&mut self) {
+        let www = self.dir.0.join("www");
+        std::fs::create_dir_all(&www).expect("www");
+        std::fs::write(www.join("hello.txt"), "hello from the client\n").expect("file");
+        let www_text = www.to_string_lossy().into_owned();
+        for port in ["8000", "8001", "9999"] {
+            self.spawn(&format!("http-{port}"), "cli", "python3", &["-m", "http.server", port, "--bind", "127.0.0.1", "--directory", &www_text]);
+        }
+        self.spawn("iperf3", "cli", "iperf3", &["-s", "-B", "127.0.0.1", "-p", "5201"]);
+        let ssh_text = self.dir.0.join("ssh").to_string_lossy().into_owned();
+        std::fs::create_dir_all(&ssh_text).expect("ssh dir");
+        for file in ["host_key", "client_key"] {
+            let status = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f", &format!("{ssh_text}/{file}")]).status().expect("ssh-keygen");
+            assert!(status.success());
+        }
+        std::fs::copy(format!("{ssh_text}/client_key.pub"), format!("{ssh_text}/authorized_keys")).expect("authorized_keys");
+        std::fs::write(
+            format!("{ssh_text}/sshd_config"),
+            format!(
+                "ListenAddress 127.0.0.1:22\nHostKey {ssh_text}/host_key\nAuthorizedKeysFile {ssh_text}/authorized_keys\nPidFile {ssh_text}/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n"
+            ),
+        )
+        .expect("sshd_config");
+        std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+        self.spawn("sshd", "cli", "/usr/sbin/sshd", &["-D", "-e", "-f", &format!("{ssh_text}/sshd_config")]);
+        for port in [8000, 8001, 9999, 5201, 22] {
+            self.wait_listening("cli", "127.0.0.1", port);
+        }
+    }
+
+    /// The control plane of the lab: a range, a single-use enrollment key, a
+    /// connector, a segment for the lab's ports, and two policies (deny 8001
+    /// anywhere under `corp.example`, then allow alice to the lab segment).
+    /// Returns (enrollment key, connector's provisioning key).
+    pub fn provision(&self) -> (String, String) {
+        let (status, range) = self.api("POST", "/ip-ranges", Some(json!({"name": "Lab laptops", "range": "100.64.0.0/16"})));
+        assert_eq!(status, 201, "{range}");
+        let (_, key) = self.api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example", "reusable": false})));
+        let (status, connector) = self.api("POST", "/connectors", Some(json!({"name": "lab connector"})));
+        assert_eq!(status, 201, "{connector}");
+        let (_, lab_segment) =
+            self.api("POST", "/app-segments", Some(json!({"name": "lab services", "destinations": ["100.64.0.0/10"], "tcp_ports": ["22", "7000", "8000", "5201", "9999"]})));
+        let (_, denied_segment) = self.api("POST", "/app-segments", Some(json!({"name": "blocked", "destinations": ["*.corp.example"], "tcp_ports": ["8001"]})));
+        let (status, _) = self.api("POST", "/access-policies", Some(json!({"name": "block 8001", "order": 1, "action": "deny", "segment_ids": [denied_segment["id"]]})));
+        assert_eq!(status, 201);
+        let (status, _) = self.api(
+            "POST",
+            "/access-policies",
+            Some(json!({"name": "lab", "order": 2, "action": "allow", "segment_ids": [lab_segment["id"]], "usernames": ["alice@corp.example"]})),
+        );
+        assert_eq!(status, 201);
+        (key["key"].as_str().expect("key").to_string(), connector["provisioning_key"].as_str().expect("provisioning key").to_string())
+    }
+
+    /// `reachback agent enroll` on the client host; returns its output.
+    pub fn enroll_agent(&self, key: &str) -> Output {
+        let state = self.dir.0.join("agent").to_string_lossy().into_owned();
+        let bin = self.bin.to_string_lossy().into_owned();
+        self.run("cli", &bin, &["agent", "enroll", "--server", "http://10.77.2.2:8080", "--key", key, "--hostname", "laptop1.corp.example", "--state-dir", &state])
+    }
+
+    pub fn start_connector(&mut self, provisioning_key: &str) {
+        let state = self.dir.0.join("connector").to_string_lossy().into_owned();
+        let bin = self.bin.to_string_lossy().into_owned();
+        self.spawn("connector", "conn", &bin, &["connector", "run", "--server", "http://10.77.2.2:8080", "--key", provisioning_key, "--mode", "tproxy", "--state-dir", &state]);
+    }
+
+    /// Everything up: server, services, agent and connector, the agent's session live.
+    pub fn full() -> impl FnOnce(&Path) -> Lab {
+        |bin| {
+            let mut lab = Lab::up(bin);
+            lab.start_server();
+            let (key, provisioning_key) = lab.provision();
+            lab.start_services();
+            let enrolled = lab.enroll_agent(&key);
+            assert!(enrolled.status.success(), "agent enroll: {}", String::from_utf8_lossy(&enrolled.stderr));
+            lab.start_agent();
+            lab.start_connector(&provisioning_key);
+            wait_for("the agent's session", Duration::from_secs(20), || lab.session_ip().as_deref() == Some("100.64.0.1"));
+            wait_for("the connector to be online", Duration::from_secs(20), || lab.api("GET", "/connectors", None).1["items"][0]["status"] == "online");
+            lab
+        }
+    }
+
+    pub fn session_ip(&self) -> Option<String> {
+        let (_, sessions) = self.api("GET", "/client-sessions", None);
+        sessions["items"][0]["virtual_ip"].as_str().map(str::to_string)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new(script()).args(["down", &self.prefix]).status();
+    }
+}
+
+pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Runs iperf3 from the server host to `target` (address) and returns the received bits per second.
+pub fn iperf3_bits(lab: &Lab, target: &str, port: &str, seconds: &str, streams: &str, reverse: bool) -> f64 {
+    let mut args = vec!["-c", target, "-p", port, "-t", seconds, "-P", streams, "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let output = lab.run("srv", "iperf3", &args);
+    assert!(output.status.success(), "iperf3 {args:?} failed: {}", String::from_utf8_lossy(&output.stdout));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
+    report["end"]["sum_received"]["bits_per_second"].as_f64().expect("bits per second")
+}
+
