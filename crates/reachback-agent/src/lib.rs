@@ -102,6 +102,8 @@ pub struct RunOptions {
     pub allow_ports: Vec<PortRange>,
     /// where allowed flows connect (127.0.0.1 by default)
     pub connect_host: IpAddr,
+    /// this release, reported to the broker
+    pub version: String,
 }
 
 /// Keeps the tunnel up until `shutdown` resolves or the broker revokes this device.
@@ -113,7 +115,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let attempt = async {
-            let tunnel = client::connect(&endpoint, &state.broker_endpoints, ClientRole::Agent, None).await?;
+            let tunnel = client::connect(&endpoint, &state.broker_endpoints, ClientRole::Agent, None, &options.version).await?;
             Ok::<_, anyhow::Error>(tunnel)
         };
         let tunnel = tokio::select! {

@@ -29,6 +29,8 @@ pub struct RunOptions {
     /// the port TPROXY hands intercepted connections to
     pub tproxy_port: u16,
     pub routing: nft::Routing,
+    /// this release, reported to the broker
+    pub version: String,
 }
 
 /// Enrolls with the provisioning key unless the state directory holds an enrollment.
@@ -111,7 +113,7 @@ async fn tunnel_loop(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let tunnel = tokio::select! {
-            tunnel = client::connect(endpoint, &state.broker_endpoints, ClientRole::Connector, Some("tproxy")) => tunnel,
+            tunnel = client::connect(endpoint, &state.broker_endpoints, ClientRole::Connector, Some("tproxy"), &options.version) => tunnel,
             _ = &mut shutdown => return Ok(()),
         };
         let delay = match tunnel {

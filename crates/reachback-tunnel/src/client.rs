@@ -108,7 +108,8 @@ async fn resolve(endpoint: &str) -> anyhow::Result<Vec<SocketAddr>> {
 }
 
 /// Connects to the first endpoint that answers and exchanges hello and welcome.
-pub async fn connect(endpoint: &quinn::Endpoint, brokers: &[String], role: ClientRole, mode: Option<&str>) -> anyhow::Result<Tunnel> {
+/// `version` is the client's release, shown in the connector list.
+pub async fn connect(endpoint: &quinn::Endpoint, brokers: &[String], role: ClientRole, mode: Option<&str>, version: &str) -> anyhow::Result<Tunnel> {
     let mut last_error = anyhow::anyhow!("no broker endpoint configured");
     for broker in brokers {
         let addresses = match resolve(broker).await {
@@ -119,7 +120,7 @@ pub async fn connect(endpoint: &quinn::Endpoint, brokers: &[String], role: Clien
             }
         };
         for address in addresses {
-            match tokio::time::timeout(Duration::from_secs(10), hello(endpoint, address, role, mode)).await {
+            match tokio::time::timeout(Duration::from_secs(10), hello(endpoint, address, role, mode, version)).await {
                 Ok(Ok(tunnel)) => return Ok(tunnel),
                 Ok(Err(error)) => last_error = error.context(format!("broker {address}")),
                 Err(_) => last_error = anyhow::anyhow!("broker {address}: no answer in 10 s"),
@@ -129,10 +130,10 @@ pub async fn connect(endpoint: &quinn::Endpoint, brokers: &[String], role: Clien
     Err(last_error)
 }
 
-async fn hello(endpoint: &quinn::Endpoint, address: SocketAddr, role: ClientRole, mode: Option<&str>) -> anyhow::Result<Tunnel> {
+async fn hello(endpoint: &quinn::Endpoint, address: SocketAddr, role: ClientRole, mode: Option<&str>, version: &str) -> anyhow::Result<Tunnel> {
     let connection = endpoint.connect(address, reachback_proto::BROKER_SERVER_NAME)?.await?;
     let (mut send, mut recv) = connection.open_bi().await?;
-    let hello = Control::Hello { role, version: env!("CARGO_PKG_VERSION").to_string(), mode: mode.map(str::to_string) };
+    let hello = Control::Hello { role, version: version.to_string(), mode: mode.map(str::to_string) };
     write_frame(&mut send, &hello).await?;
     match read_frame::<Control>(&mut recv).await? {
         Some(Control::Welcome(welcome)) => Ok(Tunnel { connection, welcome, send, recv }),

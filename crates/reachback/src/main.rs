@@ -295,6 +295,7 @@ fn run_agent(command: AgentCommand) -> anyhow::Result<()> {
                 state_dir: args.state_dir.unwrap_or_else(reachback_agent::default_state_dir),
                 allow_ports: reachback_agent::parse_allow_ports(&args.allow_ports)?,
                 connect_host: args.connect_host,
+                version: env!("CARGO_PKG_VERSION").to_string(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(reachback_agent::run(options, shutdown_signal()))
@@ -311,6 +312,7 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
         state_dir: args.state_dir.unwrap_or_else(|| reachback_tunnel::client::default_state_dir("connector")),
         tproxy_port: args.tproxy_port,
         routing: reachback_connector::nft::Routing { table: args.nft_table, fwmark: args.fwmark, route_table: args.route_table },
+        version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(reachback_connector::run(options, shutdown_signal()))

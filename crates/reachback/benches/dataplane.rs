@@ -1,0 +1,290 @@
+//! Data-plane benchmark in network namespaces (needs root; see `scripts/netns-lab`):
+//! everything goes server host → TPROXY connector → broker → agent → service, and
+//! each figure is set against a direct path over the same kind of link (veth),
+//! measured in the same run.
+//!
+//!   cargo bench -p reachback --bench dataplane
+//!
+//! Measures: iperf3 bulk throughput (1 and 4 streams, both directions) and the CPU
+//! each component spends per Gbit; 2,000 sequential connect + 1-byte echo + close
+//! (latency percentiles, flows/s); 10,000 concurrent open flows on one client
+//! (success count, RSS and memory per flow of server, connector and agent); 2,000
+//! connected agents on one server (memory per session); the agent's idle RSS.
+//! REACHBACK_BENCH_FLOWS, REACHBACK_BENCH_CONCURRENT, REACHBACK_BENCH_AGENTS and
+//! REACHBACK_BENCH_SECONDS change the sizes.
+//!
+//! The same binary, re-run inside a namespace, plays the helpers: `echo-server`,
+//! `flows` (sequential), `hold` (concurrent) and `swarm` (many agents).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reachback_testkit::{Lab, TOKEN, iperf3_bits, wait_for};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|arg| arg != "--bench").collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    match args.first().map(String::as_str) {
+        Some("echo-server") => runtime.block_on(echo_server(&args[1])),
+        Some("flows") => runtime.block_on(sequential_flows(&args[1], args[2].parse().expect("count"))),
+        Some("hold") => runtime.block_on(hold_flows(&args[1], args[2].parse().expect("count"))),
+        Some("swarm") => runtime.block_on(swarm(&args[1], args[2].parse().expect("count"))),
+        _ => orchestrate(),
+    }
+}
+
+/// Echoes every byte back; one task per connection.
+async fn echo_server(address: &str) {
+    let listener = tokio::net::TcpListener::bind(address).await.expect("echo bind");
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            let mut buffer = [0u8; 4096];
+            while let Ok(read) = stream.read(&mut buffer).await {
+                if read == 0 || stream.write_all(&buffer[..read]).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// `count` times: connect, send one byte, read it back, close. Prints the latencies (µs) as JSON.
+async fn sequential_flows(target: &str, count: usize) {
+    let mut latencies = Vec::with_capacity(count);
+    let mut failures = 0;
+    let started = Instant::now();
+    for _ in 0..count {
+        let begin = Instant::now();
+        let result = async {
+            let mut stream = tokio::net::TcpStream::connect(target).await?;
+            stream.set_nodelay(true)?;
+            stream.write_all(b"x").await?;
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(10), result).await {
+            Ok(Ok(())) => latencies.push(begin.elapsed().as_micros() as u64),
+            _ => failures += 1,
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("{}", json!({"latencies_us": latencies, "failures": failures, "seconds": elapsed}));
+}
+
+/// Opens `count` connections at once (bounded concurrency while opening), each
+/// proves itself with a 1-byte echo, then holds them all until stdin closes.
+async fn hold_flows(target: &str, count: usize) {
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(count);
+    for _ in 0..count {
+        let semaphore = semaphore.clone();
+        let target = target.to_string();
+        tasks.push(tokio::spawn(async move {
+            let permit = semaphore.acquire_owned().await.ok()?;
+            let mut stream = tokio::time::timeout(Duration::from_secs(20), tokio::net::TcpStream::connect(&target)).await.ok()?.ok()?;
+            stream.write_all(b"x").await.ok()?;
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut byte)).await.ok()?.ok()?;
+            drop(permit);
+            Some(stream)
+        }));
+    }
+    let mut streams = Vec::with_capacity(count);
+    for task in tasks {
+        if let Ok(Some(stream)) = task.await {
+            streams.push(stream);
+        }
+    }
+    println!("{}", json!({"open": streams.len()}));
+    wait_for_stdin_close().await;
+    drop(streams);
+}
+
+/// Enrolls `count` devices and keeps one tunnel each until stdin closes.
+async fn swarm(server: &str, count: usize) {
+    let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let post = |path: &str, body: Value, token: bool| {
+        let mut request = http.post(format!("{server}{path}")).header("Content-Type", "application/json");
+        if token {
+            request = request.header("Authorization", format!("Bearer {TOKEN}"));
+        }
+        let mut response = request.send(body.to_string()).expect("API");
+        serde_json::from_str::<Value>(&response.body_mut().read_to_string().expect("body")).expect("JSON")
+    };
+    let key = post("/api/v1/enrollment-keys", json!({"username": "swarm@corp.example", "reusable": true}), true)["key"].as_str().expect("key").to_string();
+    let mut materials = Vec::with_capacity(count);
+    let mut brokers = Vec::new();
+    for index in 0..count {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key pair");
+        let answer = post(
+            "/api/v1/enroll",
+            json!({"enrollment_key": key, "hostname": format!("swarm-{index}.corp.example"), "platform": "linux", "public_key": pair.public_key_pem()}),
+            false,
+        );
+        brokers = answer["broker_endpoints"].as_array().expect("brokers").iter().filter_map(|item| item.as_str().map(str::to_string)).collect();
+        materials.push(reachback_tunnel::TlsMaterial {
+            certificate_pem: answer["certificate"].as_str().expect("certificate").to_string(),
+            private_key_pem: pair.serialize_pem(),
+            ca_pem: answer["ca_certificate"].as_str().expect("CA").to_string(),
+        });
+    }
+    let mut tunnels = Vec::with_capacity(count);
+    for material in &materials {
+        let Ok(endpoint) = reachback_tunnel::client_endpoint(material) else { continue };
+        if let Ok(tunnel) = reachback_tunnel::client::connect(&endpoint, &brokers, reachback_proto::ClientRole::Agent, None, "bench").await {
+            let connection = tunnel.connection.clone();
+            tunnels.push((endpoint, connection, tokio::spawn(tunnel.run_control(|_| {}))));
+        }
+    }
+    println!("{}", json!({"connected": tunnels.len()}));
+    wait_for_stdin_close().await;
+}
+
+/// Returns when the orchestrator closes our stdin.
+async fn wait_for_stdin_close() {
+    let _ = tokio::task::spawn_blocking(|| std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())).await;
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:").and_then(|rest| rest.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|value| value.parse::<f64>().ok()).unwrap_or(0.0);
+    // fields after the name start at field 3 (state); utime is field 14, stime 15
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn pid_of(lab: &Lab, name: &str) -> u32 {
+    lab.children.iter().find(|(child, _)| child == name).map(|(_, child)| child.id()).expect("process")
+}
+
+fn percentile(sorted: &[u64], fraction: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * fraction).round() as usize]
+}
+
+fn run_helper(lab: &Lab, host: &str, args: &[&str]) -> Value {
+    let me = std::env::current_exe().expect("bench binary").to_string_lossy().into_owned();
+    let output = lab.run(host, &me, args);
+    assert!(output.status.success(), "helper {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("helper JSON")
+}
+
+/// Starts a helper that holds something open; returns it with its first JSON line.
+fn start_holder(lab: &Lab, host: &str, args: &[&str]) -> (std::process::Child, Value) {
+    use std::io::BufRead;
+    let me = std::env::current_exe().expect("bench binary").to_string_lossy().into_owned();
+    let mut child = lab.command(host, &me, args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().expect("holder");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("holder output");
+    (child, serde_json::from_str(&line).expect("holder JSON"))
+}
+
+fn orchestrate() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_reachback"));
+    let seconds = env_number("REACHBACK_BENCH_SECONDS", 5).to_string();
+    let flows = env_number("REACHBACK_BENCH_FLOWS", 2000);
+    let concurrent = env_number("REACHBACK_BENCH_CONCURRENT", 10_000);
+    let agents = env_number("REACHBACK_BENCH_AGENTS", 2000);
+    // children inherit the raised descriptor limit (10,000 flows need more than 1,024)
+    let _ = std::process::Command::new("prlimit").args(["--pid", &std::process::id().to_string(), "--nofile=20000:20000"]).status();
+    let mut lab = Lab::full()(bin);
+    let me = std::env::current_exe().expect("bench binary").to_string_lossy().into_owned();
+    lab.spawn("echo", "cli", &me, &["echo-server", "127.0.0.1:7000"]);
+    lab.spawn("echo-direct", "conn", &me, &["echo-server", "10.77.1.2:7001"]);
+    lab.spawn("iperf3-direct", "conn", "iperf3", &["-s", "-B", "10.77.1.2", "-p", "5202"]);
+    lab.wait_listening("cli", "127.0.0.1", 7000);
+    lab.wait_listening("conn", "10.77.1.2", 7001);
+    lab.wait_listening("conn", "10.77.1.2", 5202);
+    std::thread::sleep(Duration::from_secs(1));
+    let (server, connector, agent) = (pid_of(&lab, "server"), pid_of(&lab, "connector"), pid_of(&lab, "agent"));
+    let agent_idle = rss_kib(agent);
+    println!("agent idle RSS: {:.1} MiB (goal < 10 MiB)", agent_idle as f64 / 1024.0);
+
+    println!("\n## bulk throughput (iperf3, {seconds} s each; direct = server host → connector host over veth)");
+    println!("| case | direct Gbit/s | through Reachback Gbit/s | ratio | CPU s per Gbit: server / connector / agent |");
+    println!("|---|---|---|---|---|");
+    for (streams, reverse) in [("1", false), ("1", true), ("4", false), ("4", true)] {
+        let direct = iperf3_bits(&lab, "10.77.1.2", "5202", &seconds, streams, reverse);
+        let cpu_before = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
+        let tunnel = iperf3_bits(&lab, "100.64.0.1", "5201", &seconds, streams, reverse);
+        let cpu_after = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
+        let gbits = tunnel * seconds.parse::<f64>().unwrap_or(5.0) / 1e9;
+        let per_gbit: Vec<String> = (0..3).map(|index| format!("{:.2}", (cpu_after[index] - cpu_before[index]) / gbits)).collect();
+        let direction = if reverse { "client → server (-R)" } else { "server → client" };
+        println!("| {streams} stream(s), {direction} | {:.2} | {:.2} | {:.2} | {} |", direct / 1e9, tunnel / 1e9, tunnel / direct, per_gbit.join(" / "));
+    }
+
+    println!("\n## new flows: {flows} sequential connect + 1-byte echo + close");
+    let count = flows.to_string();
+    let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count]);
+    let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count]);
+    let sorted = |value: &Value| {
+        let mut list: Vec<u64> = value["latencies_us"].as_array().expect("latencies").iter().filter_map(Value::as_u64).collect();
+        list.sort_unstable();
+        list
+    };
+    let (direct_sorted, tunnel_sorted) = (sorted(&direct), sorted(&tunnel));
+    println!("| path | p50 µs | p90 µs | p99 µs | flows/s | failures |");
+    println!("|---|---|---|---|---|---|");
+    for (name, sorted, raw) in [("direct", &direct_sorted, &direct), ("through Reachback", &tunnel_sorted, &tunnel)] {
+        let rate = sorted.len() as f64 / raw["seconds"].as_f64().unwrap_or(1.0);
+        println!("| {name} | {} | {} | {} | {rate:.0} | {} |", percentile(sorted, 0.5), percentile(sorted, 0.9), percentile(sorted, 0.99), raw["failures"]);
+    }
+    println!(
+        "added latency p50: {} µs (goal < 300 µs)",
+        percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5))
+    );
+
+    println!("\n## {concurrent} concurrent open flows on one client");
+    let before = [rss_kib(server), rss_kib(connector), rss_kib(agent)];
+    let (mut holder, opened) = start_holder(&lab, "srv", &["hold", "100.64.0.1:7000", &concurrent.to_string()]);
+    std::thread::sleep(Duration::from_secs(2));
+    let during = [rss_kib(server), rss_kib(connector), rss_kib(agent)];
+    let open = opened["open"].as_u64().unwrap_or(0);
+    println!("opened and echoed: {open} of {concurrent}");
+    println!("| component | RSS before MiB | RSS with the flows open MiB | KiB per flow |");
+    println!("|---|---|---|---|");
+    for (index, name) in ["server (broker)", "connector", "agent"].iter().enumerate() {
+        let per_flow = (during[index].saturating_sub(before[index])) as f64 / open.max(1) as f64;
+        println!("| {name} | {:.1} | {:.1} | {per_flow:.1} |", before[index] as f64 / 1024.0, during[index] as f64 / 1024.0);
+    }
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    wait_for("flows to close", Duration::from_secs(60), || lab.metric("reachback_flows_active") == 0.0);
+
+    println!("\n## {agents} connected agents on one server");
+    let server_before = rss_kib(server);
+    let (mut swarm_child, connected) = start_holder(&lab, "cli", &["swarm", "http://10.77.2.2:8080", &agents.to_string()]);
+    std::thread::sleep(Duration::from_secs(2));
+    let sessions = lab.metric("reachback_client_sessions");
+    let server_during = rss_kib(server);
+    println!(
+        "connected: {} of {agents} (server counts {sessions} sessions); server RSS {:.1} → {:.1} MiB, {:.1} KiB per session",
+        connected["connected"],
+        server_before as f64 / 1024.0,
+        server_during as f64 / 1024.0,
+        server_during.saturating_sub(server_before) as f64 / agents.max(1) as f64
+    );
+    drop(swarm_child.stdin.take());
+    let _ = swarm_child.wait();
+}
