@@ -37,6 +37,9 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     database_url: Option<String>,
     postgres: Option<(String, String)>,
+    /// the UDP port the broker binds when a test starts it
+    tunnel_port: u16,
+    app: Option<reachback_server::App>,
 }
 
 pub struct Reply {
@@ -73,7 +76,8 @@ impl TestServer {
                 (Some(format!("{base}/{name}")), Some((admin_url, name)))
             }
         };
-        let mut server = TestServer { router: Router::new(), state: None, data_dir, database_url, postgres };
+        let tunnel_port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|socket| socket.local_addr()).map(|address| address.port()).expect("a free UDP port");
+        let mut server = TestServer { router: Router::new(), state: None, data_dir, database_url, postgres, tunnel_port, app: None };
         server.boot().await;
         Some(server)
     }
@@ -81,11 +85,11 @@ impl TestServer {
     fn config(&self) -> ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:0".parse().expect("address"),
-            tunnel_listen: "127.0.0.1:8443".parse().expect("address"),
+            tunnel_listen: format!("127.0.0.1:{}", self.tunnel_port).parse().expect("address"),
             data_dir: self.data_dir.clone(),
             database_url: self.database_url.clone(),
             bootstrap_token: Some(TOKEN.into()),
-            broker_endpoints: vec!["broker.test:8443".into()],
+            broker_endpoints: vec![format!("127.0.0.1:{}", self.tunnel_port)],
             node_name: "test".into(),
             flow_idle_timeout: std::time::Duration::from_secs(3600),
         }
@@ -95,8 +99,19 @@ impl TestServer {
         let app = reachback_server::build(self.config()).await.expect("server builds");
         self.router = app.router.clone();
         self.state = Some(app.state.clone());
-        // keep the app's tasks alive for the test's lifetime
-        std::mem::forget(app);
+        // the app's tasks live on for the test's lifetime (dropped handles do not stop them)
+        self.app = Some(app);
+    }
+
+    /// Serves the API on a real TCP port and starts the broker; returns the API base URL.
+    pub async fn serve_with_broker(&mut self) -> String {
+        let app = self.app.as_mut().expect("app");
+        app.start_broker().await.expect("broker starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let service = self.router.clone().into_make_service_with_connect_info::<std::net::SocketAddr>();
+        tokio::spawn(async move { axum::serve(listener, service).await });
+        base
     }
 
     /// Builds a new server over the same database, as a restart would.

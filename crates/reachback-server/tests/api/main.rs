@@ -1,5 +1,6 @@
 //! API tests: every endpoint through the real router, on SQLite and (when
 //! `REACHBACK_TEST_POSTGRES` is set) on PostgreSQL, each test on a fresh database.
 
+mod dataplane;
 mod harness;
 mod scenarios;
