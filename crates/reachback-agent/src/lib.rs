@@ -11,7 +11,7 @@ use anyhow::Context;
 use reachback_policy::{PortRange, parse_port_range};
 use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply, Refusal};
 use reachback_tunnel::client::{self, EnrolledState, FinalRefusal, TunnelEnd};
-use reachback_tunnel::{End, read_frame, write_frame};
+use reachback_tunnel::{Connection, End, RecvStream, SendStream, TunnelConnector, read_frame, write_frame};
 use serde_json::{Value, json};
 
 /// Ports allowed when `--allow-ports` is not given: SSH, SMB, RDP, WinRM.
@@ -109,13 +109,13 @@ pub struct RunOptions {
 /// Keeps the tunnel up until `shutdown` resolves or the broker revokes this device.
 pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let (mut state, material) = client::load_state(&options.state_dir)?;
-    let endpoint = reachback_tunnel::client_endpoint(&material)?;
+    let connector = TunnelConnector::new(&material)?;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
     let options = std::sync::Arc::new(options);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let attempt = async {
-            let tunnel = client::connect(&endpoint, &state.broker_endpoints, ClientRole::Agent, None, &options.version).await?;
+            let tunnel = client::connect(&connector, &state.broker_endpoints, ClientRole::Agent, None, &options.version).await?;
             Ok::<_, anyhow::Error>(tunnel)
         };
         let tunnel = tokio::select! {
@@ -140,7 +140,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
                 flows.abort();
                 match end {
                     None => {
-                        connection.close(quinn::VarInt::from_u32(0), b"agent stopping");
+                        connection.close(0, b"agent stopping");
                         break;
                     }
                     Some(TunnelEnd::Final(reason)) => anyhow::bail!(FinalRefusal(reason)),
@@ -165,23 +165,22 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
             _ = &mut shutdown => break,
         }
     }
-    endpoint.wait_idle().await;
     Ok(())
 }
 
-async fn accept_flows(connection: quinn::Connection, options: std::sync::Arc<RunOptions>) {
+async fn accept_flows(connection: Connection, options: std::sync::Arc<RunOptions>) {
     while let Ok((send, recv)) = connection.accept_bi().await {
         tokio::spawn(serve_flow(send, recv, options.clone()));
     }
 }
 
-async fn refuse(mut send: quinn::SendStream, refusal: Refusal) {
+async fn refuse(mut send: SendStream, refusal: Refusal) {
     let _ = write_frame(&mut send, &FlowReply::Refused(refusal)).await;
     let _ = send.finish();
 }
 
 /// One flow: check the port against the allow-list, connect locally, relay.
-async fn serve_flow(mut send: quinn::SendStream, mut recv: quinn::RecvStream, options: std::sync::Arc<RunOptions>) {
+async fn serve_flow(mut send: SendStream, mut recv: RecvStream, options: std::sync::Arc<RunOptions>) {
     let open: FlowOpen = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(Some(open))) => open,
         Ok(Ok(None)) => return,
@@ -189,7 +188,7 @@ async fn serve_flow(mut send: quinn::SendStream, mut recv: quinn::RecvStream, op
             tracing::info!(error = %error, "bad flow request from the broker");
             return refuse(send, Refusal::BadRequest { reason: error.to_string() }).await;
         }
-        Err(_) => return End::Quic { send, recv }.reset(),
+        Err(_) => return End::Stream { send, recv }.reset(),
     };
     let port = open.destination.port();
     if !options.allow_ports.iter().any(|range| range.contains(port)) {
@@ -211,7 +210,7 @@ async fn serve_flow(mut send: quinn::SendStream, mut recv: quinn::RecvStream, op
     }
     tracing::trace!(%target, source = %open.source, "flow open");
     // the broker enforces the idle timeout; this bound only frees a forgotten flow
-    reachback_tunnel::relay(End::Quic { send, recv }, End::Tcp(stream), Duration::from_secs(7 * 86_400), &|_, _| {}).await;
+    reachback_tunnel::relay(End::Stream { send, recv }, End::Tcp(stream), Duration::from_secs(7 * 86_400), &|_, _| {}).await;
 }
 
 /// The default state directory of the agent.

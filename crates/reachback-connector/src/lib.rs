@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply};
 use reachback_tunnel::client::{self, EnrolledState, FinalRefusal, TunnelEnd};
-use reachback_tunnel::{End, read_frame, write_frame};
+use reachback_tunnel::{Connection, End, TunnelConnector, read_frame, write_frame};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -76,13 +76,13 @@ fn transparent_listener(address: SocketAddr) -> anyhow::Result<tokio::net::TcpLi
 pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     ensure_enrolled(&options)?;
     let (state, material) = client::load_state(&options.state_dir)?;
-    let endpoint = reachback_tunnel::client_endpoint(&material)?;
+    let endpoint = TunnelConnector::new(&material)?;
     let mut listeners = vec![transparent_listener(SocketAddr::from(([0, 0, 0, 0], options.tproxy_port)))?];
     match transparent_listener(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, options.tproxy_port))) {
         Ok(listener) => listeners.push(listener),
         Err(error) => tracing::info!(error = format!("{error:#}"), "no IPv6 interception"),
     }
-    let (connection_tx, connection_rx) = watch::channel::<Option<quinn::Connection>>(None);
+    let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone())));
@@ -97,16 +97,15 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
     } else {
         tracing::info!("interception rules removed");
     }
-    endpoint.close(quinn::VarInt::from_u32(0), b"connector stopping");
     result
 }
 
 async fn tunnel_loop(
-    endpoint: &quinn::Endpoint,
+    endpoint: &TunnelConnector,
     state: &EnrolledState,
     options: &RunOptions,
     routing: Arc<nft::Routing>,
-    connection_tx: watch::Sender<Option<quinn::Connection>>,
+    connection_tx: watch::Sender<Option<Connection>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
@@ -161,7 +160,7 @@ async fn tunnel_loop(
     }
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, connection: watch::Receiver<Option<quinn::Connection>>) {
+async fn accept_loop(listener: tokio::net::TcpListener, connection: watch::Receiver<Option<Connection>>) {
     loop {
         let (stream, source) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -177,7 +176,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, connection: watch::Recei
 }
 
 /// One intercepted connection: ask the broker, then relay or reset.
-async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tunnel: Option<quinn::Connection>) {
+async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tunnel: Option<Connection>) {
     // TPROXY keeps the original destination as the accepted socket's local address
     let Ok(destination) = stream.local_addr() else { return End::Tcp(stream).reset() };
     let Some(tunnel) = tunnel else {
@@ -194,7 +193,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tun
     match tokio::time::timeout(FLOW_REPLY_TIMEOUT, request).await {
         Ok(Ok((FlowReply::Ok, send, recv))) => {
             tracing::trace!(%destination, %source, "flow open");
-            reachback_tunnel::relay(End::Tcp(stream), End::Quic { send, recv }, Duration::from_secs(7 * 86_400), &|_, _| {}).await;
+            reachback_tunnel::relay(End::Tcp(stream), End::Stream { send, recv }, Duration::from_secs(7 * 86_400), &|_, _| {}).await;
         }
         Ok(Ok((FlowReply::Refused(refusal), _, _))) => {
             tracing::info!(%destination, %source, %refusal, "flow refused");

@@ -4,9 +4,9 @@
 //! an argument (`now`), randomness as a value, so everything here is tested in
 //! memory with a fake clock.
 //!
-//! A tunnel is one QUIC connection (mutual TLS). Its first bidirectional stream,
-//! opened by the agent or connector, is the *control stream* ([`Control`]
-//! messages). Every relayed TCP flow is a further bidirectional stream that starts
+//! A tunnel is one TLS 1.3 connection over TCP (mutual TLS) carrying many
+//! streams ([`mux`]). Its first stream, opened by the agent or connector, is the
+//! *control stream* ([`Control`] messages). Every relayed TCP flow is a further bidirectional stream that starts
 //! with one [`FlowOpen`] frame and one [`FlowReply`] frame the other way, then
 //! carries the flow's bytes unframed.
 
@@ -15,6 +15,7 @@ mod flow;
 mod frame;
 mod liveness;
 mod message;
+pub mod mux;
 
 pub use backoff::Backoff;
 pub use flow::{Flow, FlowAction, FlowEvent, FlowPhase, Side};

@@ -1,6 +1,6 @@
 //! The broker: the tunnel endpoint inside `reachback server`. Agents and
-//! connectors keep one QUIC connection each (mutual TLS, certificates from the
-//! internal CA). The broker registers live agents by virtual address, takes each
+//! connectors keep one TLS connection each (mutual TLS 1.3 over TCP, certificates
+//! from the internal CA, many streams multiplexed on it). The broker registers live agents by virtual address, takes each
 //! flow a connector opens, checks it against the access policy, opens a stream to
 //! the agent that holds the address and relays the bytes both ways.
 //!
@@ -16,7 +16,7 @@ use anyhow::Context;
 use reachback_policy::{Action, FlowFacts, PolicySet, Protocol};
 use reachback_proto::{ClientRole, Control, FlowOpen, FlowReply, Liveness, LivenessAction, Refusal, Side, Welcome};
 use reachback_store::{ClientSessionRow, new_id, now_micros};
-use reachback_tunnel::{End, PeerIdentity, TlsMaterial, read_frame, write_frame};
+use reachback_tunnel::{Connection, End, PeerIdentity, RecvStream, SendStream, TlsMaterial, TunnelListener, read_frame, write_frame};
 
 use crate::state::{AppState, SharedState};
 
@@ -26,7 +26,7 @@ pub const FLOW_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEPALIVE: Duration = Duration::from_secs(10);
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
-/// QUIC application close codes.
+/// Close codes the peer sees.
 const CLOSE_KICKED: u32 = 1;
 const CLOSE_REFUSED: u32 = 2;
 const CLOSE_SHUTDOWN: u32 = 3;
@@ -41,23 +41,34 @@ pub struct AgentSession {
     pub platform: String,
     pub range_id: String,
     pub virtual_ip: IpAddr,
-    connection: quinn::Connection,
+    connection: Connection,
 }
 
 /// A live connector tunnel.
 #[derive(Clone)]
 struct ConnectorSession {
-    connection: quinn::Connection,
+    connection: Connection,
 }
 
 /// The broker's live state, shared with the API (kicks, status, policy reloads).
-#[derive(Default)]
 pub struct Broker {
     agents: RwLock<HashMap<IpAddr, AgentSession>>,
     connectors: RwLock<HashMap<String, ConnectorSession>>,
     policy: RwLock<Arc<PolicySet>>,
     policy_version: RwLock<Option<(i64, i64)>>,
-    endpoint: RwLock<Option<quinn::Endpoint>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            agents: RwLock::default(),
+            connectors: RwLock::default(),
+            policy: RwLock::default(),
+            policy_version: RwLock::default(),
+            shutdown: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -73,20 +84,20 @@ impl Broker {
     pub fn kick_session(&self, session_id: &str) -> bool {
         let agents = read(&self.agents);
         let Some(session) = agents.values().find(|session| session.session_id == session_id) else { return false };
-        session.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"session deleted");
+        session.connection.close(CLOSE_KICKED, b"session deleted");
         true
     }
 
     /// Disconnects every session of a device (deleted or revoked).
     pub fn kick_device(&self, device_id: &str) {
         for session in read(&self.agents).values().filter(|session| session.device_id == device_id) {
-            session.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"device revoked");
+            session.connection.close(CLOSE_KICKED, b"device revoked");
         }
     }
 
     pub fn kick_connector(&self, connector_id: &str) {
         if let Some(session) = read(&self.connectors).get(connector_id) {
-            session.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"connector revoked");
+            session.connection.close(CLOSE_KICKED, b"connector revoked");
         }
     }
 
@@ -104,8 +115,12 @@ impl Broker {
 
     /// Closes every tunnel (shutdown).
     pub fn close_all(&self) {
-        if let Some(endpoint) = read(&self.endpoint).as_ref() {
-            endpoint.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"server shutting down");
+        let _ = self.shutdown.send(true);
+        for session in read(&self.agents).values() {
+            session.connection.close(CLOSE_SHUTDOWN, b"server shutting down");
+        }
+        for session in read(&self.connectors).values() {
+            session.connection.close(CLOSE_SHUTDOWN, b"server shutting down");
         }
     }
 }
@@ -129,9 +144,9 @@ pub async fn reload_policy(state: &AppState, force: bool) -> anyhow::Result<()> 
 pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let (certificate_pem, private_key_pem) = state.ca.sign_broker()?;
     let material = TlsMaterial { certificate_pem, private_key_pem, ca_pem: state.ca.certificate_pem.clone() };
-    let endpoint = reachback_tunnel::server_endpoint(state.config.tunnel_listen, &material)?;
-    let local = endpoint.local_addr()?;
-    *write(&state.broker.endpoint) = Some(endpoint.clone());
+    let listener = Arc::new(TunnelListener::bind(state.config.tunnel_listen, &material).await?);
+    let local = listener.local_addr()?;
+    let mut shutdown = state.broker.shutdown.subscribe();
     let cleared = state.store.clear_client_sessions_on(&state.config.node_name).await?;
     if cleared > 0 {
         tracing::info!(cleared, "cleared client sessions left by an earlier run of this node");
@@ -139,26 +154,40 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
     reload_policy(&state, true).await?;
     let weak = Arc::downgrade(&state);
     let task = tokio::spawn(async move {
-        while let Some(incoming) = endpoint.accept().await {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // out of descriptors or similar: back off instead of spinning
+                    tracing::warn!(%error, "accepting a tunnel failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let Some(state) = weak.upgrade() else { break };
+            let listener = listener.clone();
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                match incoming.await {
+                match listener.handshake(stream, remote).await {
                     Ok(connection) => {
                         if let Err(error) = serve_tunnel(state, connection.clone()).await {
                             tracing::info!(%remote, error = format!("{error:#}"), "tunnel ended");
                         }
+                        connection.close(CLOSE_SHUTDOWN, b"tunnel ended");
                     }
-                    Err(error) => tracing::info!(%remote, %error, "tunnel handshake failed"),
+                    Err(error) => tracing::info!(%remote, error = format!("{error:#}"), "tunnel handshake failed"),
                 }
             });
         }
     });
-    tracing::info!(%local, "tunnel endpoint listening (QUIC)");
+    tracing::info!(%local, "tunnel endpoint listening (TLS over TCP)");
     Ok((local, task))
 }
 
-async fn serve_tunnel(state: SharedState, connection: quinn::Connection) -> anyhow::Result<()> {
+async fn serve_tunnel(state: SharedState, connection: Connection) -> anyhow::Result<()> {
     let remote = connection.remote_address();
     let identity = reachback_tunnel::peer_identity(&connection)?;
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await.context("no control stream in time")??;
@@ -170,21 +199,21 @@ async fn serve_tunnel(state: SharedState, connection: quinn::Connection) -> anyh
         _ => {
             let bye = Control::Bye { reason: "the certificate does not match the role".into(), r#final: true };
             let _ = write_frame(&mut send, &bye).await;
-            connection.close(quinn::VarInt::from_u32(CLOSE_REFUSED), b"role mismatch");
+            connection.close(CLOSE_REFUSED, b"role mismatch");
             anyhow::bail!("{remote}: role {role:?} with a {} certificate", identity.kind)
         }
     }
 }
 
-async fn refuse(connection: &quinn::Connection, send: &mut quinn::SendStream, reason: &str) {
+async fn refuse(connection: &Connection, send: &mut SendStream, reason: &str) {
     let _ = write_frame(send, &Control::Bye { reason: reason.to_string(), r#final: true }).await;
     let _ = send.finish();
     // give the peer a moment to read the reason before the connection closes
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    connection.close(quinn::VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    connection.close(CLOSE_REFUSED, reason.as_bytes());
 }
 
-async fn serve_agent(state: SharedState, connection: quinn::Connection, identity: PeerIdentity, mut send: quinn::SendStream, recv: quinn::RecvStream) -> anyhow::Result<()> {
+async fn serve_agent(state: SharedState, connection: Connection, identity: PeerIdentity, mut send: SendStream, recv: RecvStream) -> anyhow::Result<()> {
     let device = match state.store.get_device(&identity.id).await {
         // the device row exists (deleting it revokes) and holds the key the certificate carries
         // (re-enrollment with the same key pair issues a new certificate for it)
@@ -222,7 +251,7 @@ async fn serve_agent(state: SharedState, connection: quinn::Connection, identity
     if let Some(session) = &session {
         // a newer tunnel of the same device replaces an older one
         if let Some(previous) = write(&state.broker.agents).insert(session.virtual_ip, session.clone()) {
-            previous.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"replaced by a newer tunnel");
+            previous.connection.close(CLOSE_KICKED, b"replaced by a newer tunnel");
         }
     }
     state.metrics.client_sessions.inc();
@@ -253,9 +282,9 @@ async fn serve_agent(state: SharedState, connection: quinn::Connection, identity
 /// Runs the control stream: answers pings, sends keepalives, detects a dead peer,
 /// and (for connectors) pushes range changes. Ends when the tunnel does.
 async fn control_loop(
-    connection: &quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    connection: &Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
     mut ranges: Option<(SharedState, Vec<String>)>,
 ) -> anyhow::Result<()> {
     let (incoming_tx, mut incoming) = tokio::sync::mpsc::channel::<anyhow::Result<Option<Control>>>(8);
@@ -316,12 +345,12 @@ async fn virtual_ranges(state: &AppState) -> anyhow::Result<Vec<String>> {
 
 async fn serve_connector(
     state: SharedState,
-    connection: quinn::Connection,
+    connection: Connection,
     identity: PeerIdentity,
     version: String,
     mode: Option<String>,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut send: SendStream,
+    recv: RecvStream,
 ) -> anyhow::Result<()> {
     let connector = match state.store.get_connector(&identity.id).await {
         Ok(connector) if !connector.revoked && connector.certificate_serial.as_deref() == Some(identity.serial.as_str()) => connector,
@@ -335,7 +364,7 @@ async fn serve_connector(
     let mode: Option<String> = mode.map(|mode| mode.chars().take(16).collect());
     state.store.connector_seen(&connector.id, &version, mode.as_deref()).await?;
     if let Some(previous) = write(&state.broker.connectors).insert(connector.id.clone(), ConnectorSession { connection: connection.clone() }) {
-        previous.connection.close(quinn::VarInt::from_u32(CLOSE_KICKED), b"replaced by a newer tunnel");
+        previous.connection.close(CLOSE_KICKED, b"replaced by a newer tunnel");
     }
     state.metrics.connectors_online.inc();
     tracing::info!(connector_id = %connector.id, %version, mode = ?mode, "connector connected");
@@ -370,12 +399,12 @@ fn count_failure(state: &AppState, reason: &str) {
     state.metrics.flows_failed.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc();
 }
 
-async fn reply(send: &mut quinn::SendStream, reply: &FlowReply) {
+async fn reply(send: &mut SendStream, reply: &FlowReply) {
     let _ = write_frame(send, reply).await;
 }
 
 /// One flow from a connector: policy, open at the agent, relay.
-async fn serve_flow(state: SharedState, connector_id: String, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStream, mut recv: RecvStream) {
     let started = Instant::now();
     let open: FlowOpen = match tokio::time::timeout(FLOW_OPEN_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(Some(open))) => open,
@@ -389,7 +418,7 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: quinn::S
         }
         Err(_) => {
             count_failure(&state, "timeout");
-            End::Quic { send, recv }.reset();
+            End::Stream { send, recv }.reset();
             return;
         }
     };
@@ -454,7 +483,7 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: quinn::S
         return;
     }
     if write_frame(&mut send, &FlowReply::Ok).await.is_err() {
-        End::Quic { send: agent_send, recv: agent_recv }.reset();
+        End::Stream { send: agent_send, recv: agent_recv }.reset();
         return;
     }
     state.metrics.flow_setup_seconds.observe(started.elapsed().as_secs_f64());
@@ -469,7 +498,7 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: quinn::S
             Side::Client => to_server.inc_by(length),
         };
     };
-    let totals = reachback_tunnel::relay(End::Quic { send, recv }, End::Quic { send: agent_send, recv: agent_recv }, state.config.flow_idle_timeout, &on_bytes).await;
+    let totals = reachback_tunnel::relay(End::Stream { send, recv }, End::Stream { send: agent_send, recv: agent_recv }, state.config.flow_idle_timeout, &on_bytes).await;
     state.metrics.flows_active.dec();
     tracing::trace!(%destination, up = totals.server_to_client, down = totals.client_to_server, clean = totals.clean, "flow closed");
 }

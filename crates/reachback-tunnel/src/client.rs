@@ -10,7 +10,8 @@ use anyhow::Context;
 use reachback_proto::{ClientRole, Control, Liveness, LivenessAction, Welcome};
 use serde::{Deserialize, Serialize};
 
-use crate::{TlsMaterial, read_frame, write_frame};
+use crate::{Connection, RecvStream, SendStream, TunnelConnector, read_frame, write_frame};
+use crate::TlsMaterial;
 
 /// What enrollment left in the state directory (besides the key and certificates).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -88,10 +89,10 @@ pub fn save_enrollment(dir: &Path, state: &EnrolledState, private_key_pem: &str,
 
 /// A tunnel that said hello and got its welcome.
 pub struct Tunnel {
-    pub connection: quinn::Connection,
+    pub connection: Connection,
     pub welcome: Welcome,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    send: SendStream,
+    recv: RecvStream,
 }
 
 /// How a tunnel ended.
@@ -109,7 +110,7 @@ async fn resolve(endpoint: &str) -> anyhow::Result<Vec<SocketAddr>> {
 
 /// Connects to the first endpoint that answers and exchanges hello and welcome.
 /// `version` is the client's release, shown in the connector list.
-pub async fn connect(endpoint: &quinn::Endpoint, brokers: &[String], role: ClientRole, mode: Option<&str>, version: &str) -> anyhow::Result<Tunnel> {
+pub async fn connect(connector: &TunnelConnector, brokers: &[String], role: ClientRole, mode: Option<&str>, version: &str) -> anyhow::Result<Tunnel> {
     let mut last_error = anyhow::anyhow!("no broker endpoint configured");
     for broker in brokers {
         let addresses = match resolve(broker).await {
@@ -120,7 +121,7 @@ pub async fn connect(endpoint: &quinn::Endpoint, brokers: &[String], role: Clien
             }
         };
         for address in addresses {
-            match tokio::time::timeout(Duration::from_secs(10), hello(endpoint, address, role, mode, version)).await {
+            match tokio::time::timeout(Duration::from_secs(10), hello(connector, address, role, mode, version)).await {
                 Ok(Ok(tunnel)) => return Ok(tunnel),
                 Ok(Err(error)) => last_error = error.context(format!("broker {address}")),
                 Err(_) => last_error = anyhow::anyhow!("broker {address}: no answer in 10 s"),
@@ -130,8 +131,8 @@ pub async fn connect(endpoint: &quinn::Endpoint, brokers: &[String], role: Clien
     Err(last_error)
 }
 
-async fn hello(endpoint: &quinn::Endpoint, address: SocketAddr, role: ClientRole, mode: Option<&str>, version: &str) -> anyhow::Result<Tunnel> {
-    let connection = endpoint.connect(address, reachback_proto::BROKER_SERVER_NAME)?.await?;
+async fn hello(connector: &TunnelConnector, address: SocketAddr, role: ClientRole, mode: Option<&str>, version: &str) -> anyhow::Result<Tunnel> {
+    let connection = connector.connect(address).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     let hello = Control::Hello { role, version: version.to_string(), mode: mode.map(str::to_string) };
     write_frame(&mut send, &hello).await?;
@@ -202,10 +203,7 @@ impl Tunnel {
                         None => {}
                     }
                 }
-                reason = connection.closed() => break match reason {
-                    quinn::ConnectionError::ApplicationClosed(close) if close.error_code == quinn::VarInt::from_u32(2) => TunnelEnd::Final(String::from_utf8_lossy(&close.reason).into_owned()),
-                    reason => TunnelEnd::Lost(reason.to_string()),
-                },
+                reason = connection.closed() => break TunnelEnd::Lost(reason),
             }
         };
         reader.abort();

@@ -1,6 +1,6 @@
-//! Moves one flow's bytes between two ends — a TCP socket or a QUIC stream pair —
+//! Moves one flow's bytes between two ends — a TCP socket or a tunnel stream pair —
 //! in one task. Each direction reads a chunk and writes it before reading the next,
-//! so a slow reader slows its writer (backpressure, no unbounded buffer). QUIC
+//! so a slow reader slows its writer (backpressure, no unbounded buffer). Stream
 //! chunks are handed over without copying. The flow state machine decides what a
 //! FIN, a reset or silence on one end does to the other.
 
@@ -13,7 +13,9 @@ use bytes::{Bytes, BytesMut};
 use reachback_proto::{Flow, FlowAction, FlowEvent, Side};
 use tokio::net::TcpStream;
 
-/// Application error code for a QUIC stream reset that mirrors a TCP reset.
+use crate::mux::{RecvStream, SendStream};
+
+/// Error code for a stream reset that mirrors a TCP reset.
 const RESET_CODE: u32 = 1;
 /// The largest chunk read from a TCP socket at once.
 const TCP_CHUNK: usize = 64 * 1024;
@@ -21,11 +23,11 @@ const TCP_CHUNK: usize = 64 * 1024;
 /// One end of a relayed flow.
 pub enum End {
     Tcp(TcpStream),
-    Quic { send: quinn::SendStream, recv: quinn::RecvStream },
+    Stream { send: SendStream, recv: RecvStream },
 }
 
 impl End {
-    /// Resets the end: an RST on TCP, RESET_STREAM and STOP_SENDING on QUIC.
+    /// Resets the end: an RST on TCP, `Reset` and `Stop` on a stream.
     pub fn reset(self) {
         match self {
             End::Tcp(stream) => {
@@ -33,9 +35,9 @@ impl End {
                 let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                 drop(stream);
             }
-            End::Quic { mut send, mut recv } => {
-                let _ = send.reset(quinn::VarInt::from_u32(RESET_CODE));
-                let _ = recv.stop(quinn::VarInt::from_u32(RESET_CODE));
+            End::Stream { mut send, mut recv } => {
+                send.reset(RESET_CODE);
+                recv.stop(RESET_CODE);
             }
         }
     }
@@ -52,12 +54,12 @@ pub struct RelayTotals {
 
 enum Source<'a> {
     Tcp(&'a TcpStream),
-    Quic(&'a mut quinn::RecvStream),
+    Stream(&'a mut RecvStream),
 }
 
 enum Sink<'a> {
     Tcp(&'a TcpStream),
-    Quic(&'a mut quinn::SendStream),
+    Stream(&'a mut SendStream),
 }
 
 /// How one direction ended.
@@ -72,11 +74,7 @@ enum PumpEnd {
 
 async fn next_chunk(source: &mut Source<'_>) -> Result<Option<Bytes>, ()> {
     match source {
-        Source::Quic(recv) => match recv.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
-            Ok(None) => Ok(None),
-            Err(_) => Err(()),
-        },
+        Source::Stream(recv) => recv.read_chunk().await.map_err(|_| ()),
         Source::Tcp(stream) => loop {
             if stream.readable().await.is_err() {
                 return Err(());
@@ -94,7 +92,7 @@ async fn next_chunk(source: &mut Source<'_>) -> Result<Option<Bytes>, ()> {
 
 async fn put(sink: &mut Sink<'_>, mut chunk: Bytes) -> Result<(), ()> {
     match sink {
-        Sink::Quic(send) => send.write_chunk(chunk).await.map_err(|_| ()),
+        Sink::Stream(send) => send.write_chunk(chunk).await.map_err(|_| ()),
         Sink::Tcp(stream) => {
             while !chunk.is_empty() {
                 if stream.writable().await.is_err() {
@@ -115,7 +113,7 @@ async fn put(sink: &mut Sink<'_>, mut chunk: Bytes) -> Result<(), ()> {
 
 fn finish(sink: &mut Sink<'_>) -> Result<(), ()> {
     match sink {
-        Sink::Quic(send) => send.finish().map_err(|_| ()),
+        Sink::Stream(send) => send.finish().map_err(|_| ()),
         Sink::Tcp(stream) => socket2::SockRef::from(*stream).shutdown(Shutdown::Write).map_err(|_| ()),
     }
 }
@@ -143,7 +141,7 @@ async fn pump(mut source: Source<'_>, mut sink: Sink<'_>, moved: &AtomicU64, act
 fn split(end: &mut End) -> (Source<'_>, Sink<'_>) {
     match end {
         End::Tcp(stream) => (Source::Tcp(stream), Sink::Tcp(stream)),
-        End::Quic { send, recv } => (Source::Quic(recv), Sink::Quic(send)),
+        End::Stream { send, recv } => (Source::Stream(recv), Sink::Stream(send)),
     }
 }
 

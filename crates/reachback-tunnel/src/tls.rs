@@ -1,15 +1,16 @@
-//! QUIC endpoints with mutual TLS: both sides present certificates from the
-//! internal CA and trust nothing else. The ring crypto provider is passed
-//! explicitly so no process-wide default is needed.
+//! Mutual TLS 1.3 over TCP: both sides present certificates from the internal CA
+//! and trust nothing else. The ring crypto provider is passed explicitly so no
+//! process-wide default is needed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::mux::Connection;
 
 /// PEM texts of a certificate, its private key, and the CA to trust.
 #[derive(Clone)]
@@ -50,59 +51,84 @@ impl TlsMaterial {
     }
 }
 
-/// Transport settings shared by every tunnel: many concurrent flows, windows large
-/// enough for a fast link, and keepalive below the idle timeout.
-pub fn transport_config() -> quinn::TransportConfig {
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(65_536));
-    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    transport.stream_receive_window(quinn::VarInt::from_u32(4 * 1024 * 1024));
-    transport.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));
-    transport.send_window(64 * 1024 * 1024);
-    transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    // idle timeout 20 s: a vanished peer is found out in bounded time
-    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(20_000).into()));
-    transport
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn tune(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(15)).with_interval(Duration::from_secs(5)).with_retries(3);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
-/// The broker's endpoint: requires a client certificate from the CA.
-pub fn server_endpoint(listen: SocketAddr, material: &TlsMaterial) -> anyhow::Result<quinn::Endpoint> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(material.roots()?), provider())
-        .build()
-        .context("building the client-certificate verifier")?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(material.chain()?, material.key()?)
-        .context("the broker certificate")?;
-    tls.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
-    tls.max_early_data_size = 0;
-    let crypto = QuicServerConfig::try_from(tls).context("QUIC server crypto")?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
-    let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("binding the tunnel endpoint on UDP {listen}"))?;
-    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, Arc::new(quinn::TokioRuntime))?;
-    Ok(endpoint)
+/// The broker's side: a TCP listener whose connections must present a client certificate from the CA.
+pub struct TunnelListener {
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
 }
 
-/// A client endpoint (agent or connector) that presents its certificate and trusts only the CA.
-pub fn client_endpoint(material: &TlsMaterial) -> anyhow::Result<quinn::Endpoint> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
-        .with_root_certificates(material.roots()?)
-        .with_client_auth_cert(material.chain()?, material.key()?)
-        .context("the client certificate")?;
-    tls.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
-    let crypto = QuicClientConfig::try_from(tls).context("QUIC client crypto")?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
-    let bind: SocketAddr = "[::]:0".parse().context("wildcard address")?;
-    let socket = std::net::UdpSocket::bind(bind).or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0")).context("binding a UDP socket")?;
-    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))?;
-    endpoint.set_default_client_config(config);
-    Ok(endpoint)
+impl TunnelListener {
+    pub async fn bind(listen: SocketAddr, material: &TlsMaterial) -> anyhow::Result<TunnelListener> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(material.roots()?), provider())
+            .build()
+            .context("building the client-certificate verifier")?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS 1.3")?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(material.chain()?, material.key()?)
+            .context("the broker certificate")?;
+        tls.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the tunnel endpoint on TCP {listen}"))?;
+        Ok(TunnelListener { listener, acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// The next TCP connection (its TLS handshake is for [`TunnelListener::handshake`], in its own task).
+    pub async fn accept(&self) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+        self.listener.accept().await
+    }
+
+    /// Completes the TLS handshake and starts the multiplexer.
+    pub async fn handshake(&self, stream: tokio::net::TcpStream, remote: SocketAddr) -> anyhow::Result<Connection> {
+        tune(&stream);
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
+        let certificates = tls.get_ref().1.peer_certificates().map(|chain| chain.iter().map(|certificate| certificate.to_vec()).collect()).unwrap_or_default();
+        Ok(Connection::start(tls, false, remote, certificates))
+    }
+
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptor.clone()
+    }
+}
+
+/// A client (agent or connector) that presents its certificate and trusts only the CA.
+#[derive(Clone)]
+pub struct TunnelConnector {
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl TunnelConnector {
+    pub fn new(material: &TlsMaterial) -> anyhow::Result<TunnelConnector> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS 1.3")?
+            .with_root_certificates(material.roots()?)
+            .with_client_auth_cert(material.chain()?, material.key()?)
+            .context("the client certificate")?;
+        tls.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
+        Ok(TunnelConnector { connector: tokio_rustls::TlsConnector::from(Arc::new(tls)) })
+    }
+
+    pub async fn connect(&self, address: SocketAddr) -> anyhow::Result<Connection> {
+        let stream = tokio::net::TcpStream::connect(address).await.with_context(|| format!("connecting to {address}"))?;
+        tune(&stream);
+        let name = ServerName::try_from(reachback_proto::BROKER_SERVER_NAME).context("broker name")?;
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
+        Ok(Connection::start(tls, true, address, Vec::new()))
+    }
 }
 
 /// Who is on the other end, read from its certificate.
@@ -119,11 +145,9 @@ pub struct PeerIdentity {
 }
 
 /// Reads the peer's identity from the certificate it presented (verified by TLS already).
-pub fn peer_identity(connection: &quinn::Connection) -> anyhow::Result<PeerIdentity> {
-    let identity = connection.peer_identity().context("no peer certificate")?;
-    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| anyhow::anyhow!("unexpected peer identity type"))?;
-    let leaf = chain.first().context("empty peer certificate chain")?;
-    let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|error| anyhow::anyhow!("unreadable peer certificate: {error}"))?;
+pub fn peer_identity(connection: &Connection) -> anyhow::Result<PeerIdentity> {
+    let leaf = connection.peer_certificates().first().context("no peer certificate")?;
+    let (_, certificate) = x509_parser::parse_x509_certificate(leaf).map_err(|error| anyhow::anyhow!("unreadable peer certificate: {error}"))?;
     let subject = certificate.subject();
     let id = subject.iter_common_name().next().and_then(|name| name.as_str().ok()).context("the certificate has no common name")?;
     let kind = subject.iter_organizational_unit().next().and_then(|unit| unit.as_str().ok()).unwrap_or("");

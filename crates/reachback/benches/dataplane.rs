@@ -138,10 +138,10 @@ async fn swarm(server: &str, count: usize) {
     }
     let mut tunnels = Vec::with_capacity(count);
     for material in &materials {
-        let Ok(endpoint) = reachback_tunnel::client_endpoint(material) else { continue };
-        if let Ok(tunnel) = reachback_tunnel::client::connect(&endpoint, &brokers, reachback_proto::ClientRole::Agent, None, "bench").await {
+        let Ok(connector) = reachback_tunnel::TunnelConnector::new(material) else { continue };
+        if let Ok(tunnel) = reachback_tunnel::client::connect(&connector, &brokers, reachback_proto::ClientRole::Agent, None, "bench").await {
             let connection = tunnel.connection.clone();
-            tunnels.push((endpoint, connection, tokio::spawn(tunnel.run_control(|_| {}))));
+            tunnels.push((connection, tokio::spawn(tunnel.run_control(|_| {}))));
         }
     }
     println!("{}", json!({"connected": tunnels.len()}));

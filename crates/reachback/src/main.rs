@@ -252,7 +252,7 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         let listen = config.listen;
         let mut app = reachback_server::build(config).await?;
         let tunnel = app.start_broker().await?;
-        println!("Reachback tunnel endpoint listening on udp://{tunnel}");
+        println!("Reachback tunnel endpoint listening on tcp://{tunnel} (TLS)");
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "API listening");
         println!("Reachback API listening on http://{}", listener.local_addr()?);

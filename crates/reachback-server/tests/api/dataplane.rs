@@ -1,5 +1,5 @@
 //! The data plane's API (segments, policies, connectors, client sessions) and the
-//! broker's tunnel endpoint over real QUIC on loopback: an in-process agent, a
+//! broker's tunnel endpoint over real TLS on loopback: an in-process agent, a
 //! hand-driven connector that sends good and bad frames, and a client certificate
 //! from a foreign CA. Network namespaces are not needed here (the end-to-end test
 //! with TPROXY lives in the `reachback` crate).
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use reachback_proto::{ClientRole, FlowOpen, FlowReply, Refusal};
-use reachback_tunnel::{TlsMaterial, read_frame, write_frame};
+use reachback_tunnel::{Connection, RecvStream, SendStream, TlsMaterial, TunnelConnector, read_frame, write_frame};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -114,7 +114,7 @@ fn enroll_connector(base: &str, key: &str) -> (TlsMaterial, Vec<String>) {
     (TlsMaterial { certificate_pem: text("certificate"), private_key_pem: pair.serialize_pem(), ca_pem: text("ca_certificate") }, brokers)
 }
 
-async fn open_flow(connection: &quinn::Connection, destination: &str) -> (FlowReply, quinn::SendStream, quinn::RecvStream) {
+async fn open_flow(connection: &Connection, destination: &str) -> (FlowReply, SendStream, RecvStream) {
     let (mut send, mut recv) = connection.open_bi().await.expect("stream");
     write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.1.2.3:40000".parse().expect("address") }).await.expect("write");
     let reply = tokio::time::timeout(Duration::from_secs(10), read_frame::<FlowReply>(&mut recv)).await.expect("reply in time").expect("frame").expect("a reply");
@@ -185,7 +185,7 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     let provisioning_key = connector["provisioning_key"].as_str().expect("key").to_string();
     let base_for_connector = base.clone();
     let (material, brokers) = tokio::task::spawn_blocking(move || enroll_connector(&base_for_connector, &provisioning_key)).await.expect("join");
-    let endpoint = reachback_tunnel::client_endpoint(&material).expect("endpoint");
+    let endpoint = TunnelConnector::new(&material).expect("connector");
     let tunnel = reachback_tunnel::client::connect(&endpoint, &brokers, ClientRole::Connector, Some("test"), "test").await.expect("connector connects");
     assert_eq!(tunnel.welcome.ranges, vec!["100.64.0.0/24".to_string()]);
     let connection = tunnel.connection.clone();
@@ -199,6 +199,7 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     send.write_all(b"ping through the tunnel").await.expect("write");
     send.finish().expect("finish");
     let echoed = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1024)).await.expect("in time").expect("read");
+    assert_eq!(connection.open_streams(), 1, "a finished flow leaves only the control stream behind");
     assert_eq!(echoed, b"ping through the tunnel", "the echo came back and then the FIN");
 
     // refusals, each with its reason; none affects the tunnel
@@ -233,7 +234,7 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     let spki = reachback_server::crypto::parse_public_key(&pair.public_key_pem()).expect("key");
     let forged = foreign.sign_connector(&spki, connector["id"].as_str().expect("id"), reachback_server::crypto::CertificateAuthority::new_serial()).expect("sign");
     let forged = TlsMaterial { certificate_pem: forged, private_key_pem: pair.serialize_pem(), ca_pem: material.ca_pem.clone() };
-    let forged_endpoint = reachback_tunnel::client_endpoint(&forged).expect("endpoint");
+    let forged_endpoint = TunnelConnector::new(&forged).expect("connector");
     let refused = reachback_tunnel::client::connect(&forged_endpoint, &brokers, ClientRole::Connector, None, "test").await;
     assert!(refused.is_err(), "a foreign client certificate is refused");
 
