@@ -521,3 +521,137 @@ impl Drop for RecvStream {
         self.stop(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn pair() -> (Connection, Connection) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let address: SocketAddr = "127.0.0.1:1".parse().expect("address");
+        (Connection::start(client_io, true, address, Vec::new()), Connection::start(server_io, false, address, Vec::new()))
+    }
+
+    #[tokio::test]
+    async fn streams_carry_data_both_ways_and_half_close_each_direction() {
+        let (client, server) = pair();
+        let (mut client_send, mut client_recv) = client.open_bi().await.expect("open");
+        client_send.write_all(b"hello").await.expect("write");
+        let (mut server_send, mut server_recv) = server.accept_bi().await.expect("accept");
+        assert_eq!(server_recv.read_chunk().await.expect("read").as_deref(), Some(&b"hello"[..]));
+        client_send.finish().expect("finish");
+        assert_eq!(server_recv.read_chunk().await.expect("read"), None, "the FIN arrives after the data");
+        // the other direction still flows after the first one finished
+        server_send.write_all(b"still here").await.expect("write");
+        server_send.finish().expect("finish");
+        assert_eq!(client_recv.read_to_end(100).await.expect("read"), b"still here");
+        assert_eq!(client.open_streams(), 0, "a stream finished both ways is forgotten");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(server.open_streams(), 0);
+        // ids: the client opens odd ones, the server even ones
+        let (_, _) = server.open_bi().await.expect("open");
+        let (_, _) = client.accept_bi().await.expect("accept");
+    }
+
+    #[tokio::test]
+    async fn reset_and_stop_reach_the_other_end() {
+        let (client, server) = pair();
+        let (mut send, _recv) = client.open_bi().await.expect("open");
+        send.write_all(b"partial").await.expect("write");
+        send.reset(7);
+        let (_server_send, mut server_recv) = server.accept_bi().await.expect("accept");
+        assert_eq!(server_recv.read_chunk().await.expect("data first").as_deref(), Some(&b"partial"[..]));
+        assert_eq!(server_recv.read_chunk().await, Err(StreamError::Reset(7)));
+
+        let (mut send, _recv) = client.open_bi().await.expect("open");
+        send.write_all(b"x").await.expect("write");
+        let (_server_send, mut server_recv) = server.accept_bi().await.expect("accept");
+        server_recv.stop(9);
+        let mut outcome = Ok(());
+        for _ in 0..100 {
+            outcome = send.write_all(b"more").await;
+            if outcome.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(outcome, Err(StreamError::Stopped(9)));
+    }
+
+    #[tokio::test]
+    async fn a_writer_waits_for_credit_while_the_reader_does_not_read() {
+        let (client, server) = pair();
+        let (mut send, _recv) = client.open_bi().await.expect("open");
+        let (_server_send, mut server_recv) = server.accept_bi().await.expect("accept");
+        let chunk = Bytes::from(vec![7u8; 256 * 1024]);
+        let mut sent = 0usize;
+        // nobody reads: the writer stalls at the window
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), send.write_chunk(chunk.clone())).await {
+                Ok(result) => {
+                    result.expect("write");
+                    sent += chunk.len();
+                }
+                Err(_) => break,
+            }
+            assert!(sent <= INITIAL_WINDOW as usize, "the writer went past the window: {sent}");
+        }
+        assert_eq!(sent, INITIAL_WINDOW as usize);
+        // reading grants credit and the writer moves on
+        let writer = tokio::spawn(async move {
+            send.write_chunk(Bytes::from(vec![1u8; 1024 * 1024])).await.expect("write after credit");
+            send.finish().expect("finish");
+        });
+        let mut total = 0;
+        while let Some(data) = server_recv.read_chunk().await.expect("read") {
+            total += data.len();
+        }
+        writer.await.expect("writer");
+        assert_eq!(total, INITIAL_WINDOW as usize + 1024 * 1024);
+    }
+
+    #[tokio::test]
+    async fn closing_fails_every_stream_and_the_peer_learns_why() {
+        let (client, server) = pair();
+        let (_send, mut recv) = client.open_bi().await.expect("open");
+        let _accepted = server.accept_bi().await.expect("accept");
+        server.close(1, b"session deleted");
+        assert_eq!(client.closed().await, "closed by peer (1): session deleted");
+        assert!(matches!(recv.read_chunk().await, Err(StreamError::ConnectionClosed(_))));
+        assert!(matches!(client.open_bi().await, Err(StreamError::ConnectionClosed(_))));
+        assert!(matches!(client.accept_bi().await, Err(StreamError::ConnectionClosed(_))));
+    }
+
+    #[tokio::test]
+    async fn a_protocol_violation_closes_the_connection() {
+        let (mut raw, server_io) = tokio::io::duplex(1024);
+        let server = Connection::start(server_io, false, "127.0.0.1:1".parse().expect("address"), Vec::new());
+        // an even stream id is the server's to open, not the client's
+        raw.write_all(&encode_header(FrameKind::Open, 2, 0)).await.expect("write");
+        assert!(server.closed().await.contains("protocol violation"));
+
+        let (mut raw, server_io) = tokio::io::duplex(1024);
+        let server = Connection::start(server_io, false, "127.0.0.1:1".parse().expect("address"), Vec::new());
+        raw.write_all(&encode_header(FrameKind::Open, 1, 0)).await.expect("write");
+        let _stream = server.accept_bi().await.expect("accept");
+        // a data frame larger than the limit
+        raw.write_all(&[1, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]).await.expect("write");
+        assert!(server.closed().await.contains("too large"));
+    }
+
+    #[tokio::test]
+    async fn going_past_the_credit_window_is_a_violation() {
+        let (mut raw, server_io) = tokio::io::duplex(4 * 1024 * 1024);
+        let server = Connection::start(server_io, false, "127.0.0.1:1".parse().expect("address"), Vec::new());
+        raw.write_all(&encode_header(FrameKind::Open, 1, 0)).await.expect("write");
+        let _stream = server.accept_bi().await.expect("accept");
+        let payload = vec![0u8; MAX_DATA];
+        for _ in 0..=(INITIAL_WINDOW as usize / MAX_DATA) {
+            raw.write_all(&encode_header(FrameKind::Data, 1, MAX_DATA)).await.expect("write");
+            raw.write_all(&payload).await.expect("write");
+        }
+        assert!(server.closed().await.contains("beyond its credit"));
+    }
+}

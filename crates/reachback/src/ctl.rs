@@ -48,8 +48,118 @@ enum CtlCommand {
     /// The audit log
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Application segments (destinations and ports)
+    #[command(subcommand)]
+    Segments(SegmentCommand),
+    /// Access policies (ordered rules, first match wins, default deny)
+    #[command(subcommand)]
+    Policies(PolicyCommand),
+    /// Connectors
+    #[command(subcommand)]
+    Connectors(ConnectorCommand),
+    /// Live client sessions (agent tunnels)
+    #[command(subcommand)]
+    ClientSessions(ClientSessionCommand),
     /// Who the token belongs to
     Me,
+}
+
+#[derive(Subcommand)]
+enum SegmentCommand {
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Create a segment
+    Create {
+        #[arg(long)]
+        name: String,
+        /// an address, CIDR or hostname pattern (*.laptops.corp.example); repeat for more
+        #[arg(long = "destination", required = true)]
+        destinations: Vec<String>,
+        /// TCP ports and ranges, comma-separated (445,5985-5986)
+        #[arg(long, value_delimiter = ',')]
+        tcp_ports: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        udp_ports: Vec<String>,
+        #[arg(long)]
+        disabled: bool,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Create a policy (empty conditions mean "any")
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["allow", "deny"])]
+        action: String,
+        /// evaluation order (lowest first) [default: after the last]
+        #[arg(long)]
+        order: Option<i64>,
+        #[arg(long = "segment")]
+        segment_ids: Vec<String>,
+        #[arg(long = "connector")]
+        connector_ids: Vec<String>,
+        #[arg(long = "source-cidr")]
+        source_cidrs: Vec<String>,
+        #[arg(long = "username")]
+        usernames: Vec<String>,
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        #[arg(long = "range")]
+        range_ids: Vec<String>,
+    },
+    Enable {
+        id: String,
+    },
+    Disable {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConnectorCommand {
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Create a connector (its provisioning key is shown once)
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+    /// Revoke a connector and disconnect it
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientSessionCommand {
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long)]
+        client_hostname: Option<String>,
+    },
+    /// Disconnect a session (the agent may reconnect unless its device is deleted)
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Args, Default)]
@@ -556,6 +666,57 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 print(&client.json("POST", "/api/v1/enrollment-keys", &[], Some(body))?, output, &[]);
             }
             KeyCommand::Revoke { id } => print(&client.json("DELETE", &format!("/api/v1/enrollment-keys/{id}"), &[], None)?, output, &[]),
+        },
+        CtlCommand::Segments(command) => match command {
+            SegmentCommand::List { list } => {
+                print(&client.json("GET", "/api/v1/app-segments", &list_query(&list), None)?, output, &["id", "name", "destinations", "tcp_ports", "udp_ports", "enabled"])
+            }
+            SegmentCommand::Create { name, destinations, tcp_ports, udp_ports, disabled } => {
+                let body = json!({"name": name, "destinations": destinations, "tcp_ports": tcp_ports, "udp_ports": udp_ports, "enabled": !disabled});
+                print(&client.json("POST", "/api/v1/app-segments", &[], Some(body))?, output, &[]);
+            }
+            SegmentCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/app-segments/{id}"), &[], None)?, output, &[]),
+        },
+        CtlCommand::Policies(command) => match command {
+            PolicyCommand::List { list } => print(
+                &client.json("GET", "/api/v1/access-policies", &list_query(&list), None)?,
+                output,
+                &["id", "order", "name", "action", "segment_ids", "usernames", "enabled"],
+            ),
+            PolicyCommand::Create { name, action, order, segment_ids, connector_ids, source_cidrs, usernames, platforms, range_ids } => {
+                let mut body = json!({"name": name, "action": action, "segment_ids": segment_ids, "connector_ids": connector_ids,
+                    "source_cidrs": source_cidrs, "usernames": usernames, "platforms": platforms, "range_ids": range_ids});
+                if let Some(order) = order {
+                    body["order"] = json!(order);
+                }
+                print(&client.json("POST", "/api/v1/access-policies", &[], Some(body))?, output, &[]);
+            }
+            PolicyCommand::Enable { id } => {
+                print(&client.json("PATCH", &format!("/api/v1/access-policies/{id}"), &[], Some(json!({"enabled": true})))?, output, &[])
+            }
+            PolicyCommand::Disable { id } => {
+                print(&client.json("PATCH", &format!("/api/v1/access-policies/{id}"), &[], Some(json!({"enabled": false})))?, output, &[])
+            }
+            PolicyCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/access-policies/{id}"), &[], None)?, output, &[]),
+        },
+        CtlCommand::Connectors(command) => match command {
+            ConnectorCommand::List { list } => {
+                print(&client.json("GET", "/api/v1/connectors", &list_query(&list), None)?, output, &["id", "name", "status", "mode", "version", "last_seen"])
+            }
+            ConnectorCommand::Create { name } => print(&client.json("POST", "/api/v1/connectors", &[], Some(json!({"name": name})))?, output, &[]),
+            ConnectorCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/connectors/{id}"), &[], None)?, output, &[]),
+        },
+        CtlCommand::ClientSessions(command) => match command {
+            ClientSessionCommand::List { list, username, client_hostname } => {
+                let mut query = list_query(&list);
+                query.extend([("username", username), ("client_hostname", client_hostname)]);
+                print(
+                    &client.json("GET", "/api/v1/client-sessions", &query, None)?,
+                    output,
+                    &["id", "virtual_ip", "client_hostname", "username", "platform", "broker_node", "remote_addr", "connected_at"],
+                );
+            }
+            ClientSessionCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/client-sessions/{id}"), &[], None)?, output, &[]),
         },
         CtlCommand::Devices(command) => match command {
             DeviceCommand::List { list, hostname, username } => {
