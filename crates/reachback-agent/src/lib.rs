@@ -11,7 +11,7 @@ use anyhow::Context;
 use reachback_policy::{PortRange, parse_port_range};
 use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply, Refusal};
 use reachback_tunnel::client::{self, EnrolledState, FinalRefusal, TunnelEnd};
-use reachback_tunnel::{Connection, End, RecvStream, SendStream, TunnelConnector, read_frame, write_frame};
+use reachback_tunnel::{Connection, End, RecvStream, RelayOptions, SendStream, TunnelConnector, read_frame, write_frame};
 use serde_json::{Value, json};
 
 /// Ports allowed when `--allow-ports` is not given: SSH, SMB, RDP, WinRM.
@@ -210,7 +210,8 @@ async fn serve_flow(mut send: SendStream, mut recv: RecvStream, options: std::sy
     }
     tracing::trace!(%target, source = %open.source, "flow open");
     // the broker enforces the idle timeout; this bound only frees a forgotten flow
-    reachback_tunnel::relay(End::Stream { send, recv }, End::Tcp(stream), Duration::from_secs(7 * 86_400), &|_, _| {}).await;
+    let options = RelayOptions { idle_timeout: Duration::from_secs(7 * 86_400), await_reply: None, on_bytes: &|_, _| {}, on_accepted: &|| {} };
+    reachback_tunnel::relay(End::Stream { send, recv }, End::Tcp(stream), options).await;
 }
 
 /// The default state directory of the agent.

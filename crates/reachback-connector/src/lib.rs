@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply};
+use reachback_proto::{Backoff, ClientRole, FlowOpen};
 use reachback_tunnel::client::{self, EnrolledState, FinalRefusal, TunnelEnd};
-use reachback_tunnel::{Connection, End, TunnelConnector, read_frame, write_frame};
+use reachback_tunnel::{AwaitReply, Connection, End, RelayOptions, TunnelConnector, write_frame};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -184,28 +184,27 @@ async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tun
         return End::Tcp(stream).reset();
     };
     let _ = stream.set_nodelay(true);
-    let request = async {
-        let (mut send, mut recv) = tunnel.open_bi().await?;
-        write_frame(&mut send, &FlowOpen { destination, source }).await?;
-        let reply: FlowReply = read_frame(&mut recv).await?.context("the broker closed the flow")?;
-        Ok::<_, anyhow::Error>((reply, send, recv))
+    let (mut send, recv) = match tunnel.open_bi().await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::info!(%destination, %error, "no stream to the broker; flow reset");
+            return End::Tcp(stream).reset();
+        }
     };
-    match tokio::time::timeout(FLOW_REPLY_TIMEOUT, request).await {
-        Ok(Ok((FlowReply::Ok, send, recv))) => {
-            tracing::trace!(%destination, %source, "flow open");
-            reachback_tunnel::relay(End::Tcp(stream), End::Stream { send, recv }, Duration::from_secs(7 * 86_400), &|_, _| {}).await;
-        }
-        Ok(Ok((FlowReply::Refused(refusal), _, _))) => {
-            tracing::info!(%destination, %source, %refusal, "flow refused");
-            End::Tcp(stream).reset();
-        }
-        Ok(Err(error)) => {
-            tracing::info!(%destination, error = format!("{error:#}"), "flow failed");
-            End::Tcp(stream).reset();
-        }
-        Err(_) => {
-            tracing::info!(%destination, "the broker did not answer in time; flow reset");
-            End::Tcp(stream).reset();
-        }
+    if write_frame(&mut send, &FlowOpen { destination, source }).await.is_err() {
+        return End::Tcp(stream).reset();
+    }
+    // the server's first bytes follow the request at once; its connection is reset if the answer is no
+    let options = RelayOptions {
+        idle_timeout: Duration::from_secs(7 * 86_400),
+        await_reply: Some(AwaitReply { timeout: FLOW_REPLY_TIMEOUT, forward: false }),
+        on_bytes: &|_, _| {},
+        on_accepted: &|| {},
+    };
+    let totals = reachback_tunnel::relay(End::Tcp(stream), End::Stream { send, recv }, options).await;
+    match totals.refusal {
+        Some(refusal) => tracing::info!(%destination, %source, %refusal, "flow refused"),
+        None if !totals.clean => tracing::debug!(%destination, %source, "flow reset"),
+        None => tracing::trace!(%destination, %source, "flow closed"),
     }
 }

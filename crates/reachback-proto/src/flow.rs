@@ -24,8 +24,9 @@ impl Side {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowPhase {
-    /// waiting for the far end's reply
-    Opening,
+    /// waiting for the far end's reply; the server may already have sent (and
+    /// finished sending) data, which travels ahead of the reply (pipelining)
+    Opening { server_done: bool },
     /// bytes flow; each flag says that side has sent its FIN
     Open { server_done: bool, client_done: bool },
     /// both directions finished cleanly
@@ -69,7 +70,7 @@ pub struct Flow {
 
 impl Flow {
     pub fn new(now: Instant, open_timeout: Duration, idle_timeout: Duration) -> Self {
-        Flow { phase: FlowPhase::Opening, open_timeout, idle_timeout, started: now, last_activity: now }
+        Flow { phase: FlowPhase::Opening { server_done: false }, open_timeout, idle_timeout, started: now, last_activity: now }
     }
 
     pub fn phase(&self) -> FlowPhase {
@@ -85,16 +86,21 @@ impl Flow {
         self.last_activity = self.last_activity.max(now);
         match (self.phase, event) {
             (FlowPhase::Closed | FlowPhase::Aborted, _) => Vec::new(),
-            (FlowPhase::Opening, FlowEvent::Accepted) => {
-                self.phase = FlowPhase::Open { server_done: false, client_done: false };
+            (FlowPhase::Opening { server_done }, FlowEvent::Accepted) => {
+                self.phase = FlowPhase::Open { server_done, client_done: false };
                 Vec::new()
             }
-            (FlowPhase::Opening, FlowEvent::Refused) => self.abort(vec![FlowAction::Reset(Side::Server)]),
-            (FlowPhase::Opening, FlowEvent::Reset(side) | FlowEvent::Eof(side)) => {
-                // the server gave up (or the far end vanished) before the open completed
-                self.abort(vec![FlowAction::Reset(side.other())])
+            (FlowPhase::Opening { .. }, FlowEvent::Refused) => self.abort(vec![FlowAction::Reset(Side::Server)]),
+            (FlowPhase::Opening { server_done: false }, FlowEvent::Eof(Side::Server)) => {
+                // the server finished sending before the answer came: pass the FIN on
+                self.phase = FlowPhase::Opening { server_done: true };
+                vec![FlowAction::Finish(Side::Client)]
             }
-            (FlowPhase::Opening, FlowEvent::Data(_)) => Vec::new(),
+            (FlowPhase::Opening { server_done: true }, FlowEvent::Eof(Side::Server)) => Vec::new(),
+            (FlowPhase::Opening { .. }, FlowEvent::Reset(side)) => self.abort(vec![FlowAction::Reset(side.other())]),
+            // the far end went away without answering
+            (FlowPhase::Opening { .. }, FlowEvent::Eof(Side::Client)) => self.abort(vec![FlowAction::Reset(Side::Server)]),
+            (FlowPhase::Opening { .. }, FlowEvent::Data(_)) => Vec::new(),
             (FlowPhase::Open { .. }, FlowEvent::Accepted | FlowEvent::Refused) => Vec::new(),
             (FlowPhase::Open { .. }, FlowEvent::Data(_)) => Vec::new(),
             (FlowPhase::Open { .. }, FlowEvent::Reset(side)) => self.abort(vec![FlowAction::Reset(side.other())]),
@@ -119,7 +125,7 @@ impl Flow {
     /// When [`Flow::handle_timeout`] must run next; `None` once the flow is over.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
-            FlowPhase::Opening => Some(self.started + self.open_timeout),
+            FlowPhase::Opening { .. } => Some(self.started + self.open_timeout),
             FlowPhase::Open { .. } => Some(self.last_activity + self.idle_timeout),
             FlowPhase::Closed | FlowPhase::Aborted => None,
         }
@@ -191,8 +197,22 @@ mod tests {
         assert_eq!(silent.poll_timeout(), Some(start + 5 * SECOND));
         assert_eq!(silent.handle_timeout(start + 4 * SECOND), vec![]);
         assert_eq!(silent.handle_timeout(start + 5 * SECOND), vec![FlowAction::Reset(Server), FlowAction::Reset(Client), Done]);
+        let mut vanished = flow(start);
+        assert_eq!(vanished.handle(Eof(Client), start), vec![FlowAction::Reset(Server), Done], "the far end left without answering");
         let mut abandoned = flow(start);
-        assert_eq!(abandoned.handle(Eof(Server), start), vec![FlowAction::Reset(Client), Done]);
+        assert_eq!(abandoned.handle(FlowEvent::Reset(Server), start), vec![FlowAction::Reset(Client), Done]);
+    }
+
+    #[test]
+    fn data_and_fin_sent_before_the_answer_travel_ahead_of_it() {
+        let start = Instant::now();
+        let mut flow = flow(start);
+        assert_eq!(flow.handle(Data(Server), start), vec![]);
+        assert_eq!(flow.handle(Eof(Server), start), vec![Finish(Client)]);
+        assert_eq!(flow.handle(Eof(Server), start), vec![]);
+        assert_eq!(flow.handle(Accepted, start), vec![]);
+        assert_eq!(flow.phase(), FlowPhase::Open { server_done: true, client_done: false });
+        assert_eq!(flow.handle(Eof(Client), start), vec![Finish(Server), Done]);
     }
 
     #[test]

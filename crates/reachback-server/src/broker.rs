@@ -450,46 +450,22 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
         let _ = send.finish();
         return;
     }
-    let agent_end = async {
-        let (mut agent_send, mut agent_recv) = agent.connection.open_bi().await?;
-        write_frame(&mut agent_send, &open).await?;
-        let answer: FlowReply = read_frame(&mut agent_recv).await?.context("the agent closed the flow stream")?;
-        Ok::<_, anyhow::Error>((answer, agent_send, agent_recv))
-    };
-    let (answer, agent_send, agent_recv) = match tokio::time::timeout(FLOW_OPEN_TIMEOUT, agent_end).await {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(error)) => {
-            tracing::info!(%destination, error = %error, "the agent did not take the flow");
+    let (mut agent_send, agent_recv) = match agent.connection.open_bi().await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::info!(%destination, error = %error, "the agent's tunnel failed");
             count_failure(&state, "agent_error");
             reply(&mut send, &FlowReply::Refused(Refusal::ConnectFailed { reason: "the agent's tunnel failed".into() })).await;
             let _ = send.finish();
             return;
         }
-        Err(_) => {
-            count_failure(&state, "timeout");
-            reply(&mut send, &FlowReply::Refused(Refusal::Timeout)).await;
-            let _ = send.finish();
-            return;
-        }
     };
-    if let FlowReply::Refused(refusal) = answer {
-        tracing::debug!(%destination, %refusal, "the agent refused the flow");
-        count_failure(&state, match refusal {
-            Refusal::PortNotAllowed => "port_not_allowed",
-            _ => "connect_failed",
-        });
-        reply(&mut send, &FlowReply::Refused(refusal)).await;
-        let _ = send.finish();
+    if write_frame(&mut agent_send, &open).await.is_err() {
+        count_failure(&state, "agent_error");
+        End::Stream { send, recv }.reset();
         return;
     }
-    if write_frame(&mut send, &FlowReply::Ok).await.is_err() {
-        End::Stream { send: agent_send, recv: agent_recv }.reset();
-        return;
-    }
-    state.metrics.flow_setup_seconds.observe(started.elapsed().as_secs_f64());
-    state.metrics.flows_opened.inc();
-    state.metrics.flows_active.inc();
-    tracing::trace!(%destination, source = %open.source, "flow open");
+    tracing::trace!(%destination, source = %open.source, "flow requested at the agent");
     let to_client = state.metrics.bytes_relayed.get_or_create(&vec![("direction".to_string(), "to_client".to_string())]).clone();
     let to_server = state.metrics.bytes_relayed.get_or_create(&vec![("direction".to_string(), "to_server".to_string())]).clone();
     let on_bytes = move |side: Side, length: u64| {
@@ -498,7 +474,32 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
             Side::Client => to_server.inc_by(length),
         };
     };
-    let totals = reachback_tunnel::relay(End::Stream { send, recv }, End::Stream { send: agent_send, recv: agent_recv }, state.config.flow_idle_timeout, &on_bytes).await;
-    state.metrics.flows_active.dec();
+    let accepted = std::sync::atomic::AtomicBool::new(false);
+    let on_accepted = || {
+        accepted.store(true, std::sync::atomic::Ordering::Relaxed);
+        state.metrics.flow_setup_seconds.observe(started.elapsed().as_secs_f64());
+        state.metrics.flows_opened.inc();
+        state.metrics.flows_active.inc();
+    };
+    // the connector's first bytes travel to the agent with the request; the agent's
+    // answer comes back through the relay and is passed on to the connector
+    let options = reachback_tunnel::RelayOptions {
+        idle_timeout: state.config.flow_idle_timeout,
+        await_reply: Some(reachback_tunnel::AwaitReply { timeout: FLOW_OPEN_TIMEOUT, forward: true }),
+        on_bytes: &on_bytes,
+        on_accepted: &on_accepted,
+    };
+    let totals = reachback_tunnel::relay(End::Stream { send, recv }, End::Stream { send: agent_send, recv: agent_recv }, options).await;
+    if accepted.load(std::sync::atomic::Ordering::Relaxed) {
+        state.metrics.flows_active.dec();
+    } else {
+        let reason = match &totals.refusal {
+            Some(Refusal::PortNotAllowed) => "port_not_allowed",
+            Some(_) => "connect_failed",
+            None => "timeout",
+        };
+        count_failure(&state, reason);
+        tracing::debug!(%destination, refusal = ?totals.refusal, "the agent did not take the flow");
+    }
     tracing::trace!(%destination, up = totals.server_to_client, down = totals.client_to_server, clean = totals.clean, "flow closed");
 }

@@ -239,7 +239,8 @@ impl Connection {
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(reader: R, inner: std::sync::Weak<Inner>) -> Result<(), String> {
-    let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, reader);
+    // small buffer: headers come through it, large payloads mostly bypass it
+    let mut reader = tokio::io::BufReader::with_capacity(32 * 1024, reader);
     loop {
         let mut header = [0u8; MUX_HEADER];
         match reader.read_exact(&mut header).await {

@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use reachback_proto::{Flow, FlowAction, FlowEvent, Side};
+use reachback_proto::{Flow, FlowAction, FlowEvent, FlowReply, Refusal, Side, encode};
 use tokio::net::TcpStream;
 
 use crate::mux::{RecvStream, SendStream};
+use crate::wire::read_frame;
 
 /// Error code for a stream reset that mirrors a TCP reset.
 const RESET_CODE: u32 = 1;
@@ -44,12 +45,35 @@ impl End {
 }
 
 /// How a flow ended and how many bytes went each way.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RelayTotals {
     pub server_to_client: u64,
     pub client_to_server: u64,
-    /// false when a reset or a timeout ended it
+    /// false when a reset, a refusal or a timeout ended it
     pub clean: bool,
+    /// the far end's refusal, when the relay waited for its answer and it said no
+    pub refusal: Option<Refusal>,
+}
+
+/// Waiting for the far end's [`FlowReply`] while the server's bytes already flow
+/// towards it (pipelining: the first bytes ride with the open).
+#[derive(Clone, Copy, Debug)]
+pub struct AwaitReply {
+    /// how long the far end has to answer
+    pub timeout: Duration,
+    /// pass the reply on to the server side (the broker forwards the agent's answer to the connector)
+    pub forward: bool,
+}
+
+/// What the relay needs besides its two ends.
+pub struct RelayOptions<'a> {
+    pub idle_timeout: Duration,
+    /// `Some` when the client end must answer with a [`FlowReply`] first (it must be a stream)
+    pub await_reply: Option<AwaitReply>,
+    /// bytes read from a side
+    pub on_bytes: &'a (dyn Fn(Side, u64) + Sync),
+    /// the far end accepted the flow (called once, when it does)
+    pub on_accepted: &'a (dyn Fn() + Sync),
 }
 
 enum Source<'a> {
@@ -70,6 +94,8 @@ enum PumpEnd {
     ReaderReset,
     /// the writer's side reset (or broke)
     WriterReset,
+    /// the far end refused the flow
+    Refused(Refusal),
 }
 
 async fn next_chunk(source: &mut Source<'_>) -> Result<Option<Bytes>, ()> {
@@ -145,33 +171,86 @@ fn split(end: &mut End) -> (Source<'_>, Sink<'_>) {
     }
 }
 
-/// Relays an opened flow until both directions finished, either end reset, or the
-/// flow sat idle for `idle_timeout`. `on_bytes(side, n)`: `n` bytes read from `side`.
-pub async fn relay(mut server: End, mut client: End, idle_timeout: Duration, on_bytes: &(dyn Fn(Side, u64) + Sync)) -> RelayTotals {
+/// The client side's direction when it must answer first: read the reply, report
+/// it, pass it on if asked, then pump as usual.
+async fn answer_then_pump(
+    mut source: Source<'_>,
+    mut sink: Sink<'_>,
+    await_reply: AwaitReply,
+    accepted: tokio::sync::oneshot::Sender<()>,
+    counters: (&AtomicU64, &AtomicU64, Instant),
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> PumpEnd {
+    let Source::Stream(recv) = &mut source else { return PumpEnd::ReaderReset };
+    let reply = match read_frame::<FlowReply>(recv).await {
+        Ok(Some(reply)) => reply,
+        Ok(None) => return PumpEnd::Eof,
+        Err(_) => return PumpEnd::ReaderReset,
+    };
+    if await_reply.forward && put(&mut sink, Bytes::from(encode(&reply))).await.is_err() {
+        return PumpEnd::WriterReset;
+    }
+    match reply {
+        FlowReply::Ok => {
+            let _ = accepted.send(());
+            pump(source, sink, counters.0, counters.1, counters.2, on_bytes).await
+        }
+        FlowReply::Refused(refusal) => {
+            if await_reply.forward {
+                let _ = finish(&mut sink);
+            }
+            PumpEnd::Refused(refusal)
+        }
+    }
+}
+
+/// Relays a flow until both directions finished, either end reset, the far end
+/// refused, or the flow sat idle for `idle_timeout`.
+pub async fn relay(mut server: End, mut client: End, options: RelayOptions<'_>) -> RelayTotals {
     let epoch = Instant::now();
-    let mut flow = Flow::new(epoch, Duration::ZERO, idle_timeout);
-    flow.handle(FlowEvent::Accepted, epoch);
+    let open_timeout = options.await_reply.map_or(Duration::ZERO, |wait| wait.timeout);
+    let mut flow = Flow::new(epoch, open_timeout, options.idle_timeout);
+    let (accepted_tx, mut accepted_rx) = tokio::sync::oneshot::channel();
+    if options.await_reply.is_none() {
+        flow.handle(FlowEvent::Accepted, epoch);
+        (options.on_accepted)();
+    }
     let activity = AtomicU64::new(0);
     let (server_moved, client_moved) = (AtomicU64::new(0), AtomicU64::new(0));
     let mut reset = (false, false);
-    let from_server = |length| on_bytes(Side::Server, length);
-    let from_client = |length| on_bytes(Side::Client, length);
+    let mut refusal = None;
+    let from_server = |length| (options.on_bytes)(Side::Server, length);
+    let from_client = |length| (options.on_bytes)(Side::Client, length);
     {
         let (server_source, server_sink) = split(&mut server);
         let (client_source, client_sink) = split(&mut client);
         let mut upstream = pin!(pump(server_source, client_sink, &server_moved, &activity, epoch, &from_server));
-        let mut downstream = pin!(pump(client_source, server_sink, &client_moved, &activity, epoch, &from_client));
-        let (mut upstream_done, mut downstream_done) = (false, false);
+        let mut downstream = pin!(async {
+            match options.await_reply {
+                Some(await_reply) => answer_then_pump(client_source, server_sink, await_reply, accepted_tx, (&client_moved, &activity, epoch), &from_client).await,
+                None => pump(client_source, server_sink, &client_moved, &activity, epoch, &from_client).await,
+            }
+        });
+        let (mut upstream_done, mut downstream_done, mut answered) = (false, false, options.await_reply.is_none());
         loop {
             let Some(deadline) = flow.poll_timeout() else { break };
             let actions = tokio::select! {
                 end = &mut upstream, if !upstream_done => {
                     upstream_done = true;
-                    flow.handle(event(end, Side::Server), Instant::now())
+                    flow.handle(event(end, Side::Server, &mut refusal), Instant::now())
                 }
                 end = &mut downstream, if !downstream_done => {
                     downstream_done = true;
-                    flow.handle(event(end, Side::Client), Instant::now())
+                    flow.handle(event(end, Side::Client, &mut refusal), Instant::now())
+                }
+                result = &mut accepted_rx, if !answered => {
+                    answered = true;
+                    if result.is_ok() {
+                        (options.on_accepted)();
+                        flow.handle(FlowEvent::Accepted, Instant::now())
+                    } else {
+                        Vec::new()
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let last = epoch + Duration::from_millis(activity.load(Ordering::Relaxed));
@@ -196,13 +275,17 @@ pub async fn relay(mut server: End, mut client: End, idle_timeout: Duration, on_
     if reset.1 {
         client.reset();
     }
-    RelayTotals { server_to_client: server_moved.into_inner(), client_to_server: client_moved.into_inner(), clean }
+    RelayTotals { server_to_client: server_moved.into_inner(), client_to_server: client_moved.into_inner(), clean, refusal }
 }
 
-fn event(end: PumpEnd, side: Side) -> FlowEvent {
+fn event(end: PumpEnd, side: Side, refusal: &mut Option<Refusal>) -> FlowEvent {
     match end {
         PumpEnd::Eof => FlowEvent::Eof(side),
         PumpEnd::ReaderReset => FlowEvent::Reset(side),
         PumpEnd::WriterReset => FlowEvent::Reset(side.other()),
+        PumpEnd::Refused(reason) => {
+            *refusal = Some(reason);
+            FlowEvent::Refused
+        }
     }
 }

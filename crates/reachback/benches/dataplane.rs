@@ -32,7 +32,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     match args.first().map(String::as_str) {
         Some("echo-server") => runtime.block_on(echo_server(&args[1])),
-        Some("flows") => runtime.block_on(sequential_flows(&args[1], args[2].parse().expect("count"))),
+        Some("flows") => runtime.block_on(sequential_flows(&args[1], args[2].parse().expect("count"), args.get(3).and_then(|workers| workers.parse().ok()).unwrap_or(1))),
         Some("hold") => runtime.block_on(hold_flows(&args[1], args[2].parse().expect("count"))),
         Some("swarm") => runtime.block_on(swarm(&args[1], args[2].parse().expect("count"))),
         _ => orchestrate(),
@@ -55,11 +55,28 @@ async fn echo_server(address: &str) {
     }
 }
 
-/// `count` times: connect, send one byte, read it back, close. Prints the latencies (µs) as JSON.
-async fn sequential_flows(target: &str, count: usize) {
+/// `count` times: connect, send one byte, read it back, close — by `workers`
+/// clients side by side, each one flow after the other. Prints the latencies (µs) as JSON.
+async fn sequential_flows(target: &str, count: usize, workers: usize) {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let target = target.to_string();
+        tasks.push(tokio::spawn(async move { one_client(&target, count / workers).await }));
+    }
+    let (mut latencies, mut failures) = (Vec::with_capacity(count), 0);
+    for task in tasks {
+        let (mut some, failed) = task.await.expect("client");
+        latencies.append(&mut some);
+        failures += failed;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("{}", json!({"latencies_us": latencies, "failures": failures, "seconds": elapsed}));
+}
+
+async fn one_client(target: &str, count: usize) -> (Vec<u64>, usize) {
     let mut latencies = Vec::with_capacity(count);
     let mut failures = 0;
-    let started = Instant::now();
     for _ in 0..count {
         let begin = Instant::now();
         let result = async {
@@ -75,8 +92,7 @@ async fn sequential_flows(target: &str, count: usize) {
             _ => failures += 1,
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    println!("{}", json!({"latencies_us": latencies, "failures": failures, "seconds": elapsed}));
+    (latencies, failures)
 }
 
 /// Opens `count` connections at once (bounded concurrency while opening), each
@@ -254,6 +270,17 @@ fn orchestrate() {
         "added latency p50: {} µs (goal < 300 µs)",
         percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5))
     );
+    for workers in ["4", "16"] {
+        let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count, workers]);
+        let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count, workers]);
+        let rate = |value: &Value| value["latencies_us"].as_array().map_or(0, Vec::len) as f64 / value["seconds"].as_f64().unwrap_or(1.0);
+        println!(
+            "{workers} clients side by side: {:.0} flows/s through Reachback ({} failures), {:.0} direct (goal ≥ 3,000)",
+            rate(&tunnel),
+            tunnel["failures"],
+            rate(&direct)
+        );
+    }
 
     println!("\n## {concurrent} concurrent open flows on one client");
     let before = [rss_kib(server), rss_kib(connector), rss_kib(agent)];
