@@ -59,7 +59,12 @@ pub fn post_json(url: &str, body: &Value) -> anyhow::Result<Value> {
     let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     if !status.is_success() {
         let detail = value["detail"].as_str().unwrap_or(text.as_str()).to_string();
-        let fields: Vec<String> = value["errors"].as_array().into_iter().flatten().map(|error| format!("{}: {}", error["field"].as_str().unwrap_or("?"), error["message"].as_str().unwrap_or("?"))).collect();
+        let fields: Vec<String> = value["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|error| format!("{}: {}", error["field"].as_str().unwrap_or("?"), error["message"].as_str().unwrap_or("?")))
+            .collect();
         anyhow::bail!("the server refused ({status}): {detail}{}", if fields.is_empty() { String::new() } else { format!(" ({})", fields.join("; ")) });
     }
     Ok(value)

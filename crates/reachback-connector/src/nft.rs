@@ -62,7 +62,8 @@ fn ensure_rule(family: &str, routing: &Routing) -> anyhow::Result<()> {
 /// Installs (or replaces) the rules for `ranges`, intercepting to `port`.
 pub fn install(routing: &Routing, ranges: &[String], port: u16) -> anyhow::Result<()> {
     let script = ruleset(routing, ranges, port);
-    let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().context("running nft (is nftables installed?)")?;
+    let mut child =
+        Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().context("running nft (is nftables installed?)")?;
     child.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
     let output = child.wait_with_output()?;
     anyhow::ensure!(output.status.success(), "nft refused the rules: {}", String::from_utf8_lossy(&output.stderr).trim());

@@ -113,8 +113,7 @@ impl PolicySet {
 
     fn rule_matches(&self, rule: &Rule, facts: &FlowFacts<'_>) -> bool {
         let any_or = |list: &[String], value: &str| list.is_empty() || list.iter().any(|item| item == value);
-        let segments = rule.segment_ids.is_empty()
-            || rule.segment_ids.iter().any(|id| self.segments.get(id).is_some_and(|segment| segment.contains(facts)));
+        let segments = rule.segment_ids.is_empty() || rule.segment_ids.iter().any(|id| self.segments.get(id).is_some_and(|segment| segment.contains(facts)));
         segments
             && any_or(&rule.connector_ids, facts.connector_id)
             && (rule.source_cidrs.is_empty() || rule.source_cidrs.iter().any(|cidr| cidr.contains(facts.source)))

@@ -94,9 +94,7 @@ impl Destination {
     pub fn matches(&self, address: IpAddr, client_hostname: &str) -> bool {
         match self {
             Destination::Block(cidr) => cidr.contains(address),
-            Destination::HostSuffix(suffix) => {
-                client_hostname.len() > suffix.len() && client_hostname.to_ascii_lowercase().ends_with(suffix.as_str())
-            }
+            Destination::HostSuffix(suffix) => client_hostname.len() > suffix.len() && client_hostname.to_ascii_lowercase().ends_with(suffix.as_str()),
             Destination::Host(host) => client_hostname.eq_ignore_ascii_case(host),
         }
     }

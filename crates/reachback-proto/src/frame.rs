@@ -68,7 +68,7 @@ impl FrameDecoder {
 
     /// The next complete message, `Ok(None)` when more bytes are needed. After an
     /// error the stream is unusable: the caller closes it.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         let Some(header) = self.buffer.first_chunk::<FRAME_HEADER>() else { return Ok(None) };
         let length = decode_length(*header)?;
         if self.buffer.len() < FRAME_HEADER + length {
@@ -94,7 +94,7 @@ mod tests {
         let mut decoded = Vec::new();
         for byte in bytes {
             decoder.push(&[byte]);
-            while let Some(message) = decoder.next::<FlowOpen>().unwrap() {
+            while let Some(message) = decoder.next_message::<FlowOpen>().unwrap() {
                 decoded.push(message);
             }
         }
@@ -105,11 +105,11 @@ mod tests {
     fn refuses_oversized_empty_and_garbage() {
         let mut decoder = FrameDecoder::new();
         decoder.push(&(MAX_FRAME as u32 + 1).to_be_bytes());
-        assert_eq!(decoder.next::<Control>(), Err(FrameError::Oversized(MAX_FRAME + 1)));
+        assert_eq!(decoder.next_message::<Control>(), Err(FrameError::Oversized(MAX_FRAME + 1)));
         assert_eq!(decode_length([0; 4]), Err(FrameError::Empty));
         let mut decoder = FrameDecoder::new();
         decoder.push(&[0, 0, 0, 3, b'{', b'x', b'}']);
-        assert!(matches!(decoder.next::<Control>(), Err(FrameError::Malformed(_))));
+        assert!(matches!(decoder.next_message::<Control>(), Err(FrameError::Malformed(_))));
         let unknown = br#"{"type":"launch_missiles"}"#;
         assert!(matches!(decode_body::<Control>(unknown), Err(FrameError::Malformed(_))));
     }
@@ -120,7 +120,7 @@ mod tests {
             let mut decoder = FrameDecoder::new();
             decoder.push(&bytes);
             for _ in 0..4 {
-                if !matches!(decoder.next::<Control>(), Ok(Some(_))) { break; }
+                if !matches!(decoder.next_message::<Control>(), Ok(Some(_))) { break; }
             }
             let _ = decode_body::<FlowOpen>(&bytes);
         }

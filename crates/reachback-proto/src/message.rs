@@ -32,16 +32,29 @@ pub struct Welcome {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Control {
     /// first message of a client: who it is and how it runs
-    Hello { role: ClientRole, version: String, mode: Option<String> },
+    Hello {
+        role: ClientRole,
+        version: String,
+        mode: Option<String>,
+    },
     /// the broker accepted the tunnel
     Welcome(Welcome),
     /// the virtual ranges changed (to connectors)
-    Ranges { ranges: Vec<String> },
+    Ranges {
+        ranges: Vec<String>,
+    },
     /// liveness probe; answered with `Pong` carrying the same sequence number
-    Ping { seq: u64 },
-    Pong { seq: u64 },
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+    },
     /// the broker ends the tunnel (session deleted, device revoked); no reconnect when `final`
-    Bye { reason: String, r#final: bool },
+    Bye {
+        reason: String,
+        r#final: bool,
+    },
 }
 
 /// First frame of a flow stream: from the connector to the broker (destination is

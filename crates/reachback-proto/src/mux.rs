@@ -106,7 +106,7 @@ pub fn decode_u32(kind: FrameKind, payload: &[u8]) -> Result<u32, MuxError> {
 
 /// Whether the peer may open `stream`: clients open odd ids, the broker even ones, never 0.
 pub fn peer_may_open(stream: u32, we_are_client: bool) -> bool {
-    stream != 0 && (stream % 2 == 0) == we_are_client
+    stream != 0 && stream.is_multiple_of(2) == we_are_client
 }
 
 /// The receiving side's credit bookkeeping for one stream direction.

@@ -257,7 +257,8 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
     state.metrics.client_sessions.inc();
     tracing::info!(session_id = %session_id, device_id = %device.id, virtual_ip = ?virtual_ip, "agent connected");
     tracing::debug!(session_id = %session_id, hostname = %device.hostname, username = %device.username, "agent identity");
-    let welcome = Welcome { session_id: session_id.clone(), virtual_ip: virtual_ip.map(|ip| ip.to_string()), ranges: Vec::new(), keepalive_seconds: KEEPALIVE.as_secs() };
+    let welcome =
+        Welcome { session_id: session_id.clone(), virtual_ip: virtual_ip.map(|ip| ip.to_string()), ranges: Vec::new(), keepalive_seconds: KEEPALIVE.as_secs() };
     let result = async {
         write_frame(&mut send, &Control::Welcome(welcome)).await?;
         control_loop(&connection, send, recv, None).await

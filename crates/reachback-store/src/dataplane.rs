@@ -111,7 +111,10 @@ impl Store {
 
     pub async fn create_doc(&self, kind: DocKind, doc: &DocRow, audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
-        let sql = format!("INSERT INTO {} (id, name, name_key, spec, position, enabled, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", kind.table());
+        let sql = format!(
+            "INSERT INTO {} (id, name, name_key, spec, position, enabled, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            kind.table()
+        );
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(doc.id.as_str())
             .bind(doc.name.as_str())
@@ -231,7 +234,11 @@ impl Store {
     /// Records the certificate issued to a connector; earlier certificates stop working.
     pub async fn set_connector_certificate(&self, id: &str, serial: &str) -> Result<()> {
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE connectors SET certificate_serial = $2 WHERE id = $1 AND revoked = FALSE").bind(id).bind(serial).execute(&mut *tx.transaction).await?;
+        sqlx::query("UPDATE connectors SET certificate_serial = $2 WHERE id = $1 AND revoked = FALSE")
+            .bind(id)
+            .bind(serial)
+            .execute(&mut *tx.transaction)
+            .await?;
         tx.commit().await
     }
 
@@ -270,15 +277,23 @@ impl Store {
             .bind(session.connected_at)
             .execute(&mut *tx.transaction)
             .await?;
-        sqlx::query("UPDATE devices SET last_seen = $2 WHERE id = $1").bind(session.device_id.as_str()).bind(session.connected_at).execute(&mut *tx.transaction).await?;
+        sqlx::query("UPDATE devices SET last_seen = $2 WHERE id = $1")
+            .bind(session.device_id.as_str())
+            .bind(session.connected_at)
+            .execute(&mut *tx.transaction)
+            .await?;
         tx.commit().await
     }
 
     /// Removes a session row when its tunnel ends (no audit: nobody changed anything).
     pub async fn end_client_session(&self, id: &str) -> Result<()> {
         let mut tx = self.write().await?;
-        let device: Option<String> =
-            sqlx::query("SELECT device_id FROM client_sessions WHERE id = $1").bind(id).fetch_optional(&mut *tx.transaction).await?.map(|row| row.try_get(0)).transpose()?;
+        let device: Option<String> = sqlx::query("SELECT device_id FROM client_sessions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx.transaction)
+            .await?
+            .map(|row| row.try_get(0))
+            .transpose()?;
         sqlx::query("DELETE FROM client_sessions WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;
         if let Some(device) = device {
             sqlx::query("UPDATE devices SET last_seen = $2 WHERE id = $1").bind(device).bind(now_micros()).execute(&mut *tx.transaction).await?;

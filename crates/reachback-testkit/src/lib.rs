@@ -50,7 +50,8 @@ pub struct Lab {
 impl Lab {
     pub fn up(bin: &Path) -> Lab {
         for tool in ["ip", "nft", "curl", "ssh", "sshd", "ssh-keygen", "iperf3", "python3"] {
-            let found = Command::new("sh").args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")]).output().is_ok_and(|out| out.status.success());
+            let found =
+                Command::new("sh").args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")]).output().is_ok_and(|out| out.status.success());
             assert!(found, "{tool} is missing: install nftables iproute2 curl openssh-client openssh-server iperf3 python3");
         }
         let prefix = format!("rb{}", std::process::id() % 100_000);
@@ -131,7 +132,23 @@ impl Lab {
             "server",
             "brk",
             &bin,
-            &["server", "--listen", "0.0.0.0:8080", "--tunnel-listen", "0.0.0.0:8443", "--broker-endpoints", "10.77.2.2:8443", "--data-dir", &data, "--bootstrap-token", TOKEN, "--node-name", "lab-broker", "--flow-idle-timeout", "30"],
+            &[
+                "server",
+                "--listen",
+                "0.0.0.0:8080",
+                "--tunnel-listen",
+                "0.0.0.0:8443",
+                "--broker-endpoints",
+                "10.77.2.2:8443",
+                "--data-dir",
+                &data,
+                "--bootstrap-token",
+                TOKEN,
+                "--node-name",
+                "lab-broker",
+                "--flow-idle-timeout",
+                "30",
+            ],
         );
         wait_for("the server to answer", Duration::from_secs(30), || self.api("GET", "/me", None).0 == 200);
     }
@@ -197,10 +214,15 @@ impl Lab {
         let (_, key) = self.api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example", "reusable": false})));
         let (status, connector) = self.api("POST", "/connectors", Some(json!({"name": "lab connector"})));
         assert_eq!(status, 201, "{connector}");
-        let (_, lab_segment) =
-            self.api("POST", "/app-segments", Some(json!({"name": "lab services", "destinations": ["100.64.0.0/10"], "tcp_ports": ["22", "7000", "8000", "5201", "9999"]})));
-        let (_, denied_segment) = self.api("POST", "/app-segments", Some(json!({"name": "blocked", "destinations": ["*.corp.example"], "tcp_ports": ["8001"]})));
-        let (status, _) = self.api("POST", "/access-policies", Some(json!({"name": "block 8001", "order": 1, "action": "deny", "segment_ids": [denied_segment["id"]]})));
+        let (_, lab_segment) = self.api(
+            "POST",
+            "/app-segments",
+            Some(json!({"name": "lab services", "destinations": ["100.64.0.0/10"], "tcp_ports": ["22", "7000", "8000", "5201", "9999"]})),
+        );
+        let (_, denied_segment) =
+            self.api("POST", "/app-segments", Some(json!({"name": "blocked", "destinations": ["*.corp.example"], "tcp_ports": ["8001"]})));
+        let (status, _) =
+            self.api("POST", "/access-policies", Some(json!({"name": "block 8001", "order": 1, "action": "deny", "segment_ids": [denied_segment["id"]]})));
         assert_eq!(status, 201);
         let (status, _) = self.api(
             "POST",
@@ -215,13 +237,22 @@ impl Lab {
     pub fn enroll_agent(&self, key: &str) -> Output {
         let state = self.dir.0.join("agent").to_string_lossy().into_owned();
         let bin = self.bin.to_string_lossy().into_owned();
-        self.run("cli", &bin, &["agent", "enroll", "--server", "http://10.77.2.2:8080", "--key", key, "--hostname", "laptop1.corp.example", "--state-dir", &state])
+        self.run(
+            "cli",
+            &bin,
+            &["agent", "enroll", "--server", "http://10.77.2.2:8080", "--key", key, "--hostname", "laptop1.corp.example", "--state-dir", &state],
+        )
     }
 
     pub fn start_connector(&mut self, provisioning_key: &str) {
         let state = self.dir.0.join("connector").to_string_lossy().into_owned();
         let bin = self.bin.to_string_lossy().into_owned();
-        self.spawn("connector", "conn", &bin, &["connector", "run", "--server", "http://10.77.2.2:8080", "--key", provisioning_key, "--mode", "tproxy", "--state-dir", &state]);
+        self.spawn(
+            "connector",
+            "conn",
+            &bin,
+            &["connector", "run", "--server", "http://10.77.2.2:8080", "--key", provisioning_key, "--mode", "tproxy", "--state-dir", &state],
+        );
     }
 
     /// Everything up: server, services, agent and connector, the agent's session live.
@@ -279,4 +310,3 @@ pub fn iperf3_bits(lab: &Lab, target: &str, port: &str, seconds: &str, streams: 
     let report: Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
     report["end"]["sum_received"]["bits_per_second"].as_f64().expect("bits per second")
 }
-

@@ -10,8 +10,8 @@ use anyhow::Context;
 use reachback_proto::{ClientRole, Control, Liveness, LivenessAction, Welcome};
 use serde::{Deserialize, Serialize};
 
-use crate::{Connection, RecvStream, SendStream, TunnelConnector, read_frame, write_frame};
 use crate::TlsMaterial;
+use crate::{Connection, RecvStream, SendStream, TunnelConnector, read_frame, write_frame};
 
 /// What enrollment left in the state directory (besides the key and certificates).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -38,7 +38,13 @@ pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let temporary = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary).with_context(|| format!("opening {}", temporary.display()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("opening {}", temporary.display()))?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
@@ -55,7 +61,8 @@ pub fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// The default state directory: `/var/lib/reachback/<component>` as root, else under `$XDG_STATE_HOME`.
 pub fn default_state_dir(component: &str) -> PathBuf {
-    let root = std::env::var("USER").is_ok_and(|user| user == "root") || std::fs::metadata("/proc/self").is_ok_and(|meta| std::os::unix::fs::MetadataExt::uid(&meta) == 0);
+    let root = std::env::var("USER").is_ok_and(|user| user == "root")
+        || std::fs::metadata("/proc/self").is_ok_and(|meta| std::os::unix::fs::MetadataExt::uid(&meta) == 0);
     if root {
         return PathBuf::from("/var/lib/reachback").join(component);
     }
@@ -194,13 +201,11 @@ impl Tunnel {
                 }
                 _ = tokio::time::sleep_until(liveness.poll_timeout().into()) => {
                     match liveness.handle_timeout(Instant::now()) {
-                        Some(LivenessAction::SendPing(seq)) => {
-                            if write_frame(&mut send, &Control::Ping { seq }).await.is_err() {
-                                break TunnelEnd::Lost("control stream broke".into());
-                            }
+                        Some(LivenessAction::SendPing(seq)) if write_frame(&mut send, &Control::Ping { seq }).await.is_err() => {
+                            break TunnelEnd::Lost("control stream broke".into());
                         }
                         Some(LivenessAction::Dead) => break TunnelEnd::Lost("the broker stopped answering".into()),
-                        None => {}
+                        Some(LivenessAction::SendPing(_)) | None => {}
                     }
                 }
                 reason = connection.closed() => break TunnelEnd::Lost(reason),

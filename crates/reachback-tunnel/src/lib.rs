@@ -10,7 +10,7 @@ pub mod relay;
 pub mod tls;
 pub mod wire;
 
-pub use relay::{AwaitReply, End, RelayOptions, RelayTotals, relay};
 pub use mux::{Connection, RecvStream, SendStream, StreamError};
+pub use relay::{AwaitReply, End, RelayOptions, RelayTotals, relay};
 pub use tls::{PeerIdentity, TlsMaterial, TunnelConnector, TunnelListener, peer_identity};
 pub use wire::{read_frame, write_frame};

@@ -227,13 +227,14 @@ pub async fn relay(mut server: End, mut client: End, options: RelayOptions<'_>) 
         let mut upstream = pin!(pump(server_source, client_sink, &server_moved, &activity, epoch, &from_server));
         let mut downstream = pin!(async {
             match options.await_reply {
-                Some(await_reply) => answer_then_pump(client_source, server_sink, await_reply, accepted_tx, (&client_moved, &activity, epoch), &from_client).await,
+                Some(await_reply) => {
+                    answer_then_pump(client_source, server_sink, await_reply, accepted_tx, (&client_moved, &activity, epoch), &from_client).await
+                }
                 None => pump(client_source, server_sink, &client_moved, &activity, epoch, &from_client).await,
             }
         });
         let (mut upstream_done, mut downstream_done, mut answered) = (false, false, options.await_reply.is_none());
-        loop {
-            let Some(deadline) = flow.poll_timeout() else { break };
+        while let Some(deadline) = flow.poll_timeout() {
             let actions = tokio::select! {
                 end = &mut upstream, if !upstream_done => {
                     upstream_done = true;

@@ -131,7 +131,8 @@ impl TunnelConnector {
         let stream = tokio::net::TcpStream::connect(address).await.with_context(|| format!("connecting to {address}"))?;
         tune(&stream);
         let name = ServerName::try_from(reachback_proto::BROKER_SERVER_NAME).context("broker name")?;
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
+        let tls =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
         Ok(Connection::start(tls, true, address, Vec::new()))
     }
 }

@@ -32,7 +32,9 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     match args.first().map(String::as_str) {
         Some("echo-server") => runtime.block_on(echo_server(&args[1])),
-        Some("flows") => runtime.block_on(sequential_flows(&args[1], args[2].parse().expect("count"), args.get(3).and_then(|workers| workers.parse().ok()).unwrap_or(1))),
+        Some("flows") => {
+            runtime.block_on(sequential_flows(&args[1], args[2].parse().expect("count"), args.get(3).and_then(|workers| workers.parse().ok()).unwrap_or(1)))
+        }
         Some("hold") => runtime.block_on(hold_flows(&args[1], args[2].parse().expect("count"))),
         Some("swarm") => runtime.block_on(swarm(&args[1], args[2].parse().expect("count"))),
         _ => orchestrate(),
@@ -266,10 +268,7 @@ fn orchestrate() {
         let rate = sorted.len() as f64 / raw["seconds"].as_f64().unwrap_or(1.0);
         println!("| {name} | {} | {} | {} | {rate:.0} | {} |", percentile(sorted, 0.5), percentile(sorted, 0.9), percentile(sorted, 0.99), raw["failures"]);
     }
-    println!(
-        "added latency p50: {} µs (goal < 300 µs)",
-        percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5))
-    );
+    println!("added latency p50: {} µs (goal < 300 µs)", percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5)));
     for workers in ["4", "16"] {
         let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count, workers]);
         let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count, workers]);

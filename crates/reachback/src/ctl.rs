@@ -141,9 +141,7 @@ enum ConnectorCommand {
         name: String,
     },
     /// Revoke a connector and disconnect it
-    Delete {
-        id: String,
-    },
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
@@ -157,9 +155,7 @@ enum ClientSessionCommand {
         client_hostname: Option<String>,
     },
     /// Disconnect a session (the agent may reconnect unless its device is deleted)
-    Delete {
-        id: String,
-    },
+    Delete { id: String },
 }
 
 #[derive(Args, Default)]
@@ -668,9 +664,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             KeyCommand::Revoke { id } => print(&client.json("DELETE", &format!("/api/v1/enrollment-keys/{id}"), &[], None)?, output, &[]),
         },
         CtlCommand::Segments(command) => match command {
-            SegmentCommand::List { list } => {
-                print(&client.json("GET", "/api/v1/app-segments", &list_query(&list), None)?, output, &["id", "name", "destinations", "tcp_ports", "udp_ports", "enabled"])
-            }
+            SegmentCommand::List { list } => print(
+                &client.json("GET", "/api/v1/app-segments", &list_query(&list), None)?,
+                output,
+                &["id", "name", "destinations", "tcp_ports", "udp_ports", "enabled"],
+            ),
             SegmentCommand::Create { name, destinations, tcp_ports, udp_ports, disabled } => {
                 let body = json!({"name": name, "destinations": destinations, "tcp_ports": tcp_ports, "udp_ports": udp_ports, "enabled": !disabled});
                 print(&client.json("POST", "/api/v1/app-segments", &[], Some(body))?, output, &[]);

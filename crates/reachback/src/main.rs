@@ -220,7 +220,8 @@ fn validate(config: &ServerConfig) -> anyhow::Result<()> {
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {
@@ -297,7 +298,7 @@ fn run_agent(command: AgentCommand) -> anyhow::Result<()> {
                 connect_host: args.connect_host,
                 version: env!("CARGO_PKG_VERSION").to_string(),
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(reachback_agent::run(options, shutdown_signal()))
         }
     }
@@ -314,7 +315,7 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
         routing: reachback_connector::nft::Routing { table: args.nft_table, fwmark: args.fwmark, route_table: args.route_table },
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(reachback_connector::run(options, shutdown_signal()))
 }
 

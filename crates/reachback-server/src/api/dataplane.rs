@@ -191,7 +191,11 @@ async fn read_policy(state: &SharedState, fields: &mut Fields, base: Option<&Doc
     });
     let platforms = list_field(fields, "platforms", spec, |text| {
         let platform = text.trim().to_ascii_lowercase();
-        if validate::PLATFORMS.contains(&platform.as_str()) { Ok(platform) } else { Err(format!("platforms must be among: {}", validate::PLATFORMS.join(", "))) }
+        if validate::PLATFORMS.contains(&platform.as_str()) {
+            Ok(platform)
+        } else {
+            Err(format!("platforms must be among: {}", validate::PLATFORMS.join(", ")))
+        }
     });
     let enabled = fields.boolean("enabled").or(base.map(|doc| doc.enabled)).unwrap_or(true);
     let spec = json!({
@@ -373,16 +377,8 @@ pub async fn create_connector(State(state): State<SharedState>, caller: Caller, 
     let name = name_field(&mut fields, None);
     fields.finish()?;
     let secret = new_secret("rbc_");
-    let row = ConnectorRow {
-        id: new_id(),
-        name,
-        certificate_serial: None,
-        revoked: false,
-        version: None,
-        mode: None,
-        last_seen: None,
-        created_at: now_micros(),
-    };
+    let row =
+        ConnectorRow { id: new_id(), name, certificate_serial: None, revoked: false, version: None, mode: None, last_seen: None, created_at: now_micros() };
     let after = connector_json(&state, &row);
     state.store.create_connector(&row, &hash_secret(&secret), caller.audit("create", "connector", &row.id, None, Some(after.clone()))).await?;
     let mut body = after;
@@ -486,8 +482,10 @@ pub async fn list_sessions(State(state): State<SharedState>, caller: Caller, Raw
     let query = QueryParams::parse(raw.as_deref(), &["page", "page_size", "sort", "client_hostname", "username", "virtual_ip", "platform"])?;
     let paging = query.paging()?;
     let (sort, descending) = query.sort(&["connected_at", "client_hostname", "username", "virtual_ip"], "connected_at")?;
-    let filters: Vec<(&str, String)> =
-        ["client_hostname", "username", "virtual_ip", "platform"].into_iter().filter_map(|key| query.text(key).map(|value| (key, value.to_lowercase()))).collect();
+    let filters: Vec<(&str, String)> = ["client_hostname", "username", "virtual_ip", "platform"]
+        .into_iter()
+        .filter_map(|key| query.text(key).map(|value| (key, value.to_lowercase())))
+        .collect();
     let mut rows: Vec<ClientSessionRow> = state
         .store
         .list_client_sessions()
@@ -509,7 +507,9 @@ pub async fn list_sessions(State(state): State<SharedState>, caller: Caller, Raw
         let order = match sort {
             "client_hostname" => a.client_hostname.cmp(&b.client_hostname),
             "username" => a.username.to_lowercase().cmp(&b.username.to_lowercase()),
-            "virtual_ip" => a.virtual_ip.as_deref().and_then(|ip| ip.parse::<std::net::IpAddr>().ok()).cmp(&b.virtual_ip.as_deref().and_then(|ip| ip.parse().ok())),
+            "virtual_ip" => {
+                a.virtual_ip.as_deref().and_then(|ip| ip.parse::<std::net::IpAddr>().ok()).cmp(&b.virtual_ip.as_deref().and_then(|ip| ip.parse().ok()))
+            }
             // newest first
             _ => b.connected_at.cmp(&a.connected_at),
         };

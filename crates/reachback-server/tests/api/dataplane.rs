@@ -22,23 +22,40 @@ async fn audit_count(server: &TestServer, resource_type: &str) -> i64 {
 }
 
 async fn segments_and_policies(server: TestServer) {
-    let created = server.post("/api/v1/app-segments", json!({"name": "SMB", "destinations": ["100.64.0.0/16", "*.Laptops.corp.example", "100.64.3.7"], "tcp_ports": ["445", "5985-5986"]})).await;
+    let created = server
+        .post(
+            "/api/v1/app-segments",
+            json!({"name": "SMB", "destinations": ["100.64.0.0/16", "*.Laptops.corp.example", "100.64.3.7"], "tcp_ports": ["445", "5985-5986"]}),
+        )
+        .await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
     let segment = created.json();
     assert_eq!(segment["destinations"], json!(["100.64.0.0/16", "*.laptops.corp.example", "100.64.3.7"]));
     assert_eq!((segment["tcp_ports"].clone(), segment["udp_ports"].clone(), segment["enabled"].clone()), (json!(["445", "5985-5986"]), json!([]), json!(true)));
 
     // bad values: 422 naming each field, nothing written
-    let bad = server.post("/api/v1/app-segments", json!({"name": "bad", "destinations": ["100.64.0.5/16", "*.", "<script>"], "tcp_ports": ["0", "10-5", "70000"]})).await;
+    let bad = server
+        .post("/api/v1/app-segments", json!({"name": "bad", "destinations": ["100.64.0.5/16", "*.", "<script>"], "tcp_ports": ["0", "10-5", "70000"]}))
+        .await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
-    let fields: Vec<String> = bad.json()["errors"].as_array().expect("errors").iter().map(|error| error["field"].as_str().expect("field").to_string()).collect();
+    let fields: Vec<String> =
+        bad.json()["errors"].as_array().expect("errors").iter().map(|error| error["field"].as_str().expect("field").to_string()).collect();
     assert_eq!(fields.iter().filter(|field| *field == "destinations").count(), 3, "{fields:?}");
     assert_eq!(fields.iter().filter(|field| *field == "tcp_ports").count(), 3, "{fields:?}");
     assert!(bad.text().contains("did you mean 100.64.0.0/16"), "{}", bad.text());
-    assert_eq!(server.post("/api/v1/app-segments", json!({"name": "no ports", "destinations": ["100.64.0.0/16"]})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(server.post("/api/v1/app-segments", json!({"name": "x", "destinations": "100.64.0.0/16", "tcp_ports": ["1"]})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        server.post("/api/v1/app-segments", json!({"name": "no ports", "destinations": ["100.64.0.0/16"]})).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(
+        server.post("/api/v1/app-segments", json!({"name": "x", "destinations": "100.64.0.0/16", "tcp_ports": ["1"]})).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
     assert_eq!(server.post("/api/v1/app-segments", json!({"name": "x", "colour": "red"})).await.status, StatusCode::BAD_REQUEST);
-    assert_eq!(server.post("/api/v1/app-segments", json!({"name": "smb", "destinations": ["10.0.0.0/8"], "tcp_ports": ["1"]})).await.status, StatusCode::CONFLICT);
+    assert_eq!(
+        server.post("/api/v1/app-segments", json!({"name": "smb", "destinations": ["10.0.0.0/8"], "tcp_ports": ["1"]})).await.status,
+        StatusCode::CONFLICT
+    );
     assert_eq!(server.get("/api/v1/app-segments").await.json()["total"], 1, "refused requests wrote nothing");
 
     // policies: references must exist; order defaults to last; list in evaluation order
@@ -46,10 +63,13 @@ async fn segments_and_policies(server: TestServer) {
     assert_eq!(unknown.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", unknown.text());
     assert_eq!(server.post("/api/v1/access-policies", json!({"name": "p", "action": "maybe"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(server.post("/api/v1/access-policies", json!({"name": "p"})).await.status, StatusCode::UNPROCESSABLE_ENTITY, "action is required");
-    let bad_lists = server.post("/api/v1/access-policies", json!({"name": "p", "action": "deny", "platforms": ["beos"], "source_cidrs": ["10.0.0.1/8"], "usernames": [""]})).await;
+    let bad_lists = server
+        .post("/api/v1/access-policies", json!({"name": "p", "action": "deny", "platforms": ["beos"], "source_cidrs": ["10.0.0.1/8"], "usernames": [""]}))
+        .await;
     assert_eq!(bad_lists.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(bad_lists.json()["errors"].as_array().expect("errors").len(), 3);
-    let first = server.post("/api/v1/access-policies", json!({"name": "allow smb", "action": "allow", "segment_ids": [segment["id"]], "platforms": ["Windows"]})).await;
+    let first =
+        server.post("/api/v1/access-policies", json!({"name": "allow smb", "action": "allow", "segment_ids": [segment["id"]], "platforms": ["Windows"]})).await;
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
     let first = first.json();
     assert_eq!((first["order"].clone(), first["platforms"].clone()), (json!(1), json!(["windows"])));
@@ -58,7 +78,8 @@ async fn segments_and_policies(server: TestServer) {
     let moved = server.patch(&format!("/api/v1/access-policies/{}", second["id"].as_str().expect("id")), json!({"order": 0, "enabled": false})).await;
     assert_eq!(moved.status, StatusCode::OK, "{}", moved.text());
     assert_eq!(moved.json()["name"], "deny rest", "a patch keeps the fields it does not name");
-    let names: Vec<Value> = server.get("/api/v1/access-policies").await.json()["items"].as_array().expect("items").iter().map(|item| item["name"].clone()).collect();
+    let names: Vec<Value> =
+        server.get("/api/v1/access-policies").await.json()["items"].as_array().expect("items").iter().map(|item| item["name"].clone()).collect();
     assert_eq!(names, vec![json!("deny rest"), json!("allow smb")]);
     assert_eq!(server.get("/api/v1/access-policies?sort=bogus").await.status, StatusCode::BAD_REQUEST);
     assert_eq!(server.get("/api/v1/access-policies?colour=red").await.status, StatusCode::BAD_REQUEST);
@@ -108,7 +129,9 @@ async fn connectors_enroll_and_revoke(server: TestServer) {
 /// A connector enrolled over HTTP: its TLS material and broker endpoints.
 fn enroll_connector(base: &str, key: &str) -> (TlsMaterial, Vec<String>) {
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let answer = reachback_agent::post_json(&format!("{base}/api/v1/connectors/enroll"), &json!({"provisioning_key": key, "public_key": pair.public_key_pem()})).expect("enroll");
+    let answer =
+        reachback_agent::post_json(&format!("{base}/api/v1/connectors/enroll"), &json!({"provisioning_key": key, "public_key": pair.public_key_pem()}))
+            .expect("enroll");
     let text = |key: &str| answer[key].as_str().expect("field").to_string();
     let brokers = answer["broker_endpoints"].as_array().expect("brokers").iter().map(|item| item.as_str().expect("text").to_string()).collect();
     (TlsMaterial { certificate_pem: text("certificate"), private_key_pem: pair.serialize_pem(), ca_pem: text("ca_certificate") }, brokers)
@@ -116,8 +139,11 @@ fn enroll_connector(base: &str, key: &str) -> (TlsMaterial, Vec<String>) {
 
 async fn open_flow(connection: &Connection, destination: &str) -> (FlowReply, SendStream, RecvStream) {
     let (mut send, mut recv) = connection.open_bi().await.expect("stream");
-    write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.1.2.3:40000".parse().expect("address") }).await.expect("write");
-    let reply = tokio::time::timeout(Duration::from_secs(10), read_frame::<FlowReply>(&mut recv)).await.expect("reply in time").expect("frame").expect("a reply");
+    write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.1.2.3:40000".parse().expect("address") })
+        .await
+        .expect("write");
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), read_frame::<FlowReply>(&mut recv)).await.expect("reply in time").expect("frame").expect("a reply");
     (reply, send, recv)
 }
 
@@ -140,11 +166,15 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
         }
     });
     server.post("/api/v1/ip-ranges", json!({"name": "r", "range": "100.64.0.0/24"})).await;
-    let segment = server.post("/api/v1/app-segments", json!({"name": "echo", "destinations": ["100.64.0.0/24"], "tcp_ports": [echo_port.to_string(), "1-2"]})).await.json();
+    let segment = server
+        .post("/api/v1/app-segments", json!({"name": "echo", "destinations": ["100.64.0.0/24"], "tcp_ports": [echo_port.to_string(), "1-2"]}))
+        .await
+        .json();
     let connector = server.post("/api/v1/connectors", json!({"name": "test"})).await.json();
     let policy = json!({"name": "allow echo", "action": "allow", "segment_ids": [segment["id"]], "connector_ids": [connector["id"]]});
     assert_eq!(server.post("/api/v1/access-policies", policy).await.status, StatusCode::CREATED);
-    let enrollment_key = server.post("/api/v1/enrollment-keys", json!({"username": "alice@corp.example"})).await.json()["key"].as_str().expect("key").to_string();
+    let enrollment_key =
+        server.post("/api/v1/enrollment-keys", json!({"username": "alice@corp.example"})).await.json()["key"].as_str().expect("key").to_string();
 
     // the agent: enrolled over HTTP, running in this process, allowing the echo port and port 1
     let state_dir = server.data_dir.join("agent");
@@ -232,7 +262,8 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     let foreign = reachback_server::crypto::CertificateAuthority::load(&foreign_ca, &foreign_key).expect("CA");
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let spki = reachback_server::crypto::parse_public_key(&pair.public_key_pem()).expect("key");
-    let forged = foreign.sign_connector(&spki, connector["id"].as_str().expect("id"), reachback_server::crypto::CertificateAuthority::new_serial()).expect("sign");
+    let forged =
+        foreign.sign_connector(&spki, connector["id"].as_str().expect("id"), reachback_server::crypto::CertificateAuthority::new_serial()).expect("sign");
     let forged = TlsMaterial { certificate_pem: forged, private_key_pem: pair.serialize_pem(), ca_pem: material.ca_pem.clone() };
     let forged_endpoint = TunnelConnector::new(&forged).expect("connector");
     let refused = reachback_tunnel::client::connect(&forged_endpoint, &brokers, ClientRole::Connector, None, "test").await;

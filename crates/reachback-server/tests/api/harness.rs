@@ -76,7 +76,8 @@ impl TestServer {
                 (Some(format!("{base}/{name}")), Some((admin_url, name)))
             }
         };
-        let tunnel_port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|socket| socket.local_addr()).map(|address| address.port()).expect("a free UDP port");
+        let tunnel_port =
+            std::net::UdpSocket::bind("127.0.0.1:0").and_then(|socket| socket.local_addr()).map(|address| address.port()).expect("a free UDP port");
         let mut server = TestServer { router: Router::new(), state: None, data_dir, database_url, postgres, tunnel_port, app: None };
         server.boot().await;
         Some(server)

@@ -275,7 +275,8 @@ async fn enrollment_flow(server: TestServer) {
     assert_eq!((enrolled["virtual_ip"].clone(), enrolled["range_name"].clone()), (json!("100.64.0.1"), json!("Global")));
     assert!(enrolled["certificate"].as_str().expect("cert").starts_with("-----BEGIN CERTIFICATE-----"));
     assert!(enrolled["ca_certificate"].as_str().expect("ca").starts_with("-----BEGIN CERTIFICATE-----"));
-    assert_eq!(enrolled["broker_endpoints"], json!(["broker.test:8443"]));
+    let brokers = enrolled["broker_endpoints"].as_array().expect("broker endpoints");
+    assert!(brokers.len() == 1 && brokers[0].as_str().is_some_and(|endpoint| endpoint.starts_with("127.0.0.1:")), "{brokers:?}");
     // the key is spent for new devices, but the same device gets its binding back
     assert_eq!(enroll(&server, &key, "bob.corp.example", &self::public_key(), Value::Null).await.status, StatusCode::UNAUTHORIZED);
     let again = enroll(&server, &key, "alice-laptop.CORP.example", &public_key, Value::Null).await;

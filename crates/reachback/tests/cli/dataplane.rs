@@ -40,7 +40,24 @@ fn servers_reach_clients_by_virtual_ip_through_connector_broker_and_agent() {
     let (code, body, _) = lab.curl("http://100.64.0.1:8000/hello.txt");
     assert_eq!((code, body.as_str()), (0, "hello from the client\n"), "curl through the tunnel; connector log:\n{}", lab.log("connector"));
     let client_key = format!("{ssh_text}/client_key");
-    let ssh = lab.run("srv", "ssh", &["-i", &client_key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@100.64.0.1", "echo reached $(cat /proc/sys/kernel/hostname)"]);
+    let ssh = lab.run(
+        "srv",
+        "ssh",
+        &[
+            "-i",
+            &client_key,
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "root@100.64.0.1",
+            "echo reached $(cat /proc/sys/kernel/hostname)",
+        ],
+    );
     assert!(ssh.status.success(), "ssh: {}\nsshd: {}", String::from_utf8_lossy(&ssh.stderr), lab.log("sshd"));
     assert!(String::from_utf8_lossy(&ssh.stdout).starts_with("reached"), "{}", String::from_utf8_lossy(&ssh.stdout));
     let upload = iperf3_bits(&lab, "100.64.0.1", "5201", "2", "1", false);
@@ -85,7 +102,9 @@ fn servers_reach_clients_by_virtual_ip_through_connector_broker_and_agent() {
     let (_, devices) = lab.api("GET", "/devices", None);
     let device_id = devices["items"][0]["id"].as_str().expect("device").to_string();
     assert_eq!(lab.api("DELETE", &format!("/devices/{device_id}"), None).0, 204);
-    wait_for("the revoked agent to stop", Duration::from_secs(30), || lab.children.iter_mut().any(|(name, child)| name == "agent" && child.try_wait().is_ok_and(|status| status.is_some())));
+    wait_for("the revoked agent to stop", Duration::from_secs(30), || {
+        lab.children.iter_mut().any(|(name, child)| name == "agent" && child.try_wait().is_ok_and(|status| status.is_some()))
+    });
     assert!(lab.log("agent").contains("revoked"), "the agent says why it stopped:\n{}", lab.log("agent"));
     let (code, _, _) = lab.curl("http://100.64.0.1:8000/hello.txt");
     assert_ne!(code, 0);
