@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use reachback_proto::mux::{FrameKind, INITIAL_WINDOW, MAX_DATA, MUX_HEADER, MuxError, ReceiveWindow, decode_header, decode_u32, encode_header, peer_may_open};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
@@ -238,9 +238,9 @@ impl Connection {
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(reader: R, inner: std::sync::Weak<Inner>) -> Result<(), String> {
-    // small buffer: headers come through it, large payloads mostly bypass it
-    let mut reader = tokio::io::BufReader::with_capacity(32 * 1024, reader);
+async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, inner: std::sync::Weak<Inner>) -> Result<(), String> {
+    // no buffer of our own: the TLS layer buffers already, and a payload is read
+    // straight into the memory that carries it on (one copy out of TLS, no zeroing)
     loop {
         let mut header = [0u8; MUX_HEADER];
         match reader.read_exact(&mut header).await {
@@ -249,8 +249,14 @@ async fn read_loop<R: AsyncRead + Unpin>(reader: R, inner: std::sync::Weak<Inner
             Err(error) => return Err(error.to_string()),
         }
         let header = decode_header(header).map_err(|error| error.to_string())?;
-        let mut payload = BytesMut::zeroed(header.length);
-        reader.read_exact(&mut payload).await.map_err(|error| error.to_string())?;
+        let mut payload = BytesMut::with_capacity(header.length);
+        while payload.len() < header.length {
+            let wanted = header.length - payload.len();
+            let read = reader.read_buf(&mut (&mut payload).limit(wanted)).await.map_err(|error| error.to_string())?;
+            if read == 0 {
+                return Err("the peer closed the connection inside a frame".into());
+            }
+        }
         let payload = payload.freeze();
         let Some(inner) = inner.upgrade() else { return Ok(()) };
         dispatch(&inner, header.kind, header.stream, payload).map_err(|error| format!("protocol violation: {error}"))?;
@@ -299,13 +305,17 @@ fn dispatch(inner: &Arc<Inner>, kind: FrameKind, id: u32, payload: Bytes) -> Res
     Ok(())
 }
 
+/// Data frames at least this large are written from their own memory (header and
+/// payload as one vectored write) instead of being copied into the batch buffer.
+const DIRECT_WRITE: usize = 8 * 1024;
+
 async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut frames: mpsc::UnboundedReceiver<Frame>, inner: std::sync::Weak<Inner>) {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     let mut closed = match inner.upgrade() {
         Some(inner) => inner.closed.subscribe(),
         None => return,
     };
-    loop {
+    'frames: loop {
         let frame = tokio::select! {
             biased;
             frame = frames.recv() => frame,
@@ -318,28 +328,48 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut frames: mpsc::Unbo
                 break;
             }
         };
-        let Some(frame) = frame else { break };
-        let mut last = frame.kind == FrameKind::GoAway;
-        encode(&mut buffer, &frame);
-        // batch whatever else is ready, so many small frames share one TLS record
-        while buffer.len() < 256 * 1024 {
-            let Ok(frame) = frames.try_recv() else { break };
+        let Some(mut frame) = frame else { break };
+        // small frames that are ready share one buffer (and one TLS record);
+        // a large data frame is written on its own after them
+        let mut last = false;
+        loop {
             last |= frame.kind == FrameKind::GoAway;
-            encode(&mut buffer, &frame);
+            if frame.payload.len() >= DIRECT_WRITE {
+                let mut header = &encode_header(frame.kind, frame.stream, frame.payload.len())[..];
+                let wrote = async {
+                    writer.write_all(&buffer).await?;
+                    writer.write_all_buf(&mut Buf::chain(&mut header, &mut frame.payload)).await
+                }
+                .await;
+                buffer.clear();
+                if wrote.is_err() {
+                    break 'frames;
+                }
+            } else {
+                encode(&mut buffer, &frame);
+            }
+            if last || buffer.len() >= 256 * 1024 {
+                break;
+            }
+            match frames.try_recv() {
+                Ok(more) => frame = more,
+                Err(_) => break,
+            }
         }
         if writer.write_all(&buffer).await.is_err() || writer.flush().await.is_err() {
-            if let Some(inner) = inner.upgrade() {
-                inner.shut("the connection broke while writing".into());
-            }
-            return;
+            break;
         }
         buffer.clear();
         if buffer.capacity() > 1024 * 1024 {
             buffer = BytesMut::with_capacity(64 * 1024);
         }
         if last {
-            break;
+            let _ = writer.shutdown().await;
+            return;
         }
+    }
+    if let Some(inner) = inner.upgrade() {
+        inner.shut("the connection broke while writing".into());
     }
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
