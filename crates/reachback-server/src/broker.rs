@@ -95,6 +95,13 @@ impl Broker {
         }
     }
 
+    /// Disconnects every agent whose address lies in a range (released by a forced delete).
+    pub fn kick_range(&self, range_id: &str) {
+        for session in read(&self.agents).values().filter(|session| session.range_id == range_id) {
+            session.connection.close(CLOSE_KICKED, b"address released");
+        }
+    }
+
     pub fn kick_connector(&self, connector_id: &str) {
         if let Some(session) = read(&self.connectors).get(connector_id) {
             session.connection.close(CLOSE_KICKED, b"connector revoked");
@@ -224,6 +231,18 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
         }
         Err(error) => return Err(error.into()),
     };
+    let mut device = device;
+    if device.virtual_ip.is_none() {
+        // the binding was released (admin, forced range delete, idle TTL): a new address now
+        match rebind(&state, &device).await {
+            Ok((virtual_ip, range_id)) => {
+                tracing::info!(device_id = %device.id, virtual_ip = %virtual_ip, "device bound to a new address at connect");
+                device.virtual_ip = Some(virtual_ip);
+                device.range_id = Some(range_id);
+            }
+            Err(error) => tracing::warn!(device_id = %device.id, error = format!("{error:#}"), "no new address for a device without a binding"),
+        }
+    }
     let virtual_ip = device.virtual_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
     let session_id = new_id();
     let row = ClientSessionRow {
@@ -278,6 +297,26 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
     }
     tracing::info!(session_id = %session_id, "agent disconnected");
     result
+}
+
+/// Binds a device that has no address, through the enrollment writer (the same
+/// allocation, the same transaction shape as a re-enrollment of the device).
+async fn rebind(state: &SharedState, device: &reachback_store::DeviceRow) -> anyhow::Result<(String, String)> {
+    let key_id = device.enrollment_key_id.as_deref().context("the device has no enrollment key on record")?;
+    let key_hash = state.store.enrollment_key_hash(key_id).await?.context("the device's enrollment key is gone")?;
+    let job = reachback_store::EnrollJob {
+        key_hash,
+        new_device_id: new_id(),
+        hostname: device.hostname.clone(),
+        platform: device.platform.clone(),
+        public_key_fingerprint: device.public_key_fingerprint.clone(),
+        certificate_serial: device.certificate_serial.clone(),
+        location: device.location.clone(),
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    state.enroll_tx.send(crate::writer::EnrollRequest { job, reply }).await.map_err(|_| anyhow::anyhow!("the server is shutting down"))?;
+    let outcome = answer.await.map_err(|_| anyhow::anyhow!("the server is shutting down"))?.map_err(|error| anyhow::anyhow!("{}", error.detail))??;
+    Ok((outcome.virtual_ip, outcome.range_id))
 }
 
 /// Runs the control stream: answers pings, sends keepalives, detects a dead peer,

@@ -73,6 +73,12 @@ impl Store {
         key_from_row(&row)
     }
 
+    /// The stored hash of a key's secret (the broker re-binds devices through the enrollment path).
+    pub async fn enrollment_key_hash(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT key_hash FROM enrollment_keys WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        row.map(|row| row.try_get(0).map_err(StoreError::from)).transpose()
+    }
+
     pub async fn find_enrollment_key(&self, key_hash: &[u8]) -> Result<Option<EnrollmentKeyRow>> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE key_hash = $1")))
             .bind(key_hash)

@@ -159,6 +159,8 @@ pub async fn release(State(state): State<SharedState>, caller: Caller, Path(ip):
         engine.release(&row.range_id, value, reachback_store::now_micros());
     }
     drop(engine);
+    // the device's tunnel ends; at its next connect it gets a new address
+    state.broker.kick_device(&row.device_id);
     Ok(no_content())
 }
 

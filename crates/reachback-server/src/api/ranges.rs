@@ -239,6 +239,10 @@ pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): 
         .map_err(|error| ApiError::not_found_or(error, "IP range"))?;
     engine.remove_range(&id);
     drop(engine);
+    if released > 0 {
+        // agents that held addresses of the range reconnect and get new ones
+        state.broker.kick_range(&id);
+    }
     tracing::info!(range_id = %id, released, "range deleted");
     Ok(no_content())
 }

@@ -283,6 +283,25 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(back, "the agent reconnected with a new session");
+    // releasing the binding disconnects the agent; at its next connect it gets a new address
+    assert_eq!(server.delete("/api/v1/ip-bindings/100.64.0.1").await.status, StatusCode::NO_CONTENT);
+    let mut rebound = Value::Null;
+    for _ in 0..200 {
+        rebound = server.get("/api/v1/client-sessions").await.json();
+        if rebound["items"][0]["virtual_ip"] == "100.64.0.2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rebound["items"][0]["virtual_ip"], "100.64.0.2", "the released address stays in quarantine; the device gets the next one: {rebound}");
+    assert_eq!(server.get("/api/v1/ip-bindings/100.64.0.2").await.json()["client_hostname"], "laptop.corp.example");
+    let (reply, mut send, mut recv) = open_flow(&connection, &format!("100.64.0.2:{echo_port}")).await;
+    assert_eq!(reply, FlowReply::Ok, "flows reach the device at its new address");
+    send.write_all(b"new address").await.expect("write");
+    send.finish().expect("finish");
+    assert_eq!(recv.read_to_end(1024).await.expect("read"), b"new address");
+    assert_eq!(open_flow(&connection, &destination).await.0, FlowReply::Refused(Refusal::Offline), "the old address reaches nobody");
+
     let device_id = enrolled.id.clone();
     assert_eq!(server.delete(&format!("/api/v1/devices/{device_id}")).await.status, StatusCode::NO_CONTENT);
     let outcome = tokio::time::timeout(Duration::from_secs(30), agent).await.expect("the revoked agent stops").expect("join");
