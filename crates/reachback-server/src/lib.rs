@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod broker;
+pub mod console;
 pub mod crypto;
 pub mod error;
 pub mod ops;
@@ -30,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::api::{admin, audit, bindings, dataplane, devices, enroll, keys, ranges};
+use crate::api::{admin, audit, bindings, console as console_api, dataplane, devices, enroll, keys, ranges};
 use crate::crypto::CertificateAuthority;
 pub use crate::ops::RouteDoc;
 use crate::state::{AppState, Metrics, Settings};
@@ -100,6 +101,11 @@ api_routes! {
     post "/api/v1/connectors/enroll" => dataplane::enroll_connector, "none", 200, "Enroll a connector (authenticated by its provisioning key)", [];
     get "/api/v1/connectors/{id}" => dataplane::get_connector, "viewer", 200, "Get a connector", [];
     delete "/api/v1/connectors/{id}" => dataplane::delete_connector, "admin", 204, "Revoke a connector and disconnect it", [];
+    post "/api/v1/auth/login" => console_api::login, "none", 200, "Console sign-in with username and password (sets the session cookie, returns the CSRF token)", [];
+    post "/api/v1/auth/logout" => console_api::logout, "viewer", 204, "Console sign-out", [];
+    get "/api/v1/saved-filters" => console_api::list_filters, "viewer", 200, "The caller's saved filters", ["page"];
+    post "/api/v1/saved-filters" => console_api::save_filter, "viewer", 201, "Save a filter under a name (replaces one of the same name)", [];
+    delete "/api/v1/saved-filters/{id}" => console_api::delete_filter, "viewer", 204, "Delete a saved filter", [];
     get "/api/v1/audit-logs" => audit::list, "viewer", 200, "List audit-log entries, newest first", ["page", "page_size", "sort", "actor", "action", "resource_type", "after", "before"];
     get "/api/v1/audit-logs/export.csv" => audit::export, "viewer", 200, "Export the audit log as CSV", ["sort", "actor", "action", "resource_type", "after", "before"];
 }
@@ -214,6 +220,8 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .merge(api_router())
         .route("/api/v1/openapi.json", axum::routing::get(move || async move { axum::Json(openapi_document) }))
+        .route("/", axum::routing::get(console::index))
+        .route("/assets/{name}", axum::routing::get(console::file))
         .route("/healthz", axum::routing::get(ops::healthz))
         .route("/readyz", axum::routing::get(ops::readyz))
         .route("/metrics", axum::routing::get(ops::metrics))

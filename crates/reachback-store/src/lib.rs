@@ -10,6 +10,7 @@
 mod admin;
 mod audit;
 mod bindings;
+mod console;
 mod dataplane;
 mod devices;
 mod enroll;
@@ -27,6 +28,7 @@ pub use admin::new_id;
 pub use admin::{AdminRow, ApiKeyRow, Principal, SessionRow};
 pub use audit::{AuditEntry, AuditQuery, AuditRow};
 pub use bindings::{BindingQuery, BindingRow, BindingSort, EngineSnapshot};
+pub use console::SavedFilterRow;
 pub use dataplane::{ClientSessionRow, ConnectorRow, DocKind, DocRow};
 pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
 pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
@@ -88,7 +90,11 @@ pub struct Store {
     export_chunk: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql")), (2, include_str!("../migrations/0002_dataplane.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_initial.sql")),
+    (2, include_str!("../migrations/0002_dataplane.sql")),
+    (3, include_str!("../migrations/0003_console.sql")),
+];
 
 /// Advisory lock key for range and migration changes on PostgreSQL.
 const PG_LOCK_SCHEMA: i64 = 0x7265_6163_6862_0001;

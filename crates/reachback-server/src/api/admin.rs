@@ -44,6 +44,8 @@ pub async fn me(caller: Caller) -> Json<Value> {
         "username": caller.principal.username,
         "role": caller.principal.role,
         "session_id": caller.principal.session_id,
+        // the console reads its CSRF token here after a reload (cookie sessions only)
+        "csrf_token": caller.principal.csrf_token,
     }))
 }
 

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod audit;
 pub mod bindings;
+pub mod console;
 pub mod dataplane;
 pub mod devices;
 pub mod enroll;

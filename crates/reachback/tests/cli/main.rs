@@ -2,6 +2,7 @@
 //! the CLI, kill -9 durability, several replicas on one PostgreSQL database, and
 //! the data plane end to end in network namespaces.
 
+mod console;
 mod dataplane;
 mod durability;
 mod process;

@@ -1,0 +1,140 @@
+//! The console's own endpoints: password sign-in and sign-out (a session cookie
+//! plus a CSRF token for state changes), and filters saved per admin.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use reachback_store::{SavedFilterRow, new_id, now_micros};
+use serde_json::{Value, json};
+
+use crate::api::{created, no_content};
+use crate::auth::{Caller, ClientIp, Role, SESSION_COOKIE};
+use crate::crypto::{hash_secret, new_secret, verify_password};
+use crate::error::{ApiError, ApiResult};
+use crate::request::{Fields, JsonObject, QueryParams};
+use crate::state::SharedState;
+use crate::validate;
+
+/// How long a console session lasts.
+const SESSION_SECONDS: i64 = 12 * 3600;
+/// Pages whose filters can be saved.
+const PAGES: &[&str] = &[
+    "ip-ranges",
+    "ip-bindings",
+    "devices",
+    "client-sessions",
+    "audit-logs",
+    "enrollment-keys",
+    "app-segments",
+    "access-policies",
+    "connectors",
+    "admins",
+    "admin-sessions",
+];
+
+/// `Secure` when the console is reached over HTTPS (through a TLS-terminating proxy).
+fn over_tls(headers: &HeaderMap) -> bool {
+    headers.get("x-forwarded-proto").and_then(|value| value.to_str().ok()).is_some_and(|proto| proto.eq_ignore_ascii_case("https"))
+}
+
+fn session_cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!("{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"))
+        .unwrap_or(HeaderValue::from_static(""))
+}
+
+pub async fn login(State(state): State<SharedState>, connect: ClientIp, headers: HeaderMap, body: JsonObject) -> ApiResult<Response> {
+    let mut fields = Fields::new(body, &["username", "password"])?;
+    let username = fields.string("username", true).unwrap_or_default();
+    let password = fields.string("password", true).unwrap_or_default();
+    fields.finish()?;
+    let refused = || ApiError::unauthorized("wrong username or password");
+    if username.len() > 128 || password.len() > 1024 {
+        return Err(refused());
+    }
+    let Some(admin) = state.store.find_admin_by_username(username.trim()).await? else {
+        // the same work as a real check, so timing does not tell which usernames exist
+        let _ = verify_password(&password, "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$ZmFrZWhhc2hmYWtlaGFzaGZha2VoYXNoZmFrZWhhc2g");
+        return Err(refused());
+    };
+    let Some(hash) = admin.password_hash.as_deref() else { return Err(refused()) };
+    let (password_to_check, hash) = (password.clone(), hash.to_string());
+    let matches = tokio::task::spawn_blocking(move || verify_password(&password_to_check, &hash)).await.unwrap_or(false);
+    if !matches {
+        tracing::info!(admin_id = %admin.id, "console sign-in refused");
+        return Err(refused());
+    }
+    let token = new_secret("rbs_");
+    let csrf = new_secret("rbx_");
+    let session_id = new_id();
+    let audit = reachback_store::AuditEntry {
+        actor: admin.username.clone(),
+        action: "login".into(),
+        resource_type: "admin_session".into(),
+        resource_id: format!("session:{session_id}"),
+        before: None,
+        after: None,
+        source_ip: connect.0.clone(),
+    };
+    let expires_at = now_micros() + SESSION_SECONDS * 1_000_000;
+    state.store.create_session(&session_id, &admin.id, &hash_secret(&token), &csrf, connect.0.as_deref(), expires_at, audit).await?;
+    let mut response = Json(json!({"username": admin.username, "role": admin.role, "csrf_token": csrf})).into_response();
+    response.headers_mut().insert(header::SET_COOKIE, session_cookie(&token, SESSION_SECONDS, over_tls(&headers)));
+    Ok(response)
+}
+
+pub async fn logout(State(state): State<SharedState>, caller: Caller, headers: HeaderMap) -> ApiResult<Response> {
+    if caller.principal.session_id.starts_with("session:") {
+        let audit = caller.audit("logout", "admin_session", &caller.principal.session_id, None, None);
+        match state.store.delete_session(&caller.principal.session_id, audit).await {
+            Ok(()) | Err(reachback_store::StoreError::NotFound) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().insert(header::SET_COOKIE, session_cookie("", 0, over_tls(&headers)));
+    Ok(response)
+}
+
+fn filter_json(row: &SavedFilterRow) -> Value {
+    json!({"id": row.id, "page": row.page, "name": row.name, "query": row.query})
+}
+
+pub async fn list_filters(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let query = QueryParams::parse(raw.as_deref(), &["page"])?;
+    let page = query.text("page");
+    let rows = state.store.list_saved_filters(&caller.principal.admin_id, page.as_deref()).await?;
+    let total = rows.len();
+    Ok(Json(json!({"items": rows.iter().map(filter_json).collect::<Vec<_>>(), "total": total, "page": 1, "page_size": total.max(1)})))
+}
+
+pub async fn save_filter(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
+    caller.require(Role::Viewer)?;
+    let mut fields = Fields::new(body, &["page", "name", "query"])?;
+    let page = fields.string("page", true).unwrap_or_default();
+    if !page.is_empty() && !PAGES.contains(&page.as_str()) {
+        fields.error("page", format!("must be one of: {}", PAGES.join(", ")));
+    }
+    let name = fields.string("name", true).map(|name| name.trim().to_string()).unwrap_or_default();
+    if name.is_empty() || name.chars().count() > 64 {
+        fields.error("name", "must have 1 to 64 characters");
+    } else if let Err(message) = validate::plain_text(&name, 64) {
+        fields.error("name", message);
+    }
+    let query = fields.string("query", true).unwrap_or_default();
+    if query.len() > 2048 || query.chars().any(char::is_control) {
+        fields.error("query", "must be a query string of at most 2048 characters");
+    }
+    fields.finish()?;
+    let row = SavedFilterRow { id: new_id(), page, name, query, created_at: now_micros() };
+    state.store.save_filter(&caller.principal.admin_id, &row).await?;
+    Ok(created(filter_json(&row)))
+}
+
+pub async fn delete_filter(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
+    caller.require(Role::Viewer)?;
+    state.store.delete_saved_filter(&caller.principal.admin_id, &id).await.map_err(|error| ApiError::not_found_or(error, "saved filter"))?;
+    Ok(no_content())
+}

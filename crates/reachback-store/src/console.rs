@@ -1,0 +1,66 @@
+//! What the web console keeps of its own: filters saved per admin and page.
+
+use sqlx::Row;
+
+use crate::{Result, Store, StoreError, now_micros};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedFilterRow {
+    pub id: String,
+    pub page: String,
+    pub name: String,
+    /// the query string the filter stands for
+    pub query: String,
+    pub created_at: i64,
+}
+
+impl Store {
+    pub async fn list_saved_filters(&self, admin_id: &str, page: Option<&str>) -> Result<Vec<SavedFilterRow>> {
+        let rows = sqlx::query("SELECT id, page, name, query, created_at FROM saved_filters WHERE admin_id = $1 ORDER BY page, name")
+            .bind(admin_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .filter(|row| page.is_none_or(|page| row.try_get::<String, _>("page").is_ok_and(|stored| stored == page)))
+            .map(|row| {
+                Ok(SavedFilterRow {
+                    id: row.try_get("id")?,
+                    page: row.try_get("page")?,
+                    name: row.try_get("name")?,
+                    query: row.try_get("query")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Saves a filter; the same name on the same page replaces the earlier one.
+    pub async fn save_filter(&self, admin_id: &str, row: &SavedFilterRow) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM saved_filters WHERE admin_id = $1 AND page = $2 AND name = $3")
+            .bind(admin_id)
+            .bind(row.page.as_str())
+            .bind(row.name.as_str())
+            .execute(&mut *tx.transaction)
+            .await?;
+        sqlx::query("INSERT INTO saved_filters (id, admin_id, page, name, query, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(row.id.as_str())
+            .bind(admin_id)
+            .bind(row.page.as_str())
+            .bind(row.name.as_str())
+            .bind(row.query.as_str())
+            .bind(now_micros())
+            .execute(&mut *tx.transaction)
+            .await?;
+        tx.commit().await
+    }
+
+    pub async fn delete_saved_filter(&self, admin_id: &str, id: &str) -> Result<()> {
+        let mut tx = self.write().await?;
+        let deleted = sqlx::query("DELETE FROM saved_filters WHERE admin_id = $1 AND id = $2").bind(admin_id).bind(id).execute(&mut *tx.transaction).await?;
+        if deleted.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.commit().await
+    }
+}
