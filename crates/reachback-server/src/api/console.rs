@@ -33,6 +33,9 @@ const PAGES: &[&str] = &[
     "admin-sessions",
 ];
 
+/// A real hash to check unknown usernames against.
+static DECOY_HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// `Secure` when the console is reached over HTTPS (through a TLS-terminating proxy).
 fn over_tls(headers: &HeaderMap) -> bool {
     headers.get("x-forwarded-proto").and_then(|value| value.to_str().ok()).is_some_and(|proto| proto.eq_ignore_ascii_case("https"))
@@ -55,7 +58,8 @@ pub async fn login(State(state): State<SharedState>, connect: ClientIp, headers:
     }
     let Some(admin) = state.store.find_admin_by_username(username.trim()).await? else {
         // the same work as a real check, so timing does not tell which usernames exist
-        let _ = verify_password(&password, "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$ZmFrZWhhc2hmYWtlaGFzaGZha2VoYXNoZmFrZWhhc2g");
+        let decoy = DECOY_HASH.get_or_init(|| crate::crypto::hash_password(&new_secret("decoy_")).unwrap_or_default()).clone();
+        let _ = tokio::task::spawn_blocking(move || verify_password(&password, &decoy)).await;
         return Err(refused());
     };
     let Some(hash) = admin.password_hash.as_deref() else { return Err(refused()) };

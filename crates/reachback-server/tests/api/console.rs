@@ -1,0 +1,139 @@
+//! The console's endpoints at the HTTP boundary: password sign-in, the session
+//! cookie's attributes, CSRF on every state change, sign-out, saved filters per
+//! admin, and the static files with their security headers.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use serde_json::{Value, json};
+
+use crate::harness::{Reply, TestServer};
+use crate::on_both_backends;
+
+on_both_backends!(console_sign_in_csrf_and_sign_out, saved_filters_belong_to_their_admin, console_files_carry_security_headers);
+
+async fn with_cookie(server: &TestServer, method: Method, path: &str, cookie: &str, csrf: Option<&str>, body: Option<Value>) -> Reply {
+    let mut request = Request::builder().method(method).uri(path).header(header::COOKIE, format!("reachback_session={cookie}"));
+    if let Some(csrf) = csrf {
+        request = request.header("x-csrf-token", csrf);
+    }
+    let body = match body {
+        Some(body) => {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+            Body::from(body.to_string())
+        }
+        None => Body::empty(),
+    };
+    server.send(request.body(body).expect("request")).await
+}
+
+/// Signs in; returns the session token from the cookie and the CSRF token.
+async fn sign_in(server: &TestServer, username: &str, password: &str) -> (String, String) {
+    let reply = server.call(Method::POST, "/api/v1/auth/login", Some(json!({"username": username, "password": password})), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let cookie = reply.headers[header::SET_COOKIE].to_str().expect("cookie").to_string();
+    let token = cookie.split(';').next().and_then(|pair| pair.strip_prefix("reachback_session=")).expect("session cookie").to_string();
+    (token, reply.json()["csrf_token"].as_str().expect("csrf").to_string())
+}
+
+async fn admin_with_password(server: &TestServer, username: &str, role: &str, password: &str) -> String {
+    let reply = server.post("/api/v1/admins", json!({"username": username, "role": role, "password": password})).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    reply.json()["id"].as_str().expect("id").to_string()
+}
+
+async fn console_sign_in_csrf_and_sign_out(server: TestServer) {
+    admin_with_password(&server, "olivia", "admin", "a long enough password").await;
+    // wrong password, unknown user, an admin without a password: the same 401, no cookie
+    for (username, password) in [("olivia", "wrong password!!"), ("nobody", "a long enough password"), ("admin", "anything at all")] {
+        let reply = server.call(Method::POST, "/api/v1/auth/login", Some(json!({"username": username, "password": password})), None).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{username}");
+        assert!(reply.headers.get(header::SET_COOKIE).is_none());
+        assert!(reply.text().contains("wrong username or password"));
+    }
+    assert_eq!(server.call(Method::POST, "/api/v1/auth/login", Some(json!({"username": "olivia"})), None).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let reply = server.call(Method::POST, "/api/v1/auth/login", Some(json!({"username": "OLIVIA", "password": "a long enough password"})), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "usernames compare case-insensitively");
+    let cookie = reply.headers[header::SET_COOKIE].to_str().expect("cookie");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain HTTP: no Secure attribute");
+    let over_tls = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/auth/login")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-forwarded-proto", "https")
+        .body(Body::from(json!({"username": "olivia", "password": "a long enough password"}).to_string()))
+        .expect("request");
+    assert!(server.send(over_tls).await.headers[header::SET_COOKIE].to_str().expect("cookie").contains("Secure"), "behind TLS: Secure");
+
+    let (token, csrf) = sign_in(&server, "olivia", "a long enough password").await;
+    let me = with_cookie(&server, Method::GET, "/api/v1/me", &token, None, None).await.json();
+    assert_eq!((me["username"].clone(), me["role"].clone(), me["csrf_token"].clone()), (json!("olivia"), json!("admin"), json!(csrf.clone())));
+    // a state change without the CSRF token (or with another) is refused and changes nothing
+    let body = json!({"name": "r", "range": "100.64.0.0/24"});
+    assert_eq!(with_cookie(&server, Method::POST, "/api/v1/ip-ranges", &token, None, Some(body.clone())).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(with_cookie(&server, Method::POST, "/api/v1/ip-ranges", &token, Some("rbx_forged"), Some(body.clone())).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(server.get("/api/v1/ip-ranges").await.json()["total"], 0);
+    assert_eq!(with_cookie(&server, Method::POST, "/api/v1/ip-ranges", &token, Some(&csrf), Some(body)).await.status, StatusCode::CREATED);
+    let audit = server.get("/api/v1/audit-logs?action=login").await.json();
+    assert!(audit["total"].as_i64().expect("total") >= 1 && audit["items"][0]["actor"] == "olivia");
+    // the session is listed and signing out ends it
+    let sessions = server.get("/api/v1/admin-sessions").await.json();
+    assert!(sessions["items"].as_array().expect("items").iter().any(|item| item["admin_username"] == "olivia" && item["api_key_name"].is_null()));
+    assert_eq!(with_cookie(&server, Method::POST, "/api/v1/auth/logout", &token, None, None).await.status, StatusCode::FORBIDDEN, "sign-out needs the CSRF token too");
+    let reply = with_cookie(&server, Method::POST, "/api/v1/auth/logout", &token, Some(&csrf), None).await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert!(reply.headers[header::SET_COOKIE].to_str().expect("cookie").contains("Max-Age=0"));
+    assert_eq!(with_cookie(&server, Method::GET, "/api/v1/me", &token, None, None).await.status, StatusCode::UNAUTHORIZED, "the session has ended");
+    // a viewer's session cannot write, CSRF token or not
+    admin_with_password(&server, "vera", "viewer", "viewer password!").await;
+    let (token, csrf) = sign_in(&server, "vera", "viewer password!").await;
+    let reply = with_cookie(&server, Method::POST, "/api/v1/ip-ranges", &token, Some(&csrf), Some(json!({"name": "v", "range": "100.65.0.0/24"}))).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+}
+
+async fn saved_filters_belong_to_their_admin(server: TestServer) {
+    admin_with_password(&server, "olivia", "admin", "a long enough password").await;
+    admin_with_password(&server, "vera", "viewer", "viewer password!").await;
+    let (olivia, olivia_csrf) = sign_in(&server, "olivia", "a long enough password").await;
+    let (vera, vera_csrf) = sign_in(&server, "vera", "viewer password!").await;
+    let save = |token: &str, csrf: &str, body: Value| {
+        let (token, csrf) = (token.to_string(), csrf.to_string());
+        let server = &server;
+        async move { with_cookie(server, Method::POST, "/api/v1/saved-filters", &token, Some(&csrf), Some(body)).await }
+    };
+    let saved = save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "Paris", "query": "range_location=paris&sort=ip"})).await;
+    assert_eq!(saved.status, StatusCode::CREATED, "{}", saved.text());
+    assert_eq!(save(&vera, &vera_csrf, json!({"page": "ip-bindings", "name": "mine", "query": "username=v"})).await.status, StatusCode::CREATED, "viewers save filters too");
+    // the same name replaces; bad values are refused
+    assert_eq!(save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "Paris", "query": "range_location=paris&sort=-ip"})).await.status, StatusCode::CREATED);
+    assert_eq!(save(&olivia, &olivia_csrf, json!({"page": "nowhere", "name": "x", "query": ""})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "", "query": ""})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "x", "query": "a".repeat(3000)})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let mine = with_cookie(&server, Method::GET, "/api/v1/saved-filters?page=ip-bindings", &olivia, None, None).await.json();
+    assert_eq!(mine["total"], 1);
+    assert_eq!(mine["items"][0]["query"], "range_location=paris&sort=-ip");
+    let theirs = with_cookie(&server, Method::GET, "/api/v1/saved-filters", &vera, None, None).await.json();
+    assert_eq!(theirs["total"], 1, "each admin sees only their own");
+    let id = mine["items"][0]["id"].as_str().expect("id");
+    assert_eq!(with_cookie(&server, Method::DELETE, &format!("/api/v1/saved-filters/{id}"), &vera, Some(&vera_csrf), None).await.status, StatusCode::NOT_FOUND, "not theirs to delete");
+    assert_eq!(with_cookie(&server, Method::DELETE, &format!("/api/v1/saved-filters/{id}"), &olivia, Some(&olivia_csrf), None).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(with_cookie(&server, Method::GET, "/api/v1/saved-filters", &olivia, None, None).await.json()["total"], 0);
+}
+
+async fn console_files_carry_security_headers(server: TestServer) {
+    for (path, content_type) in [("/", "text/html"), ("/assets/app.js", "text/javascript"), ("/assets/app.css", "text/css")] {
+        let reply = server.call(Method::GET, path, None, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+        assert!(reply.headers[header::CONTENT_TYPE].to_str().expect("type").starts_with(content_type));
+        let csp = reply.headers[header::CONTENT_SECURITY_POLICY].to_str().expect("csp");
+        assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline") && csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert_eq!(reply.headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    }
+    let index = server.call(Method::GET, "/", None, None).await.text();
+    assert!(index.contains("<script src=\"/assets/app.js\" defer></script>"));
+    assert!(!index.contains("<script>") && !index.contains("onload=") && !index.contains("style="), "no inline script or style: {index}");
+    assert_eq!(server.call(Method::GET, "/assets/other.js", None, None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(server.call(Method::GET, "/assets/..%2Fsrc%2Flib.rs", None, None).await.status, StatusCode::NOT_FOUND);
+}
