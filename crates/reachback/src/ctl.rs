@@ -350,6 +350,7 @@ enum AdminCommand {
     },
     /// Set an admin's console password, read from standard input
     SetPassword {
+        /// the admin's id or username (`admin` for the bootstrap superadmin)
         id: String,
     },
     /// Create an API key for an admin (the secret is shown once)
@@ -735,6 +736,14 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 print(&client.json("POST", "/api/v1/admins", &[], Some(body))?, output, &[]);
             }
             AdminCommand::SetPassword { id } => {
+                // a username is looked up to its id
+                let admins = client.json("GET", "/api/v1/admins", &[("page_size", Some("1000".to_string()))], None)?;
+                let id = admins["items"]
+                    .as_array()
+                    .and_then(|items| items.iter().find(|item| item["username"].as_str().is_some_and(|name| name.eq_ignore_ascii_case(&id))))
+                    .and_then(|item| item["id"].as_str())
+                    .map(str::to_string)
+                    .unwrap_or(id);
                 let body = json!({"password": read_password()?});
                 print(&client.json("PATCH", &format!("/api/v1/admins/{id}"), &[], Some(body))?, output, &[]);
             }
