@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use reachback_policy::{PortRange, parse_port_range};
 use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply, Refusal};
-use reachback_tunnel::client::{self, EnrolledState, FinalRefusal, TunnelEnd};
+use reachback_tunnel::client::{self, EnrolledState};
 use reachback_tunnel::{Connection, End, RecvStream, RelayOptions, SendStream, TunnelConnector, read_frame, write_frame};
 use serde_json::{Value, json};
 
@@ -148,22 +148,10 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
                         connection.close(0, b"agent stopping");
                         break;
                     }
-                    Some(TunnelEnd::Final(reason)) => anyhow::bail!(FinalRefusal(reason)),
-                    Some(TunnelEnd::Lost(reason)) => {
-                        let delay = backoff.next_delay(Instant::now(), client::jitter());
-                        tracing::info!(%reason, retry_in_ms = delay.as_millis() as u64, "tunnel lost");
-                        delay
-                    }
+                    Some(end) => client::after_tunnel(&mut backoff, Ok(end))?,
                 }
             }
-            Err(error) => {
-                if let Some(refusal) = error.downcast_ref::<FinalRefusal>() {
-                    anyhow::bail!("{refusal}");
-                }
-                let delay = backoff.next_delay(Instant::now(), client::jitter());
-                tracing::info!(error = format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
-                delay
-            }
+            Err(error) => client::after_tunnel(&mut backoff, Err(error))?,
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reachback_proto::{Backoff, ClientRole, FlowOpen};
-use reachback_tunnel::client::{self, EnrolledState, FinalRefusal, TunnelEnd};
+use reachback_tunnel::client::{self, EnrolledState};
 use reachback_tunnel::{AwaitReply, Connection, End, RelayOptions, TunnelConnector, write_frame};
 use serde_json::json;
 use tokio::sync::watch;
@@ -136,22 +136,10 @@ async fn tunnel_loop(
                 let _ = connection_tx.send(None);
                 match end {
                     None => return Ok(()),
-                    Some(TunnelEnd::Final(reason)) => anyhow::bail!(FinalRefusal(reason)),
-                    Some(TunnelEnd::Lost(reason)) => {
-                        let delay = backoff.next_delay(Instant::now(), client::jitter());
-                        tracing::info!(%reason, retry_in_ms = delay.as_millis() as u64, "tunnel lost");
-                        delay
-                    }
+                    Some(end) => client::after_tunnel(&mut backoff, Ok(end))?,
                 }
             }
-            Err(error) => {
-                if let Some(refusal) = error.downcast_ref::<FinalRefusal>() {
-                    anyhow::bail!("{refusal}");
-                }
-                let delay = backoff.next_delay(Instant::now(), client::jitter());
-                tracing::info!(error = format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "cannot reach the broker");
-                delay
-            }
+            Err(error) => client::after_tunnel(&mut backoff, Err(error))?,
         };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

@@ -321,22 +321,8 @@ async fn rebind(state: &SharedState, device: &reachback_store::DeviceRow) -> any
 
 /// Runs the control stream: answers pings, sends keepalives, detects a dead peer,
 /// and (for connectors) pushes range changes. Ends when the tunnel does.
-async fn control_loop(
-    connection: &Connection,
-    mut send: SendStream,
-    mut recv: RecvStream,
-    mut ranges: Option<(SharedState, Vec<String>)>,
-) -> anyhow::Result<()> {
-    let (incoming_tx, mut incoming) = tokio::sync::mpsc::channel::<anyhow::Result<Option<Control>>>(8);
-    let reader = tokio::spawn(async move {
-        loop {
-            let frame = read_frame::<Control>(&mut recv).await;
-            let end = !matches!(frame, Ok(Some(_)));
-            if incoming_tx.send(frame).await.is_err() || end {
-                break;
-            }
-        }
-    });
+async fn control_loop(connection: &Connection, mut send: SendStream, recv: RecvStream, mut ranges: Option<(SharedState, Vec<String>)>) -> anyhow::Result<()> {
+    let (mut incoming, reader) = reachback_tunnel::spawn_reader::<Control>(recv);
     let mut liveness = Liveness::new(Instant::now(), KEEPALIVE, LIVENESS_TIMEOUT);
     let mut range_check = tokio::time::interval(Duration::from_secs(3));
     let result = loop {

@@ -166,19 +166,10 @@ impl std::error::Error for FinalRefusal {}
 impl Tunnel {
     /// Runs the control stream until the tunnel ends; `on_ranges` sees range updates.
     pub async fn run_control(self, mut on_ranges: impl FnMut(Vec<String>)) -> TunnelEnd {
-        let Tunnel { connection, welcome, mut send, mut recv } = self;
+        let Tunnel { connection, welcome, mut send, recv } = self;
         let keepalive = Duration::from_secs(welcome.keepalive_seconds.clamp(1, 300));
         let mut liveness = Liveness::new(Instant::now(), keepalive, keepalive * 3);
-        let (frames_tx, mut frames) = tokio::sync::mpsc::channel(8);
-        let reader = tokio::spawn(async move {
-            loop {
-                let frame = read_frame::<Control>(&mut recv).await;
-                let end = !matches!(frame, Ok(Some(_)));
-                if frames_tx.send(frame).await.is_err() || end {
-                    break;
-                }
-            }
-        });
+        let (mut frames, reader) = crate::spawn_reader::<Control>(recv);
         let end = loop {
             tokio::select! {
                 frame = frames.recv() => {
@@ -214,6 +205,20 @@ impl Tunnel {
         reader.abort();
         end
     }
+}
+
+/// What a client's reconnect loop does after a tunnel attempt ended: stop for
+/// good when the broker refused this client, else wait a backoff delay.
+pub fn after_tunnel(backoff: &mut reachback_proto::Backoff, outcome: Result<TunnelEnd, anyhow::Error>) -> anyhow::Result<Duration> {
+    let (reason, what) = match outcome {
+        Ok(TunnelEnd::Final(reason)) => anyhow::bail!(FinalRefusal(reason)),
+        Err(error) if error.downcast_ref::<FinalRefusal>().is_some() => return Err(error),
+        Ok(TunnelEnd::Lost(reason)) => (reason, "tunnel lost"),
+        Err(error) => (format!("{error:#}"), "cannot reach the broker"),
+    };
+    let delay = backoff.next_delay(Instant::now(), jitter());
+    tracing::info!(%reason, retry_in_ms = delay.as_millis() as u64, "{what}");
+    Ok(delay)
 }
 
 /// A uniform random number in `[0, 1)` for backoff jitter, without a RNG crate.

@@ -13,4 +13,4 @@ pub mod wire;
 pub use mux::{Connection, RecvStream, SendStream, StreamError};
 pub use relay::{AwaitReply, End, RelayOptions, RelayTotals, relay};
 pub use tls::{PeerIdentity, TlsMaterial, TunnelConnector, TunnelListener, peer_identity};
-pub use wire::{read_frame, write_frame};
+pub use wire::{read_frame, spawn_reader, write_frame};

@@ -81,7 +81,11 @@ async fn console_sign_in_csrf_and_sign_out(server: TestServer) {
     // the session is listed and signing out ends it
     let sessions = server.get("/api/v1/admin-sessions").await.json();
     assert!(sessions["items"].as_array().expect("items").iter().any(|item| item["admin_username"] == "olivia" && item["api_key_name"].is_null()));
-    assert_eq!(with_cookie(&server, Method::POST, "/api/v1/auth/logout", &token, None, None).await.status, StatusCode::FORBIDDEN, "sign-out needs the CSRF token too");
+    assert_eq!(
+        with_cookie(&server, Method::POST, "/api/v1/auth/logout", &token, None, None).await.status,
+        StatusCode::FORBIDDEN,
+        "sign-out needs the CSRF token too"
+    );
     let reply = with_cookie(&server, Method::POST, "/api/v1/auth/logout", &token, Some(&csrf), None).await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
     assert!(reply.headers[header::SET_COOKIE].to_str().expect("cookie").contains("Max-Age=0"));
@@ -105,20 +109,37 @@ async fn saved_filters_belong_to_their_admin(server: TestServer) {
     };
     let saved = save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "Paris", "query": "range_location=paris&sort=ip"})).await;
     assert_eq!(saved.status, StatusCode::CREATED, "{}", saved.text());
-    assert_eq!(save(&vera, &vera_csrf, json!({"page": "ip-bindings", "name": "mine", "query": "username=v"})).await.status, StatusCode::CREATED, "viewers save filters too");
+    assert_eq!(
+        save(&vera, &vera_csrf, json!({"page": "ip-bindings", "name": "mine", "query": "username=v"})).await.status,
+        StatusCode::CREATED,
+        "viewers save filters too"
+    );
     // the same name replaces; bad values are refused
-    assert_eq!(save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "Paris", "query": "range_location=paris&sort=-ip"})).await.status, StatusCode::CREATED);
+    assert_eq!(
+        save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "Paris", "query": "range_location=paris&sort=-ip"})).await.status,
+        StatusCode::CREATED
+    );
     assert_eq!(save(&olivia, &olivia_csrf, json!({"page": "nowhere", "name": "x", "query": ""})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "", "query": ""})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "x", "query": "a".repeat(3000)})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        save(&olivia, &olivia_csrf, json!({"page": "ip-bindings", "name": "x", "query": "a".repeat(3000)})).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
     let mine = with_cookie(&server, Method::GET, "/api/v1/saved-filters?page=ip-bindings", &olivia, None, None).await.json();
     assert_eq!(mine["total"], 1);
     assert_eq!(mine["items"][0]["query"], "range_location=paris&sort=-ip");
     let theirs = with_cookie(&server, Method::GET, "/api/v1/saved-filters", &vera, None, None).await.json();
     assert_eq!(theirs["total"], 1, "each admin sees only their own");
     let id = mine["items"][0]["id"].as_str().expect("id");
-    assert_eq!(with_cookie(&server, Method::DELETE, &format!("/api/v1/saved-filters/{id}"), &vera, Some(&vera_csrf), None).await.status, StatusCode::NOT_FOUND, "not theirs to delete");
-    assert_eq!(with_cookie(&server, Method::DELETE, &format!("/api/v1/saved-filters/{id}"), &olivia, Some(&olivia_csrf), None).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        with_cookie(&server, Method::DELETE, &format!("/api/v1/saved-filters/{id}"), &vera, Some(&vera_csrf), None).await.status,
+        StatusCode::NOT_FOUND,
+        "not theirs to delete"
+    );
+    assert_eq!(
+        with_cookie(&server, Method::DELETE, &format!("/api/v1/saved-filters/{id}"), &olivia, Some(&olivia_csrf), None).await.status,
+        StatusCode::NO_CONTENT
+    );
     assert_eq!(with_cookie(&server, Method::GET, "/api/v1/saved-filters", &olivia, None, None).await.json()["total"], 0);
 }
 

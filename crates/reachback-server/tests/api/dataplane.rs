@@ -305,7 +305,7 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     let device_id = enrolled.id.clone();
     assert_eq!(server.delete(&format!("/api/v1/devices/{device_id}")).await.status, StatusCode::NO_CONTENT);
     let outcome = tokio::time::timeout(Duration::from_secs(30), agent).await.expect("the revoked agent stops").expect("join");
-    assert!(outcome.as_ref().is_err_and(|error| error.to_string().contains("revoked")), "{outcome:?}");
+    assert!(outcome.as_ref().is_err_and(|error| format!("{error:#}").contains("revoked")), "{outcome:?}");
     drop(stop_agent);
     assert_eq!(server.get("/api/v1/client-sessions").await.json()["total"], 0);
     assert_eq!(audit_count(&server, "client_session").await, 1);
