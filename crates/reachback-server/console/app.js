@@ -219,7 +219,7 @@ function dataTable(options) {
         const apply = (value) => { table.filters[column.filter] = value; table.page = 1; load(); };
         const control = column.choices
           ? h('select', { 'aria-label': 'Filter ' + column.label, 'data-filter': column.filter, onchange: (event) => apply(event.target.value) }, h('option', { value: '' }, 'any'), column.choices.map((choice) => h('option', { value: choice, selected: choice === current }, choice)))
-          : h('input', { 'aria-label': 'Filter ' + column.label, 'data-filter': column.filter, value: current, placeholder: 'filter', onchange: (event) => apply(event.target.value.trim()) });
+          : h('input', { 'aria-label': 'Filter ' + column.label, 'data-filter': column.filter, value: current, placeholder: column.placeholder || 'filter', onchange: (event) => apply(event.target.value.trim()) });
         return h('td', {}, control);
       });
       rows.push(h('tr', { class: 'filters' }, options.details ? h('td', {}) : null, cells, options.actions ? h('td', {}) : null));
@@ -391,7 +391,7 @@ pages.bindings = () => {
       { key: 'username', label: 'Username', sort: 'username', filter: 'username' },
       { key: 'platform', label: 'Platform', sort: 'platform', filter: 'platform', choices: ['windows', 'macos', 'linux', 'ios', 'android'] },
       { key: 'client_hostname', label: 'Client Hostname', sort: 'client_hostname', filter: 'client_hostname' },
-      { key: 'last_updated', label: 'Last Updated', sort: 'last_updated', render: (row) => when(row.last_updated) },
+      { key: 'last_updated', label: 'Last Updated', sort: 'last_updated', filter: 'updated_after', placeholder: 'after 2026-01-31T00:00:00Z', render: (row) => when(row.last_updated) },
     ],
     toolbar: (table) => h('button', { type: 'button', 'data-test': 'download-csv', onclick: async () => {
       message.replaceChildren();
@@ -638,6 +638,18 @@ pages.dashboard = () => {
   const platformCard = h('div', { class: 'card' }, h('h2', {}, 'Bindings by platform'), 'Loading…');
   const locationCard = h('div', { class: 'card' }, h('h2', {}, 'Bindings by country'), 'Loading…');
   const sessionsCard = h('div', { class: 'card' }, h('h2', {}, 'Live client sessions'), 'Loading…');
+  const enrollmentsCard = h('div', { class: 'card' }, h('h2', {}, 'Enrollments, last 30 days'), 'Loading…');
+  api('GET', '/stats/enrollments?days=30').then((data) => {
+    const max = Math.max(1, ...data.days.map((day) => day.enrollments));
+    const total = data.days.reduce((sum, day) => sum + day.enrollments, 0);
+    const width = 10;
+    const chart = svg('svg', { viewBox: `0 0 ${data.days.length * width} 104`, width: '100%', role: 'img', 'aria-label': `${total} enrollments in the last 30 days` },
+      data.days.map((day, index) => {
+        const height = (day.enrollments / max) * 100;
+        return svg('rect', { x: index * width + 1, y: 102 - height, width: width - 2, height: Math.max(height, 0.5), fill: '#1f5fbf' }, svg('title', {}, `${day.date}: ${day.enrollments}`));
+      }));
+    enrollmentsCard.replaceChildren(h('h2', {}, 'Enrollments, last 30 days'), h('p', {}, `${total.toLocaleString()} in all`), chart);
+  }).catch((error) => enrollmentsCard.append(notice(error.message, 'error')));
   const barChart = (pairs, label) => {
     const max = Math.max(1, ...pairs.map(([, value]) => value));
     const height = pairs.length * 22 + 4;
@@ -665,7 +677,7 @@ pages.dashboard = () => {
   api('GET', '/client-sessions?page_size=5').then((data) => {
     sessionsCard.replaceChildren(h('h2', {}, 'Live client sessions'), h('p', { class: 'big' }, String(data.total)), h('ul', {}, data.items.map((item) => h('li', {}, `${item.virtual_ip} ${item.client_hostname}`))), h('a', { href: '#/sessions' }, 'All sessions'));
   }).catch((error) => sessionsCard.append(notice(error.message, 'error')));
-  return [h('h1', {}, 'Dashboard'), h('div', { class: 'cards' }, utilisationCard, platformCard, locationCard, sessionsCard)];
+  return [h('h1', {}, 'Dashboard'), h('div', { class: 'cards' }, utilisationCard, enrollmentsCard, platformCard, locationCard, sessionsCard)];
 };
 
 // ---- shell ---------------------------------------------------------------------

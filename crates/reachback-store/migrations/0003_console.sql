@@ -8,3 +8,6 @@ CREATE TABLE saved_filters (
     created_at BIGINT NOT NULL,
     UNIQUE (admin_id, page, name)
 );
+
+-- the dashboard counts enrollments per day
+CREATE INDEX devices_created ON devices (created_at);

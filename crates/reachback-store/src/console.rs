@@ -15,6 +15,15 @@ pub struct SavedFilterRow {
 }
 
 impl Store {
+    /// Devices created per UTC day since `since` (microseconds): (day number since the epoch, count).
+    pub async fn enrollments_per_day(&self, since: i64) -> Result<Vec<(i64, i64)>> {
+        let rows = sqlx::query("SELECT created_at / 86400000000 AS day, COUNT(*) AS n FROM devices WHERE created_at >= $1 GROUP BY created_at / 86400000000 ORDER BY day")
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| Ok((row.try_get("day")?, row.try_get("n")?))).collect()
+    }
+
     pub async fn list_saved_filters(&self, admin_id: &str, page: Option<&str>) -> Result<Vec<SavedFilterRow>> {
         let rows = sqlx::query("SELECT id, page, name, query, created_at FROM saved_filters WHERE admin_id = $1 ORDER BY page, name")
             .bind(admin_id)

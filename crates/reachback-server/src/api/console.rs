@@ -101,6 +101,27 @@ pub async fn logout(State(state): State<SharedState>, caller: Caller, headers: H
     Ok(response)
 }
 
+/// Enrollments (new devices) per UTC day for the last `days` days (default 30, at most 366), every day listed.
+pub async fn enrollment_stats(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let query = QueryParams::parse(raw.as_deref(), &["days"])?;
+    let days = match query.text("days") {
+        None => 30,
+        Some(text) => text.parse::<i64>().ok().filter(|days| (1..=366).contains(days)).ok_or_else(|| ApiError::bad_request("days must be a whole number from 1 to 366"))?,
+    };
+    const DAY: i64 = 86_400_000_000;
+    let today = now_micros() / DAY;
+    let first = today - days + 1;
+    let counts: std::collections::HashMap<i64, i64> = state.store.enrollments_per_day(first * DAY).await?.into_iter().collect();
+    let series: Vec<Value> = (first..=today)
+        .map(|day| {
+            let date = crate::request::format_time(day * DAY);
+            json!({"date": date.get(..10).unwrap_or(&date), "enrollments": counts.get(&day).copied().unwrap_or(0)})
+        })
+        .collect();
+    Ok(Json(json!({"days": series})))
+}
+
 fn filter_json(row: &SavedFilterRow) -> Value {
     json!({"id": row.id, "page": row.page, "name": row.name, "query": row.query})
 }

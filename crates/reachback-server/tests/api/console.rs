@@ -156,5 +156,21 @@ async fn console_files_carry_security_headers(server: TestServer) {
     assert!(index.contains("<script src=\"/assets/app.js\" defer></script>"));
     assert!(!index.contains("<script>") && !index.contains("onload=") && !index.contains("style="), "no inline script or style: {index}");
     assert_eq!(server.call(Method::GET, "/assets/other.js", None, None).await.status, StatusCode::NOT_FOUND);
+
+    // the dashboard's enrollments per day
+    assert_eq!(server.post("/api/v1/ip-ranges", json!({"name": "r", "range": "100.64.0.0/24"})).await.status, StatusCode::CREATED);
+    let key = server.post("/api/v1/enrollment-keys", json!({"username": "alice"})).await.json()["key"].as_str().expect("key").to_string();
+    let public_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem();
+    let body = json!({"enrollment_key": key, "hostname": "a.corp.example", "platform": "linux", "public_key": public_key});
+    assert_eq!(server.call(Method::POST, "/api/v1/enroll", Some(body), None).await.status, StatusCode::CREATED);
+    let stats = server.get("/api/v1/stats/enrollments?days=7").await.json();
+    let days = stats["days"].as_array().expect("days");
+    assert_eq!(days.len(), 7, "every day is listed, with or without enrollments");
+    assert_eq!(days[6]["enrollments"], 1, "{stats}");
+    assert_eq!(days[0]["enrollments"], 0);
+    assert_eq!(server.get("/api/v1/stats/enrollments").await.json()["days"].as_array().expect("days").len(), 30);
+    for bad in ["0", "367", "x"] {
+        assert_eq!(server.get(&format!("/api/v1/stats/enrollments?days={bad}")).await.status, StatusCode::BAD_REQUEST);
+    }
     assert_eq!(server.call(Method::GET, "/assets/..%2Fsrc%2Flib.rs", None, None).await.status, StatusCode::NOT_FOUND);
 }
