@@ -16,7 +16,7 @@ function h(tag, attributes, ...children) {
     else if (value === true) element.setAttribute(name, '');
     else element.setAttribute(name, String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null || child === false) continue;
     element.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -26,7 +26,7 @@ function h(tag, attributes, ...children) {
 function svg(tag, attributes, ...children) {
   const element = document.createElementNS('http://www.w3.org/2000/svg', tag);
   for (const [name, value] of Object.entries(attributes || {})) element.setAttribute(name, String(value));
-  for (const child of children.flat()) if (child) element.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  for (const child of children.flat(Infinity)) if (child) element.append(child instanceof Node ? child : document.createTextNode(String(child)));
   return element;
 }
 
@@ -653,17 +653,17 @@ pages.dashboard = () => {
   const barChart = (pairs, label) => {
     const max = Math.max(1, ...pairs.map(([, value]) => value));
     const height = pairs.length * 22 + 4;
-    return svg('svg', { viewBox: `0 0 320 ${height}`, width: '100%', role: 'img', 'aria-label': label },
+    return svg('svg', { viewBox: `0 0 240 ${height}`, width: '100%', role: 'img', 'aria-label': label },
       pairs.map(([name, value, text], index) => [
-        svg('text', { x: 0, y: index * 22 + 15, 'font-size': 12 }, name.length > 16 ? name.slice(0, 15) + '…' : name),
-        svg('rect', { x: 120, y: index * 22 + 4, width: Math.max(1, (value / max) * 150), height: 14, fill: '#1f5fbf' }),
-        svg('text', { x: 275, y: index * 22 + 15, 'font-size': 12 }, text || String(value)),
+        svg('text', { x: 0, y: index * 22 + 15, 'font-size': 13 }, name.length > 12 ? name.slice(0, 11) + '…' : name),
+        svg('rect', { x: 92, y: index * 22 + 4, width: Math.max(1, (value / max) * 100), height: 14, fill: '#1f5fbf' }, svg('title', {}, `${name}: ${text || value}`)),
+        svg('text', { x: 198, y: index * 22 + 15, 'font-size': 13 }, text || String(value)),
       ]));
   };
   api('GET', '/ip-ranges?page_size=1000&sort=-used_ips').then((data) => {
     const top = data.items.slice(0, 12).map((row) => {
       const share = Number(row.total_ips) > 0 ? (Number(row.used_ips) / Number(row.total_ips)) * 100 : 0;
-      return [row.name, share, share.toFixed(1) + '%'];
+      return [row.name, share, (share > 0 && share < 1 ? share.toFixed(2) : share.toFixed(1)) + '%'];
     });
     const byCountry = {};
     for (const row of data.items) { const key = (row.location && row.location.country) || 'global'; byCountry[key] = (byCountry[key] || 0) + Number(row.used_ips); }
