@@ -350,15 +350,15 @@ pages.ranges = () => {
     toolbar: () => canWrite() ? h('button', { type: 'button', class: 'primary', 'data-test': 'add-range', onclick: () => rangeForm('Add IP range', null, 'Add', async (body) => { await api('POST', '/ip-ranges', body); reload(); }) }, 'Add range') : null,
     details: (row) => {
       const users = h('span', {}, '…');
-      api('GET', '/ip-bindings?page_size=5&range_name=' + encodeURIComponent(row.name)).then((data) => {
-        users.textContent = data.items.map((item) => item.username).filter((name, index, all) => all.indexOf(name) === index).join(', ') || 'none yet';
+      api('GET', `/stats/ranges/${row.id}/top-users`).then((data) => {
+        users.textContent = data.items.map((item) => `${item.username} (${item.bindings})`).join(', ') || 'none yet';
       }).catch(() => { users.textContent = ''; });
       const place = row.location || {};
       return h('dl', {},
         h('dt', {}, 'Description'), h('dd', {}, row.description || '—'),
         h('dt', {}, 'Coordinates'), h('dd', {}, place.latitude !== undefined && place.latitude !== null ? `${place.latitude}, ${place.longitude}` : '—'),
         h('dt', {}, 'Created / updated'), h('dd', {}, `${when(row.created_at)} / ${when(row.updated_at)}`),
-        h('dt', {}, 'Users (first bound)'), h('dd', {}, users));
+        h('dt', {}, 'Top users'), h('dd', { 'data-test': 'top-users' }, users));
     },
     actions: (row) => canWrite() ? [
       h('button', { type: 'button', onclick: () => rangeForm('Edit IP range', row, 'Save', async (body) => { await api('PATCH', '/ip-ranges/' + row.id, body); reload(); }) }, 'Edit'),

@@ -15,12 +15,26 @@ pub struct SavedFilterRow {
 }
 
 impl Store {
+    /// The users with the most bindings in a range, most first (ties by name).
+    pub async fn top_users_of_range(&self, range_id: &str, limit: i64) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT username, COUNT(*) AS n FROM bindings WHERE range_id = $1 AND device_id IS NOT NULL GROUP BY username ORDER BY n DESC, username LIMIT $2",
+        )
+        .bind(range_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| Ok((row.try_get("username")?, row.try_get("n")?))).collect()
+    }
+
     /// Devices created per UTC day since `since` (microseconds): (day number since the epoch, count).
     pub async fn enrollments_per_day(&self, since: i64) -> Result<Vec<(i64, i64)>> {
-        let rows = sqlx::query("SELECT created_at / 86400000000 AS day, COUNT(*) AS n FROM devices WHERE created_at >= $1 GROUP BY created_at / 86400000000 ORDER BY day")
-            .bind(since)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT created_at / 86400000000 AS day, COUNT(*) AS n FROM devices WHERE created_at >= $1 GROUP BY created_at / 86400000000 ORDER BY day",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(|row| Ok((row.try_get("day")?, row.try_get("n")?))).collect()
     }
 

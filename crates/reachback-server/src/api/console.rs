@@ -107,7 +107,11 @@ pub async fn enrollment_stats(State(state): State<SharedState>, caller: Caller, 
     let query = QueryParams::parse(raw.as_deref(), &["days"])?;
     let days = match query.text("days") {
         None => 30,
-        Some(text) => text.parse::<i64>().ok().filter(|days| (1..=366).contains(days)).ok_or_else(|| ApiError::bad_request("days must be a whole number from 1 to 366"))?,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|days| (1..=366).contains(days))
+            .ok_or_else(|| ApiError::bad_request("days must be a whole number from 1 to 366"))?,
     };
     const DAY: i64 = 86_400_000_000;
     let today = now_micros() / DAY;
@@ -120,6 +124,14 @@ pub async fn enrollment_stats(State(state): State<SharedState>, caller: Caller, 
         })
         .collect();
     Ok(Json(json!({"days": series})))
+}
+
+/// The five users with the most bindings in a range (the console's range details).
+pub async fn range_top_users(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    state.store.get_range(&id).await.map_err(|error| ApiError::not_found_or(error, "IP range"))?;
+    let users = state.store.top_users_of_range(&id, 5).await?;
+    Ok(Json(json!({"items": users.iter().map(|(username, bindings)| json!({"username": username, "bindings": bindings})).collect::<Vec<_>>()})))
 }
 
 fn filter_json(row: &SavedFilterRow) -> Value {

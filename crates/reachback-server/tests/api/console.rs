@@ -163,6 +163,10 @@ async fn console_files_carry_security_headers(server: TestServer) {
     let public_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem();
     let body = json!({"enrollment_key": key, "hostname": "a.corp.example", "platform": "linux", "public_key": public_key});
     assert_eq!(server.call(Method::POST, "/api/v1/enroll", Some(body), None).await.status, StatusCode::CREATED);
+    let range_id = server.get("/api/v1/ip-ranges").await.json()["items"][0]["id"].as_str().expect("range").to_string();
+    let top = server.get(&format!("/api/v1/stats/ranges/{range_id}/top-users")).await.json();
+    assert_eq!(top["items"], json!([{"username": "alice", "bindings": 1}]));
+    assert_eq!(server.get("/api/v1/stats/ranges/nope/top-users").await.status, StatusCode::NOT_FOUND);
     let stats = server.get("/api/v1/stats/enrollments?days=7").await.json();
     let days = stats["days"].as_array().expect("days");
     assert_eq!(days.len(), 7, "every day is listed, with or without enrollments");

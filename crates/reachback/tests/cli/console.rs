@@ -142,6 +142,14 @@ fn console_in_a_real_browser() {
         let body = json!({"enrollment_key": key, "hostname": format!("laptop-{index}.corp.example"), "platform": "windows", "public_key": public_key(), "location": {"city": "Paris", "country": "FR"}});
         assert_eq!(request(&http, "POST", &format!("{base}/api/v1/enroll"), None, Some(&body)).0, 201);
     }
+    browser.click(&browser.find("[data-test=refresh]"));
+    browser.wait_until("the used addresses", |browser| row_texts(browser, "ip-ranges", "used_ips").first().is_some_and(|used| used.starts_with("11")));
+    if browser.find_all("tr[data-row] button[aria-label=Details][aria-expanded=true]").is_empty() {
+        browser.click(&browser.find("tr[data-row] button[aria-label=Details]"));
+    }
+    browser.wait_until("the top users", |browser| {
+        browser.find_all("[data-test=top-users]").first().is_some_and(|cell| browser.text(cell) == "alice@corp.example (8), bob@corp.example (3)")
+    });
     open_page(&browser, &base, "bindings");
     browser.wait_until("the bindings", |browser| row_texts(browser, "ip-bindings", "ip").len() == 11);
     let ips = row_texts(&browser, "ip-bindings", "ip");
