@@ -81,6 +81,11 @@ pub struct Connection {
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
+/// The most streams one connection holds at once (a peer opening more gets resets).
+pub const MAX_STREAMS: usize = 65_536;
+/// The reset code of a stream refused for that reason.
+pub const STREAM_REFUSED: u32 = 2;
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -273,6 +278,11 @@ fn dispatch(inner: &Arc<Inner>, kind: FrameKind, id: u32, payload: Bytes) -> Res
     if kind == FrameKind::Open {
         if !peer_may_open(id, inner.is_client) || lock(&inner.streams).contains_key(&id) {
             return Err(MuxError::WrongStreamId(id));
+        }
+        if lock(&inner.streams).len() >= MAX_STREAMS {
+            // too many at once: this one is refused, the others go on
+            inner.send_frame(FrameKind::Reset, id, Bytes::copy_from_slice(&STREAM_REFUSED.to_be_bytes()));
+            return Ok(());
         }
         let pair = inner.new_stream(id);
         let _ = inner.accept_tx.send(pair);
