@@ -671,8 +671,8 @@ pages.dashboard = () => {
     const countries = Object.entries(byCountry).sort((a, b) => b[1] - a[1]).slice(0, 10);
     locationCard.replaceChildren(h('h2', {}, 'Bindings by country'), countries.length ? barChart(countries, 'Bindings per country') : 'No bindings yet.');
   }).catch((error) => utilisationCard.append(notice(error.message, 'error')));
-  Promise.all(['windows', 'macos', 'linux', 'ios', 'android'].map((platform) => api('GET', '/ip-bindings?page_size=1&platform=' + platform).then((data) => [platform, data.total]))).then((pairs) => {
-    platformCard.replaceChildren(h('h2', {}, 'Bindings by platform'), barChart(pairs, 'Bindings per platform'));
+  api('GET', '/stats/bindings').then((data) => {
+    platformCard.replaceChildren(h('h2', {}, 'Bindings by platform'), barChart(data.by_platform.map((item) => [item.platform, item.bindings]), 'Bindings per platform'));
   }).catch((error) => platformCard.append(notice(error.message, 'error')));
   api('GET', '/client-sessions?page_size=5').then((data) => {
     sessionsCard.replaceChildren(h('h2', {}, 'Live client sessions'), h('p', { class: 'big' }, String(data.total)), h('ul', {}, data.items.map((item) => h('li', {}, `${item.virtual_ip} ${item.client_hostname}`))), h('a', { href: '#/sessions' }, 'All sessions'));

@@ -104,6 +104,7 @@ api_routes! {
     post "/api/v1/auth/login" => console_api::login, "none", 200, "Console sign-in with username and password (sets the session cookie, returns the CSRF token)", [];
     post "/api/v1/auth/logout" => console_api::logout, "viewer", 204, "Console sign-out", [];
     get "/api/v1/stats/ranges/{id}/top-users" => console_api::range_top_users, "viewer", 200, "The users with the most bindings in a range", [];
+    get "/api/v1/stats/bindings" => console_api::binding_stats, "viewer", 200, "Bound addresses per platform (for the dashboard)", [];
     get "/api/v1/stats/enrollments" => console_api::enrollment_stats, "viewer", 200, "Enrollments per day (for the dashboard)", ["days"];
     get "/api/v1/saved-filters" => console_api::list_filters, "viewer", 200, "The caller's saved filters", ["page"];
     post "/api/v1/saved-filters" => console_api::save_filter, "viewer", 201, "Save a filter under a name (replaces one of the same name)", [];

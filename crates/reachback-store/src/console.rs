@@ -27,6 +27,14 @@ impl Store {
         rows.iter().map(|row| Ok((row.try_get("username")?, row.try_get("n")?))).collect()
     }
 
+    /// Bound addresses per platform (one pass over the platform index).
+    pub async fn bindings_per_platform(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT platform, COUNT(*) AS n FROM bindings WHERE platform IS NOT NULL GROUP BY platform ORDER BY platform")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| Ok((row.try_get("platform")?, row.try_get("n")?))).collect()
+    }
+
     /// Devices created per UTC day since `since` (microseconds): (day number since the epoch, count).
     pub async fn enrollments_per_day(&self, since: i64) -> Result<Vec<(i64, i64)>> {
         let rows = sqlx::query(

@@ -126,6 +126,15 @@ pub async fn enrollment_stats(State(state): State<SharedState>, caller: Caller, 
     Ok(Json(json!({"days": series})))
 }
 
+/// Bound addresses per platform, every platform listed (the dashboard).
+pub async fn binding_stats(State(state): State<SharedState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let counts: std::collections::HashMap<String, i64> = state.store.bindings_per_platform().await?.into_iter().collect();
+    let platforms: Vec<Value> =
+        validate::PLATFORMS.iter().map(|platform| json!({"platform": platform, "bindings": counts.get(*platform).copied().unwrap_or(0)})).collect();
+    Ok(Json(json!({"by_platform": platforms})))
+}
+
 /// The five users with the most bindings in a range (the console's range details).
 pub async fn range_top_users(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;

@@ -167,6 +167,9 @@ async fn console_files_carry_security_headers(server: TestServer) {
     let top = server.get(&format!("/api/v1/stats/ranges/{range_id}/top-users")).await.json();
     assert_eq!(top["items"], json!([{"username": "alice", "bindings": 1}]));
     assert_eq!(server.get("/api/v1/stats/ranges/nope/top-users").await.status, StatusCode::NOT_FOUND);
+    let platforms = server.get("/api/v1/stats/bindings").await.json();
+    assert_eq!(platforms["by_platform"].as_array().expect("platforms").len(), 5);
+    assert!(platforms["by_platform"].as_array().expect("platforms").iter().any(|item| item["platform"] == "linux" && item["bindings"] == 1), "{platforms}");
     let stats = server.get("/api/v1/stats/enrollments?days=7").await.json();
     let days = stats["days"].as_array().expect("days");
     assert_eq!(days.len(), 7, "every day is listed, with or without enrollments");
