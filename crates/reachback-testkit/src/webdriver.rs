@@ -11,6 +11,8 @@ use serde_json::{Value, json};
 
 /// The W3C key for Enter.
 pub const ENTER: &str = "\u{E007}";
+/// The W3C key for Escape.
+pub const ESCAPE: &str = "\u{E00C}";
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 pub struct Browser {
@@ -111,6 +113,12 @@ impl Browser {
             assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}; page text:\n{}", self.page_text());
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The element that has the keyboard focus.
+    pub fn active(&self) -> Element {
+        let found = self.call("GET", "/element/active", None);
+        Element(found[ELEMENT_KEY].as_str().unwrap_or_default().to_string())
     }
 
     pub fn click(&self, element: &Element) {

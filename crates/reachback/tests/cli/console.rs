@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use reachback_testkit::webdriver::{Browser, ENTER};
+use reachback_testkit::webdriver::{Browser, ENTER, ESCAPE};
 use serde_json::{Value, json};
 
 use crate::process::{Server, TOKEN, TempDir, agent, public_key, request};
@@ -95,8 +95,15 @@ fn console_in_a_real_browser() {
     sign_in(&browser, &base, "admin", "correct horse battery");
     assert!(browser.text(&browser.find("[data-test=whoami]")).contains("superadmin"));
 
-    // add a range
+    // the keyboard alone opens a dialog, lands in it, and Escape closes it
     open_page(&browser, &base, "ranges");
+    browser.type_text(&browser.find("[data-test=add-range]"), ENTER);
+    browser.wait_until("the dialog", |browser| !browser.find_all("dialog[open]").is_empty());
+    assert_eq!(browser.execute("return !!document.activeElement.closest('dialog[open]')", vec![]), json!(true), "focus moves into the dialog");
+    browser.type_text(&browser.active(), ESCAPE);
+    browser.wait_until("the dialog to close", |browser| browser.find_all("dialog[open]").is_empty());
+
+    // add a range
     browser.click(&browser.find("[data-test=add-range]"));
     browser.type_text(&dialog_input(&browser, "name"), "Paris laptops");
     browser.type_text(&dialog_input(&browser, "range"), "100.64.0.0/16");
