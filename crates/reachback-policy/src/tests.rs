@@ -1,4 +1,5 @@
 //! Data-driven tests of the evaluator: a table of flows and the expected decision.
+#![allow(clippy::unwrap_used)]
 
 use super::*;
 

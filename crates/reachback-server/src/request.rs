@@ -135,6 +135,17 @@ impl Fields {
         }
     }
 
+    /// A required PEM public key (ECDSA P-256 or Ed25519); problems are collected.
+    pub fn public_key(&mut self, name: &str) -> Option<crate::crypto::DevicePublicKey> {
+        match crate::crypto::parse_public_key(&self.string(name, true)?) {
+            Ok(key) => Some(key),
+            Err(message) => {
+                self.error(name, message);
+                None
+            }
+        }
+    }
+
     /// A location object: `None` when absent, `Some(None)` when null.
     pub fn location(&mut self, name: &str) -> Option<Option<reachback_ipam::Location>> {
         let value = self.map.get(name)?.clone();

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::api::{created, list_json, no_content, page_of};
 use crate::auth::{Caller, Role};
-use crate::crypto::{CertificateAuthority, hash_secret, new_secret, parse_public_key};
+use crate::crypto::{CertificateAuthority, hash_secret, new_secret};
 use crate::error::{ApiError, ApiResult};
 use crate::request::{Fields, JsonObject, QueryParams, format_time};
 use crate::state::SharedState;
@@ -440,14 +440,7 @@ pub async fn enroll_connector(State(state): State<SharedState>, body: JsonObject
     let Some(connector) = state.store.find_connector_by_key(&hash_secret(&secret)).await? else {
         return Err(ApiError::unauthorized("the provisioning key is not valid"));
     };
-    let public_key = match fields.string("public_key", true).map(|text| parse_public_key(&text)) {
-        Some(Ok(key)) => Some(key),
-        Some(Err(message)) => {
-            fields.error("public_key", message);
-            None
-        }
-        None => None,
-    };
+    let public_key = fields.public_key("public_key");
     fields.finish()?;
     let Some(public_key) = public_key else { return Err(ApiError::invalid_field("public_key", "is required")) };
     let serial = CertificateAuthority::new_serial();

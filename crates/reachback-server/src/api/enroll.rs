@@ -8,7 +8,7 @@ use reachback_store::{EnrollFailure, EnrollJob, new_id, now_micros};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::crypto::{CertificateAuthority, hash_secret, parse_public_key};
+use crate::crypto::{CertificateAuthority, hash_secret};
 use crate::error::{ApiError, ApiResult};
 use crate::request::{Fields, JsonObject};
 use crate::state::SharedState;
@@ -57,14 +57,7 @@ async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(Statu
     {
         fields.error("platform", format!("must be one of: {}", validate::PLATFORMS.join(", ")));
     }
-    let public_key = match fields.string("public_key", true).map(|text| parse_public_key(&text)) {
-        Some(Ok(key)) => Some(key),
-        Some(Err(message)) => {
-            fields.error("public_key", message);
-            None
-        }
-        None => None,
-    };
+    let public_key = fields.public_key("public_key");
     let location = fields.location("location").flatten();
     if !fields.errors.is_empty() {
         // authentication comes first: invalid values are reported only with a valid key
