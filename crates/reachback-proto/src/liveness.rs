@@ -1,5 +1,5 @@
 //! Keepalive on the control stream: a `Ping` after `interval` without traffic, the
-//! tunnel is dead when nothing arrived for `timeout`. QUIC has its own idle timer;
+//! tunnel is dead when nothing arrived for `timeout`. TCP keepalive finds a dead link;
 //! this one also catches a peer whose event loop is stuck while its socket lives.
 
 use std::time::{Duration, Instant};
