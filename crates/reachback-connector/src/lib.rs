@@ -2,7 +2,9 @@
 //! mode it installs nftables TPROXY rules and policy routing for the ranges the
 //! broker announces (and removes them on exit), accepts the intercepted TCP
 //! connections with their original destination, and opens one tunnel stream per
-//! connection. A refused flow is answered with a TCP reset.
+//! connection; a refused flow is answered with a TCP reset. In `socks5` mode (no
+//! privileges) it is a SOCKS5 proxy: the client's CONNECT is answered only once
+//! the agent's local connect succeeded, or with the refusal's reply code.
 
 pub mod nft;
 
@@ -31,6 +33,8 @@ pub struct RunOptions {
     pub routing: nft::Routing,
     /// this release, reported to the broker
     pub version: String,
+    /// `Some`: SOCKS5 mode on this address instead of TPROXY
+    pub socks5_listen: Option<SocketAddr>,
 }
 
 /// Enrolls with the provisioning key unless the state directory holds an enrollment.
@@ -77,6 +81,15 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
     ensure_enrolled(&options)?;
     let (state, material) = client::load_state(&options.state_dir)?;
     let endpoint = TunnelConnector::new(&material)?;
+    if let Some(listen) = options.socks5_listen {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the SOCKS5 listener on {listen}"))?;
+        tracing::info!(address = %listener.local_addr()?, "SOCKS5 listener ready");
+        let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
+        let accept = tokio::spawn(socks_accept_loop(listener, connection_rx));
+        let result = tunnel_loop(&endpoint, &state, &options, None, connection_tx, shutdown).await;
+        accept.abort();
+        return result;
+    }
     let mut listeners = vec![transparent_listener(SocketAddr::from(([0, 0, 0, 0], options.tproxy_port)))?];
     match transparent_listener(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, options.tproxy_port))) {
         Ok(listener) => listeners.push(listener),
@@ -88,7 +101,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
         accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone())));
     }
     let routing = Arc::new(options.routing.clone());
-    let result = tunnel_loop(&endpoint, &state, &options, routing.clone(), connection_tx, shutdown).await;
+    let result = tunnel_loop(&endpoint, &state, &options, Some(routing.clone()), connection_tx, shutdown).await;
     for task in accept_tasks {
         task.abort();
     }
@@ -104,7 +117,7 @@ async fn tunnel_loop(
     endpoint: &TunnelConnector,
     state: &EnrolledState,
     options: &RunOptions,
-    routing: Arc<nft::Routing>,
+    routing: Option<Arc<nft::Routing>>,
     connection_tx: watch::Sender<Option<Connection>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -112,7 +125,7 @@ async fn tunnel_loop(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let tunnel = tokio::select! {
-            tunnel = client::connect(endpoint, &state.broker_endpoints, ClientRole::Connector, Some("tproxy"), &options.version) => tunnel,
+            tunnel = client::connect(endpoint, &state.broker_endpoints, ClientRole::Connector, Some(if routing.is_some() { "tproxy" } else { "socks5" }), &options.version) => tunnel,
             _ = &mut shutdown => return Ok(()),
         };
         let delay = match tunnel {
@@ -120,14 +133,19 @@ async fn tunnel_loop(
                 backoff.connected(Instant::now());
                 // the welcome carries the current ranges: (re)install, the script replaces the table as a whole
                 let ranges = tunnel.welcome.ranges.clone();
-                nft::install(&routing, &ranges, options.tproxy_port).context("installing the interception rules")?;
-                tracing::info!(ranges = ranges.len(), "interception rules installed");
+                if let Some(routing) = &routing {
+                    nft::install(routing, &ranges, options.tproxy_port).context("installing the interception rules")?;
+                    tracing::info!(ranges = ranges.len(), "interception rules installed");
+                }
                 tracing::info!(connector_id = %tunnel.welcome.session_id, "tunnel up");
                 let _ = connection_tx.send(Some(tunnel.connection.clone()));
                 let port = options.tproxy_port;
-                let on_ranges = |ranges: Vec<String>| match nft::install(&routing, &ranges, port) {
-                    Ok(()) => tracing::info!(ranges = ranges.len(), "virtual ranges changed; interception rules replaced"),
-                    Err(error) => tracing::warn!(error = format!("{error:#}"), "could not apply the new virtual ranges"),
+                let on_ranges = |ranges: Vec<String>| {
+                    let Some(routing) = &routing else { return };
+                    match nft::install(routing, &ranges, port) {
+                        Ok(()) => tracing::info!(ranges = ranges.len(), "virtual ranges changed; interception rules replaced"),
+                        Err(error) => tracing::warn!(error = format!("{error:#}"), "could not apply the new virtual ranges"),
+                    }
                 };
                 let end = tokio::select! {
                     end = tunnel.run_control(on_ranges) => Some(end),
@@ -195,4 +213,84 @@ async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tun
         None if !totals.clean => tracing::debug!(%destination, %source, "flow reset"),
         None => tracing::trace!(%destination, %source, "flow closed"),
     }
+}
+
+async fn socks_accept_loop(listener: tokio::net::TcpListener, connection: watch::Receiver<Option<Connection>>) {
+    loop {
+        let (stream, source) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let tunnel = connection.borrow().clone();
+        tokio::spawn(async move {
+            if let Err(error) = serve_socks(stream, source, tunnel).await {
+                tracing::debug!(%source, error = format!("{error:#}"), "SOCKS5 client dropped");
+            }
+        });
+    }
+}
+
+/// One SOCKS5 client: handshake, then the flow; the CONNECT is answered only
+/// after the agent answered (a true connect result, unlike TPROXY).
+async fn serve_socks(mut stream: tokio::net::TcpStream, source: SocketAddr, tunnel: Option<Connection>) -> anyhow::Result<()> {
+    use reachback_proto::socks5;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.set_nodelay(true);
+    let handshake = async {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await?;
+        let length = socks5::greeting_length(head).context("not a SOCKS5 greeting")?;
+        let mut greeting = vec![0u8; length];
+        greeting[..2].copy_from_slice(&head);
+        stream.read_exact(&mut greeting[2..]).await?;
+        let method = socks5::choose_method(&greeting);
+        stream.write_all(&method).await?;
+        anyhow::ensure!(method[1] == 0, "the client offers no method without authentication");
+        let mut head = [0u8; 5];
+        stream.read_exact(&mut head).await?;
+        let Some(length) = socks5::request_length(head) else {
+            stream.write_all(&socks5::reply(socks5::GENERAL_FAILURE)).await?;
+            anyhow::bail!("malformed SOCKS5 request");
+        };
+        let mut request = vec![0u8; length];
+        request[..5].copy_from_slice(&head);
+        stream.read_exact(&mut request[5..]).await?;
+        Ok::<_, anyhow::Error>(socks5::parse_request(&request))
+    };
+    let request = tokio::time::timeout(Duration::from_secs(10), handshake).await.context("SOCKS5 handshake timed out")??;
+    let destination = match request {
+        socks5::SocksRequest::Connect(destination) => destination,
+        socks5::SocksRequest::Refuse(code) => {
+            stream.write_all(&socks5::reply(code)).await?;
+            return Ok(());
+        }
+    };
+    let Some(tunnel) = tunnel else {
+        stream.write_all(&socks5::reply(socks5::GENERAL_FAILURE)).await?;
+        anyhow::bail!("no tunnel to the broker");
+    };
+    let (mut send, mut recv) = tunnel.open_bi().await?;
+    write_frame(&mut send, &FlowOpen { destination, source }).await?;
+    let answer = tokio::time::timeout(FLOW_REPLY_TIMEOUT, reachback_tunnel::read_frame::<reachback_proto::FlowReply>(&mut recv)).await;
+    match answer {
+        Ok(Ok(Some(reachback_proto::FlowReply::Ok))) => {
+            stream.write_all(&socks5::reply(socks5::SUCCEEDED)).await?;
+            tracing::trace!(%destination, %source, "SOCKS5 flow open");
+            let options = RelayOptions { idle_timeout: Duration::from_secs(7 * 86_400), await_reply: None, on_bytes: &|_, _| {}, on_accepted: &|| {} };
+            reachback_tunnel::relay(End::Tcp(stream), End::Stream { send, recv }, options).await;
+        }
+        Ok(Ok(Some(reachback_proto::FlowReply::Refused(refusal)))) => {
+            tracing::info!(%destination, %source, %refusal, "flow refused");
+            stream.write_all(&socks5::reply(socks5::refusal_code(&refusal))).await?;
+        }
+        _ => {
+            End::Stream { send, recv }.reset();
+            stream.write_all(&socks5::reply(socks5::TTL_EXPIRED)).await?;
+        }
+    }
+    Ok(())
 }

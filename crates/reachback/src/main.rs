@@ -93,9 +93,12 @@ struct ConnectorRunArgs {
     /// The provisioning key (needed for the first run only)
     #[arg(long, env = "REACHBACK_PROVISIONING_KEY", hide_env_values = true)]
     key: Option<String>,
-    /// Ingress mode
-    #[arg(long, default_value = "tproxy", value_parser = ["tproxy"])]
+    /// Ingress mode: tproxy (root; nftables TPROXY) or socks5 (no privileges)
+    #[arg(long, default_value = "tproxy", value_parser = ["tproxy", "socks5"])]
     mode: String,
+    /// SOCKS5 listen address (socks5 mode)
+    #[arg(long, env = "REACHBACK_SOCKS5_LISTEN", default_value = "127.0.0.1:1080")]
+    socks5_listen: SocketAddr,
     /// Local port intercepted connections are handed to
     #[arg(long, env = "REACHBACK_TPROXY_PORT", default_value_t = 15001)]
     tproxy_port: u16,
@@ -314,6 +317,7 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
         tproxy_port: args.tproxy_port,
         routing: reachback_connector::nft::Routing { table: args.nft_table, fwmark: args.fwmark, route_table: args.route_table },
         version: env!("CARGO_PKG_VERSION").to_string(),
+        socks5_listen: (args.mode == "socks5").then_some(args.socks5_listen),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(reachback_connector::run(options, shutdown_signal()))

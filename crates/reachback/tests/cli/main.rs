@@ -7,4 +7,5 @@ mod dataplane;
 mod durability;
 mod process;
 mod replicas;
+mod socks5;
 mod walkthrough;

@@ -1,0 +1,137 @@
+//! SOCKS5 (RFC 1928) as the connector's unprivileged ingress speaks it: no
+//! authentication, CONNECT only, IPv4 and IPv6 destinations (and domain names that
+//! are address literals). Parsing only; the shell reads the bytes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::Refusal;
+
+/// What a client's request asks for, or why it is refused (with the reply code).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocksRequest {
+    Connect(SocketAddr),
+    Refuse(u8),
+}
+
+/// Reply codes.
+pub const SUCCEEDED: u8 = 0x00;
+pub const GENERAL_FAILURE: u8 = 0x01;
+pub const NOT_ALLOWED: u8 = 0x02;
+pub const HOST_UNREACHABLE: u8 = 0x04;
+pub const CONNECTION_REFUSED: u8 = 0x05;
+pub const TTL_EXPIRED: u8 = 0x06;
+pub const COMMAND_NOT_SUPPORTED: u8 = 0x07;
+pub const ADDRESS_NOT_SUPPORTED: u8 = 0x08;
+
+/// How many bytes the greeting `[5, n, methods…]` has, from its first two bytes;
+/// `None` when it is not SOCKS5.
+pub fn greeting_length(head: [u8; 2]) -> Option<usize> {
+    (head[0] == 5 && head[1] > 0).then_some(2 + head[1] as usize)
+}
+
+/// The method reply to a complete greeting: no authentication when offered, else "no acceptable method".
+pub fn choose_method(greeting: &[u8]) -> [u8; 2] {
+    let offered = greeting.get(2..).unwrap_or_default();
+    if offered.contains(&0x00) { [5, 0x00] } else { [5, 0xFF] }
+}
+
+/// How many bytes the request has, from its first five bytes
+/// (`VER CMD RSV ATYP` and the first address byte); `None` when malformed.
+pub fn request_length(head: [u8; 5]) -> Option<usize> {
+    if head[0] != 5 || head[2] != 0 {
+        return None;
+    }
+    match head[3] {
+        1 => Some(4 + 4 + 2),
+        4 => Some(4 + 16 + 2),
+        3 if head[4] > 0 => Some(4 + 1 + head[4] as usize + 2),
+        _ => None,
+    }
+}
+
+/// Parses a complete request.
+pub fn parse_request(request: &[u8]) -> SocksRequest {
+    let (Some(&command), Some(&kind)) = (request.get(1), request.get(3)) else { return SocksRequest::Refuse(GENERAL_FAILURE) };
+    let port_at = request.len().saturating_sub(2);
+    let Some(port) = request.get(port_at..).and_then(|bytes| bytes.try_into().ok()).map(u16::from_be_bytes) else {
+        return SocksRequest::Refuse(GENERAL_FAILURE);
+    };
+    let address = match kind {
+        1 => request.get(4..8).and_then(|bytes| <[u8; 4]>::try_from(bytes).ok()).map(|octets| IpAddr::V4(Ipv4Addr::from(octets))),
+        4 => request.get(4..20).and_then(|bytes| <[u8; 16]>::try_from(bytes).ok()).map(|octets| IpAddr::V6(Ipv6Addr::from(octets))),
+        // a name is accepted when it is an address literal; client DNS names are not resolved here
+        3 => request.get(5..port_at).and_then(|name| std::str::from_utf8(name).ok()).and_then(|name| name.parse().ok()),
+        _ => return SocksRequest::Refuse(ADDRESS_NOT_SUPPORTED),
+    };
+    if command != 1 {
+        return SocksRequest::Refuse(COMMAND_NOT_SUPPORTED);
+    }
+    match address {
+        Some(address) => SocksRequest::Connect(SocketAddr::new(address, port)),
+        None => SocksRequest::Refuse(ADDRESS_NOT_SUPPORTED),
+    }
+}
+
+/// The reply to a request (bound address left unspecified).
+pub fn reply(code: u8) -> [u8; 10] {
+    [5, code, 0, 1, 0, 0, 0, 0, 0, 0]
+}
+
+/// The reply code for a refused flow.
+pub fn refusal_code(refusal: &Refusal) -> u8 {
+    match refusal {
+        Refusal::Offline => HOST_UNREACHABLE,
+        Refusal::Denied { .. } => NOT_ALLOWED,
+        Refusal::PortNotAllowed | Refusal::ConnectFailed { .. } => CONNECTION_REFUSED,
+        Refusal::Timeout => TTL_EXPIRED,
+        Refusal::BadRequest { .. } => GENERAL_FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings_requests_and_replies() {
+        assert_eq!(greeting_length([5, 2]), Some(4));
+        assert_eq!(greeting_length([4, 1]), None, "SOCKS4 is not spoken");
+        assert_eq!(greeting_length([5, 0]), None);
+        assert_eq!(choose_method(&[5, 2, 0x02, 0x00]), [5, 0]);
+        assert_eq!(choose_method(&[5, 1, 0x02]), [5, 0xFF], "only username/password offered");
+        let v4 = [5, 1, 0, 1, 100, 64, 0, 7, 0x01, 0xBD];
+        assert_eq!(request_length([5, 1, 0, 1, 100]), Some(10));
+        assert_eq!(parse_request(&v4), SocksRequest::Connect("100.64.0.7:445".parse().unwrap_or_else(|_| unreachable!())));
+        let mut v6 = vec![5, 1, 0, 4];
+        v6.extend_from_slice(&"fd7a::1".parse::<Ipv6Addr>().map(|address| address.octets()).unwrap_or_default());
+        v6.extend_from_slice(&22u16.to_be_bytes());
+        assert_eq!(request_length([5, 1, 0, 4, 0xfd]), Some(v6.len()));
+        assert_eq!(parse_request(&v6), SocksRequest::Connect("[fd7a::1]:22".parse().unwrap_or_else(|_| unreachable!())));
+        let mut literal = vec![5, 1, 0, 3, 10];
+        literal.extend_from_slice(b"100.64.0.9");
+        literal.extend_from_slice(&80u16.to_be_bytes());
+        assert_eq!(request_length([5, 1, 0, 3, 10]), Some(literal.len()));
+        assert_eq!(parse_request(&literal), SocksRequest::Connect("100.64.0.9:80".parse().unwrap_or_else(|_| unreachable!())));
+        let mut name = vec![5, 1, 0, 3, 7];
+        name.extend_from_slice(b"a.b.com");
+        name.extend_from_slice(&80u16.to_be_bytes());
+        assert_eq!(parse_request(&name), SocksRequest::Refuse(ADDRESS_NOT_SUPPORTED));
+        let bind = [5, 2, 0, 1, 100, 64, 0, 7, 0, 80];
+        assert_eq!(parse_request(&bind), SocksRequest::Refuse(COMMAND_NOT_SUPPORTED));
+        assert_eq!(request_length([5, 1, 1, 1, 0]), None, "reserved byte must be 0");
+        assert_eq!(request_length([5, 1, 0, 9, 0]), None);
+        assert_eq!(reply(SUCCEEDED)[1], 0);
+        assert_eq!(refusal_code(&Refusal::Denied { rule: None }), NOT_ALLOWED);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        for length in 0..24 {
+            for fill in [0u8, 1, 3, 4, 5, 255] {
+                let bytes = vec![fill; length];
+                let _ = parse_request(&bytes);
+                let _ = choose_method(&bytes);
+            }
+        }
+    }
+}

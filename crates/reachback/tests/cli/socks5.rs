@@ -1,0 +1,99 @@
+//! The connector's SOCKS5 mode, unprivileged, on loopback: `curl --socks5` reaches
+//! a web server behind the agent by its virtual IP; the CONNECT reply carries the
+//! real outcome (refused port, no policy, offline address) as a SOCKS5 code.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::process::{BIN, Server, TOKEN, TempDir, agent, free_port, request};
+
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Spawned {
+    Spawned(Command::new(args[0]).args(&args[1..]).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn"))
+}
+
+fn curl(socks: u16, url: &str) -> (i32, String, String) {
+    let output = Command::new("curl").args(["-sS", "-m", "10", "--socks5", &format!("127.0.0.1:{socks}"), url]).output().expect("curl runs");
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn socks5_connector_reaches_a_client_and_reports_refusals() {
+    let temp = TempDir::new();
+    let tunnel = free_port();
+    let tunnel_address = format!("127.0.0.1:{tunnel}");
+    let server =
+        Server::start(&temp.0.join("data"), None, &["--bootstrap-token", TOKEN, "--tunnel-listen", &tunnel_address, "--broker-endpoints", &tunnel_address]);
+    let http = agent();
+    let api = |method: &str, path: &str, body: serde_json::Value| request(&http, method, &format!("{}/api/v1{path}", server.base), Some(TOKEN), Some(&body));
+    assert_eq!(api("POST", "/ip-ranges", json!({"name": "r", "range": "100.64.0.0/24"})).0, 201);
+    let web_port = free_port();
+    let other_port = free_port();
+    let segment =
+        api("POST", "/app-segments", json!({"name": "web", "destinations": ["100.64.0.0/24"], "tcp_ports": [web_port.to_string(), other_port.to_string()]})).1;
+    assert_eq!(api("POST", "/access-policies", json!({"name": "web", "action": "allow", "segment_ids": [segment["id"]]})).0, 201);
+    let key = api("POST", "/enrollment-keys", json!({"username": "alice"})).1["key"].as_str().expect("key").to_string();
+    let provisioning = api("POST", "/connectors", json!({"name": "socks"})).1["provisioning_key"].as_str().expect("key").to_string();
+
+    let www = temp.0.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("hello.txt"), "hello over socks\n").expect("file");
+    let _web = spawn(&["python3", "-m", "http.server", &web_port.to_string(), "--bind", "127.0.0.1", "--directory", &www.to_string_lossy()]);
+    let agent_state = temp.0.join("agent").to_string_lossy().into_owned();
+    let enrolled = Command::new(BIN)
+        .args(["agent", "enroll", "--server", &server.base, "--key", &key, "--hostname", "laptop.corp.example", "--state-dir", &agent_state])
+        .output()
+        .expect("enroll");
+    assert!(enrolled.status.success(), "{}", String::from_utf8_lossy(&enrolled.stderr));
+    let _agent = spawn(&[BIN, "agent", "run", "--allow-ports", &web_port.to_string(), "--state-dir", &agent_state]);
+    let socks = free_port();
+    let connector_state = temp.0.join("connector").to_string_lossy().into_owned();
+    let socks_listen = format!("127.0.0.1:{socks}");
+    let _connector = spawn(&[
+        BIN,
+        "connector",
+        "run",
+        "--server",
+        &server.base,
+        "--key",
+        &provisioning,
+        "--mode",
+        "socks5",
+        "--socks5-listen",
+        &socks_listen,
+        "--state-dir",
+        &connector_state,
+    ]);
+
+    let url = format!("http://100.64.0.1:{web_port}/hello.txt");
+    let started = Instant::now();
+    let mut outcome = curl(socks, &url);
+    while outcome.0 != 0 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+        outcome = curl(socks, &url);
+    }
+    assert_eq!((outcome.0, outcome.1.as_str()), (0, "hello over socks\n"), "{}", outcome.2);
+    let (_, connectors) = request(&http, "GET", &format!("{}/api/v1/connectors", server.base), Some(TOKEN), None);
+    assert_eq!((connectors["items"][0]["mode"].clone(), connectors["items"][0]["status"].clone()), (json!("socks5"), json!("online")));
+
+    // refusals arrive as SOCKS5 reply codes, before any byte of the flow
+    let (code, _, stderr) = curl(socks, &format!("http://100.64.0.1:{other_port}/"));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("(5)") || stderr.to_lowercase().contains("refused"), "agent allow-list → connection refused: {stderr}");
+    let (code, _, stderr) = curl(socks, "http://100.64.0.1:9/");
+    assert_ne!(code, 0);
+    assert!(stderr.contains("(2)") || stderr.to_lowercase().contains("not allowed"), "no policy → not allowed by ruleset: {stderr}");
+    let (code, _, stderr) = curl(socks, &format!("http://100.64.0.2:{web_port}/"));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("(4)") || stderr.to_lowercase().contains("unreachable"), "no agent → host unreachable: {stderr}");
+}
