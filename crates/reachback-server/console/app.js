@@ -108,6 +108,10 @@ function formDialog(title, fields, submitLabel, submit) {
     let input;
     if (field.type === 'select') {
       input = h('select', { id, name: field.name }, field.options.map(([value, label]) => h('option', { value, selected: value === field.value }, label)));
+    } else if (field.type === 'multiselect') {
+      const chosen = field.value || [];
+      input = h('select', { id, name: field.name, multiple: true, size: Math.min(6, Math.max(2, field.options.length)) },
+        field.options.map(([value, label]) => h('option', { value, selected: chosen.includes(value) }, label)));
     } else if (field.type === 'checkbox') {
       input = h('input', { id, name: field.name, type: 'checkbox', checked: !!field.value });
     } else {
@@ -128,7 +132,10 @@ function formDialog(title, fields, submitLabel, submit) {
     for (const slot of Object.values(errors)) slot.textContent = '';
     general.replaceChildren();
     const values = {};
-    for (const [name, input] of Object.entries(inputs)) values[name] = input.type === 'checkbox' ? input.checked : input.value.trim();
+    for (const [name, input] of Object.entries(inputs)) {
+      if (input.multiple) values[name] = Array.from(input.selectedOptions).map((option) => option.value);
+      else values[name] = input.type === 'checkbox' ? input.checked : input.value.trim();
+    }
     try {
       await submit(values);
       dialog.close();
@@ -491,7 +498,7 @@ pages.segments = () => {
       { key: 'udp_ports', label: 'UDP Ports', render: (row) => row.udp_ports.join(', ') },
       { key: 'enabled', label: 'Status', render: (row) => (row.enabled ? 'Enabled' : 'Disabled') },
     ],
-    toolbar: () => canWrite() ? h('button', { type: 'button', class: 'primary', onclick: () => form('Add segment', null, 'Add', (body) => api('POST', '/app-segments', body)) }, 'Add segment') : null,
+    toolbar: () => canWrite() ? h('button', { type: 'button', class: 'primary', 'data-test': 'add-segment', onclick: () => form('Add segment', null, 'Add', (body) => api('POST', '/app-segments', body)) }, 'Add segment') : null,
     actions: (row, reload) => canWrite() ? [
       h('button', { type: 'button', onclick: () => form('Edit segment', row, 'Save', (body) => api('PATCH', '/app-segments/' + row.id, body)) }, 'Edit'),
       h('button', { type: 'button', class: 'danger', onclick: async () => { if (await confirmDialog('Delete segment', `Delete ${row.name}?`, 'Delete')) { try { await api('DELETE', '/app-segments/' + row.id); } catch (error) { alertError(error); } reload(); } } }, 'Delete'),
@@ -506,20 +513,41 @@ function alertError(error) {
 
 pages.policies = () => {
   let view;
-  const lists = ['segment_ids', 'connector_ids', 'source_cidrs', 'usernames', 'platforms', 'range_ids'];
-  const form = (title, row, label, send) => formDialog(title, [
-    { name: 'name', label: 'Name', value: row && row.name },
-    { name: 'order', label: 'Order (lowest first)', type: 'number', value: row && row.order },
-    { name: 'action', label: 'Action', type: 'select', value: row ? row.action : 'allow', options: [['allow', 'Allow'], ['deny', 'Deny']] },
-    ...lists.map((key) => ({ name: key, label: key.replace('_', ' ') + ' (comma-separated; empty = any)', value: row && row[key].join(', ') })),
-    { name: 'enabled', label: 'Enabled', type: 'checkbox', value: row ? row.enabled : true },
-  ], label, async (values) => {
-    const body = { name: values.name, action: values.action, enabled: values.enabled };
-    if (values.order !== '') body.order = Number(values.order);
-    for (const key of lists) body[key] = splitList(values[key]);
-    await send(body);
+  const textLists = ['source_cidrs', 'usernames', 'platforms'];
+  const labels = { source_cidrs: 'Server source CIDRs', usernames: 'Client usernames', platforms: 'Client platforms' };
+  // segments, connectors and ranges are picked by name; the API stores their ids
+  const choices = async () => {
+    const [segments, connectors, ranges] = await Promise.all([api('GET', '/app-segments?page_size=1000'), api('GET', '/connectors?page_size=1000'), api('GET', '/ip-ranges?page_size=1000')]);
+    return {
+      segment_ids: segments.items.map((item) => [item.id, item.name]),
+      connector_ids: connectors.items.map((item) => [item.id, item.name]),
+      range_ids: ranges.items.map((item) => [item.id, `${item.name} (${item.range})`]),
+    };
+  };
+  const form = async (title, row, label, send) => {
+    const options = await choices();
+    return formDialog(title, [
+      { name: 'name', label: 'Name', value: row && row.name },
+      { name: 'order', label: 'Order (lowest first; empty: last)', type: 'number', value: row && row.order },
+      { name: 'action', label: 'Action', type: 'select', value: row ? row.action : 'allow', options: [['allow', 'Allow'], ['deny', 'Deny']] },
+      { name: 'segment_ids', label: 'Application segments (none chosen: any)', type: 'multiselect', options: options.segment_ids, value: row && row.segment_ids },
+      { name: 'connector_ids', label: 'Connectors (none chosen: any)', type: 'multiselect', options: options.connector_ids, value: row && row.connector_ids },
+      { name: 'range_ids', label: 'Client IP ranges (none chosen: any)', type: 'multiselect', options: options.range_ids, value: row && row.range_ids },
+      ...textLists.map((key) => ({ name: key, label: labels[key] + ' (comma-separated; empty = any)', value: row && row[key].join(', ') })),
+      { name: 'enabled', label: 'Enabled', type: 'checkbox', value: row ? row.enabled : true },
+    ], label, async (values) => {
+      const body = { name: values.name, action: values.action, enabled: values.enabled, segment_ids: values.segment_ids, connector_ids: values.connector_ids, range_ids: values.range_ids };
+      if (values.order !== '') body.order = Number(values.order);
+      for (const key of textLists) body[key] = splitList(values[key]);
+      await send(body);
+      view.table.load();
+    });
+  };
+  const segmentNames = {};
+  api('GET', '/app-segments?page_size=1000').then((data) => {
+    for (const item of data.items) segmentNames[item.id] = item.name;
     view.table.load();
-  });
+  }).catch(() => {});
   const move = async (row, delta, reload) => { await api('PATCH', '/access-policies/' + row.id, { order: Math.max(0, row.order + delta) }); reload(); };
   view = dataTable({
     page: 'access-policies', endpoint: '/access-policies', sort: 'order',
@@ -527,12 +555,12 @@ pages.policies = () => {
       { key: 'order', label: 'Order', sort: 'order', numeric: true },
       { key: 'name', label: 'Name', sort: 'name', filter: 'name' },
       { key: 'action', label: 'Action' },
-      { key: 'segment_ids', label: 'Segments', render: (row) => String(row.segment_ids.length || 'any') },
+      { key: 'segment_ids', label: 'Segments', render: (row) => row.segment_ids.map((id) => segmentNames[id] || id).join(', ') || 'any' },
       { key: 'usernames', label: 'Users', render: (row) => row.usernames.join(', ') || 'any' },
       { key: 'source_cidrs', label: 'Sources', render: (row) => row.source_cidrs.join(', ') || 'any' },
       { key: 'enabled', label: 'Status', render: (row) => (row.enabled ? 'Enabled' : 'Disabled') },
     ],
-    toolbar: () => canWrite() ? h('button', { type: 'button', class: 'primary', onclick: () => form('Add policy', null, 'Add', (body) => api('POST', '/access-policies', body)) }, 'Add policy') : null,
+    toolbar: () => canWrite() ? h('button', { type: 'button', class: 'primary', 'data-test': 'add-policy', onclick: () => form('Add policy', null, 'Add', (body) => api('POST', '/access-policies', body)) }, 'Add policy') : null,
     actions: (row, reload) => canWrite() ? [
       h('button', { type: 'button', 'aria-label': 'Move up', onclick: () => move(row, -1, reload) }, '↑'),
       h('button', { type: 'button', 'aria-label': 'Move down', onclick: () => move(row, 1, reload) }, '↓'),

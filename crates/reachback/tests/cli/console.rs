@@ -201,6 +201,25 @@ fn console_in_a_real_browser() {
     browser.wait_until("the export-limit notice", |browser| browser.page_text().contains("more than the export limit"));
     assert_eq!(api("PATCH", "/settings", Some(json!({"export_limit": 1_000_000}))).0, 200);
 
+    // a segment and a policy made in the console, the segment picked by name
+    open_page(&browser, &base, "segments");
+    browser.click(&browser.find("[data-test=add-segment]"));
+    browser.type_text(&dialog_input(&browser, "name"), "web");
+    browser.type_text(&dialog_input(&browser, "destinations"), "100.64.0.0/10, *.corp.example");
+    browser.type_text(&dialog_input(&browser, "tcp_ports"), "80, 8000-8080");
+    submit_dialog(&browser);
+    browser.wait_until("the segment", |browser| row_texts(browser, "app-segments", "destinations") == ["100.64.0.0/10, *.corp.example"]);
+    open_page(&browser, &base, "policies");
+    browser.click(&browser.find("[data-test=add-policy]"));
+    browser.type_text(&dialog_input(&browser, "name"), "web for help desk");
+    browser.click(&browser.find("dialog[open] select[name=segment_ids] option"));
+    browser.type_text(&dialog_input(&browser, "source_cidrs"), "10.20.0.0/16");
+    submit_dialog(&browser);
+    browser.wait_until("the policy", |browser| row_texts(browser, "access-policies", "segment_ids") == ["web"]);
+    let (_, policies) = api("GET", "/access-policies", None);
+    assert_eq!(policies["items"][0]["source_cidrs"], json!(["10.20.0.0/16"]));
+    assert_eq!(policies["items"][0]["action"], "allow");
+
     // every free-text value an outsider or admin can set renders as text
     assert_eq!(api("POST", "/ip-ranges", Some(json!({"name": XSS, "description": XSS, "range": "100.66.0.0/24"}))).0, 201);
     assert_eq!(api("POST", "/enrollment-keys", Some(json!({"username": XSS, "description": XSS}))).0, 201);
