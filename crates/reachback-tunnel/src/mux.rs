@@ -71,6 +71,8 @@ struct Inner {
     stable_id: u64,
     /// the peer's certificate chain (DER), from the TLS handshake
     peer_certificates: Vec<Vec<u8>>,
+    /// streams held at once before the peer's new ones are refused
+    max_streams: usize,
 }
 
 /// One multiplexed tunnel connection. Cheap to clone.
@@ -149,6 +151,13 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        Self::start_with_limit(io, is_client, remote, peer_certificates, MAX_STREAMS)
+    }
+
+    fn start_with_limit<S>(io: S, is_client: bool, remote: SocketAddr, peer_certificates: Vec<Vec<u8>>, max_streams: usize) -> Connection
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let (frames_tx, frames_rx) = mpsc::unbounded_channel();
         let (accept_tx, accept_rx) = mpsc::unbounded_channel();
         let (closed, _) = watch::channel(None);
@@ -163,6 +172,7 @@ impl Connection {
             remote,
             stable_id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
             peer_certificates,
+            max_streams,
         });
         let (reader, writer) = tokio::io::split(io);
         let weak = Arc::downgrade(&inner);
@@ -279,7 +289,7 @@ fn dispatch(inner: &Arc<Inner>, kind: FrameKind, id: u32, payload: Bytes) -> Res
         if !peer_may_open(id, inner.is_client) || lock(&inner.streams).contains_key(&id) {
             return Err(MuxError::WrongStreamId(id));
         }
-        if lock(&inner.streams).len() >= MAX_STREAMS {
+        if lock(&inner.streams).len() >= inner.max_streams {
             // too many at once: this one is refused, the others go on
             inner.send_frame(FrameKind::Reset, id, Bytes::copy_from_slice(&STREAM_REFUSED.to_be_bytes()));
             return Ok(());
@@ -680,6 +690,27 @@ mod tests {
         // a data frame larger than the limit
         raw.write_all(&[1, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]).await.expect("write");
         assert!(server.closed().await.contains("too large"));
+    }
+
+    #[tokio::test]
+    async fn streams_past_the_limit_are_refused_one_by_one() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let address: SocketAddr = "127.0.0.1:1".parse().expect("address");
+        let client = Connection::start(client_io, true, address, Vec::new());
+        let server = Connection::start_with_limit(server_io, false, address, Vec::new(), 2);
+        let (_first_send, _first_recv) = client.open_bi().await.expect("open");
+        let (_second_send, _second_recv) = client.open_bi().await.expect("open");
+        let (_third_send, mut third_recv) = client.open_bi().await.expect("open");
+        let _first = server.accept_bi().await.expect("accept");
+        let _second = server.accept_bi().await.expect("accept");
+        assert_eq!(third_recv.read_chunk().await, Err(StreamError::Reset(STREAM_REFUSED)), "the third is refused");
+        assert!(server.close_reason().is_none() && client.close_reason().is_none(), "the connection goes on");
+        drop(_first);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (mut fourth_send, _fourth_recv) = client.open_bi().await.expect("open");
+        fourth_send.write_all(b"room again").await.expect("write");
+        let (_, mut fourth) = server.accept_bi().await.expect("a stream fits once one is gone");
+        assert_eq!(fourth.read_chunk().await.expect("read").as_deref(), Some(&b"room again"[..]));
     }
 
     #[tokio::test]
