@@ -37,7 +37,7 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     database_url: Option<String>,
     postgres: Option<(String, String)>,
-    /// the UDP port the broker binds when a test starts it
+    /// the TCP port the broker binds when a test starts it (picked free at start)
     tunnel_port: u16,
     app: Option<reachback_server::App>,
 }
@@ -77,7 +77,7 @@ impl TestServer {
             }
         };
         let tunnel_port =
-            std::net::UdpSocket::bind("127.0.0.1:0").and_then(|socket| socket.local_addr()).map(|address| address.port()).expect("a free UDP port");
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|socket| socket.local_addr()).map(|address| address.port()).expect("a free TCP port");
         let mut server = TestServer { router: Router::new(), state: None, data_dir, database_url, postgres, tunnel_port, app: None };
         server.boot().await;
         Some(server)
