@@ -4,13 +4,14 @@
 //! its allow-list. Needs no root, no TUN device and no inbound port.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reachback_policy::{PortRange, parse_port_range};
 use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply, Refusal};
 use reachback_tunnel::client::{self, EnrolledState};
+pub use reachback_tunnel::client::{is_enrolled, post_json};
 use reachback_tunnel::{Connection, End, RecvStream, RelayOptions, SendStream, TunnelConnector, read_frame, write_frame};
 use serde_json::{Value, json};
 
@@ -48,26 +49,6 @@ pub fn local_platform() -> &'static str {
         "android" => "android",
         _ => "linux",
     }
-}
-
-/// Posts JSON and returns the body, turning a problem document into a readable error.
-pub fn post_json(url: &str, body: &Value) -> anyhow::Result<Value> {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build().into();
-    let mut response = agent.post(url).header("Content-Type", "application/json").send(body.to_string()).with_context(|| format!("cannot reach {url}"))?;
-    let status = response.status();
-    let text = response.body_mut().read_to_string().context("reading the answer")?;
-    let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    if !status.is_success() {
-        let detail = value["detail"].as_str().unwrap_or(text.as_str()).to_string();
-        let fields: Vec<String> = value["errors"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|error| format!("{}: {}", error["field"].as_str().unwrap_or("?"), error["message"].as_str().unwrap_or("?")))
-            .collect();
-        anyhow::bail!("the server refused ({status}): {detail}{}", if fields.is_empty() { String::new() } else { format!(" ({})", fields.join("; ")) });
-    }
-    Ok(value)
 }
 
 fn text_of(value: &Value, key: &str) -> anyhow::Result<String> {
@@ -210,9 +191,4 @@ async fn serve_flow(mut send: SendStream, mut recv: RecvStream, options: std::sy
 /// The default state directory of the agent.
 pub fn default_state_dir() -> PathBuf {
     client::default_state_dir("agent")
-}
-
-/// Whether the state directory holds an enrollment.
-pub fn is_enrolled(dir: &Path) -> bool {
-    dir.join(client::STATE_FILE).exists()
 }

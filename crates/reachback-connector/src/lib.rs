@@ -39,13 +39,13 @@ pub struct RunOptions {
 
 /// Enrolls with the provisioning key unless the state directory holds an enrollment.
 fn ensure_enrolled(options: &RunOptions) -> anyhow::Result<()> {
-    if reachback_agent::is_enrolled(&options.state_dir) {
+    if client::is_enrolled(&options.state_dir) {
         return Ok(());
     }
     let key = options.key.as_deref().context("not enrolled yet: --key (the provisioning key) is needed")?;
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the key pair")?;
     let url = format!("{}/api/v1/connectors/enroll", options.server.trim_end_matches('/'));
-    let answer = reachback_agent::post_json(&url, &json!({"provisioning_key": key, "public_key": pair.public_key_pem()}))?;
+    let answer = client::post_json(&url, &json!({"provisioning_key": key, "public_key": pair.public_key_pem()}))?;
     let text = |key: &str| answer[key].as_str().map(str::to_string).with_context(|| format!("the server's answer has no {key}"));
     let state = EnrolledState {
         server: options.server.clone(),
@@ -85,7 +85,11 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the SOCKS5 listener on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "SOCKS5 listener ready");
         let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
-        let accept = tokio::spawn(socks_accept_loop(listener, connection_rx));
+        let accept = tokio::spawn(accept_loop(listener, connection_rx, |stream, source, tunnel| async move {
+            if let Err(error) = serve_socks(stream, source, tunnel).await {
+                tracing::debug!(%source, error = format!("{error:#}"), "SOCKS5 client dropped");
+            }
+        }));
         let result = tunnel_loop(&endpoint, &state, &options, None, connection_tx, shutdown).await;
         accept.abort();
         return result;
@@ -98,7 +102,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
     let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
     let mut accept_tasks = Vec::new();
     for listener in listeners {
-        accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone())));
+        accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone(), serve_connection)));
     }
     let routing = Arc::new(options.routing.clone());
     let result = tunnel_loop(&endpoint, &state, &options, Some(routing.clone()), connection_tx, shutdown).await;
@@ -166,7 +170,13 @@ async fn tunnel_loop(
     }
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, connection: watch::Receiver<Option<Connection>>) {
+/// Accepts connections for either ingress and hands each, with the tunnel of the
+/// moment, to `serve` in a task of its own.
+async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, connection: watch::Receiver<Option<Connection>>, serve: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr, Option<Connection>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let (stream, source) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -177,7 +187,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, connection: watch::Recei
             }
         };
         let tunnel = connection.borrow().clone();
-        tokio::spawn(serve_connection(stream, source, tunnel));
+        tokio::spawn(serve(stream, source, tunnel));
     }
 }
 
@@ -212,25 +222,6 @@ async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tun
         Some(refusal) => tracing::info!(%destination, %source, %refusal, "flow refused"),
         None if !totals.clean => tracing::debug!(%destination, %source, "flow reset"),
         None => tracing::trace!(%destination, %source, "flow closed"),
-    }
-}
-
-async fn socks_accept_loop(listener: tokio::net::TcpListener, connection: watch::Receiver<Option<Connection>>) {
-    loop {
-        let (stream, source) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let tunnel = connection.borrow().clone();
-        tokio::spawn(async move {
-            if let Err(error) = serve_socks(stream, source, tunnel).await {
-                tracing::debug!(%source, error = format!("{error:#}"), "SOCKS5 client dropped");
-            }
-        });
     }
 }
 

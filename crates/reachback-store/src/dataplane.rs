@@ -96,6 +96,23 @@ pub struct ClientSessionRow {
     pub connected_at: i64,
 }
 
+const SESSION_SELECT: &str = "SELECT s.id, s.device_id, d.hostname, d.username, d.platform, s.virtual_ip, s.broker_node, s.remote_addr, s.connected_at \
+     FROM client_sessions s JOIN devices d ON d.id = s.device_id";
+
+fn session_from_row(row: &AnyRow) -> Result<ClientSessionRow> {
+    Ok(ClientSessionRow {
+        id: row.try_get("id")?,
+        device_id: row.try_get("device_id")?,
+        client_hostname: row.try_get("hostname")?,
+        username: row.try_get("username")?,
+        platform: row.try_get("platform")?,
+        virtual_ip: row.try_get("virtual_ip")?,
+        broker_node: row.try_get("broker_node")?,
+        remote_addr: row.try_get("remote_addr")?,
+        connected_at: row.try_get("connected_at")?,
+    })
+}
+
 impl Store {
     pub async fn list_docs(&self, kind: DocKind) -> Result<Vec<DocRow>> {
         let sql = format!("SELECT {DOC_COLUMNS} FROM {} ORDER BY position, id", kind.table());
@@ -303,12 +320,11 @@ impl Store {
 
     /// An admin deletes a session: the row goes (with its audit entry); the broker holding it disconnects.
     pub async fn delete_client_session(&self, id: &str, audit: impl FnOnce(&ClientSessionRow) -> AuditEntry) -> Result<ClientSessionRow> {
-        let session = self.list_client_sessions().await?.into_iter().find(|session| session.id == id).ok_or(StoreError::NotFound)?;
         let mut tx = self.write().await?;
-        let deleted = sqlx::query("DELETE FROM client_sessions WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;
-        if deleted.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
+        let sql = format!("{SESSION_SELECT} WHERE s.id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *tx.transaction).await?.ok_or(StoreError::NotFound)?;
+        let session = session_from_row(&row)?;
+        sqlx::query("DELETE FROM client_sessions WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;
         crate::audit::record(&mut tx.transaction, audit(&session)).await?;
         tx.commit().await?;
         Ok(session)
@@ -329,26 +345,8 @@ impl Store {
 
     /// Every live session, newest first (a few thousand at most per replica; the API pages in memory).
     pub async fn list_client_sessions(&self) -> Result<Vec<ClientSessionRow>> {
-        let rows = sqlx::query(
-            "SELECT s.id, s.device_id, d.hostname, d.username, d.platform, s.virtual_ip, s.broker_node, s.remote_addr, s.connected_at \
-             FROM client_sessions s JOIN devices d ON d.id = s.device_id ORDER BY s.connected_at DESC, s.id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ClientSessionRow {
-                    id: row.try_get("id")?,
-                    device_id: row.try_get("device_id")?,
-                    client_hostname: row.try_get("hostname")?,
-                    username: row.try_get("username")?,
-                    platform: row.try_get("platform")?,
-                    virtual_ip: row.try_get("virtual_ip")?,
-                    broker_node: row.try_get("broker_node")?,
-                    remote_addr: row.try_get("remote_addr")?,
-                    connected_at: row.try_get("connected_at")?,
-                })
-            })
-            .collect()
+        let sql = format!("{SESSION_SELECT} ORDER BY s.connected_at DESC, s.id");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
+        rows.iter().map(session_from_row).collect()
     }
 }

@@ -94,6 +94,31 @@ pub fn save_enrollment(dir: &Path, state: &EnrolledState, private_key_pem: &str,
     save_state(dir, state)
 }
 
+/// Posts JSON and returns the body, turning a problem document into a readable error.
+pub fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build().into();
+    let mut response = agent.post(url).header("Content-Type", "application/json").send(body.to_string()).with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let text = response.body_mut().read_to_string().context("reading the answer")?;
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let detail = value["detail"].as_str().unwrap_or(text.as_str()).to_string();
+        let fields: Vec<String> = value["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|error| format!("{}: {}", error["field"].as_str().unwrap_or("?"), error["message"].as_str().unwrap_or("?")))
+            .collect();
+        anyhow::bail!("the server refused ({status}): {detail}{}", if fields.is_empty() { String::new() } else { format!(" ({})", fields.join("; ")) });
+    }
+    Ok(value)
+}
+
+/// Whether the state directory holds an enrollment.
+pub fn is_enrolled(dir: &Path) -> bool {
+    dir.join(STATE_FILE).exists()
+}
+
 /// A tunnel that said hello and got its welcome.
 pub struct Tunnel {
     pub connection: Connection,

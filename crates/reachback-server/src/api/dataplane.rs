@@ -106,12 +106,8 @@ fn list_field(fields: &mut Fields, name: &str, base: &Value, check: impl Fn(&str
     if !fields.has(name) {
         return text_list(base, name);
     }
-    let Some(items) = fields.string_list(name) else {
-        if fields.raw(name).is_some_and(Value::is_null) {
-            return Vec::new();
-        }
-        return Vec::new();
-    };
+    // null empties the list; a wrong type was reported by `string_list`
+    let Some(items) = fields.string_list(name) else { return Vec::new() };
     if items.len() > MAX_LIST {
         fields.error(name, format!("may hold at most {MAX_LIST} entries"));
         return Vec::new();
