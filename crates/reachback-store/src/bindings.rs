@@ -160,6 +160,12 @@ impl Store {
                 filter.push(&format!("lower({column}) LIKE ? ESCAPE '\\'"), [FilterValue::Text(like_pattern(value))]);
             }
         }
+        // the trigram index names the candidate devices first
+        for (column, value) in [("username", &query.username), ("hostname", &query.client_hostname)] {
+            if let Some((clause, value)) = value.as_deref().and_then(|needle| crate::device_search(self.backend, column, needle)) {
+                filter.push(&format!("b.device_id IN (SELECT id FROM devices WHERE {clause})"), [value]);
+            }
+        }
         if let Some(after) = query.updated_after {
             filter.push("b.last_updated > ?", [FilterValue::Int(after)]);
         }

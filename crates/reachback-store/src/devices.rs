@@ -73,6 +73,14 @@ impl Store {
                 filter.push(&format!("lower({column}) LIKE ? ESCAPE '\\'"), [FilterValue::Text(like_pattern(value))]);
             }
         }
+        // PostgreSQL's trigram indexes serve the LIKE above; SQLite's index is a table of its own
+        if self.backend == crate::Backend::Sqlite {
+            for (column, value) in [("hostname", &query.hostname), ("username", &query.username)] {
+                if let Some((clause, value)) = value.as_deref().and_then(|needle| crate::device_search(self.backend, column, needle)) {
+                    filter.push(&format!("d.{clause}"), [value]);
+                }
+            }
+        }
         let direction = if query.descending { "DESC" } else { "ASC" };
         let order = match query.sort {
             DeviceSort::Hostname => format!("d.hostname_key {direction}, d.id"),

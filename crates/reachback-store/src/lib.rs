@@ -90,10 +90,13 @@ pub struct Store {
     export_chunk: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../migrations/0001_initial.sql")),
-    (2, include_str!("../migrations/0002_dataplane.sql")),
-    (3, include_str!("../migrations/0003_console.sql")),
+/// Schema versions: one script for both backends (with placeholders for the types
+/// they spell differently), or one per backend (SQLite, PostgreSQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, include_str!("../migrations/0001_initial.sql"), ""),
+    (2, include_str!("../migrations/0002_dataplane.sql"), ""),
+    (3, include_str!("../migrations/0003_console.sql"), ""),
+    (4, include_str!("../migrations/0004_search_sqlite.sql"), include_str!("../migrations/0004_search_postgres.sql")),
 ];
 
 /// Advisory lock key for range and migration changes on PostgreSQL.
@@ -178,10 +181,14 @@ impl Store {
                 .iter()
                 .map(|row| row.try_get::<i64, _>(0))
                 .collect::<Result<_, _>>()?;
-            for &(version, script) in MIGRATIONS {
+            for &(version, sqlite_script, postgres_script) in MIGRATIONS {
                 if applied.contains(&version) {
                     continue;
                 }
+                let script = match (self.backend, postgres_script) {
+                    (Backend::Postgres, script) if !script.is_empty() => script,
+                    _ => sqlite_script,
+                };
                 let script = match self.backend {
                     // sqlx's Any driver maps no SQLite BOOLEAN, so SQLite keeps flags as 0/1 integers
                     Backend::Sqlite => {
@@ -257,6 +264,21 @@ pub(crate) fn get_bool(row: &sqlx::any::AnyRow, column: &str) -> Result<bool> {
 }
 
 /// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` substring match, lowercased.
+/// A condition on `devices` (unqualified columns) that keeps the devices whose
+/// `column` (`hostname` or `username`) contains `needle`, answered by the trigram
+/// index: SQLite's full-text table (a phrase of three characters at least),
+/// PostgreSQL's GIN index on `lower(column)`. `None` when no index can help.
+pub(crate) fn device_search(backend: Backend, column: &str, needle: &str) -> Option<(String, FilterValue)> {
+    match backend {
+        Backend::Sqlite if needle.chars().count() >= 3 => {
+            let phrase = format!("{column} : \"{}\"", needle.to_lowercase().replace('"', "\"\""));
+            Some(("rowid IN (SELECT rowid FROM device_search WHERE device_search MATCH ?)".to_string(), FilterValue::Text(phrase)))
+        }
+        Backend::Sqlite => None,
+        Backend::Postgres => Some((format!("lower({column}) LIKE ? ESCAPE '\\'"), FilterValue::Text(like_pattern(needle)))),
+    }
+}
+
 pub(crate) fn like_pattern(text: &str) -> String {
     let mut pattern = String::with_capacity(text.len() + 2);
     pattern.push('%');

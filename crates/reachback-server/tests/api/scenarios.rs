@@ -25,6 +25,7 @@ on_both_backends!(
     restart_keeps_bindings_sticky,
     deep_pages_match_row_by_row_order,
     export_order_across_chunks,
+    substring_filters_agree_with_a_plain_scan,
 );
 
 fn public_key() -> String {
@@ -737,4 +738,62 @@ async fn export_order_across_chunks(server: TestServer) {
     }
     let filtered = server.get("/api/v1/ip-bindings/export.csv?username=alice&sort=-ip").await.text();
     assert_eq!(filtered.lines().count(), 1 + 10);
+}
+
+/// The hostname and username filters are answered through a trigram index: their
+/// results must equal a plain case-insensitive substring test over every row, for
+/// needles of every length, with characters that mean something to the index or
+/// to LIKE, and after devices are deleted.
+async fn substring_filters_agree_with_a_plain_scan(server: TestServer) {
+    create_range(&server, json!({"name": "A", "range": "100.64.0.0/24"})).await;
+    let hostnames = ["alpha.corp.example", "ALPHA2.corp.example", "beta.corp.example", "quote-x.corp.example", "a1.lab.example", "zz.corp.example"];
+    let users = ["Ann.Lee", "bob", "ann_lee", "o'brien"];
+    let public_key = public_key();
+    for (index, hostname) in hostnames.iter().enumerate() {
+        let key = create_key(&server, users[index % users.len()], true).await;
+        assert_eq!(enroll(&server, &key, hostname, &public_key, Value::Null).await.status, StatusCode::CREATED);
+    }
+    let everything = server.get("/api/v1/ip-bindings?page_size=100").await.json();
+    let rows: Vec<(String, String, String)> = everything["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|item| {
+            (
+                item["client_hostname"].as_str().expect("hostname").into(),
+                item["username"].as_str().expect("username").into(),
+                item["device_id"].as_str().expect("id").into(),
+            )
+        })
+        .collect();
+    async fn check(server: &TestServer, rows: Vec<(String, String, String)>) {
+        for needle in ["alpha", "ALP", "al", "a", "corp.example", "pha2.c", "ann", "n.l", "n_l", "o'b", "\"x", "%", "e", "nothing-like-this", "lee"] {
+            let encoded: String = needle.bytes().map(|byte| format!("%{byte:02X}")).collect();
+            for (parameter, column) in [("client_hostname", 0), ("username", 1)] {
+                let expected: Vec<&str> = rows
+                    .iter()
+                    .filter(|row| if column == 0 { &row.0 } else { &row.1 }.to_lowercase().contains(&needle.to_lowercase()))
+                    .map(|row| row.2.as_str())
+                    .collect();
+                let listed = server.get(&format!("/api/v1/ip-bindings?{parameter}={encoded}&page_size=100")).await.json();
+                let mut got: Vec<&str> = listed["items"].as_array().expect("items").iter().map(|item| item["device_id"].as_str().expect("id")).collect();
+                let mut want = expected.clone();
+                got.sort();
+                want.sort();
+                assert_eq!((got, listed["total"].as_u64()), (want.clone(), Some(want.len() as u64)), "bindings {parameter}={needle}");
+                let devices_parameter = if column == 0 { "hostname" } else { "username" };
+                let listed = server.get(&format!("/api/v1/devices?{devices_parameter}={encoded}&page_size=100")).await.json();
+                let mut got: Vec<&str> = listed["items"].as_array().expect("items").iter().map(|item| item["id"].as_str().expect("id")).collect();
+                got.sort();
+                assert_eq!((got, listed["total"].as_u64()), (want.clone(), Some(want.len() as u64)), "devices {devices_parameter}={needle}");
+            }
+        }
+    }
+    check(&server, rows.clone()).await;
+    // deleted devices leave the index with their rows
+    let gone: Vec<(String, String, String)> = rows.iter().filter(|row| row.0.starts_with("alpha")).cloned().collect();
+    for row in &gone {
+        assert_eq!(server.delete(&format!("/api/v1/devices/{}", row.2)).await.status, StatusCode::NO_CONTENT);
+    }
+    check(&server, rows.into_iter().filter(|row| !gone.contains(row)).collect()).await;
 }
