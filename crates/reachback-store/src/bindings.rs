@@ -262,6 +262,17 @@ impl Store {
             .boxed())
     }
 
+    /// The key of a range's `n`-th bound address (0-based) in address order, through
+    /// the range's index.
+    pub async fn nth_bound_key(&self, range_id: &str, n: i64, descending: bool) -> Result<Option<[u8; 17]>> {
+        let direction = if descending { "DESC" } else { "ASC" };
+        let sql = format!("SELECT ip_key FROM bindings WHERE range_id = $1 AND device_id IS NOT NULL ORDER BY ip_key {direction} LIMIT 1 OFFSET $2");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(range_id).bind(n.max(0)).fetch_optional(&self.pool).await?;
+        let Some(row) = row else { return Ok(None) };
+        let key: Vec<u8> = row.try_get(0)?;
+        Ok(Some(key.try_into().map_err(|_| StoreError::Corrupt("address key".into()))?))
+    }
+
     pub async fn get_binding(&self, ip_key: &[u8; 17]) -> Result<BindingRow> {
         let sql = format!("SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE b.ip_key = $1 AND b.device_id IS NOT NULL");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ip_key.to_vec()).fetch_optional(&self.pool).await?.ok_or(StoreError::NotFound)?;

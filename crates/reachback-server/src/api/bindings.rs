@@ -96,12 +96,17 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
     Ok(list_json(rows.iter().map(binding_json).collect(), total, paging))
 }
 
-/// Deep pages in address order without skipping rows: on SQLite (one server
-/// process, so the engine's view equals the committed rows once its lock is held)
-/// the engine names the first address of the page and the query seeks to it.
+/// Deep pages in address order without skipping every row before them: the ranges
+/// do not overlap, so the page starts in the range where the running total of bound
+/// addresses passes the offset, at the n-th bound address of that range, and the
+/// query seeks to it. On SQLite (one server process, so the engine's view equals
+/// the committed rows once its lock is held) the engine counts and names that
+/// address in memory; on PostgreSQL (replicas' engines may lag one another) the
+/// ranges' counters, kept in the same transactions as the rows, count, and the
+/// range's index names it (skipping at most that range's rows).
 async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<BindingQuery>> {
     const SEEK_FROM: i64 = 200;
-    if state.store.backend() != reachback_store::Backend::Sqlite || query.sort != BindingSort::Ip || query.offset < SEEK_FROM || !query.only_range_filters() {
+    if query.sort != BindingSort::Ip || query.offset < SEEK_FROM || !query.only_range_filters() {
         return Ok(None);
     }
     let mut ranges = match state.store.matching_range_ids(query).await? {
@@ -112,26 +117,44 @@ async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<Bin
     if query.descending {
         ranges.reverse();
     }
-    let engine = state.engine.lock().await;
     let mut remaining = u128::try_from(query.offset).unwrap_or(0);
-    let mut start = None;
-    for range in &ranges {
-        let used = engine.used(&range.id).unwrap_or(0);
-        if remaining >= used {
-            remaining -= used;
-            continue;
+    let start = if state.store.backend() == reachback_store::Backend::Sqlite {
+        let engine = state.engine.lock().await;
+        ranges.iter().find_map(|range| {
+            let used = engine.used(&range.id).unwrap_or(0);
+            if remaining >= used {
+                remaining -= used;
+                return None;
+            }
+            Some(engine.nth_bound(&range.id, remaining, query.descending).map(|value| address_key(range.range.family(), value)))
+        })
+    } else {
+        let Some(range) = ranges.iter().find(|range| {
+            let used = u128::try_from(range.used_ips).unwrap_or(0);
+            let inside = remaining < used;
+            if !inside {
+                remaining -= used;
+            }
+            inside
+        }) else {
+            return Ok(Some(past_the_end(query)));
+        };
+        match state.store.nth_bound_key(&range.id, i64::try_from(remaining).unwrap_or(i64::MAX), query.descending).await? {
+            Some(key) => Some(Some(key)),
+            // the counter ran ahead of the rows this statement saw (a write in between): skip rows instead
+            None => return Ok(None),
         }
-        start = engine.nth_bound(&range.id, remaining, query.descending).map(|value| address_key(range.range.family(), value));
-        break;
-    }
-    drop(engine);
-    let bounds = match (start, query.descending) {
-        // past the last binding: an empty page
-        (None, _) => ([0xff; 17], [0; 17]),
-        (Some(key), false) => (key, [0xff; 17]),
-        (Some(key), true) => ([0; 17], key),
     };
-    Ok(Some(BindingQuery { ip_keys: Some(bounds), offset: 0, ..query.clone() }))
+    Ok(Some(match (start.flatten(), query.descending) {
+        (None, _) => past_the_end(query),
+        (Some(key), false) => BindingQuery { ip_keys: Some((key, [0xff; 17])), offset: 0, ..query.clone() },
+        (Some(key), true) => BindingQuery { ip_keys: Some(([0; 17], key)), offset: 0, ..query.clone() },
+    }))
+}
+
+/// A query that matches nothing: the page after the last binding.
+fn past_the_end(query: &BindingQuery) -> BindingQuery {
+    BindingQuery { ip_keys: Some(([0xff; 17], [0; 17])), offset: 0, ..query.clone() }
 }
 
 fn address_param(ip: &str) -> ApiResult<[u8; 17]> {
