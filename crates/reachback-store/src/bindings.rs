@@ -273,6 +273,19 @@ impl Store {
         Ok(Some(key.try_into().map_err(|_| StoreError::Corrupt("address key".into()))?))
     }
 
+    /// Up to `limit` bound addresses of one range in address order, from `from` on
+    /// (inclusive; downwards when `descending`).
+    pub async fn range_page(&self, range_id: &str, from: [u8; 17], descending: bool, limit: i64) -> Result<Vec<BindingRow>> {
+        let (compare, direction) = if descending { ("<=", "DESC") } else { (">=", "ASC") };
+        let sql = format!(
+            "SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id \
+             WHERE b.range_id = $1 AND b.ip_key {compare} $2 AND b.device_id IS NOT NULL ORDER BY b.ip_key {direction} LIMIT {}",
+            limit.max(0)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(range_id).bind(from.to_vec()).fetch_all(&self.pool).await?;
+        rows.iter().map(binding_from_row).collect()
+    }
+
     pub async fn get_binding(&self, ip_key: &[u8; 17]) -> Result<BindingRow> {
         let sql = format!("SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE b.ip_key = $1 AND b.device_id IS NOT NULL");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ip_key.to_vec()).fetch_optional(&self.pool).await?.ok_or(StoreError::NotFound)?;

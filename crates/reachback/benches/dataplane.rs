@@ -37,6 +37,8 @@ fn main() {
         }
         Some("hold") => runtime.block_on(hold_flows(&args[1], args[2].parse().expect("count"))),
         Some("swarm") => runtime.block_on(swarm(&args[1], args[2].parse().expect("count"))),
+        // single-threaded, as the connector and the agent are
+        Some("forward") => tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(forward(&args[1], &args[2])),
         _ => orchestrate(),
     }
 }
@@ -53,6 +55,22 @@ async fn echo_server(address: &str) {
                     break;
                 }
             }
+        });
+    }
+}
+
+/// A plain TCP relay: every connection to `listen` is joined to a new connection to
+/// `target` (no encryption, no multiplexing). Three of them in the lab's three
+/// middle hosts are the least any three-process relay can cost there.
+async fn forward(listen: &str, target: &str) {
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("forward bind");
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else { continue };
+        let target = target.to_string();
+        tokio::spawn(async move {
+            let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+            let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+            let _ = tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut outbound, 64 * 1024, 64 * 1024).await;
         });
     }
 }
@@ -230,7 +248,19 @@ fn orchestrate() {
     lab.spawn("echo", "cli", &me, &["echo-server", "127.0.0.1:7000"]);
     lab.spawn("echo-direct", "conn", &me, &["echo-server", "10.77.1.2:7001"]);
     lab.spawn("iperf3-direct", "conn", "iperf3", &["-s", "-B", "10.77.1.2", "-p", "5202"]);
+    // the baseline relay chain: connector host → broker host → client host → service
+    for (host, listen, target) in [
+        ("conn", "10.77.1.2:7101", "10.77.2.2:7102"),
+        ("brk", "10.77.2.2:7102", "10.77.3.2:7103"),
+        ("cli", "10.77.3.2:7103", "127.0.0.1:7000"),
+        ("conn", "10.77.1.2:7111", "10.77.2.2:7112"),
+        ("brk", "10.77.2.2:7112", "10.77.3.2:7113"),
+        ("cli", "10.77.3.2:7113", "127.0.0.1:5201"),
+    ] {
+        lab.spawn(&format!("forward-{listen}"), host, &me, &["forward", listen, target]);
+    }
     lab.wait_listening("cli", "127.0.0.1", 7000);
+    lab.wait_listening("conn", "10.77.1.2", 7111);
     lab.wait_listening("conn", "10.77.1.2", 7001);
     lab.wait_listening("conn", "10.77.1.2", 5202);
     std::thread::sleep(Duration::from_secs(1));
@@ -239,36 +269,55 @@ fn orchestrate() {
     println!("agent idle RSS: {:.1} MiB (goal < 10 MiB)", agent_idle as f64 / 1024.0);
 
     println!("\n## bulk throughput (iperf3, {seconds} s each; direct = server host → connector host over veth)");
-    println!("| case | direct Gbit/s | through Reachback Gbit/s | ratio | CPU s per Gbit: server / connector / agent |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| case | direct Gbit/s | 3 plain TCP relays Gbit/s | through Reachback Gbit/s | ratio to direct | ratio to the plain relays | CPU s per Gbit: server / connector / agent |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (streams, reverse) in [("1", false), ("1", true), ("4", false), ("4", true)] {
         let direct = iperf3_bits(&lab, "10.77.1.2", "5202", &seconds, streams, reverse);
+        let chain = iperf3_bits(&lab, "10.77.1.2", "7111", &seconds, streams, reverse);
         let cpu_before = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
         let tunnel = iperf3_bits(&lab, "100.64.0.1", "5201", &seconds, streams, reverse);
         let cpu_after = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
         let gbits = tunnel * seconds.parse::<f64>().unwrap_or(5.0) / 1e9;
         let per_gbit: Vec<String> = (0..3).map(|index| format!("{:.2}", (cpu_after[index] - cpu_before[index]) / gbits)).collect();
         let direction = if reverse { "client → server (-R)" } else { "server → client" };
-        println!("| {streams} stream(s), {direction} | {:.2} | {:.2} | {:.2} | {} |", direct / 1e9, tunnel / 1e9, tunnel / direct, per_gbit.join(" / "));
+        println!(
+            "| {streams} stream(s), {direction} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            direct / 1e9,
+            chain / 1e9,
+            tunnel / 1e9,
+            tunnel / direct,
+            tunnel / chain,
+            per_gbit.join(" / ")
+        );
     }
 
     println!("\n## new flows: {flows} sequential connect + 1-byte echo + close");
     let count = flows.to_string();
     let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count]);
+    let chain = run_helper(&lab, "srv", &["flows", "10.77.1.2:7101", &count]);
     let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count]);
     let sorted = |value: &Value| {
         let mut list: Vec<u64> = value["latencies_us"].as_array().expect("latencies").iter().filter_map(Value::as_u64).collect();
         list.sort_unstable();
         list
     };
-    let (direct_sorted, tunnel_sorted) = (sorted(&direct), sorted(&tunnel));
+    let (direct_sorted, chain_sorted, tunnel_sorted) = (sorted(&direct), sorted(&chain), sorted(&tunnel));
     println!("| path | p50 µs | p90 µs | p99 µs | flows/s | failures |");
     println!("|---|---|---|---|---|---|");
-    for (name, sorted, raw) in [("direct", &direct_sorted, &direct), ("through Reachback", &tunnel_sorted, &tunnel)] {
+    for (name, sorted, raw) in
+        [("direct", &direct_sorted, &direct), ("3 plain TCP relays", &chain_sorted, &chain), ("through Reachback", &tunnel_sorted, &tunnel)]
+    {
         let rate = sorted.len() as f64 / raw["seconds"].as_f64().unwrap_or(1.0);
         println!("| {name} | {} | {} | {} | {rate:.0} | {} |", percentile(sorted, 0.5), percentile(sorted, 0.9), percentile(sorted, 0.99), raw["failures"]);
     }
-    println!("added latency p50: {} µs (goal < 300 µs)", percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5)));
+    println!(
+        "added latency p50: {} µs (goal < 300 µs); the plain relays add {} µs; Reachback adds {} µs more than they do",
+        percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5)),
+        percentile(&chain_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5)),
+        percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&chain_sorted, 0.5))
+    );
     for workers in ["4", "16"] {
         let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count, workers]);
         let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count, workers]);

@@ -88,12 +88,35 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
     let paging = query.paging()?;
     let binding_query = binding_query(&query, Some(paging))?;
     let total = state.store.count_bindings(&binding_query).await?;
-    let page_query = match seek(&state, &binding_query).await? {
-        Some(seeking) => seeking,
-        None => binding_query,
+    let rows = match seek(&state, &binding_query).await? {
+        Some(Seek::PastTheEnd) => Vec::new(),
+        Some(Seek::From { ranges, key }) => {
+            // the page, range by range from where it starts: each read is one index range
+            let mut rows = Vec::new();
+            let mut from = key;
+            for range in ranges {
+                let wanted = binding_query.limit - rows.len() as i64;
+                rows.extend(state.store.range_page(&range.id, from, binding_query.descending, wanted).await?);
+                if rows.len() as i64 >= binding_query.limit {
+                    break;
+                }
+                from = if binding_query.descending { [0xff; 17] } else { [0; 17] };
+            }
+            rows
+        }
+        None => state.store.binding_page(&binding_query).await?,
     };
-    let rows = state.store.binding_page(&page_query).await?;
     Ok(list_json(rows.iter().map(binding_json).collect(), total, paging))
+}
+
+/// Where a deep page in address order starts.
+enum Seek {
+    /// at `key` in the first of `ranges` (the matching ranges from there on, in page order)
+    From {
+        ranges: Vec<reachback_store::RangeRow>,
+        key: [u8; 17],
+    },
+    PastTheEnd,
 }
 
 /// Deep pages in address order without skipping every row before them: the ranges
@@ -104,7 +127,7 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
 /// address in memory; on PostgreSQL (replicas' engines may lag one another) the
 /// ranges' counters, kept in the same transactions as the rows, count, and the
 /// range's index names it (skipping at most that range's rows).
-async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<BindingQuery>> {
+async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<Seek>> {
     const SEEK_FROM: i64 = 200;
     if query.sort != BindingSort::Ip || query.offset < SEEK_FROM || !query.only_range_filters() {
         return Ok(None);
@@ -118,43 +141,28 @@ async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<Bin
         ranges.reverse();
     }
     let mut remaining = u128::try_from(query.offset).unwrap_or(0);
-    let start = if state.store.backend() == reachback_store::Backend::Sqlite {
-        let engine = state.engine.lock().await;
-        ranges.iter().find_map(|range| {
-            let used = engine.used(&range.id).unwrap_or(0);
-            if remaining >= used {
-                remaining -= used;
-                return None;
-            }
-            Some(engine.nth_bound(&range.id, remaining, query.descending).map(|value| address_key(range.range.family(), value)))
-        })
-    } else {
-        let Some(range) = ranges.iter().find(|range| {
-            let used = u128::try_from(range.used_ips).unwrap_or(0);
-            let inside = remaining < used;
-            if !inside {
-                remaining -= used;
-            }
-            inside
-        }) else {
-            return Ok(Some(past_the_end(query)));
-        };
-        match state.store.nth_bound_key(&range.id, i64::try_from(remaining).unwrap_or(i64::MAX), query.descending).await? {
-            Some(key) => Some(Some(key)),
-            // the counter ran ahead of the rows this statement saw (a write in between): skip rows instead
-            None => return Ok(None),
+    let sqlite = state.store.backend() == reachback_store::Backend::Sqlite;
+    let engine = state.engine.lock().await;
+    let used = |range: &reachback_store::RangeRow| if sqlite { engine.used(&range.id).unwrap_or(0) } else { u128::try_from(range.used_ips).unwrap_or(0) };
+    let Some(first) = ranges.iter().position(|range| {
+        let used = used(range);
+        let inside = remaining < used;
+        if !inside {
+            remaining -= used;
         }
+        inside
+    }) else {
+        return Ok(Some(Seek::PastTheEnd));
     };
-    Ok(Some(match (start.flatten(), query.descending) {
-        (None, _) => past_the_end(query),
-        (Some(key), false) => BindingQuery { ip_keys: Some((key, [0xff; 17])), offset: 0, ..query.clone() },
-        (Some(key), true) => BindingQuery { ip_keys: Some(([0; 17], key)), offset: 0, ..query.clone() },
-    }))
-}
-
-/// A query that matches nothing: the page after the last binding.
-fn past_the_end(query: &BindingQuery) -> BindingQuery {
-    BindingQuery { ip_keys: Some(([0xff; 17], [0; 17])), offset: 0, ..query.clone() }
+    let range = &ranges[first];
+    let key = if sqlite {
+        engine.nth_bound(&range.id, remaining, query.descending).map(|value| address_key(range.range.family(), value))
+    } else {
+        drop(engine);
+        // None: the counter ran ahead of the rows this statement saw (a write in between)
+        state.store.nth_bound_key(&range.id, i64::try_from(remaining).unwrap_or(i64::MAX), query.descending).await?
+    };
+    Ok(key.map(|key| Seek::From { ranges: ranges.split_off(first), key }))
 }
 
 fn address_param(ip: &str) -> ApiResult<[u8; 17]> {
