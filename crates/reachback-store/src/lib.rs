@@ -263,7 +263,6 @@ pub(crate) fn get_bool(row: &sqlx::any::AnyRow, column: &str) -> Result<bool> {
     }
 }
 
-/// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` substring match, lowercased.
 /// A condition on `devices` (unqualified columns) that keeps the devices whose
 /// `column` (`hostname` or `username`) contains `needle`, answered by the trigram
 /// index: SQLite's full-text table (a phrase of three characters at least),
@@ -279,6 +278,7 @@ pub(crate) fn device_search(backend: Backend, column: &str, needle: &str) -> Opt
     }
 }
 
+/// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` substring match, lowercased.
 pub(crate) fn like_pattern(text: &str) -> String {
     let mut pattern = String::with_capacity(text.len() + 2);
     pattern.push('%');

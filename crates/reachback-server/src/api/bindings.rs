@@ -142,8 +142,12 @@ async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<See
     }
     let mut remaining = u128::try_from(query.offset).unwrap_or(0);
     let sqlite = state.store.backend() == reachback_store::Backend::Sqlite;
-    let engine = state.engine.lock().await;
-    let used = |range: &reachback_store::RangeRow| if sqlite { engine.used(&range.id).unwrap_or(0) } else { u128::try_from(range.used_ips).unwrap_or(0) };
+    // only SQLite counts with the engine: on PostgreSQL its lock (held by enrollment batches) is not needed
+    let engine = if sqlite { Some(state.engine.lock().await) } else { None };
+    let used = |range: &reachback_store::RangeRow| match &engine {
+        Some(engine) => engine.used(&range.id).unwrap_or(0),
+        None => u128::try_from(range.used_ips).unwrap_or(0),
+    };
     let Some(first) = ranges.iter().position(|range| {
         let used = used(range);
         let inside = remaining < used;
@@ -155,10 +159,9 @@ async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<See
         return Ok(Some(Seek::PastTheEnd));
     };
     let range = &ranges[first];
-    let key = if sqlite {
+    let key = if let Some(engine) = &engine {
         engine.nth_bound(&range.id, remaining, query.descending).map(|value| address_key(range.range.family(), value))
     } else {
-        drop(engine);
         // None: the counter ran ahead of the rows this statement saw (a write in between)
         state.store.nth_bound_key(&range.id, i64::try_from(remaining).unwrap_or(i64::MAX), query.descending).await?
     };
