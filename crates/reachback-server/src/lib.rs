@@ -119,7 +119,7 @@ pub struct App {
     pub state: SharedState,
     /// the bootstrap API key, when this start created the first superadmin
     pub bootstrap_token: Option<String>,
-    writer: JoinHandle<()>,
+    writer: tokio::sync::oneshot::Receiver<()>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -206,7 +206,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         config,
         broker: broker::Broker::default(),
     });
-    let writer = tokio::spawn(writer::run(Arc::downgrade(&state), enroll_rx));
+    let writer = writer::spawn(Arc::downgrade(&state), enroll_rx).context("starting the enrollment writer")?;
     let mut background = Vec::new();
     if state.store.backend() == Backend::Postgres {
         background.push(tokio::spawn(sync_replicas(Arc::downgrade(&state))));

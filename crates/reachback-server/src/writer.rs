@@ -15,6 +15,21 @@ pub struct EnrollRequest {
 
 const MAX_BATCH: usize = 512;
 
+/// Starts the writer on a thread of its own with a single-threaded runtime: every
+/// statement of a batch is an await, and on the shared runtime each wake-up would
+/// queue behind the HTTP tasks (tens of them under load) — the batch, and with it
+/// every enrollment waiting on it, would take that many times longer. The receiver
+/// resolves when the writer has finished.
+pub fn spawn(state: std::sync::Weak<AppState>, queue: mpsc::Receiver<EnrollRequest>) -> std::io::Result<oneshot::Receiver<()>> {
+    let (done, finished) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("reachback-writer".into()).spawn(move || {
+        runtime.block_on(run(state, queue));
+        let _ = done.send(());
+    })?;
+    Ok(finished)
+}
+
 /// Runs until every sender is gone (server shutdown). Holds the state weakly, so
 /// dropping the last server handle closes the queue.
 pub async fn run(state: std::sync::Weak<AppState>, mut queue: mpsc::Receiver<EnrollRequest>) {

@@ -409,13 +409,7 @@ impl Store {
                 _ => {}
             }
         }
-        for (range_id, delta) in &range_deltas {
-            sqlx::query("UPDATE ip_ranges SET used_ips = used_ips + $2 WHERE id = $1")
-                .bind(range_id.as_str())
-                .bind(*delta)
-                .execute(&mut *tx.transaction)
-                .await?;
-        }
+        self.add_used_ips(&mut tx, &range_deltas).await?;
         for (key_id, uses) in &reusable_uses {
             sqlx::query("UPDATE enrollment_keys SET used_count = used_count + $2 WHERE id = $1")
                 .bind(key_id.as_str())
@@ -435,6 +429,37 @@ impl Store {
         }
         tx.commit().await?;
         Ok(outcomes.into_iter().map(|outcome| outcome.unwrap_or(Err(EnrollFailure::Exhausted))).collect())
+    }
+
+    /// Adds each range's delta to its `used_ips` in one statement (a batch touches up
+    /// to one range per enrollment). PostgreSQL first locks the rows in id order, so
+    /// concurrent batches on other replicas wait for each other instead of deadlocking.
+    async fn add_used_ips(&self, tx: &mut crate::WriteTx<'_>, deltas: &BTreeMap<String, i64>) -> Result<()> {
+        let ids: Vec<&String> = deltas.keys().collect();
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            let mark = match self.backend {
+                crate::Backend::Sqlite => '?',
+                crate::Backend::Postgres => {
+                    let sql = format!("SELECT id FROM ip_ranges WHERE id IN ({}) ORDER BY id FOR UPDATE", placeholders('$', 1, chunk.len(), 1).trim_matches(['(', ')']));
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for id in chunk {
+                        query = query.bind(id.as_str());
+                    }
+                    query.fetch_all(&mut *tx.transaction).await?;
+                    '$'
+                }
+            };
+            let sql = format!(
+                "WITH delta (id, amount) AS (VALUES {}) UPDATE ip_ranges SET used_ips = used_ips + delta.amount FROM delta WHERE ip_ranges.id = delta.id",
+                placeholders(mark, chunk.len(), 2, 1)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id.as_str()).bind(deltas[*id]);
+            }
+            query.execute(&mut *tx.transaction).await?;
+        }
+        Ok(())
     }
 
     /// Binds one job's device to the next address the database accepts.

@@ -99,6 +99,27 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, include_str!("../migrations/0004_search_sqlite.sql"), include_str!("../migrations/0004_search_postgres.sql")),
 ];
 
+/// WAL pages after which a committing SQLite connection checkpoints by itself: a
+/// backstop for when the background checkpoint falls behind (256 MiB).
+const WAL_BACKSTOP_PAGES: u32 = 65536;
+
+/// Copies the SQLite write-ahead log into the database file every quarter second,
+/// on a connection of the read pool: a passive checkpoint never waits for the
+/// writer or readers, and the writer no longer stops in the middle of a commit to
+/// copy pages and wait for `fsync`. Ends when the pool closes.
+async fn checkpoint_in_background(pool: AnyPool) {
+    let mut interval = tokio::time::interval(Duration::from_millis(250));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !pool.is_closed() {
+        interval.tick().await;
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await
+            && !pool.is_closed()
+        {
+            tracing::debug!(%error, "background checkpoint failed");
+        }
+    }
+}
+
 /// Advisory lock key for range and migration changes on PostgreSQL.
 const PG_LOCK_SCHEMA: i64 = 0x7265_6163_6862_0001;
 const PG_LOCK_RANGES: i64 = 0x7265_6163_6862_0002;
@@ -109,11 +130,15 @@ impl Store {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") { Backend::Postgres } else { Backend::Sqlite };
         let options = AnyConnectOptions::from_str(url)?;
-        let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }, "-8192").await?;
-        // SQLite: one long-lived writer connection whose page cache stays warm;
-        // PostgreSQL: writes share the pool
+        let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }, "-8192", WAL_BACKSTOP_PAGES).await?;
+        // SQLite: one long-lived writer connection whose page cache stays warm, which
+        // leaves checkpoints to a background task; PostgreSQL: writes share the pool
         let writer = match backend {
-            Backend::Sqlite => Self::pool(&options, backend, 1, "-65536").await?,
+            Backend::Sqlite => {
+                let writer = Self::pool(&options, backend, 1, "-65536", WAL_BACKSTOP_PAGES).await?;
+                tokio::spawn(checkpoint_in_background(pool.clone()));
+                writer
+            }
             Backend::Postgres => pool.clone(),
         };
         let store = Store {
@@ -132,7 +157,7 @@ impl Store {
         self.export_chunk.store(rows.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn pool(options: &AnyConnectOptions, backend: Backend, size: u32, cache_size: &'static str) -> Result<AnyPool> {
+    async fn pool(options: &AnyConnectOptions, backend: Backend, size: u32, cache_size: &'static str, autocheckpoint: u32) -> Result<AnyPool> {
         Ok(AnyPoolOptions::new()
             .max_connections(size)
             .min_connections(1)
@@ -142,7 +167,7 @@ impl Store {
                     if backend == Backend::Sqlite {
                         let pragmas = format!(
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
-                             PRAGMA cache_size = {cache_size}; PRAGMA wal_autocheckpoint = 16384; PRAGMA temp_store = MEMORY;"
+                             PRAGMA cache_size = {cache_size}; PRAGMA wal_autocheckpoint = {autocheckpoint}; PRAGMA temp_store = MEMORY;"
                         );
                         connection.execute(sqlx::AssertSqlSafe(pragmas)).await?;
                     }
