@@ -185,6 +185,19 @@ impl Store {
             BindingSort::RangeName => format!("r.name_key {direction}, b.ip_key {direction}"),
             BindingSort::LastUpdated => format!("b.last_updated {direction}, b.ip_key {direction}"),
         };
+        if query.limit > 0 && query.offset >= DEFERRED_JOIN_OFFSET {
+            // a deep page: the rows to skip are counted over the sort index alone (it
+            // holds the address key, the bindings' primary key), and only the page's
+            // rows are read whole and joined with their ranges
+            let join = if query.sort == BindingSort::RangeName { " JOIN ip_ranges r ON r.id = b.range_id" } else { "" };
+            return format!(
+                "SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE b.ip_key IN \
+                 (SELECT b.ip_key FROM bindings b{join}{} ORDER BY {order} LIMIT {} OFFSET {}) ORDER BY {order}",
+                filter.sql(),
+                query.limit,
+                query.offset
+            );
+        }
         let mut sql = format!("SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id{} ORDER BY {order}", filter.sql());
         if query.limit > 0 {
             sql.push_str(&format!(" LIMIT {} OFFSET {}", query.limit, query.offset.max(0)));
@@ -315,11 +328,15 @@ impl Store {
     pub async fn engine_snapshot(&self) -> Result<EngineSnapshot> {
         let ranges = self.list_ranges().await?;
         let mut snapshot = EngineSnapshot { ranges, ..EngineSnapshot::default() };
-        for range in &snapshot.ranges {
-            let (bound, quarantined) = self.range_addresses(&range.id).await?;
-            snapshot.bound.insert(range.id.clone(), bound);
-            snapshot.quarantined.insert(range.id.clone(), quarantined);
+        // a few ranges at a time: the database reads one while the server decodes another
+        let mut reads = futures_util::stream::iter(snapshot.ranges.iter().map(|range| async move { (range.id.clone(), self.range_addresses(&range.id).await) }))
+            .buffer_unordered(4);
+        while let Some((range_id, addresses)) = reads.next().await {
+            let (bound, quarantined) = addresses?;
+            snapshot.bound.insert(range_id.clone(), bound);
+            snapshot.quarantined.insert(range_id, quarantined);
         }
+        drop(reads);
         Ok(snapshot)
     }
 
@@ -404,6 +421,9 @@ impl Store {
         Ok(mismatches)
     }
 }
+
+/// From this many rows to skip on, a page is found before its rows are read.
+const DEFERRED_JOIN_OFFSET: i64 = 200;
 
 async fn export_chunks(
     pool: &sqlx::AnyPool,
