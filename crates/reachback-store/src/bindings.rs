@@ -2,10 +2,11 @@
 //! quarantine, streaming export, and the snapshot the allocation engine starts from.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use reachback_ipam::{Location, address_from_key};
+use reachback_ipam::{Location, address_from_key, address_key};
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -244,28 +245,71 @@ impl Store {
     /// the last row's sort key (keyset), so a million rows cost 200 round trips
     /// instead of a million row hand-overs. Range name and location come from the
     /// (few) ranges, not from a join per row.
+    ///
+    /// In address order the ranges split the work: they do not overlap, so the rows
+    /// of one range follow those of the range before it, and the next ranges are read
+    /// while one is sent ([`EXPORT_RANGES_AHEAD`] at a time, each at most two chunks
+    /// ahead, so memory stays bounded).
     pub async fn stream_bindings(&self, query: &BindingQuery) -> Result<BoxStream<'static, Result<BindingRow>>> {
-        let Some((filter, _)) = self.binding_filter(query).await? else {
+        let Some((filter, matching)) = self.binding_filter(query).await? else {
             return Ok(futures_util::stream::empty().boxed());
         };
-        let ranges: HashMap<String, (String, Option<Location>)> = self
-            .list_ranges()
-            .await?
-            .into_iter()
-            .map(|range| {
-                let location = range.location.map(|location| Location { latitude: None, longitude: None, ..location });
-                (range.id, (range.name, location))
-            })
-            .collect();
+        let all_ranges = self.list_ranges().await?;
+        let mut in_order: Vec<(Vec<u8>, String)> =
+            matching.as_ref().unwrap_or(&all_ranges).iter().map(|range| (address_key(range.range.family(), range.range.first()).to_vec(), range.id.clone())).collect();
+        in_order.sort();
+        if query.descending {
+            in_order.reverse();
+        }
+        let ranges: Arc<HashMap<String, (String, Option<Location>)>> = Arc::new(
+            all_ranges
+                .into_iter()
+                .map(|range| {
+                    let location = range.location.map(|location| Location { latitude: None, longitude: None, ..location });
+                    (range.id, (range.name, location))
+                })
+                .collect(),
+        );
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Vec<BindingRow>>>(4);
         let (pool, backend, query) = (self.pool.clone(), self.backend, query.clone());
         let chunk_rows = self.export_chunk.load(std::sync::atomic::Ordering::Relaxed);
-        tokio::spawn(async move {
-            let result = export_chunks(&pool, backend, &filter, &query, &ranges, chunk_rows, &sender).await;
-            if let Err(error) = result {
-                let _ = sender.send(Err(error)).await;
-            }
-        });
+        if query.sort == BindingSort::Ip {
+            tokio::spawn(async move {
+                let mut pending = std::collections::VecDeque::new();
+                let mut next = in_order.into_iter().map(|(_, id)| id);
+                loop {
+                    while pending.len() < EXPORT_RANGES_AHEAD
+                        && let Some(range_id) = next.next()
+                    {
+                        // one reader per range, each a couple of chunks ahead at most
+                        let (range_sender, range_receiver) = tokio::sync::mpsc::channel::<Result<Vec<BindingRow>>>(2);
+                        let mut range_filter = filter.clone();
+                        range_filter.push("b.range_id = ?", [FilterValue::Text(range_id)]);
+                        let (pool, query, ranges) = (pool.clone(), query.clone(), ranges.clone());
+                        tokio::spawn(async move {
+                            if let Err(error) = export_chunks(&pool, backend, &range_filter, &query, &ranges, chunk_rows, &range_sender).await {
+                                let _ = range_sender.send(Err(error)).await;
+                            }
+                        });
+                        pending.push_back(range_receiver);
+                    }
+                    let Some(mut current) = pending.pop_front() else { return };
+                    while let Some(chunk) = current.recv().await {
+                        let failed = chunk.is_err();
+                        if sender.send(chunk).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                }
+            });
+        } else {
+            tokio::spawn(async move {
+                let result = export_chunks(&pool, backend, &filter, &query, &ranges, chunk_rows, &sender).await;
+                if let Err(error) = result {
+                    let _ = sender.send(Err(error)).await;
+                }
+            });
+        }
         let chunks = futures_util::stream::unfold(receiver, |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) });
         Ok(chunks
             .flat_map(|chunk| match chunk {
@@ -422,6 +466,9 @@ impl Store {
     }
 }
 
+/// Ranges read at once by an export in address order.
+const EXPORT_RANGES_AHEAD: usize = 3;
+
 /// From this many rows to skip on, a page is found before its rows are read.
 const DEFERRED_JOIN_OFFSET: i64 = 200;
 
@@ -469,6 +516,12 @@ async fn export_chunks(
             crate::Backend::Sqlite => format!(
                 "SELECT json_group_array(json_array(c.ip, c.range_id, c.device_id, c.username, c.platform, c.client_hostname, c.last_updated, hex(c.ip_key), c.sort_value)) FROM ({inner}) c"
             ),
+            // in address order the chunk is put in order here (lowercase hex sorts as
+            // the bytes do), which spares the database a sort; text orders follow the
+            // database's collation, so the database sorts those
+            crate::Backend::Postgres if query.sort == BindingSort::Ip => format!(
+                "SELECT CAST(json_agg(json_build_array(c.ip, c.range_id, c.device_id, c.username, c.platform, c.client_hostname, c.last_updated, encode(c.ip_key, 'hex'), c.sort_value)) AS TEXT) FROM ({inner}) c"
+            ),
             crate::Backend::Postgres => format!(
                 "SELECT CAST(json_agg(json_build_array(c.ip, c.range_id, c.device_id, c.username, c.platform, c.client_hostname, c.last_updated, encode(c.ip_key, 'hex'), c.sort_value) ORDER BY {}) AS TEXT) FROM ({inner}) c",
                 order.replace("b.ip_key", "c.ip_key").replace(sort_value, "c.sort_value")
@@ -476,34 +529,38 @@ async fn export_chunks(
         };
         let row = chunk_filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql))).fetch_one(pool).await?;
         let Some(text) = row.try_get::<Option<String>, _>(0)? else { return Ok(()) };
-        let chunk: Vec<Vec<Value>> = serde_json::from_str(&text).map_err(|error| StoreError::Corrupt(format!("export chunk: {error}")))?;
+        let mut chunk: Vec<ExportCells> = serde_json::from_str(&text).map_err(|error| StoreError::Corrupt(format!("export chunk: {error}")))?;
+        if backend == crate::Backend::Postgres && query.sort == BindingSort::Ip {
+            chunk.sort_unstable_by(|a, b| if query.descending { b.7.cmp(&a.7) } else { a.7.cmp(&b.7) });
+        }
         let count = chunk.len();
+        let Some(last) = chunk.last() else { return Ok(()) };
+        let key = decode_hex(&last.7).ok_or_else(|| StoreError::Corrupt("export cursor".into()))?;
+        cursor = Some((last.8.clone(), key));
         let mut rows = Vec::with_capacity(count);
-        for cells in &chunk {
-            let text = |index: usize| cells.get(index).and_then(Value::as_str).unwrap_or_default().to_string();
-            let range_id = text(1);
+        for (ip, range_id, device_id, username, platform, client_hostname, last_updated, _, _) in chunk {
             let (range_name, range_location) = ranges.get(&range_id).cloned().unwrap_or_default();
             rows.push(BindingRow {
-                ip: text(0),
+                ip,
                 range_id,
                 range_name,
                 range_location,
-                device_id: text(2),
-                username: text(3),
-                platform: text(4),
-                client_hostname: text(5),
-                last_updated: cells.get(6).and_then(Value::as_i64).unwrap_or_default(),
+                device_id: device_id.unwrap_or_default(),
+                username: username.unwrap_or_default(),
+                platform: platform.unwrap_or_default(),
+                client_hostname: client_hostname.unwrap_or_default(),
+                last_updated,
             });
-        }
-        if let Some(last) = chunk.last() {
-            let key = last.get(7).and_then(Value::as_str).and_then(decode_hex).ok_or_else(|| StoreError::Corrupt("export cursor".into()))?;
-            cursor = Some((last.get(8).cloned().unwrap_or(Value::Null), key));
         }
         if sender.send(Ok(rows)).await.is_err() || count < chunk_rows {
             return Ok(());
         }
     }
 }
+
+/// One exported row as the database packs it: ip, range id, device id, username,
+/// platform, client hostname, last update, address key in hex, sort value.
+type ExportCells = (String, String, Option<String>, Option<String>, Option<String>, Option<String>, i64, String, Value);
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {

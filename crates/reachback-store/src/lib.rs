@@ -162,6 +162,8 @@ impl Store {
             .max_connections(size)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(10))
+            // an SQLite connection cannot go stale: no ping before every use
+            .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |connection, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
