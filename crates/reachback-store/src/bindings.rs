@@ -248,7 +248,7 @@ impl Store {
     ///
     /// In address order the ranges split the work: they do not overlap, so the rows
     /// of one range follow those of the range before it, and the next ranges are read
-    /// while one is sent ([`EXPORT_RANGES_AHEAD`] at a time, each at most two chunks
+    /// while one is sent (two or three at a time, each at most one chunk
     /// ahead, so memory stays bounded).
     pub async fn stream_bindings(&self, query: &BindingQuery) -> Result<BoxStream<'static, Result<BindingRow>>> {
         let Some((filter, matching)) = self.binding_filter(query).await? else {
@@ -274,15 +274,19 @@ impl Store {
         let (pool, backend, query) = (self.pool.clone(), self.backend, query.clone());
         let chunk_rows = self.export_chunk.load(std::sync::atomic::Ordering::Relaxed);
         if query.sort == BindingSort::Ip {
+            let ranges_ahead = match backend {
+                crate::Backend::Sqlite => EXPORT_RANGES_AHEAD_SQLITE,
+                crate::Backend::Postgres => EXPORT_RANGES_AHEAD_POSTGRES,
+            };
             tokio::spawn(async move {
                 let mut pending = std::collections::VecDeque::new();
                 let mut next = in_order.into_iter().map(|(_, id)| id);
                 loop {
-                    while pending.len() < EXPORT_RANGES_AHEAD
+                    while pending.len() < ranges_ahead
                         && let Some(range_id) = next.next()
                     {
-                        // one reader per range, each a couple of chunks ahead at most
-                        let (range_sender, range_receiver) = tokio::sync::mpsc::channel::<Result<Vec<BindingRow>>>(2);
+                        // one reader per range, each at most one chunk ahead of the sender
+                        let (range_sender, range_receiver) = tokio::sync::mpsc::channel::<Result<Vec<BindingRow>>>(1);
                         let mut range_filter = filter.clone();
                         range_filter.push("b.range_id = ?", [FilterValue::Text(range_id)]);
                         let (pool, query, ranges) = (pool.clone(), query.clone(), ranges.clone());
@@ -466,8 +470,11 @@ impl Store {
     }
 }
 
-/// Ranges read at once by an export in address order.
-const EXPORT_RANGES_AHEAD: usize = 3;
+/// Ranges read at once by an export in address order. SQLite reads in the server
+/// process (each read connection fills a page cache of its own, up to 8 MiB), so
+/// two; PostgreSQL does its part in its own processes, so three.
+const EXPORT_RANGES_AHEAD_SQLITE: usize = 2;
+const EXPORT_RANGES_AHEAD_POSTGRES: usize = 3;
 
 /// From this many rows to skip on, a page is found before its rows are read.
 const DEFERRED_JOIN_OFFSET: i64 = 200;
