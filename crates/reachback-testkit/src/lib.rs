@@ -270,6 +270,9 @@ impl Lab {
             lab.start_connector(&provisioning_key);
             wait_for("the agent's session", Duration::from_secs(20), || lab.session_ip().as_deref() == Some("100.64.0.1"));
             wait_for("the connector to be online", Duration::from_secs(20), || lab.api("GET", "/connectors", None).1["items"][0]["status"] == "online");
+            // the server sees the connector online once its tunnel is up; the
+            // connector installs its interception rules right after
+            wait_for("the connector's interception rules", Duration::from_secs(20), || lab.log("connector").contains("interception rules installed"));
             lab
         }
     }
