@@ -255,12 +255,22 @@ impl Store {
             return Ok(futures_util::stream::empty().boxed());
         };
         let all_ranges = self.list_ranges().await?;
-        let mut in_order: Vec<(Vec<u8>, String)> =
-            matching.as_ref().unwrap_or(&all_ranges).iter().map(|range| (address_key(range.range.family(), range.range.first()).to_vec(), range.id.clone())).collect();
-        in_order.sort();
-        if query.descending {
-            in_order.reverse();
-        }
+        // the parts read one after the other: each range in address order, or everything at once
+        let (parts, parts_ahead): (Vec<Option<String>>, usize) = if query.sort == BindingSort::Ip {
+            let mut in_order: Vec<([u8; 17], &String)> =
+                matching.as_ref().unwrap_or(&all_ranges).iter().map(|range| (address_key(range.range.family(), range.range.first()), &range.id)).collect();
+            in_order.sort();
+            if query.descending {
+                in_order.reverse();
+            }
+            let ahead = match self.backend {
+                crate::Backend::Sqlite => EXPORT_RANGES_AHEAD_SQLITE,
+                crate::Backend::Postgres => EXPORT_RANGES_AHEAD_POSTGRES,
+            };
+            (in_order.into_iter().map(|(_, id)| Some(id.clone())).collect(), ahead)
+        } else {
+            (vec![None], 1)
+        };
         let ranges: Arc<HashMap<String, (String, Option<Location>)>> = Arc::new(
             all_ranges
                 .into_iter()
@@ -273,47 +283,36 @@ impl Store {
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Vec<BindingRow>>>(4);
         let (pool, backend, query) = (self.pool.clone(), self.backend, query.clone());
         let chunk_rows = self.export_chunk.load(std::sync::atomic::Ordering::Relaxed);
-        if query.sort == BindingSort::Ip {
-            let ranges_ahead = match backend {
-                crate::Backend::Sqlite => EXPORT_RANGES_AHEAD_SQLITE,
-                crate::Backend::Postgres => EXPORT_RANGES_AHEAD_POSTGRES,
-            };
-            tokio::spawn(async move {
-                let mut pending = std::collections::VecDeque::new();
-                let mut next = in_order.into_iter().map(|(_, id)| id);
-                loop {
-                    while pending.len() < ranges_ahead
-                        && let Some(range_id) = next.next()
-                    {
-                        // one reader per range, each at most one chunk ahead of the sender
-                        let (range_sender, range_receiver) = tokio::sync::mpsc::channel::<Result<Vec<BindingRow>>>(1);
-                        let mut range_filter = filter.clone();
-                        range_filter.push("b.range_id = ?", [FilterValue::Text(range_id)]);
-                        let (pool, query, ranges) = (pool.clone(), query.clone(), ranges.clone());
-                        tokio::spawn(async move {
-                            if let Err(error) = export_chunks(&pool, backend, &range_filter, &query, &ranges, chunk_rows, &range_sender).await {
-                                let _ = range_sender.send(Err(error)).await;
-                            }
-                        });
-                        pending.push_back(range_receiver);
+        tokio::spawn(async move {
+            let mut pending = std::collections::VecDeque::new();
+            let mut next = parts.into_iter();
+            loop {
+                while pending.len() < parts_ahead
+                    && let Some(range_id) = next.next()
+                {
+                    // one reader per part, each at most one chunk ahead of the sender
+                    let (part_sender, part_receiver) = tokio::sync::mpsc::channel::<Result<Vec<BindingRow>>>(1);
+                    let mut part_filter = filter.clone();
+                    if let Some(range_id) = range_id {
+                        part_filter.push("b.range_id = ?", [FilterValue::Text(range_id)]);
                     }
-                    let Some(mut current) = pending.pop_front() else { return };
-                    while let Some(chunk) = current.recv().await {
-                        let failed = chunk.is_err();
-                        if sender.send(chunk).await.is_err() || failed {
-                            return;
+                    let (pool, query, ranges) = (pool.clone(), query.clone(), ranges.clone());
+                    tokio::spawn(async move {
+                        if let Err(error) = export_chunks(&pool, backend, &part_filter, &query, &ranges, chunk_rows, &part_sender).await {
+                            let _ = part_sender.send(Err(error)).await;
                         }
+                    });
+                    pending.push_back(part_receiver);
+                }
+                let Some(mut current) = pending.pop_front() else { return };
+                while let Some(chunk) = current.recv().await {
+                    let failed = chunk.is_err();
+                    if sender.send(chunk).await.is_err() || failed {
+                        return;
                     }
                 }
-            });
-        } else {
-            tokio::spawn(async move {
-                let result = export_chunks(&pool, backend, &filter, &query, &ranges, chunk_rows, &sender).await;
-                if let Err(error) = result {
-                    let _ = sender.send(Err(error)).await;
-                }
-            });
-        }
+            }
+        });
         let chunks = futures_util::stream::unfold(receiver, |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) });
         Ok(chunks
             .flat_map(|chunk| match chunk {
@@ -377,8 +376,9 @@ impl Store {
         let ranges = self.list_ranges().await?;
         let mut snapshot = EngineSnapshot { ranges, ..EngineSnapshot::default() };
         // a few ranges at a time: the database reads one while the server decodes another
-        let mut reads = futures_util::stream::iter(snapshot.ranges.iter().map(|range| async move { (range.id.clone(), self.range_addresses(&range.id).await) }))
-            .buffer_unordered(4);
+        let mut reads =
+            futures_util::stream::iter(snapshot.ranges.iter().map(|range| async move { (range.id.clone(), self.range_addresses(&range.id).await) }))
+                .buffer_unordered(4);
         while let Some((range_id, addresses)) = reads.next().await {
             let (bound, quarantined) = addresses?;
             snapshot.bound.insert(range_id.clone(), bound);

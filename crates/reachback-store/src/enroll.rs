@@ -104,6 +104,11 @@ fn placeholders(mark: char, rows: usize, columns: usize, first: usize) -> String
         .join(", ")
 }
 
+/// `count` parameters separated by commas, for an `IN (…)` list, numbered from `first`.
+fn parameter_list(mark: char, count: usize, first: usize) -> String {
+    (first..first + count).map(|index| if mark == '?' { "?".to_string() } else { format!("${index}") }).collect::<Vec<_>>().join(", ")
+}
+
 impl Store {
     /// Authenticates and writes a batch of enrollments in one transaction. The engine
     /// must be the caller's exclusive copy for the duration; on failure every address
@@ -132,9 +137,7 @@ impl Store {
             crate::Backend::Sqlite => '?',
             crate::Backend::Postgres => '$',
         };
-        let list = |count: usize, first: usize| {
-            (first..first + count).map(|index| if mark == '?' { "?".to_string() } else { format!("${index}") }).collect::<Vec<_>>().join(", ")
-        };
+        let list = |count: usize, first: usize| parameter_list(mark, count, first);
         let numbered = |index: usize| if mark == '?' { "?".to_string() } else { format!("${index}") };
 
         // 1. the keys of the batch
@@ -440,7 +443,7 @@ impl Store {
             let mark = match self.backend {
                 crate::Backend::Sqlite => '?',
                 crate::Backend::Postgres => {
-                    let sql = format!("SELECT id FROM ip_ranges WHERE id IN ({}) ORDER BY id FOR UPDATE", placeholders('$', 1, chunk.len(), 1).trim_matches(['(', ')']));
+                    let sql = format!("SELECT id FROM ip_ranges WHERE id IN ({}) ORDER BY id FOR UPDATE", parameter_list('$', chunk.len(), 1));
                     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                     for id in chunk {
                         query = query.bind(id.as_str());
