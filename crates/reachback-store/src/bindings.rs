@@ -240,34 +240,41 @@ impl Store {
         rows.iter().map(binding_from_row).collect()
     }
 
-    /// Every matching binding, streamed in constant memory. Rows are read in chunks
-    /// of 5,000 that the database packs into one JSON value each, continuing from
-    /// the last row's sort key (keyset), so a million rows cost 200 round trips
-    /// instead of a million row hand-overs. Range name and location come from the
-    /// (few) ranges, not from a join per row.
+    /// Every matching binding, streamed in constant memory. SQLite reads chunks of
+    /// 5,000 rows that it packs into one JSON value each, continuing from the last
+    /// row's sort key (keyset), so a million rows cost 200 round trips instead of a
+    /// million row hand-overs; PostgreSQL streams each part as one query through the
+    /// typed driver. Range name and location come from the (few) ranges, not from a
+    /// join per row.
     ///
-    /// In address order the ranges split the work: they do not overlap, so the rows
-    /// of one range follow those of the range before it, and the next ranges are read
-    /// while one is sent (two or three at a time, each at most one chunk
-    /// ahead, so memory stays bounded).
+    /// In address order and in range-name order the ranges split the work: all of a
+    /// range's rows follow each other, so each range is a part, and the next ranges
+    /// are read while one is sent (two or three at a time, each at most one chunk
+    /// ahead, so memory stays bounded). Range-name order needs no sort of all rows.
     pub async fn stream_bindings(&self, query: &BindingQuery) -> Result<BoxStream<'static, Result<BindingRow>>> {
         let Some((filter, matching)) = self.binding_filter(query).await? else {
             return Ok(futures_util::stream::empty().boxed());
         };
         let all_ranges = self.list_ranges().await?;
-        // the parts read one after the other: each range in address order, or everything at once
-        let (parts, parts_ahead): (Vec<Option<String>>, usize) = if query.sort == BindingSort::Ip {
-            let mut in_order: Vec<([u8; 17], &String)> =
-                matching.as_ref().unwrap_or(&all_ranges).iter().map(|range| (address_key(range.range.family(), range.range.first()), &range.id)).collect();
-            in_order.sort();
+        // the parts read one after the other: in address order and in range-name order
+        // each range is a part (ranges do not overlap, and in both orders all of a
+        // range's rows follow each other, in address order), otherwise everything at once
+        let mut query = query.clone();
+        let (parts, parts_ahead): (Vec<Option<String>>, usize) = if matches!(query.sort, BindingSort::Ip | BindingSort::RangeName) {
+            // `list_ranges` gives the ranges in name order, as the database collates names
+            let mut in_order: Vec<&RangeRow> = matching.as_ref().unwrap_or(&all_ranges).iter().collect();
+            if query.sort == BindingSort::Ip {
+                in_order.sort_by_key(|range| address_key(range.range.family(), range.range.first()));
+            }
             if query.descending {
                 in_order.reverse();
             }
+            query.sort = BindingSort::Ip;
             let ahead = match self.backend {
                 crate::Backend::Sqlite => EXPORT_RANGES_AHEAD_SQLITE,
                 crate::Backend::Postgres => EXPORT_RANGES_AHEAD_POSTGRES,
             };
-            (in_order.into_iter().map(|(_, id)| Some(id.clone())).collect(), ahead)
+            (in_order.into_iter().map(|range| Some(range.id.clone())).collect(), ahead)
         } else {
             (vec![None], 1)
         };
@@ -281,7 +288,7 @@ impl Store {
                 .collect(),
         );
         let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Vec<BindingRow>>>(4);
-        let (pool, backend, query) = (self.pool.clone(), self.backend, query.clone());
+        let (pool, export_pool) = (self.pool.clone(), self.export_pool.clone());
         let chunk_rows = self.export_chunk.load(std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let mut pending = std::collections::VecDeque::new();
@@ -296,9 +303,13 @@ impl Store {
                     if let Some(range_id) = range_id {
                         part_filter.push("b.range_id = ?", [FilterValue::Text(range_id)]);
                     }
-                    let (pool, query, ranges) = (pool.clone(), query.clone(), ranges.clone());
+                    let (pool, export_pool, query, ranges) = (pool.clone(), export_pool.clone(), query.clone(), ranges.clone());
                     tokio::spawn(async move {
-                        if let Err(error) = export_chunks(&pool, backend, &part_filter, &query, &ranges, chunk_rows, &part_sender).await {
+                        let read = match &export_pool {
+                            Some(export_pool) => export_rows_postgres(export_pool, &part_filter, &query, &ranges, chunk_rows, &part_sender).await,
+                            None => export_chunks_sqlite(&pool, &part_filter, &query, &ranges, chunk_rows, &part_sender).await,
+                        };
+                        if let Err(error) = read {
                             let _ = part_sender.send(Err(error)).await;
                         }
                     });
@@ -479,9 +490,22 @@ const EXPORT_RANGES_AHEAD_POSTGRES: usize = 3;
 /// From this many rows to skip on, a page is found before its rows are read.
 const DEFERRED_JOIN_OFFSET: i64 = 200;
 
-async fn export_chunks(
+/// The column a part of an export is ordered by before the address key: none in
+/// address order, and none in range-name order, where every part is one range.
+fn export_sort_column(sort: BindingSort) -> Option<&'static str> {
+    match sort {
+        BindingSort::Ip | BindingSort::RangeName => None,
+        BindingSort::Username => Some("b.username"),
+        BindingSort::Platform => Some("b.platform"),
+        BindingSort::ClientHostname => Some("b.client_hostname"),
+        BindingSort::LastUpdated => Some("b.last_updated"),
+    }
+}
+
+/// An SQLite export part in chunks of `chunk_rows` rows, each packed by the database
+/// into one JSON value and continued from the last row's sort key (keyset).
+async fn export_chunks_sqlite(
     pool: &sqlx::AnyPool,
-    backend: crate::Backend,
     filter: &Filter,
     query: &BindingQuery,
     ranges: &HashMap<String, (String, Option<Location>)>,
@@ -489,14 +513,7 @@ async fn export_chunks(
     sender: &tokio::sync::mpsc::Sender<Result<Vec<BindingRow>>>,
 ) -> Result<()> {
     let (direction, comparison) = if query.descending { ("DESC", "<") } else { ("ASC", ">") };
-    let column = match query.sort {
-        BindingSort::Ip => None,
-        BindingSort::Username => Some("b.username"),
-        BindingSort::Platform => Some("b.platform"),
-        BindingSort::ClientHostname => Some("b.client_hostname"),
-        BindingSort::LastUpdated => Some("b.last_updated"),
-        BindingSort::RangeName => Some("(SELECT name_key FROM ip_ranges WHERE id = b.range_id)"),
-    };
+    let column = export_sort_column(query.sort);
     let order = match column {
         Some(column) => format!("{column} {direction}, b.ip_key {direction}"),
         None => format!("b.ip_key {direction}"),
@@ -516,54 +533,93 @@ async fn export_chunks(
                 None => chunk_filter.push(&format!("b.ip_key {comparison} ?"), [FilterValue::Bytes(key.clone())]),
             }
         }
-        let inner = format!("SELECT b.*, {sort_value} AS sort_value FROM bindings b{} ORDER BY {order} LIMIT {chunk_rows}", chunk_filter.sql());
-        let sql = match backend {
-            // SQLite feeds the aggregate in the subquery's order (a co-routine over the
-            // ordered, limited scan); the export test checks the order across chunks
-            crate::Backend::Sqlite => format!(
-                "SELECT json_group_array(json_array(c.ip, c.range_id, c.device_id, c.username, c.platform, c.client_hostname, c.last_updated, hex(c.ip_key), c.sort_value)) FROM ({inner}) c"
-            ),
-            // in address order the chunk is put in order here (lowercase hex sorts as
-            // the bytes do), which spares the database a sort; text orders follow the
-            // database's collation, so the database sorts those
-            crate::Backend::Postgres if query.sort == BindingSort::Ip => format!(
-                "SELECT CAST(json_agg(json_build_array(c.ip, c.range_id, c.device_id, c.username, c.platform, c.client_hostname, c.last_updated, encode(c.ip_key, 'hex'), c.sort_value)) AS TEXT) FROM ({inner}) c"
-            ),
-            crate::Backend::Postgres => format!(
-                "SELECT CAST(json_agg(json_build_array(c.ip, c.range_id, c.device_id, c.username, c.platform, c.client_hostname, c.last_updated, encode(c.ip_key, 'hex'), c.sort_value) ORDER BY {}) AS TEXT) FROM ({inner}) c",
-                order.replace("b.ip_key", "c.ip_key").replace(sort_value, "c.sort_value")
-            ),
-        };
+        // SQLite feeds the aggregate in the subquery's order (a co-routine over the
+        // ordered, limited scan); the export test checks the order across chunks
+        let sql = format!(
+            "SELECT json_group_array(json_array(c.ip, c.range_id, c.device_id, c.username, c.platform, c.client_hostname, c.last_updated, hex(c.ip_key), c.sort_value)) \
+             FROM (SELECT b.*, {sort_value} AS sort_value FROM bindings b{} ORDER BY {order} LIMIT {chunk_rows}) c",
+            chunk_filter.sql()
+        );
         let row = chunk_filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql))).fetch_one(pool).await?;
         let Some(text) = row.try_get::<Option<String>, _>(0)? else { return Ok(()) };
-        let mut chunk: Vec<ExportCells> = serde_json::from_str(&text).map_err(|error| StoreError::Corrupt(format!("export chunk: {error}")))?;
-        if backend == crate::Backend::Postgres && query.sort == BindingSort::Ip {
-            chunk.sort_unstable_by(|a, b| if query.descending { b.7.cmp(&a.7) } else { a.7.cmp(&b.7) });
-        }
+        let chunk: Vec<ExportCells> = serde_json::from_str(&text).map_err(|error| StoreError::Corrupt(format!("export chunk: {error}")))?;
         let count = chunk.len();
         let Some(last) = chunk.last() else { return Ok(()) };
         let key = decode_hex(&last.7).ok_or_else(|| StoreError::Corrupt("export cursor".into()))?;
         cursor = Some((last.8.clone(), key));
-        let mut rows = Vec::with_capacity(count);
-        for (ip, range_id, device_id, username, platform, client_hostname, last_updated, _, _) in chunk {
-            let (range_name, range_location) = ranges.get(&range_id).cloned().unwrap_or_default();
-            rows.push(BindingRow {
-                ip,
-                range_id,
-                range_name,
-                range_location,
-                device_id: device_id.unwrap_or_default(),
-                username: username.unwrap_or_default(),
-                platform: platform.unwrap_or_default(),
-                client_hostname: client_hostname.unwrap_or_default(),
-                last_updated,
-            });
-        }
+        let rows = chunk
+            .into_iter()
+            .map(|(ip, range_id, device_id, username, platform, client_hostname, last_updated, _, _)| {
+                export_row(ranges, (ip, range_id, device_id, username, platform, client_hostname, last_updated))
+            })
+            .collect();
         if sender.send(Ok(rows)).await.is_err() || count < chunk_rows {
             return Ok(());
         }
     }
 }
+
+/// A row of an export with its range's name and location.
+fn export_row(ranges: &HashMap<String, (String, Option<Location>)>, cells: ExportRow) -> BindingRow {
+    let (ip, range_id, device_id, username, platform, client_hostname, last_updated) = cells;
+    let (range_name, range_location) = ranges.get(&range_id).cloned().unwrap_or_default();
+    BindingRow {
+        ip,
+        range_id,
+        range_name,
+        range_location,
+        device_id: device_id.unwrap_or_default(),
+        username: username.unwrap_or_default(),
+        platform: platform.unwrap_or_default(),
+        client_hostname: client_hostname.unwrap_or_default(),
+        last_updated,
+    }
+}
+
+/// A PostgreSQL export part as one query whose rows stream as the CSV is sent: the
+/// server sends rows as fast as the connection takes them (no keyset round trips,
+/// no JSON packing), and the typed driver decodes them from the wire format. The
+/// channel (one chunk of `chunk_rows` rows) and the socket bound what is ahead.
+async fn export_rows_postgres(
+    pool: &sqlx::PgPool,
+    filter: &Filter,
+    query: &BindingQuery,
+    ranges: &HashMap<String, (String, Option<Location>)>,
+    chunk_rows: usize,
+    sender: &tokio::sync::mpsc::Sender<Result<Vec<BindingRow>>>,
+) -> Result<()> {
+    let direction = if query.descending { "DESC" } else { "ASC" };
+    let order = match export_sort_column(query.sort) {
+        Some(column) => format!("{column} {direction}, b.ip_key {direction}"),
+        None => format!("b.ip_key {direction}"),
+    };
+    let sql = format!(
+        "SELECT b.ip, b.range_id, b.device_id, b.username, b.platform, b.client_hostname, b.last_updated FROM bindings b{} ORDER BY {order}",
+        filter.sql()
+    );
+    let typed = filter.bind_postgres(sqlx::query_as::<_, ExportRow>(sqlx::AssertSqlSafe(sql)));
+    let mut rows = typed.fetch(pool);
+    let chunk_rows = chunk_rows.min(STREAMED_CHUNK_ROWS);
+    let mut chunk = Vec::with_capacity(chunk_rows);
+    while let Some(row) = rows.next().await {
+        chunk.push(export_row(ranges, row?));
+        if chunk.len() == chunk_rows && sender.send(Ok(std::mem::replace(&mut chunk, Vec::with_capacity(chunk_rows)))).await.is_err() {
+            return Ok(());
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = sender.send(Ok(chunk)).await;
+    }
+    Ok(())
+}
+
+/// Rows handed on at once from a streamed PostgreSQL export: no round trip per
+/// chunk, so small chunks cost nothing and keep what waits in channels small.
+const STREAMED_CHUNK_ROWS: usize = 1000;
+
+/// One exported row from PostgreSQL: ip, range id, device id, username, platform,
+/// client hostname, last update.
+type ExportRow = (String, String, Option<String>, Option<String>, Option<String>, Option<String>, i64);
 
 /// One exported row as the database packs it: ip, range id, device id, username,
 /// platform, client hostname, last update, address key in hex, sort value.

@@ -85,6 +85,9 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     writer: AnyPool,
+    /// PostgreSQL only: typed connections for streamed exports (rows decoded straight
+    /// from the wire format, without the `Any` driver's per-value conversions)
+    export_pool: Option<sqlx::PgPool>,
     backend: Backend,
     write_gate: Arc<tokio::sync::Mutex<()>>,
     export_chunk: Arc<std::sync::atomic::AtomicUsize>,
@@ -120,6 +123,10 @@ async fn checkpoint_in_background(pool: AnyPool) {
     }
 }
 
+/// Connections PostgreSQL exports may hold at once (an export in address order
+/// reads three ranges side by side).
+const EXPORT_CONNECTIONS: u32 = 6;
+
 /// Advisory lock key for range and migration changes on PostgreSQL.
 const PG_LOCK_SCHEMA: i64 = 0x7265_6163_6862_0001;
 const PG_LOCK_RANGES: i64 = 0x7265_6163_6862_0002;
@@ -141,9 +148,20 @@ impl Store {
             }
             Backend::Postgres => pool.clone(),
         };
+        let export_pool = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(EXPORT_CONNECTIONS)
+                    .min_connections(0)
+                    .acquire_timeout(Duration::from_secs(60))
+                    .connect_lazy_with(sqlx::postgres::PgConnectOptions::from_str(url)?),
+            ),
+        };
         let store = Store {
             pool,
             writer,
+            export_pool,
             backend,
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
             export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)),
@@ -185,6 +203,9 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Some(pool) = &self.export_pool {
+            pool.close().await;
+        }
         self.pool.close().await;
         self.writer.close().await;
     }
@@ -368,6 +389,21 @@ impl Filter {
 
     pub(crate) fn sql(&self) -> String {
         if self.clauses.is_empty() { String::new() } else { format!(" WHERE {}", self.clauses.join(" AND ")) }
+    }
+
+    /// The same values bound to a typed PostgreSQL query.
+    pub(crate) fn bind_postgres<'q, O>(
+        &'q self,
+        mut query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        for value in &self.values {
+            query = match value {
+                FilterValue::Text(text) => query.bind(text.as_str()),
+                FilterValue::Int(number) => query.bind(*number),
+                FilterValue::Bytes(bytes) => query.bind(bytes.as_slice()),
+            };
+        }
+        query
     }
 
     pub(crate) fn bind<'q>(

@@ -7,7 +7,8 @@
 //!     cargo bench -p reachback --bench control_plane                    # and PostgreSQL
 //!
 //! REACHBACK_BENCH_BINDINGS (default 1000000) sets the number of bindings;
-//! REACHBACK_BENCH_KEEP keeps the SQLite data directory in the temp folder;
+//! REACHBACK_BENCH_KEEP keeps the SQLite data directory in the temp folder (and the
+//! PostgreSQL database);
 //! REACHBACK_BENCH_CONNECTIONS (default 64) sets the concurrent enrollment connections.
 
 use std::process::{Child, Command, Stdio};
@@ -295,6 +296,10 @@ fn main() {
         assert!(status.success(), "cannot create the benchmark database");
         let base = admin_url.rsplit_once('/').map(|(base, _)| base.to_string()).unwrap_or(admin_url.clone());
         run("postgres", Some(format!("{base}/{name}")), bindings, connections);
-        let _ = Command::new("psql").args([admin_url.as_str(), "-qc", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")]).status();
+        if std::env::var("REACHBACK_BENCH_KEEP").is_ok() {
+            println!("  kept the database {name}");
+        } else {
+            let _ = Command::new("psql").args([admin_url.as_str(), "-qc", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")]).status();
+        }
     }
 }

@@ -736,16 +736,18 @@ async fn export_order_across_chunks(server: TestServer) {
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
     }
     server.state.as_ref().expect("state").store.set_export_chunk(4);
-    for sort in ["ip", "-ip", "username", "-username", "client_hostname", "-last_updated", "range_name", "-range_name", "platform"] {
-        let listed: Vec<String> = server.get(&format!("/api/v1/ip-bindings?sort={sort}&page_size=1000")).await.json()["items"]
+    let orders = ["ip", "-ip", "username", "-username", "client_hostname", "-last_updated", "range_name", "-range_name", "platform"];
+    let filtered = ["sort=-range_name&username=alice", "sort=range_name&range_name=u", "sort=-ip&range_location=nowhere", "sort=range_name&ip=100.64.0.0/16"];
+    for sort in orders.iter().map(|order| format!("sort={order}")).chain(filtered.iter().map(|query| query.to_string())) {
+        let listed: Vec<String> = server.get(&format!("/api/v1/ip-bindings?{sort}&page_size=1000")).await.json()["items"]
             .as_array()
             .expect("items")
             .iter()
             .map(|item| item["ip"].as_str().expect("ip").to_string())
             .collect();
-        let csv = server.get(&format!("/api/v1/ip-bindings/export.csv?sort={sort}")).await.text();
+        let csv = server.get(&format!("/api/v1/ip-bindings/export.csv?{sort}")).await.text();
         let exported: Vec<String> = csv.lines().skip(1).map(|line| line.split(',').next().expect("ip").to_string()).collect();
-        assert_eq!(exported, listed, "sort={sort}");
+        assert_eq!(exported, listed, "{sort}");
     }
     let filtered = server.get("/api/v1/ip-bindings/export.csv?username=alice&sort=-ip").await.text();
     assert_eq!(filtered.lines().count(), 1 + 10);
