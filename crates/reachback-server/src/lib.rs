@@ -41,9 +41,19 @@ pub use crate::state::{ServerConfig, SharedState};
 pub const BODY_LIMIT: usize = 64 * 1024;
 
 macro_rules! api_routes {
-    ($( $method:ident $path:literal => $handler:path, $role:literal, $status:literal, $summary:literal, [$($query:literal),*]; )*) => {
+    (@body) => { None };
+    (@body $body:path) => { Some($body) };
+    ($( $method:ident $path:literal => $handler:path, $role:literal, $status:literal, $summary:literal, [$($query:literal),*] $(, $body:path)?; )*) => {
         /// Every API route: the router is built from this table and the OpenAPI document generated from it.
-        pub const ROUTES: &[RouteDoc] = &[ $( RouteDoc { method: stringify!($method), path: $path, summary: $summary, role: $role, query: &[$($query),*], success: $status } ),* ];
+        pub const ROUTES: &[RouteDoc] = &[ $( RouteDoc {
+            method: stringify!($method),
+            path: $path,
+            summary: $summary,
+            role: $role,
+            query: &[$($query),*],
+            success: $status,
+            body: api_routes!(@body $($body)?),
+        } ),* ];
 
         fn api_router() -> Router<SharedState> {
             Router::new() $( .route($path, axum::routing::$method($handler)) )*
@@ -53,9 +63,9 @@ macro_rules! api_routes {
 
 api_routes! {
     get "/api/v1/ip-ranges" => ranges::list, "viewer", 200, "List IP ranges", ["page", "page_size", "sort", "name", "range", "city", "state", "country", "status"];
-    post "/api/v1/ip-ranges" => ranges::create, "admin", 201, "Create an IP range", [];
+    post "/api/v1/ip-ranges" => ranges::create, "admin", 201, "Create an IP range", [], ranges::BODY;
     get "/api/v1/ip-ranges/{id}" => ranges::get, "viewer", 200, "Get an IP range", [];
-    patch "/api/v1/ip-ranges/{id}" => ranges::patch, "admin", 200, "Change an IP range", [];
+    patch "/api/v1/ip-ranges/{id}" => ranges::patch, "admin", 200, "Change an IP range", [], ranges::BODY;
     delete "/api/v1/ip-ranges/{id}" => ranges::delete, "admin", 204, "Delete an IP range (force=true releases its bindings)", ["force"];
     post "/api/v1/ip-ranges/{id}/enable" => ranges::enable, "admin", 200, "Enable an IP range", [];
     post "/api/v1/ip-ranges/{id}/disable" => ranges::disable, "admin", 200, "Disable an IP range", [];
@@ -63,51 +73,51 @@ api_routes! {
     get "/api/v1/ip-bindings/export.csv" => bindings::export, "viewer", 200, "Export IP bindings as CSV", ["sort", "ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before"];
     get "/api/v1/ip-bindings/{ip}" => bindings::get, "viewer", 200, "Get the binding of an address", [];
     delete "/api/v1/ip-bindings/{ip}" => bindings::release, "admin", 204, "Release a binding into quarantine", [];
-    post "/api/v1/enrollment-keys" => keys::create, "admin", 201, "Create an enrollment key (secret shown once)", [];
+    post "/api/v1/enrollment-keys" => keys::create, "admin", 201, "Create an enrollment key (secret shown once)", [], keys::BODY;
     get "/api/v1/enrollment-keys" => keys::list, "viewer", 200, "List enrollment keys", ["page", "page_size", "sort", "username"];
     get "/api/v1/enrollment-keys/{id}" => keys::get, "viewer", 200, "Get an enrollment key", [];
     delete "/api/v1/enrollment-keys/{id}" => keys::revoke, "admin", 204, "Revoke an enrollment key", [];
-    post "/api/v1/enroll" => enroll::enroll, "none", 201, "Enroll a device (authenticated by its enrollment key)", [];
+    post "/api/v1/enroll" => enroll::enroll, "none", 201, "Enroll a device (authenticated by its enrollment key)", [], enroll::BODY;
     get "/api/v1/devices" => devices::list, "viewer", 200, "List devices", ["page", "page_size", "sort", "hostname", "username", "platform"];
     get "/api/v1/devices/{id}" => devices::get, "viewer", 200, "Get a device", [];
     delete "/api/v1/devices/{id}" => devices::delete, "admin", 204, "Delete a device: revoke, release, disconnect", [];
     get "/api/v1/me" => admin::me, "viewer", 200, "The caller's identity and role", [];
     get "/api/v1/admins" => admin::list_admins, "superadmin", 200, "List administrators", ["page", "page_size"];
-    post "/api/v1/admins" => admin::create_admin, "superadmin", 201, "Create an administrator", [];
+    post "/api/v1/admins" => admin::create_admin, "superadmin", 201, "Create an administrator", [], admin::ADMIN_BODY;
     get "/api/v1/admins/{id}" => admin::get_admin, "superadmin", 200, "Get an administrator", [];
-    patch "/api/v1/admins/{id}" => admin::patch_admin, "superadmin", 200, "Set or clear an administrator's console password", [];
+    patch "/api/v1/admins/{id}" => admin::patch_admin, "superadmin", 200, "Set or clear an administrator's console password", [], admin::PASSWORD_BODY;
     delete "/api/v1/admins/{id}" => admin::delete_admin, "superadmin", 204, "Delete an administrator", [];
     get "/api/v1/admins/{id}/api-keys" => admin::list_api_keys, "superadmin", 200, "List an administrator's API keys", [];
-    post "/api/v1/admins/{id}/api-keys" => admin::create_api_key, "superadmin", 201, "Create an API key (secret shown once)", [];
+    post "/api/v1/admins/{id}/api-keys" => admin::create_api_key, "superadmin", 201, "Create an API key (secret shown once)", [], admin::API_KEY_BODY;
     delete "/api/v1/admins/{id}/api-keys/{key_id}" => admin::delete_api_key, "superadmin", 204, "Delete an API key", [];
     get "/api/v1/admin-sessions" => admin::list_sessions, "superadmin", 200, "List admin sessions and API keys in use", ["page", "page_size", "admin_username"];
     delete "/api/v1/admin-sessions/{id}" => admin::delete_session, "superadmin", 204, "End an admin session or revoke its API key", [];
     get "/api/v1/settings" => admin::get_settings, "viewer", 200, "Get settings", [];
-    patch "/api/v1/settings" => admin::patch_settings, "admin", 200, "Change settings", [];
+    patch "/api/v1/settings" => admin::patch_settings, "admin", 200, "Change settings", [], admin::SETTINGS_BODY;
     get "/api/v1/client-sessions" => dataplane::list_sessions, "viewer", 200, "List live client sessions (agent tunnels)", ["page", "page_size", "sort", "client_hostname", "username", "virtual_ip", "platform"];
     delete "/api/v1/client-sessions/{id}" => dataplane::delete_session, "admin", 204, "Disconnect a client session", [];
     get "/api/v1/app-segments" => dataplane::list_segments, "viewer", 200, "List application segments", ["page", "page_size", "sort", "name", "enabled"];
-    post "/api/v1/app-segments" => dataplane::create_segment, "admin", 201, "Create an application segment", [];
+    post "/api/v1/app-segments" => dataplane::create_segment, "admin", 201, "Create an application segment", [], dataplane::SEGMENT_BODY;
     get "/api/v1/app-segments/{id}" => dataplane::get_segment, "viewer", 200, "Get an application segment", [];
-    patch "/api/v1/app-segments/{id}" => dataplane::patch_segment, "admin", 200, "Change an application segment", [];
+    patch "/api/v1/app-segments/{id}" => dataplane::patch_segment, "admin", 200, "Change an application segment", [], dataplane::SEGMENT_BODY;
     delete "/api/v1/app-segments/{id}" => dataplane::delete_segment, "admin", 204, "Delete an application segment (409 while a policy names it)", [];
     get "/api/v1/access-policies" => dataplane::list_policies, "viewer", 200, "List access policies in evaluation order", ["page", "page_size", "sort", "name", "enabled"];
-    post "/api/v1/access-policies" => dataplane::create_policy, "admin", 201, "Create an access policy", [];
+    post "/api/v1/access-policies" => dataplane::create_policy, "admin", 201, "Create an access policy", [], dataplane::POLICY_BODY;
     get "/api/v1/access-policies/{id}" => dataplane::get_policy, "viewer", 200, "Get an access policy", [];
-    patch "/api/v1/access-policies/{id}" => dataplane::patch_policy, "admin", 200, "Change an access policy", [];
+    patch "/api/v1/access-policies/{id}" => dataplane::patch_policy, "admin", 200, "Change an access policy", [], dataplane::POLICY_BODY;
     delete "/api/v1/access-policies/{id}" => dataplane::delete_policy, "admin", 204, "Delete an access policy", [];
     get "/api/v1/connectors" => dataplane::list_connectors, "viewer", 200, "List connectors with their status", ["page", "page_size", "name", "status"];
-    post "/api/v1/connectors" => dataplane::create_connector, "admin", 201, "Create a connector (provisioning key shown once)", [];
-    post "/api/v1/connectors/enroll" => dataplane::enroll_connector, "none", 200, "Enroll a connector (authenticated by its provisioning key)", [];
+    post "/api/v1/connectors" => dataplane::create_connector, "admin", 201, "Create a connector (provisioning key shown once)", [], dataplane::CONNECTOR_BODY;
+    post "/api/v1/connectors/enroll" => dataplane::enroll_connector, "none", 200, "Enroll a connector (authenticated by its provisioning key)", [], dataplane::CONNECTOR_ENROLL_BODY;
     get "/api/v1/connectors/{id}" => dataplane::get_connector, "viewer", 200, "Get a connector", [];
     delete "/api/v1/connectors/{id}" => dataplane::delete_connector, "admin", 204, "Revoke a connector and disconnect it", [];
-    post "/api/v1/auth/login" => console_api::login, "none", 200, "Console sign-in with username and password (sets the session cookie, returns the CSRF token)", [];
+    post "/api/v1/auth/login" => console_api::login, "none", 200, "Console sign-in with username and password (sets the session cookie, returns the CSRF token)", [], console_api::LOGIN_BODY;
     post "/api/v1/auth/logout" => console_api::logout, "viewer", 204, "Console sign-out", [];
     get "/api/v1/stats/ranges/{id}/top-users" => console_api::range_top_users, "viewer", 200, "The users with the most bindings in a range", [];
     get "/api/v1/stats/bindings" => console_api::binding_stats, "viewer", 200, "Bound addresses per platform (for the dashboard)", [];
     get "/api/v1/stats/enrollments" => console_api::enrollment_stats, "viewer", 200, "Enrollments per day (for the dashboard)", ["days"];
     get "/api/v1/saved-filters" => console_api::list_filters, "viewer", 200, "The caller's saved filters", ["page"];
-    post "/api/v1/saved-filters" => console_api::save_filter, "viewer", 201, "Save a filter under a name (replaces one of the same name)", [];
+    post "/api/v1/saved-filters" => console_api::save_filter, "viewer", 201, "Save a filter under a name (replaces one of the same name)", [], console_api::FILTER_BODY;
     delete "/api/v1/saved-filters/{id}" => console_api::delete_filter, "viewer", 204, "Delete a saved filter", [];
     get "/api/v1/audit-logs" => audit::list, "viewer", 200, "List audit-log entries, newest first", ["page", "page_size", "sort", "actor", "action", "resource_type", "after", "before"];
     get "/api/v1/audit-logs/export.csv" => audit::export, "viewer", 200, "Export the audit log as CSV", ["sort", "actor", "action", "resource_type", "after", "before"];

@@ -10,6 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use crate::request::{BodyField, Kind};
 use crate::state::SharedState;
 
 pub async fn healthz() -> Json<Value> {
@@ -66,6 +67,29 @@ pub struct RouteDoc {
     pub role: &'static str,
     pub query: &'static [&'static str],
     pub success: u16,
+    /// the fields the request body may carry (the handler refuses others)
+    pub body: Option<&'static [BodyField]>,
+}
+
+/// The JSON schema of one request-body field.
+fn field_schema(field: &BodyField) -> Value {
+    let schema = match field.kind {
+        Kind::Text => json!({"type": "string"}),
+        Kind::Time => json!({"type": "string", "format": "date-time"}),
+        Kind::Pem => json!({"type": "string", "description": "PEM public key (P-256 or Ed25519)"}),
+        Kind::Flag => json!({"type": "boolean"}),
+        Kind::Integer => json!({"type": "integer"}),
+        Kind::TextList => json!({"type": "array", "items": {"type": "string"}}),
+        Kind::Location => json!({"$ref": "#/components/schemas/Location"}),
+    };
+    if field.nullable { json!({"oneOf": [schema, {"type": "null"}]}) } else { schema }
+}
+
+/// The JSON schema of a request body: its fields, no others; PATCH requires none.
+fn body_schema(method: &str, fields: &[BodyField]) -> Value {
+    let properties: serde_json::Map<String, Value> = fields.iter().map(|field| (field.name.to_string(), field_schema(field))).collect();
+    let required: Vec<&str> = if method == "patch" { Vec::new() } else { fields.iter().filter(|field| field.required).map(|field| field.name).collect() };
+    json!({"type": "object", "properties": properties, "required": required, "additionalProperties": false})
 }
 
 pub fn openapi(routes: &[RouteDoc]) -> Value {
@@ -103,8 +127,8 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
         if route.role == "none" {
             operation["security"] = json!([]);
         }
-        if matches!(route.method, "post" | "patch") {
-            operation["requestBody"] = json!({"content": {"application/json": {"schema": {"type": "object"}}}});
+        if let Some(fields) = route.body {
+            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": body_schema(route.method, fields)}}});
         }
         entry[route.method] = operation;
     }
@@ -116,7 +140,12 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Problem": {"type": "object", "required": ["title", "status", "detail"], "properties": {
+            "schemas": {
+            "Location": {"type": "object", "additionalProperties": false, "properties": {
+                "city": {"type": "string"}, "state": {"type": "string"}, "country": {"type": "string", "description": "ISO 3166-1 alpha-2"},
+                "latitude": {"type": "number", "minimum": -90, "maximum": 90}, "longitude": {"type": "number", "minimum": -180, "maximum": 180}
+            }},
+            "Problem": {"type": "object", "required": ["title", "status", "detail"], "properties": {
                 "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {"type": "string"},
                 "errors": {"type": "array", "items": {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}}
             }}}

@@ -39,6 +39,48 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     }
 }
 
+/// The JSON type of a request-body field, as the OpenAPI document shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    /// an RFC 3339 timestamp
+    Time,
+    /// a PEM public key
+    Pem,
+    Flag,
+    Integer,
+    TextList,
+    /// `{city, state, country, latitude, longitude}`
+    Location,
+}
+
+/// A field a request body may carry. Each handler declares its fields once: the
+/// handler refuses any other field with them, and the OpenAPI document shows them.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyField {
+    pub name: &'static str,
+    pub kind: Kind,
+    /// required when creating (PATCH bodies never require a field)
+    pub required: bool,
+    /// `null` is meaningful (it clears the value)
+    pub nullable: bool,
+}
+
+/// A field that may be left out.
+pub const fn optional(name: &'static str, kind: Kind) -> BodyField {
+    BodyField { name, kind, required: false, nullable: false }
+}
+
+/// A field that must be present.
+pub const fn required(name: &'static str, kind: Kind) -> BodyField {
+    BodyField { name, kind, required: true, nullable: false }
+}
+
+/// A field whose `null` clears the value.
+pub const fn clearable(name: &'static str, kind: Kind) -> BodyField {
+    BodyField { name, kind, required: false, nullable: true }
+}
+
 /// Reads typed fields out of a JSON object, collecting every problem.
 pub struct Fields {
     map: Map<String, Value>,
@@ -47,10 +89,11 @@ pub struct Fields {
 
 impl Fields {
     /// Refuses (400) any key not in `allowed`.
-    pub fn new(JsonObject(map): JsonObject, allowed: &[&str]) -> Result<Self, ApiError> {
-        let unknown: Vec<&str> = map.keys().map(String::as_str).filter(|key| !allowed.contains(key)).collect();
+    pub fn new(JsonObject(map): JsonObject, allowed: &[BodyField]) -> Result<Self, ApiError> {
+        let unknown: Vec<&str> = map.keys().map(String::as_str).filter(|key| !allowed.iter().any(|field| field.name == *key)).collect();
         if !unknown.is_empty() {
-            return Err(ApiError::bad_request(format!("unknown field(s): {}; allowed: {}", unknown.join(", "), allowed.join(", "))));
+            let names: Vec<&str> = allowed.iter().map(|field| field.name).collect();
+            return Err(ApiError::bad_request(format!("unknown field(s): {}; allowed: {}", unknown.join(", "), names.join(", "))));
         }
         Ok(Fields { map, errors: Vec::new() })
     }

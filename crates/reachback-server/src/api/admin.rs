@@ -10,7 +10,21 @@ use crate::api::{created, list_json, no_content, page_of};
 use crate::auth::{Caller, Role};
 use crate::crypto::{hash_password, hash_secret, new_secret};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{Fields, JsonObject, QueryParams, format_time};
+use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, clearable, format_time, optional, required};
+
+/// The fields of a new administrator.
+pub const ADMIN_BODY: &[BodyField] = &[required("username", Kind::Text), required("role", Kind::Text), optional("password", Kind::Text)];
+/// An administrator's console password (`null` clears it).
+pub const PASSWORD_BODY: &[BodyField] = &[clearable("password", Kind::Text)];
+/// The fields of a new API key.
+pub const API_KEY_BODY: &[BodyField] = &[required("name", Kind::Text)];
+/// The settings an admin may change.
+pub const SETTINGS_BODY: &[BodyField] = &[
+    optional("client_domains", Kind::TextList),
+    optional("binding_idle_ttl_seconds", Kind::Integer),
+    optional("release_quarantine_seconds", Kind::Integer),
+    optional("export_limit", Kind::Integer),
+];
 use crate::state::{Settings, SharedState};
 use crate::validate;
 
@@ -51,7 +65,7 @@ pub async fn me(caller: Caller) -> Json<Value> {
 
 pub async fn create_admin(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Superadmin)?;
-    let mut fields = Fields::new(body, &["username", "role", "password"])?;
+    let mut fields = Fields::new(body, ADMIN_BODY)?;
     let username = fields.string("username", true).map(|name| name.trim().to_string());
     if let Some(username) = &username {
         if username.is_empty() {
@@ -96,7 +110,7 @@ pub async fn get_admin(State(state): State<SharedState>, caller: Caller, Path(id
 /// Changes an admin's password (superadmin; `null` clears it).
 pub async fn patch_admin(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
     caller.require(Role::Superadmin)?;
-    let mut fields = Fields::new(body, &["password"])?;
+    let mut fields = Fields::new(body, PASSWORD_BODY)?;
     let clear = fields.raw("password").is_some_and(Value::is_null);
     let password = fields.string("password", !clear);
     check_password(&mut fields, &password);
@@ -131,7 +145,7 @@ fn api_key_json(row: &ApiKeyRow) -> Value {
 
 pub async fn create_api_key(State(state): State<SharedState>, caller: Caller, Path(admin_id): Path<String>, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Superadmin)?;
-    let mut fields = Fields::new(body, &["name"])?;
+    let mut fields = Fields::new(body, API_KEY_BODY)?;
     let name = fields.string("name", true).map(|name| name.trim().to_string());
     if let Some(name) = &name {
         if name.is_empty() {
@@ -205,7 +219,7 @@ pub async fn get_settings(State(state): State<SharedState>, caller: Caller) -> A
 
 pub async fn patch_settings(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
-    let mut fields = Fields::new(body, &["client_domains", "binding_idle_ttl_seconds", "release_quarantine_seconds", "export_limit"])?;
+    let mut fields = Fields::new(body, SETTINGS_BODY)?;
     let before = state.settings();
     let mut after = before.clone();
     if let Some(domains) = fields.string_list("client_domains") {

@@ -12,7 +12,12 @@ use crate::api::{created, no_content};
 use crate::auth::{Caller, ClientIp, Role, SESSION_COOKIE};
 use crate::crypto::{hash_secret, new_secret, verify_password};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{Fields, JsonObject, QueryParams};
+use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, required};
+
+/// The fields of a console sign-in.
+pub const LOGIN_BODY: &[BodyField] = &[required("username", Kind::Text), required("password", Kind::Text)];
+/// The fields of a saved filter: the console page, a name and the page's query string.
+pub const FILTER_BODY: &[BodyField] = &[required("page", Kind::Text), required("name", Kind::Text), required("query", Kind::Text)];
 use crate::state::SharedState;
 use crate::validate;
 
@@ -48,7 +53,7 @@ fn session_cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
 }
 
 pub async fn login(State(state): State<SharedState>, connect: ClientIp, headers: HeaderMap, body: JsonObject) -> ApiResult<Response> {
-    let mut fields = Fields::new(body, &["username", "password"])?;
+    let mut fields = Fields::new(body, LOGIN_BODY)?;
     let username = fields.string("username", true).unwrap_or_default();
     let password = fields.string("password", true).unwrap_or_default();
     fields.finish()?;
@@ -158,7 +163,7 @@ pub async fn list_filters(State(state): State<SharedState>, caller: Caller, RawQ
 
 pub async fn save_filter(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Viewer)?;
-    let mut fields = Fields::new(body, &["page", "name", "query"])?;
+    let mut fields = Fields::new(body, FILTER_BODY)?;
     let page = fields.string("page", true).unwrap_or_default();
     if !page.is_empty() && !PAGES.contains(&page.as_str()) {
         fields.error("page", format!("must be one of: {}", PAGES.join(", ")));

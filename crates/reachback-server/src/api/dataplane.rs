@@ -12,7 +12,7 @@ use crate::api::{created, list_json, no_content, page_of};
 use crate::auth::{Caller, Role};
 use crate::crypto::{CertificateAuthority, hash_secret, new_secret};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{Fields, JsonObject, QueryParams, format_time};
+use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, format_time, optional, required};
 use crate::state::SharedState;
 use crate::validate;
 
@@ -201,20 +201,43 @@ async fn read_policy(state: &SharedState, fields: &mut Fields, base: Option<&Doc
     Ok((name, spec, order, enabled))
 }
 
-const SEGMENT_FIELDS: &[&str] = &["name", "destinations", "tcp_ports", "udp_ports", "enabled"];
-const POLICY_FIELDS: &[&str] = &["name", "order", "action", "segment_ids", "connector_ids", "source_cidrs", "usernames", "platforms", "range_ids", "enabled"];
+/// The fields of an application segment; `name` and `destinations` are required when creating.
+pub const SEGMENT_BODY: &[BodyField] = &[
+    required("name", Kind::Text),
+    required("destinations", Kind::TextList),
+    optional("tcp_ports", Kind::TextList),
+    optional("udp_ports", Kind::TextList),
+    optional("enabled", Kind::Flag),
+];
+/// The fields of an access policy; `name` and `action` are required when creating.
+pub const POLICY_BODY: &[BodyField] = &[
+    required("name", Kind::Text),
+    optional("order", Kind::Integer),
+    required("action", Kind::Text),
+    optional("segment_ids", Kind::TextList),
+    optional("connector_ids", Kind::TextList),
+    optional("source_cidrs", Kind::TextList),
+    optional("usernames", Kind::TextList),
+    optional("platforms", Kind::TextList),
+    optional("range_ids", Kind::TextList),
+    optional("enabled", Kind::Flag),
+];
+/// The fields of a new connector.
+pub const CONNECTOR_BODY: &[BodyField] = &[required("name", Kind::Text)];
+/// The fields of a connector's enrollment.
+pub const CONNECTOR_ENROLL_BODY: &[BodyField] = &[required("provisioning_key", Kind::Text), required("public_key", Kind::Pem)];
 
 async fn create_doc(state: SharedState, caller: Caller, body: JsonObject, kind: DocKind) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
     let (name, spec, order, enabled) = match kind {
         DocKind::Segment => {
-            let mut fields = Fields::new(body, SEGMENT_FIELDS)?;
+            let mut fields = Fields::new(body, SEGMENT_BODY)?;
             let (name, spec, enabled) = read_segment(&mut fields, None);
             fields.finish()?;
             (name, spec, Some(0), enabled)
         }
         DocKind::Policy => {
-            let mut fields = Fields::new(body, POLICY_FIELDS)?;
+            let mut fields = Fields::new(body, POLICY_BODY)?;
             let read = read_policy(&state, &mut fields, None).await?;
             fields.finish()?;
             read
@@ -246,13 +269,13 @@ async fn patch_doc(state: SharedState, caller: Caller, id: String, body: JsonObj
     let base = state.store.get_doc(kind, &id).await.map_err(|error| ApiError::not_found_or(error, doc_kind_name(kind)))?;
     let (name, spec, order, enabled) = match kind {
         DocKind::Segment => {
-            let mut fields = Fields::new(body, SEGMENT_FIELDS)?;
+            let mut fields = Fields::new(body, SEGMENT_BODY)?;
             let (name, spec, enabled) = read_segment(&mut fields, Some(&base));
             fields.finish()?;
             (name, spec, base.position, enabled)
         }
         DocKind::Policy => {
-            let mut fields = Fields::new(body, POLICY_FIELDS)?;
+            let mut fields = Fields::new(body, POLICY_BODY)?;
             let (name, spec, order, enabled) = read_policy(&state, &mut fields, Some(&base)).await?;
             fields.finish()?;
             (name, spec, order.unwrap_or(base.position), enabled)
@@ -369,7 +392,7 @@ fn connector_json(state: &SharedState, row: &ConnectorRow) -> Value {
 
 pub async fn create_connector(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
-    let mut fields = Fields::new(body, &["name"])?;
+    let mut fields = Fields::new(body, CONNECTOR_BODY)?;
     let name = name_field(&mut fields, None);
     fields.finish()?;
     let secret = new_secret("rbc_");
@@ -428,7 +451,7 @@ pub async fn delete_connector(State(state): State<SharedState>, caller: Caller, 
 /// public key for a certificate. Authenticated by the key; a new enrollment
 /// replaces the connector's earlier certificate.
 pub async fn enroll_connector(State(state): State<SharedState>, body: JsonObject) -> ApiResult<Json<Value>> {
-    let mut fields = Fields::new(body, &["provisioning_key", "public_key"])?;
+    let mut fields = Fields::new(body, CONNECTOR_ENROLL_BODY)?;
     let secret = fields.string("provisioning_key", false).unwrap_or_default();
     if secret.is_empty() || secret.len() > 256 {
         return Err(ApiError::unauthorized("the provisioning key is missing or not valid"));

@@ -10,7 +10,16 @@ use tokio::sync::oneshot;
 
 use crate::crypto::{CertificateAuthority, hash_secret};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{Fields, JsonObject};
+use crate::request::{BodyField, Fields, JsonObject, Kind, optional, required};
+
+/// The fields of an enrollment.
+pub const BODY: &[BodyField] = &[
+    required("enrollment_key", Kind::Text),
+    required("hostname", Kind::Text),
+    required("platform", Kind::Text),
+    required("public_key", Kind::Pem),
+    optional("location", Kind::Location),
+];
 use crate::state::SharedState;
 use crate::validate;
 use crate::writer::EnrollRequest;
@@ -31,7 +40,7 @@ pub async fn enroll(State(state): State<SharedState>, body: JsonObject) -> ApiRe
 }
 
 async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(StatusCode, serde_json::Value)> {
-    let mut fields = Fields::new(body, &["enrollment_key", "hostname", "platform", "public_key", "location"])?;
+    let mut fields = Fields::new(body, BODY)?;
     // authentication comes first: a bad key is a 401 whatever else is wrong
     let secret = fields.string("enrollment_key", false).unwrap_or_default();
     if secret.is_empty() || secret.len() > 256 {

@@ -10,7 +10,11 @@ use crate::api::{created, list_json, no_content, page_of};
 use crate::auth::{Caller, Role};
 use crate::crypto::{hash_secret, new_secret};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{Fields, JsonObject, QueryParams, format_time, parse_time};
+use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, format_time, optional, parse_time, required};
+
+/// The fields of a new enrollment key.
+pub const BODY: &[BodyField] =
+    &[required("username", Kind::Text), optional("reusable", Kind::Flag), optional("expires_at", Kind::Time), optional("description", Kind::Text)];
 use crate::state::SharedState;
 use crate::validate;
 
@@ -29,7 +33,7 @@ pub fn key_json(row: &EnrollmentKeyRow) -> Value {
 
 pub async fn create(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
-    let mut fields = Fields::new(body, &["username", "reusable", "expires_at", "description"])?;
+    let mut fields = Fields::new(body, BODY)?;
     let username = fields.string("username", true).map(|name| name.trim().to_string());
     if let Some(username) = &username {
         if username.is_empty() {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::api::{count_json, created, list_json, location_json, no_content, page_of};
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{Fields, JsonObject, QueryParams, format_time};
+use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, clearable, format_time, optional, required};
 use crate::state::SharedState;
 use crate::validate;
 
@@ -33,7 +33,14 @@ fn spec_of(row: &RangeRow) -> RangeSpec {
     RangeSpec { id: row.id.clone(), name: row.name.clone(), range: row.range, location: row.location.clone(), enabled: row.enabled }
 }
 
-const FIELDS: &[&str] = &["name", "description", "range", "location", "enabled"];
+/// The fields of a range; `name` and `range` are required when creating.
+pub const BODY: &[BodyField] = &[
+    required("name", Kind::Text),
+    optional("description", Kind::Text),
+    required("range", Kind::Text),
+    clearable("location", Kind::Location),
+    optional("enabled", Kind::Flag),
+];
 
 /// Reads the writable fields over `base` (all required when there is no base).
 fn read_write(mut fields: Fields, base: Option<&RangeRow>) -> ApiResult<RangeWrite> {
@@ -94,7 +101,7 @@ fn overlap_error(error: reachback_store::StoreError) -> ApiError {
 
 pub async fn create(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
-    let write = read_write(Fields::new(body, FIELDS)?, None)?;
+    let write = read_write(Fields::new(body, BODY)?, None)?;
     let id = new_id();
     let mut engine = state.engine.lock().await;
     let row = state
@@ -192,7 +199,7 @@ async fn apply(state: &SharedState, caller: &Caller, id: &str, action: &str, bui
 
 pub async fn patch(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
-    let fields = Fields::new(body, FIELDS)?;
+    let fields = Fields::new(body, BODY)?;
     apply(&state, &caller, &id, "update", move |current| read_write(fields, Some(current))).await
 }
 

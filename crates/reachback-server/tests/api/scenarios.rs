@@ -608,6 +608,35 @@ async fn operations_endpoints(server: TestServer) {
         assert!(!reply.status.is_server_error(), "{} {}: {}", route.method, route.path, reply.text());
     }
     assert_eq!(server.get("/api/v1/nothing-here").await.status, StatusCode::NOT_FOUND);
+    // request bodies as documented: the schema's fields are exactly those the handler
+    // takes (an unknown field is refused with the list of allowed ones)
+    let ranges = &openapi["paths"]["/api/v1/ip-ranges"];
+    assert_eq!(ranges["post"]["requestBody"]["content"]["application/json"]["schema"]["required"], json!(["name", "range"]));
+    assert_eq!(ranges["post"]["requestBody"]["content"]["application/json"]["schema"]["additionalProperties"], false);
+    let patch = &openapi["paths"]["/api/v1/ip-ranges/{id}"]["patch"]["requestBody"]["content"]["application/json"]["schema"];
+    assert_eq!(patch["required"], json!([]));
+    assert_eq!(patch["properties"]["location"]["oneOf"][0]["$ref"], "#/components/schemas/Location");
+    let mut checked = 0;
+    for (path, operations) in openapi["paths"].as_object().expect("paths") {
+        for (method, operation) in operations.as_object().expect("operations") {
+            let Some(schema) = operation.pointer("/requestBody/content/application~1json/schema") else { continue };
+            if path.contains('{') {
+                continue;
+            }
+            let documented: Vec<&str> = schema["properties"].as_object().expect("properties").keys().map(String::as_str).collect();
+            let reply =
+                server.call(Method::from_bytes(method.to_uppercase().as_bytes()).expect("method"), path, Some(json!({"not_a_field": 1})), Some(TOKEN)).await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{method} {path}: {}", reply.text());
+            let detail = reply.json()["detail"].as_str().expect("detail").to_string();
+            let allowed: Vec<&str> = detail.rsplit_once("allowed: ").expect("allowed list").1.split(", ").collect();
+            let (mut allowed, mut documented) = (allowed, documented);
+            allowed.sort();
+            documented.sort();
+            assert_eq!(allowed, documented, "{method} {path}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} request bodies checked");
 }
 
 async fn hostile_input(server: TestServer) {
