@@ -305,9 +305,10 @@ impl Store {
                     }
                     let (pool, export_pool, query, ranges) = (pool.clone(), export_pool.clone(), query.clone(), ranges.clone());
                     tokio::spawn(async move {
+                        let part = ExportPart { filter: &part_filter, query: &query, ranges: &ranges, chunk_rows, sender: &part_sender };
                         let read = match &export_pool {
-                            Some(export_pool) => export_rows_postgres(export_pool, &part_filter, &query, &ranges, chunk_rows, &part_sender).await,
-                            None => export_chunks_sqlite(&pool, &part_filter, &query, &ranges, chunk_rows, &part_sender).await,
+                            Some(export_pool) => export_rows_postgres(export_pool, &part).await,
+                            None => export_chunks_sqlite(&pool, &part).await,
                         };
                         if let Err(error) = read {
                             let _ = part_sender.send(Err(error)).await;
@@ -490,6 +491,17 @@ const EXPORT_RANGES_AHEAD_POSTGRES: usize = 3;
 /// From this many rows to skip on, a page is found before its rows are read.
 const DEFERRED_JOIN_OFFSET: i64 = 200;
 
+/// One part of an export: which rows, in which order, and where they go.
+#[derive(Clone, Copy)]
+struct ExportPart<'a> {
+    filter: &'a Filter,
+    query: &'a BindingQuery,
+    /// name and location of every range, by id
+    ranges: &'a HashMap<String, (String, Option<Location>)>,
+    chunk_rows: usize,
+    sender: &'a tokio::sync::mpsc::Sender<Result<Vec<BindingRow>>>,
+}
+
 /// The column a part of an export is ordered by before the address key: none in
 /// address order, and none in range-name order, where every part is one range.
 fn export_sort_column(sort: BindingSort) -> Option<&'static str> {
@@ -504,14 +516,8 @@ fn export_sort_column(sort: BindingSort) -> Option<&'static str> {
 
 /// An SQLite export part in chunks of `chunk_rows` rows, each packed by the database
 /// into one JSON value and continued from the last row's sort key (keyset).
-async fn export_chunks_sqlite(
-    pool: &sqlx::AnyPool,
-    filter: &Filter,
-    query: &BindingQuery,
-    ranges: &HashMap<String, (String, Option<Location>)>,
-    chunk_rows: usize,
-    sender: &tokio::sync::mpsc::Sender<Result<Vec<BindingRow>>>,
-) -> Result<()> {
+async fn export_chunks_sqlite(pool: &sqlx::AnyPool, part: &ExportPart<'_>) -> Result<()> {
+    let ExportPart { filter, query, ranges, chunk_rows, sender } = *part;
     let (direction, comparison) = if query.descending { ("DESC", "<") } else { ("ASC", ">") };
     let column = export_sort_column(query.sort);
     let order = match column {
@@ -580,14 +586,8 @@ fn export_row(ranges: &HashMap<String, (String, Option<Location>)>, cells: Expor
 /// server sends rows as fast as the connection takes them (no keyset round trips,
 /// no JSON packing), and the typed driver decodes them from the wire format. The
 /// channel (one chunk of `chunk_rows` rows) and the socket bound what is ahead.
-async fn export_rows_postgres(
-    pool: &sqlx::PgPool,
-    filter: &Filter,
-    query: &BindingQuery,
-    ranges: &HashMap<String, (String, Option<Location>)>,
-    chunk_rows: usize,
-    sender: &tokio::sync::mpsc::Sender<Result<Vec<BindingRow>>>,
-) -> Result<()> {
+async fn export_rows_postgres(pool: &sqlx::PgPool, part: &ExportPart<'_>) -> Result<()> {
+    let ExportPart { filter, query, ranges, chunk_rows, sender } = *part;
     let direction = if query.descending { "DESC" } else { "ASC" };
     let order = match export_sort_column(query.sort) {
         Some(column) => format!("{column} {direction}, b.ip_key {direction}"),

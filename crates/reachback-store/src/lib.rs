@@ -109,16 +109,30 @@ const WAL_BACKSTOP_PAGES: u32 = 65536;
 /// Copies the SQLite write-ahead log into the database file every quarter second,
 /// on a connection of the read pool: a passive checkpoint never waits for the
 /// writer or readers, and the writer no longer stops in the middle of a commit to
-/// copy pages and wait for `fsync`. Ends when the pool closes.
+/// copy pages and wait for `fsync`.
 async fn checkpoint_in_background(pool: AnyPool) {
-    let mut interval = tokio::time::interval(Duration::from_millis(250));
+    repeat_until_closed(pool, Duration::from_millis(250), "background checkpoint", |pool| async move {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Runs `task` every `period` until the pool closes; a failure is logged and the
+/// next round tried.
+async fn repeat_until_closed<F, Fut>(pool: AnyPool, period: Duration, what: &'static str, task: F)
+where
+    F: Fn(AnyPool) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !pool.is_closed() {
         interval.tick().await;
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await
+        if let Err(error) = task(pool.clone()).await
             && !pool.is_closed()
         {
-            tracing::debug!(%error, "background checkpoint failed");
+            tracing::debug!(%error, task = what, "failed");
         }
     }
 }
@@ -149,16 +163,11 @@ const VACUUM_AFTER_ROWS: i64 = 10_000;
 /// fifth of a table to change (200,000 rows of a million) and may be off.
 /// One replica at a time (advisory lock); ends when the pool closes.
 async fn vacuum_in_background(pool: AnyPool) {
-    let mut interval = tokio::time::interval(Duration::from_secs(10));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !pool.is_closed() {
-        interval.tick().await;
-        if let Err(error) = vacuum_if_due(&pool, VACUUM_AFTER_ROWS).await
-            && !pool.is_closed()
-        {
-            tracing::debug!(%error, "background vacuum failed");
-        }
-    }
+    repeat_until_closed(pool, Duration::from_secs(10), "background vacuum", |pool| async move {
+        vacuum_if_due(&pool, VACUUM_AFTER_ROWS).await?;
+        Ok(())
+    })
+    .await
 }
 
 /// Vacuums (and analyses) each listed table with at least `after_rows` rows changed
