@@ -597,8 +597,8 @@ async fn export_rows_postgres(pool: &sqlx::PgPool, part: &ExportPart<'_>) -> Res
         "SELECT b.ip, b.range_id, b.device_id, b.username, b.platform, b.client_hostname, b.last_updated FROM bindings b{} ORDER BY {order}",
         filter.sql()
     );
-    let typed = filter.bind_postgres(sqlx::query_as::<_, ExportRow>(sqlx::AssertSqlSafe(sql)));
-    let mut rows = typed.fetch(pool);
+    let typed = filter.bind(sqlx::query::<sqlx::Postgres>(sqlx::AssertSqlSafe(sql)));
+    let mut rows = typed.try_map(|row: sqlx::postgres::PgRow| <ExportRow as sqlx::FromRow<_>>::from_row(&row)).fetch(pool);
     let chunk_rows = chunk_rows.min(STREAMED_CHUNK_ROWS);
     let mut chunk = Vec::with_capacity(chunk_rows);
     while let Some(row) = rows.next().await {

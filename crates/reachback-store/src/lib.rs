@@ -476,25 +476,15 @@ impl Filter {
         if self.clauses.is_empty() { String::new() } else { format!(" WHERE {}", self.clauses.join(" AND ")) }
     }
 
-    /// The same values bound to a typed PostgreSQL query.
-    pub(crate) fn bind_postgres<'q, O>(
-        &'q self,
-        mut query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
-        for value in &self.values {
-            query = match value {
-                FilterValue::Text(text) => query.bind(text.as_str()),
-                FilterValue::Int(number) => query.bind(*number),
-                FilterValue::Bytes(bytes) => query.bind(bytes.as_slice()),
-            };
-        }
-        query
-    }
-
-    pub(crate) fn bind<'q>(
-        &'q self,
-        mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    /// Binds the values, in order, to a query of either driver (`Any`, or the typed
+    /// PostgreSQL one that exports use).
+    pub(crate) fn bind<'q, DB>(&self, mut query: sqlx::query::Query<'q, DB, DB::Arguments>) -> sqlx::query::Query<'q, DB, DB::Arguments>
+    where
+        DB: sqlx::Database,
+        for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+        for<'t> &'t [u8]: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+        for<'t> i64: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    {
         for value in &self.values {
             query = match value {
                 FilterValue::Text(text) => query.bind(text.as_str()),
