@@ -152,6 +152,20 @@ impl Store {
             }
             let placeholders = vec!["?"; ranges.len()].join(", ");
             filter.push(&format!("b.range_id IN ({placeholders})"), ranges.iter().map(|range| FilterValue::Text(range.id.clone())));
+            // a few ranges: their address blocks, so the primary key narrows the rows
+            if ranges.len() <= MAX_RANGE_BLOCKS {
+                let blocks = vec!["b.ip_key BETWEEN ? AND ?"; ranges.len()].join(" OR ");
+                filter.push(
+                    &format!("({blocks})"),
+                    ranges.iter().flat_map(|range| {
+                        let family = range.range.family();
+                        [
+                            FilterValue::Bytes(address_key(family, range.range.first()).to_vec()),
+                            FilterValue::Bytes(address_key(family, range.range.last()).to_vec()),
+                        ]
+                    }),
+                );
+            }
         }
         if let Some((first, last)) = query.ip_keys {
             filter.push("b.ip_key >= ? AND b.ip_key <= ?", [FilterValue::Bytes(first.to_vec()), FilterValue::Bytes(last.to_vec())]);
@@ -260,7 +274,8 @@ impl Store {
         // each range is a part (ranges do not overlap, and in both orders all of a
         // range's rows follow each other, in address order), otherwise everything at once
         let mut query = query.clone();
-        let (parts, parts_ahead): (Vec<Option<String>>, usize) = if matches!(query.sort, BindingSort::Ip | BindingSort::RangeName) {
+        type Part = Option<(String, [u8; 17], [u8; 17])>;
+        let (parts, parts_ahead): (Vec<Part>, usize) = if matches!(query.sort, BindingSort::Ip | BindingSort::RangeName) {
             // `list_ranges` gives the ranges in name order, as the database collates names
             let mut in_order: Vec<&RangeRow> = matching.as_ref().unwrap_or(&all_ranges).iter().collect();
             if query.sort == BindingSort::Ip {
@@ -274,7 +289,11 @@ impl Store {
                 crate::Backend::Sqlite => EXPORT_RANGES_AHEAD_SQLITE,
                 crate::Backend::Postgres => EXPORT_RANGES_AHEAD_POSTGRES,
             };
-            (in_order.into_iter().map(|range| Some(range.id.clone())).collect(), ahead)
+            let part = |range: &RangeRow| {
+                let family = range.range.family();
+                Some((range.id.clone(), address_key(family, range.range.first()), address_key(family, range.range.last())))
+            };
+            (in_order.into_iter().map(part).collect(), ahead)
         } else {
             (vec![None], 1)
         };
@@ -300,8 +319,11 @@ impl Store {
                     // one reader per part, each at most one chunk ahead of the sender
                     let (part_sender, part_receiver) = tokio::sync::mpsc::channel::<Result<Vec<BindingRow>>>(1);
                     let mut part_filter = filter.clone();
-                    if let Some(range_id) = range_id {
-                        part_filter.push("b.range_id = ?", [FilterValue::Text(range_id)]);
+                    if let Some((range_id, first, last)) = range_id {
+                        part_filter.push(
+                            "b.ip_key >= ? AND b.ip_key <= ? AND b.range_id = ?",
+                            [FilterValue::Bytes(first.to_vec()), FilterValue::Bytes(last.to_vec()), FilterValue::Text(range_id)],
+                        );
                     }
                     let (pool, export_pool, query, ranges) = (pool.clone(), export_pool.clone(), query.clone(), ranges.clone());
                     tokio::spawn(async move {
@@ -338,7 +360,10 @@ impl Store {
     /// the range's index.
     pub async fn nth_bound_key(&self, range_id: &str, n: i64, descending: bool) -> Result<Option<[u8; 17]>> {
         let direction = if descending { "DESC" } else { "ASC" };
-        let sql = format!("SELECT ip_key FROM bindings WHERE range_id = $1 AND device_id IS NOT NULL ORDER BY ip_key {direction} LIMIT 1 OFFSET $2");
+        let sql = format!(
+            "SELECT ip_key FROM bindings WHERE {} AND device_id IS NOT NULL ORDER BY ip_key {direction} LIMIT 1 OFFSET $2",
+            crate::range_rows("", "$1")
+        );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(range_id).bind(n.max(0)).fetch_optional(&self.pool).await?;
         let Some(row) = row else { return Ok(None) };
         let key: Vec<u8> = row.try_get(0)?;
@@ -351,7 +376,8 @@ impl Store {
         let (compare, direction) = if descending { ("<=", "DESC") } else { (">=", "ASC") };
         let sql = format!(
             "SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id \
-             WHERE b.range_id = $1 AND b.ip_key {compare} $2 AND b.device_id IS NOT NULL ORDER BY b.ip_key {direction} LIMIT {}",
+             WHERE {} AND b.ip_key {compare} $2 AND b.device_id IS NOT NULL ORDER BY b.ip_key {direction} LIMIT {}",
+            crate::range_rows("b", "$1"),
             limit.max(0)
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(range_id).bind(from.to_vec()).fetch_all(&self.pool).await?;
@@ -408,10 +434,12 @@ impl Store {
         let chunk = self.export_chunk.load(std::sync::atomic::Ordering::Relaxed).saturating_mul(20);
         let sql = match self.backend {
             crate::Backend::Sqlite => format!(
-                "SELECT group_concat(item, ',') FROM (SELECT hex(ip_key) || COALESCE(':' || released_at, '') AS item FROM bindings WHERE range_id = $1 AND ip_key > $2 ORDER BY ip_key LIMIT {chunk})"
+                "SELECT group_concat(item, ',') FROM (SELECT hex(ip_key) || COALESCE(':' || released_at, '') AS item FROM bindings WHERE {} AND ip_key > $2 ORDER BY ip_key LIMIT {chunk})",
+                crate::range_rows("", "$1")
             ),
             crate::Backend::Postgres => format!(
-                "SELECT string_agg(item, ',') FROM (SELECT encode(ip_key, 'hex') || COALESCE(':' || released_at::text, '') AS item FROM bindings WHERE range_id = $1 AND ip_key > $2 ORDER BY ip_key LIMIT {chunk}) c"
+                "SELECT string_agg(item, ',') FROM (SELECT encode(ip_key, 'hex') || COALESCE(':' || released_at::text, '') AS item FROM bindings WHERE {} AND ip_key > $2 ORDER BY ip_key LIMIT {chunk}) c",
+                crate::range_rows("", "$1")
             ),
         };
         let mut bound = Vec::new();
@@ -449,7 +477,8 @@ impl Store {
     /// The old row-by-row reader, kept for its test: both must agree.
     #[doc(hidden)]
     pub async fn range_addresses_by_row(&self, range_id: &str) -> Result<(Vec<u128>, Vec<(u128, i64)>)> {
-        let rows = sqlx::query("SELECT ip_key, released_at FROM bindings WHERE range_id = $1").bind(range_id).fetch_all(&self.pool).await?;
+        let sql = format!("SELECT ip_key, released_at FROM bindings WHERE {}", crate::range_rows("", "$1"));
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(range_id).fetch_all(&self.pool).await?;
         let mut bound = Vec::new();
         let mut quarantined = Vec::new();
         for row in rows {
@@ -467,7 +496,7 @@ impl Store {
     /// Checks the maintained counters against the rows (consistency checks and tests).
     pub async fn verify_counters(&self) -> Result<Vec<(String, i64, i64)>> {
         let rows = sqlx::query(
-            "SELECT r.id, r.used_ips, (SELECT COUNT(*) FROM bindings b WHERE b.range_id = r.id AND b.device_id IS NOT NULL) AS counted FROM ip_ranges r",
+            "SELECT r.id, r.used_ips, (SELECT COUNT(*) FROM bindings b WHERE b.ip_key BETWEEN r.first_key AND r.last_key AND b.range_id = r.id AND b.device_id IS NOT NULL) AS counted FROM ip_ranges r",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -487,6 +516,9 @@ impl Store {
 /// two; PostgreSQL does its part in its own processes, so three.
 const EXPORT_RANGES_AHEAD_SQLITE: usize = 2;
 const EXPORT_RANGES_AHEAD_POSTGRES: usize = 3;
+
+/// Up to this many ranges in a filter also narrow the rows by their address blocks.
+const MAX_RANGE_BLOCKS: usize = 32;
 
 /// From this many rows to skip on, a page is found before its rows are read.
 const DEFERRED_JOIN_OFFSET: i64 = 200;

@@ -17,13 +17,11 @@ pub struct SavedFilterRow {
 impl Store {
     /// The users with the most bindings in a range, most first (ties by name).
     pub async fn top_users_of_range(&self, range_id: &str, limit: i64) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query(
-            "SELECT username, COUNT(*) AS n FROM bindings WHERE range_id = $1 AND device_id IS NOT NULL GROUP BY username ORDER BY n DESC, username LIMIT $2",
-        )
-        .bind(range_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!(
+            "SELECT username, COUNT(*) AS n FROM bindings WHERE {} AND device_id IS NOT NULL GROUP BY username ORDER BY n DESC, username LIMIT $2",
+            crate::range_rows("", "$1")
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(range_id).bind(limit).fetch_all(&self.pool).await?;
         rows.iter().map(|row| Ok((row.try_get("username")?, row.try_get("n")?))).collect()
     }
 

@@ -100,7 +100,21 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, include_str!("../migrations/0002_dataplane.sql"), ""),
     (3, include_str!("../migrations/0003_console.sql"), ""),
     (4, include_str!("../migrations/0004_search_sqlite.sql"), include_str!("../migrations/0004_search_postgres.sql")),
+    (5, include_str!("../migrations/0005_range_rows_by_address.sql"), ""),
 ];
+
+/// The rows of the range whose id is the parameter `$N` (`alias` is the bindings
+/// table's alias, or empty): through the primary key, between the range's first
+/// and last address keys (ranges do not overlap, and a range's rows lie inside
+/// it), and of that range.
+pub(crate) fn range_rows(alias: &str, parameter: &str) -> String {
+    let column = |name: &str| if alias.is_empty() { name.to_string() } else { format!("{alias}.{name}") };
+    format!(
+        "{key} BETWEEN (SELECT first_key FROM ip_ranges WHERE id = {parameter}) AND (SELECT last_key FROM ip_ranges WHERE id = {parameter}) AND {range} = {parameter}",
+        key = column("ip_key"),
+        range = column("range_id")
+    )
+}
 
 /// WAL pages after which a committing SQLite connection checkpoints by itself: a
 /// backstop for when the background checkpoint falls behind (256 MiB).

@@ -134,7 +134,9 @@ impl Store {
             check_overlap(&mut tx.transaction, &write.range, Some(id)).await?;
             let (first, last) = write.range.assignable();
             let family = write.range.family();
-            let outside: i64 = sqlx::query("SELECT COUNT(*) FROM bindings WHERE range_id = $1 AND device_id IS NOT NULL AND (ip_key < $2 OR ip_key > $3)")
+            // the range row still holds the old block here: its rows are read through it
+            let sql = format!("SELECT COUNT(*) FROM bindings WHERE {} AND device_id IS NOT NULL AND (ip_key < $2 OR ip_key > $3)", crate::range_rows("", "$1"));
+            let outside: i64 = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(id)
                 .bind(address_key(family, first).to_vec())
                 .bind(address_key(family, last).to_vec())
@@ -144,7 +146,8 @@ impl Store {
             if outside > 0 {
                 return Err(StoreError::BindingsOutside(outside));
             }
-            sqlx::query("DELETE FROM bindings WHERE range_id = $1 AND device_id IS NULL AND (ip_key < $2 OR ip_key > $3)")
+            let sql = format!("DELETE FROM bindings WHERE {} AND device_id IS NULL AND (ip_key < $2 OR ip_key > $3)", crate::range_rows("", "$1"));
+            sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(id)
                 .bind(address_key(family, first).to_vec())
                 .bind(address_key(family, last).to_vec())
@@ -179,15 +182,13 @@ impl Store {
     /// Returns the deleted range and how many bindings went with it.
     pub async fn delete_range(&self, id: &str, force: bool, audit: impl FnOnce(&RangeRow, i64) -> AuditEntry) -> Result<(RangeRow, i64)> {
         let (mut tx, before) = self.range_for_change(id).await?;
-        let bound: i64 = sqlx::query("SELECT COUNT(*) FROM bindings WHERE range_id = $1 AND device_id IS NOT NULL")
-            .bind(id)
-            .fetch_one(&mut *tx.transaction)
-            .await?
-            .try_get(0)?;
+        let sql = format!("SELECT COUNT(*) FROM bindings WHERE {} AND device_id IS NOT NULL", crate::range_rows("", "$1"));
+        let bound: i64 = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_one(&mut *tx.transaction).await?.try_get(0)?;
         if bound > 0 && !force {
             return Err(StoreError::RangeInUse(bound));
         }
-        sqlx::query("DELETE FROM bindings WHERE range_id = $1").bind(id).execute(&mut *tx.transaction).await?;
+        let sql = format!("DELETE FROM bindings WHERE {}", crate::range_rows("", "$1"));
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(&mut *tx.transaction).await?;
         sqlx::query("DELETE FROM ip_ranges WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;
         crate::audit::record(&mut tx.transaction, audit(&before, bound)).await?;
         tx.commit().await?;
