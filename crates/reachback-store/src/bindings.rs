@@ -357,7 +357,7 @@ impl Store {
     }
 
     /// The key of a range's `n`-th bound address (0-based) in address order, through
-    /// the range's index.
+    /// the primary key between the range's first and last address keys.
     pub async fn nth_bound_key(&self, range_id: &str, n: i64, descending: bool) -> Result<Option<[u8; 17]>> {
         let direction = if descending { "DESC" } else { "ASC" };
         let sql = format!(

@@ -126,7 +126,8 @@ enum Seek {
 /// the committed rows once its lock is held) the engine counts and names that
 /// address in memory; on PostgreSQL (replicas' engines may lag one another) the
 /// ranges' counters, kept in the same transactions as the rows, count, and the
-/// range's index names it (skipping at most that range's rows).
+/// primary key between the range's first and last keys names it (skipping at most
+/// that range's rows).
 async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<Seek>> {
     const SEEK_FROM: i64 = 200;
     if query.sort != BindingSort::Ip || query.offset < SEEK_FROM || !query.only_range_filters() {
