@@ -135,6 +135,12 @@ impl AddressRange {
         self.last
     }
 
+    /// The address keys of the block's first and last addresses (see [`address_key`]):
+    /// every address of the block sorts between them, and no other range's address does.
+    pub fn key_bounds(&self) -> ([u8; 17], [u8; 17]) {
+        (address_key(self.family, self.first), address_key(self.family, self.last))
+    }
+
     pub fn prefix(&self) -> Option<u8> {
         self.prefix
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use reachback_ipam::{Location, address_from_key, address_key};
+use reachback_ipam::{Location, address_from_key};
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -158,11 +158,8 @@ impl Store {
                 filter.push(
                     &format!("({blocks})"),
                     ranges.iter().flat_map(|range| {
-                        let family = range.range.family();
-                        [
-                            FilterValue::Bytes(address_key(family, range.range.first()).to_vec()),
-                            FilterValue::Bytes(address_key(family, range.range.last()).to_vec()),
-                        ]
+                        let (first, last) = range.range.key_bounds();
+                        [FilterValue::Bytes(first.to_vec()), FilterValue::Bytes(last.to_vec())]
                     }),
                 );
             }
@@ -269,7 +266,11 @@ impl Store {
         let Some((filter, matching)) = self.binding_filter(query).await? else {
             return Ok(futures_util::stream::empty().boxed());
         };
-        let all_ranges = self.list_ranges().await?;
+        // the rows come only from these ranges: the matching ones, or every range
+        let ranges_in_play = match matching {
+            Some(ranges) => ranges,
+            None => self.list_ranges().await?,
+        };
         // the parts read one after the other: in address order and in range-name order
         // each range is a part (ranges do not overlap, and in both orders all of a
         // range's rows follow each other, in address order), otherwise everything at once
@@ -277,9 +278,9 @@ impl Store {
         type Part = Option<(String, [u8; 17], [u8; 17])>;
         let (parts, parts_ahead): (Vec<Part>, usize) = if matches!(query.sort, BindingSort::Ip | BindingSort::RangeName) {
             // `list_ranges` gives the ranges in name order, as the database collates names
-            let mut in_order: Vec<&RangeRow> = matching.as_ref().unwrap_or(&all_ranges).iter().collect();
+            let mut in_order: Vec<&RangeRow> = ranges_in_play.iter().collect();
             if query.sort == BindingSort::Ip {
-                in_order.sort_by_key(|range| address_key(range.range.family(), range.range.first()));
+                in_order.sort_by_key(|range| range.range.key_bounds().0);
             }
             if query.descending {
                 in_order.reverse();
@@ -290,15 +291,15 @@ impl Store {
                 crate::Backend::Postgres => EXPORT_RANGES_AHEAD_POSTGRES,
             };
             let part = |range: &RangeRow| {
-                let family = range.range.family();
-                Some((range.id.clone(), address_key(family, range.range.first()), address_key(family, range.range.last())))
+                let (first, last) = range.range.key_bounds();
+                Some((range.id.clone(), first, last))
             };
             (in_order.into_iter().map(part).collect(), ahead)
         } else {
             (vec![None], 1)
         };
         let ranges: Arc<HashMap<String, (String, Option<Location>)>> = Arc::new(
-            all_ranges
+            ranges_in_play
                 .into_iter()
                 .map(|range| {
                     let location = range.location.map(|location| Location { latitude: None, longitude: None, ..location });
