@@ -116,6 +116,17 @@ pub(crate) fn range_rows(alias: &str, parameter: &str) -> String {
     )
 }
 
+/// Each SQLite connection's page cache, the writer's included (8 MiB). A bigger
+/// cache slows the writer down: SQLite scans all of it at every commit once a
+/// B-tree page split has renumbered a page through the lock-byte page number
+/// (`balance_nonroot` swaps page numbers through it, which raises the cache's
+/// largest key past the end of the database, and `pager_end_transaction` then
+/// truncates the cache by visiting every hash bucket). Enrollments split pages in
+/// almost every batch: with 64 MiB that scan was ~9 % of the writer's SQLite time.
+/// With 1,000,000 bindings, 8 MiB costs 71 µs of SQLite CPU per enrollment where
+/// 64 MiB cost 80 (docs/benchmarks.md).
+const CACHE_KIB: &str = "-8192";
+
 /// WAL pages after which a committing SQLite connection checkpoints by itself: a
 /// backstop for when the background checkpoint falls behind (256 MiB).
 const WAL_BACKSTOP_PAGES: u32 = 65536;
@@ -223,12 +234,12 @@ impl Store {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") { Backend::Postgres } else { Backend::Sqlite };
         let options = AnyConnectOptions::from_str(url)?;
-        let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }, "-8192", WAL_BACKSTOP_PAGES).await?;
+        let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }, WAL_BACKSTOP_PAGES).await?;
         // SQLite: one long-lived writer connection whose page cache stays warm, which
         // leaves checkpoints to a background task; PostgreSQL: writes share the pool
         let writer = match backend {
             Backend::Sqlite => {
-                let writer = Self::pool(&options, backend, 1, "-65536", WAL_BACKSTOP_PAGES).await?;
+                let writer = Self::pool(&options, backend, 1, WAL_BACKSTOP_PAGES).await?;
                 tokio::spawn(checkpoint_in_background(pool.clone()));
                 writer
             }
@@ -264,7 +275,7 @@ impl Store {
         self.export_chunk.store(rows.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn pool(options: &AnyConnectOptions, backend: Backend, size: u32, cache_size: &'static str, autocheckpoint: u32) -> Result<AnyPool> {
+    async fn pool(options: &AnyConnectOptions, backend: Backend, size: u32, autocheckpoint: u32) -> Result<AnyPool> {
         Ok(AnyPoolOptions::new()
             .max_connections(size)
             .min_connections(1)
@@ -276,7 +287,7 @@ impl Store {
                     if backend == Backend::Sqlite {
                         let pragmas = format!(
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
-                             PRAGMA cache_size = {cache_size}; PRAGMA wal_autocheckpoint = {autocheckpoint}; PRAGMA temp_store = MEMORY;"
+                             PRAGMA cache_size = {CACHE_KIB}; PRAGMA wal_autocheckpoint = {autocheckpoint}; PRAGMA temp_store = MEMORY;"
                         );
                         connection.execute(sqlx::AssertSqlSafe(pragmas)).await?;
                     }

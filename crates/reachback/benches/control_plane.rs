@@ -9,7 +9,10 @@
 //! REACHBACK_BENCH_BINDINGS (default 1000000) sets the number of bindings;
 //! REACHBACK_BENCH_KEEP keeps the SQLite data directory in the temp folder (and the
 //! PostgreSQL database);
-//! REACHBACK_BENCH_CONNECTIONS (default 64) sets the concurrent enrollment connections.
+//! REACHBACK_BENCH_CONNECTIONS (default 64) sets the concurrent enrollment connections;
+//! REACHBACK_BENCH_ENROLL_ONLY stops after the enrollment figures (for quick comparisons);
+//! REACHBACK_BENCH_BINARY runs another `reachback` binary (a build kept for an A/B run);
+//! REACHBACK_BENCH_SETTLE_SECONDS waits that long between enrollments and listings.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -30,7 +33,7 @@ struct Server {
 impl Server {
     fn start(data_dir: &std::path::Path, database: Option<&str>) -> (Server, f64) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(std::env::var("REACHBACK_BENCH_BINARY").unwrap_or_else(|_| BIN.to_string()));
         command
             .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--bootstrap-token", TOKEN, "--data-dir"])
             .arg(data_dir)
@@ -212,7 +215,17 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
         seconds / count.max(1.0) * 1000.0,
         seconds / enroll_seconds * 100.0
     );
+    if std::env::var("REACHBACK_BENCH_ENROLL_ONLY").is_ok() {
+        drop(server);
+        if !keep {
+            let _ = std::fs::remove_dir_all(&data_dir);
+        }
+        return;
+    }
 
+    if let Some(seconds) = std::env::var("REACHBACK_BENCH_SETTLE_SECONDS").ok().and_then(|value| value.parse().ok()) {
+        std::thread::sleep(Duration::from_secs(seconds));
+    }
     // bindings listing latency with 1M bindings: filtered, sorted, deep pages
     let queries = [
         "/api/v1/ip-bindings?page=1&page_size=50",
@@ -235,8 +248,13 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
             latencies.push(started.elapsed().as_secs_f64() * 1000.0);
             returned = serde_json::from_str::<Value>(&text).ok().and_then(|body| body["items"].as_array().map(Vec::len)).unwrap_or(0);
         }
+        let slowest = latencies.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(index, _)| index + 1).unwrap_or(0);
         latencies.sort_by(f64::total_cmp);
-        println!("  GET {query}: {returned} rows, p50 {:.1} ms, p99 {:.1} ms", percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+        println!(
+            "  GET {query}: {returned} rows, p50 {:.1} ms, p99 {:.1} ms (slowest: request {slowest} of 30)",
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99)
+        );
     }
 
     // CSV export of every binding: time and memory growth of the server
