@@ -91,8 +91,11 @@ impl From<StoreError> for ApiError {
             }
             StoreError::InUse(detail) => ApiError::conflict(format!("still in use: {detail}")),
             StoreError::BindingsOutside(count) => ApiError::conflict(format!("{count} bound addresses would fall outside the new range")),
-            error @ StoreError::Database(_) if error.is_transient() => ApiError::unavailable("the database is busy or unreachable; try again"),
+            error @ (StoreError::Database(_) | StoreError::Sqlite(_)) if error.is_transient() => {
+                ApiError::unavailable("the database is busy or unreachable; try again")
+            }
             StoreError::Database(error) => ApiError::internal(error),
+            StoreError::Sqlite(error) => ApiError::internal(error),
             StoreError::Corrupt(detail) => ApiError::internal(detail),
         }
     }

@@ -3,13 +3,18 @@
 //! multi-row insert of devices and one of bindings — whatever the batch size. Each
 //! enrollment is decided on its own, so one refusal never affects the others. The
 //! engine proposes addresses; the primary key of `bindings` decides.
+//!
+//! The decisions are written once, over [`EnrollWrites`]: the statements of the
+//! transaction on one backend. PostgreSQL runs them through sqlx
+//! ([`SqlxWrites`]); SQLite through a connection of its own on the writer's thread
+//! (`enroll_sqlite`), called directly instead of through sqlx's worker thread.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use reachback_ipam::{Allocation, Engine, Location, Place, address_key, join_address};
 use sqlx::Row;
 
-use crate::{Result, Store, now_micros};
+use crate::{Result, Store, WriteTx, now_micros};
 
 /// One enrollment request, validated but not yet authenticated.
 #[derive(Clone, Debug)]
@@ -87,13 +92,392 @@ enum Plan {
 }
 
 const MAX_ADDRESS_TRIES: usize = 64;
-const INSERT_CHUNK: usize = 500;
+
+/// A key as the transaction reads it.
+pub(crate) struct KeyRecord {
+    pub id: String,
+    pub key_hash: Vec<u8>,
+    pub username: String,
+    pub reusable: bool,
+    pub expires_at: Option<i64>,
+    pub used_count: i64,
+    pub revoked: bool,
+}
+
+/// A device holding one of the batch's hostnames, with its binding if it has one.
+pub(crate) struct DeviceRecord {
+    pub id: String,
+    pub hostname_key: String,
+    pub username: String,
+    pub fingerprint: Vec<u8>,
+    /// address, range id, range name
+    pub binding: Option<(String, String, String)>,
+}
+
+/// A device row to insert.
+pub(crate) struct NewDevice<'a> {
+    pub id: &'a str,
+    pub hostname: &'a str,
+    pub username: &'a str,
+    pub platform: &'a str,
+    pub fingerprint: &'a [u8],
+    pub certificate_serial: &'a str,
+    pub key_id: &'a str,
+    pub location: Option<&'a Location>,
+    pub now: i64,
+}
+
+/// A binding row to insert, or to write over a quarantined row of the same address.
+pub(crate) struct NewBinding<'a> {
+    pub ip_key: Vec<u8>,
+    pub ip: String,
+    pub range_id: &'a str,
+    pub device_id: &'a str,
+    pub username: &'a str,
+    pub platform: &'a str,
+    pub hostname: &'a str,
+    pub now: i64,
+}
+
+/// The statements of one enrollment transaction on one backend; dropping it
+/// without [`EnrollWrites::commit`] rolls back.
+pub(crate) trait EnrollWrites {
+    /// The keys with these hashes.
+    async fn keys(&mut self, hashes: &[&[u8]]) -> Result<Vec<KeyRecord>>;
+    /// The devices holding these (lowercase) hostnames.
+    async fn devices(&mut self, hostnames: &[&str]) -> Result<Vec<DeviceRecord>>;
+    /// Marks an unused single-use key used; false when it is used or revoked. The
+    /// conditional update is the last word across replicas.
+    async fn take_key(&mut self, key_id: &str) -> Result<bool>;
+    /// Undoes [`EnrollWrites::take_key`].
+    async fn give_back_key(&mut self, key_id: &str) -> Result<()>;
+    /// Counts uses of a reusable key.
+    async fn add_key_uses(&mut self, key_id: &str, uses: i64) -> Result<()>;
+    /// Inserts devices; returns the ids written (a hostname taken meanwhile is not).
+    async fn insert_devices(&mut self, devices: &[NewDevice<'_>]) -> Result<HashSet<String>>;
+    /// Inserts bindings, or writes over quarantine rows released at `reuse_before`
+    /// or earlier; returns the address keys written.
+    async fn upsert_bindings(&mut self, bindings: &[NewBinding<'_>], reuse_before: i64) -> Result<HashSet<Vec<u8>>>;
+    async fn delete_device(&mut self, id: &str) -> Result<()>;
+    /// Adds each range's delta to its `used_ips`.
+    async fn add_used_ips(&mut self, deltas: &BTreeMap<String, i64>) -> Result<()>;
+    /// Sets `last_seen` of these devices.
+    async fn touch_devices(&mut self, ids: &[String], now: i64) -> Result<()>;
+    async fn commit(self) -> Result<()>;
+}
+
+/// The columns of a device insert, and its conflict clause.
+pub(crate) const DEVICE_INSERT: &str = "INSERT INTO devices (id, hostname, hostname_key, username, platform, public_key_fingerprint, certificate_serial, \
+     enrollment_key_id, city, state, country, latitude, longitude, created_at, last_seen) VALUES {rows} ON CONFLICT DO NOTHING RETURNING id";
+/// The columns of a binding upsert; `{reuse}` is the parameter of the quarantine limit.
+pub(crate) const BINDING_UPSERT: &str = "INSERT INTO bindings (ip_key, ip, range_id, device_id, username, platform, client_hostname, last_updated) VALUES {rows} \
+     ON CONFLICT (ip_key) DO UPDATE SET ip = excluded.ip, range_id = excluded.range_id, device_id = excluded.device_id, \
+     username = excluded.username, platform = excluded.platform, client_hostname = excluded.client_hostname, \
+     last_updated = excluded.last_updated, released_at = NULL \
+     WHERE bindings.device_id IS NULL AND bindings.released_at <= {reuse} RETURNING ip_key";
+pub(crate) const KEYS_SELECT: &str = "SELECT id, key_hash, username, reusable, expires_at, used_count, revoked FROM enrollment_keys WHERE key_hash IN ({list})";
+pub(crate) const DEVICES_SELECT: &str = "SELECT d.id, d.hostname_key, d.username, d.public_key_fingerprint, b.ip, b.range_id, r.name AS range_name \
+     FROM devices d LEFT JOIN bindings b ON b.device_id = d.id LEFT JOIN ip_ranges r ON r.id = b.range_id WHERE d.hostname_key IN ({list})";
+pub(crate) const KEY_TAKE: &str = "UPDATE enrollment_keys SET used_count = used_count + 1 WHERE id = $1 AND revoked = FALSE AND used_count = 0";
+pub(crate) const KEY_GIVE_BACK: &str = "UPDATE enrollment_keys SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0";
+pub(crate) const KEY_USES: &str = "UPDATE enrollment_keys SET used_count = used_count + $2 WHERE id = $1";
+pub(crate) const DEVICE_DELETE: &str = "DELETE FROM devices WHERE id = $1";
+pub(crate) const USED_IPS_UPDATE: &str =
+    "WITH delta (id, amount) AS (VALUES {rows}) UPDATE ip_ranges SET used_ips = used_ips + delta.amount FROM delta WHERE ip_ranges.id = delta.id";
+pub(crate) const DEVICES_TOUCH: &str = "UPDATE devices SET last_seen = {now} WHERE id IN ({list})";
+
+/// Rows per multi-row statement.
+pub(crate) const INSERT_CHUNK: usize = 500;
+
+impl Store {
+    /// Authenticates and writes a batch of enrollments in one transaction. The engine
+    /// must be the caller's exclusive copy for the duration; on failure every address
+    /// it handed out for the batch is given back.
+    pub async fn enroll_batch(&self, jobs: &[EnrollJob], engine: &mut Engine, quarantine_micros: i64) -> Result<Vec<Result<EnrollOutcome, EnrollFailure>>> {
+        let mut planned: Vec<Allocation> = Vec::new();
+        let result = match &self.enroll_connection {
+            Some(connection) => {
+                let _gate = self.write_gate.lock().await;
+                match crate::enroll_sqlite::SqliteWrites::begin(connection) {
+                    Ok(writes) => enroll_in(writes, jobs, engine, quarantine_micros, &mut planned).await,
+                    Err(error) => Err(error),
+                }
+            }
+            None => match self.write().await {
+                Ok(tx) => enroll_in(SqlxWrites { tx, backend: self.backend }, jobs, engine, quarantine_micros, &mut planned).await,
+                Err(error) => Err(error),
+            },
+        };
+        if result.is_err() {
+            for allocation in &planned {
+                engine.unreserve(allocation);
+            }
+        }
+        result
+    }
+}
+
+/// The batch in one transaction: authenticate, decide, write, count.
+async fn enroll_in<W: EnrollWrites>(
+    mut writes: W,
+    jobs: &[EnrollJob],
+    engine: &mut Engine,
+    quarantine_micros: i64,
+    planned: &mut Vec<Allocation>,
+) -> Result<Vec<Result<EnrollOutcome, EnrollFailure>>> {
+    let now = now_micros();
+
+    // 1. the keys of the batch
+    let hashes: Vec<&[u8]> = jobs.iter().map(|job| job.key_hash.as_slice()).collect::<HashSet<_>>().into_iter().collect();
+    let mut keys: HashMap<Vec<u8>, KeyInfo> = HashMap::new();
+    for key in writes.keys(&hashes).await? {
+        keys.insert(
+            key.key_hash,
+            KeyInfo {
+                id: key.id,
+                username: key.username,
+                reusable: key.reusable,
+                usable_now: !key.revoked && key.expires_at.is_none_or(|at| at > now),
+                spent: key.used_count > 0,
+            },
+        );
+    }
+
+    // 2. the devices that hold these hostnames today
+    let hostnames: Vec<&str> = jobs.iter().map(|job| job.hostname.as_str()).collect::<HashSet<_>>().into_iter().collect();
+    let mut devices: HashMap<String, KnownDevice> = HashMap::new();
+    for device in writes.devices(&hostnames).await? {
+        devices.insert(device.hostname_key, KnownDevice { id: device.id, username: device.username, fingerprint: device.fingerprint, binding: device.binding });
+    }
+
+    // 3. decide each job
+    let mut claimed_hostnames: HashSet<&str> = HashSet::new();
+    let mut spent_in_batch: HashSet<String> = HashSet::new();
+    let mut plans: Vec<Plan> = Vec::with_capacity(jobs.len());
+    let mut seen_devices: Vec<String> = Vec::new();
+    for job in jobs {
+        let plan = match keys.get(&job.key_hash) {
+            None => Plan::Done(Err(EnrollFailure::UnknownKey)),
+            Some(key) if !key.usable_now => Plan::Done(Err(EnrollFailure::KeyRevokedOrExpired)),
+            Some(key) => match devices.get(&job.hostname) {
+                Some(device) if device.fingerprint == job.public_key_fingerprint && device.username == key.username => match &device.binding {
+                    Some((ip, range_id, range_name)) => {
+                        seen_devices.push(device.id.clone());
+                        Plan::Done(Ok(EnrollOutcome {
+                            created: false,
+                            device_id: device.id.clone(),
+                            username: device.username.clone(),
+                            virtual_ip: ip.clone(),
+                            range_id: range_id.clone(),
+                            range_name: range_name.clone(),
+                        }))
+                    }
+                    None if claimed_hostnames.insert(&job.hostname) => Plan::Bind {
+                        device_id: device.id.clone(),
+                        username: device.username.clone(),
+                        new_device: false,
+                        key_id: key.id.clone(),
+                        reusable: key.reusable,
+                    },
+                    None => Plan::Done(Err(EnrollFailure::HostnameTaken)),
+                },
+                Some(_) => Plan::Done(Err(EnrollFailure::HostnameTaken)),
+                None if !key.reusable && (key.spent || spent_in_batch.contains(&key.id)) => Plan::Done(Err(EnrollFailure::KeySpent)),
+                None if !claimed_hostnames.insert(&job.hostname) => Plan::Done(Err(EnrollFailure::HostnameTaken)),
+                None => {
+                    if !key.reusable {
+                        spent_in_batch.insert(key.id.clone());
+                    }
+                    Plan::Bind {
+                        device_id: job.new_device_id.clone(),
+                        username: key.username.clone(),
+                        new_device: true,
+                        key_id: key.id.clone(),
+                        reusable: key.reusable,
+                    }
+                }
+            },
+        };
+        plans.push(plan);
+    }
+
+    // 4. single-use keys
+    for plan in plans.iter_mut() {
+        if let Plan::Bind { new_device: true, reusable: false, key_id, .. } = plan
+            && !writes.take_key(key_id).await?
+        {
+            *plan = Plan::Done(Err(EnrollFailure::KeySpent));
+        }
+    }
+
+    // 5. new devices; a hostname another replica took meanwhile is refused
+    let new_devices: Vec<usize> =
+        plans.iter().enumerate().filter(|(_, plan)| matches!(plan, Plan::Bind { new_device: true, .. })).map(|(index, _)| index).collect();
+    let rows: Vec<NewDevice<'_>> = new_devices
+        .iter()
+        .filter_map(|&index| match &plans[index] {
+            Plan::Bind { device_id, username, key_id, .. } => Some(NewDevice {
+                id: device_id,
+                hostname: &jobs[index].hostname,
+                username,
+                platform: &jobs[index].platform,
+                fingerprint: &jobs[index].public_key_fingerprint,
+                certificate_serial: &jobs[index].certificate_serial,
+                key_id,
+                location: jobs[index].location.as_ref(),
+                now,
+            }),
+            Plan::Done(_) => None,
+        })
+        .collect();
+    let inserted = if rows.is_empty() { HashSet::new() } else { writes.insert_devices(&rows).await? };
+    drop(rows);
+    for &index in &new_devices {
+        let Plan::Bind { device_id, key_id, reusable, .. } = &plans[index] else { continue };
+        if !inserted.contains(device_id) {
+            if !reusable {
+                writes.give_back_key(key_id).await?;
+            }
+            plans[index] = Plan::Done(Err(EnrollFailure::HostnameTaken));
+        }
+    }
+
+    // 6. addresses: planned in memory, written in multi-row upserts; an address
+    //    another replica bound meanwhile is not returned and is tried again alone
+    let mut outcomes: Vec<Option<Result<EnrollOutcome, EnrollFailure>>> = plans
+        .iter()
+        .map(|plan| match plan {
+            Plan::Done(result) => Some(result.clone()),
+            Plan::Bind { .. } => None,
+        })
+        .collect();
+    let mut proposals: Vec<(usize, Allocation)> = Vec::new();
+    for (index, plan) in plans.iter().enumerate() {
+        if let Plan::Bind { .. } = plan {
+            match engine.plan(&Place::new(jobs[index].location.as_ref()), now) {
+                Ok(allocation) => {
+                    planned.push(allocation.clone());
+                    proposals.push((index, allocation));
+                }
+                Err(_) => outcomes[index] = Some(Err(EnrollFailure::Exhausted)),
+            }
+        }
+    }
+    let reuse_before = now.saturating_sub(quarantine_micros);
+    let mut written: HashSet<Vec<u8>> = HashSet::new();
+    // fresh addresses may take over a quarantine row only once its quarantine ran
+    // out; addresses the engine took out of quarantine on purpose may take it at once
+    let (fresh, from_quarantine): (Vec<&(usize, Allocation)>, Vec<&(usize, Allocation)>) =
+        proposals.iter().partition(|(_, allocation)| allocation.quarantined_since.is_none());
+    for (group, reuse) in [(fresh, reuse_before), (from_quarantine, i64::MAX)] {
+        let rows: Vec<NewBinding<'_>> = group.iter().filter_map(|(index, allocation)| new_binding(jobs, &plans, *index, allocation, now)).collect();
+        if !rows.is_empty() {
+            written.extend(writes.upsert_bindings(&rows, reuse).await?);
+        }
+    }
+    let mut range_deltas: BTreeMap<String, i64> = BTreeMap::new();
+    for (index, allocation) in proposals {
+        let mut bound = written.contains(address_key(allocation.family, allocation.value).as_slice()).then_some(allocation.clone());
+        if bound.is_none() {
+            tracing::debug!(address = %join_address(allocation.family, allocation.value), "address taken elsewhere, trying others");
+            planned.retain(|planned| planned != &allocation);
+            bound = bind_one(&mut writes, engine, jobs, &plans, index, now, reuse_before, planned).await?;
+        }
+        outcomes[index] = Some(match bound {
+            Some(allocation) => {
+                let Plan::Bind { device_id, username, new_device, .. } = &plans[index] else { continue };
+                *range_deltas.entry(allocation.range_id.clone()).or_default() += 1;
+                Ok(EnrollOutcome {
+                    created: *new_device,
+                    device_id: device_id.clone(),
+                    username: username.clone(),
+                    virtual_ip: join_address(allocation.family, allocation.value).to_string(),
+                    range_name: engine.range(&allocation.range_id).map(|spec| spec.name.clone()).unwrap_or_default(),
+                    range_id: allocation.range_id,
+                })
+            }
+            None => Err(EnrollFailure::Exhausted),
+        });
+    }
+
+    // 7. undo what an exhausted enrollment wrote; counters, in a fixed order so
+    //    concurrent batches on other replicas lock the same rows in the same order
+    let mut reusable_uses: BTreeMap<String, i64> = BTreeMap::new();
+    for (index, outcome) in outcomes.iter().enumerate() {
+        let Plan::Bind { device_id, new_device, key_id, reusable, .. } = &plans[index] else { continue };
+        match outcome {
+            Some(Ok(_)) if *new_device && *reusable => *reusable_uses.entry(key_id.clone()).or_default() += 1,
+            Some(Ok(_)) => seen_devices.push(device_id.clone()),
+            Some(Err(_)) if *new_device => {
+                writes.delete_device(device_id).await?;
+                if !reusable {
+                    writes.give_back_key(key_id).await?;
+                }
+            }
+            _ => {}
+        }
+    }
+    if !range_deltas.is_empty() {
+        writes.add_used_ips(&range_deltas).await?;
+    }
+    for (key_id, uses) in &reusable_uses {
+        writes.add_key_uses(key_id, *uses).await?;
+    }
+    seen_devices.sort();
+    seen_devices.dedup();
+    if !seen_devices.is_empty() {
+        writes.touch_devices(&seen_devices, now).await?;
+    }
+    writes.commit().await?;
+    Ok(outcomes.into_iter().map(|outcome| outcome.unwrap_or(Err(EnrollFailure::Exhausted))).collect())
+}
+
+/// The binding row of a planned job.
+fn new_binding<'a>(jobs: &'a [EnrollJob], plans: &'a [Plan], index: usize, allocation: &'a Allocation, now: i64) -> Option<NewBinding<'a>> {
+    let Plan::Bind { device_id, username, .. } = &plans[index] else { return None };
+    Some(NewBinding {
+        ip_key: address_key(allocation.family, allocation.value).to_vec(),
+        ip: join_address(allocation.family, allocation.value).to_string(),
+        range_id: &allocation.range_id,
+        device_id,
+        username,
+        platform: &jobs[index].platform,
+        hostname: &jobs[index].hostname,
+        now,
+    })
+}
+
+/// Binds one job's device to the next address the database accepts.
+#[allow(clippy::too_many_arguments)]
+async fn bind_one<W: EnrollWrites>(
+    writes: &mut W,
+    engine: &mut Engine,
+    jobs: &[EnrollJob],
+    plans: &[Plan],
+    index: usize,
+    now: i64,
+    reuse_before: i64,
+    planned: &mut Vec<Allocation>,
+) -> Result<Option<Allocation>> {
+    let place = Place::new(jobs[index].location.as_ref());
+    for _ in 0..MAX_ADDRESS_TRIES {
+        let Ok(allocation) = engine.plan(&place, now) else { return Ok(None) };
+        let reuse = if allocation.quarantined_since.is_some() { i64::MAX } else { reuse_before };
+        let Some(row) = new_binding(jobs, plans, index, &allocation, now) else { return Ok(None) };
+        let written = writes.upsert_bindings(std::slice::from_ref(&row), reuse).await?;
+        if written.contains(&row.ip_key) {
+            planned.push(allocation.clone());
+            return Ok(Some(allocation));
+        }
+    }
+    Ok(None)
+}
 
 /// Parameters for a multi-row statement: `$N` on PostgreSQL, anonymous `?` on SQLite
 /// (bound in order of appearance). SQLite keeps named and numbered parameters in a
 /// list searched linearly, and sqlx asks for every parameter's name: quadratic in a
 /// statement with thousands of them.
-fn placeholders(mark: char, rows: usize, columns: usize, first: usize) -> String {
+pub(crate) fn placeholders(mark: char, rows: usize, columns: usize, first: usize) -> String {
     (0..rows)
         .map(|row| {
             let cells: Vec<String> =
@@ -105,407 +489,191 @@ fn placeholders(mark: char, rows: usize, columns: usize, first: usize) -> String
 }
 
 /// `count` parameters separated by commas, for an `IN (…)` list, numbered from `first`.
-fn parameter_list(mark: char, count: usize, first: usize) -> String {
+pub(crate) fn parameter_list(mark: char, count: usize, first: usize) -> String {
     (first..first + count).map(|index| if mark == '?' { "?".to_string() } else { format!("${index}") }).collect::<Vec<_>>().join(", ")
 }
 
-impl Store {
-    /// Authenticates and writes a batch of enrollments in one transaction. The engine
-    /// must be the caller's exclusive copy for the duration; on failure every address
-    /// it handed out for the batch is given back.
-    pub async fn enroll_batch(&self, jobs: &[EnrollJob], engine: &mut Engine, quarantine_micros: i64) -> Result<Vec<Result<EnrollOutcome, EnrollFailure>>> {
-        let mut planned: Vec<Allocation> = Vec::new();
-        let result = self.enroll_batch_inner(jobs, engine, quarantine_micros, &mut planned).await;
-        if result.is_err() {
-            for allocation in &planned {
-                engine.unreserve(allocation);
-            }
-        }
-        result
-    }
+/// The statements through sqlx (PostgreSQL; SQLite too, though the server's SQLite
+/// store uses `enroll_sqlite`).
+struct SqlxWrites<'a> {
+    tx: WriteTx<'a>,
+    backend: crate::Backend,
+}
 
-    async fn enroll_batch_inner(
-        &self,
-        jobs: &[EnrollJob],
-        engine: &mut Engine,
-        quarantine_micros: i64,
-        planned: &mut Vec<Allocation>,
-    ) -> Result<Vec<Result<EnrollOutcome, EnrollFailure>>> {
-        let mut tx = self.write().await?;
-        let now = now_micros();
-        let mark = match self.backend {
+impl SqlxWrites<'_> {
+    fn mark(&self) -> char {
+        match self.backend {
             crate::Backend::Sqlite => '?',
             crate::Backend::Postgres => '$',
-        };
-        let list = |count: usize, first: usize| parameter_list(mark, count, first);
-        let numbered = |index: usize| if mark == '?' { "?".to_string() } else { format!("${index}") };
+        }
+    }
+}
 
-        // 1. the keys of the batch
-        let hashes: Vec<&Vec<u8>> = jobs.iter().map(|job| &job.key_hash).collect::<HashSet<_>>().into_iter().collect();
-        let sql = format!(
-            "SELECT id, key_hash, username, reusable, expires_at, used_count, revoked FROM enrollment_keys WHERE key_hash IN ({})",
-            list(hashes.len(), 1)
-        );
+impl EnrollWrites for SqlxWrites<'_> {
+    async fn keys(&mut self, hashes: &[&[u8]]) -> Result<Vec<KeyRecord>> {
+        let sql = KEYS_SELECT.replace("{list}", &parameter_list(self.mark(), hashes.len(), 1));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for hash in &hashes {
-            query = query.bind(hash.as_slice());
+        for hash in hashes {
+            query = query.bind(*hash);
         }
-        let mut keys: HashMap<Vec<u8>, KeyInfo> = HashMap::new();
-        for row in query.fetch_all(&mut *tx.transaction).await? {
-            let expires_at: Option<i64> = row.try_get("expires_at")?;
-            let revoked = crate::get_bool(&row, "revoked")?;
-            let used_count: i64 = row.try_get("used_count")?;
-            keys.insert(
-                row.try_get("key_hash")?,
-                KeyInfo {
-                    id: row.try_get("id")?,
-                    username: row.try_get("username")?,
-                    reusable: crate::get_bool(&row, "reusable")?,
-                    usable_now: !revoked && expires_at.is_none_or(|at| at > now),
-                    spent: used_count > 0,
-                },
-            );
+        let mut keys = Vec::new();
+        for row in query.fetch_all(&mut *self.tx.transaction).await? {
+            keys.push(KeyRecord {
+                id: row.try_get("id")?,
+                key_hash: row.try_get("key_hash")?,
+                username: row.try_get("username")?,
+                reusable: crate::get_bool(&row, "reusable")?,
+                expires_at: row.try_get("expires_at")?,
+                used_count: row.try_get("used_count")?,
+                revoked: crate::get_bool(&row, "revoked")?,
+            });
         }
+        Ok(keys)
+    }
 
-        // 2. the devices that hold these hostnames today
-        let hostnames: Vec<&String> = jobs.iter().map(|job| &job.hostname).collect::<HashSet<_>>().into_iter().collect();
-        let sql = format!(
-            "SELECT d.id, d.hostname_key, d.username, d.public_key_fingerprint, b.ip, b.range_id, r.name AS range_name \
-             FROM devices d LEFT JOIN bindings b ON b.device_id = d.id LEFT JOIN ip_ranges r ON r.id = b.range_id WHERE d.hostname_key IN ({})",
-            list(hostnames.len(), 1)
-        );
+    async fn devices(&mut self, hostnames: &[&str]) -> Result<Vec<DeviceRecord>> {
+        let sql = DEVICES_SELECT.replace("{list}", &parameter_list(self.mark(), hostnames.len(), 1));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for hostname in &hostnames {
-            query = query.bind(hostname.as_str());
+        for hostname in hostnames {
+            query = query.bind(*hostname);
         }
-        let mut devices: HashMap<String, KnownDevice> = HashMap::new();
-        for row in query.fetch_all(&mut *tx.transaction).await? {
+        let mut devices = Vec::new();
+        for row in query.fetch_all(&mut *self.tx.transaction).await? {
             let ip: Option<String> = row.try_get("ip")?;
             let binding = match ip {
                 Some(ip) => Some((ip, row.try_get::<String, _>("range_id")?, row.try_get::<String, _>("range_name")?)),
                 None => None,
             };
-            devices.insert(
-                row.try_get("hostname_key")?,
-                KnownDevice { id: row.try_get("id")?, username: row.try_get("username")?, fingerprint: row.try_get("public_key_fingerprint")?, binding },
-            );
+            devices.push(DeviceRecord {
+                id: row.try_get("id")?,
+                hostname_key: row.try_get("hostname_key")?,
+                username: row.try_get("username")?,
+                fingerprint: row.try_get("public_key_fingerprint")?,
+                binding,
+            });
         }
+        Ok(devices)
+    }
 
-        // 3. decide each job
-        let mut claimed_hostnames: HashSet<&str> = HashSet::new();
-        let mut spent_in_batch: HashSet<String> = HashSet::new();
-        let mut plans: Vec<Plan> = Vec::with_capacity(jobs.len());
-        let mut seen_devices: Vec<String> = Vec::new();
-        for job in jobs {
-            let plan = match keys.get(&job.key_hash) {
-                None => Plan::Done(Err(EnrollFailure::UnknownKey)),
-                Some(key) if !key.usable_now => Plan::Done(Err(EnrollFailure::KeyRevokedOrExpired)),
-                Some(key) => match devices.get(&job.hostname) {
-                    Some(device) if device.fingerprint == job.public_key_fingerprint && device.username == key.username => match &device.binding {
-                        Some((ip, range_id, range_name)) => {
-                            seen_devices.push(device.id.clone());
-                            Plan::Done(Ok(EnrollOutcome {
-                                created: false,
-                                device_id: device.id.clone(),
-                                username: device.username.clone(),
-                                virtual_ip: ip.clone(),
-                                range_id: range_id.clone(),
-                                range_name: range_name.clone(),
-                            }))
-                        }
-                        None if claimed_hostnames.insert(&job.hostname) => Plan::Bind {
-                            device_id: device.id.clone(),
-                            username: device.username.clone(),
-                            new_device: false,
-                            key_id: key.id.clone(),
-                            reusable: key.reusable,
-                        },
-                        None => Plan::Done(Err(EnrollFailure::HostnameTaken)),
-                    },
-                    Some(_) => Plan::Done(Err(EnrollFailure::HostnameTaken)),
-                    None if !key.reusable && (key.spent || spent_in_batch.contains(&key.id)) => Plan::Done(Err(EnrollFailure::KeySpent)),
-                    None if !claimed_hostnames.insert(&job.hostname) => Plan::Done(Err(EnrollFailure::HostnameTaken)),
-                    None => {
-                        if !key.reusable {
-                            spent_in_batch.insert(key.id.clone());
-                        }
-                        Plan::Bind {
-                            device_id: job.new_device_id.clone(),
-                            username: key.username.clone(),
-                            new_device: true,
-                            key_id: key.id.clone(),
-                            reusable: key.reusable,
-                        }
-                    }
-                },
-            };
-            plans.push(plan);
-        }
+    async fn take_key(&mut self, key_id: &str) -> Result<bool> {
+        Ok(sqlx::query(KEY_TAKE).bind(key_id).execute(&mut *self.tx.transaction).await?.rows_affected() == 1)
+    }
 
-        // 4. single-use keys: the conditional update is the last word across replicas
-        for plan in plans.iter_mut() {
-            if let Plan::Bind { new_device: true, reusable: false, key_id, .. } = plan {
-                let taken = sqlx::query("UPDATE enrollment_keys SET used_count = used_count + 1 WHERE id = $1 AND revoked = FALSE AND used_count = 0")
-                    .bind(key_id.as_str())
-                    .execute(&mut *tx.transaction)
-                    .await?
-                    .rows_affected();
-                if taken == 0 {
-                    *plan = Plan::Done(Err(EnrollFailure::KeySpent));
-                }
-            }
-        }
+    async fn give_back_key(&mut self, key_id: &str) -> Result<()> {
+        sqlx::query(KEY_GIVE_BACK).bind(key_id).execute(&mut *self.tx.transaction).await?;
+        Ok(())
+    }
 
-        // 5. new devices, in multi-row inserts; a hostname another replica took meanwhile is refused
-        let new_devices: Vec<usize> =
-            plans.iter().enumerate().filter(|(_, plan)| matches!(plan, Plan::Bind { new_device: true, .. })).map(|(index, _)| index).collect();
-        let mut inserted: HashSet<String> = HashSet::new();
-        for chunk in new_devices.chunks(INSERT_CHUNK) {
-            let sql = format!(
-                "INSERT INTO devices (id, hostname, hostname_key, username, platform, public_key_fingerprint, certificate_serial, enrollment_key_id, city, state, country, latitude, longitude, created_at, last_seen) \
-                 VALUES {} ON CONFLICT DO NOTHING RETURNING id",
-                placeholders(mark, chunk.len(), 15, 1)
-            );
+    async fn add_key_uses(&mut self, key_id: &str, uses: i64) -> Result<()> {
+        sqlx::query(KEY_USES).bind(key_id).bind(uses).execute(&mut *self.tx.transaction).await?;
+        Ok(())
+    }
+
+    async fn insert_devices(&mut self, devices: &[NewDevice<'_>]) -> Result<HashSet<String>> {
+        let mut inserted = HashSet::new();
+        for chunk in devices.chunks(INSERT_CHUNK) {
+            let sql = DEVICE_INSERT.replace("{rows}", &placeholders(self.mark(), chunk.len(), 15, 1));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for &index in chunk {
-                let (job, Plan::Bind { device_id, username, key_id, .. }) = (&jobs[index], &plans[index]) else { continue };
-                let location = job.location.clone().unwrap_or_default();
+            for device in chunk {
+                let location = device.location.cloned().unwrap_or_default();
                 query = query
-                    .bind(device_id.as_str())
-                    .bind(job.hostname.as_str())
-                    .bind(job.hostname.as_str())
-                    .bind(username.as_str())
-                    .bind(job.platform.as_str())
-                    .bind(job.public_key_fingerprint.as_slice())
-                    .bind(job.certificate_serial.as_str())
-                    .bind(key_id.as_str())
+                    .bind(device.id)
+                    .bind(device.hostname)
+                    .bind(device.hostname)
+                    .bind(device.username)
+                    .bind(device.platform)
+                    .bind(device.fingerprint)
+                    .bind(device.certificate_serial)
+                    .bind(device.key_id)
                     .bind(location.city)
                     .bind(location.state)
                     .bind(location.country)
                     .bind(location.latitude)
                     .bind(location.longitude)
-                    .bind(now)
-                    .bind(now);
+                    .bind(device.now)
+                    .bind(device.now);
             }
-            for row in query.fetch_all(&mut *tx.transaction).await? {
+            for row in query.fetch_all(&mut *self.tx.transaction).await? {
                 inserted.insert(row.try_get(0)?);
             }
         }
-        for &index in &new_devices {
-            let Plan::Bind { device_id, key_id, reusable, .. } = &plans[index] else { continue };
-            if !inserted.contains(device_id) {
-                if !reusable {
-                    sqlx::query("UPDATE enrollment_keys SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0")
-                        .bind(key_id.as_str())
-                        .execute(&mut *tx.transaction)
-                        .await?;
-                }
-                plans[index] = Plan::Done(Err(EnrollFailure::HostnameTaken));
-            }
-        }
-
-        // 6. addresses: planned in memory, written in multi-row upserts; an address
-        //    another replica bound meanwhile is not returned and is tried again alone
-        let mut outcomes: Vec<Option<Result<EnrollOutcome, EnrollFailure>>> = plans
-            .iter()
-            .map(|plan| match plan {
-                Plan::Done(result) => Some(result.clone()),
-                Plan::Bind { .. } => None,
-            })
-            .collect();
-        let mut proposals: Vec<(usize, Allocation)> = Vec::new();
-        for (index, plan) in plans.iter().enumerate() {
-            if let Plan::Bind { .. } = plan {
-                match engine.plan(&Place::new(jobs[index].location.as_ref()), now) {
-                    Ok(allocation) => {
-                        planned.push(allocation.clone());
-                        proposals.push((index, allocation));
-                    }
-                    Err(_) => outcomes[index] = Some(Err(EnrollFailure::Exhausted)),
-                }
-            }
-        }
-        let reuse_before = now.saturating_sub(quarantine_micros);
-        let mut written: HashSet<Vec<u8>> = HashSet::new();
-        // fresh addresses may take over a quarantine row only once its quarantine ran
-        // out; addresses the engine took out of quarantine on purpose may take it at once
-        let (fresh, from_quarantine): (Vec<&(usize, Allocation)>, Vec<&(usize, Allocation)>) =
-            proposals.iter().partition(|(_, allocation)| allocation.quarantined_since.is_none());
-        for (group, reuse) in [(fresh, reuse_before), (from_quarantine, i64::MAX)] {
-            for chunk in group.chunks(INSERT_CHUNK) {
-                let sql = format!(
-                    "INSERT INTO bindings (ip_key, ip, range_id, device_id, username, platform, client_hostname, last_updated) VALUES {} \
-                     ON CONFLICT (ip_key) DO UPDATE SET ip = excluded.ip, range_id = excluded.range_id, device_id = excluded.device_id, \
-                     username = excluded.username, platform = excluded.platform, client_hostname = excluded.client_hostname, \
-                     last_updated = excluded.last_updated, released_at = NULL \
-                     WHERE bindings.device_id IS NULL AND bindings.released_at <= {} RETURNING ip_key",
-                    placeholders(mark, chunk.len(), 8, 2),
-                    numbered(1)
-                );
-                // the quarantine limit is $1 on PostgreSQL, the last `?` on SQLite
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-                if mark == '$' {
-                    query = query.bind(reuse);
-                }
-                for (index, allocation) in chunk.iter().copied() {
-                    let Plan::Bind { device_id, username, .. } = &plans[*index] else { continue };
-                    query = query
-                        .bind(address_key(allocation.family, allocation.value).to_vec())
-                        .bind(join_address(allocation.family, allocation.value).to_string())
-                        .bind(allocation.range_id.as_str())
-                        .bind(device_id.as_str())
-                        .bind(username.as_str())
-                        .bind(jobs[*index].platform.as_str())
-                        .bind(jobs[*index].hostname.as_str())
-                        .bind(now);
-                }
-                if mark == '?' {
-                    query = query.bind(reuse);
-                }
-                for row in query.fetch_all(&mut *tx.transaction).await? {
-                    written.insert(row.try_get(0)?);
-                }
-            }
-        }
-        let mut range_deltas: BTreeMap<String, i64> = BTreeMap::new();
-        for (index, allocation) in proposals {
-            let mut bound = written.contains(address_key(allocation.family, allocation.value).as_slice()).then_some(allocation.clone());
-            if bound.is_none() {
-                tracing::debug!(address = %join_address(allocation.family, allocation.value), "address taken elsewhere, trying others");
-                planned.retain(|planned| planned != &allocation);
-                bound = self.bind_one(&mut tx, engine, &jobs[index], &plans[index], now, reuse_before, planned).await?;
-            }
-            outcomes[index] = Some(match bound {
-                Some(allocation) => {
-                    let Plan::Bind { device_id, username, new_device, .. } = &plans[index] else { continue };
-                    *range_deltas.entry(allocation.range_id.clone()).or_default() += 1;
-                    Ok(EnrollOutcome {
-                        created: *new_device,
-                        device_id: device_id.clone(),
-                        username: username.clone(),
-                        virtual_ip: join_address(allocation.family, allocation.value).to_string(),
-                        range_name: engine.range(&allocation.range_id).map(|spec| spec.name.clone()).unwrap_or_default(),
-                        range_id: allocation.range_id,
-                    })
-                }
-                None => Err(EnrollFailure::Exhausted),
-            });
-        }
-
-        // 7. undo what an exhausted enrollment wrote; counters, in a fixed order so
-        //    concurrent batches on other replicas lock the same rows in the same order
-        let mut reusable_uses: BTreeMap<String, i64> = BTreeMap::new();
-        for (index, outcome) in outcomes.iter().enumerate() {
-            let Plan::Bind { device_id, new_device, key_id, reusable, .. } = &plans[index] else { continue };
-            match outcome {
-                Some(Ok(_)) if *new_device && *reusable => *reusable_uses.entry(key_id.clone()).or_default() += 1,
-                Some(Ok(_)) => seen_devices.push(device_id.clone()),
-                Some(Err(_)) if *new_device => {
-                    sqlx::query("DELETE FROM devices WHERE id = $1").bind(device_id.as_str()).execute(&mut *tx.transaction).await?;
-                    if !reusable {
-                        sqlx::query("UPDATE enrollment_keys SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0")
-                            .bind(key_id.as_str())
-                            .execute(&mut *tx.transaction)
-                            .await?;
-                    }
-                }
-                _ => {}
-            }
-        }
-        self.add_used_ips(&mut tx, &range_deltas).await?;
-        for (key_id, uses) in &reusable_uses {
-            sqlx::query("UPDATE enrollment_keys SET used_count = used_count + $2 WHERE id = $1")
-                .bind(key_id.as_str())
-                .bind(*uses)
-                .execute(&mut *tx.transaction)
-                .await?;
-        }
-        seen_devices.sort();
-        seen_devices.dedup();
-        for chunk in seen_devices.chunks(INSERT_CHUNK) {
-            let sql = format!("UPDATE devices SET last_seen = {} WHERE id IN ({})", numbered(1), list(chunk.len(), 2));
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-            for id in chunk {
-                query = query.bind(id.as_str());
-            }
-            query.execute(&mut *tx.transaction).await?;
-        }
-        tx.commit().await?;
-        Ok(outcomes.into_iter().map(|outcome| outcome.unwrap_or(Err(EnrollFailure::Exhausted))).collect())
+        Ok(inserted)
     }
 
-    /// Adds each range's delta to its `used_ips` in one statement (a batch touches up
-    /// to one range per enrollment). PostgreSQL first locks the rows in id order, so
-    /// concurrent batches on other replicas wait for each other instead of deadlocking.
-    async fn add_used_ips(&self, tx: &mut crate::WriteTx<'_>, deltas: &BTreeMap<String, i64>) -> Result<()> {
+    async fn upsert_bindings(&mut self, bindings: &[NewBinding<'_>], reuse_before: i64) -> Result<HashSet<Vec<u8>>> {
+        let mark = self.mark();
+        let mut written = HashSet::new();
+        for chunk in bindings.chunks(INSERT_CHUNK) {
+            // the quarantine limit is $1 on PostgreSQL, the last `?` on SQLite
+            let sql = BINDING_UPSERT.replace("{rows}", &placeholders(mark, chunk.len(), 8, 2)).replace("{reuse}", if mark == '?' { "?" } else { "$1" });
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            if mark == '$' {
+                query = query.bind(reuse_before);
+            }
+            for binding in chunk {
+                query = query
+                    .bind(binding.ip_key.as_slice())
+                    .bind(binding.ip.as_str())
+                    .bind(binding.range_id)
+                    .bind(binding.device_id)
+                    .bind(binding.username)
+                    .bind(binding.platform)
+                    .bind(binding.hostname)
+                    .bind(binding.now);
+            }
+            if mark == '?' {
+                query = query.bind(reuse_before);
+            }
+            for row in query.fetch_all(&mut *self.tx.transaction).await? {
+                written.insert(row.try_get(0)?);
+            }
+        }
+        Ok(written)
+    }
+
+    async fn delete_device(&mut self, id: &str) -> Result<()> {
+        sqlx::query(DEVICE_DELETE).bind(id).execute(&mut *self.tx.transaction).await?;
+        Ok(())
+    }
+
+    /// PostgreSQL first locks the rows in id order, so concurrent batches on other
+    /// replicas wait for each other instead of deadlocking.
+    async fn add_used_ips(&mut self, deltas: &BTreeMap<String, i64>) -> Result<()> {
+        let mark = self.mark();
         let ids: Vec<&String> = deltas.keys().collect();
         for chunk in ids.chunks(INSERT_CHUNK) {
-            let mark = match self.backend {
-                crate::Backend::Sqlite => '?',
-                crate::Backend::Postgres => {
-                    let sql = format!("SELECT id FROM ip_ranges WHERE id IN ({}) ORDER BY id FOR UPDATE", parameter_list('$', chunk.len(), 1));
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-                    for id in chunk {
-                        query = query.bind(id.as_str());
-                    }
-                    query.fetch_all(&mut *tx.transaction).await?;
-                    '$'
+            if mark == '$' {
+                let sql = format!("SELECT id FROM ip_ranges WHERE id IN ({}) ORDER BY id FOR UPDATE", parameter_list('$', chunk.len(), 1));
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for id in chunk {
+                    query = query.bind(id.as_str());
                 }
-            };
-            let sql = format!(
-                "WITH delta (id, amount) AS (VALUES {}) UPDATE ip_ranges SET used_ips = used_ips + delta.amount FROM delta WHERE ip_ranges.id = delta.id",
-                placeholders(mark, chunk.len(), 2, 1)
-            );
+                query.fetch_all(&mut *self.tx.transaction).await?;
+            }
+            let sql = USED_IPS_UPDATE.replace("{rows}", &placeholders(mark, chunk.len(), 2, 1));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
                 query = query.bind(id.as_str()).bind(deltas[*id]);
             }
-            query.execute(&mut *tx.transaction).await?;
+            query.execute(&mut *self.tx.transaction).await?;
         }
         Ok(())
     }
 
-    /// Binds one job's device to the next address the database accepts.
-    async fn bind_one(
-        &self,
-        tx: &mut crate::WriteTx<'_>,
-        engine: &mut Engine,
-        job: &EnrollJob,
-        plan: &Plan,
-        now: i64,
-        reuse_before: i64,
-        planned: &mut Vec<Allocation>,
-    ) -> Result<Option<Allocation>> {
-        let Plan::Bind { device_id, username, .. } = plan else { return Ok(None) };
-        let place = Place::new(job.location.as_ref());
-        for _ in 0..MAX_ADDRESS_TRIES {
-            let Ok(allocation) = engine.plan(&place, now) else { return Ok(None) };
-            let reuse = if allocation.quarantined_since.is_some() { i64::MAX } else { reuse_before };
-            let written = sqlx::query(
-                "INSERT INTO bindings (ip_key, ip, range_id, device_id, username, platform, client_hostname, last_updated, released_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL) \
-                 ON CONFLICT (ip_key) DO UPDATE SET ip = excluded.ip, range_id = excluded.range_id, device_id = excluded.device_id, \
-                 username = excluded.username, platform = excluded.platform, client_hostname = excluded.client_hostname, \
-                 last_updated = excluded.last_updated, released_at = NULL \
-                 WHERE bindings.device_id IS NULL AND bindings.released_at <= $9",
-            )
-            .bind(address_key(allocation.family, allocation.value).to_vec())
-            .bind(join_address(allocation.family, allocation.value).to_string())
-            .bind(allocation.range_id.as_str())
-            .bind(device_id.as_str())
-            .bind(username.as_str())
-            .bind(job.platform.as_str())
-            .bind(job.hostname.as_str())
-            .bind(now)
-            .bind(reuse)
-            .execute(&mut *tx.transaction)
-            .await?
-            .rows_affected();
-            if written == 1 {
-                planned.push(allocation.clone());
-                return Ok(Some(allocation));
+    async fn touch_devices(&mut self, ids: &[String], now: i64) -> Result<()> {
+        let mark = self.mark();
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            let sql = DEVICES_TOUCH.replace("{now}", if mark == '?' { "?" } else { "$1" }).replace("{list}", &parameter_list(mark, chunk.len(), 2));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+            for id in chunk {
+                query = query.bind(id.as_str());
             }
+            query.execute(&mut *self.tx.transaction).await?;
         }
-        Ok(None)
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<()> {
+        self.tx.commit().await
     }
 }

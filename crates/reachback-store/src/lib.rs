@@ -14,6 +14,7 @@ mod console;
 mod dataplane;
 mod devices;
 mod enroll;
+mod enroll_sqlite;
 mod keys;
 mod ranges;
 
@@ -59,6 +60,9 @@ pub enum StoreError {
     /// the database refused or failed
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// SQLite refused or failed (the enrollment writer's own connection)
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// stored data could not be read back
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -67,7 +71,13 @@ pub enum StoreError {
 impl StoreError {
     /// Whether trying again later may succeed (pool exhausted, connection lost).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)))
+        match self {
+            StoreError::Database(error) => matches!(error, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)),
+            StoreError::Sqlite(error) => {
+                matches!(error.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -90,6 +100,8 @@ pub struct Store {
     export_pool: Option<sqlx::PgPool>,
     backend: Backend,
     write_gate: Arc<tokio::sync::Mutex<()>>,
+    /// SQLite only (a database file): the enrollment writer's own connection
+    enroll_connection: Option<Arc<std::sync::Mutex<rusqlite::Connection>>>,
     export_chunk: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -258,15 +270,23 @@ impl Store {
                     .connect_lazy_with(sqlx::postgres::PgConnectOptions::from_str(url)?),
             ),
         };
-        let store = Store {
+        let mut store = Store {
             pool,
             writer,
             export_pool,
             backend,
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
+            enroll_connection: None,
             export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)),
         };
         store.migrate().await?;
+        if backend == Backend::Sqlite {
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+            let file = options.get_filename();
+            if file.as_os_str() != ":memory:" && !file.as_os_str().is_empty() {
+                store.enroll_connection = Some(Arc::new(enroll_sqlite::open(file)?));
+            }
+        }
         Ok(store)
     }
 
