@@ -188,7 +188,10 @@ function dataTable(options) {
     } catch { /* saved filters are a convenience */ }
   }
 
+  // the table says it is loading (aria-busy) until the rows are drawn, for
+  // assistive technology and for tests that must not act on a table about to be redrawn
   async function load() {
+    root.setAttribute('aria-busy', 'true');
     const query = table.query();
     query.set('page', table.page);
     query.set('page_size', table.pageSize);
@@ -203,6 +206,7 @@ function dataTable(options) {
       status.append(notice(error.message, 'error'));
     }
     draw();
+    root.removeAttribute('aria-busy');
   }
   table.load = load;
 

@@ -47,9 +47,13 @@ fn sign_out(browser: &Browser) {
     browser.find("form.login");
 }
 
+/// Opens a page and waits until it is the one shown and its table is drawn with
+/// its rows (elements found before that may be replaced by the redraw).
 fn open_page(browser: &Browser, base: &str, page: &str) {
     browser.goto(&format!("{base}/#/{page}"));
-    browser.find("main h1");
+    let shown = "return document.querySelector('nav.side a[aria-current=page]')?.getAttribute('href') === arguments[0] \
+                 && !!document.querySelector('main h1') && !document.querySelector('main [aria-busy=true]')";
+    browser.wait_until(&format!("the {page} page"), |browser| browser.execute(shown, vec![json!(format!("#/{page}"))]) == json!(true));
 }
 
 /// The dialog's input for a field name.
