@@ -97,6 +97,7 @@ impl From<StoreError> for ApiError {
             StoreError::Database(error) => ApiError::internal(error),
             StoreError::Sqlite(error) => ApiError::internal(error),
             StoreError::Corrupt(detail) => ApiError::internal(detail),
+            StoreError::Unsupported(detail) => ApiError::internal(detail),
         }
     }
 }

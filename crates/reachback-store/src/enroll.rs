@@ -7,7 +7,8 @@
 //! The decisions are written once, over [`EnrollWrites`]: the statements of the
 //! transaction on one backend. PostgreSQL runs them through sqlx
 //! ([`SqlxWrites`]); SQLite through a connection of its own on the writer's thread
-//! (`enroll_sqlite`), called directly instead of through sqlx's worker thread.
+//! (`enroll_sqlite`), called directly instead of through sqlx's worker thread (an
+//! SQLite store is always a file: see `Store::connect`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -204,7 +205,7 @@ impl Store {
                 }
             }
             None => match self.write().await {
-                Ok(tx) => enroll_in(SqlxWrites { tx, backend: self.backend }, jobs, engine, quarantine_micros, &mut planned).await,
+                Ok(tx) => enroll_in(SqlxWrites { tx }, jobs, engine, quarantine_micros, &mut planned).await,
                 Err(error) => Err(error),
             },
         };
@@ -493,19 +494,14 @@ pub(crate) fn parameter_list(mark: char, count: usize, first: usize) -> String {
     (first..first + count).map(|index| if mark == '?' { "?".to_string() } else { format!("${index}") }).collect::<Vec<_>>().join(", ")
 }
 
-/// The statements through sqlx (PostgreSQL; SQLite too, though the server's SQLite
-/// store uses `enroll_sqlite`).
+/// The statements through sqlx, on PostgreSQL (`$N` parameters).
 struct SqlxWrites<'a> {
     tx: WriteTx<'a>,
-    backend: crate::Backend,
 }
 
 impl SqlxWrites<'_> {
     fn mark(&self) -> char {
-        match self.backend {
-            crate::Backend::Sqlite => '?',
-            crate::Backend::Postgres => '$',
-        }
+        '$'
     }
 }
 
@@ -601,15 +597,11 @@ impl EnrollWrites for SqlxWrites<'_> {
     }
 
     async fn upsert_bindings(&mut self, bindings: &[NewBinding<'_>], reuse_before: i64) -> Result<HashSet<Vec<u8>>> {
-        let mark = self.mark();
         let mut written = HashSet::new();
         for chunk in bindings.chunks(INSERT_CHUNK) {
-            // the quarantine limit is $1 on PostgreSQL, the last `?` on SQLite
-            let sql = BINDING_UPSERT.replace("{rows}", &placeholders(mark, chunk.len(), 8, 2)).replace("{reuse}", if mark == '?' { "?" } else { "$1" });
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            if mark == '$' {
-                query = query.bind(reuse_before);
-            }
+            // the quarantine limit is $1
+            let sql = BINDING_UPSERT.replace("{rows}", &placeholders(self.mark(), chunk.len(), 8, 2)).replace("{reuse}", "$1");
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(reuse_before);
             for binding in chunk {
                 query = query
                     .bind(binding.ip_key.as_slice())
@@ -620,9 +612,6 @@ impl EnrollWrites for SqlxWrites<'_> {
                     .bind(binding.platform)
                     .bind(binding.hostname)
                     .bind(binding.now);
-            }
-            if mark == '?' {
-                query = query.bind(reuse_before);
             }
             for row in query.fetch_all(&mut *self.tx.transaction).await? {
                 written.insert(row.try_get(0)?);
@@ -636,21 +625,18 @@ impl EnrollWrites for SqlxWrites<'_> {
         Ok(())
     }
 
-    /// PostgreSQL first locks the rows in id order, so concurrent batches on other
-    /// replicas wait for each other instead of deadlocking.
+    /// First locks the rows in id order, so concurrent batches on other replicas
+    /// wait for each other instead of deadlocking.
     async fn add_used_ips(&mut self, deltas: &BTreeMap<String, i64>) -> Result<()> {
-        let mark = self.mark();
         let ids: Vec<&String> = deltas.keys().collect();
         for chunk in ids.chunks(INSERT_CHUNK) {
-            if mark == '$' {
-                let sql = format!("SELECT id FROM ip_ranges WHERE id IN ({}) ORDER BY id FOR UPDATE", parameter_list('$', chunk.len(), 1));
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for id in chunk {
-                    query = query.bind(id.as_str());
-                }
-                query.fetch_all(&mut *self.tx.transaction).await?;
+            let sql = format!("SELECT id FROM ip_ranges WHERE id IN ({}) ORDER BY id FOR UPDATE", parameter_list(self.mark(), chunk.len(), 1));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id.as_str());
             }
-            let sql = USED_IPS_UPDATE.replace("{rows}", &placeholders(mark, chunk.len(), 2, 1));
+            query.fetch_all(&mut *self.tx.transaction).await?;
+            let sql = USED_IPS_UPDATE.replace("{rows}", &placeholders(self.mark(), chunk.len(), 2, 1));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
                 query = query.bind(id.as_str()).bind(deltas[*id]);
@@ -661,9 +647,8 @@ impl EnrollWrites for SqlxWrites<'_> {
     }
 
     async fn touch_devices(&mut self, ids: &[String], now: i64) -> Result<()> {
-        let mark = self.mark();
         for chunk in ids.chunks(INSERT_CHUNK) {
-            let sql = DEVICES_TOUCH.replace("{now}", if mark == '?' { "?" } else { "$1" }).replace("{list}", &parameter_list(mark, chunk.len(), 2));
+            let sql = DEVICES_TOUCH.replace("{now}", "$1").replace("{list}", &parameter_list(self.mark(), chunk.len(), 2));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
             for id in chunk {
                 query = query.bind(id.as_str());

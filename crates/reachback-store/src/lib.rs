@@ -66,6 +66,9 @@ pub enum StoreError {
     /// stored data could not be read back
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// the database URL cannot serve as a store
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl StoreError {
@@ -240,11 +243,24 @@ async fn vacuum_if_due(pool: &AnyPool, after_rows: i64) -> Result<Vec<String>> {
     result
 }
 
+/// The database file of an SQLite URL. The enrollment writer opens the file a
+/// second time (`enroll_sqlite`), so a database that lives only in memory cannot
+/// serve as a store.
+fn options_file(url: &str) -> Result<std::path::PathBuf> {
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    let file = options.get_filename();
+    if file.as_os_str().is_empty() || file.as_os_str() == ":memory:" || url.contains(":memory:") || url.contains("mode=memory") {
+        return Err(StoreError::Unsupported("an SQLite store needs a database file, not an in-memory database".into()));
+    }
+    Ok(file.to_path_buf())
+}
+
 impl Store {
     /// Connects (creating an SQLite file if needed) and applies migrations.
     pub async fn connect(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") { Backend::Postgres } else { Backend::Sqlite };
+        let sqlite_file = if backend == Backend::Sqlite { Some(options_file(url)?) } else { None };
         let options = AnyConnectOptions::from_str(url)?;
         let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }, WAL_BACKSTOP_PAGES).await?;
         // SQLite: one long-lived writer connection whose page cache stays warm, which
@@ -280,12 +296,8 @@ impl Store {
             export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)),
         };
         store.migrate().await?;
-        if backend == Backend::Sqlite {
-            let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
-            let file = options.get_filename();
-            if file.as_os_str() != ":memory:" && !file.as_os_str().is_empty() {
-                store.enroll_connection = Some(Arc::new(enroll_sqlite::open(file)?));
-            }
+        if let Some(file) = sqlite_file {
+            store.enroll_connection = Some(Arc::new(enroll_sqlite::open(&file)?));
         }
         Ok(store)
     }

@@ -81,6 +81,14 @@ fn bad_configuration_is_refused_clearly() {
     let output = std::process::Command::new(crate::process::BIN).args(["server", "--database", "mysql://x", "--data-dir"]).arg(&temp.0).output().expect("runs");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("postgres://"));
+    // the enrollment writer opens the SQLite file a second time: a memory database cannot be a store
+    let output = std::process::Command::new(crate::process::BIN)
+        .args(["server", "--listen", "127.0.0.1:0", "--database", "sqlite::memory:", "--data-dir"])
+        .arg(&temp.0)
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("needs a database file"), "{}", String::from_utf8_lossy(&output.stderr));
     let output = std::process::Command::new(crate::process::BIN).arg("--version").output().expect("runs");
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("reachback "));
 }
