@@ -499,15 +499,12 @@ struct SqlxWrites<'a> {
     tx: WriteTx<'a>,
 }
 
-impl SqlxWrites<'_> {
-    fn mark(&self) -> char {
-        '$'
-    }
-}
+/// PostgreSQL's parameter mark (`$N`).
+const PG_MARK: char = '$';
 
 impl EnrollWrites for SqlxWrites<'_> {
     async fn keys(&mut self, hashes: &[&[u8]]) -> Result<Vec<KeyRecord>> {
-        let sql = KEYS_SELECT.replace("{list}", &parameter_list(self.mark(), hashes.len(), 1));
+        let sql = KEYS_SELECT.replace("{list}", &parameter_list(PG_MARK, hashes.len(), 1));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for hash in hashes {
             query = query.bind(*hash);
@@ -528,7 +525,7 @@ impl EnrollWrites for SqlxWrites<'_> {
     }
 
     async fn devices(&mut self, hostnames: &[&str]) -> Result<Vec<DeviceRecord>> {
-        let sql = DEVICES_SELECT.replace("{list}", &parameter_list(self.mark(), hostnames.len(), 1));
+        let sql = DEVICES_SELECT.replace("{list}", &parameter_list(PG_MARK, hostnames.len(), 1));
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for hostname in hostnames {
             query = query.bind(*hostname);
@@ -568,7 +565,7 @@ impl EnrollWrites for SqlxWrites<'_> {
     async fn insert_devices(&mut self, devices: &[NewDevice<'_>]) -> Result<HashSet<String>> {
         let mut inserted = HashSet::new();
         for chunk in devices.chunks(INSERT_CHUNK) {
-            let sql = DEVICE_INSERT.replace("{rows}", &placeholders(self.mark(), chunk.len(), 15, 1));
+            let sql = DEVICE_INSERT.replace("{rows}", &placeholders(PG_MARK, chunk.len(), 15, 1));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for device in chunk {
                 let location = device.location.cloned().unwrap_or_default();
@@ -600,7 +597,7 @@ impl EnrollWrites for SqlxWrites<'_> {
         let mut written = HashSet::new();
         for chunk in bindings.chunks(INSERT_CHUNK) {
             // the quarantine limit is $1
-            let sql = BINDING_UPSERT.replace("{rows}", &placeholders(self.mark(), chunk.len(), 8, 2)).replace("{reuse}", "$1");
+            let sql = BINDING_UPSERT.replace("{rows}", &placeholders(PG_MARK, chunk.len(), 8, 2)).replace("{reuse}", "$1");
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(reuse_before);
             for binding in chunk {
                 query = query
@@ -630,13 +627,13 @@ impl EnrollWrites for SqlxWrites<'_> {
     async fn add_used_ips(&mut self, deltas: &BTreeMap<String, i64>) -> Result<()> {
         let ids: Vec<&String> = deltas.keys().collect();
         for chunk in ids.chunks(INSERT_CHUNK) {
-            let sql = format!("SELECT id FROM ip_ranges WHERE id IN ({}) ORDER BY id FOR UPDATE", parameter_list(self.mark(), chunk.len(), 1));
+            let sql = format!("SELECT id FROM ip_ranges WHERE id IN ({}) ORDER BY id FOR UPDATE", parameter_list(PG_MARK, chunk.len(), 1));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
                 query = query.bind(id.as_str());
             }
             query.fetch_all(&mut *self.tx.transaction).await?;
-            let sql = USED_IPS_UPDATE.replace("{rows}", &placeholders(self.mark(), chunk.len(), 2, 1));
+            let sql = USED_IPS_UPDATE.replace("{rows}", &placeholders(PG_MARK, chunk.len(), 2, 1));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
                 query = query.bind(id.as_str()).bind(deltas[*id]);
@@ -648,7 +645,7 @@ impl EnrollWrites for SqlxWrites<'_> {
 
     async fn touch_devices(&mut self, ids: &[String], now: i64) -> Result<()> {
         for chunk in ids.chunks(INSERT_CHUNK) {
-            let sql = DEVICES_TOUCH.replace("{now}", "$1").replace("{list}", &parameter_list(self.mark(), chunk.len(), 2));
+            let sql = DEVICES_TOUCH.replace("{now}", "$1").replace("{list}", &parameter_list(PG_MARK, chunk.len(), 2));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
             for id in chunk {
                 query = query.bind(id.as_str());

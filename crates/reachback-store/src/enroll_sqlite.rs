@@ -29,12 +29,7 @@ const PREPARED_STATEMENTS: usize = 128;
 /// Opens the enrollment connection to an existing, migrated database file.
 pub(crate) fn open(path: &Path) -> Result<Mutex<Connection>> {
     let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
-    connection.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
-         PRAGMA cache_size = {}; PRAGMA wal_autocheckpoint = {}; PRAGMA temp_store = MEMORY;",
-        crate::CACHE_KIB,
-        crate::WAL_BACKSTOP_PAGES
-    ))?;
+    connection.execute_batch(&crate::sqlite_pragmas())?;
     connection.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
     Ok(Mutex::new(connection))
 }

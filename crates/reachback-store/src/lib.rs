@@ -243,13 +243,22 @@ async fn vacuum_if_due(pool: &AnyPool, after_rows: i64) -> Result<Vec<String>> {
     result
 }
 
+/// The settings of every SQLite connection, sqlx's and the enrollment writer's.
+pub(crate) fn sqlite_pragmas() -> String {
+    format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
+         PRAGMA cache_size = {CACHE_KIB}; PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}; PRAGMA temp_store = MEMORY;"
+    )
+}
+
 /// The database file of an SQLite URL. The enrollment writer opens the file a
 /// second time (`enroll_sqlite`), so a database that lives only in memory cannot
 /// serve as a store.
 fn options_file(url: &str) -> Result<std::path::PathBuf> {
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
     let file = options.get_filename();
-    if file.as_os_str().is_empty() || file.as_os_str() == ":memory:" || url.contains(":memory:") || url.contains("mode=memory") {
+    // sqlx names an in-memory database `file:sqlx-in-memory-N`: the URL tells
+    if file.as_os_str().is_empty() || url.contains(":memory:") || url.contains("mode=memory") {
         return Err(StoreError::Unsupported("an SQLite store needs a database file, not an in-memory database".into()));
     }
     Ok(file.to_path_buf())
@@ -262,12 +271,12 @@ impl Store {
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") { Backend::Postgres } else { Backend::Sqlite };
         let sqlite_file = if backend == Backend::Sqlite { Some(options_file(url)?) } else { None };
         let options = AnyConnectOptions::from_str(url)?;
-        let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }, WAL_BACKSTOP_PAGES).await?;
+        let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }).await?;
         // SQLite: one long-lived writer connection whose page cache stays warm, which
         // leaves checkpoints to a background task; PostgreSQL: writes share the pool
         let writer = match backend {
             Backend::Sqlite => {
-                let writer = Self::pool(&options, backend, 1, WAL_BACKSTOP_PAGES).await?;
+                let writer = Self::pool(&options, backend, 1).await?;
                 tokio::spawn(checkpoint_in_background(pool.clone()));
                 writer
             }
@@ -307,7 +316,7 @@ impl Store {
         self.export_chunk.store(rows.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn pool(options: &AnyConnectOptions, backend: Backend, size: u32, autocheckpoint: u32) -> Result<AnyPool> {
+    async fn pool(options: &AnyConnectOptions, backend: Backend, size: u32) -> Result<AnyPool> {
         Ok(AnyPoolOptions::new()
             .max_connections(size)
             .min_connections(1)
@@ -317,11 +326,7 @@ impl Store {
             .after_connect(move |connection, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        let pragmas = format!(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; \
-                             PRAGMA cache_size = {CACHE_KIB}; PRAGMA wal_autocheckpoint = {autocheckpoint}; PRAGMA temp_store = MEMORY;"
-                        );
-                        connection.execute(sqlx::AssertSqlSafe(pragmas)).await?;
+                        connection.execute(sqlx::AssertSqlSafe(sqlite_pragmas())).await?;
                     }
                     Ok(())
                 })
