@@ -90,12 +90,15 @@ pub struct RunOptions {
     pub connect_host: IpAddr,
     /// this release, reported to the broker
     pub version: String,
+    /// TCP congestion control of the tunnel
+    /// TCP congestion control of the tunnel and of the connections to local services
+    pub tcp_congestion: reachback_tunnel::Congestion,
 }
 
 /// Keeps the tunnel up until `shutdown` resolves or the broker revokes this device.
 pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let (mut state, material) = client::load_state(&options.state_dir)?;
-    let connector = TunnelConnector::new(&material)?;
+    let connector = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone());
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
     let options = std::sync::Arc::new(options);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -179,6 +182,7 @@ async fn serve_flow(mut send: SendStream, mut recv: RecvStream, options: std::sy
         Err(_) => return refuse(send, Refusal::ConnectFailed { reason: "the local connect timed out".into() }).await,
     };
     let _ = stream.set_nodelay(true);
+    let _ = options.tcp_congestion.apply(&stream);
     if write_frame(&mut send, &FlowReply::Ok).await.is_err() {
         return End::Tcp(stream).reset();
     }

@@ -35,6 +35,9 @@ pub struct RunOptions {
     pub version: String,
     /// `Some`: SOCKS5 mode on this address instead of TPROXY
     pub socks5_listen: Option<SocketAddr>,
+    /// TCP congestion control of the tunnel
+    /// TCP congestion control of the tunnel and of the intercepted connections
+    pub tcp_congestion: reachback_tunnel::Congestion,
 }
 
 /// Enrolls with the provisioning key unless the state directory holds an enrollment.
@@ -60,7 +63,8 @@ fn ensure_enrolled(options: &RunOptions) -> anyhow::Result<()> {
 }
 
 /// A listening socket that accepts connections addressed to any destination (IP_TRANSPARENT).
-fn transparent_listener(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+/// Accepted connections inherit its congestion control.
+fn transparent_listener(address: SocketAddr, congestion: &reachback_tunnel::Congestion) -> anyhow::Result<tokio::net::TcpListener> {
     let domain = if address.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -71,6 +75,7 @@ fn transparent_listener(address: SocketAddr) -> anyhow::Result<tokio::net::TcpLi
         socket.set_ip_transparent_v6(true).context("IPV6_TRANSPARENT needs CAP_NET_ADMIN (run as root)")?;
     }
     socket.set_nonblocking(true)?;
+    congestion.apply(&socket).context("setting the congestion control of the intercepted connections")?;
     socket.bind(&address.into()).with_context(|| format!("binding {address}"))?;
     socket.listen(4096)?;
     Ok(tokio::net::TcpListener::from_std(socket.into())?)
@@ -80,7 +85,7 @@ fn transparent_listener(address: SocketAddr) -> anyhow::Result<tokio::net::TcpLi
 pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     ensure_enrolled(&options)?;
     let (state, material) = client::load_state(&options.state_dir)?;
-    let endpoint = TunnelConnector::new(&material)?;
+    let endpoint = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone());
     if let Some(listen) = options.socks5_listen {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the SOCKS5 listener on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "SOCKS5 listener ready");
@@ -94,8 +99,8 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
         accept.abort();
         return result;
     }
-    let mut listeners = vec![transparent_listener(SocketAddr::from(([0, 0, 0, 0], options.tproxy_port)))?];
-    match transparent_listener(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, options.tproxy_port))) {
+    let mut listeners = vec![transparent_listener(SocketAddr::from(([0, 0, 0, 0], options.tproxy_port)), &options.tcp_congestion)?];
+    match transparent_listener(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, options.tproxy_port)), &options.tcp_congestion) {
         Ok(listener) => listeners.push(listener),
         Err(error) => tracing::info!(error = format!("{error:#}"), "no IPv6 interception"),
     }

@@ -151,7 +151,7 @@ pub async fn reload_policy(state: &AppState, force: bool) -> anyhow::Result<()> 
 pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let (certificate_pem, private_key_pem) = state.ca.sign_broker()?;
     let material = TlsMaterial { certificate_pem, private_key_pem, ca_pem: state.ca.certificate_pem.clone() };
-    let listener = Arc::new(TunnelListener::bind(state.config.tunnel_listen, &material).await?);
+    let listener = Arc::new(TunnelListener::bind(state.config.tunnel_listen, &material).await?.with_congestion(state.config.tcp_congestion.clone()));
     let local = listener.local_addr()?;
     let mut shutdown = state.broker.shutdown.subscribe();
     let cleared = state.store.clear_client_sessions_on(&state.config.node_name).await?;

@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub node_name: String,
     /// flows with no byte either way for this long are reset
     pub flow_idle_timeout: std::time::Duration,
+    /// TCP congestion control of the accepted tunnels
+    pub tcp_congestion: reachback_tunnel::Congestion,
 }
 
 impl ServerConfig {

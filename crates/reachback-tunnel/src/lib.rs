@@ -1,16 +1,18 @@
 //! The async shells around `reachback-proto`, shared by the broker, the agent and
 //! the connector: mutual TLS 1.3 over TCP from the internal CA (`tls`), the stream
-//! multiplexer (`mux`), framed messages on streams (`wire`), and the relay that
+//! multiplexer (`mux`) over a socket that reads ahead under TLS (`socket`), framed messages on streams (`wire`), and the relay that
 //! moves one flow's bytes between two ends while the flow state machine decides
 //! half-close, reset and idle timeout (`relay`).
 
 pub mod client;
 pub mod mux;
 pub mod relay;
+pub mod socket;
 pub mod tls;
 pub mod wire;
 
 pub use mux::{Connection, RecvStream, SendStream, StreamError};
 pub use relay::{AwaitReply, End, RelayOptions, RelayTotals, relay};
+pub use socket::Congestion;
 pub use tls::{PeerIdentity, TlsMaterial, TunnelConnector, TunnelListener, peer_identity};
 pub use wire::{read_frame, spawn_reader, write_frame};

@@ -11,6 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::mux::Connection;
+use crate::socket::{Congestion, ReadAhead};
 
 /// PEM texts of a certificate, its private key, and the CA to trust.
 #[derive(Clone)]
@@ -59,8 +60,11 @@ impl TlsMaterial {
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn tune(stream: &tokio::net::TcpStream) {
+fn tune(stream: &tokio::net::TcpStream, congestion: &Congestion) {
     let _ = stream.set_nodelay(true);
+    if let Err(error) = congestion.apply(stream) {
+        tracing::debug!(?congestion, %error, "could not set the tunnel's congestion control");
+    }
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(15)).with_interval(Duration::from_secs(5)).with_retries(3);
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
@@ -69,6 +73,7 @@ fn tune(stream: &tokio::net::TcpStream) {
 pub struct TunnelListener {
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    congestion: Congestion,
 }
 
 impl TunnelListener {
@@ -84,7 +89,13 @@ impl TunnelListener {
             .context("the broker certificate")?;
         tls.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the tunnel endpoint on TCP {listen}"))?;
-        Ok(TunnelListener { listener, acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) })
+        Ok(TunnelListener { listener, acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)), congestion: Congestion::System })
+    }
+
+    /// The congestion control of the accepted tunnels (the system's unless set).
+    pub fn with_congestion(mut self, congestion: Congestion) -> TunnelListener {
+        self.congestion = congestion;
+        self
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -98,8 +109,11 @@ impl TunnelListener {
 
     /// Completes the TLS handshake and starts the multiplexer.
     pub async fn handshake(&self, stream: tokio::net::TcpStream, remote: SocketAddr) -> anyhow::Result<Connection> {
-        tune(&stream);
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
+        tune(&stream, &self.congestion);
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(ReadAhead::new(stream)))
+            .await
+            .context("TLS handshake timed out")?
+            .context("TLS handshake")?;
         let certificates = tls.get_ref().1.peer_certificates().map(|chain| chain.iter().map(|certificate| certificate.to_vec()).collect()).unwrap_or_default();
         Ok(Connection::start(tls, false, remote, certificates))
     }
@@ -113,6 +127,7 @@ impl TunnelListener {
 #[derive(Clone)]
 pub struct TunnelConnector {
     connector: tokio_rustls::TlsConnector,
+    congestion: Congestion,
 }
 
 impl TunnelConnector {
@@ -124,15 +139,23 @@ impl TunnelConnector {
             .with_client_auth_cert(material.chain()?, material.key()?)
             .context("the client certificate")?;
         tls.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
-        Ok(TunnelConnector { connector: tokio_rustls::TlsConnector::from(Arc::new(tls)) })
+        Ok(TunnelConnector { connector: tokio_rustls::TlsConnector::from(Arc::new(tls)), congestion: Congestion::System })
+    }
+
+    /// The congestion control of the tunnel (the system's unless set).
+    pub fn with_congestion(mut self, congestion: Congestion) -> TunnelConnector {
+        self.congestion = congestion;
+        self
     }
 
     pub async fn connect(&self, address: SocketAddr) -> anyhow::Result<Connection> {
         let stream = tokio::net::TcpStream::connect(address).await.with_context(|| format!("connecting to {address}"))?;
-        tune(&stream);
+        tune(&stream, &self.congestion);
         let name = ServerName::try_from(reachback_proto::BROKER_SERVER_NAME).context("broker name")?;
-        let tls =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, ReadAhead::new(stream)))
+            .await
+            .context("TLS handshake timed out")?
+            .context("TLS handshake")?;
         Ok(Connection::start(tls, true, address, Vec::new()))
     }
 }

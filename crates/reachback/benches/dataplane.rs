@@ -11,7 +11,9 @@
 //! (success count, RSS and memory per flow of server, connector and agent); 2,000
 //! connected agents on one server (memory per session); the agent's idle RSS.
 //! REACHBACK_BENCH_FLOWS, REACHBACK_BENCH_CONCURRENT, REACHBACK_BENCH_AGENTS and
-//! REACHBACK_BENCH_SECONDS change the sizes.
+//! REACHBACK_BENCH_SECONDS change the sizes; REACHBACK_BENCH_PHASES (a comma list of
+//! `bulk`, `flows`, `concurrent`, `agents`; all by default) picks what runs, and
+//! REACHBACK_BENCH_BINARY runs another build of `reachback` (A/B runs on one day).
 //!
 //! The same binary, re-run inside a namespace, plays the helpers: `echo-server`,
 //! `flows` (sequential), `hold` (concurrent) and `swarm` (many agents).
@@ -236,7 +238,10 @@ fn start_holder(lab: &Lab, host: &str, args: &[&str]) -> (std::process::Child, V
 }
 
 fn orchestrate() {
-    let bin = Path::new(env!("CARGO_BIN_EXE_reachback"));
+    let bin = std::env::var_os("REACHBACK_BENCH_BINARY").map_or_else(|| Path::new(env!("CARGO_BIN_EXE_reachback")).to_path_buf(), std::path::PathBuf::from);
+    let bin = bin.as_path();
+    let phases = std::env::var("REACHBACK_BENCH_PHASES").unwrap_or_else(|_| "bulk,flows,concurrent,agents".into());
+    let phase = |name: &str| phases.split(',').any(|listed| listed.trim() == name);
     let seconds = env_number("REACHBACK_BENCH_SECONDS", 5).to_string();
     let flows = env_number("REACHBACK_BENCH_FLOWS", 2000);
     let concurrent = env_number("REACHBACK_BENCH_CONCURRENT", 10_000);
@@ -268,98 +273,103 @@ fn orchestrate() {
     let agent_idle = rss_kib(agent);
     println!("agent idle RSS: {:.1} MiB (goal < 10 MiB)", agent_idle as f64 / 1024.0);
 
-    println!("\n## bulk throughput (iperf3, {seconds} s each; direct = server host → connector host over veth)");
-    println!(
-        "| case | direct Gbit/s | 3 plain TCP relays Gbit/s | through Reachback Gbit/s | ratio to direct | ratio to the plain relays | CPU s per Gbit: server / connector / agent |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for (streams, reverse) in [("1", false), ("1", true), ("4", false), ("4", true)] {
-        let direct = iperf3_bits(&lab, "10.77.1.2", "5202", &seconds, streams, reverse);
-        let chain = iperf3_bits(&lab, "10.77.1.2", "7111", &seconds, streams, reverse);
-        let cpu_before = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
-        let tunnel = iperf3_bits(&lab, "100.64.0.1", "5201", &seconds, streams, reverse);
-        let cpu_after = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
-        let gbits = tunnel * seconds.parse::<f64>().unwrap_or(5.0) / 1e9;
-        let per_gbit: Vec<String> = (0..3).map(|index| format!("{:.2}", (cpu_after[index] - cpu_before[index]) / gbits)).collect();
-        let direction = if reverse { "client → server (-R)" } else { "server → client" };
+    if phase("bulk") {
+        println!("\n## bulk throughput (iperf3, {seconds} s each; direct = server host → connector host over veth)");
         println!(
-            "| {streams} stream(s), {direction} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
-            direct / 1e9,
-            chain / 1e9,
-            tunnel / 1e9,
-            tunnel / direct,
-            tunnel / chain,
-            per_gbit.join(" / ")
+            "| case | direct Gbit/s | 3 plain TCP relays Gbit/s | through Reachback Gbit/s | ratio to direct | ratio to the plain relays | CPU s per Gbit: server / connector / agent |"
         );
+        println!("|---|---|---|---|---|---|---|");
+        for (streams, reverse) in [("1", false), ("1", true), ("4", false), ("4", true)] {
+            let direct = iperf3_bits(&lab, "10.77.1.2", "5202", &seconds, streams, reverse);
+            let chain = iperf3_bits(&lab, "10.77.1.2", "7111", &seconds, streams, reverse);
+            let cpu_before = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
+            let tunnel = iperf3_bits(&lab, "100.64.0.1", "5201", &seconds, streams, reverse);
+            let cpu_after = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
+            let gbits = tunnel * seconds.parse::<f64>().unwrap_or(5.0) / 1e9;
+            let per_gbit: Vec<String> = (0..3).map(|index| format!("{:.2}", (cpu_after[index] - cpu_before[index]) / gbits)).collect();
+            let direction = if reverse { "client → server (-R)" } else { "server → client" };
+            println!(
+                "| {streams} stream(s), {direction} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                direct / 1e9,
+                chain / 1e9,
+                tunnel / 1e9,
+                tunnel / direct,
+                tunnel / chain,
+                per_gbit.join(" / ")
+            );
+        }
     }
-
-    println!("\n## new flows: {flows} sequential connect + 1-byte echo + close");
-    let count = flows.to_string();
-    let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count]);
-    let chain = run_helper(&lab, "srv", &["flows", "10.77.1.2:7101", &count]);
-    let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count]);
-    let sorted = |value: &Value| {
-        let mut list: Vec<u64> = value["latencies_us"].as_array().expect("latencies").iter().filter_map(Value::as_u64).collect();
-        list.sort_unstable();
-        list
-    };
-    let (direct_sorted, chain_sorted, tunnel_sorted) = (sorted(&direct), sorted(&chain), sorted(&tunnel));
-    println!("| path | p50 µs | p90 µs | p99 µs | flows/s | failures |");
-    println!("|---|---|---|---|---|---|");
-    for (name, sorted, raw) in
-        [("direct", &direct_sorted, &direct), ("3 plain TCP relays", &chain_sorted, &chain), ("through Reachback", &tunnel_sorted, &tunnel)]
-    {
-        let rate = sorted.len() as f64 / raw["seconds"].as_f64().unwrap_or(1.0);
-        println!("| {name} | {} | {} | {} | {rate:.0} | {} |", percentile(sorted, 0.5), percentile(sorted, 0.9), percentile(sorted, 0.99), raw["failures"]);
-    }
-    println!(
-        "added latency p50: {} µs (goal < 300 µs); the plain relays add {} µs; Reachback adds {} µs more than they do",
-        percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5)),
-        percentile(&chain_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5)),
-        percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&chain_sorted, 0.5))
-    );
-    for workers in ["4", "16"] {
-        let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count, workers]);
-        let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count, workers]);
-        let rate = |value: &Value| value["latencies_us"].as_array().map_or(0, Vec::len) as f64 / value["seconds"].as_f64().unwrap_or(1.0);
+    if phase("flows") {
+        println!("\n## new flows: {flows} sequential connect + 1-byte echo + close");
+        let count = flows.to_string();
+        let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count]);
+        let chain = run_helper(&lab, "srv", &["flows", "10.77.1.2:7101", &count]);
+        let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count]);
+        let sorted = |value: &Value| {
+            let mut list: Vec<u64> = value["latencies_us"].as_array().expect("latencies").iter().filter_map(Value::as_u64).collect();
+            list.sort_unstable();
+            list
+        };
+        let (direct_sorted, chain_sorted, tunnel_sorted) = (sorted(&direct), sorted(&chain), sorted(&tunnel));
+        println!("| path | p50 µs | p90 µs | p99 µs | flows/s | failures |");
+        println!("|---|---|---|---|---|---|");
+        for (name, sorted, raw) in
+            [("direct", &direct_sorted, &direct), ("3 plain TCP relays", &chain_sorted, &chain), ("through Reachback", &tunnel_sorted, &tunnel)]
+        {
+            let rate = sorted.len() as f64 / raw["seconds"].as_f64().unwrap_or(1.0);
+            println!("| {name} | {} | {} | {} | {rate:.0} | {} |", percentile(sorted, 0.5), percentile(sorted, 0.9), percentile(sorted, 0.99), raw["failures"]);
+        }
         println!(
-            "{workers} clients side by side: {:.0} flows/s through Reachback ({} failures), {:.0} direct (goal ≥ 3,000)",
-            rate(&tunnel),
-            tunnel["failures"],
-            rate(&direct)
+            "added latency p50: {} µs (goal < 300 µs); the plain relays add {} µs; Reachback adds {} µs more than they do",
+            percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5)),
+            percentile(&chain_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5)),
+            percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&chain_sorted, 0.5))
         );
+        for workers in ["4", "16"] {
+            let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count, workers]);
+            let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count, workers]);
+            let rate = |value: &Value| value["latencies_us"].as_array().map_or(0, Vec::len) as f64 / value["seconds"].as_f64().unwrap_or(1.0);
+            println!(
+                "{workers} clients side by side: {:.0} flows/s through Reachback ({} failures), {:.0} direct (goal ≥ 3,000)",
+                rate(&tunnel),
+                tunnel["failures"],
+                rate(&direct)
+            );
+        }
     }
-
-    println!("\n## {concurrent} concurrent open flows on one client");
-    let before = [rss_kib(server), rss_kib(connector), rss_kib(agent)];
-    let (mut holder, opened) = start_holder(&lab, "srv", &["hold", "100.64.0.1:7000", &concurrent.to_string()]);
-    std::thread::sleep(Duration::from_secs(2));
-    let during = [rss_kib(server), rss_kib(connector), rss_kib(agent)];
-    let open = opened["open"].as_u64().unwrap_or(0);
-    println!("opened and echoed: {open} of {concurrent}");
-    println!("| component | RSS before MiB | RSS with the flows open MiB | KiB per flow |");
-    println!("|---|---|---|---|");
-    for (index, name) in ["server (broker)", "connector", "agent"].iter().enumerate() {
-        let per_flow = (during[index].saturating_sub(before[index])) as f64 / open.max(1) as f64;
-        println!("| {name} | {:.1} | {:.1} | {per_flow:.1} |", before[index] as f64 / 1024.0, during[index] as f64 / 1024.0);
+    if phase("concurrent") {
+        println!("\n## {concurrent} concurrent open flows on one client");
+        let before = [rss_kib(server), rss_kib(connector), rss_kib(agent)];
+        let (mut holder, opened) = start_holder(&lab, "srv", &["hold", "100.64.0.1:7000", &concurrent.to_string()]);
+        std::thread::sleep(Duration::from_secs(2));
+        let during = [rss_kib(server), rss_kib(connector), rss_kib(agent)];
+        let open = opened["open"].as_u64().unwrap_or(0);
+        println!("opened and echoed: {open} of {concurrent}");
+        println!("| component | RSS before MiB | RSS with the flows open MiB | KiB per flow |");
+        println!("|---|---|---|---|");
+        for (index, name) in ["server (broker)", "connector", "agent"].iter().enumerate() {
+            let per_flow = (during[index].saturating_sub(before[index])) as f64 / open.max(1) as f64;
+            println!("| {name} | {:.1} | {:.1} | {per_flow:.1} |", before[index] as f64 / 1024.0, during[index] as f64 / 1024.0);
+        }
+        drop(holder.stdin.take());
+        let _ = holder.wait();
+        wait_for("flows to close", Duration::from_secs(60), || lab.metric("reachback_flows_active") == 0.0);
     }
-    drop(holder.stdin.take());
-    let _ = holder.wait();
-    wait_for("flows to close", Duration::from_secs(60), || lab.metric("reachback_flows_active") == 0.0);
-
-    println!("\n## {agents} connected agents on one server");
-    let server_before = rss_kib(server);
-    let (mut swarm_child, connected) = start_holder(&lab, "cli", &["swarm", "http://10.77.2.2:8080", &agents.to_string()]);
-    std::thread::sleep(Duration::from_secs(2));
-    let sessions = lab.metric("reachback_client_sessions");
-    let server_during = rss_kib(server);
-    println!(
-        "connected: {} of {agents} (server counts {sessions} sessions); server RSS {:.1} → {:.1} MiB, {:.1} KiB per session",
-        connected["connected"],
-        server_before as f64 / 1024.0,
-        server_during as f64 / 1024.0,
-        server_during.saturating_sub(server_before) as f64 / agents.max(1) as f64
-    );
-    drop(swarm_child.stdin.take());
-    let _ = swarm_child.wait();
+    if phase("agents") {
+        println!("\n## {agents} connected agents on one server");
+        let server_before = rss_kib(server);
+        let (mut swarm_child, connected) = start_holder(&lab, "cli", &["swarm", "http://10.77.2.2:8080", &agents.to_string()]);
+        std::thread::sleep(Duration::from_secs(2));
+        let sessions = lab.metric("reachback_client_sessions");
+        let server_during = rss_kib(server);
+        println!(
+            "connected: {} of {agents} (server counts {sessions} sessions); server RSS {:.1} → {:.1} MiB, {:.1} KiB per session",
+            connected["connected"],
+            server_before as f64 / 1024.0,
+            server_during as f64 / 1024.0,
+            server_during.saturating_sub(server_before) as f64 / agents.max(1) as f64
+        );
+        drop(swarm_child.stdin.take());
+        let _ = swarm_child.wait();
+    }
 }

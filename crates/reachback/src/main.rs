@@ -72,6 +72,9 @@ struct AgentRunArgs {
     /// Address allowed flows connect to
     #[arg(long, env = "REACHBACK_CONNECT_HOST", default_value = "127.0.0.1")]
     connect_host: std::net::IpAddr,
+    /// TCP congestion control of the tunnel and of the local connections to services: `system` keeps the machine's [default: cubic where available]
+    #[arg(long, env = "REACHBACK_TCP_CONGESTION")]
+    tcp_congestion: Option<String>,
     #[arg(long, env = "REACHBACK_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Log format
@@ -110,6 +113,9 @@ struct ConnectorRunArgs {
     fwmark: u32,
     #[arg(long, default_value_t = 100)]
     route_table: u32,
+    /// TCP congestion control of the tunnel and of the intercepted connections: `system` keeps the machine's [default: cubic where available]
+    #[arg(long, env = "REACHBACK_TCP_CONGESTION")]
+    tcp_congestion: Option<String>,
     #[arg(long, env = "REACHBACK_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Log format
@@ -143,6 +149,9 @@ struct ServerArgs {
     /// Seconds a relayed flow may stay silent both ways before it is reset [default: 3600]
     #[arg(long, env = "REACHBACK_FLOW_IDLE_TIMEOUT")]
     flow_idle_timeout: Option<u64>,
+    /// TCP congestion control of the tunnels: `system` keeps the machine's [default: cubic where available]
+    #[arg(long, env = "REACHBACK_TCP_CONGESTION")]
+    tcp_congestion: Option<String>,
     /// TOML file with any of the keys above (listen, tunnel_listen, data_dir, database_url, …)
     #[arg(long, env = "REACHBACK_CONFIG")]
     config: Option<PathBuf>,
@@ -163,6 +172,7 @@ struct ConfigFile {
     broker_endpoints: Option<Vec<String>>,
     node_name: Option<String>,
     flow_idle_timeout: Option<u64>,
+    tcp_congestion: Option<String>,
 }
 
 /// A secret that prints as a mask.
@@ -194,6 +204,7 @@ impl ServerArgs {
             broker_endpoints: self.broker_endpoints.or(file.broker_endpoints).unwrap_or_else(|| vec![tunnel_listen.to_string()]),
             node_name: self.node_name.or(file.node_name).unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "reachback".into())),
             flow_idle_timeout: std::time::Duration::from_secs(self.flow_idle_timeout.or(file.flow_idle_timeout).unwrap_or(3600)),
+            tcp_congestion: reachback_tunnel::Congestion::resolve(self.tcp_congestion.or(file.tcp_congestion).as_deref())?,
         };
         validate(&config)?;
         tracing::debug!(listen = %config.listen, data_dir = %config.data_dir.display(), bootstrap_token = ?Masked(&config.bootstrap_token), "configuration");
@@ -324,6 +335,7 @@ fn run_agent(command: AgentCommand) -> anyhow::Result<()> {
                 allow_ports: reachback_agent::parse_allow_ports(&args.allow_ports)?,
                 connect_host: args.connect_host,
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                tcp_congestion: reachback_tunnel::Congestion::resolve(args.tcp_congestion.as_deref())?,
             };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(reachback_agent::run(options, shutdown_signal()))
@@ -343,6 +355,7 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
         routing: reachback_connector::nft::Routing { table: args.nft_table, fwmark: args.fwmark, route_table: args.route_table },
         version: env!("CARGO_PKG_VERSION").to_string(),
         socks5_listen: (args.mode == "socks5").then_some(args.socks5_listen),
+        tcp_congestion: reachback_tunnel::Congestion::resolve(args.tcp_congestion.as_deref())?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(reachback_connector::run(options, shutdown_signal()))

@@ -194,6 +194,7 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
         allow_ports: reachback_agent::parse_allow_ports(&format!("1,{echo_port}")).expect("ports"),
         connect_host: "127.0.0.1".parse().expect("address"),
         version: "test".into(),
+        tcp_congestion: reachback_tunnel::Congestion::resolve(None).expect("the default congestion control"),
     };
     let agent = tokio::spawn(reachback_agent::run(run, async move {
         let _ = agent_stopped.await;
