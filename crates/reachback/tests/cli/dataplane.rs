@@ -64,6 +64,10 @@ fn servers_reach_clients_by_virtual_ip_through_connector_broker_and_agent() {
     let download = iperf3_bits(&lab, "100.64.0.1", "5201", "2", "1", true);
     assert!(upload > 1e6 && download > 1e6, "iperf3 moved data both ways: {upload} / {download} bit/s");
     assert!(lab.metric("reachback_bytes_relayed_total") > 1e6, "bytes relayed are counted");
+    // the kernel's own view: both tunnels (agent's and connector's) run CUBIC, whatever the machine's default
+    let tunnels = lab.run("brk", "ss", &["-Htin", "state", "established", "( sport = :8443 )"]);
+    let tunnels = String::from_utf8_lossy(&tunnels.stdout).into_owned();
+    assert_eq!(tunnels.matches(" cubic ").count(), 2, "two tunnels, both CUBIC:\n{tunnels}");
 
     // a port the agent does not allow, a port the policy denies: refused (reset)
     let failed_before = lab.metric("reachback_flows_failed_total{reason=\"port_not_allowed\"}");

@@ -89,6 +89,22 @@ fn bad_configuration_is_refused_clearly() {
         .expect("runs");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("needs a database file"), "{}", String::from_utf8_lossy(&output.stderr));
+    // a congestion control the machine lacks, or a name that cannot be one
+    let output = std::process::Command::new(crate::process::BIN)
+        .args(["server", "--listen", "127.0.0.1:0", "--tcp-congestion", "nosuchalgo", "--data-dir"])
+        .arg(&temp.0)
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("\"nosuchalgo\" cannot be used here") && stderr.contains("this machine offers"), "{stderr}");
+    let output = std::process::Command::new(crate::process::BIN)
+        .args(["agent", "run", "--tcp-congestion", "Cubic!", "--state-dir"])
+        .arg(&temp.0)
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--tcp-congestion must be `system` or"), "{}", String::from_utf8_lossy(&output.stderr));
     let output = std::process::Command::new(crate::process::BIN).arg("--version").output().expect("runs");
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("reachback "));
 }
