@@ -1,8 +1,9 @@
 //! The async shells around `reachback-proto`, shared by the broker, the agent and
 //! the connector: mutual TLS 1.3 over TCP from the internal CA (`tls`), the stream
-//! multiplexer (`mux`) over a socket that reads ahead under TLS (`socket`), framed messages on streams (`wire`), and the relay that
-//! moves one flow's bytes between two ends while the flow state machine decides
-//! half-close, reset and idle timeout (`relay`).
+//! multiplexer (`mux`), the congestion control of the data plane's sockets
+//! (`socket`), framed messages on streams (`wire`), and the relay that moves one
+//! flow's bytes between two ends while the flow state machine decides half-close,
+//! reset and idle timeout (`relay`).
 
 pub mod client;
 pub mod mux;

@@ -11,7 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::mux::Connection;
-use crate::socket::{Congestion, ReadAhead};
+use crate::socket::Congestion;
 
 /// PEM texts of a certificate, its private key, and the CA to trust.
 #[derive(Clone)]
@@ -110,10 +110,7 @@ impl TunnelListener {
     /// Completes the TLS handshake and starts the multiplexer.
     pub async fn handshake(&self, stream: tokio::net::TcpStream, remote: SocketAddr) -> anyhow::Result<Connection> {
         tune(&stream, &self.congestion);
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(ReadAhead::new(stream)))
-            .await
-            .context("TLS handshake timed out")?
-            .context("TLS handshake")?;
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
         let certificates = tls.get_ref().1.peer_certificates().map(|chain| chain.iter().map(|certificate| certificate.to_vec()).collect()).unwrap_or_default();
         Ok(Connection::start(tls, false, remote, certificates))
     }
@@ -152,10 +149,8 @@ impl TunnelConnector {
         let stream = tokio::net::TcpStream::connect(address).await.with_context(|| format!("connecting to {address}"))?;
         tune(&stream, &self.congestion);
         let name = ServerName::try_from(reachback_proto::BROKER_SERVER_NAME).context("broker name")?;
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, ReadAhead::new(stream)))
-            .await
-            .context("TLS handshake timed out")?
-            .context("TLS handshake")?;
+        let tls =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
         Ok(Connection::start(tls, true, address, Vec::new()))
     }
 }
