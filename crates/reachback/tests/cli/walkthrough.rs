@@ -98,6 +98,11 @@ fn bad_configuration_is_refused_clearly() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("\"nosuchalgo\" cannot be used here") && stderr.contains("this machine offers"), "{stderr}");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\ntcp_congestion = \"nosuchalgo\"\n").expect("write");
+    let output =
+        std::process::Command::new(crate::process::BIN).args(["server", "--config"]).arg(&config).arg("--data-dir").arg(&temp.0).output().expect("runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be used here"), "the TOML key is read: {}", String::from_utf8_lossy(&output.stderr));
     let output = std::process::Command::new(crate::process::BIN)
         .args(["agent", "run", "--tcp-congestion", "Cubic!", "--state-dir"])
         .arg(&temp.0)
