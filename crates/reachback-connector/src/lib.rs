@@ -215,6 +215,20 @@ async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tun
     if write_frame(&mut send, &FlowOpen { destination, source }).await.is_err() {
         return End::Tcp(stream).reset();
     }
+    // bytes the server sent with its connect ride in the same TLS record as the request
+    match early_bytes(&stream) {
+        Ok(Some(bytes)) => {
+            if send.write_chunk(bytes).await.is_err() {
+                return End::Tcp(stream).reset();
+            }
+        }
+        Ok(None) => {}
+        Err(error) => {
+            tracing::debug!(%destination, %error, "the server's connection failed before the flow opened");
+            send.reset(1);
+            return End::Tcp(stream).reset();
+        }
+    }
     // the server's first bytes follow the request at once; its connection is reset if the answer is no
     let options = RelayOptions {
         idle_timeout: Duration::from_secs(7 * 86_400),
@@ -227,6 +241,28 @@ async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tun
         Some(refusal) => tracing::info!(%destination, %source, %refusal, "flow refused"),
         None if !totals.clean => tracing::debug!(%destination, %source, "flow reset"),
         None => tracing::trace!(%destination, %source, "flow closed"),
+    }
+}
+
+/// The most read from an intercepted connection before its flow is requested.
+const EARLY_READ: usize = 16 * 1024;
+
+/// What the server already sent on a connection just accepted, read without
+/// waiting: `Ok(None)` when nothing is there yet or the server already sent its
+/// FIN (the relay sees either for itself). A freshly accepted socket's readiness
+/// is not known to the runtime until its next poll of epoll, so without this the
+/// request would leave alone and the first bytes a moment later, in a second
+/// record that wakes the broker and the agent a second time.
+fn early_bytes(stream: &tokio::net::TcpStream) -> std::io::Result<Option<bytes::Bytes>> {
+    let mut buffer = vec![0u8; EARLY_READ];
+    match std::io::Read::read(&mut &*socket2::SockRef::from(stream), &mut buffer) {
+        Ok(0) => Ok(None),
+        Ok(read) => {
+            buffer.truncate(read);
+            Ok(Some(bytes::Bytes::from(buffer)))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(error) => Err(error),
     }
 }
 
