@@ -46,8 +46,14 @@ impl Congestion {
         );
         let congestion = Congestion::Named(name.into());
         congestion.probe().map_err(|error| {
-            let available = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control").unwrap_or_default();
-            anyhow::anyhow!("TCP congestion control {name:?} cannot be used here ({error}); this machine offers: {}", available.trim())
+            // unprivileged processes may only pick from the allowed list
+            let (list, offered) = if error.kind() == std::io::ErrorKind::PermissionDenied {
+                ("tcp_allowed_congestion_control", "allows without privileges")
+            } else {
+                ("tcp_available_congestion_control", "offers")
+            };
+            let names = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{list}")).unwrap_or_default();
+            anyhow::anyhow!("TCP congestion control {name:?} cannot be used here ({error}); this machine {offered}: {}", names.trim())
         })?;
         Ok(congestion)
     }
