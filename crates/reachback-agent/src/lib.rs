@@ -90,7 +90,6 @@ pub struct RunOptions {
     pub connect_host: IpAddr,
     /// this release, reported to the broker
     pub version: String,
-    /// TCP congestion control of the tunnel
     /// TCP congestion control of the tunnel and of the connections to local services
     pub tcp_congestion: reachback_tunnel::Congestion,
 }

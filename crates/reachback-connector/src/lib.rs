@@ -35,7 +35,6 @@ pub struct RunOptions {
     pub version: String,
     /// `Some`: SOCKS5 mode on this address instead of TPROXY
     pub socks5_listen: Option<SocketAddr>,
-    /// TCP congestion control of the tunnel
     /// TCP congestion control of the tunnel and of the intercepted connections
     pub tcp_congestion: reachback_tunnel::Congestion,
 }
@@ -254,13 +253,11 @@ const EARLY_READ: usize = 16 * 1024;
 /// request would leave alone and the first bytes a moment later, in a second
 /// record that wakes the broker and the agent a second time.
 fn early_bytes(stream: &tokio::net::TcpStream) -> std::io::Result<Option<bytes::Bytes>> {
-    let mut buffer = vec![0u8; EARLY_READ];
+    // on the stack: most flows find nothing yet, and those pay no allocation
+    let mut buffer = [0u8; EARLY_READ];
     match std::io::Read::read(&mut &*socket2::SockRef::from(stream), &mut buffer) {
         Ok(0) => Ok(None),
-        Ok(read) => {
-            buffer.truncate(read);
-            Ok(Some(bytes::Bytes::from(buffer)))
-        }
+        Ok(read) => Ok(Some(bytes::Bytes::copy_from_slice(&buffer[..read]))),
         Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
         Err(error) => Err(error),
     }

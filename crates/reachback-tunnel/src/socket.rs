@@ -19,7 +19,7 @@ pub enum Congestion {
     Named(String),
 }
 
-/// What the tunnel asks for when nobody says otherwise.
+/// What the data plane asks for when nobody says otherwise.
 pub const DEFAULT_CONGESTION: &str = "cubic";
 
 impl Congestion {
