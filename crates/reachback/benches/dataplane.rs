@@ -237,6 +237,22 @@ fn start_holder(lab: &Lab, host: &str, args: &[&str]) -> (std::process::Child, V
     (child, serde_json::from_str(&line).expect("holder JSON"))
 }
 
+/// What of the machine moves the figures: CPUs, how idle CPUs wait (on a KVM guest
+/// with halt polling off, waking a process on an idle CPU is an exit to the
+/// hypervisor; see docs/benchmarks.md) and the system's congestion control.
+fn machine_line() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).map_or_else(|_| "?".to_string(), |text| text.trim().to_string());
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let idle = read("/sys/devices/system/cpu/cpuidle/current_driver");
+    let halt_poll = match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").as_str() {
+        "?" => "n/a".to_string(),
+        "0" => "off".to_string(),
+        ns => format!("{ns} ns"),
+    };
+    let congestion = read("/proc/sys/net/ipv4/tcp_congestion_control");
+    format!("machine: {cpus} CPUs usable, cpuidle {idle}, guest halt polling {halt_poll}, system congestion control {congestion}")
+}
+
 fn orchestrate() {
     let bin = std::env::var_os("REACHBACK_BENCH_BINARY").map_or_else(|| Path::new(env!("CARGO_BIN_EXE_reachback")).to_path_buf(), std::path::PathBuf::from);
     let bin = bin.as_path();
@@ -270,6 +286,7 @@ fn orchestrate() {
     lab.wait_listening("conn", "10.77.1.2", 5202);
     std::thread::sleep(Duration::from_secs(1));
     let (server, connector, agent) = (pid_of(&lab, "server"), pid_of(&lab, "connector"), pid_of(&lab, "agent"));
+    println!("{}", machine_line());
     let agent_idle = rss_kib(agent);
     println!("agent idle RSS: {:.1} MiB (goal < 10 MiB)", agent_idle as f64 / 1024.0);
 
@@ -304,7 +321,9 @@ fn orchestrate() {
         let count = flows.to_string();
         let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count]);
         let chain = run_helper(&lab, "srv", &["flows", "10.77.1.2:7101", &count]);
+        let cpu_before = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
         let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count]);
+        let cpu_after = [cpu_seconds(server), cpu_seconds(connector), cpu_seconds(agent)];
         let sorted = |value: &Value| {
             let mut list: Vec<u64> = value["latencies_us"].as_array().expect("latencies").iter().filter_map(Value::as_u64).collect();
             list.sort_unstable();
@@ -325,6 +344,8 @@ fn orchestrate() {
             percentile(&chain_sorted, 0.5).saturating_sub(percentile(&direct_sorted, 0.5)),
             percentile(&tunnel_sorted, 0.5).saturating_sub(percentile(&chain_sorted, 0.5))
         );
+        let per_flow: Vec<String> = (0..3).map(|index| format!("{:.0}", (cpu_after[index] - cpu_before[index]) * 1e6 / flows as f64)).collect();
+        println!("CPU µs per flow through Reachback, server / connector / agent: {}", per_flow.join(" / "));
         for workers in ["4", "16"] {
             let direct = run_helper(&lab, "srv", &["flows", "10.77.1.2:7001", &count, workers]);
             let tunnel = run_helper(&lab, "srv", &["flows", "100.64.0.1:7000", &count, workers]);
