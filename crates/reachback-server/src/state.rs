@@ -91,7 +91,7 @@ pub struct Metrics {
     pub enrollments: Family<Vec<(String, String)>, Counter>,
     pub allocation_failures: Counter,
     pub http_requests: Family<Vec<(String, String)>, Counter>,
-    pub http_duration: Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
+    pub http_duration: HistogramFamily,
     pub range_used: Family<Vec<(String, String)>, Gauge>,
     pub range_total: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
     pub bindings: Gauge,
@@ -107,13 +107,16 @@ pub struct Metrics {
     pub flow_setup_seconds: Histogram,
 }
 
+/// Histograms by label set, each made by one constructor (the buckets).
+pub type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("reachback");
         let enrollments = Family::default();
         let allocation_failures = Counter::default();
         let http_requests = Family::default();
-        let http_duration: Family<Vec<(String, String)>, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency_histogram);
+        let http_duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let range_used = Family::default();
         let range_total = Family::default();
         let bindings = Gauge::default();

@@ -258,6 +258,7 @@ impl Store {
         row.map(|row| principal_from_row(&row, format!("session:{}", row.try_get::<String, _>("session_id")?), row.try_get("csrf_token")?, None)).transpose()
     }
 
+    #[allow(clippy::too_many_arguments)] // the columns of one row, each a different kind of value
     pub async fn create_session(
         &self,
         id: &str,

@@ -218,6 +218,9 @@ impl Store {
     }
 }
 
+/// An address planned for the job at this index of the batch.
+type Proposal = (usize, Allocation);
+
 /// The batch in one transaction: authenticate, decide, write, count.
 async fn enroll_in<W: EnrollWrites>(
     mut writes: W,
@@ -352,7 +355,7 @@ async fn enroll_in<W: EnrollWrites>(
             Plan::Bind { .. } => None,
         })
         .collect();
-    let mut proposals: Vec<(usize, Allocation)> = Vec::new();
+    let mut proposals: Vec<Proposal> = Vec::new();
     for (index, plan) in plans.iter().enumerate() {
         if let Plan::Bind { .. } = plan {
             match engine.plan(&Place::new(jobs[index].location.as_ref()), now) {
@@ -368,8 +371,7 @@ async fn enroll_in<W: EnrollWrites>(
     let mut written: HashSet<Vec<u8>> = HashSet::new();
     // fresh addresses may take over a quarantine row only once its quarantine ran
     // out; addresses the engine took out of quarantine on purpose may take it at once
-    let (fresh, from_quarantine): (Vec<&(usize, Allocation)>, Vec<&(usize, Allocation)>) =
-        proposals.iter().partition(|(_, allocation)| allocation.quarantined_since.is_none());
+    let (fresh, from_quarantine): (Vec<&Proposal>, Vec<&Proposal>) = proposals.iter().partition(|(_, allocation)| allocation.quarantined_since.is_none());
     for (group, reuse) in [(fresh, reuse_before), (from_quarantine, i64::MAX)] {
         let rows: Vec<NewBinding<'_>> = group.iter().filter_map(|(index, allocation)| new_binding(jobs, &plans, *index, allocation, now)).collect();
         if !rows.is_empty() {
