@@ -315,3 +315,19 @@ pub fn iperf3_bits(lab: &Lab, target: &str, port: &str, seconds: &str, streams: 
     let report: Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
     report["end"]["sum_received"]["bits_per_second"].as_f64().expect("bits per second")
 }
+
+/// What of the machine moves the figures: CPUs, how idle CPUs wait (on a KVM guest
+/// with halt polling off, waking a process on an idle CPU is an exit to the
+/// hypervisor; see docs/benchmarks.md) and the system's congestion control.
+pub fn machine_line() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).map_or_else(|_| "?".to_string(), |text| text.trim().to_string());
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let idle = read("/sys/devices/system/cpu/cpuidle/current_driver");
+    let halt_poll = match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").as_str() {
+        "?" => "n/a".to_string(),
+        "0" => "off".to_string(),
+        ns => format!("{ns} ns"),
+    };
+    let congestion = read("/proc/sys/net/ipv4/tcp_congestion_control");
+    format!("machine: {cpus} CPUs usable, cpuidle {idle}, guest halt polling {halt_poll}, system congestion control {congestion}")
+}

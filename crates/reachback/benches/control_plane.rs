@@ -310,6 +310,7 @@ fn main() {
         return;
     }
     let connections: usize = std::env::var("REACHBACK_BENCH_CONNECTIONS").ok().and_then(|value| value.parse().ok()).unwrap_or(64);
+    println!("{}", reachback_testkit::machine_line());
     if std::env::var("REACHBACK_BENCH_SKIP_SQLITE").is_err() {
         run("sqlite", None, bindings, connections);
     }

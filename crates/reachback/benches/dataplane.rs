@@ -21,7 +21,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use reachback_testkit::{Lab, TOKEN, iperf3_bits, wait_for};
+use reachback_testkit::{Lab, TOKEN, iperf3_bits, machine_line, wait_for};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -235,22 +235,6 @@ fn start_holder(lab: &Lab, host: &str, args: &[&str]) -> (std::process::Child, V
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("holder output");
     (child, serde_json::from_str(&line).expect("holder JSON"))
-}
-
-/// What of the machine moves the figures: CPUs, how idle CPUs wait (on a KVM guest
-/// with halt polling off, waking a process on an idle CPU is an exit to the
-/// hypervisor; see docs/benchmarks.md) and the system's congestion control.
-fn machine_line() -> String {
-    let read = |path: &str| std::fs::read_to_string(path).map_or_else(|_| "?".to_string(), |text| text.trim().to_string());
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let idle = read("/sys/devices/system/cpu/cpuidle/current_driver");
-    let halt_poll = match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").as_str() {
-        "?" => "n/a".to_string(),
-        "0" => "off".to_string(),
-        ns => format!("{ns} ns"),
-    };
-    let congestion = read("/proc/sys/net/ipv4/tcp_congestion_control");
-    format!("machine: {cpus} CPUs usable, cpuidle {idle}, guest halt polling {halt_poll}, system congestion control {congestion}")
 }
 
 fn orchestrate() {
