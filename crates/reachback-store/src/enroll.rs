@@ -147,10 +147,11 @@ pub(crate) trait EnrollWrites {
     async fn keys(&mut self, hashes: &[&[u8]]) -> Result<Vec<KeyRecord>>;
     /// The devices holding these (lowercase) hostnames.
     async fn devices(&mut self, hostnames: &[&str]) -> Result<Vec<DeviceRecord>>;
-    /// Marks an unused single-use key used; false when it is used or revoked. The
-    /// conditional update is the last word across replicas.
-    async fn take_key(&mut self, key_id: &str) -> Result<bool>;
-    /// Undoes [`EnrollWrites::take_key`].
+    /// Marks unused single-use keys used, in one statement; returns the ids taken
+    /// (a key used or revoked meanwhile is not). The conditional update is the
+    /// last word across replicas.
+    async fn take_keys(&mut self, key_ids: &[&str]) -> Result<HashSet<String>>;
+    /// Undoes [`EnrollWrites::take_keys`] for one key.
     async fn give_back_key(&mut self, key_id: &str) -> Result<()>;
     /// Counts uses of a reusable key.
     async fn add_key_uses(&mut self, key_id: &str, uses: i64) -> Result<()>;
@@ -179,7 +180,8 @@ pub(crate) const BINDING_UPSERT: &str = "INSERT INTO bindings (ip_key, ip, range
 pub(crate) const KEYS_SELECT: &str = "SELECT id, key_hash, username, reusable, expires_at, used_count, revoked FROM enrollment_keys WHERE key_hash IN ({list})";
 pub(crate) const DEVICES_SELECT: &str = "SELECT d.id, d.hostname_key, d.username, d.public_key_fingerprint, b.ip, b.range_id, r.name AS range_name \
      FROM devices d LEFT JOIN bindings b ON b.device_id = d.id LEFT JOIN ip_ranges r ON r.id = b.range_id WHERE d.hostname_key IN ({list})";
-pub(crate) const KEY_TAKE: &str = "UPDATE enrollment_keys SET used_count = used_count + 1 WHERE id = $1 AND revoked = FALSE AND used_count = 0";
+pub(crate) const KEYS_TAKE: &str =
+    "UPDATE enrollment_keys SET used_count = used_count + 1 WHERE id IN ({list}) AND revoked = FALSE AND used_count = 0 RETURNING id";
 pub(crate) const KEY_GIVE_BACK: &str = "UPDATE enrollment_keys SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0";
 pub(crate) const KEY_USES: &str = "UPDATE enrollment_keys SET used_count = used_count + $2 WHERE id = $1";
 pub(crate) const DEVICE_DELETE: &str = "DELETE FROM devices WHERE id = $1";
@@ -305,12 +307,23 @@ async fn enroll_in<W: EnrollWrites>(
         plans.push(plan);
     }
 
-    // 4. single-use keys
-    for plan in plans.iter_mut() {
-        if let Plan::Bind { new_device: true, reusable: false, key_id, .. } = plan
-            && !writes.take_key(key_id).await?
-        {
-            *plan = Plan::Done(Err(EnrollFailure::KeySpent));
+    // 4. single-use keys, all in one statement (a key appears once: a second job
+    //    with the same single-use key was refused above)
+    let single_use: Vec<(usize, &str)> = plans
+        .iter()
+        .enumerate()
+        .filter_map(|(index, plan)| match plan {
+            Plan::Bind { new_device: true, reusable: false, key_id, .. } => Some((index, key_id.as_str())),
+            _ => None,
+        })
+        .collect();
+    if !single_use.is_empty() {
+        let mut ids: Vec<&str> = single_use.iter().map(|(_, id)| *id).collect();
+        ids.sort_unstable();
+        let taken = writes.take_keys(&ids).await?;
+        let spent: Vec<usize> = single_use.iter().filter(|(_, id)| !taken.contains(*id)).map(|(index, _)| *index).collect();
+        for index in spent {
+            plans[index] = Plan::Done(Err(EnrollFailure::KeySpent));
         }
     }
 
@@ -550,8 +563,18 @@ impl EnrollWrites for SqlxWrites<'_> {
         Ok(devices)
     }
 
-    async fn take_key(&mut self, key_id: &str) -> Result<bool> {
-        Ok(sqlx::query(KEY_TAKE).bind(key_id).execute(&mut *self.tx.transaction).await?.rows_affected() == 1)
+    async fn take_keys(&mut self, key_ids: &[&str]) -> Result<HashSet<String>> {
+        let mut taken = HashSet::new();
+        for chunk in key_ids.chunks(INSERT_CHUNK) {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(KEYS_TAKE.replace("{list}", &parameter_list(PG_MARK, chunk.len(), 1))));
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *self.tx.transaction).await? {
+                taken.insert(row.try_get(0)?);
+            }
+        }
+        Ok(taken)
     }
 
     async fn give_back_key(&mut self, key_id: &str) -> Result<()> {

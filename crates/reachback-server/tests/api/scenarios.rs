@@ -14,6 +14,7 @@ on_both_backends!(
     authentication_and_roles,
     enrollment_flow,
     enrollment_refusals,
+    single_use_keys_raced_in_one_batch,
     allocation_by_location_quarantine_and_exhaustion,
     bindings_list_get_release,
     csv_export,
@@ -368,6 +369,43 @@ async fn enrollment_refusals(server: TestServer) {
     assert_eq!((reply.status, reply.json()["errors"][0]["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("expires_at")));
     assert_eq!(server.post("/api/v1/enrollment-keys", json!({"username": ""})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(server.delete("/api/v1/enrollment-keys/nope").await.status, StatusCode::NOT_FOUND);
+}
+
+/// Enrollments that arrive together are written in one batch, whose single-use
+/// keys are taken in one statement: each key serves exactly one of the two
+/// enrollments racing for it, and the other is refused without a trace.
+async fn single_use_keys_raced_in_one_batch(server: TestServer) {
+    create_range(&server, json!({"name": "Race", "range": "100.64.0.0/24"})).await;
+    let mut keys = Vec::new();
+    for index in 0..8 {
+        let reply = server.post("/api/v1/enrollment-keys", json!({"username": format!("user{index}@corp.example"), "reusable": false})).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        let body = reply.json();
+        keys.push((body["id"].as_str().expect("id").to_string(), body["key"].as_str().expect("key").to_string()));
+    }
+    let attempts: Vec<(usize, String)> = (0..16).map(|attempt| (attempt % 8, format!("race{attempt:02}.corp.example"))).collect();
+    let public_keys: Vec<String> = attempts.iter().map(|_| public_key()).collect();
+    let replies = futures_util::future::join_all(
+        attempts.iter().zip(&public_keys).map(|((key, hostname), public)| enroll(&server, &keys[*key].1, hostname, public, Value::Null)),
+    )
+    .await;
+    let mut served = [0; 8];
+    for ((key, hostname), reply) in attempts.iter().zip(&replies) {
+        match reply.status {
+            StatusCode::CREATED => served[*key] += 1,
+            StatusCode::UNAUTHORIZED => {
+                assert!(reply.json()["detail"].as_str().expect("detail").contains("has been used"), "{hostname}: {}", reply.text());
+                assert_eq!(server.get(&format!("/api/v1/devices?hostname={hostname}")).await.json()["total"], 0, "{hostname} left a device");
+            }
+            other => panic!("{hostname}: unexpected {other}: {}", reply.text()),
+        }
+    }
+    assert_eq!(served, [1; 8], "each single-use key serves exactly one enrollment");
+    assert_eq!(server.get("/api/v1/ip-bindings").await.json()["total"], 8);
+    assert_eq!(server.get("/api/v1/ip-ranges").await.json()["items"][0]["used_ips"], json!(8));
+    for (id, _) in &keys {
+        assert_eq!(server.get(&format!("/api/v1/enrollment-keys/{id}")).await.json()["used_count"], 1);
+    }
 }
 
 async fn allocation_by_location_quarantine_and_exhaustion(server: TestServer) {

@@ -92,4 +92,52 @@ fn three_replicas_never_bind_an_address_twice() {
     assert_eq!(ranges["items"][0]["used_ips"], 2046);
     let (_, bindings) = request(&http, "GET", &format!("{}/api/v1/ip-bindings?ip=100.64.0.0/21&page_size=1", bases[1]), Some(TOKEN), None);
     assert_eq!(bindings["total"], 2046);
+
+    // single-use keys raced on all three replicas at once: the database's
+    // conditional update lets each key serve exactly one of them
+    let (status, _) =
+        request(&http, "POST", &format!("{}/api/v1/ip-ranges", first.base), Some(TOKEN), Some(&json!({"name": "Keys", "range": "100.65.0.0/24"})));
+    assert_eq!(status, 201);
+    // the other replicas pick up range changes every 2 s
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let keys: Vec<(String, String)> = (0..20)
+        .map(|index| {
+            let (status, key) = request(
+                &http,
+                "POST",
+                &format!("{}/api/v1/enrollment-keys", first.base),
+                Some(TOKEN),
+                Some(&json!({"username": format!("once{index}"), "reusable": false})),
+            );
+            assert_eq!(status, 201);
+            (key["id"].as_str().expect("id").to_string(), key["key"].as_str().expect("key").to_string())
+        })
+        .collect();
+    let racers: Vec<_> = bases
+        .iter()
+        .enumerate()
+        .map(|(replica, base)| {
+            let (base, keys) = (base.clone(), keys.clone());
+            std::thread::spawn(move || {
+                let http = agent();
+                keys.iter()
+                    .enumerate()
+                    .map(|(index, (_, key))| {
+                        let body = json!({"enrollment_key": key, "hostname": format!("once{index}-r{replica}.corp.example"), "platform": "linux", "public_key": public_key()});
+                        request(&http, "POST", &format!("{base}/api/v1/enroll"), None, Some(&body)).0
+                    })
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let statuses: Vec<Vec<u16>> = racers.into_iter().map(|racer| racer.join().expect("racer")).collect();
+    for (index, (id, _)) in keys.iter().enumerate() {
+        let per_replica: Vec<u16> = statuses.iter().map(|replica| replica[index]).collect();
+        assert_eq!(per_replica.iter().filter(|status| **status == 201).count(), 1, "key {index}: {per_replica:?}");
+        assert_eq!(per_replica.iter().filter(|status| **status == 401).count(), 2, "key {index}: {per_replica:?}");
+        let (_, stored) = request(&http, "GET", &format!("{}/api/v1/enrollment-keys/{id}", bases[index % 3]), Some(TOKEN), None);
+        assert_eq!(stored["used_count"], 1, "key {index}");
+    }
+    let (_, bindings) = request(&http, "GET", &format!("{}/api/v1/ip-bindings?ip=100.65.0.0/24&page_size=1", bases[0]), Some(TOKEN), None);
+    assert_eq!(bindings["total"], 20);
 }
