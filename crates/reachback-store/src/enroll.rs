@@ -180,6 +180,10 @@ pub(crate) const BINDING_UPSERT: &str = "INSERT INTO bindings (ip_key, ip, range
 pub(crate) const KEYS_SELECT: &str = "SELECT id, key_hash, username, reusable, expires_at, used_count, revoked FROM enrollment_keys WHERE key_hash IN ({list})";
 pub(crate) const DEVICES_SELECT: &str = "SELECT d.id, d.hostname_key, d.username, d.public_key_fingerprint, b.ip, b.range_id, r.name AS range_name \
      FROM devices d LEFT JOIN bindings b ON b.device_id = d.id LEFT JOIN ip_ranges r ON r.id = b.range_id WHERE d.hostname_key IN ({list})";
+/// One single-use key taken (SQLite: a statement in process costs no round trip,
+/// and one prepared statement beats an IN-list whose shape changes with its length).
+pub(crate) const KEY_TAKE: &str = "UPDATE enrollment_keys SET used_count = used_count + 1 WHERE id = $1 AND revoked = FALSE AND used_count = 0";
+/// A batch's single-use keys taken in one statement (PostgreSQL: one round trip).
 pub(crate) const KEYS_TAKE: &str =
     "UPDATE enrollment_keys SET used_count = used_count + 1 WHERE id IN ({list}) AND revoked = FALSE AND used_count = 0 RETURNING id";
 pub(crate) const KEY_GIVE_BACK: &str = "UPDATE enrollment_keys SET used_count = used_count - 1 WHERE id = $1 AND used_count > 0";

@@ -17,8 +17,8 @@ use reachback_ipam::Location;
 use rusqlite::{Connection, OpenFlags, ToSql, params_from_iter};
 
 use crate::enroll::{
-    BINDING_UPSERT, DEVICE_DELETE, DEVICE_INSERT, DEVICES_SELECT, DEVICES_TOUCH, DeviceRecord, EnrollWrites, INSERT_CHUNK, KEY_GIVE_BACK, KEY_USES,
-    KEYS_SELECT, KEYS_TAKE, KeyRecord, NewBinding, NewDevice, USED_IPS_UPDATE, parameter_list, placeholders,
+    BINDING_UPSERT, DEVICE_DELETE, DEVICE_INSERT, DEVICES_SELECT, DEVICES_TOUCH, DeviceRecord, EnrollWrites, INSERT_CHUNK, KEY_GIVE_BACK, KEY_TAKE, KEY_USES,
+    KEYS_SELECT, KeyRecord, NewBinding, NewDevice, USED_IPS_UPDATE, parameter_list, placeholders,
 };
 use crate::{Result, StoreError};
 
@@ -102,11 +102,9 @@ impl EnrollWrites for SqliteWrites<'_> {
 
     async fn take_keys(&mut self, key_ids: &[&str]) -> Result<HashSet<String>> {
         let mut taken = HashSet::new();
-        for chunk in key_ids.chunks(INSERT_CHUNK) {
-            let mut statement = self.connection.prepare_cached(&KEYS_TAKE.replace("{list}", &parameter_list('?', chunk.len(), 1)))?;
-            let mut rows = statement.query(params_from_iter(chunk))?;
-            while let Some(row) = rows.next()? {
-                taken.insert(row.get(0)?);
+        for id in key_ids {
+            if self.execute(KEY_TAKE, &[id])? == 1 {
+                taken.insert(id.to_string());
             }
         }
         Ok(taken)

@@ -12,7 +12,8 @@
 //! REACHBACK_BENCH_CONNECTIONS (default 64) sets the concurrent enrollment connections;
 //! REACHBACK_BENCH_ENROLL_ONLY stops after the enrollment figures (for quick comparisons);
 //! REACHBACK_BENCH_BINARY runs another `reachback` binary (a build kept for an A/B run);
-//! REACHBACK_BENCH_SETTLE_SECONDS waits that long between enrollments and listings.
+//! REACHBACK_BENCH_SETTLE_SECONDS waits that long between enrollments and listings;
+//! REACHBACK_BENCH_SINGLE_USE_KEYS gives every enrollment a single-use key of its own.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -86,13 +87,13 @@ fn api(method: &str, url: &str, body: Option<Value>) -> Value {
 }
 
 /// Sends `total` enrollments over `CONNECTIONS` keep-alive connections; returns (seconds, successes).
-async fn enroll_load(port: u16, key: &str, public_key: &str, offset: usize, total: usize, connections: usize) -> (f64, usize) {
+async fn enroll_load(port: u16, keys: Arc<Vec<String>>, public_key: &str, offset: usize, total: usize, connections: usize) -> (f64, usize) {
     let next = Arc::new(AtomicUsize::new(0));
     let created = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let (next, created, key, public_key) = (next.clone(), created.clone(), key.to_string(), public_key.to_string());
+        let (next, created, keys, public_key) = (next.clone(), created.clone(), keys.clone(), public_key.to_string());
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
             stream.set_nodelay(true).expect("nodelay");
@@ -105,6 +106,7 @@ async fn enroll_load(port: u16, key: &str, public_key: &str, offset: usize, tota
                     return;
                 }
                 let number = offset + index;
+                let key = &keys[number % keys.len()];
                 let location = json!({"country": "FR", "state": "IDF", "city": format!("city{}", number % 200)});
                 let body = json!({"enrollment_key": key, "hostname": format!("d{number}.bench.example"), "platform": "linux", "public_key": public_key, "location": location}).to_string();
                 let request = format!("POST /api/v1/enroll HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
@@ -160,13 +162,19 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
         let body = json!({"name": format!("range-{index:03}"), "range": format!("{base}/18"), "location": {"country": "FR", "state": "IDF", "city": format!("city{index}")}});
         api("POST", &server.url("/api/v1/ip-ranges"), Some(body));
     }
-    let key = api("POST", &server.url("/api/v1/enrollment-keys"), Some(json!({"username": "bench@corp.example", "reusable": true})))["key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    // one reusable key for every enrollment, or (REACHBACK_BENCH_SINGLE_USE_KEYS) a
+    // single-use key each, made before the timed rounds
+    let single_use = std::env::var_os("REACHBACK_BENCH_SINGLE_USE_KEYS").is_some();
+    let new_key = |reusable: bool| {
+        api("POST", &server.url("/api/v1/enrollment-keys"), Some(json!({"username": "bench@corp.example", "reusable": reusable})))["key"]
+            .as_str()
+            .expect("key")
+            .to_string()
+    };
+    let keys: Arc<Vec<String>> = Arc::new(if single_use { (0..bindings).map(|_| new_key(false)).collect() } else { vec![new_key(true)] });
     let public_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    println!("== {label} ==");
+    println!("== {label} =={}", if single_use { " (a single-use key per enrollment)" } else { "" });
 
     // enrollment rate: several timed rounds on the growing store, median reported
     let mut rates = Vec::new();
@@ -175,7 +183,7 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
     let round = 20_000.min(bindings);
     while done < bindings {
         let count = round.min(bindings - done);
-        let (seconds, created) = runtime.block_on(enroll_load(server.port, &key, &public_key, done, count, connections));
+        let (seconds, created) = runtime.block_on(enroll_load(server.port, keys.clone(), &public_key, done, count, connections));
         assert_eq!(created, count, "every enrollment succeeds");
         rates.push(count as f64 / seconds);
         enroll_seconds += seconds;
