@@ -147,9 +147,10 @@ pub(crate) trait EnrollWrites {
     async fn keys(&mut self, hashes: &[&[u8]]) -> Result<Vec<KeyRecord>>;
     /// The devices holding these (lowercase) hostnames.
     async fn devices(&mut self, hostnames: &[&str]) -> Result<Vec<DeviceRecord>>;
-    /// Marks unused single-use keys used, in one statement; returns the ids taken
-    /// (a key used or revoked meanwhile is not). The conditional update is the
-    /// last word across replicas.
+    /// Marks unused single-use keys used (PostgreSQL: one statement for them all;
+    /// SQLite: a prepared statement per key, in process); returns the ids taken (a
+    /// key used or revoked meanwhile is not). The conditional update is the last
+    /// word across replicas.
     async fn take_keys(&mut self, key_ids: &[&str]) -> Result<HashSet<String>>;
     /// Undoes [`EnrollWrites::take_keys`] for one key.
     async fn give_back_key(&mut self, key_id: &str) -> Result<()>;
@@ -311,8 +312,8 @@ async fn enroll_in<W: EnrollWrites>(
         plans.push(plan);
     }
 
-    // 4. single-use keys, all in one statement (a key appears once: a second job
-    //    with the same single-use key was refused above)
+    // 4. single-use keys, all at once and in id order (a key appears once: a
+    //    second job with the same single-use key was refused above)
     let single_use: Vec<(usize, &str)> = plans
         .iter()
         .enumerate()

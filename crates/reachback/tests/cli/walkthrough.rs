@@ -70,46 +70,35 @@ fn first_start_cli_walkthrough_and_clean_shutdown() {
     assert_eq!(serde_json::from_str::<Value>(&stdout).expect("json")["username"], "alice@corp.example");
 }
 
+/// Runs `reachback` with these arguments, expects it to refuse to start, and
+/// returns what it printed on stderr.
+fn refused(args: &[&str]) -> String {
+    let output = std::process::Command::new(crate::process::BIN).args(args).output().expect("runs");
+    assert!(!output.status.success(), "{args:?} should be refused");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn bad_configuration_is_refused_clearly() {
     let temp = TempDir::new();
     let config = temp.0.join("reachback.toml");
+    let (config_path, dir) = (config.to_str().expect("UTF-8 path"), temp.0.to_str().expect("UTF-8 path"));
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\ncolour = \"red\"\n").expect("write");
-    let output = std::process::Command::new(crate::process::BIN).args(["server", "--config"]).arg(&config).output().expect("runs");
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown field"), "{}", String::from_utf8_lossy(&output.stderr));
-    let output = std::process::Command::new(crate::process::BIN).args(["server", "--database", "mysql://x", "--data-dir"]).arg(&temp.0).output().expect("runs");
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("postgres://"));
+    let stderr = refused(&["server", "--config", config_path]);
+    assert!(stderr.contains("unknown field"), "{stderr}");
+    let stderr = refused(&["server", "--database", "mysql://x", "--data-dir", dir]);
+    assert!(stderr.contains("postgres://"), "{stderr}");
     // the enrollment writer opens the SQLite file a second time: a memory database cannot be a store
-    let output = std::process::Command::new(crate::process::BIN)
-        .args(["server", "--listen", "127.0.0.1:0", "--database", "sqlite::memory:", "--data-dir"])
-        .arg(&temp.0)
-        .output()
-        .expect("runs");
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("needs a database file"), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = refused(&["server", "--listen", "127.0.0.1:0", "--database", "sqlite::memory:", "--data-dir", dir]);
+    assert!(stderr.contains("needs a database file"), "{stderr}");
     // a congestion control the machine lacks, or a name that cannot be one
-    let output = std::process::Command::new(crate::process::BIN)
-        .args(["server", "--listen", "127.0.0.1:0", "--tcp-congestion", "nosuchalgo", "--data-dir"])
-        .arg(&temp.0)
-        .output()
-        .expect("runs");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(&["server", "--listen", "127.0.0.1:0", "--tcp-congestion", "nosuchalgo", "--data-dir", dir]);
     assert!(stderr.contains("\"nosuchalgo\" cannot be used here") && stderr.contains("this machine offers"), "{stderr}");
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\ntcp_congestion = \"nosuchalgo\"\n").expect("write");
-    let output =
-        std::process::Command::new(crate::process::BIN).args(["server", "--config"]).arg(&config).arg("--data-dir").arg(&temp.0).output().expect("runs");
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be used here"), "the TOML key is read: {}", String::from_utf8_lossy(&output.stderr));
-    let output = std::process::Command::new(crate::process::BIN)
-        .args(["agent", "run", "--tcp-congestion", "Cubic!", "--state-dir"])
-        .arg(&temp.0)
-        .output()
-        .expect("runs");
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--tcp-congestion must be `system` or"), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = refused(&["server", "--config", config_path, "--data-dir", dir]);
+    assert!(stderr.contains("cannot be used here"), "the TOML key is read: {stderr}");
+    let stderr = refused(&["agent", "run", "--tcp-congestion", "Cubic!", "--state-dir", dir]);
+    assert!(stderr.contains("--tcp-congestion must be `system` or"), "{stderr}");
     let output = std::process::Command::new(crate::process::BIN).arg("--version").output().expect("runs");
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("reachback "));
 }
