@@ -14,6 +14,8 @@
 //! REACHBACK_BENCH_BINARY runs another `reachback` binary (a build kept for an A/B run);
 //! REACHBACK_BENCH_SETTLE_SECONDS waits that long between enrollments and listings;
 //! REACHBACK_BENCH_SINGLE_USE_KEYS gives every enrollment a single-use key of its own.
+//! REACHBACK_BENCH_NO_BASELINE skips the same-run baselines (HTTP alone, an enrollment
+//! refused at the door, certificate signing in process) printed before the enrollments.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -86,14 +88,15 @@ fn api(method: &str, url: &str, body: Option<Value>) -> Value {
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
-/// Sends `total` enrollments over `CONNECTIONS` keep-alive connections; returns (seconds, successes).
-async fn enroll_load(port: u16, keys: Arc<Vec<String>>, public_key: &str, offset: usize, total: usize, connections: usize) -> (f64, usize) {
+/// Sends `total` requests over `connections` keep-alive connections, request `n`
+/// made by `request(n)`; returns (seconds, replies whose status line holds `expect`).
+async fn http_load(port: u16, connections: usize, total: usize, expect: &'static str, request: Arc<dyn Fn(usize) -> Vec<u8> + Send + Sync>) -> (f64, usize) {
     let next = Arc::new(AtomicUsize::new(0));
-    let created = Arc::new(AtomicUsize::new(0));
+    let matched = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let (next, created, keys, public_key) = (next.clone(), created.clone(), keys.clone(), public_key.to_string());
+        let (next, matched, request) = (next.clone(), matched.clone(), request.clone());
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
             stream.set_nodelay(true).expect("nodelay");
@@ -105,16 +108,11 @@ async fn enroll_load(port: u16, keys: Arc<Vec<String>>, public_key: &str, offset
                 if index >= total {
                     return;
                 }
-                let number = offset + index;
-                let key = &keys[number % keys.len()];
-                let location = json!({"country": "FR", "state": "IDF", "city": format!("city{}", number % 200)});
-                let body = json!({"enrollment_key": key, "hostname": format!("d{number}.bench.example"), "platform": "linux", "public_key": public_key, "location": location}).to_string();
-                let request = format!("POST /api/v1/enroll HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-                writer.write_all(request.as_bytes()).await.expect("write");
+                writer.write_all(&request(index)).await.expect("write");
                 line.clear();
                 reader.read_line(&mut line).await.expect("status line");
-                if line.contains(" 201 ") {
-                    created.fetch_add(1, Ordering::Relaxed);
+                if line.contains(expect) {
+                    matched.fetch_add(1, Ordering::Relaxed);
                 }
                 let mut length = 0usize;
                 loop {
@@ -135,7 +133,70 @@ async fn enroll_load(port: u16, keys: Arc<Vec<String>>, public_key: &str, offset
     for task in tasks {
         task.await.expect("task");
     }
-    (started.elapsed().as_secs_f64(), created.load(Ordering::Relaxed))
+    (started.elapsed().as_secs_f64(), matched.load(Ordering::Relaxed))
+}
+
+/// An enrollment request for client `number`, with `key`.
+fn enroll_request(key: &str, public_key: &str, number: usize) -> Vec<u8> {
+    let location = json!({"country": "FR", "state": "IDF", "city": format!("city{}", number % 200)});
+    let body = json!({"enrollment_key": key, "hostname": format!("d{number}.bench.example"), "platform": "linux", "public_key": public_key, "location": location}).to_string();
+    format!("POST /api/v1/enroll HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()
+}
+
+/// Sends `total` enrollments (clients `offset`…); returns (seconds, successes).
+async fn enroll_load(port: u16, keys: Arc<Vec<String>>, public_key: &str, offset: usize, total: usize, connections: usize) -> (f64, usize) {
+    let public_key = public_key.to_string();
+    let request = move |index: usize| {
+        let number = offset + index;
+        enroll_request(&keys[number % keys.len()], &public_key, number)
+    };
+    http_load(port, connections, total, " 201 ", Arc::new(request)).await
+}
+
+/// Baselines measured in the same run, on the same machine, before the
+/// enrollments: what the HTTP server and this client cost without a database
+/// (`GET /healthz`, and an enrollment refused at the door for an over-long key:
+/// the same body parsed, a problem document back, nothing written or signed), and
+/// how many device certificates one core signs per second in process.
+fn baselines(runtime: &tokio::runtime::Runtime, port: u16, public_key: &str, connections: usize) -> (f64, f64, f64) {
+    const REQUESTS: usize = 100_000;
+    let healthz: Arc<dyn Fn(usize) -> Vec<u8> + Send + Sync> = Arc::new(|_| b"GET /healthz HTTP/1.1\r\nhost: bench\r\n\r\n".to_vec());
+    let refused_key = "x".repeat(300);
+    let public_key = public_key.to_string();
+    let refused: Arc<dyn Fn(usize) -> Vec<u8> + Send + Sync> = Arc::new(move |number| enroll_request(&refused_key, &public_key, number));
+    let mut rates = Vec::new();
+    for (request, expect) in [(healthz, " 200 "), (refused, " 401 ")] {
+        let mut runs: Vec<f64> = (0..3)
+            .map(|_| {
+                let (seconds, matched) = runtime.block_on(http_load(port, connections, REQUESTS, expect, request.clone()));
+                assert_eq!(matched, REQUESTS, "every baseline request answered {expect}");
+                REQUESTS as f64 / seconds
+            })
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        rates.push(runs[1]);
+    }
+    (rates[0], rates[1], signatures_per_second())
+}
+
+/// Device certificates signed per second on one core by the server's own CA code
+/// (ECDSA P-256 CA, an Ed25519 device key as in the enrollments); median of 5 rounds.
+fn signatures_per_second() -> f64 {
+    use reachback_server::crypto::{CertificateAuthority, parse_public_key};
+    let (certificate, key) = CertificateAuthority::generate().expect("CA");
+    let ca = CertificateAuthority::load(&certificate, &key).expect("CA");
+    let device = parse_public_key(&rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem()).expect("public key");
+    let mut rounds: Vec<f64> = (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            for number in 0..2_000 {
+                ca.sign_device(&device, &format!("device{number}"), "d1.bench.example", CertificateAuthority::new_serial()).expect("sign");
+            }
+            2_000.0 / started.elapsed().as_secs_f64()
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    rounds[2]
 }
 
 fn agent_text(url: &str) -> String {
@@ -175,6 +236,12 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
     let public_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     println!("== {label} =={}", if single_use { " (a single-use key per enrollment)" } else { "" });
+    let floors = (std::env::var_os("REACHBACK_BENCH_NO_BASELINE").is_none()).then(|| baselines(&runtime, server.port, &public_key, connections));
+    if let Some((healthz, refused, signatures)) = floors {
+        println!(
+            "  baselines ({connections} connections, same client): GET /healthz {healthz:.0}/s; enrollment refused at the door (401, no database, no signature) {refused:.0}/s; device certificates signed in process {signatures:.0}/s on one core"
+        );
+    }
 
     // enrollment rate: several timed rounds on the growing store, median reported
     let mut rates = Vec::new();
@@ -188,7 +255,7 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
         rates.push(count as f64 / seconds);
         enroll_seconds += seconds;
         done += count;
-        if rates.len() <= 5 || done % 200_000 == 0 {
+        if rates.len() <= 5 || done.is_multiple_of(200_000) {
             println!("  enrolled {done:>8}: {:.0} enrollments/s this round", count as f64 / seconds);
         }
     }
@@ -201,6 +268,10 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
         sorted[0],
         sorted[sorted.len() - 1]
     );
+    if let Some((healthz, refused, _)) = floors {
+        let median = percentile(&sorted, 0.5);
+        println!("  enrollments / refused-at-the-door = {:.2}; enrollments / healthz = {:.2}", median / refused, median / healthz);
+    }
 
     let metrics = agent_text(&server.url("/metrics"));
     let sum: f64 = metrics
