@@ -443,12 +443,14 @@ impl Client {
         let _ = response.into_body().into_reader().take(64 * 1024).read_to_string(&mut text);
         let problem: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let detail = problem["detail"].as_str().unwrap_or(text.trim());
-        let mut message = format!("{} {}: {}", status.as_u16(), problem["title"].as_str().unwrap_or(status.canonical_reason().unwrap_or("")), detail);
-        if let Some(errors) = problem["errors"].as_array().filter(|_| status == 422) {
-            for error in errors {
-                message.push_str(&format!("\n  {}: {}", error["field"].as_str().unwrap_or(""), error["message"].as_str().unwrap_or("")));
-            }
-        }
+        let title = problem["title"].as_str().unwrap_or(status.canonical_reason().unwrap_or(""));
+        // a 422's detail joins its field errors on one line: show them one a line instead
+        let message = match problem["errors"].as_array().filter(|errors| status == 422 && !errors.is_empty()) {
+            Some(errors) => errors.iter().fold(format!("{} {title}:", status.as_u16()), |message, error| {
+                format!("{message}\n  {}: {}", error["field"].as_str().unwrap_or(""), error["message"].as_str().unwrap_or(""))
+            }),
+            None => format!("{} {title}: {detail}", status.as_u16()),
+        };
         bail!(message)
     }
 

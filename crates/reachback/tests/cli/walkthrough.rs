@@ -28,6 +28,11 @@ fn first_start_cli_walkthrough_and_clean_shutdown() {
     let (ok, _, stderr) = server.ctl(&token, &["ranges", "create", "--name", "Overlap", "--range", "100.64.5.0/24"]);
     assert!(!ok);
     assert!(stderr.contains("409") && stderr.contains("Paris laptops"), "{stderr}");
+    // a 422 names each bad field once, on a line of its own
+    let (ok, _, stderr) = server.ctl(&token, &["ranges", "create", "--name", "Host bits", "--range", "100.65.0.5/24"]);
+    assert!(!ok);
+    assert!(stderr.contains("422 Invalid values:\n  range: ") && stderr.contains("100.65.0.0/24"), "{stderr}");
+    assert_eq!(stderr.matches("has host bits set").count(), 1, "{stderr}");
     let (ok, stdout, _) = server.ctl(&token, &["ranges", "list"]);
     assert!(ok && stdout.lines().next().is_some_and(|header| header.contains("NAME") && header.contains("USED_IPS")), "{stdout}");
 
