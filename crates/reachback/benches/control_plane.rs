@@ -139,7 +139,9 @@ async fn http_load(port: u16, connections: usize, total: usize, expect: &'static
 /// An enrollment request for client `number`, with `key`.
 fn enroll_request(key: &str, public_key: &str, number: usize) -> Vec<u8> {
     let location = json!({"country": "FR", "state": "IDF", "city": format!("city{}", number % 200)});
-    let body = json!({"enrollment_key": key, "hostname": format!("d{number}.bench.example"), "platform": "linux", "public_key": public_key, "location": location}).to_string();
+    let body =
+        json!({"enrollment_key": key, "hostname": format!("d{number}.bench.example"), "platform": "linux", "public_key": public_key, "location": location})
+            .to_string();
     format!("POST /api/v1/enroll HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()
 }
 
