@@ -66,6 +66,7 @@ enum CtlCommand {
 
 #[derive(Subcommand)]
 enum SegmentCommand {
+    /// List segments
     List {
         #[command(flatten)]
         list: ListArgs,
@@ -85,13 +86,13 @@ enum SegmentCommand {
         #[arg(long)]
         disabled: bool,
     },
-    Delete {
-        id: String,
-    },
+    /// Delete a segment
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
 enum PolicyCommand {
+    /// List policies in evaluation order
     List {
         #[command(flatten)]
         list: ListArgs,
@@ -118,19 +119,17 @@ enum PolicyCommand {
         #[arg(long = "range")]
         range_ids: Vec<String>,
     },
-    Enable {
-        id: String,
-    },
-    Disable {
-        id: String,
-    },
-    Delete {
-        id: String,
-    },
+    /// Enable a policy
+    Enable { id: String },
+    /// Disable a policy (it no longer matches any flow)
+    Disable { id: String },
+    /// Delete a policy
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
 enum ConnectorCommand {
+    /// List connectors with their status
     List {
         #[command(flatten)]
         list: ListArgs,
@@ -146,6 +145,7 @@ enum ConnectorCommand {
 
 #[derive(Subcommand)]
 enum ClientSessionCommand {
+    /// List live sessions (text filters match substrings, case-insensitively)
     List {
         #[command(flatten)]
         list: ListArgs,
@@ -153,6 +153,11 @@ enum ClientSessionCommand {
         username: Option<String>,
         #[arg(long)]
         client_hostname: Option<String>,
+        #[arg(long)]
+        virtual_ip: Option<String>,
+        /// windows, macos, linux, ios or android
+        #[arg(long)]
+        platform: Option<String>,
     },
     /// Disconnect a session (the agent may reconnect unless its device is deleted)
     Delete { id: String },
@@ -214,9 +219,7 @@ enum RangeCommand {
         status: Option<String>,
     },
     /// Show one range
-    Get {
-        id: String,
-    },
+    Get { id: String },
     /// Create a range
     Create {
         #[command(flatten)]
@@ -231,12 +234,10 @@ enum RangeCommand {
         #[command(flatten)]
         fields: RangeFields,
     },
-    Enable {
-        id: String,
-    },
-    Disable {
-        id: String,
-    },
+    /// Enable a range: new addresses are assigned from it again
+    Enable { id: String },
+    /// Disable a range: no new addresses from it; bound ones keep working
+    Disable { id: String },
     /// Delete a range (--force releases its bindings)
     Delete {
         id: String,
@@ -268,19 +269,17 @@ struct BindingFilters {
 
 #[derive(Subcommand)]
 enum BindingCommand {
+    /// List bindings (text filters match substrings, case-insensitively)
     List {
         #[command(flatten)]
         list: ListArgs,
         #[command(flatten)]
         filters: BindingFilters,
     },
-    Get {
-        ip: String,
-    },
+    /// Show the binding of one address
+    Get { ip: String },
     /// Release a binding (the address goes into quarantine)
-    Release {
-        ip: String,
-    },
+    Release { ip: String },
     /// Download bindings as CSV
     Export {
         /// File to write ('-' for standard output)
@@ -295,6 +294,7 @@ enum BindingCommand {
 
 #[derive(Subcommand)]
 enum KeyCommand {
+    /// List enrollment keys (without their secrets)
     List {
         #[command(flatten)]
         list: ListArgs,
@@ -311,13 +311,13 @@ enum KeyCommand {
         #[arg(long)]
         description: Option<String>,
     },
-    Revoke {
-        id: String,
-    },
+    /// Revoke an enrollment key
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
 enum DeviceCommand {
+    /// List enrolled devices (text filters match substrings, case-insensitively)
     List {
         #[command(flatten)]
         list: ListArgs,
@@ -325,19 +325,21 @@ enum DeviceCommand {
         hostname: Option<String>,
         #[arg(long)]
         username: Option<String>,
+        /// windows, macos, linux, ios or android
+        #[arg(long)]
+        platform: Option<String>,
     },
-    Get {
-        id: String,
-    },
+    /// Show one device
+    Get { id: String },
     /// Delete a device: revoke its certificate and release its address
-    Delete {
-        id: String,
-    },
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// List administrators
     List,
+    /// Create an administrator
     Create {
         #[arg(long)]
         username: String,
@@ -359,23 +361,23 @@ enum AdminCommand {
         #[arg(long)]
         name: String,
     },
-    Delete {
-        id: String,
-    },
+    /// Delete an administrator (and their API keys and sessions)
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
 enum SessionCommand {
+    /// List admin sessions: console logins and API keys in use
     List,
     /// End a session or revoke its API key
-    Delete {
-        id: String,
-    },
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
 enum SettingsCommand {
+    /// Show the settings
     Get,
+    /// Change settings (only the ones given)
     Set {
         /// Comma-separated client domains ('' for none)
         #[arg(long)]
@@ -391,20 +393,40 @@ enum SettingsCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
+    /// List changes, newest first
     List {
         #[command(flatten)]
         list: ListArgs,
-        #[arg(long)]
-        actor: Option<String>,
-        #[arg(long)]
-        action: Option<String>,
-        #[arg(long)]
-        resource_type: Option<String>,
+        #[command(flatten)]
+        filters: AuditFilters,
     },
+    /// Download the audit log as CSV (the same filters as list)
     Export {
+        /// File to write ('-' for standard output)
         #[arg(long)]
         file: String,
+        #[command(flatten)]
+        filters: AuditFilters,
     },
+}
+
+#[derive(Args)]
+struct AuditFilters {
+    /// An admin's username (substring)
+    #[arg(long)]
+    actor: Option<String>,
+    /// create, update, delete, release, … (substring)
+    #[arg(long)]
+    action: Option<String>,
+    /// ip_range, ip_binding, enrollment_key, … (substring)
+    #[arg(long)]
+    resource_type: Option<String>,
+    /// Only changes after this time (RFC 3339)
+    #[arg(long)]
+    after: Option<String>,
+    /// Only changes before this time (RFC 3339)
+    #[arg(long)]
+    before: Option<String>,
 }
 
 struct Client {
@@ -510,6 +532,10 @@ fn rows(lines: u64) -> String {
 
 fn list_query(list: &ListArgs) -> Vec<(&'static str, Option<String>)> {
     vec![("page", list.page.map(|n| n.to_string())), ("page_size", list.page_size.map(|n| n.to_string())), ("sort", list.sort.clone())]
+}
+
+fn audit_query(filters: AuditFilters) -> Vec<(&'static str, Option<String>)> {
+    vec![("actor", filters.actor), ("action", filters.action), ("resource_type", filters.resource_type), ("after", filters.after), ("before", filters.before)]
 }
 
 fn binding_query(filters: &BindingFilters) -> Vec<(&'static str, Option<String>)> {
@@ -708,9 +734,9 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             ConnectorCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/connectors/{id}"), &[], None)?, output, &[]),
         },
         CtlCommand::ClientSessions(command) => match command {
-            ClientSessionCommand::List { list, username, client_hostname } => {
+            ClientSessionCommand::List { list, username, client_hostname, virtual_ip, platform } => {
                 let mut query = list_query(&list);
-                query.extend([("username", username), ("client_hostname", client_hostname)]);
+                query.extend([("username", username), ("client_hostname", client_hostname), ("virtual_ip", virtual_ip), ("platform", platform)]);
                 print(
                     &client.json("GET", "/api/v1/client-sessions", &query, None)?,
                     output,
@@ -720,9 +746,9 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             ClientSessionCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/client-sessions/{id}"), &[], None)?, output, &[]),
         },
         CtlCommand::Devices(command) => match command {
-            DeviceCommand::List { list, hostname, username } => {
+            DeviceCommand::List { list, hostname, username, platform } => {
                 let mut query = list_query(&list);
-                query.extend([("hostname", hostname), ("username", username)]);
+                query.extend([("hostname", hostname), ("username", username), ("platform", platform)]);
                 print(&client.json("GET", "/api/v1/devices", &query, None)?, output, &["id", "hostname", "username", "platform", "virtual_ip", "last_seen"]);
             }
             DeviceCommand::Get { id } => print(&client.json("GET", &format!("/api/v1/devices/{id}"), &[], None)?, output, &[]),
@@ -783,16 +809,16 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         },
         CtlCommand::Audit(command) => match command {
-            AuditCommand::List { list, actor, action, resource_type } => {
+            AuditCommand::List { list, filters } => {
                 let mut query = list_query(&list);
-                query.extend([("actor", actor), ("action", action), ("resource_type", resource_type)]);
+                query.extend(audit_query(filters));
                 print(
                     &client.json("GET", "/api/v1/audit-logs", &query, None)?,
                     output,
                     &["at", "actor", "action", "resource_type", "resource_id", "source_ip"],
                 );
             }
-            AuditCommand::Export { file } => client.download("/api/v1/audit-logs/export.csv", &[], &file)?,
+            AuditCommand::Export { file, filters } => client.download("/api/v1/audit-logs/export.csv", &audit_query(filters), &file)?,
         },
     }
     Ok(())

@@ -63,6 +63,24 @@ fn first_start_cli_walkthrough_and_clean_shutdown() {
     let csv = std::fs::read_to_string(&csv_path).expect("csv");
     assert!(csv.starts_with("ip,range_name,range_location,username,platform,client_hostname,last_updated\n100.64.0.1,Paris laptops,\"Paris, Ile-de-France, FR\",alice@corp.example,macos,alice-laptop.corp.example,"), "{csv}");
 
+    // devices filter by platform; the audit log exports what its filters select
+    let (ok, stdout, stderr) = server.ctl(&token, &["devices", "list", "--platform", "windows", "-o", "json"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout).expect("json")["total"], 0, "{stdout}");
+    let (ok, stdout, stderr) = server.ctl(&token, &["devices", "list", "--platform", "macos", "-o", "json"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout).expect("json")["total"], 1, "{stdout}");
+    let audit_path = temp.0.join("audit.csv");
+    let (ok, _, stderr) = server
+        .ctl(&token, &["audit", "export", "--file", audit_path.to_str().expect("path"), "--resource-type", "ip_range", "--after", "2000-01-01T00:00:00Z"]);
+    assert!(ok, "{stderr}");
+    let audit = std::fs::read_to_string(&audit_path).expect("csv");
+    let rows: Vec<&str> = audit.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "only the range's creation: {audit}");
+    assert!(rows[0].contains(",admin,create,ip_range,"), "{audit}");
+    let (ok, _, stderr) = server.ctl(&token, &["audit", "export", "--file", audit_path.to_str().expect("path"), "--after", "yesterday"]);
+    assert!(!ok && stderr.contains("400"), "{stderr}");
+
     let (ok, _, stderr) = server.ctl("rbk_wrong", &["ranges", "list"]);
     assert!(!ok && stderr.contains("401"), "{stderr}");
     let status = server.terminate();
