@@ -90,6 +90,10 @@ impl From<StoreError> for ApiError {
                 ApiError::conflict(format!("the range has {count} bindings; delete with ?force=true to release them")).with("bindings", json!(count))
             }
             StoreError::InUse(detail) => ApiError::conflict(format!("still in use: {detail}")),
+            StoreError::LastWayIn => ApiError::conflict(
+                "no superadmin could sign in after this change (none would have a password or an API key left); \
+                 give a superadmin a password or another API key first",
+            ),
             StoreError::BindingsOutside(count) => ApiError::conflict(format!("{count} bound addresses would fall outside the new range")),
             error @ (StoreError::Database(_) | StoreError::Sqlite(_)) if error.is_transient() => {
                 ApiError::unavailable("the database is busy or unreachable; try again")

@@ -4,7 +4,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::audit::AuditEntry;
-use crate::{Result, Store, StoreError, now_micros};
+use crate::{Result, Store, StoreError, WriteTx, now_micros};
 
 /// A new opaque id: a UUIDv7, so ids sort by creation time.
 pub fn new_id() -> String {
@@ -156,23 +156,31 @@ impl Store {
     }
 
     /// Sets or clears an admin's console password hash.
+    /// Sets or (`None`) clears an admin's console password. Clearing is refused when
+    /// no superadmin could sign in afterwards.
     pub async fn set_admin_password(&self, id: &str, password_hash: Option<&str>, audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
+        self.lock_credentials(&mut tx).await?;
         let changed =
             sqlx::query("UPDATE admins SET password_hash = $2 WHERE id = $1").bind(id).bind(password_hash).execute(&mut *tx.transaction).await?.rows_affected();
         if changed == 0 {
             return Err(StoreError::NotFound);
         }
+        keep_a_way_in(&mut tx).await?;
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await
     }
 
+    /// Deletes an admin with its API keys and sessions, unless no superadmin could
+    /// sign in afterwards.
     pub async fn delete_admin(&self, id: &str, audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
+        self.lock_credentials(&mut tx).await?;
         let deleted = sqlx::query("DELETE FROM admins WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?.rows_affected();
         if deleted == 0 {
             return Err(StoreError::NotFound);
         }
+        keep_a_way_in(&mut tx).await?;
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await
     }
@@ -210,8 +218,10 @@ impl Store {
             .collect()
     }
 
+    /// Revokes an API key, unless no superadmin could sign in afterwards.
     pub async fn delete_api_key(&self, admin_id: &str, key_id: &str, audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
+        self.lock_credentials(&mut tx).await?;
         let deleted = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND admin_id = $2")
             .bind(key_id)
             .bind(admin_id)
@@ -221,6 +231,7 @@ impl Store {
         if deleted == 0 {
             return Err(StoreError::NotFound);
         }
+        keep_a_way_in(&mut tx).await?;
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await
     }
@@ -323,12 +334,19 @@ impl Store {
     }
 
     /// Ends a console session or revokes an API key, by its listed id.
+    /// Ends a console session (the password still signs in) or revokes an API key
+    /// (refused when no superadmin could sign in afterwards).
     pub async fn delete_session(&self, id: &str, audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
         let deleted = if let Some(session_id) = id.strip_prefix("session:") {
             sqlx::query("DELETE FROM admin_sessions WHERE id = $1").bind(session_id).execute(&mut *tx.transaction).await?.rows_affected()
         } else if let Some(key_id) = id.strip_prefix("key:") {
-            sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(key_id).execute(&mut *tx.transaction).await?.rows_affected()
+            self.lock_credentials(&mut tx).await?;
+            let deleted = sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(key_id).execute(&mut *tx.transaction).await?.rows_affected();
+            if deleted > 0 {
+                keep_a_way_in(&mut tx).await?;
+            }
+            deleted
         } else {
             0
         };
@@ -376,4 +394,18 @@ impl Store {
         tx.commit().await?;
         self.load_ca().await?.ok_or(StoreError::NotFound)
     }
+}
+
+/// Refuses a change, inside its transaction, that leaves no superadmin with a way to
+/// sign in: a console password or an API key. Without one, nobody could manage
+/// admins again (the bootstrap runs on an empty database only).
+async fn keep_a_way_in(tx: &mut WriteTx<'_>) -> Result<()> {
+    let left: i64 = sqlx::query(
+        "SELECT COUNT(*) FROM admins a WHERE a.role = 'superadmin' \
+         AND (a.password_hash IS NOT NULL OR EXISTS (SELECT 1 FROM api_keys k WHERE k.admin_id = a.id))",
+    )
+    .fetch_one(&mut *tx.transaction)
+    .await?
+    .try_get(0)?;
+    if left == 0 { Err(StoreError::LastWayIn) } else { Ok(()) }
 }

@@ -57,6 +57,9 @@ pub enum StoreError {
     /// something else still refers to the row
     #[error("in use: {0}")]
     InUse(String),
+    /// the change would leave no superadmin with a password or an API key
+    #[error("no superadmin could sign in after this change")]
+    LastWayIn,
     /// the database refused or failed
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -186,6 +189,8 @@ const PG_LOCK_SCHEMA: i64 = 0x7265_6163_6862_0001;
 const PG_LOCK_RANGES: i64 = 0x7265_6163_6862_0002;
 /// Held by the replica that vacuums, so replicas take turns.
 const PG_LOCK_VACUUM: i64 = 0x7265_6163_6862_0003;
+/// Serialises changes that take a way of signing in away (API keys, passwords, admins).
+const PG_LOCK_CREDENTIALS: i64 = 0x7265_6163_6862_0004;
 
 /// The tables whose sort indexes serve listings, vacuumed by the server itself.
 const VACUUMED_TABLES: [&str; 2] = ["bindings", "devices"];
@@ -425,8 +430,19 @@ impl Store {
 
     /// Serialises range changes across replicas (PostgreSQL advisory lock).
     async fn lock_ranges(&self, tx: &mut WriteTx<'_>) -> Result<()> {
+        self.lock_for_transaction(tx, PG_LOCK_RANGES).await
+    }
+
+    /// Serialises changes that take a way of signing in away, so two replicas cannot
+    /// each remove one of the last two (PostgreSQL advisory lock; SQLite has one
+    /// writer at a time anyway).
+    async fn lock_credentials(&self, tx: &mut WriteTx<'_>) -> Result<()> {
+        self.lock_for_transaction(tx, PG_LOCK_CREDENTIALS).await
+    }
+
+    async fn lock_for_transaction(&self, tx: &mut WriteTx<'_>, key: i64) -> Result<()> {
         if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_LOCK_RANGES).execute(&mut *tx.transaction).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(key).execute(&mut *tx.transaction).await?;
         }
         Ok(())
     }

@@ -9,7 +9,12 @@ use serde_json::{Value, json};
 use crate::harness::{Reply, TestServer};
 use crate::on_both_backends;
 
-on_both_backends!(console_sign_in_csrf_and_sign_out, saved_filters_belong_to_their_admin, console_files_carry_security_headers);
+on_both_backends!(
+    console_sign_in_csrf_and_sign_out,
+    saved_filters_belong_to_their_admin,
+    console_files_carry_security_headers,
+    a_superadmin_can_always_sign_in
+);
 
 async fn with_cookie(server: &TestServer, method: Method, path: &str, cookie: &str, csrf: Option<&str>, body: Option<Value>) -> Reply {
     let mut request = Request::builder().method(method).uri(path).header(header::COOKIE, format!("reachback_session={cookie}"));
@@ -180,4 +185,52 @@ async fn console_files_carry_security_headers(server: TestServer) {
         assert_eq!(server.get(&format!("/api/v1/stats/enrollments?days={bad}")).await.status, StatusCode::BAD_REQUEST);
     }
     assert_eq!(server.call(Method::GET, "/assets/..%2Fsrc%2Flib.rs", None, None).await.status, StatusCode::NOT_FOUND);
+}
+
+/// No change may leave every superadmin without a way to sign in (a console password
+/// or an API key): nobody could manage admins again, since the bootstrap runs on an
+/// empty database only. A refusal changes nothing and writes no audit row.
+async fn a_superadmin_can_always_sign_in(server: TestServer) {
+    let root = server.get("/api/v1/me").await.json()["id"].as_str().expect("id").to_string();
+    let sessions = server.get("/api/v1/admin-sessions").await.json();
+    let own = sessions["items"].as_array().expect("items").iter().find(|item| item["admin_id"] == root.as_str()).expect("listed")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let key_id = own.strip_prefix("key:").expect("an API key's session");
+    let audited = server.get("/api/v1/audit-logs").await.json()["total"].clone();
+
+    // the bootstrap key is the only way in: neither route revokes it
+    for path in [format!("/api/v1/admin-sessions/{own}"), format!("/api/v1/admins/{root}/api-keys/{key_id}")] {
+        let reply = server.delete(&path).await;
+        assert_eq!(reply.status, StatusCode::CONFLICT, "{path}: {}", reply.text());
+        assert!(reply.text().contains("no superadmin could sign in after this change"), "{}", reply.text());
+    }
+    assert_eq!(server.get("/api/v1/me").await.status, StatusCode::OK, "the key still works");
+    assert_eq!(server.get("/api/v1/audit-logs").await.json()["total"], audited, "a refusal writes no audit row");
+
+    // with a second superadmin who has a password, the key may go
+    let backup = admin_with_password(&server, "backup", "superadmin", "correct horse battery").await;
+    assert_eq!(server.delete(&format!("/api/v1/admin-sessions/{own}")).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.get("/api/v1/me").await.status, StatusCode::UNAUTHORIZED);
+
+    // now that password is the only way in: it cannot be cleared
+    let (cookie, csrf) = sign_in(&server, "backup", "correct horse battery").await;
+    let clear = json!({"password": null});
+    let reply = with_cookie(&server, Method::PATCH, &format!("/api/v1/admins/{backup}"), &cookie, Some(&csrf), Some(clear.clone())).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    let admins = with_cookie(&server, Method::GET, "/api/v1/admins", &cookie, None, None).await.json();
+    let listed = admins["items"].as_array().expect("items").iter().find(|admin| admin["id"] == backup.as_str()).expect("listed").clone();
+    assert_eq!(listed["has_password"], true, "the refused change changed nothing");
+
+    // the bootstrap admin, without any way in, may be deleted
+    let reply = with_cookie(&server, Method::DELETE, &format!("/api/v1/admins/{root}"), &cookie, Some(&csrf), None).await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
+    // with an API key of its own, the password may be cleared
+    let key = with_cookie(&server, Method::POST, &format!("/api/v1/admins/{backup}/api-keys"), &cookie, Some(&csrf), Some(json!({"name": "ops"}))).await;
+    assert_eq!(key.status, StatusCode::CREATED, "{}", key.text());
+    let reply = with_cookie(&server, Method::PATCH, &format!("/api/v1/admins/{backup}"), &cookie, Some(&csrf), Some(clear)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let key = key.json()["key"].as_str().expect("key").to_string();
+    assert_eq!(server.call(Method::GET, "/api/v1/me", None, Some(&key)).await.json()["username"], "backup");
 }
