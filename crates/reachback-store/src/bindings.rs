@@ -234,11 +234,24 @@ impl Store {
         Ok(filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql))).fetch_one(&self.pool).await?.try_get(0)?)
     }
 
-    /// One page of bindings and the matching total.
-    pub async fn list_bindings(&self, query: &BindingQuery) -> Result<(Vec<BindingRow>, i64)> {
-        let items = self.binding_page(query).await?;
-        let total = self.count_bindings(query).await?;
-        Ok((items, total))
+    /// One page of bindings, knowing that `total` rows match (`count_bindings`): a
+    /// page past the end is empty without a query, and a deep page in the far half
+    /// is read from the other end, in the opposite order, and turned round — the
+    /// same rows, for a skip of at most half of them. The order is total (ties go
+    /// to the address), so it reverses exactly.
+    pub async fn binding_page_within(&self, query: &BindingQuery, total: i64) -> Result<Vec<BindingRow>> {
+        if query.limit > 0 && query.offset >= total {
+            return Ok(Vec::new());
+        }
+        match from_the_other_end(query.offset, query.limit, total) {
+            Some((offset, limit)) => {
+                let reversed = BindingQuery { descending: !query.descending, offset, limit, ..query.clone() };
+                let mut rows = self.binding_page(&reversed).await?;
+                rows.reverse();
+                Ok(rows)
+            }
+            None => self.binding_page(query).await,
+        }
     }
 
     /// One page of bindings.
@@ -524,6 +537,18 @@ const MAX_RANGE_BLOCKS: usize = 32;
 /// From this many rows to skip on, a page is found before its rows are read.
 const DEFERRED_JOIN_OFFSET: i64 = 200;
 
+/// Where a deep page of `limit` rows at `offset` in `total` rows starts when read
+/// from the other end, and how many rows it has: `Some` only when that skips fewer
+/// rows than reading it as asked (the page lies in the far half).
+fn from_the_other_end(offset: i64, limit: i64, total: i64) -> Option<(i64, i64)> {
+    if limit <= 0 || offset < DEFERRED_JOIN_OFFSET || offset >= total {
+        return None;
+    }
+    let end = offset.saturating_add(limit).min(total);
+    let (reversed_offset, rows) = (total - end, end - offset);
+    (reversed_offset < offset).then_some((reversed_offset, rows))
+}
+
 /// One part of an export: which rows, in which order, and where they go.
 #[derive(Clone, Copy)]
 struct ExportPart<'a> {
@@ -715,5 +740,28 @@ impl Store {
         }
         tx.commit().await?;
         Ok(released)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::from_the_other_end;
+
+    #[test]
+    fn far_pages_are_read_from_the_other_end() {
+        // shallow pages, and pages in the near half, are read as asked
+        assert_eq!(from_the_other_end(150, 50, 416), None);
+        assert_eq!(from_the_other_end(499_950, 50, 1_000_000), None, "the middle page skips as much either way");
+        // the far half: the same rows from the other end
+        assert_eq!(from_the_other_end(200, 50, 416), Some((166, 50)));
+        assert_eq!(from_the_other_end(500_000, 50, 1_000_000), Some((499_950, 50)));
+        assert_eq!(from_the_other_end(999_950, 50, 1_000_000), Some((0, 50)));
+        // a last, partial page holds only the rows that are left
+        assert_eq!(from_the_other_end(400, 50, 416), Some((0, 16)));
+        // past the end, exports (no limit) and absurd values: as asked
+        assert_eq!(from_the_other_end(416, 50, 416), None);
+        assert_eq!(from_the_other_end(300, 0, 416), None);
+        assert_eq!(from_the_other_end(i64::MAX - 1, 1000, i64::MAX), Some((0, 1)));
+        assert_eq!(from_the_other_end(i64::MAX - 10, 1000, i64::MAX), Some((0, 10)));
     }
 }

@@ -321,6 +321,8 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
         "/api/v1/ip-bindings?ip=100.64.128.0/17&sort=ip&page=300&page_size=50",
         "/api/v1/ip-bindings?client_hostname=d99999&page=1&page_size=50",
         "/api/v1/ip-bindings?sort=client_hostname&page=10000&page_size=50",
+        "/api/v1/ip-bindings?sort=client_hostname&page=19999&page_size=50",
+        "/api/v1/ip-bindings?range_location=city7&sort=-last_updated&page=90&page_size=50",
     ];
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     for query in queries {

@@ -104,7 +104,7 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
             }
             rows
         }
-        None => state.store.binding_page(&binding_query).await?,
+        None => state.store.binding_page_within(&binding_query, total).await?,
     };
     Ok(list_json(rows.iter().map(binding_json).collect(), total, paging))
 }

@@ -781,15 +781,18 @@ async fn deep_pages_match_row_by_row_order(server: TestServer) {
             server.get(&format!("/api/v1/ip-bindings?sort={sort}&page=3&page_size=100&range_name=a&updated_after=2000-01-01T00:00:00Z")).await.json();
         assert_eq!(ips(seeking), ips(skipping));
     }
-    // other orders: deep pages (found over the sort index first, then read) agree with
-    // the same rows cut out of one shallow page of everything
-    for sort in ["client_hostname", "-username", "range_name", "-platform", "-last_updated"] {
-        let everything = ips(server.get(&format!("/api/v1/ip-bindings?sort={sort}&page_size=1000")).await.json());
-        assert_eq!(everything.len(), 416);
-        for page in [4, 5, 9] {
-            let deep = ips(server.get(&format!("/api/v1/ip-bindings?sort={sort}&page={page}&page_size=50")).await.json());
-            let start = (page - 1) * 50;
-            assert_eq!(deep, everything[start..(start + 50).min(416)], "sort={sort} page={page}");
+    // other orders: deep pages (found over the sort index first, then read; in the far
+    // half from the other end) agree with the same rows cut out of one shallow page of
+    // everything, with the total from the counters or, with a filter, counted
+    for sort in ["client_hostname", "-client_hostname", "-username", "range_name", "-range_name", "-platform", "last_updated", "-last_updated"] {
+        for filter in ["", "&updated_after=2000-01-01T00:00:00Z"] {
+            let everything = ips(server.get(&format!("/api/v1/ip-bindings?sort={sort}&page_size=1000{filter}")).await.json());
+            assert_eq!(everything.len(), 416);
+            for (page, page_size) in [(4, 50), (5, 50), (6, 50), (9, 50), (10, 50), (30, 7), (59, 7), (60, 7)] {
+                let deep = ips(server.get(&format!("/api/v1/ip-bindings?sort={sort}&page={page}&page_size={page_size}{filter}")).await.json());
+                let start = ((page - 1) * page_size).min(416);
+                assert_eq!(deep, everything[start..(start + page_size).min(416)], "sort={sort} page={page} page_size={page_size}{filter}");
+            }
         }
     }
 }
