@@ -155,18 +155,22 @@ impl Store {
         row.as_ref().map(admin_from_row).transpose()
     }
 
-    /// Sets or clears an admin's console password hash.
-    /// Sets or (`None`) clears an admin's console password. Clearing is refused when
-    /// no superadmin could sign in afterwards.
+    /// Sets or (`None`) clears an admin's console password hash. Clearing is refused
+    /// when no superadmin could sign in afterwards.
     pub async fn set_admin_password(&self, id: &str, password_hash: Option<&str>, audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
-        self.lock_credentials(&mut tx).await?;
+        let clearing = password_hash.is_none();
+        if clearing {
+            self.lock_credentials(&mut tx).await?;
+        }
         let changed =
             sqlx::query("UPDATE admins SET password_hash = $2 WHERE id = $1").bind(id).bind(password_hash).execute(&mut *tx.transaction).await?.rows_affected();
         if changed == 0 {
             return Err(StoreError::NotFound);
         }
-        keep_a_way_in(&mut tx).await?;
+        if clearing {
+            keep_a_way_in(&mut tx).await?;
+        }
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await
     }
@@ -333,9 +337,8 @@ impl Store {
         Ok(sessions)
     }
 
-    /// Ends a console session or revokes an API key, by its listed id.
     /// Ends a console session (the password still signs in) or revokes an API key
-    /// (refused when no superadmin could sign in afterwards).
+    /// (refused when no superadmin could sign in afterwards), by its listed id.
     pub async fn delete_session(&self, id: &str, audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
         let deleted = if let Some(session_id) = id.strip_prefix("session:") {
