@@ -109,7 +109,7 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
     Ok(list_json(rows.iter().map(binding_json).collect(), total, paging))
 }
 
-/// Where a deep page in address order starts.
+/// Where a page in address or range-name order starts.
 enum Seek {
     /// at `key` in the first of `ranges` (the matching ranges from there on, in page order)
     From {
@@ -122,7 +122,9 @@ enum Seek {
 /// Deep pages in address order without skipping every row before them: the ranges
 /// do not overlap, so the page starts in the range where the running total of bound
 /// addresses passes the offset, at the n-th bound address of that range, and the
-/// query seeks to it. On SQLite (one server process, so the engine's view equals
+/// query seeks to it. Range-name order is the same walk with the ranges taken by
+/// name (within a range, rows follow in address order), from the first page on:
+/// no index holds that order, so anything else sorts every row. On SQLite (one server process, so the engine's view equals
 /// the committed rows once its lock is held) the engine counts and names that
 /// address in memory; on PostgreSQL (replicas' engines may lag one another) the
 /// ranges' counters, kept in the same transactions as the rows, count, and the
@@ -130,14 +132,22 @@ enum Seek {
 /// that range's rows).
 async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<Seek>> {
     const SEEK_FROM: i64 = 200;
-    if query.sort != BindingSort::Ip || query.offset < SEEK_FROM || !query.only_range_filters() {
+    let seeks = match query.sort {
+        BindingSort::Ip => query.offset >= SEEK_FROM,
+        BindingSort::RangeName => true,
+        _ => false,
+    };
+    if !seeks || !query.only_range_filters() {
         return Ok(None);
     }
+    // in name order, as the database collates names
     let mut ranges = match state.store.matching_range_ids(query).await? {
         Some(ranges) => ranges,
         None => state.store.list_ranges().await?,
     };
-    ranges.sort_by_key(|range| (range.range.family(), range.range.first()));
+    if query.sort == BindingSort::Ip {
+        ranges.sort_by_key(|range| (range.range.family(), range.range.first()));
+    }
     if query.descending {
         ranges.reverse();
     }
