@@ -323,6 +323,10 @@ fn run(label: &str, database: Option<String>, bindings: usize, connections: usiz
         "/api/v1/ip-bindings?sort=client_hostname&page=10000&page_size=50",
         "/api/v1/ip-bindings?sort=client_hostname&page=19999&page_size=50",
         "/api/v1/ip-bindings?range_location=city7&sort=-last_updated&page=90&page_size=50",
+        "/api/v1/ip-bindings?range_location=city7&sort=username&page=90&page_size=50",
+        "/api/v1/ip-bindings?sort=-last_updated&page=10000&page_size=50",
+        "/api/v1/ip-bindings?sort=range_name&page=1&page_size=50",
+        "/api/v1/ip-bindings?sort=-range_name&page=10000&page_size=50",
     ];
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     for query in queries {
