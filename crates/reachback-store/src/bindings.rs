@@ -291,8 +291,7 @@ impl Store {
             return Ok(Vec::new());
         };
         // a listing limited to a few ranges: sort their rows when the sort index would
-        // have to be walked further
-        // (range-name order has no index of its own to walk)
+        // have to be walked further (range-name order has no index of its own to walk)
         let sort_rows = query.sort != BindingSort::Ip
             && ranges.as_ref().is_some_and(|ranges| {
                 let matched = ranges.iter().map(|range| range.used_ips).sum();
@@ -300,7 +299,21 @@ impl Store {
                     && (query.sort == BindingSort::RangeName || sort_the_ranges_rows(query.offset, query.limit, matched, all_bound))
             });
         let sql = self.binding_select(&filter, query, sort_rows);
-        let rows = filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql))).fetch_all(&self.pool).await?;
+        let statement = filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql)));
+        let rows = match self.backend {
+            crate::Backend::Sqlite => statement.fetch_all(&self.pool).await?,
+            crate::Backend::Postgres => {
+                // in one process: a page that walks an index up to its LIMIT, split over
+                // parallel workers, waits for all of them in their ordered merge (156 ms
+                // against 13 ms for a page limited to 11 ranges in username order,
+                // 1,000,000 bindings, two cores); counts keep their parallel scans
+                let mut transaction = self.pool.begin().await?;
+                sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0").execute(&mut *transaction).await?;
+                let rows = statement.fetch_all(&mut *transaction).await?;
+                transaction.commit().await?;
+                rows
+            }
+        };
         rows.iter().map(binding_from_row).collect()
     }
 
