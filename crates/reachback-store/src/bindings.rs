@@ -211,19 +211,19 @@ impl Store {
     /// index serves, so the planner cannot walk the sort index instead.
     fn binding_select(&self, filter: &Filter, query: &BindingQuery, sort_rows: bool) -> String {
         let direction = if query.descending { "DESC" } else { "ASC" };
-        let leading = match (query.sort, sort_rows) {
-            (BindingSort::Ip, _) => None,
-            (BindingSort::Username, false) => Some("b.username"),
-            (BindingSort::Username, true) => Some("(b.username || '')"),
-            (BindingSort::Platform, false) => Some("b.platform"),
-            (BindingSort::Platform, true) => Some("(b.platform || '')"),
-            (BindingSort::ClientHostname, false) => Some("b.client_hostname"),
-            (BindingSort::ClientHostname, true) => Some("(b.client_hostname || '')"),
-            (BindingSort::RangeName, false) => Some("r.name_key"),
-            (BindingSort::RangeName, true) => Some("(r.name_key || '')"),
-            (BindingSort::LastUpdated, false) => Some("b.last_updated"),
-            (BindingSort::LastUpdated, true) => Some("(b.last_updated + 0)"),
+        let column = match query.sort {
+            BindingSort::Ip => None,
+            BindingSort::Username => Some("b.username"),
+            BindingSort::Platform => Some("b.platform"),
+            BindingSort::ClientHostname => Some("b.client_hostname"),
+            BindingSort::RangeName => Some("r.name_key"),
+            BindingSort::LastUpdated => Some("b.last_updated"),
         };
+        let leading = column.map(|column| match (sort_rows, query.sort) {
+            (false, _) => column.to_string(),
+            (true, BindingSort::LastUpdated) => format!("({column} + 0)"),
+            (true, _) => format!("({column} || '')"),
+        });
         let order = match leading {
             Some(leading) => format!("{leading} {direction}, b.ip_key {direction}"),
             None => format!("b.ip_key {direction}"),

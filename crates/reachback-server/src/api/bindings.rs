@@ -124,8 +124,9 @@ enum Seek {
 /// addresses passes the offset, at the n-th bound address of that range, and the
 /// query seeks to it. Range-name order is the same walk with the ranges taken by
 /// name (within a range, rows follow in address order), from the first page on:
-/// no index holds that order, so anything else sorts every row. On SQLite (one server process, so the engine's view equals
-/// the committed rows once its lock is held) the engine counts and names that
+/// no index holds that order, so anything else sorts every row. On SQLite (one
+/// server process, so the engine's view equals the committed rows once its lock is
+/// held) the engine counts and names that
 /// address in memory; on PostgreSQL (replicas' engines may lag one another) the
 /// ranges' counters, kept in the same transactions as the rows, count, and the
 /// primary key between the range's first and last keys names it (skipping at most
