@@ -11,8 +11,8 @@ use anyhow::Context;
 use reachback_policy::{PortRange, parse_port_range};
 use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply, Refusal};
 use reachback_tunnel::client::{self, EnrolledState};
-pub use reachback_tunnel::client::{is_enrolled, post_json};
-use reachback_tunnel::{Connection, End, RecvStream, RelayOptions, SendStream, TunnelConnector, read_frame, write_frame};
+pub use reachback_tunnel::client::is_enrolled;
+use reachback_tunnel::{ApiClient, ApiTrust, Connection, End, RecvStream, RelayOptions, SendStream, TunnelConnector, read_frame, write_frame};
 use serde_json::{Value, json};
 
 /// Ports allowed when `--allow-ports` is not given: SSH, SMB, RDP, WinRM.
@@ -29,6 +29,10 @@ pub struct EnrollOptions {
     pub platform: String,
     pub location: Option<Value>,
     pub state_dir: PathBuf,
+    /// how to trust the API (CA pin, plain HTTP allowed or not)
+    pub trust: ApiTrust,
+    /// discard an enrollment with another server found in the state directory
+    pub force: bool,
 }
 
 /// Parses `22,445,3389,5985-5986`.
@@ -55,9 +59,36 @@ fn text_of(value: &Value, key: &str) -> anyhow::Result<String> {
     value[key].as_str().map(str::to_string).with_context(|| format!("the server's answer has no {key}"))
 }
 
-/// Generates a key pair, enrolls and keeps the result in the state directory.
+/// How long an API request may take.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Enrolls and keeps the result in the state directory. A state directory that
+/// already holds an enrollment with the same server keeps its key pair (the server
+/// then gives the device its binding back); one that holds an enrollment with
+/// another server is refused unless `force` discards it.
 pub fn enroll(options: &EnrollOptions) -> anyhow::Result<EnrolledState> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the key pair")?;
+    let api = ApiClient::new(&options.server, &options.trust, API_TIMEOUT)?;
+    let mut key_pem = None;
+    if let Ok((previous, material)) = client::load_state(&options.state_dir) {
+        if client::same_server(&options.state_dir, &previous, &api)? {
+            key_pem = Some(material.private_key_pem);
+        } else if options.force {
+            tracing::info!(device_id = %previous.id, "discarding the enrollment with another server");
+            client::discard_enrollment(&options.state_dir)?;
+        } else {
+            anyhow::bail!(
+                "{} holds the enrollment of device {} with {}, not {}: pass --force to discard it and enroll afresh, or use another --state-dir",
+                options.state_dir.display(),
+                previous.id,
+                previous.server,
+                options.server
+            );
+        }
+    }
+    let key = match &key_pem {
+        Some(pem) => rcgen::KeyPair::from_pem(pem).context("reading the enrolled key pair")?,
+        None => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the key pair")?,
+    };
     let mut body = json!({
         "enrollment_key": options.key,
         "hostname": options.hostname,
@@ -67,17 +98,21 @@ pub fn enroll(options: &EnrollOptions) -> anyhow::Result<EnrolledState> {
     if let Some(location) = &options.location {
         body["location"] = location.clone();
     }
-    let url = format!("{}/api/v1/enroll", options.server.trim_end_matches('/'));
-    let answer = post_json(&url, &body)?;
+    let answer = api.post_json("/api/v1/enroll", &body)?;
+    let ca_pem = text_of(&answer, "ca_certificate")?;
+    options.trust.check_tunnel_ca(&ca_pem)?;
     let brokers: Vec<String> = answer["broker_endpoints"].as_array().into_iter().flatten().filter_map(|item| item.as_str().map(str::to_string)).collect();
     let state = EnrolledState {
-        server: options.server.clone(),
+        server: api.base.clone(),
         id: text_of(&answer, "device_id")?,
         broker_endpoints: brokers,
         virtual_ip: answer["virtual_ip"].as_str().map(str::to_string),
         hostname: Some(options.hostname.clone()),
+        ca_pin: options.trust.ca_pin.clone(),
+        insecure_http: options.trust.insecure_http,
+        enrolled_with: Some(client::key_fingerprint(&options.key)),
     };
-    client::save_enrollment(&options.state_dir, &state, &key.serialize_pem(), &text_of(&answer, "certificate")?, &text_of(&answer, "ca_certificate")?)?;
+    client::save_enrollment(&options.state_dir, &state, &key.serialize_pem(), &text_of(&answer, "certificate")?, &ca_pem)?;
     Ok(state)
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use reachback_proto::{Backoff, ClientRole, FlowOpen};
 use reachback_tunnel::client::{self, EnrolledState};
-use reachback_tunnel::{AwaitReply, Connection, End, RelayOptions, TunnelConnector, write_frame};
+use reachback_tunnel::{ApiClient, ApiTrust, AwaitReply, Connection, End, RelayOptions, TunnelConnector, write_frame};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -37,26 +37,69 @@ pub struct RunOptions {
     pub socks5_listen: Option<SocketAddr>,
     /// TCP congestion control of the tunnel and of the intercepted connections
     pub tcp_congestion: reachback_tunnel::Congestion,
+    /// how to trust the API (CA pin, plain HTTP allowed or not)
+    pub trust: ApiTrust,
 }
 
-/// Enrolls with the provisioning key unless the state directory holds an enrollment.
+/// Enrolls with the provisioning key unless the state directory holds this
+/// connector's enrollment already. Saved state from another provisioning key or
+/// another server is never reused silently: a new key enrolls afresh (the old
+/// identity is replaced once the new enrollment succeeded), another server without
+/// a key is refused with what to do.
 fn ensure_enrolled(options: &RunOptions) -> anyhow::Result<()> {
-    if client::is_enrolled(&options.state_dir) {
-        return Ok(());
+    let previous = client::load_state(&options.state_dir).ok().map(|(state, _)| state);
+    let key = options.key.as_deref().map(str::trim).filter(|key| !key.is_empty());
+    let api = || ApiClient::new(&options.server, &options.trust, Duration::from_secs(30));
+    if let Some(previous) = &previous {
+        let same_key = key.is_none_or(|key| previous.enrolled_with.as_deref() == Some(client::key_fingerprint(key).as_str()));
+        // the same address needs no question to the server (which may be down: the tunnel loop retries)
+        let same_address = previous.server.trim_end_matches('/').eq_ignore_ascii_case(options.server.trim().trim_end_matches('/'));
+        if same_key && (same_address || client::same_server(&options.state_dir, previous, &api()?)?) {
+            return Ok(());
+        }
+        if key.is_none() {
+            anyhow::bail!(
+                "{} holds connector {} enrolled with {}, another server than {}: pass --key (or --key-file) with a provisioning key from {} to enroll there, or use another --state-dir",
+                options.state_dir.display(),
+                previous.id,
+                previous.server,
+                options.server,
+                options.server
+            );
+        }
+        tracing::info!(previous_connector_id = %previous.id, "the provisioning key or the server differs from the saved enrollment: enrolling afresh");
     }
-    let key = options.key.as_deref().context("not enrolled yet: --key (the provisioning key) is needed")?;
+    let key = key.context("not enrolled yet: --key (the provisioning key) is needed")?;
+    let api = api()?;
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the key pair")?;
-    let url = format!("{}/api/v1/connectors/enroll", options.server.trim_end_matches('/'));
-    let answer = client::post_json(&url, &json!({"provisioning_key": key, "public_key": pair.public_key_pem()}))?;
+    let answer = api.post_json("/api/v1/connectors/enroll", &json!({"provisioning_key": key, "public_key": pair.public_key_pem()})).map_err(|error| {
+        match &previous {
+            Some(previous) => error.context(format!(
+                "enrolling with the new key failed; connector {} in {} was kept: run without --key to go on serving as it",
+                previous.id,
+                options.state_dir.display()
+            )),
+            None => error,
+        }
+    })?;
     let text = |key: &str| answer[key].as_str().map(str::to_string).with_context(|| format!("the server's answer has no {key}"));
+    let ca_pem = text("ca_certificate")?;
+    options.trust.check_tunnel_ca(&ca_pem)?;
     let state = EnrolledState {
-        server: options.server.clone(),
+        server: api.base.clone(),
         id: text("connector_id")?,
         broker_endpoints: answer["broker_endpoints"].as_array().into_iter().flatten().filter_map(|item| item.as_str().map(str::to_string)).collect(),
         virtual_ip: None,
         hostname: None,
+        ca_pin: options.trust.ca_pin.clone(),
+        insecure_http: options.trust.insecure_http,
+        enrolled_with: Some(client::key_fingerprint(key)),
     };
-    client::save_enrollment(&options.state_dir, &state, &pair.serialize_pem(), &text("certificate")?, &text("ca_certificate")?)?;
+    if let Some(previous) = &previous {
+        client::discard_enrollment(&options.state_dir)?;
+        tracing::info!(previous_connector_id = %previous.id, connector_id = %state.id, "the earlier identity was discarded");
+    }
+    client::save_enrollment(&options.state_dir, &state, &pair.serialize_pem(), &text("certificate")?, &ca_pem)?;
     tracing::info!(connector_id = %state.id, "connector enrolled");
     Ok(())
 }

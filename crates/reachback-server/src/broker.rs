@@ -16,7 +16,8 @@ use anyhow::Context;
 use reachback_policy::{Action, FlowFacts, PolicySet, Protocol};
 use reachback_proto::{ClientRole, Control, FlowOpen, FlowReply, Liveness, LivenessAction, Refusal, Side, Welcome};
 use reachback_store::{ClientSessionRow, new_id, now_micros};
-use reachback_tunnel::{Connection, End, PeerIdentity, RecvStream, SendStream, TlsMaterial, TunnelListener, read_frame, write_frame};
+use reachback_tunnel::tls::CertificateSlot;
+use reachback_tunnel::{Connection, End, PeerIdentity, RecvStream, SendStream, TunnelListener, read_frame, write_frame};
 
 use crate::state::{AppState, SharedState};
 
@@ -57,6 +58,8 @@ pub struct Broker {
     policy: RwLock<Arc<PolicySet>>,
     policy_version: RwLock<Option<(i64, i64)>>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// the address the tunnel endpoint is bound to, once it is
+    tunnel_address: std::sync::OnceLock<SocketAddr>,
 }
 
 impl Default for Broker {
@@ -67,6 +70,7 @@ impl Default for Broker {
             policy: RwLock::default(),
             policy_version: RwLock::default(),
             shutdown: tokio::sync::watch::channel(false).0,
+            tunnel_address: std::sync::OnceLock::new(),
         }
     }
 }
@@ -80,6 +84,11 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Broker {
+    /// The tunnel endpoint's address, once bound.
+    pub fn tunnel_address(&self) -> Option<SocketAddr> {
+        self.tunnel_address.get().copied()
+    }
+
     /// Disconnects a client session now; returns whether this replica held it.
     pub fn kick_session(&self, session_id: &str) -> bool {
         let agents = read(&self.agents);
@@ -149,10 +158,17 @@ pub async fn reload_policy(state: &AppState, force: bool) -> anyhow::Result<()> 
 
 /// Binds the tunnel endpoint and accepts tunnels until the endpoint closes.
 pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let (certificate_pem, private_key_pem) = state.ca.sign_broker()?;
-    let material = TlsMaterial { certificate_pem, private_key_pem, ca_pem: state.ca.certificate_pem.clone() };
-    let listener = Arc::new(TunnelListener::bind(state.config.tunnel_listen, &material).await?.with_congestion(state.config.tcp_congestion.clone()));
+    let names = advertised_names(&state.config);
+    let (certificate_pem, private_key_pem) = state.ca.sign_broker(&names, state.config.certificate_lifetime)?;
+    let certificate = Arc::new(CertificateSlot::new(&certificate_pem, &private_key_pem).context("the broker certificate")?);
+    let listener = Arc::new(
+        TunnelListener::bind_with_certificate(state.config.tunnel_listen, &state.ca.certificate_pem, certificate.clone())
+            .await?
+            .with_congestion(state.config.tcp_congestion.clone()),
+    );
     let local = listener.local_addr()?;
+    let _ = state.broker.tunnel_address.set(local);
+    tokio::spawn(renew_broker_certificate(Arc::downgrade(&state), certificate, names));
     let mut shutdown = state.broker.shutdown.subscribe();
     let cleared = state.store.clear_client_sessions_on(&state.config.node_name).await?;
     if cleared > 0 {
@@ -192,6 +208,36 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
     });
     tracing::info!(%local, "tunnel endpoint listening (TLS over TCP)");
     Ok((local, task))
+}
+
+/// The names the tunnel endpoint is reached by: the hosts of `--broker-endpoints`, or
+/// the addresses (and host name) it listens on.
+fn advertised_names(config: &crate::state::ServerConfig) -> Vec<String> {
+    if !config.broker_endpoints.is_empty() {
+        return config
+            .broker_endpoints
+            .iter()
+            .filter_map(|endpoint| crate::state::host_of(endpoint))
+            .collect();
+    }
+    crate::serve::default_api_names(config.tunnel_listen.ip())
+}
+
+/// Issues the tunnel endpoint a fresh certificate once two thirds of the current one's
+/// lifetime have passed; tunnels already up keep going, new ones get the new one.
+async fn renew_broker_certificate(state: std::sync::Weak<AppState>, certificate: Arc<CertificateSlot>, names: Vec<String>) {
+    loop {
+        let wait = certificate.until_renewal(std::time::SystemTime::now()).clamp(Duration::from_millis(200), Duration::from_secs(3600));
+        tokio::time::sleep(wait).await;
+        let Some(state) = state.upgrade() else { return };
+        if !certificate.due_for_renewal(std::time::SystemTime::now()) {
+            continue;
+        }
+        match state.ca.sign_broker(&names, state.config.certificate_lifetime).and_then(|(pem, key)| certificate.replace(&pem, &key)) {
+            Ok(()) => tracing::info!("the tunnel endpoint's certificate was renewed"),
+            Err(error) => tracing::warn!(error = format!("{error:#}"), "could not renew the tunnel endpoint's certificate"),
+        }
+    }
 }
 
 async fn serve_tunnel(state: SharedState, connection: Connection) -> anyhow::Result<()> {

@@ -1,12 +1,13 @@
 //! Secrets, hashes and the internal certificate authority.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use base64::Engine as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SerialNumber, SubjectPublicKeyInfo,
+    SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use ring::rand::SecureRandom;
 
@@ -125,17 +126,23 @@ impl CertificateAuthority {
         serial
     }
 
+    /// The CA's pin: `sha256:` and the hex SHA-256 of its DER SubjectPublicKeyInfo
+    /// (what clients pass as `--ca-pin`).
+    pub fn pin(&self) -> anyhow::Result<String> {
+        reachback_tunnel::api_client::pin_of_pem(&self.certificate_pem)
+    }
+
     /// Signs a client certificate for a device: CN is the device id, the hostname a DNS SAN.
-    pub fn sign_device(&self, key: &DevicePublicKey, device_id: &str, hostname: &str, serial: [u8; 16]) -> anyhow::Result<String> {
-        self.sign_client(key, device_id, "device", vec![hostname.to_string()], serial)
+    pub fn sign_device(&self, key: &DevicePublicKey, device_id: &str, hostname: &str, serial: [u8; 16], lifetime: Duration) -> anyhow::Result<String> {
+        self.sign_client(key, device_id, "device", vec![hostname.to_string()], serial, lifetime)
     }
 
     /// Signs a client certificate for a connector: CN is the connector id.
-    pub fn sign_connector(&self, key: &DevicePublicKey, connector_id: &str, serial: [u8; 16]) -> anyhow::Result<String> {
-        self.sign_client(key, connector_id, "connector", Vec::new(), serial)
+    pub fn sign_connector(&self, key: &DevicePublicKey, connector_id: &str, serial: [u8; 16], lifetime: Duration) -> anyhow::Result<String> {
+        self.sign_client(key, connector_id, "connector", Vec::new(), serial, lifetime)
     }
 
-    fn sign_client(&self, key: &DevicePublicKey, id: &str, unit: &str, names: Vec<String>, serial: [u8; 16]) -> anyhow::Result<String> {
+    fn sign_client(&self, key: &DevicePublicKey, id: &str, unit: &str, names: Vec<String>, serial: [u8; 16], lifetime: Duration) -> anyhow::Result<String> {
         let mut params = CertificateParams::new(names).context("certificate names")?;
         let mut name = DistinguishedName::new();
         name.push(DnType::CommonName, id);
@@ -144,30 +151,60 @@ impl CertificateAuthority {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::days(365);
+        set_validity(&mut params, lifetime);
         let certificate = params.signed_by(&key.spki, &self.issuer).context("signing the client certificate")?;
         Ok(certificate.pem())
     }
 
     /// A fresh key and certificate for this replica's tunnel endpoint, named
-    /// [`reachback_proto::BROKER_SERVER_NAME`] (clients trust only the CA, so one name serves every replica).
-    pub fn sign_broker(&self) -> anyhow::Result<(String, String)> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the broker key")?;
-        let mut params = CertificateParams::new(vec![reachback_proto::BROKER_SERVER_NAME.to_string()]).context("certificate names")?;
+    /// [`reachback_proto::BROKER_SERVER_NAME`] (clients trust only the CA and dial with that
+    /// name, so one name serves every replica) and the names it is advertised under.
+    pub fn sign_broker(&self, advertised: &[String], lifetime: Duration) -> anyhow::Result<(String, String)> {
+        let mut names = vec![reachback_proto::BROKER_SERVER_NAME.to_string()];
+        for name in advertised {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        self.sign_server(reachback_proto::BROKER_SERVER_NAME, &names, lifetime)
+    }
+
+    /// A fresh key and certificate chain (leaf, then this CA: a client that pins the CA
+    /// finds it in the chain) for the API's HTTPS listener.
+    pub fn sign_api(&self, names: &[String], lifetime: Duration) -> anyhow::Result<(String, String)> {
+        let common_name = names.first().map(String::as_str).unwrap_or("reachback");
+        let (leaf, key) = self.sign_server(common_name, names, lifetime)?;
+        Ok((format!("{leaf}{}", self.certificate_pem), key))
+    }
+
+    fn sign_server(&self, common_name: &str, names: &[String], lifetime: Duration) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the server key")?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = names
+            .iter()
+            .map(|name| match name.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+                Ok(address) => Ok(SanType::IpAddress(address)),
+                Err(_) => name.clone().try_into().map(SanType::DnsName).map_err(|_| anyhow::anyhow!("'{name}' is not a valid certificate name")),
+            })
+            .collect::<anyhow::Result<_>>()?;
         let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, reachback_proto::BROKER_SERVER_NAME);
+        name.push(DnType::CommonName, common_name);
         params.distinguished_name = name;
         params.serial_number = Some(SerialNumber::from_slice(&Self::new_serial()));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::days(365);
-        let certificate = params.signed_by(&key, &self.issuer).context("signing the broker certificate")?;
+        set_validity(&mut params, lifetime);
+        let certificate = params.signed_by(&key, &self.issuer).context("signing the server certificate")?;
         Ok((certificate.pem(), key.serialize_pem()))
     }
+}
+
+/// Valid from a little before now (clocks differ) for `lifetime`.
+fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    let back = time::Duration::minutes(5).min(time::Duration::seconds(lifetime.as_secs() as i64 / 2));
+    params.not_before = now - back;
+    params.not_after = now + time::Duration::seconds(lifetime.as_secs().min(20 * 365 * 86_400) as i64);
 }
 
 #[cfg(test)]
@@ -187,7 +224,7 @@ mod tests {
         let (ca_pem, ca_key) = CertificateAuthority::generate().unwrap();
         let ca = CertificateAuthority::load(&ca_pem, &ca_key).unwrap();
         let key = parse_public_key(&ed25519.public_key_pem()).unwrap();
-        let pem = ca.sign_device(&key, "dev1", "alice.corp.example", CertificateAuthority::new_serial()).unwrap();
+        let pem = ca.sign_device(&key, "dev1", "alice.corp.example", CertificateAuthority::new_serial(), Duration::from_secs(3600)).unwrap();
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
     }
 }

@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod error;
 pub mod ops;
 pub mod request;
+pub mod serve;
 pub mod state;
 pub mod validate;
 pub mod writer;
@@ -129,6 +130,8 @@ pub struct App {
     pub state: SharedState,
     /// the bootstrap API key, when this start created the first superadmin
     pub bootstrap_token: Option<String>,
+    /// the API's TLS, when it is served over HTTPS
+    pub tls: Option<serve::ApiTls>,
     writer: tokio::sync::oneshot::Receiver<()>,
     background: Vec<JoinHandle<()>>,
 }
@@ -223,8 +226,16 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
     }
     background.push(tokio::spawn(release_idle_bindings(Arc::downgrade(&state))));
     background.push(tokio::spawn(sync_broker(Arc::downgrade(&state))));
+    let tls = match serve::api_certificate(&state.config) {
+        Some(source) => {
+            let tls = serve::ApiTls::new(&state, source).context("preparing the API's TLS")?;
+            background.push(tls.spawn_upkeep(Arc::downgrade(&state)));
+            Some(tls)
+        }
+        None => None,
+    };
     let router = router(state.clone());
-    Ok(App { router, state, bootstrap_token, writer, background })
+    Ok(App { router, state, bootstrap_token, tls, writer, background })
 }
 
 /// The full HTTP router over a state.
@@ -232,6 +243,7 @@ pub fn router(state: SharedState) -> Router {
     let openapi_document = ops::openapi(ROUTES);
     Router::new()
         .merge(api_router())
+        .route("/api/v1/ca", axum::routing::get(ops::ca))
         .route("/api/v1/openapi.json", axum::routing::get(move || async move { axum::Json(openapi_document) }))
         .route("/", axum::routing::get(console::index))
         .route("/assets/{name}", axum::routing::get(console::file))
@@ -240,6 +252,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/metrics", axum::routing::get(ops::metrics))
         .fallback(|| async { error::ApiError::not_found("path").into_response() })
         .layer(axum::middleware::from_fn_with_state(state.clone(), ops::track))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), ops::request_timeout))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
@@ -252,11 +265,21 @@ impl App {
         Ok(local)
     }
 
+    /// `https` when the API is served over TLS, else `http`.
+    pub fn api_scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// The pin of the internal CA (`sha256:…`), what clients pass as `--ca-pin`.
+    pub fn ca_pin(&self) -> anyhow::Result<String> {
+        self.state.ca.pin()
+    }
+
     /// Serves until `shutdown` resolves, then drains requests and the enrollment queue.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let App { router, state, writer, background, .. } = self;
-        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, service).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
+        let App { router, state, writer, background, tls, .. } = self;
+        let acceptor = tls.map(|tls| tls.acceptor);
+        serve::serve(listener, router, acceptor, state.config.http_limits.clone(), shutdown).await.context("serving HTTP")?;
         state.broker.close_all();
         for task in background {
             task.abort();

@@ -25,6 +25,52 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     }
 }
 
+/// A handler that has not produced its response head within the request timeout is
+/// answered 503 (a streamed body, such as an export, may take longer once started).
+pub async fn request_timeout(State(state): State<SharedState>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let limit = state.config.http_limits.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(timeout_s = limit.as_secs(), "a request took too long and was cut off");
+            crate::error::ApiError::unavailable(format!("the request took longer than {} s", limit.as_secs())).into_response()
+        }
+    }
+}
+
+/// The internal CA's certificate and pin, and the API's addresses: public facts, so
+/// no authentication (a client that fetched them over an unverified channel learns
+/// nothing it could trust; `ctl` reads them over a verified one to print enrollment commands).
+pub async fn ca(State(state): State<SharedState>, headers: axum::http::HeaderMap) -> Response {
+    let pin = match state.ca.pin() {
+        Ok(pin) => pin,
+        Err(error) => return crate::error::ApiError::internal(error).into_response(),
+    };
+    let scheme = if crate::serve::api_certificate(&state.config).is_some() { "https" } else { "http" };
+    let port = state.config.listen.port();
+    let host = headers.get(header::HOST).and_then(|value| value.to_str().ok()).and_then(crate::state::host_of);
+    let mut names: Vec<String> = Vec::new();
+    if let Some(host) = host {
+        names.push(host);
+    }
+    if !state.config.api_names.is_empty() {
+        names.extend(state.config.api_names.iter().cloned());
+    } else if state.config.listen.ip().is_unspecified() {
+        names.push(crate::state::local_host_name());
+    } else {
+        names.push(state.config.listen.ip().to_string());
+    }
+    let mut urls: Vec<String> = Vec::new();
+    for name in names {
+        let host = if name.contains(':') { format!("[{name}]") } else { name };
+        let url = format!("{scheme}://{host}:{port}");
+        if !urls.contains(&url) {
+            urls.push(url);
+        }
+    }
+    Json(json!({"certificate": state.ca.certificate_pem, "pin": pin, "api_urls": urls})).into_response()
+}
+
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     if let Ok(ranges) = state.store.list_ranges().await {
         state.metrics.range_used.clear();

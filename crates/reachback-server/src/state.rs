@@ -74,9 +74,62 @@ pub struct ServerConfig {
     pub flow_idle_timeout: std::time::Duration,
     /// TCP congestion control of the accepted tunnels
     pub tcp_congestion: reachback_tunnel::Congestion,
+    /// the operator's certificate chain and key for the API (PEM files), re-read on SIGHUP
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// names (DNS names or addresses) the internal-CA certificate of the API is issued for;
+    /// empty: the host name plus the listen address, or every local address for a wildcard
+    pub api_names: Vec<String>,
+    /// serve plain HTTP on a non-loopback address (a TLS-terminating proxy in front)
+    pub insecure_http: bool,
+    /// lifetime of the certificates the CA issues (devices, connectors, broker, API)
+    pub certificate_lifetime: std::time::Duration,
+    /// limits of the HTTP server
+    pub http_limits: HttpLimits,
 }
 
+/// Limits of the HTTP server against slow or numerous clients.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// connections served at once; more wait in the kernel's backlog
+    pub max_connections: usize,
+    /// a request's head must arrive within this (slow-loris defence; also ends idle keep-alive connections)
+    pub header_read_timeout: std::time::Duration,
+    /// a handler must produce its response head within this (a streamed body may take longer)
+    pub request_timeout: std::time::Duration,
+    /// a TLS handshake must complete within this
+    pub tls_handshake_timeout: std::time::Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 4096,
+            header_read_timeout: std::time::Duration::from_secs(10),
+            request_timeout: std::time::Duration::from_secs(60),
+            tls_handshake_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// The default lifetime of issued certificates: 90 days.
+pub const DEFAULT_CERTIFICATE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
+
 impl ServerConfig {
+    /// The tunnel endpoints handed to agents and connectors. Configured ones win;
+    /// otherwise the tunnel's own address, and for a wildcard listener the host the
+    /// client used to reach the API (its `Host` header) with the tunnel port —
+    /// never `0.0.0.0` or `::`, which a client cannot dial.
+    pub fn broker_endpoints_for(&self, tunnel: std::net::SocketAddr, api_host: Option<&str>) -> Vec<String> {
+        if !self.broker_endpoints.is_empty() {
+            return self.broker_endpoints.clone();
+        }
+        if !tunnel.ip().is_unspecified() {
+            return vec![tunnel.to_string()];
+        }
+        let host = api_host.and_then(host_of).unwrap_or_else(local_host_name);
+        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        vec![format!("{host}:{}", tunnel.port())]
+    }
     pub fn database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),
@@ -198,6 +251,13 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
+    /// The tunnel endpoints to hand a client that reached the API with this `Host` header.
+    pub fn broker_endpoints(&self, headers: &axum::http::HeaderMap) -> Vec<String> {
+        let host = headers.get(axum::http::header::HOST).and_then(|value| value.to_str().ok());
+        let tunnel = self.broker.tunnel_address().unwrap_or(self.config.tunnel_listen);
+        self.config.broker_endpoints_for(tunnel, host)
+    }
+
     pub fn settings(&self) -> Settings {
         match self.settings.read() {
             Ok(settings) => settings.clone(),
@@ -210,5 +270,44 @@ impl AppState {
             Ok(mut guard) => *guard = settings,
             Err(poisoned) => *poisoned.into_inner() = settings,
         }
+    }
+}
+
+/// The host part of a `Host` header (`name`, `name:port`, `[v6]:port`), when it is
+/// a plausible host name or address.
+pub fn host_of(header: &str) -> Option<String> {
+    let header = header.trim();
+    let host = if let Some(rest) = header.strip_prefix('[') {
+        rest.split(']').next()?.to_string()
+    } else {
+        header.rsplit_once(':').map_or(header, |(host, port)| if port.bytes().all(|byte| byte.is_ascii_digit()) { host } else { header }).to_string()
+    };
+    if host.parse::<std::net::IpAddr>().is_ok_and(|address| !address.is_unspecified()) {
+        return Some(host);
+    }
+    let plausible = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| !label.is_empty() && label.len() <= 63 && label.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-'));
+    plausible.then(|| host.to_ascii_lowercase())
+}
+
+/// This machine's host name.
+pub fn local_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|name| name.trim().to_string()).ok().filter(|name| !name.is_empty()).unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_headers_give_dialable_hosts() {
+        assert_eq!(host_of("reachback.corp.example:8080").as_deref(), Some("reachback.corp.example"));
+        assert_eq!(host_of("10.77.2.2:8080").as_deref(), Some("10.77.2.2"));
+        assert_eq!(host_of("[fd00::2]:8080").as_deref(), Some("fd00::2"));
+        assert_eq!(host_of("0.0.0.0:8080"), None);
+        assert_eq!(host_of("[::]:8080"), None);
+        assert_eq!(host_of("evil/../x"), None);
+        assert_eq!(host_of("a b"), None);
     }
 }

@@ -26,6 +26,38 @@ pub struct EnrolledState {
     pub virtual_ip: Option<String>,
     #[serde(default)]
     pub hostname: Option<String>,
+    /// the CA pin the API was verified with (kept for renewals over the API)
+    #[serde(default)]
+    pub ca_pin: Option<String>,
+    /// whether plain HTTP to a non-loopback API address was allowed
+    #[serde(default)]
+    pub insecure_http: bool,
+    /// SHA-256 (hex) of the key this component enrolled with: another key means another identity
+    #[serde(default)]
+    pub enrolled_with: Option<String>,
+}
+
+impl EnrolledState {
+    /// How to trust the API this state was enrolled with.
+    pub fn trust(&self) -> crate::api_client::ApiTrust {
+        crate::api_client::ApiTrust { ca_pin: self.ca_pin.clone(), insecure_http: self.insecure_http }
+    }
+}
+
+/// The fingerprint of an enrollment or provisioning key kept in the state (SHA-256, hex):
+/// enough to tell whether a key is the one enrolled with, useless to enroll again.
+pub fn key_fingerprint(key: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, key.trim().as_bytes()).as_ref().iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Whether the server behind `api` is the one this state was enrolled with: the
+/// same address, or (replicas and other names of one service) the same internal CA.
+pub fn same_server(state_dir: &Path, state: &EnrolledState, api: &crate::ApiClient) -> anyhow::Result<bool> {
+    if state.server.trim_end_matches('/').eq_ignore_ascii_case(&api.base) {
+        return Ok(true);
+    }
+    let saved = std::fs::read_to_string(state_dir.join(CA_FILE)).with_context(|| format!("reading {}", state_dir.join(CA_FILE).display()))?;
+    Ok(crate::api_client::pin_of_pem(&saved)? == api.server_ca_pin()?)
 }
 
 pub const STATE_FILE: &str = "state.json";
@@ -94,24 +126,16 @@ pub fn save_enrollment(dir: &Path, state: &EnrolledState, private_key_pem: &str,
     save_state(dir, state)
 }
 
-/// Posts JSON and returns the body, turning a problem document into a readable error.
-pub fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build().into();
-    let mut response = agent.post(url).header("Content-Type", "application/json").send(body.to_string()).with_context(|| format!("cannot reach {url}"))?;
-    let status = response.status();
-    let text = response.body_mut().read_to_string().context("reading the answer")?;
-    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-    if !status.is_success() {
-        let detail = value["detail"].as_str().unwrap_or(text.as_str()).to_string();
-        let fields: Vec<String> = value["errors"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|error| format!("{}: {}", error["field"].as_str().unwrap_or("?"), error["message"].as_str().unwrap_or("?")))
-            .collect();
-        anyhow::bail!("the server refused ({status}): {detail}{}", if fields.is_empty() { String::new() } else { format!(" ({})", fields.join("; ")) });
+/// Removes an enrollment's files from the state directory (another identity takes its place).
+pub fn discard_enrollment(dir: &Path) -> anyhow::Result<()> {
+    for name in [STATE_FILE, CERTIFICATE_FILE, KEY_FILE, CA_FILE] {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error).with_context(|| format!("removing {}", dir.join(name).display())),
+        }
     }
-    Ok(value)
+    Ok(())
 }
 
 /// Whether the state directory holds an enrollment.

@@ -5,6 +5,7 @@
 //! flow's bytes between two ends while the flow state machine decides half-close,
 //! reset and idle timeout (`relay`).
 
+pub mod api_client;
 pub mod client;
 pub mod mux;
 pub mod relay;
@@ -12,6 +13,7 @@ pub mod socket;
 pub mod tls;
 pub mod wire;
 
+pub use api_client::{ApiClient, ApiTrust};
 pub use mux::{Connection, RecvStream, SendStream, StreamError};
 pub use relay::{AwaitReply, End, RelayOptions, RelayTotals, relay};
 pub use socket::Congestion;

@@ -4,11 +4,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::sign::CertifiedKey;
 
 use crate::mux::Connection;
 use crate::socket::Congestion;
@@ -69,6 +71,62 @@ fn tune(stream: &tokio::net::TcpStream, congestion: &Congestion) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
+/// A server certificate that can be swapped while connections are served (renewal,
+/// SIGHUP): the API's and the broker's.
+#[derive(Debug)]
+pub struct CertificateSlot {
+    current: RwLock<Arc<CertifiedKey>>,
+    /// when the current certificate stops being valid, and when it started
+    validity: RwLock<(SystemTime, SystemTime)>,
+}
+
+impl rustls::server::ResolvesServerCert for CertificateSlot {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone())
+    }
+}
+
+fn certified_key(chain_pem: &str, key_pem: &str) -> anyhow::Result<(CertifiedKey, (SystemTime, SystemTime))> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>().context("reading the certificate chain")?;
+    anyhow::ensure!(!chain.is_empty(), "no certificate in the PEM text");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("reading the private key")?;
+    let signing_key = rustls::crypto::ring::default_provider().key_provider.load_private_key(key).context("the private key is not usable (ECDSA, Ed25519 or RSA)")?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).map_err(|error| anyhow::anyhow!("unreadable certificate: {error}"))?;
+    let to_time = |seconds: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64);
+    let validity = (to_time(leaf.validity().not_before.timestamp()), to_time(leaf.validity().not_after.timestamp()));
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().context("the private key does not belong to the certificate")?;
+    Ok((certified, validity))
+}
+
+impl CertificateSlot {
+    pub fn new(chain_pem: &str, key_pem: &str) -> anyhow::Result<CertificateSlot> {
+        let (certified, validity) = certified_key(chain_pem, key_pem)?;
+        Ok(CertificateSlot { current: RwLock::new(Arc::new(certified)), validity: RwLock::new(validity) })
+    }
+
+    pub fn replace(&self, chain_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+        let (certified, validity) = certified_key(chain_pem, key_pem)?;
+        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(certified);
+        *self.validity.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = validity;
+        Ok(())
+    }
+
+    /// Whether two thirds of the current certificate's lifetime have passed.
+    pub fn due_for_renewal(&self, now: SystemTime) -> bool {
+        let (not_before, not_after) = *self.validity.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+        now >= not_before + lifetime * 2 / 3
+    }
+
+    /// How long until the current certificate is due for renewal.
+    pub fn until_renewal(&self, now: SystemTime) -> Duration {
+        let (not_before, not_after) = *self.validity.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+        (not_before + lifetime * 2 / 3).duration_since(now).unwrap_or_default()
+    }
+}
+
 /// The broker's side: a TCP listener whose connections must present a client certificate from the CA.
 pub struct TunnelListener {
     listener: tokio::net::TcpListener,
@@ -78,15 +136,20 @@ pub struct TunnelListener {
 
 impl TunnelListener {
     pub async fn bind(listen: SocketAddr, material: &TlsMaterial) -> anyhow::Result<TunnelListener> {
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(material.roots()?), provider())
-            .build()
-            .context("building the client-certificate verifier")?;
+        let slot = Arc::new(CertificateSlot::new(&material.certificate_pem, &material.private_key_pem).context("the broker certificate")?);
+        Self::bind_with_certificate(listen, &material.ca_pem, slot).await
+    }
+
+    /// Binds with a certificate the caller may swap later (renewal).
+    pub async fn bind_with_certificate(listen: SocketAddr, ca_pem: &str, certificate: Arc<CertificateSlot>) -> anyhow::Result<TunnelListener> {
+        let roots = TlsMaterial { certificate_pem: String::new(), private_key_pem: String::new(), ca_pem: ca_pem.to_string() }.roots()?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build().context("building the client-certificate verifier")?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3")?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(material.chain()?, material.key()?)
-            .context("the broker certificate")?;
+            .with_cert_resolver(certificate);
         tls.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the tunnel endpoint on TCP {listen}"))?;
         Ok(TunnelListener { listener, acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)), congestion: Congestion::System })

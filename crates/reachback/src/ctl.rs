@@ -15,6 +15,12 @@ pub struct CtlArgs {
     /// API key
     #[arg(long, env = "REACHBACK_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// Trust the server's internal CA by its pin, sha256:<64 hex> (the server prints it at start) [default: the platform's trust store]
+    #[arg(long, env = "REACHBACK_CA_PIN", global = true)]
+    ca_pin: Option<String>,
+    /// Allow plain http:// to an address that is not loopback (the token then crosses the network in the clear)
+    #[arg(long, env = "REACHBACK_INSECURE_HTTP", global = true)]
+    insecure_http: bool,
     /// Output format
     #[arg(long, short, default_value = "table", value_parser = ["table", "json"], global = true)]
     output: String,
@@ -62,6 +68,19 @@ enum CtlCommand {
     ClientSessions(ClientSessionCommand),
     /// Who the token belongs to
     Me,
+    /// The internal certificate authority
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA pin (sha256:…) that agents, connectors and ctl pass as --ca-pin
+    Pin {
+        /// Read the CA certificate from this data directory instead of asking the server (on the server host: needs no trust yet)
+        #[arg(long, env = "REACHBACK_DATA_DIR")]
+        data_dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -456,7 +475,7 @@ impl Client {
             Some(body) => self.agent.run(builder.header("Content-Type", "application/json").body(body.to_string())?),
             None => self.agent.run(builder.body(())?),
         }
-        .with_context(|| format!("cannot reach {url}"))?;
+        .map_err(|error| reachback_tunnel::api_client::explain(url, error))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -474,6 +493,30 @@ impl Client {
             None => format!("{} {title}: {detail}", status.as_u16()),
         };
         bail!(message)
+    }
+
+    /// The command that enrolls with `key` against this server, ready to paste: the
+    /// server's own address for clients (not this CLI's loopback) and its CA pin.
+    fn enroll_command(&self, command: &str, key: &str) -> anyhow::Result<String> {
+        let ca = self.json("GET", "/api/v1/ca", &[], None)?;
+        let urls: Vec<&str> = ca["api_urls"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let url = urls
+            .iter()
+            .find(|url| {
+                let host = url.split("://").nth(1).unwrap_or_default().rsplit_once(':').map_or("", |(host, _)| host);
+                !reachback_tunnel::api_client::is_loopback_host(host)
+            })
+            .or(urls.first())
+            .map_or(self.base.clone(), |url| url.to_string());
+        let mut line = format!("{command} --server {url} --key {key}");
+        if url.starts_with("https://")
+            && let Some(pin) = ca["pin"].as_str()
+        {
+            line.push_str(&format!(" --ca-pin {pin}"));
+        } else if !reachback_tunnel::api_client::is_loopback_host(url.split("://").nth(1).unwrap_or_default().rsplit_once(':').map_or("", |(host, _)| host)) {
+            line.push_str(" --insecure-http");
+        }
+        Ok(line)
     }
 
     fn json(&self, method: &str, path: &str, query: &[(&str, Option<String>)], body: Option<Value>) -> anyhow::Result<Value> {
@@ -636,13 +679,24 @@ fn print(value: &Value, output: &str, columns: &[&str]) {
 }
 
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(3600))).build().into();
-    let client = Client { agent, base: args.server.clone(), token: args.token.clone() };
+    if let CtlCommand::Ca(CaCommand::Pin { data_dir: Some(dir) }) = &args.command {
+        let path = dir.join("ca.pem");
+        let pem = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        println!("{}", reachback_tunnel::api_client::pin_of_pem(&pem)?);
+        return Ok(());
+    }
+    let trust = reachback_tunnel::ApiTrust { ca_pin: args.ca_pin.clone(), insecure_http: args.insecure_http };
+    let api = reachback_tunnel::ApiClient::new(&args.server, &trust, Duration::from_secs(3600))?;
+    let client = Client { agent: api.agent, base: api.base, token: args.token.clone() };
     let output = args.output.as_str();
     const RANGE_COLUMNS: &[&str] = &["id", "name", "range", "location", "total_ips", "used_ips", "enabled"];
     const BINDING_COLUMNS: &[&str] = &["ip", "range_name", "range_location", "username", "platform", "client_hostname", "last_updated"];
     match args.command {
         CtlCommand::Me => print(&client.json("GET", "/api/v1/me", &[], None)?, output, &[]),
+        CtlCommand::Ca(CaCommand::Pin { .. }) => {
+            let ca = client.json("GET", "/api/v1/ca", &[], None)?;
+            println!("{}", ca["pin"].as_str().context("the server's answer has no pin")?);
+        }
         CtlCommand::Ranges(command) => match command {
             RangeCommand::List { list, name, range, country, status } => {
                 let mut query = list_query(&list);
@@ -688,7 +742,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             ),
             KeyCommand::Create { username, reusable, expires_at, description } => {
                 let body = json!({"username": username, "reusable": reusable, "expires_at": expires_at, "description": description.unwrap_or_default()});
-                print(&client.json("POST", "/api/v1/enrollment-keys", &[], Some(body))?, output, &[]);
+                let created = client.json("POST", "/api/v1/enrollment-keys", &[], Some(body))?;
+                print(&created, output, &[]);
+                if let Some(key) = created["key"].as_str() {
+                    eprintln!("On the laptop:\n  {}", client.enroll_command("reachback agent enroll", key)?);
+                }
             }
             KeyCommand::Revoke { id } => print(&client.json("DELETE", &format!("/api/v1/enrollment-keys/{id}"), &[], None)?, output, &[]),
         },
@@ -730,7 +788,13 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             ConnectorCommand::List { list } => {
                 print(&client.json("GET", "/api/v1/connectors", &list_query(&list), None)?, output, &["id", "name", "status", "mode", "version", "last_seen"])
             }
-            ConnectorCommand::Create { name } => print(&client.json("POST", "/api/v1/connectors", &[], Some(json!({"name": name})))?, output, &[]),
+            ConnectorCommand::Create { name } => {
+                let created = client.json("POST", "/api/v1/connectors", &[], Some(json!({"name": name})))?;
+                print(&created, output, &[]);
+                if let Some(key) = created["provisioning_key"].as_str() {
+                    eprintln!("On the connector host:\n  {} --mode tproxy", client.enroll_command("reachback connector run", key)?);
+                }
+            }
             ConnectorCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/connectors/{id}"), &[], None)?, output, &[]),
         },
         CtlCommand::ClientSessions(command) => match command {

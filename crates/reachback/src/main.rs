@@ -38,14 +38,54 @@ enum AgentCommand {
     Run(AgentRunArgs),
 }
 
+/// How a client trusts the server's API.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrustArgs {
+    /// Trust the server's internal CA by its pin, sha256:<64 hex> (the server prints it at start) [default: the platform's trust store]
+    #[arg(long, env = "REACHBACK_CA_PIN")]
+    pub ca_pin: Option<String>,
+    /// Allow plain http:// to an address that is not loopback (keys then cross the network in the clear)
+    #[arg(long, env = "REACHBACK_INSECURE_HTTP")]
+    pub insecure_http: bool,
+}
+
+impl TrustArgs {
+    pub fn trust(&self) -> reachback_tunnel::ApiTrust {
+        reachback_tunnel::ApiTrust { ca_pin: self.ca_pin.clone(), insecure_http: self.insecure_http }
+    }
+}
+
+/// A key given on the command line, in the environment, or in a file (to keep it out of the process list).
+fn read_key(key: Option<String>, key_file: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
+    match (key, key_file) {
+        (Some(_), Some(_)) => anyhow::bail!("give the key with --key or --key-file, not both"),
+        (Some(key), None) => Ok(Some(key)),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading --key-file {}", path.display()))?;
+            let key = text.trim().to_string();
+            anyhow::ensure!(!key.is_empty(), "--key-file {} is empty", path.display());
+            Ok(Some(key))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 #[derive(clap::Args)]
 struct AgentEnrollArgs {
-    /// The server's API address, e.g. http://reachback.corp.example:8080
+    /// The server's API address, e.g. https://reachback.corp.example:8080
     #[arg(long, env = "REACHBACK_SERVER")]
     server: String,
     /// The enrollment key
-    #[arg(long, env = "REACHBACK_ENROLLMENT_KEY", hide_env_values = true)]
-    key: String,
+    #[arg(long, env = "REACHBACK_ENROLLMENT_KEY", hide_env_values = true, required_unless_present = "key_file")]
+    key: Option<String>,
+    /// A file holding the enrollment key
+    #[arg(long, env = "REACHBACK_ENROLLMENT_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    #[command(flatten)]
+    trust: TrustArgs,
+    /// Discard an enrollment with another server found in the state directory
+    #[arg(long)]
+    force: bool,
     /// This machine's FQDN [default: the host name]
     #[arg(long)]
     hostname: Option<String>,
@@ -90,12 +130,17 @@ enum ConnectorCommand {
 
 #[derive(clap::Args)]
 struct ConnectorRunArgs {
-    /// The server's API address
+    /// The server's API address, e.g. https://reachback.corp.example:8080
     #[arg(long, env = "REACHBACK_SERVER")]
     server: String,
-    /// The provisioning key (needed for the first run only)
+    /// The provisioning key (needed for the first run, or to enroll as another connector)
     #[arg(long, env = "REACHBACK_PROVISIONING_KEY", hide_env_values = true)]
     key: Option<String>,
+    /// A file holding the provisioning key
+    #[arg(long, env = "REACHBACK_PROVISIONING_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    #[command(flatten)]
+    trust: TrustArgs,
     /// Ingress mode: tproxy (root; nftables TPROXY) or socks5 (no privileges)
     #[arg(long, default_value = "tproxy", value_parser = ["tproxy", "socks5"])]
     mode: String,
@@ -152,6 +197,30 @@ struct ServerArgs {
     /// TCP congestion control of the tunnels: `system` keeps the machine's [default: cubic where available]
     #[arg(long, env = "REACHBACK_TCP_CONGESTION")]
     tcp_congestion: Option<String>,
+    /// The API's certificate chain (PEM) [default: HTTPS with a certificate from the internal CA when --listen is not loopback]
+    #[arg(long, env = "REACHBACK_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, env = "REACHBACK_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Names (DNS names or addresses) the internal CA's certificate for the API is issued for, comma-separated [default: the host name and the listen address, or every local address for a wildcard]
+    #[arg(long, env = "REACHBACK_API_NAMES", value_delimiter = ',')]
+    api_names: Option<Vec<String>>,
+    /// Serve plain HTTP on a non-loopback address (for a TLS-terminating proxy in front)
+    #[arg(long, env = "REACHBACK_INSECURE_HTTP")]
+    insecure_http: bool,
+    /// Lifetime in seconds of the certificates the internal CA issues (devices, connectors, broker, API); they renew after two thirds of it [default: 7776000, 90 days]
+    #[arg(long, env = "REACHBACK_CERTIFICATE_LIFETIME")]
+    certificate_lifetime: Option<u64>,
+    /// API connections served at once [default: 4096]
+    #[arg(long, env = "REACHBACK_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Seconds a client has to send a request's head [default: 10]
+    #[arg(long, env = "REACHBACK_HEADER_READ_TIMEOUT")]
+    header_read_timeout: Option<u64>,
+    /// Seconds a request may take to its response head [default: 60]
+    #[arg(long, env = "REACHBACK_REQUEST_TIMEOUT")]
+    request_timeout: Option<u64>,
     /// TOML file with any of the keys above (listen, tunnel_listen, data_dir, database_url, …)
     #[arg(long, env = "REACHBACK_CONFIG")]
     config: Option<PathBuf>,
@@ -173,6 +242,14 @@ struct ConfigFile {
     node_name: Option<String>,
     flow_idle_timeout: Option<u64>,
     tcp_congestion: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    api_names: Option<Vec<String>>,
+    insecure_http: Option<bool>,
+    certificate_lifetime: Option<u64>,
+    max_connections: Option<usize>,
+    header_read_timeout: Option<u64>,
+    request_timeout: Option<u64>,
 }
 
 /// A secret that prints as a mask.
@@ -201,10 +278,30 @@ impl ServerArgs {
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("reachback-data")),
             database_url: self.database_url.or(file.database_url),
             bootstrap_token: self.bootstrap_token.or(file.bootstrap_token),
-            broker_endpoints: self.broker_endpoints.or(file.broker_endpoints).unwrap_or_else(|| vec![tunnel_listen.to_string()]),
+            broker_endpoints: self.broker_endpoints.or(file.broker_endpoints).unwrap_or_default(),
             node_name: self.node_name.or(file.node_name).unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "reachback".into())),
             flow_idle_timeout: std::time::Duration::from_secs(self.flow_idle_timeout.or(file.flow_idle_timeout).unwrap_or(3600)),
             tcp_congestion: reachback_tunnel::Congestion::resolve(self.tcp_congestion.or(file.tcp_congestion).as_deref())?,
+            tls_files: match (self.tls_cert.or(file.tls_cert), self.tls_key.or(file.tls_key)) {
+                (Some(certificate), Some(key)) => Some((certificate, key)),
+                (None, None) => None,
+                _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+            },
+            api_names: self.api_names.or(file.api_names).unwrap_or_default(),
+            insecure_http: self.insecure_http || file.insecure_http.unwrap_or(false),
+            certificate_lifetime: self
+                .certificate_lifetime
+                .or(file.certificate_lifetime)
+                .map_or(reachback_server::state::DEFAULT_CERTIFICATE_LIFETIME, std::time::Duration::from_secs),
+            http_limits: {
+                let defaults = reachback_server::state::HttpLimits::default();
+                reachback_server::state::HttpLimits {
+                    max_connections: self.max_connections.or(file.max_connections).unwrap_or(defaults.max_connections),
+                    header_read_timeout: self.header_read_timeout.or(file.header_read_timeout).map_or(defaults.header_read_timeout, std::time::Duration::from_secs),
+                    request_timeout: self.request_timeout.or(file.request_timeout).map_or(defaults.request_timeout, std::time::Duration::from_secs),
+                    tls_handshake_timeout: defaults.tls_handshake_timeout,
+                }
+            },
         };
         validate(&config)?;
         tracing::debug!(listen = %config.listen, data_dir = %config.data_dir.display(), bootstrap_token = ?Masked(&config.bootstrap_token), "configuration");
@@ -226,8 +323,19 @@ fn validate(config: &ServerConfig) -> anyhow::Result<()> {
     if config.flow_idle_timeout.is_zero() || config.flow_idle_timeout.as_secs() > 7 * 86_400 {
         anyhow::bail!("--flow-idle-timeout must be 1 to 604800 seconds");
     }
-    if config.broker_endpoints.is_empty() {
-        anyhow::bail!("--broker-endpoints must name at least one endpoint");
+    if config.broker_endpoints.iter().any(|endpoint| endpoint.trim().is_empty()) {
+        anyhow::bail!("--broker-endpoints may not hold an empty endpoint");
+    }
+    if config.certificate_lifetime.as_secs() < 1 || config.certificate_lifetime.as_secs() > 10 * 365 * 86_400 {
+        anyhow::bail!("--certificate-lifetime must be 1 second to 10 years");
+    }
+    if config.http_limits.max_connections == 0 || config.http_limits.header_read_timeout.is_zero() || config.http_limits.request_timeout.is_zero() {
+        anyhow::bail!("--max-connections, --header-read-timeout and --request-timeout must be above 0");
+    }
+    for name in &config.api_names {
+        if name.trim().is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
+            anyhow::bail!("--api-names: '{name}' is not a DNS name or address");
+        }
     }
     Ok(())
 }
@@ -266,12 +374,21 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listen = config.listen;
+        let insecure_http = config.insecure_http && config.tls_files.is_none() && !listen.ip().is_loopback();
         let mut app = reachback_server::build(config).await?;
         let tunnel = app.start_broker().await?;
         println!("Reachback tunnel endpoint listening on tcp://{tunnel} (TLS)");
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
-        tracing::info!(address = %listener.local_addr()?, "API listening");
-        println!("Reachback API listening on http://{}", listener.local_addr()?);
+        let local = listener.local_addr()?;
+        tracing::info!(address = %local, scheme = app.api_scheme(), "API listening");
+        // a wildcard is no address to give anyone: name the host instead
+        let shown = if local.ip().is_unspecified() { format!("{}:{}", reachback_server::state::local_host_name(), local.port()) } else { local.to_string() };
+        println!("Reachback API listening on {}://{shown}", app.api_scheme());
+        println!("CA pin: {}", app.ca_pin()?);
+        if insecure_http {
+            println!("WARNING: plain HTTP on {local} (--insecure-http): keys and tokens cross the network in the clear unless a TLS proxy is in front");
+            tracing::warn!(address = %local, "serving the API over plain HTTP on a non-loopback address (--insecure-http)");
+        }
         app.serve(listener, shutdown_signal()).await
     })
 }
@@ -310,9 +427,12 @@ fn run_agent(command: AgentCommand) -> anyhow::Result<()> {
             } else {
                 None
             };
+            let key = read_key(args.key, args.key_file.as_ref())?.context("--key or --key-file is needed")?;
             let options = reachback_agent::EnrollOptions {
                 server: args.server,
-                key: args.key,
+                key,
+                trust: args.trust.trust(),
+                force: args.force,
                 hostname: args.hostname.unwrap_or_else(local_hostname),
                 platform: args.platform.unwrap_or_else(|| reachback_agent::local_platform().to_string()),
                 location,
@@ -348,8 +468,9 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
     tune_allocator();
     init_logging(&args.log_format);
     let options = reachback_connector::RunOptions {
+        key: read_key(args.key, args.key_file.as_ref())?,
         server: args.server,
-        key: args.key,
+        trust: args.trust.trust(),
         state_dir: args.state_dir.unwrap_or_else(|| reachback_tunnel::client::default_state_dir("connector")),
         tproxy_port: args.tproxy_port,
         routing: reachback_connector::nft::Routing { table: args.nft_table, fwmark: args.fwmark, route_table: args.route_table },

@@ -450,7 +450,7 @@ pub async fn delete_connector(State(state): State<SharedState>, caller: Caller, 
 /// `POST /api/v1/connectors/enroll`: a connector trades its provisioning key and a
 /// public key for a certificate. Authenticated by the key; a new enrollment
 /// replaces the connector's earlier certificate.
-pub async fn enroll_connector(State(state): State<SharedState>, body: JsonObject) -> ApiResult<Json<Value>> {
+pub async fn enroll_connector(State(state): State<SharedState>, headers: axum::http::HeaderMap, body: JsonObject) -> ApiResult<Json<Value>> {
     let mut fields = Fields::new(body, CONNECTOR_ENROLL_BODY)?;
     let secret = fields.string("provisioning_key", false).unwrap_or_default();
     if secret.is_empty() || secret.len() > 256 {
@@ -463,7 +463,7 @@ pub async fn enroll_connector(State(state): State<SharedState>, body: JsonObject
     fields.finish()?;
     let Some(public_key) = public_key else { return Err(ApiError::invalid_field("public_key", "is required")) };
     let serial = CertificateAuthority::new_serial();
-    let certificate = state.ca.sign_connector(&public_key, &connector.id, serial).map_err(ApiError::internal)?;
+    let certificate = state.ca.sign_connector(&public_key, &connector.id, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
     state.store.set_connector_certificate(&connector.id, &serial.iter().map(|byte| format!("{byte:02x}")).collect::<String>()).await?;
     tracing::info!(connector_id = %connector.id, "connector enrolled");
     Ok(Json(json!({
@@ -471,7 +471,7 @@ pub async fn enroll_connector(State(state): State<SharedState>, body: JsonObject
         "name": connector.name,
         "certificate": certificate,
         "ca_certificate": state.ca.certificate_pem,
-        "broker_endpoints": state.config.broker_endpoints,
+        "broker_endpoints": state.broker_endpoints(&headers),
     })))
 }
 

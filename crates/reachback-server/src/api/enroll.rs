@@ -24,8 +24,8 @@ use crate::state::SharedState;
 use crate::validate;
 use crate::writer::EnrollRequest;
 
-pub async fn enroll(State(state): State<SharedState>, body: JsonObject) -> ApiResult<Response> {
-    let result = enroll_inner(&state, body).await;
+pub async fn enroll(State(state): State<SharedState>, headers: axum::http::HeaderMap, body: JsonObject) -> ApiResult<Response> {
+    let result = enroll_inner(&state, &headers, body).await;
     let label = match &result {
         Ok((StatusCode::CREATED, _)) => "created",
         Ok(_) => "reenrolled",
@@ -39,7 +39,7 @@ pub async fn enroll(State(state): State<SharedState>, body: JsonObject) -> ApiRe
     Ok((status, Json(body)).into_response())
 }
 
-async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(StatusCode, serde_json::Value)> {
+async fn enroll_inner(state: &SharedState, headers: &axum::http::HeaderMap, body: JsonObject) -> ApiResult<(StatusCode, serde_json::Value)> {
     let mut fields = Fields::new(body, BODY)?;
     // authentication comes first: a bad key is a 401 whatever else is wrong
     let secret = fields.string("enrollment_key", false).unwrap_or_default();
@@ -115,7 +115,7 @@ async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(Statu
             return Err(ApiError::conflict("no free address is left in any enabled range; add or enable a range"));
         }
     };
-    let certificate = state.ca.sign_device(&public_key, &outcome.device_id, &hostname, serial).map_err(ApiError::internal)?;
+    let certificate = state.ca.sign_device(&public_key, &outcome.device_id, &hostname, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
     tracing::debug!(device_id = %outcome.device_id, hostname = %hostname, virtual_ip = %outcome.virtual_ip, "device enrolled");
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((
@@ -126,7 +126,7 @@ async fn enroll_inner(state: &SharedState, body: JsonObject) -> ApiResult<(Statu
             "range_name": outcome.range_name,
             "certificate": certificate,
             "ca_certificate": state.ca.certificate_pem,
-            "broker_endpoints": state.config.broker_endpoints,
+            "broker_endpoints": state.broker_endpoints(headers),
         }),
     ))
 }

@@ -129,9 +129,8 @@ async fn connectors_enroll_and_revoke(server: TestServer) {
 /// A connector enrolled over HTTP: its TLS material and broker endpoints.
 fn enroll_connector(base: &str, key: &str) -> (TlsMaterial, Vec<String>) {
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let answer =
-        reachback_agent::post_json(&format!("{base}/api/v1/connectors/enroll"), &json!({"provisioning_key": key, "public_key": pair.public_key_pem()}))
-            .expect("enroll");
+    let api = reachback_tunnel::ApiClient::new(base, &reachback_tunnel::ApiTrust::default(), std::time::Duration::from_secs(30)).expect("client");
+    let answer = api.post_json("/api/v1/connectors/enroll", &json!({"provisioning_key": key, "public_key": pair.public_key_pem()})).expect("enroll");
     let text = |key: &str| answer[key].as_str().expect("field").to_string();
     let brokers = answer["broker_endpoints"].as_array().expect("brokers").iter().map(|item| item.as_str().expect("text").to_string()).collect();
     (TlsMaterial { certificate_pem: text("certificate"), private_key_pem: pair.serialize_pem(), ca_pem: text("ca_certificate") }, brokers)
@@ -185,6 +184,8 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
         platform: "linux".into(),
         location: None,
         state_dir: state_dir.clone(),
+        trust: reachback_tunnel::ApiTrust::default(),
+        force: false,
     };
     let enrolled = tokio::task::spawn_blocking(move || reachback_agent::enroll(&options)).await.expect("join").expect("agent enrolls");
     assert_eq!(enrolled.virtual_ip.as_deref(), Some("100.64.0.1"));
@@ -264,7 +265,9 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let spki = reachback_server::crypto::parse_public_key(&pair.public_key_pem()).expect("key");
     let forged =
-        foreign.sign_connector(&spki, connector["id"].as_str().expect("id"), reachback_server::crypto::CertificateAuthority::new_serial()).expect("sign");
+        foreign
+        .sign_connector(&spki, connector["id"].as_str().expect("id"), reachback_server::crypto::CertificateAuthority::new_serial(), Duration::from_secs(3600))
+        .expect("sign");
     let forged = TlsMaterial { certificate_pem: forged, private_key_pem: pair.serialize_pem(), ca_pem: material.ca_pem.clone() };
     let forged_endpoint = TunnelConnector::new(&forged).expect("connector");
     let refused = reachback_tunnel::client::connect(&forged_endpoint, &brokers, ClientRole::Connector, None, "test").await;

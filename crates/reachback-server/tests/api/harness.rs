@@ -94,6 +94,11 @@ impl TestServer {
             node_name: "test".into(),
             flow_idle_timeout: std::time::Duration::from_secs(3600),
             tcp_congestion: reachback_tunnel::Congestion::resolve(None).expect("the default congestion control"),
+            tls_files: None,
+            api_names: Vec::new(),
+            insecure_http: false,
+            certificate_lifetime: reachback_server::state::DEFAULT_CERTIFICATE_LIFETIME,
+            http_limits: reachback_server::state::HttpLimits::default(),
         }
     }
 
