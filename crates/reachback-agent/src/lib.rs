@@ -131,22 +131,24 @@ pub struct RunOptions {
 
 /// Keeps the tunnel up until `shutdown` resolves or the broker revokes this device.
 pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    let (mut state, material) = client::load_state(&options.state_dir)?;
-    let connector = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone());
+    let (mut state, _) = client::load_state(&options.state_dir)?;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
     let options = std::sync::Arc::new(options);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let attempt = async {
+            // read at every attempt: a certificate renewed on the last tunnel (or over the API, when it expired) is used
+            let (_, material) = client::material_for_next_tunnel(&options.state_dir, "device").await?;
+            let connector = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone());
             let tunnel = client::connect(&connector, &state.broker_endpoints, ClientRole::Agent, None, &options.version).await?;
-            Ok::<_, anyhow::Error>(tunnel)
+            Ok::<_, anyhow::Error>((tunnel, material.certificate_pem))
         };
         let tunnel = tokio::select! {
             tunnel = attempt => tunnel,
             _ = &mut shutdown => break,
         };
         let wait = match tunnel {
-            Ok(tunnel) => {
+            Ok((tunnel, certificate_pem)) => {
                 backoff.connected(Instant::now());
                 let welcome = tunnel.welcome.clone();
                 tracing::info!(session_id = %welcome.session_id, virtual_ip = ?welcome.virtual_ip, "tunnel up");
@@ -157,7 +159,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
                 let connection = tunnel.connection.clone();
                 let flows = tokio::spawn(accept_flows(connection.clone(), options.clone()));
                 let end = tokio::select! {
-                    end = tunnel.run_control(|_| {}) => Some(end),
+                    end = tunnel.run_control(Some(client::Renewal { state_dir: options.state_dir.clone(), certificate_pem }), |_| {}) => Some(end),
                     _ = &mut shutdown => None,
                 };
                 flows.abort();

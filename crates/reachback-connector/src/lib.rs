@@ -126,8 +126,7 @@ fn transparent_listener(address: SocketAddr, congestion: &reachback_tunnel::Cong
 /// Runs the connector until `shutdown` resolves; the routing it installed is removed on the way out.
 pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     ensure_enrolled(&options)?;
-    let (state, material) = client::load_state(&options.state_dir)?;
-    let endpoint = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone());
+    let (state, _) = client::load_state(&options.state_dir)?;
     if let Some(listen) = options.socks5_listen {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the SOCKS5 listener on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "SOCKS5 listener ready");
@@ -137,7 +136,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
                 tracing::debug!(%source, error = format!("{error:#}"), "SOCKS5 client dropped");
             }
         }));
-        let result = tunnel_loop(&endpoint, &state, &options, None, connection_tx, shutdown).await;
+        let result = tunnel_loop(&state, &options, None, connection_tx, shutdown).await;
         accept.abort();
         return result;
     }
@@ -152,7 +151,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
         accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone(), serve_connection)));
     }
     let routing = Arc::new(options.routing.clone());
-    let result = tunnel_loop(&endpoint, &state, &options, Some(routing.clone()), connection_tx, shutdown).await;
+    let result = tunnel_loop(&state, &options, Some(routing.clone()), connection_tx, shutdown).await;
     for task in accept_tasks {
         task.abort();
     }
@@ -165,7 +164,6 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
 }
 
 async fn tunnel_loop(
-    endpoint: &TunnelConnector,
     state: &EnrolledState,
     options: &RunOptions,
     routing: Option<Arc<nft::Routing>>,
@@ -175,12 +173,20 @@ async fn tunnel_loop(
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let attempt = async {
+            // read at every attempt: a certificate renewed on the last tunnel (or over the API, when it expired) is used
+            let (_, material) = client::material_for_next_tunnel(&options.state_dir, "connector").await?;
+            let endpoint = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone());
+            let mode = if routing.is_some() { "tproxy" } else { "socks5" };
+            let tunnel = client::connect(&endpoint, &state.broker_endpoints, ClientRole::Connector, Some(mode), &options.version).await?;
+            Ok::<_, anyhow::Error>((tunnel, material.certificate_pem))
+        };
         let tunnel = tokio::select! {
-            tunnel = client::connect(endpoint, &state.broker_endpoints, ClientRole::Connector, Some(if routing.is_some() { "tproxy" } else { "socks5" }), &options.version) => tunnel,
+            tunnel = attempt => tunnel,
             _ = &mut shutdown => return Ok(()),
         };
         let delay = match tunnel {
-            Ok(tunnel) => {
+            Ok((tunnel, certificate_pem)) => {
                 backoff.connected(Instant::now());
                 // the welcome carries the current ranges: (re)install, the script replaces the table as a whole
                 let ranges = tunnel.welcome.ranges.clone();
@@ -199,7 +205,7 @@ async fn tunnel_loop(
                     }
                 };
                 let end = tokio::select! {
-                    end = tunnel.run_control(on_ranges) => Some(end),
+                    end = tunnel.run_control(Some(client::Renewal { state_dir: options.state_dir.clone(), certificate_pem }), on_ranges) => Some(end),
                     _ = &mut shutdown => None,
                 };
                 let _ = connection_tx.send(None);

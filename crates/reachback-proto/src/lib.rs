@@ -16,6 +16,7 @@ mod frame;
 mod liveness;
 mod message;
 pub mod mux;
+pub mod renewal;
 pub mod socks5;
 
 pub use backoff::Backoff;

@@ -55,6 +55,12 @@ pub enum Control {
         reason: String,
         r#final: bool,
     },
+    /// a client asks for a fresh certificate for the key it connected with
+    Renew,
+    /// the broker's answer to `Renew`: the new certificate (PEM), same key, new validity
+    Certificate {
+        certificate: String,
+    },
 }
 
 /// First frame of a flow stream: from the connector to the broker (destination is

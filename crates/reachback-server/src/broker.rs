@@ -326,7 +326,8 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
         Welcome { session_id: session_id.clone(), virtual_ip: virtual_ip.map(|ip| ip.to_string()), ranges: Vec::new(), keepalive_seconds: KEEPALIVE.as_secs() };
     let result = async {
         write_frame(&mut send, &Control::Welcome(welcome)).await?;
-        control_loop(&connection, send, recv, None).await
+        let renewer = Renewer::new(&state, &connection, &identity, Some(device.hostname.clone()))?;
+        control_loop(&connection, send, recv, None, renewer).await
     }
     .await;
     {
@@ -367,7 +368,68 @@ async fn rebind(state: &SharedState, device: &reachback_store::DeviceRow) -> any
 
 /// Runs the control stream: answers pings, sends keepalives, detects a dead peer,
 /// and (for connectors) pushes range changes. Ends when the tunnel does.
-async fn control_loop(connection: &Connection, mut send: SendStream, recv: RecvStream, mut ranges: Option<(SharedState, Vec<String>)>) -> anyhow::Result<()> {
+/// Issues a peer fresh certificates for the key it connected with (`Control::Renew`).
+struct Renewer {
+    state: SharedState,
+    identity: PeerIdentity,
+    /// the device's hostname (its certificate's name); `None` for a connector
+    hostname: Option<String>,
+    public_key: crate::crypto::DevicePublicKey,
+    /// the last certificate issued on this tunnel: asked again too soon, it is sent again
+    last: Option<(Instant, String)>,
+}
+
+impl Renewer {
+    fn new(state: &SharedState, connection: &Connection, identity: &PeerIdentity, hostname: Option<String>) -> anyhow::Result<Renewer> {
+        let leaf = connection.peer_certificates().first().context("no peer certificate")?;
+        let (_, certificate) = x509_parser::parse_x509_certificate(leaf).map_err(|error| anyhow::anyhow!("unreadable peer certificate: {error}"))?;
+        let public_key = crate::crypto::public_key_from_spki_der(certificate.public_key().raw).map_err(|error| anyhow::anyhow!("the peer's key {error}"))?;
+        Ok(Renewer { state: state.clone(), identity: identity.clone(), hostname, public_key, last: None })
+    }
+
+    /// A fresh certificate (PEM), audited; at most one per third of the lifetime per tunnel.
+    async fn renew(&mut self) -> anyhow::Result<String> {
+        let lifetime = self.state.config.certificate_lifetime;
+        if let Some((at, certificate)) = &self.last
+            && at.elapsed() < lifetime / 3
+        {
+            return Ok(certificate.clone());
+        }
+        let serial = crate::crypto::CertificateAuthority::new_serial();
+        let certificate = match &self.hostname {
+            Some(hostname) => self.state.ca.sign_device(&self.public_key, &self.identity.id, hostname, serial, lifetime)?,
+            None => self.state.ca.sign_connector(&self.public_key, &self.identity.id, serial, lifetime)?,
+        };
+        let kind = if self.hostname.is_some() { "device" } else { "connector" };
+        self.state
+            .store
+            .record_audit(reachback_store::AuditEntry {
+                actor: format!("{kind}:{}", self.identity.id),
+                action: "renew_certificate".into(),
+                resource_type: kind.into(),
+                resource_id: self.identity.id.clone(),
+                after: Some(serde_json::json!({
+                    "serial": serial.iter().map(|byte| format!("{byte:02x}")).collect::<String>(),
+                    "lifetime_seconds": lifetime.as_secs(),
+                    "over": "tunnel",
+                })),
+                ..Default::default()
+            })
+            .await?;
+        self.state.metrics.certificates_renewed.inc();
+        tracing::info!(kind, id = %self.identity.id, "certificate renewed over the tunnel");
+        self.last = Some((Instant::now(), certificate.clone()));
+        Ok(certificate)
+    }
+}
+
+async fn control_loop(
+    connection: &Connection,
+    mut send: SendStream,
+    recv: RecvStream,
+    mut ranges: Option<(SharedState, Vec<String>)>,
+    mut renewer: Renewer,
+) -> anyhow::Result<()> {
     let (mut incoming, reader) = reachback_tunnel::spawn_reader::<Control>(recv);
     let mut liveness = Liveness::new(Instant::now(), KEEPALIVE, LIVENESS_TIMEOUT);
     let mut range_check = tokio::time::interval(Duration::from_secs(3));
@@ -381,6 +443,10 @@ async fn control_loop(connection: &Connection, mut send: SendStream, recv: RecvS
                         liveness.sent(Instant::now());
                     }
                     Some(Ok(Some(Control::Pong { .. }))) => {}
+                    Some(Ok(Some(Control::Renew))) => {
+                        let certificate = renewer.renew().await?;
+                        write_frame(&mut send, &Control::Certificate { certificate }).await?;
+                    }
                     Some(Ok(Some(other))) => break Err(anyhow::anyhow!("unexpected control message {other:?}")),
                     Some(Ok(None)) | None => break Ok(()),
                     Some(Err(error)) => break Err(error),
@@ -425,7 +491,16 @@ async fn serve_connector(
     recv: RecvStream,
 ) -> anyhow::Result<()> {
     let connector = match state.store.get_connector(&identity.id).await {
-        Ok(connector) if !connector.revoked && connector.certificate_serial.as_deref() == Some(identity.serial.as_str()) => connector,
+        // the key it enrolled with (a renewed certificate keeps it); before keys were kept, the last serial
+        Ok(connector)
+            if !connector.revoked
+                && match &connector.key_fingerprint {
+                    Some(fingerprint) => *fingerprint == identity.key_fingerprint,
+                    None => connector.certificate_serial.as_deref() == Some(identity.serial.as_str()),
+                } =>
+        {
+            connector
+        }
         Ok(_) | Err(reachback_store::StoreError::NotFound) => {
             refuse(&connection, &mut send, "the connector is revoked").await;
             anyhow::bail!("connector {} refused: revoked or replaced certificate", identity.id);
@@ -453,7 +528,10 @@ async fn serve_connector(
             }
         })
     };
-    let result = control_loop(&connection, send, recv, Some((state.clone(), ranges))).await;
+    let result = match Renewer::new(&state, &connection, &identity, None) {
+        Ok(renewer) => control_loop(&connection, send, recv, Some((state.clone(), ranges)), renewer).await,
+        Err(error) => Err(error),
+    };
     flows.abort();
     {
         let mut connectors = write(&state.broker.connectors);

@@ -44,6 +44,19 @@ pub struct DevicePublicKey {
     pub fingerprint: Vec<u8>,
 }
 
+impl DevicePublicKey {
+    /// Whether `signature` is this key's signature of `message` (ECDSA P-256 with
+    /// SHA-256, ASN.1 DER; or Ed25519).
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        let algorithm: &dyn ring::signature::VerificationAlgorithm = if self.spki.algorithm() == &rcgen::PKCS_ED25519 {
+            &ring::signature::ED25519
+        } else {
+            &ring::signature::ECDSA_P256_SHA256_ASN1
+        };
+        ring::signature::UnparsedPublicKey::new(algorithm, self.spki.der_bytes()).verify(message, signature).is_ok()
+    }
+}
+
 /// Parses a PEM `PUBLIC KEY` (or bare base64 DER) holding an ECDSA P-256 or Ed25519 key.
 pub fn parse_public_key(text: &str) -> Result<DevicePublicKey, String> {
     let text = text.trim();
@@ -75,6 +88,11 @@ pub fn parse_public_key(text: &str) -> Result<DevicePublicKey, String> {
     }
     let fingerprint = hash_bytes(&spki.subject_public_key_info());
     Ok(DevicePublicKey { spki, fingerprint })
+}
+
+/// The key of a DER SubjectPublicKeyInfo (as a certificate carries it).
+pub fn public_key_from_spki_der(der: &[u8]) -> Result<DevicePublicKey, String> {
+    parse_public_key(&base64::engine::general_purpose::STANDARD.encode(der))
 }
 
 fn hash_bytes(bytes: &[u8]) -> Vec<u8> {

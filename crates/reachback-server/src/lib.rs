@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::api::{admin, audit, bindings, console as console_api, dataplane, devices, enroll, keys, ranges};
+use crate::api::{admin, audit, bindings, console as console_api, dataplane, devices, enroll, keys, ranges, renew};
 use crate::crypto::CertificateAuthority;
 pub use crate::ops::RouteDoc;
 use crate::state::{AppState, Metrics, Settings};
@@ -81,6 +81,7 @@ api_routes! {
     post "/api/v1/enroll" => enroll::enroll, "none", 201, "Enroll a device (authenticated by its enrollment key)", [], enroll::BODY;
     get "/api/v1/devices" => devices::list, "viewer", 200, "List devices", ["page", "page_size", "sort", "hostname", "username", "platform"];
     get "/api/v1/devices/{id}" => devices::get, "viewer", 200, "Get a device", [];
+    post "/api/v1/devices/{id}/renew" => renew::renew_device, "none", 200, "Renew an expired device certificate (authenticated by a signature of the enrolled key)", [], renew::BODY;
     delete "/api/v1/devices/{id}" => devices::delete, "admin", 204, "Delete a device: revoke, release, disconnect", [];
     get "/api/v1/me" => admin::me, "viewer", 200, "The caller's identity and role", [];
     get "/api/v1/admins" => admin::list_admins, "superadmin", 200, "List administrators", ["page", "page_size"];
@@ -110,6 +111,7 @@ api_routes! {
     get "/api/v1/connectors" => dataplane::list_connectors, "viewer", 200, "List connectors with their status", ["page", "page_size", "name", "status"];
     post "/api/v1/connectors" => dataplane::create_connector, "admin", 201, "Create a connector (provisioning key shown once)", [], dataplane::CONNECTOR_BODY;
     post "/api/v1/connectors/enroll" => dataplane::enroll_connector, "none", 200, "Enroll a connector (authenticated by its provisioning key)", [], dataplane::CONNECTOR_ENROLL_BODY;
+    post "/api/v1/connectors/{id}/renew" => renew::renew_connector, "none", 200, "Renew an expired connector certificate (authenticated by a signature of the enrolled key)", [], renew::BODY;
     get "/api/v1/connectors/{id}" => dataplane::get_connector, "viewer", 200, "Get a connector", [];
     delete "/api/v1/connectors/{id}" => dataplane::delete_connector, "admin", 204, "Revoke a connector and disconnect it", [];
     post "/api/v1/auth/login" => console_api::login, "none", 200, "Console sign-in with username and password (sets the session cookie, returns the CSRF token)", [], console_api::LOGIN_BODY;

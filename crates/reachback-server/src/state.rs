@@ -158,6 +158,7 @@ pub struct Metrics {
     pub flows_failed: Family<Vec<(String, String)>, Counter>,
     pub bytes_relayed: Family<Vec<(String, String)>, Counter>,
     pub flow_setup_seconds: Histogram,
+    pub certificates_renewed: Counter,
 }
 
 /// Histograms by label set, each made by one constructor (the buckets).
@@ -200,6 +201,8 @@ impl Metrics {
         registry.register("flows_failed", "Flows that could not be opened, by reason", flows_failed.clone());
         registry.register("bytes_relayed", "Bytes relayed, by direction (to_client, to_server)", bytes_relayed.clone());
         registry.register("flow_setup_duration_seconds", "Time from a connector's flow request to the agent's local connect", flow_setup_seconds.clone());
+        let certificates_renewed = Counter::default();
+        registry.register("certificates_renewed", "Device and connector certificates renewed (over the tunnel or the API)", certificates_renewed.clone());
         Metrics {
             registry,
             enrollments,
@@ -219,6 +222,7 @@ impl Metrics {
             flows_failed,
             bytes_relayed,
             flow_setup_seconds,
+            certificates_renewed,
         }
     }
 
@@ -282,8 +286,8 @@ pub fn host_of(header: &str) -> Option<String> {
     } else {
         header.rsplit_once(':').map_or(header, |(host, port)| if port.bytes().all(|byte| byte.is_ascii_digit()) { host } else { header }).to_string()
     };
-    if host.parse::<std::net::IpAddr>().is_ok_and(|address| !address.is_unspecified()) {
-        return Some(host);
+    if let Ok(address) = host.parse::<std::net::IpAddr>() {
+        return (!address.is_unspecified()).then_some(host);
     }
     let plausible = !host.is_empty()
         && host.len() <= 253

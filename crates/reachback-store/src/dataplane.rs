@@ -65,9 +65,11 @@ pub struct ConnectorRow {
     pub mode: Option<String>,
     pub last_seen: Option<i64>,
     pub created_at: i64,
+    /// SHA-256 of the SubjectPublicKeyInfo the connector enrolled with (None: enrolled before it was kept)
+    pub key_fingerprint: Option<Vec<u8>>,
 }
 
-const CONNECTOR_COLUMNS: &str = "id, name, certificate_serial, revoked, version, mode, last_seen, created_at";
+const CONNECTOR_COLUMNS: &str = "id, name, certificate_serial, revoked, version, mode, last_seen, created_at, key_fingerprint";
 
 fn connector_from_row(row: &AnyRow) -> Result<ConnectorRow> {
     Ok(ConnectorRow {
@@ -79,6 +81,7 @@ fn connector_from_row(row: &AnyRow) -> Result<ConnectorRow> {
         mode: row.try_get("mode")?,
         last_seen: row.try_get("last_seen")?,
         created_at: row.try_get("created_at")?,
+        key_fingerprint: row.try_get("key_fingerprint")?,
     })
 }
 
@@ -254,6 +257,17 @@ impl Store {
         sqlx::query("UPDATE connectors SET certificate_serial = $2 WHERE id = $1 AND revoked = FALSE")
             .bind(id)
             .bind(serial)
+            .execute(&mut *tx.transaction)
+            .await?;
+        tx.commit().await
+    }
+
+    /// Records the key a connector enrolled with: certificates for another key stop working.
+    pub async fn set_connector_key(&self, id: &str, fingerprint: &[u8]) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE connectors SET key_fingerprint = $2 WHERE id = $1 AND revoked = FALSE")
+            .bind(id)
+            .bind(fingerprint)
             .execute(&mut *tx.transaction)
             .await?;
         tx.commit().await

@@ -120,6 +120,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, include_str!("../migrations/0004_search_sqlite.sql"), include_str!("../migrations/0004_search_postgres.sql")),
     (5, include_str!("../migrations/0005_range_rows_by_address.sql"), ""),
     (6, include_str!("../migrations/0006_updated_index_bound_rows.sql"), ""),
+    (8, include_str!("../migrations/0008_connector_key.sql"), ""),
 ];
 
 /// The rows of the range whose id is the parameter `$N` (`alias` is the bindings

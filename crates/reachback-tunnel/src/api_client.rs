@@ -196,14 +196,19 @@ pub fn explain(url: &str, error: ureq::Error) -> anyhow::Error {
 }
 
 fn to_pem(der: &[u8]) -> String {
+    pem("CERTIFICATE", der)
+}
+
+/// A PEM block with this label around `der`.
+pub fn pem(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
     let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    let mut pem = format!("-----BEGIN {label}-----\n");
     for line in body.as_bytes().chunks(64) {
         pem.push_str(&String::from_utf8_lossy(line));
         pem.push('\n');
     }
-    pem.push_str("-----END CERTIFICATE-----\n");
+    pem.push_str(&format!("-----END {label}-----\n"));
     pem
 }
 

@@ -212,15 +212,107 @@ impl std::fmt::Display for FinalRefusal {
 
 impl std::error::Error for FinalRefusal {}
 
+/// The state directory and the certificate of a client: it asks the broker for a
+/// fresh certificate once two thirds of the current one's lifetime have passed,
+/// and keeps what it gets (the next tunnel presents it; this one goes on).
+pub struct Renewal {
+    pub state_dir: PathBuf,
+    /// the certificate the tunnel was opened with (PEM)
+    pub certificate_pem: String,
+}
+
+impl Renewal {
+    /// When to ask next, from the certificate in hand.
+    fn next_request(&self) -> Instant {
+        match crate::tls::certificate_validity(&self.certificate_pem) {
+            Ok((not_before, not_after)) => Instant::now() + reachback_proto::renewal::until_renewal(not_before, not_after, std::time::SystemTime::now()),
+            // unreadable: ask now, the broker's answer replaces it
+            Err(_) => Instant::now(),
+        }
+    }
+
+    /// Keeps a certificate from the broker when it is for this client's key.
+    fn accept(&mut self, certificate: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            spki_of(certificate)? == spki_of(&self.certificate_pem)?,
+            "the broker's certificate is for another key; the current one is kept"
+        );
+        write_private(&self.state_dir.join(CERTIFICATE_FILE), certificate)?;
+        self.certificate_pem = certificate.to_string();
+        Ok(())
+    }
+}
+
+fn spki_of(pem: &str) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next().context("no certificate")?.context("reading the certificate")?;
+    let (_, certificate) = x509_parser::parse_x509_certificate(&der).map_err(|error| anyhow::anyhow!("unreadable certificate: {error}"))?;
+    Ok(certificate.public_key().raw.to_vec())
+}
+
+/// The TLS material for the next tunnel, read from the state directory (so a
+/// certificate renewed on the last tunnel is used). A certificate that expired
+/// while the client was offline is renewed over the API first (`kind` is `device`
+/// or `connector`), with a signature of the enrolled key.
+pub async fn material_for_next_tunnel(dir: &Path, kind: &'static str) -> anyhow::Result<(EnrolledState, TlsMaterial)> {
+    let (state, material) = load_state(dir)?;
+    let expired = crate::tls::certificate_validity(&material.certificate_pem).is_ok_and(|(_, not_after)| not_after <= std::time::SystemTime::now());
+    if !expired {
+        return Ok((state, material));
+    }
+    tracing::info!(kind, id = %state.id, "the certificate has expired: renewing it over the API");
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        renew_over_api(&dir, kind, &state, &material)?;
+        load_state(&dir)
+    })
+    .await
+    .context("the renewal task failed")?
+}
+
+fn renew_over_api(dir: &Path, kind: &str, state: &EnrolledState, material: &TlsMaterial) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(material.private_key_pem.as_bytes()).context("reading the enrolled key (PKCS#8)")?;
+    let rng = ring::rand::SystemRandom::new();
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, key.secret_pkcs8_der(), &rng)
+        .map_err(|_| anyhow::anyhow!("the enrolled key is not an ECDSA P-256 key"))?;
+    let signed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_secs() as i64).unwrap_or(0);
+    let message = reachback_proto::renewal::renewal_message(kind, &state.id, signed_at);
+    let signature = pair.sign(&rng, message.as_bytes()).map_err(|_| anyhow::anyhow!("signing the renewal failed"))?;
+    let spki = spki_of(&material.certificate_pem)?;
+    let body = serde_json::json!({
+        "public_key": crate::api_client::pem("PUBLIC KEY", &spki),
+        "signed_at": signed_at,
+        "signature": base64::engine::general_purpose::STANDARD.encode(signature.as_ref()),
+    });
+    let api = crate::ApiClient::new(&state.server, &state.trust(), Duration::from_secs(30))?;
+    let answer = api.post_json(&format!("/api/v1/{kind}s/{}/renew", state.id), &body)?;
+    let certificate = answer["certificate"].as_str().context("the server's answer has no certificate")?;
+    anyhow::ensure!(spki_of(certificate)? == spki, "the server's certificate is for another key");
+    write_private(&dir.join(CERTIFICATE_FILE), certificate)?;
+    tracing::info!(kind, id = %state.id, "certificate renewed over the API");
+    Ok(())
+}
+
 impl Tunnel {
     /// Runs the control stream until the tunnel ends; `on_ranges` sees range updates.
-    pub async fn run_control(self, mut on_ranges: impl FnMut(Vec<String>)) -> TunnelEnd {
+    /// With `renewal`, the certificate is renewed over this stream when it is due.
+    pub async fn run_control(self, mut renewal: Option<Renewal>, mut on_ranges: impl FnMut(Vec<String>)) -> TunnelEnd {
         let Tunnel { connection, welcome, mut send, recv } = self;
         let keepalive = Duration::from_secs(welcome.keepalive_seconds.clamp(1, 300));
         let mut liveness = Liveness::new(Instant::now(), keepalive, keepalive * 3);
         let (mut frames, reader) = crate::spawn_reader::<Control>(recv);
+        let mut renew_at = renewal.as_ref().map(Renewal::next_request);
         let end = loop {
             tokio::select! {
+                _ = tokio::time::sleep_until(renew_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)).into()), if renew_at.is_some() => {
+                    if write_frame(&mut send, &Control::Renew).await.is_err() {
+                        break TunnelEnd::Lost("control stream broke".into());
+                    }
+                    // unanswered, it is asked again
+                    renew_at = Some(Instant::now() + reachback_proto::renewal::RENEWAL_RETRY);
+                }
                 frame = frames.recv() => {
                     liveness.heard(Instant::now());
                     match frame {
@@ -232,6 +324,17 @@ impl Tunnel {
                         }
                         Some(Ok(Some(Control::Pong { .. }))) => {}
                         Some(Ok(Some(Control::Ranges { ranges }))) => on_ranges(ranges),
+                        Some(Ok(Some(Control::Certificate { certificate }))) => {
+                            if let Some(renewal) = renewal.as_mut() {
+                                match renewal.accept(&certificate) {
+                                    Ok(()) => {
+                                        tracing::info!("certificate renewed over the tunnel");
+                                        renew_at = Some(renewal.next_request());
+                                    }
+                                    Err(error) => tracing::warn!(error = format!("{error:#}"), "a renewed certificate was not kept"),
+                                }
+                            }
+                        }
                         Some(Ok(Some(Control::Bye { reason, r#final: true }))) => break TunnelEnd::Final(reason),
                         Some(Ok(Some(Control::Bye { reason, .. }))) => break TunnelEnd::Lost(reason),
                         Some(Ok(Some(other))) => break TunnelEnd::Lost(format!("unexpected control message {other:?}")),

@@ -86,14 +86,24 @@ impl rustls::server::ResolvesServerCert for CertificateSlot {
     }
 }
 
+/// The validity of the first certificate in a PEM text: (not before, not after).
+pub fn certificate_validity(pem: &str) -> anyhow::Result<(SystemTime, SystemTime)> {
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes()).next().context("no certificate in the PEM text")?.context("reading the certificate")?;
+    validity_of(&der)
+}
+
+fn validity_of(der: &[u8]) -> anyhow::Result<(SystemTime, SystemTime)> {
+    let (_, leaf) = x509_parser::parse_x509_certificate(der).map_err(|error| anyhow::anyhow!("unreadable certificate: {error}"))?;
+    let to_time = |seconds: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64);
+    Ok((to_time(leaf.validity().not_before.timestamp()), to_time(leaf.validity().not_after.timestamp())))
+}
+
 fn certified_key(chain_pem: &str, key_pem: &str) -> anyhow::Result<(CertifiedKey, (SystemTime, SystemTime))> {
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>().context("reading the certificate chain")?;
     anyhow::ensure!(!chain.is_empty(), "no certificate in the PEM text");
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("reading the private key")?;
     let signing_key = rustls::crypto::ring::default_provider().key_provider.load_private_key(key).context("the private key is not usable (ECDSA, Ed25519 or RSA)")?;
-    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).map_err(|error| anyhow::anyhow!("unreadable certificate: {error}"))?;
-    let to_time = |seconds: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64);
-    let validity = (to_time(leaf.validity().not_before.timestamp()), to_time(leaf.validity().not_after.timestamp()));
+    let validity = validity_of(&chain[0])?;
     let certified = CertifiedKey::new(chain, signing_key);
     certified.keys_match().context("the private key does not belong to the certificate")?;
     Ok((certified, validity))
@@ -114,16 +124,13 @@ impl CertificateSlot {
 
     /// Whether two thirds of the current certificate's lifetime have passed.
     pub fn due_for_renewal(&self, now: SystemTime) -> bool {
-        let (not_before, not_after) = *self.validity.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-        now >= not_before + lifetime * 2 / 3
+        self.until_renewal(now).is_zero()
     }
 
     /// How long until the current certificate is due for renewal.
     pub fn until_renewal(&self, now: SystemTime) -> Duration {
         let (not_before, not_after) = *self.validity.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-        (not_before + lifetime * 2 / 3).duration_since(now).unwrap_or_default()
+        reachback_proto::renewal::until_renewal(not_before, not_after, now)
     }
 }
 

@@ -179,7 +179,7 @@ async fn swarm(server: &str, count: usize) {
         let Ok(connector) = reachback_tunnel::TunnelConnector::new(material) else { continue };
         if let Ok(tunnel) = reachback_tunnel::client::connect(&connector, &brokers, reachback_proto::ClientRole::Agent, None, "bench").await {
             let connection = tunnel.connection.clone();
-            tunnels.push((connection, tokio::spawn(tunnel.run_control(|_| {}))));
+            tunnels.push((connection, tokio::spawn(tunnel.run_control(None, |_| {}))));
         }
     }
     println!("{}", json!({"connected": tunnels.len()}));

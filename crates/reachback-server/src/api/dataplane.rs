@@ -397,7 +397,17 @@ pub async fn create_connector(State(state): State<SharedState>, caller: Caller, 
     fields.finish()?;
     let secret = new_secret("rbc_");
     let row =
-        ConnectorRow { id: new_id(), name, certificate_serial: None, revoked: false, version: None, mode: None, last_seen: None, created_at: now_micros() };
+        ConnectorRow {
+        id: new_id(),
+        name,
+        certificate_serial: None,
+        revoked: false,
+        version: None,
+        mode: None,
+        last_seen: None,
+        created_at: now_micros(),
+        key_fingerprint: None,
+    };
     let after = connector_json(&state, &row);
     state.store.create_connector(&row, &hash_secret(&secret), caller.audit("create", "connector", &row.id, None, Some(after.clone()))).await?;
     let mut body = after;
@@ -465,6 +475,7 @@ pub async fn enroll_connector(State(state): State<SharedState>, headers: axum::h
     let serial = CertificateAuthority::new_serial();
     let certificate = state.ca.sign_connector(&public_key, &connector.id, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
     state.store.set_connector_certificate(&connector.id, &serial.iter().map(|byte| format!("{byte:02x}")).collect::<String>()).await?;
+    state.store.set_connector_key(&connector.id, &public_key.fingerprint).await?;
     tracing::info!(connector_id = %connector.id, "connector enrolled");
     Ok(Json(json!({
         "connector_id": connector.id,

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod enroll;
 pub mod keys;
 pub mod ranges;
+pub mod renew;
 
 use axum::Json;
 use axum::http::StatusCode;

@@ -221,7 +221,7 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     let tunnel = reachback_tunnel::client::connect(&endpoint, &brokers, ClientRole::Connector, Some("test"), "test").await.expect("connector connects");
     assert_eq!(tunnel.welcome.ranges, vec!["100.64.0.0/24".to_string()]);
     let connection = tunnel.connection.clone();
-    tokio::spawn(tunnel.run_control(|_| {}));
+    tokio::spawn(tunnel.run_control(None, |_| {}));
     assert_eq!(server.get("/api/v1/connectors").await.json()["items"][0]["status"], "online");
 
     // a good flow: bytes both ways, half-close travels to the far end and back

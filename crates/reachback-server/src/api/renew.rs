@@ -1,0 +1,94 @@
+//! `POST /api/v1/devices/{id}/renew` and `POST /api/v1/connectors/{id}/renew`: a
+//! client whose certificate expired while it was offline (so it cannot open a
+//! tunnel and renew there) proves it holds the key it enrolled with and gets a
+//! fresh certificate for it. The binding is untouched: same device, same address.
+//!
+//! Authenticated by a signature over `reachback_proto::renewal::renewal_message`
+//! with the enrolled key, within a few minutes of the server's clock; anything
+//! wrong is one 401 that does not say what was wrong.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::crypto::{CertificateAuthority, DevicePublicKey};
+use crate::error::{ApiError, ApiResult};
+use crate::request::{BodyField, Fields, JsonObject, Kind, required};
+use crate::state::SharedState;
+
+/// The fields of a renewal.
+pub const BODY: &[BodyField] = &[required("public_key", Kind::Pem), required("signed_at", Kind::Integer), required("signature", Kind::Text)];
+
+fn refused() -> ApiError {
+    ApiError::unauthorized("the renewal is not authenticated: sign the renewal message with the enrolled key, with a current signed_at")
+}
+
+/// Checks the body: the key, the time, the signature. Returns the key.
+fn authenticate(kind: &str, id: &str, body: JsonObject) -> ApiResult<DevicePublicKey> {
+    let mut fields = Fields::new(body, BODY)?;
+    let public_key = fields.public_key("public_key");
+    let signed_at = fields.integer("signed_at", 0, i64::MAX);
+    let signature = fields.string("signature", true);
+    fields.finish()?;
+    let (Some(public_key), Some(signed_at), Some(signature)) = (public_key, signed_at, signature) else { return Err(refused()) };
+    let now = reachback_store::now_micros() / 1_000_000;
+    if (now - signed_at).abs() > reachback_proto::renewal::RENEWAL_CLOCK_SKEW_SECONDS {
+        return Err(refused());
+    }
+    let signature = base64::engine::general_purpose::STANDARD.decode(signature.trim()).map_err(|_| refused())?;
+    let message = reachback_proto::renewal::renewal_message(kind, id, signed_at);
+    if !public_key.verify(message.as_bytes(), &signature) {
+        return Err(refused());
+    }
+    Ok(public_key)
+}
+
+async fn audit(state: &SharedState, kind: &str, id: &str, serial: [u8; 16]) -> ApiResult<()> {
+    state
+        .store
+        .record_audit(reachback_store::AuditEntry {
+            actor: format!("{kind}:{id}"),
+            action: "renew_certificate".into(),
+            resource_type: kind.into(),
+            resource_id: id.to_string(),
+            after: Some(json!({
+                "serial": serial.iter().map(|byte| format!("{byte:02x}")).collect::<String>(),
+                "lifetime_seconds": state.config.certificate_lifetime.as_secs(),
+                "over": "api",
+            })),
+            ..Default::default()
+        })
+        .await?;
+    state.metrics.certificates_renewed.inc();
+    Ok(())
+}
+
+pub async fn renew_device(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
+    let public_key = authenticate("device", &id, body)?;
+    let device = match state.store.get_device(&id).await {
+        Ok(device) if device.public_key_fingerprint == public_key.fingerprint => device,
+        Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
+        Err(error) => return Err(error.into()),
+    };
+    let serial = CertificateAuthority::new_serial();
+    let certificate =
+        state.ca.sign_device(&public_key, &device.id, &device.hostname, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
+    audit(&state, "device", &device.id, serial).await?;
+    tracing::info!(device_id = %device.id, "device certificate renewed over the API");
+    Ok(Json(json!({"certificate": certificate, "ca_certificate": state.ca.certificate_pem, "virtual_ip": device.virtual_ip})))
+}
+
+pub async fn renew_connector(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
+    let public_key = authenticate("connector", &id, body)?;
+    let connector = match state.store.get_connector(&id).await {
+        Ok(connector) if !connector.revoked && connector.key_fingerprint.as_deref() == Some(public_key.fingerprint.as_slice()) => connector,
+        Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
+        Err(error) => return Err(error.into()),
+    };
+    let serial = CertificateAuthority::new_serial();
+    let certificate = state.ca.sign_connector(&public_key, &connector.id, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
+    audit(&state, "connector", &connector.id, serial).await?;
+    tracing::info!(connector_id = %connector.id, "connector certificate renewed over the API");
+    Ok(Json(json!({"certificate": certificate, "ca_certificate": state.ca.certificate_pem})))
+}
