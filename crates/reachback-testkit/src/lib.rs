@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// The bootstrap API key of the lab's server.
-pub const TOKEN: &str = "rbk_lab_bootstrap_token_0123456789";
 
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -47,6 +45,10 @@ pub struct Lab {
     pub children: Vec<(String, Child)>,
     /// the `reachback` binary
     pub bin: PathBuf,
+    /// the bootstrap API key the server generated (read from its data directory)
+    pub token: String,
+    /// the CA pin the server printed at start
+    pub ca_pin: String,
 }
 
 impl Lab {
@@ -59,7 +61,7 @@ impl Lab {
         let prefix = format!("rb{}", std::process::id() % 100_000);
         let status = Command::new(script()).args(["up", &prefix]).status().expect("netns-lab runs");
         assert!(status.success(), "scripts/netns-lab up failed (root needed)");
-        Lab { prefix, dir: TempDir::new("reachback_lab"), children: Vec::new(), bin: bin.to_path_buf() }
+        Lab { prefix, dir: TempDir::new("reachback_lab"), children: Vec::new(), bin: bin.to_path_buf(), token: String::new(), ca_pin: String::new() }
     }
 
     pub fn ns(&self, host: &str) -> String {
@@ -78,9 +80,15 @@ impl Lab {
 
     /// Starts a long-running process in a namespace, its output in `<name>.log`.
     pub fn spawn(&mut self, name: &str, host: &str, program: &str, args: &[&str]) {
-        let log = std::fs::File::create(self.dir.0.join(format!("{name}.log"))).expect("log file");
+        self.spawn_in(name, host, program, args, &self.dir.0.clone());
+    }
+
+    /// Starts a long-running process in a namespace and a working directory.
+    pub fn spawn_in(&mut self, name: &str, host: &str, program: &str, args: &[&str], cwd: &Path) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.0.join(format!("{name}.log"))).expect("log file");
         let child = self
             .command(host, program, args)
+            .current_dir(cwd)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -102,10 +110,23 @@ impl Lab {
         std::fs::read_to_string(self.dir.0.join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// The server's data directory (`./reachback-data` where it was started).
+    pub fn server_data(&self) -> PathBuf {
+        self.dir.0.join("server/reachback-data")
+    }
+
+    /// The internal CA's certificate, for curl's `--cacert`.
+    pub fn ca_file(&self) -> String {
+        self.server_data().join("ca.pem").to_string_lossy().into_owned()
+    }
+
+    /// An API request from the broker host (HTTPS, verified against the internal CA).
     pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("http://127.0.0.1:8080/api/v1{path}");
-        let authorization = format!("Authorization: Bearer {TOKEN}");
-        let mut args = vec!["-s", "-m", "10", "-w", "\n%{http_code}", "-X", method, "-H", &authorization, "-H", "Content-Type: application/json", &url];
+        let url = format!("https://127.0.0.1:8080/api/v1{path}");
+        let authorization = format!("Authorization: Bearer {}", self.token);
+        let ca = self.ca_file();
+        let mut args =
+            vec!["-s", "-m", "10", "--cacert", &ca, "-w", "\n%{http_code}", "-X", method, "-H", &authorization, "-H", "Content-Type: application/json", &url];
         let text;
         if let Some(body) = &body {
             text = body.to_string();
@@ -118,7 +139,8 @@ impl Lab {
     }
 
     pub fn metric(&self, name: &str) -> f64 {
-        let output = self.run("brk", "curl", &["-s", "http://127.0.0.1:8080/metrics"]);
+        let ca = self.ca_file();
+        let output = self.run("brk", "curl", &["-s", "--cacert", &ca, "https://127.0.0.1:8080/metrics"]);
         String::from_utf8_lossy(&output.stdout)
             .lines()
             .filter(|line| line.starts_with(name))
@@ -126,32 +148,20 @@ impl Lab {
             .sum()
     }
 
+    /// `reachback server` on the broker host exactly as PRODUCT.md shows it (data in
+    /// `./reachback-data`, HTTPS with the internal CA, broker endpoints derived from
+    /// the address clients use); the bootstrap key and the CA pin are read as an
+    /// operator would: from the data directory and the start-up lines.
     pub fn start_server(&mut self) {
         let bin = self.bin.to_string_lossy().into_owned();
-        let data = self.dir.0.join("server");
-        let data = data.to_string_lossy().into_owned();
-        self.spawn(
-            "server",
-            "brk",
-            &bin,
-            &[
-                "server",
-                "--listen",
-                "0.0.0.0:8080",
-                "--tunnel-listen",
-                "0.0.0.0:8443",
-                "--broker-endpoints",
-                "10.77.2.2:8443",
-                "--data-dir",
-                &data,
-                "--bootstrap-token",
-                TOKEN,
-                "--node-name",
-                "lab-broker",
-                "--flow-idle-timeout",
-                "30",
-            ],
-        );
+        let cwd = self.dir.0.join("server");
+        std::fs::create_dir_all(&cwd).expect("server dir");
+        self.spawn_in("server", "brk", &bin, &["server", "--listen", "0.0.0.0:8080", "--tunnel-listen", "0.0.0.0:8443"], &cwd);
+        wait_for("the server to print its CA pin", Duration::from_secs(30), || self.log("server").contains("CA pin: "));
+        let log = self.log("server");
+        let pin = log.lines().filter_map(|line| line.strip_prefix("CA pin: ")).last().expect("pin line").trim().to_string();
+        self.ca_pin = pin;
+        self.token = std::fs::read_to_string(self.server_data().join("bootstrap-token")).expect("bootstrap-token").trim().to_string();
         wait_for("the server to answer", Duration::from_secs(30), || self.api("GET", "/me", None).0 == 200);
     }
 
@@ -242,7 +252,20 @@ impl Lab {
         self.run(
             "cli",
             &bin,
-            &["agent", "enroll", "--server", "http://10.77.2.2:8080", "--key", key, "--hostname", "laptop1.corp.example", "--state-dir", &state],
+            &[
+                "agent",
+                "enroll",
+                "--server",
+                "https://10.77.2.2:8080",
+                "--key",
+                key,
+                "--ca-pin",
+                &self.ca_pin,
+                "--hostname",
+                "laptop1.corp.example",
+                "--state-dir",
+                &state,
+            ],
         )
     }
 
@@ -253,7 +276,20 @@ impl Lab {
             "connector",
             "conn",
             &bin,
-            &["connector", "run", "--server", "http://10.77.2.2:8080", "--key", provisioning_key, "--mode", "tproxy", "--state-dir", &state],
+            &[
+                "connector",
+                "run",
+                "--server",
+                "https://10.77.2.2:8080",
+                "--key",
+                provisioning_key,
+                "--ca-pin",
+                &self.ca_pin.clone(),
+                "--mode",
+                "tproxy",
+                "--state-dir",
+                &state,
+            ],
         );
     }
 

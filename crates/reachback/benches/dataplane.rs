@@ -21,7 +21,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use reachback_testkit::{Lab, TOKEN, iperf3_bits, machine_line, wait_for};
+use reachback_testkit::{Lab, iperf3_bits, machine_line, wait_for};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -38,7 +38,7 @@ fn main() {
             runtime.block_on(sequential_flows(&args[1], args[2].parse().expect("count"), args.get(3).and_then(|workers| workers.parse().ok()).unwrap_or(1)))
         }
         Some("hold") => runtime.block_on(hold_flows(&args[1], args[2].parse().expect("count"))),
-        Some("swarm") => runtime.block_on(swarm(&args[1], args[2].parse().expect("count"))),
+        Some("swarm") => runtime.block_on(swarm(&args[1], args[2].parse().expect("count"), &args[3], &args[4])),
         // single-threaded, as the connector and the agent are
         Some("forward") => tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(forward(&args[1], &args[2])),
         _ => orchestrate(),
@@ -147,12 +147,13 @@ async fn hold_flows(target: &str, count: usize) {
 }
 
 /// Enrolls `count` devices and keeps one tunnel each until stdin closes.
-async fn swarm(server: &str, count: usize) {
-    let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let post = |path: &str, body: Value, token: bool| {
+async fn swarm(server: &str, count: usize, token: &str, ca_pin: &str) {
+    let trust = reachback_tunnel::ApiTrust { ca_pin: Some(ca_pin.to_string()), insecure_http: false };
+    let http = reachback_tunnel::ApiClient::new(server, &trust, Duration::from_secs(60)).expect("API client").agent;
+    let post = |path: &str, body: Value, authorized: bool| {
         let mut request = http.post(format!("{server}{path}")).header("Content-Type", "application/json");
-        if token {
-            request = request.header("Authorization", format!("Bearer {TOKEN}"));
+        if authorized {
+            request = request.header("Authorization", format!("Bearer {token}"));
         }
         let mut response = request.send(body.to_string()).expect("API");
         serde_json::from_str::<Value>(&response.body_mut().read_to_string().expect("body")).expect("JSON")
@@ -363,7 +364,7 @@ fn orchestrate() {
     if phase("agents") {
         println!("\n## {agents} connected agents on one server");
         let server_before = rss_kib(server);
-        let (mut swarm_child, connected) = start_holder(&lab, "cli", &["swarm", "http://10.77.2.2:8080", &agents.to_string()]);
+        let (mut swarm_child, connected) = start_holder(&lab, "cli", &["swarm", "https://10.77.2.2:8080", &agents.to_string(), &lab.token.clone(), &lab.ca_pin.clone()]);
         std::thread::sleep(Duration::from_secs(2));
         let sessions = lab.metric("reachback_client_sessions");
         let server_during = rss_kib(server);

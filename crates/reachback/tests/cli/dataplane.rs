@@ -34,6 +34,33 @@ fn servers_reach_clients_by_virtual_ip_through_connector_broker_and_agent() {
     assert_eq!(mode & 0o777, 0o600, "the agent's private key is readable by its owner only");
     let (_, connectors) = lab.api("GET", "/connectors", None);
     assert_eq!(connectors["items"][0]["mode"], "tproxy");
+    // the server ran with only --listen 0.0.0.0:8080 --tunnel-listen 0.0.0.0:8443: clients were
+    // told the tunnel endpoint under the name they reached the API by, never 0.0.0.0
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lab.dir.0.join("connector/state.json")).expect("state")).expect("JSON");
+    assert_eq!(saved["broker_endpoints"], serde_json::json!(["10.77.2.2:8443"]), "{saved}");
+    assert!(lab.log("server").contains("Reachback API listening on https://"), "HTTPS by default on a wildcard listener");
+
+    // enrollment over a wrong pin or plain HTTP is refused before the key is sent: no device, the key unused
+    let (_, key) = lab.api("POST", "/enrollment-keys", Some(serde_json::json!({"username": "bob@corp.example"})));
+    let key = key["key"].as_str().expect("key").to_string();
+    let bin = lab.bin.to_string_lossy().into_owned();
+    let state = lab.dir.0.join("agent2").to_string_lossy().into_owned();
+    let wrong_pin = format!("sha256:{}", "0".repeat(64));
+    let enroll = |server: &str, pin: &str| {
+        let mut args = vec!["agent", "enroll", "--server", server, "--key", &key, "--hostname", "laptop2.corp.example", "--state-dir", &state];
+        if !pin.is_empty() {
+            args.extend(["--ca-pin", pin]);
+        }
+        lab.run("cli", &bin, &args)
+    };
+    let refused = enroll("https://10.77.2.2:8080", &wrong_pin);
+    let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success() && message.contains(&wrong_pin) && message.contains(&lab.ca_pin), "a wrong pin names both pins: {message}");
+    let refused = enroll("http://10.77.2.2:8080", "");
+    let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success() && message.contains("plain HTTP"), "plain HTTP to another host is refused: {message}");
+    assert_eq!(lab.api("GET", "/devices", None).1["total"], 1, "no device was made by the refused attempts");
+    assert_eq!(lab.api("GET", "/enrollment-keys", None).1["items"].as_array().expect("keys").iter().filter(|key| key["used_count"] == 1).count(), 1);
     let ssh_text = lab.dir.0.join("ssh").to_string_lossy().into_owned();
 
     // curl, ssh and iperf3 from the server host to the client by virtual IP
@@ -94,6 +121,21 @@ fn servers_reach_clients_by_virtual_ip_through_connector_broker_and_agent() {
     assert!(lab.stop("server", false).is_some_and(|status| status.success()), "server exits cleanly on SIGTERM");
     lab.start_server();
     wait_for("flows to work after a server restart", Duration::from_secs(60), || lab.curl("http://100.64.0.1:8000/hello.txt").0 == 0);
+
+    // a second connector: the connector process restarted with its key serves as the new one
+    // (the saved identity of the first is not reused), and flows go on
+    let (status, second) = lab.api("POST", "/connectors", Some(serde_json::json!({"name": "second connector"})));
+    assert_eq!(status, 201, "{second}");
+    assert!(lab.stop("connector", false).is_some_and(|status| status.success()));
+    lab.start_connector(second["provisioning_key"].as_str().expect("key"));
+    wait_for("the second connector to be online", Duration::from_secs(30), || {
+        let (_, connector) = lab.api("GET", &format!("/connectors/{}", second["id"].as_str().unwrap_or_default()), None);
+        connector["status"] == "online"
+    });
+    let (_, connectors) = lab.api("GET", "/connectors", None);
+    let online: Vec<&str> = connectors["items"].as_array().expect("items").iter().filter(|item| item["status"] == "online").filter_map(|item| item["name"].as_str()).collect();
+    assert_eq!(online, ["second connector"], "{connectors}");
+    wait_for("flows through the new connector", Duration::from_secs(30), || lab.curl("http://100.64.0.1:8000/hello.txt").0 == 0);
 
     // deleting the session disconnects the agent (which reconnects); deleting the device revokes it
     let (_, sessions) = lab.api("GET", "/client-sessions", None);
