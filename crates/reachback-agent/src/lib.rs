@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use reachback_policy::{PortRange, parse_port_range};
 use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply, Refusal};
-use reachback_tunnel::client::{self, EnrolledState};
 pub use reachback_tunnel::client::is_enrolled;
+use reachback_tunnel::client::{self, EnrolledState};
 use reachback_tunnel::{ApiClient, ApiTrust, Connection, End, RecvStream, RelayOptions, SendStream, TunnelConnector, read_frame, write_frame};
 use serde_json::{Value, json};
 

@@ -72,16 +72,17 @@ fn ensure_enrolled(options: &RunOptions) -> anyhow::Result<()> {
     let key = key.context("not enrolled yet: --key (the provisioning key) is needed")?;
     let api = api()?;
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the key pair")?;
-    let answer = api.post_json("/api/v1/connectors/enroll", &json!({"provisioning_key": key, "public_key": pair.public_key_pem()})).map_err(|error| {
-        match &previous {
-            Some(previous) => error.context(format!(
-                "enrolling with the new key failed; connector {} in {} was kept: run without --key to go on serving as it",
-                previous.id,
-                options.state_dir.display()
-            )),
-            None => error,
-        }
-    })?;
+    let answer =
+        api.post_json("/api/v1/connectors/enroll", &json!({"provisioning_key": key, "public_key": pair.public_key_pem()})).map_err(
+            |error| match &previous {
+                Some(previous) => error.context(format!(
+                    "enrolling with the new key failed; connector {} in {} was kept: run without --key to go on serving as it",
+                    previous.id,
+                    options.state_dir.display()
+                )),
+                None => error,
+            },
+        )?;
     let text = |key: &str| answer[key].as_str().map(str::to_string).with_context(|| format!("the server's answer has no {key}"));
     let ca_pem = text("ca_certificate")?;
     options.trust.check_tunnel_ca(&ca_pem)?;

@@ -49,6 +49,8 @@ pub struct AgentSession {
 #[derive(Clone)]
 struct ConnectorSession {
     connection: Connection,
+    /// the key its certificate carries (a re-enrollment elsewhere changes the stored one)
+    key_fingerprint: Vec<u8>,
 }
 
 /// The broker's live state, shared with the API (kicks, status, policy reloads).
@@ -119,6 +121,28 @@ impl Broker {
 
     pub fn connector_online(&self, connector_id: &str) -> bool {
         read(&self.connectors).contains_key(connector_id)
+    }
+
+    /// Disconnects live connectors that are revoked or enrolled anew (another key)
+    /// according to `current` (id → enrolled key, for every connector not revoked).
+    pub fn kick_stale_connectors(&self, current: &HashMap<String, Option<Vec<u8>>>) -> usize {
+        let mut kicked = 0;
+        for (id, session) in read(&self.connectors).iter() {
+            let stale = match current.get(id) {
+                None => true,
+                Some(Some(fingerprint)) => *fingerprint != session.key_fingerprint,
+                Some(None) => false,
+            };
+            if stale {
+                session.connection.close(CLOSE_KICKED, b"connector revoked");
+                kicked += 1;
+            }
+        }
+        kicked
+    }
+
+    pub fn has_connectors(&self) -> bool {
+        !read(&self.connectors).is_empty()
     }
 
     pub fn session_ids(&self) -> Vec<String> {
@@ -214,11 +238,7 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
 /// the addresses (and host name) it listens on.
 fn advertised_names(config: &crate::state::ServerConfig) -> Vec<String> {
     if !config.broker_endpoints.is_empty() {
-        return config
-            .broker_endpoints
-            .iter()
-            .filter_map(|endpoint| crate::state::host_of(endpoint))
-            .collect();
+        return config.broker_endpoints.iter().filter_map(|endpoint| crate::state::host_of(endpoint)).collect();
     }
     crate::serve::default_api_names(config.tunnel_listen.ip())
 }
@@ -510,7 +530,9 @@ async fn serve_connector(
     let version: String = version.chars().take(64).collect();
     let mode: Option<String> = mode.map(|mode| mode.chars().take(16).collect());
     state.store.connector_seen(&connector.id, &version, mode.as_deref()).await?;
-    if let Some(previous) = write(&state.broker.connectors).insert(connector.id.clone(), ConnectorSession { connection: connection.clone() }) {
+    if let Some(previous) = write(&state.broker.connectors)
+        .insert(connector.id.clone(), ConnectorSession { connection: connection.clone(), key_fingerprint: identity.key_fingerprint.clone() })
+    {
         previous.connection.close(CLOSE_KICKED, b"replaced by a newer tunnel");
     }
     state.metrics.connectors_online.inc();

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine as _;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    SerialNumber, SubjectPublicKeyInfo,
 };
 use ring::rand::SecureRandom;
 
@@ -48,11 +48,8 @@ impl DevicePublicKey {
     /// Whether `signature` is this key's signature of `message` (ECDSA P-256 with
     /// SHA-256, ASN.1 DER; or Ed25519).
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
-        let algorithm: &dyn ring::signature::VerificationAlgorithm = if self.spki.algorithm() == &rcgen::PKCS_ED25519 {
-            &ring::signature::ED25519
-        } else {
-            &ring::signature::ECDSA_P256_SHA256_ASN1
-        };
+        let algorithm: &dyn ring::signature::VerificationAlgorithm =
+            if self.spki.algorithm() == &rcgen::PKCS_ED25519 { &ring::signature::ED25519 } else { &ring::signature::ECDSA_P256_SHA256_ASN1 };
         ring::signature::UnparsedPublicKey::new(algorithm, self.spki.der_bytes()).verify(message, signature).is_ok()
     }
 }

@@ -308,8 +308,9 @@ async fn sync_replicas(state: std::sync::Weak<AppState>) {
         let Some(state) = state.upgrade() else { return };
         let Ok(ranges) = state.store.list_ranges().await else { continue };
         if known.is_empty() {
-            known = ranges.iter().map(|row| (row.id.clone(), row.updated_at)).collect();
-            continue;
+            // ranges the engine loaded at start are current; any it lacks (made by another
+            // replica since) are loaded below
+            known = ranges.iter().filter(|row| engine_has(&state, &row.id)).map(|row| (row.id.clone(), row.updated_at)).collect();
         }
         let mut engine = state.engine.lock().await;
         for row in &ranges {
@@ -335,24 +336,49 @@ async fn sync_replicas(state: std::sync::Weak<AppState>) {
     }
 }
 
-/// Keeps the broker in step with the store: policy changes made by other replicas,
-/// and client sessions deleted through another replica's API.
+fn engine_has(state: &AppState, range_id: &str) -> bool {
+    state.engine.try_lock().map(|engine| engine.range(range_id).is_some()).unwrap_or(false)
+}
+
+/// Keeps the broker in step with the store, every second: policy changes made by
+/// other replicas; sessions whose row is gone (deleted, or their device deleted or
+/// its binding released, through any replica) are disconnected; connectors revoked
+/// or enrolled anew elsewhere are disconnected. Every minute the devices with a live
+/// session here are marked seen, so an idle-TTL release never takes a connected
+/// device's address.
 async fn sync_broker(state: std::sync::Weak<AppState>) {
-    let mut interval = tokio::time::interval(Duration::from_secs(2));
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    let mut last_touch = std::time::Instant::now();
     loop {
         interval.tick().await;
         let Some(state) = state.upgrade() else { return };
         if let Err(error) = broker::reload_policy(&state, false).await {
             tracing::warn!(error = format!("{error:#}"), "could not reload the access policy");
         }
+        if state.broker.has_connectors()
+            && let Ok(connectors) = state.store.list_connectors().await
+        {
+            let current = connectors.into_iter().map(|row| (row.id, row.key_fingerprint)).collect();
+            let kicked = state.broker.kick_stale_connectors(&current);
+            if kicked > 0 {
+                tracing::info!(kicked, "connectors revoked or enrolled anew elsewhere; disconnected");
+            }
+        }
         let live = state.broker.session_ids();
         if live.is_empty() {
             continue;
         }
+        if last_touch.elapsed() >= Duration::from_secs(60) {
+            last_touch = std::time::Instant::now();
+            if let Err(error) = state.store.touch_sessions_on(&state.config.node_name).await {
+                tracing::warn!(%error, "could not mark the connected devices as seen");
+            }
+        }
         let Ok(stored) = state.store.client_session_ids_on(&state.config.node_name).await else { continue };
-        for session_id in live.iter().filter(|id| !stored.contains(id)) {
+        let stored: std::collections::HashSet<String> = stored.into_iter().collect();
+        for session_id in live.iter().filter(|id| !stored.contains(*id)) {
             if state.broker.kick_session(session_id) {
-                tracing::info!(session_id = %session_id, "session deleted elsewhere; disconnected");
+                tracing::info!(session_id = %session_id, "session ended elsewhere (deleted, device deleted or address released); disconnected");
             }
         }
     }

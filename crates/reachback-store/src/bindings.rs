@@ -759,8 +759,15 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
 }
 
 /// Turns a bound address into a quarantine row and lowers its range's counter.
+/// Releases one bound address into quarantine, in the caller's transaction. The
+/// device's live sessions go with it: the replica holding one sees its row gone and
+/// disconnects the agent, which comes back for a new address.
 pub(crate) async fn release_in(connection: &mut sqlx::AnyConnection, ip_key: &[u8; 17], range_id: &str) -> Result<()> {
     let now = now_micros();
+    sqlx::query("DELETE FROM client_sessions WHERE device_id = (SELECT device_id FROM bindings WHERE ip_key = $1)")
+        .bind(ip_key.to_vec())
+        .execute(&mut *connection)
+        .await?;
     let released = sqlx::query(
         "UPDATE bindings SET device_id = NULL, username = NULL, platform = NULL, client_hostname = NULL, released_at = $2, last_updated = $2 WHERE ip_key = $1 AND device_id IS NOT NULL",
     )
@@ -776,13 +783,17 @@ pub(crate) async fn release_in(connection: &mut sqlx::AnyConnection, ip_key: &[u
 }
 
 impl Store {
-    /// Releases the bindings of devices last seen before `cutoff`; returns (range id, address value) of each.
+    /// Releases the bindings of devices last seen before `cutoff` that have no live
+    /// session (a connected device is never idle); returns (range id, address value) of each.
     pub async fn release_idle(&self, cutoff: i64) -> Result<Vec<(String, u128)>> {
         let mut tx = self.write().await?;
-        let rows = sqlx::query("SELECT b.ip_key, b.range_id FROM bindings b JOIN devices d ON d.id = b.device_id WHERE d.last_seen < $1 LIMIT 10000")
-            .bind(cutoff)
-            .fetch_all(&mut *tx.transaction)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT b.ip_key, b.range_id FROM bindings b JOIN devices d ON d.id = b.device_id \
+             WHERE d.last_seen < $1 AND NOT EXISTS (SELECT 1 FROM client_sessions s WHERE s.device_id = d.id) LIMIT 10000",
+        )
+        .bind(cutoff)
+        .fetch_all(&mut *tx.transaction)
+        .await?;
         let mut released = Vec::with_capacity(rows.len());
         for row in rows {
             let key: Vec<u8> = row.try_get(0)?;

@@ -350,6 +350,19 @@ impl Store {
         rows.iter().map(|row| row.try_get(0).map_err(StoreError::from)).collect()
     }
 
+    /// Marks the devices with a live session on this replica as seen now (so an
+    /// idle-TTL release never counts a connected device's time).
+    pub async fn touch_sessions_on(&self, node: &str) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let touched = sqlx::query("UPDATE devices SET last_seen = $2 WHERE id IN (SELECT device_id FROM client_sessions WHERE broker_node = $1)")
+            .bind(node)
+            .bind(now_micros())
+            .execute(&mut *tx.transaction)
+            .await?;
+        tx.commit().await?;
+        Ok(touched.rows_affected())
+    }
+
     pub async fn clear_client_sessions_on(&self, node: &str) -> Result<u64> {
         let mut tx = self.write().await?;
         let deleted = sqlx::query("DELETE FROM client_sessions WHERE broker_node = $1").bind(node).execute(&mut *tx.transaction).await?;

@@ -187,6 +187,12 @@ impl Store {
         if bound > 0 && !force {
             return Err(StoreError::RangeInUse(bound));
         }
+        // the released devices' live sessions go too: their replicas disconnect them
+        let sql = format!(
+            "DELETE FROM client_sessions WHERE device_id IN (SELECT device_id FROM bindings WHERE {} AND device_id IS NOT NULL)",
+            crate::range_rows("", "$1")
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(&mut *tx.transaction).await?;
         let sql = format!("DELETE FROM bindings WHERE {}", crate::range_rows("", "$1"));
         sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(&mut *tx.transaction).await?;
         sqlx::query("DELETE FROM ip_ranges WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;

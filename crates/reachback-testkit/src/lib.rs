@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -233,10 +233,7 @@ impl Renewal {
 
     /// Keeps a certificate from the broker when it is for this client's key.
     fn accept(&mut self, certificate: &str) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            spki_of(certificate)? == spki_of(&self.certificate_pem)?,
-            "the broker's certificate is for another key; the current one is kept"
-        );
+        anyhow::ensure!(spki_of(certificate)? == spki_of(&self.certificate_pem)?, "the broker's certificate is for another key; the current one is kept");
         write_private(&self.state_dir.join(CERTIFICATE_FILE), certificate)?;
         self.certificate_pem = certificate.to_string();
         Ok(())

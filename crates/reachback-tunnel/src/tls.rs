@@ -102,7 +102,8 @@ fn certified_key(chain_pem: &str, key_pem: &str) -> anyhow::Result<(CertifiedKey
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>().context("reading the certificate chain")?;
     anyhow::ensure!(!chain.is_empty(), "no certificate in the PEM text");
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("reading the private key")?;
-    let signing_key = rustls::crypto::ring::default_provider().key_provider.load_private_key(key).context("the private key is not usable (ECDSA, Ed25519 or RSA)")?;
+    let signing_key =
+        rustls::crypto::ring::default_provider().key_provider.load_private_key(key).context("the private key is not usable (ECDSA, Ed25519 or RSA)")?;
     let validity = validity_of(&chain[0])?;
     let certified = CertifiedKey::new(chain, signing_key);
     certified.keys_match().context("the private key does not belong to the certificate")?;
@@ -150,8 +151,9 @@ impl TunnelListener {
     /// Binds with a certificate the caller may swap later (renewal).
     pub async fn bind_with_certificate(listen: SocketAddr, ca_pem: &str, certificate: Arc<CertificateSlot>) -> anyhow::Result<TunnelListener> {
         let roots = TlsMaterial { certificate_pem: String::new(), private_key_pem: String::new(), ca_pem: ca_pem.to_string() }.roots()?;
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build().context("building the client-certificate verifier")?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .context("building the client-certificate verifier")?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3")?

@@ -364,7 +364,8 @@ fn orchestrate() {
     if phase("agents") {
         println!("\n## {agents} connected agents on one server");
         let server_before = rss_kib(server);
-        let (mut swarm_child, connected) = start_holder(&lab, "cli", &["swarm", "https://10.77.2.2:8080", &agents.to_string(), &lab.token.clone(), &lab.ca_pin.clone()]);
+        let (mut swarm_child, connected) =
+            start_holder(&lab, "cli", &["swarm", "https://10.77.2.2:8080", &agents.to_string(), &lab.token.clone(), &lab.ca_pin.clone()]);
         std::thread::sleep(Duration::from_secs(2));
         let sessions = lab.metric("reachback_client_sessions");
         let server_during = rss_kib(server);

@@ -297,7 +297,10 @@ impl ServerArgs {
                 let defaults = reachback_server::state::HttpLimits::default();
                 reachback_server::state::HttpLimits {
                     max_connections: self.max_connections.or(file.max_connections).unwrap_or(defaults.max_connections),
-                    header_read_timeout: self.header_read_timeout.or(file.header_read_timeout).map_or(defaults.header_read_timeout, std::time::Duration::from_secs),
+                    header_read_timeout: self
+                        .header_read_timeout
+                        .or(file.header_read_timeout)
+                        .map_or(defaults.header_read_timeout, std::time::Duration::from_secs),
                     request_timeout: self.request_timeout.or(file.request_timeout).map_or(defaults.request_timeout, std::time::Duration::from_secs),
                     tls_handshake_timeout: defaults.tls_handshake_timeout,
                 }

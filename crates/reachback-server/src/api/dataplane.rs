@@ -396,8 +396,7 @@ pub async fn create_connector(State(state): State<SharedState>, caller: Caller, 
     let name = name_field(&mut fields, None);
     fields.finish()?;
     let secret = new_secret("rbc_");
-    let row =
-        ConnectorRow {
+    let row = ConnectorRow {
         id: new_id(),
         name,
         certificate_serial: None,

@@ -115,7 +115,8 @@ async fn enroll_inner(state: &SharedState, headers: &axum::http::HeaderMap, body
             return Err(ApiError::conflict("no free address is left in any enabled range; add or enable a range"));
         }
     };
-    let certificate = state.ca.sign_device(&public_key, &outcome.device_id, &hostname, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
+    let certificate =
+        state.ca.sign_device(&public_key, &outcome.device_id, &hostname, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
     tracing::debug!(device_id = %outcome.device_id, hostname = %hostname, virtual_ip = %outcome.virtual_ip, "device enrolled");
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((

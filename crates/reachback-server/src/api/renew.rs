@@ -72,8 +72,7 @@ pub async fn renew_device(State(state): State<SharedState>, Path(id): Path<Strin
         Err(error) => return Err(error.into()),
     };
     let serial = CertificateAuthority::new_serial();
-    let certificate =
-        state.ca.sign_device(&public_key, &device.id, &device.hostname, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
+    let certificate = state.ca.sign_device(&public_key, &device.id, &device.hostname, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
     audit(&state, "device", &device.id, serial).await?;
     tracing::info!(device_id = %device.id, "device certificate renewed over the API");
     Ok(Json(json!({"certificate": certificate, "ca_certificate": state.ca.certificate_pem, "virtual_ip": device.virtual_ip})))

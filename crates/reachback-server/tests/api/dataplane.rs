@@ -264,8 +264,7 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     let foreign = reachback_server::crypto::CertificateAuthority::load(&foreign_ca, &foreign_key).expect("CA");
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let spki = reachback_server::crypto::parse_public_key(&pair.public_key_pem()).expect("key");
-    let forged =
-        foreign
+    let forged = foreign
         .sign_connector(&spki, connector["id"].as_str().expect("id"), reachback_server::crypto::CertificateAuthority::new_serial(), Duration::from_secs(3600))
         .expect("sign");
     let forged = TlsMaterial { certificate_pem: forged, private_key_pem: pair.serialize_pem(), ca_pem: material.ca_pem.clone() };

@@ -133,7 +133,8 @@ fn servers_reach_clients_by_virtual_ip_through_connector_broker_and_agent() {
         connector["status"] == "online"
     });
     let (_, connectors) = lab.api("GET", "/connectors", None);
-    let online: Vec<&str> = connectors["items"].as_array().expect("items").iter().filter(|item| item["status"] == "online").filter_map(|item| item["name"].as_str()).collect();
+    let online: Vec<&str> =
+        connectors["items"].as_array().expect("items").iter().filter(|item| item["status"] == "online").filter_map(|item| item["name"].as_str()).collect();
     assert_eq!(online, ["second connector"], "{connectors}");
     wait_for("flows through the new connector", Duration::from_secs(30), || lab.curl("http://100.64.0.1:8000/hello.txt").0 == 0);
 

@@ -141,3 +141,169 @@ fn three_replicas_never_bind_an_address_twice() {
     let (_, bindings) = request(&http, "GET", &format!("{}/api/v1/ip-bindings?ip=100.65.0.0/24&page_size=1", bases[0]), Some(TOKEN), None);
     assert_eq!(bindings["total"], 20);
 }
+
+/// A long-running `reachback` process (agent or connector) and its log.
+struct Peer {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Peer {
+    fn start(dir: &std::path::Path, name: &str, args: &[&str]) -> Peer {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log");
+        let child = std::process::Command::new(crate::process::BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("peer starts");
+        Peer { child, log }
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|status| status.is_some())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 20 ms for up to 10 s; returns the time it took.
+fn time_until(what: &str, mut check: impl FnMut() -> bool) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(10) {
+        if check() {
+            return started.elapsed();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Revocations made through replica A reach tunnels held by replica B: deleting a
+/// session, releasing a binding, deleting a range by force, deleting a device and
+/// revoking a connector each disconnect the peer at B (the goal is 2 s; the
+/// assertion leaves room for a slow CI machine and the figure is printed).
+#[test]
+fn revocations_through_one_replica_disconnect_at_the_other() {
+    let Some(admin_url) = std::env::var("REACHBACK_TEST_POSTGRES").ok().filter(|url| !url.is_empty()) else {
+        eprintln!("REACHBACK_TEST_POSTGRES not set: replica test off");
+        return;
+    };
+    let database = Database::create(&admin_url);
+    let url = database.url();
+    let dirs: Vec<TempDir> = (0..2).map(|_| TempDir::new()).collect();
+    let replica_a = Server::start(&dirs[0].0, Some(&url), &["--bootstrap-token", TOKEN, "--node-name", "replica-a"]);
+    let replica_b = Server::start(&dirs[1].0, Some(&url), &["--bootstrap-token", TOKEN, "--node-name", "replica-b"]);
+    let http = agent();
+    let api = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        request(&http, method, &format!("{}/api/v1{path}", replica_a.base), Some(TOKEN), body.as_ref())
+    };
+    assert_eq!(api("POST", "/ip-ranges", Some(json!({"name": "Main", "range": "100.64.0.0/24"}))).0, 201);
+    assert_eq!(api("POST", "/ip-ranges", Some(json!({"name": "Doomed", "range": "100.66.0.0/24", "location": {"country": "JP"}}))).0, 201);
+    std::thread::sleep(std::time::Duration::from_secs(3)); // replica B learns the ranges (polled today)
+    let (_, key) = api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example", "reusable": true})));
+    let key = key["key"].as_str().expect("key").to_string();
+    let work = TempDir::new();
+    // an agent enrolled through and attached to replica B
+    let enroll = |name: &str, country: &str| {
+        let state = work.0.join(name).to_string_lossy().into_owned();
+        let output = std::process::Command::new(crate::process::BIN)
+            .args(["agent", "enroll", "--server", &replica_b.base, "--key", &key, "--hostname", &format!("{name}.corp.example"), "--country", country])
+            .args(["--state-dir", &state])
+            .output()
+            .expect("enroll");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        Peer::start(&work.0, name, &["agent", "run", "--state-dir", &state])
+    };
+    let session_of = |hostname: &str| -> Option<String> {
+        let (_, sessions) = api("GET", &format!("/client-sessions?client_hostname={hostname}"), None);
+        sessions["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|item| item["broker_node"] == "replica-b"))
+            .and_then(|item| item["id"].as_str().map(str::to_string))
+    };
+    let mut laptop = enroll("laptop", "FR");
+    time_until("the agent's session at replica B", || session_of("laptop").is_some());
+
+    // 1. a session deleted through A: B disconnects it (the agent comes back with a new session)
+    let old = session_of("laptop").expect("session");
+    assert_eq!(api("DELETE", &format!("/client-sessions/{old}"), None).0, 204);
+    let took = time_until("a new session after the delete", || session_of("laptop").is_some_and(|id| id != old));
+    eprintln!("session delete through A → the agent back on B in {took:?}");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+
+    // 2. its binding released through A: B disconnects it, it comes back with a new address
+    let (_, binding) = api("GET", "/ip-bindings?client_hostname=laptop", None);
+    let ip = binding["items"][0]["ip"].as_str().expect("ip").to_string();
+    let old = session_of("laptop").expect("session");
+    assert_eq!(api("DELETE", &format!("/ip-bindings/{ip}"), None).0, 204);
+    let took = time_until("a new session after the release", || session_of("laptop").is_some_and(|id| id != old));
+    eprintln!("binding release through A → the agent reconnected at B in {took:?}");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    let (_, binding) = api("GET", "/ip-bindings?client_hostname=laptop", None);
+    assert_ne!(binding["items"][0]["ip"], ip.as_str(), "a released address stays in quarantine; the device got another");
+
+    // 3. a range deleted by force through A: its agent on B is disconnected
+    let mut tokyo = enroll("tokyo", "JP");
+    time_until("the Tokyo agent's session", || session_of("tokyo").is_some());
+    let old = session_of("tokyo").expect("session");
+    let (_, ranges) = api("GET", "/ip-ranges?name=Doomed", None);
+    let doomed = ranges["items"][0]["id"].as_str().expect("id").to_string();
+    assert_eq!(api("DELETE", &format!("/ip-ranges/{doomed}?force=true"), None).0, 204);
+    let took = time_until("the Tokyo agent to reconnect", || session_of("tokyo").is_some_and(|id| id != old));
+    eprintln!("forced range delete through A → the agent reconnected at B in {took:?}");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+
+    // 4. the device deleted through A: B disconnects it and it is refused for good
+    let (_, devices) = api("GET", "/devices?hostname=tokyo", None);
+    let device = devices["items"][0]["id"].as_str().expect("device").to_string();
+    assert_eq!(api("DELETE", &format!("/devices/{device}"), None).0, 204);
+    let took = time_until("the deleted device's agent to stop", || tokyo.exited());
+    eprintln!("device delete through A → the agent at B stopped in {took:?}");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    assert!(tokyo.log().contains("revoked"), "{}", tokyo.log());
+
+    // 5. a connector on B revoked through A: disconnected, and refused for good
+    let (_, connector) = api("POST", "/connectors", Some(json!({"name": "dc1"})));
+    let provisioning_key = connector["provisioning_key"].as_str().expect("key").to_string();
+    let socks = format!("127.0.0.1:{}", crate::process::free_port());
+    let connector_state = work.0.join("connector").to_string_lossy().into_owned();
+    let mut dc1 = Peer::start(
+        &work.0,
+        "connector",
+        &[
+            "connector",
+            "run",
+            "--server",
+            &replica_b.base,
+            "--key",
+            &provisioning_key,
+            "--mode",
+            "socks5",
+            "--socks5-listen",
+            &socks,
+            "--state-dir",
+            &connector_state,
+        ],
+    );
+    let connector_id = connector["id"].as_str().expect("id").to_string();
+    // (a connector's status is the holding replica's view: ask B)
+    let at_b = |path: &str| request(&http, "GET", &format!("{}/api/v1{path}", replica_b.base), Some(TOKEN), None);
+    time_until("the connector online", || at_b(&format!("/connectors/{connector_id}")).1["status"] == "online");
+    assert_eq!(api("DELETE", &format!("/connectors/{connector_id}"), None).0, 204);
+    let took = time_until("the revoked connector to stop", || dc1.exited());
+    eprintln!("connector revoke through A → the connector at B stopped in {took:?}");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}\n{}", dc1.log());
+    assert!(!laptop.exited(), "the other agent is unaffected");
+}
