@@ -39,6 +39,64 @@ pub struct RunOptions {
     pub tcp_congestion: reachback_tunnel::Congestion,
     /// how to trust the API (CA pin, plain HTTP allowed or not)
     pub trust: ApiTrust,
+    /// SOCKS5 users and passwords (RFC 1929); required on a listener that is not loopback
+    pub socks5_credentials: Option<Arc<Socks5Credentials>>,
+}
+
+/// The users a SOCKS5 listener accepts: a file of `username:password` lines
+/// (`#` starts a comment), readable by its owner only. Passwords are kept as their
+/// SHA-256 and compared in constant time.
+#[derive(Clone, Default)]
+pub struct Socks5Credentials {
+    users: std::collections::HashMap<String, [u8; 32]>,
+}
+
+impl std::fmt::Debug for Socks5Credentials {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Socks5Credentials").field("users", &self.users.len()).finish()
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
+impl Socks5Credentials {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Socks5Credentials> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).with_context(|| format!("reading --socks5-credentials {}", path.display()))?.permissions().mode();
+        anyhow::ensure!(mode & 0o077 == 0, "--socks5-credentials {} is readable by others (mode {:o}): chmod 600 it", path.display(), mode & 0o777);
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading --socks5-credentials {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("--socks5-credentials {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Socks5Credentials> {
+        let mut users = std::collections::HashMap::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((user, password)) = line.split_once(':') else { anyhow::bail!("line {}: expected username:password", number + 1) };
+            anyhow::ensure!(
+                (1..=255).contains(&user.len()) && (1..=255).contains(&password.len()),
+                "line {}: a username and a password are 1 to 255 bytes",
+                number + 1
+            );
+            users.insert(user.to_string(), digest(password.as_bytes()));
+        }
+        anyhow::ensure!(!users.is_empty(), "no username:password line");
+        Ok(Socks5Credentials { users })
+    }
+
+    /// Whether the pair is known; the work done does not depend on where a password differs.
+    pub fn check(&self, user: &[u8], password: &[u8]) -> bool {
+        let offered = digest(password);
+        let Some(expected) = std::str::from_utf8(user).ok().and_then(|user| self.users.get(user)) else { return false };
+        expected.iter().zip(offered.iter()).fold(0u8, |difference, (left, right)| difference | (left ^ right)) == 0
+    }
 }
 
 /// Enrolls with the provisioning key unless the state directory holds this
@@ -126,15 +184,26 @@ fn transparent_listener(address: SocketAddr, congestion: &reachback_tunnel::Cong
 
 /// Runs the connector until `shutdown` resolves; the routing it installed is removed on the way out.
 pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    if let Some(listen) = options.socks5_listen {
+        // refused before anything else happens (no enrollment, no listener)
+        anyhow::ensure!(
+            options.socks5_credentials.is_some() || listen.ip().is_loopback(),
+            "a SOCKS5 listener on {listen} (not loopback) needs --socks5-credentials FILE (lines username:password, mode 600)"
+        );
+    }
     ensure_enrolled(&options)?;
     let (state, _) = client::load_state(&options.state_dir)?;
     if let Some(listen) = options.socks5_listen {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the SOCKS5 listener on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "SOCKS5 listener ready");
         let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
-        let accept = tokio::spawn(accept_loop(listener, connection_rx, |stream, source, tunnel| async move {
-            if let Err(error) = serve_socks(stream, source, tunnel).await {
-                tracing::debug!(%source, error = format!("{error:#}"), "SOCKS5 client dropped");
+        let credentials = options.socks5_credentials.clone();
+        let accept = tokio::spawn(accept_loop(listener, connection_rx, move |stream, source, tunnel| {
+            let credentials = credentials.clone();
+            async move {
+                if let Err(error) = serve_socks(stream, source, tunnel, credentials).await {
+                    tracing::debug!(%source, error = format!("{error:#}"), "SOCKS5 client dropped");
+                }
             }
         }));
         let result = tunnel_loop(&state, &options, None, connection_tx, shutdown).await;
@@ -261,7 +330,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tun
             return End::Tcp(stream).reset();
         }
     };
-    if write_frame(&mut send, &FlowOpen { destination, source }).await.is_err() {
+    if write_frame(&mut send, &FlowOpen { destination, source, user: None }).await.is_err() {
         return End::Tcp(stream).reset();
     }
     // bytes the server sent with its connect ride in the same TLS record as the request
@@ -315,10 +384,16 @@ fn early_bytes(stream: &tokio::net::TcpStream) -> std::io::Result<Option<bytes::
 
 /// One SOCKS5 client: handshake, then the flow; the CONNECT is answered only
 /// after the agent answered (a true connect result, unlike TPROXY).
-async fn serve_socks(mut stream: tokio::net::TcpStream, source: SocketAddr, tunnel: Option<Connection>) -> anyhow::Result<()> {
+async fn serve_socks(
+    mut stream: tokio::net::TcpStream,
+    source: SocketAddr,
+    tunnel: Option<Connection>,
+    credentials: Option<Arc<Socks5Credentials>>,
+) -> anyhow::Result<()> {
     use reachback_proto::socks5;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = stream.set_nodelay(true);
+    let mut user = None;
     let handshake = async {
         let mut head = [0u8; 2];
         stream.read_exact(&mut head).await?;
@@ -326,9 +401,26 @@ async fn serve_socks(mut stream: tokio::net::TcpStream, source: SocketAddr, tunn
         let mut greeting = vec![0u8; length];
         greeting[..2].copy_from_slice(&head);
         stream.read_exact(&mut greeting[2..]).await?;
-        let method = socks5::choose_method(&greeting);
+        let method = socks5::choose_method(&greeting, credentials.is_some());
         stream.write_all(&method).await?;
-        anyhow::ensure!(method[1] == 0, "the client offers no method without authentication");
+        anyhow::ensure!(method[1] != socks5::METHOD_REFUSED, "the client offers no acceptable method");
+        if let Some(credentials) = &credentials {
+            // RFC 1929: [1, ulen, user, plen, password]
+            let mut head = [0u8; 2];
+            stream.read_exact(&mut head).await?;
+            let mut rest = vec![0u8; head[1] as usize + 1];
+            stream.read_exact(&mut rest).await?;
+            let password_length = rest.last().copied().unwrap_or(0) as usize;
+            let mut password = vec![0u8; password_length];
+            stream.read_exact(&mut password).await?;
+            let mut request = head.to_vec();
+            request.extend_from_slice(&rest);
+            request.extend_from_slice(&password);
+            let accepted = socks5::parse_password_request(&request).filter(|(name, password)| credentials.check(name, password));
+            stream.write_all(&socks5::password_reply(accepted.is_some())).await?;
+            let Some((name, _)) = accepted else { anyhow::bail!("SOCKS5 authentication failed") };
+            user = Some(String::from_utf8_lossy(name).into_owned());
+        }
         let mut head = [0u8; 5];
         stream.read_exact(&mut head).await?;
         let Some(length) = socks5::request_length(head) else {
@@ -353,7 +445,7 @@ async fn serve_socks(mut stream: tokio::net::TcpStream, source: SocketAddr, tunn
         anyhow::bail!("no tunnel to the broker");
     };
     let (mut send, mut recv) = tunnel.open_bi().await?;
-    write_frame(&mut send, &FlowOpen { destination, source }).await?;
+    write_frame(&mut send, &FlowOpen { destination, source, user }).await?;
     let answer = tokio::time::timeout(FLOW_REPLY_TIMEOUT, reachback_tunnel::read_frame::<reachback_proto::FlowReply>(&mut recv)).await;
     match answer {
         Ok(Ok(Some(reachback_proto::FlowReply::Ok))) => {

@@ -71,6 +71,9 @@ pub struct FlowOpen {
     pub destination: SocketAddr,
     /// the server that connects (as the connector saw it)
     pub source: SocketAddr,
+    /// the name a SOCKS5 client authenticated with (RFC 1929), when it did
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// Why a flow was not opened.

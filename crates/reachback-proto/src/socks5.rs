@@ -1,5 +1,5 @@
 //! SOCKS5 (RFC 1928) as the connector's unprivileged ingress speaks it: no
-//! authentication, CONNECT only, IPv4 and IPv6 destinations (and domain names that
+//! authentication on loopback, username/password (RFC 1929) required elsewhere, CONNECT only, IPv4 and IPv6 destinations (and domain names that
 //! are address literals). Parsing only; the shell reads the bytes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -29,10 +29,39 @@ pub fn greeting_length(head: [u8; 2]) -> Option<usize> {
     (head[0] == 5 && head[1] > 0).then_some(2 + head[1] as usize)
 }
 
-/// The method reply to a complete greeting: no authentication when offered, else "no acceptable method".
-pub fn choose_method(greeting: &[u8]) -> [u8; 2] {
+/// The method "no authentication".
+pub const METHOD_NONE: u8 = 0x00;
+/// The method "username/password" (RFC 1929).
+pub const METHOD_PASSWORD: u8 = 0x02;
+/// No acceptable method.
+pub const METHOD_REFUSED: u8 = 0xFF;
+
+/// The method reply to a complete greeting: no authentication when offered and
+/// none is required, username/password when required and offered, else "no acceptable method".
+pub fn choose_method(greeting: &[u8], password_required: bool) -> [u8; 2] {
     let offered = greeting.get(2..).unwrap_or_default();
-    if offered.contains(&0x00) { [5, 0x00] } else { [5, 0xFF] }
+    let wanted = if password_required { METHOD_PASSWORD } else { METHOD_NONE };
+    if offered.contains(&wanted) { [5, wanted] } else { [5, METHOD_REFUSED] }
+}
+
+/// Parses a complete RFC 1929 request `[1, ulen, user…, plen, pass…]` into
+/// (username, password); `None` when malformed.
+pub fn parse_password_request(request: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (&version, rest) = request.split_first()?;
+    if version != 1 {
+        return None;
+    }
+    let (&user_length, rest) = rest.split_first()?;
+    let user = rest.get(..user_length as usize)?;
+    let rest = rest.get(user_length as usize..)?;
+    let (&password_length, rest) = rest.split_first()?;
+    let password = rest.get(..password_length as usize)?;
+    (rest.len() == password_length as usize && !user.is_empty()).then_some((user, password))
+}
+
+/// The RFC 1929 status reply: success or failure (the client must then close).
+pub fn password_reply(accepted: bool) -> [u8; 2] {
+    [1, if accepted { 0 } else { 1 }]
 }
 
 /// How many bytes the request has, from its first five bytes
@@ -97,8 +126,10 @@ mod tests {
         assert_eq!(greeting_length([5, 2]), Some(4));
         assert_eq!(greeting_length([4, 1]), None, "SOCKS4 is not spoken");
         assert_eq!(greeting_length([5, 0]), None);
-        assert_eq!(choose_method(&[5, 2, 0x02, 0x00]), [5, 0]);
-        assert_eq!(choose_method(&[5, 1, 0x02]), [5, 0xFF], "only username/password offered");
+        assert_eq!(choose_method(&[5, 2, 0x02, 0x00], false), [5, 0]);
+        assert_eq!(choose_method(&[5, 1, 0x02], false), [5, 0xFF], "only username/password offered");
+        assert_eq!(choose_method(&[5, 2, 0x02, 0x00], true), [5, 0x02], "a password is required");
+        assert_eq!(choose_method(&[5, 1, 0x00], true), [5, 0xFF], "no authentication is not acceptable then");
         let v4 = [5, 1, 0, 1, 100, 64, 0, 7, 0x01, 0xBD];
         assert_eq!(request_length([5, 1, 0, 1, 100]), Some(10));
         assert_eq!(parse_request(&v4), SocksRequest::Connect("100.64.0.7:445".parse().unwrap_or_else(|_| unreachable!())));
@@ -125,12 +156,24 @@ mod tests {
     }
 
     #[test]
+    fn username_password_requests() {
+        assert_eq!(parse_password_request(&[1, 3, b'b', b'o', b'b', 2, b'p', b'w']), Some((&b"bob"[..], &b"pw"[..])));
+        assert_eq!(parse_password_request(&[1, 0, 0]), None, "an empty username");
+        assert_eq!(parse_password_request(&[2, 1, b'a', 0]), None, "another version");
+        assert_eq!(parse_password_request(&[1, 3, b'b', b'o']), None, "cut short");
+        assert_eq!(parse_password_request(&[1, 1, b'a', 1, b'p', b'x']), None, "bytes past the password");
+        assert_eq!(password_reply(true), [1, 0]);
+        assert_eq!(password_reply(false), [1, 1]);
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic() {
         for length in 0..24 {
             for fill in [0u8, 1, 3, 4, 5, 255] {
                 let bytes = vec![fill; length];
                 let _ = parse_request(&bytes);
-                let _ = choose_method(&bytes);
+                let _ = choose_method(&bytes, true);
+                let _ = parse_password_request(&bytes);
             }
         }
     }

@@ -615,6 +615,9 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
         range_id: &agent.range_id,
     };
     let decision = state.broker.policy().evaluate(&facts);
+    if let Some(user) = &open.user {
+        tracing::debug!(%destination, source = %open.source, user = %user, "flow from an authenticated SOCKS5 user");
+    }
     if decision.action == Action::Deny {
         state.metrics.flows_denied.inc();
         tracing::info!(%destination, source = %open.source, connector_id = %connector_id, rule = decision.rule_name.as_deref().unwrap_or("default deny"), "flow denied");

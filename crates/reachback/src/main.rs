@@ -147,6 +147,9 @@ struct ConnectorRunArgs {
     /// SOCKS5 listen address (socks5 mode)
     #[arg(long, env = "REACHBACK_SOCKS5_LISTEN", default_value = "127.0.0.1:1080")]
     socks5_listen: SocketAddr,
+    /// SOCKS5 users: a file of username:password lines, mode 600 (required when --socks5-listen is not loopback)
+    #[arg(long, env = "REACHBACK_SOCKS5_CREDENTIALS")]
+    socks5_credentials: Option<PathBuf>,
     /// Local port intercepted connections are handed to
     #[arg(long, env = "REACHBACK_TPROXY_PORT", default_value_t = 15001)]
     tproxy_port: u16,
@@ -474,6 +477,10 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
         key: read_key(args.key, args.key_file.as_ref())?,
         server: args.server,
         trust: args.trust.trust(),
+        socks5_credentials: match &args.socks5_credentials {
+            Some(path) => Some(std::sync::Arc::new(reachback_connector::Socks5Credentials::load(path)?)),
+            None => None,
+        },
         state_dir: args.state_dir.unwrap_or_else(|| reachback_tunnel::client::default_state_dir("connector")),
         tproxy_port: args.tproxy_port,
         routing: reachback_connector::nft::Routing { table: args.nft_table, fwmark: args.fwmark, route_table: args.route_table },

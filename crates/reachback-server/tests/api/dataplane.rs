@@ -138,7 +138,7 @@ fn enroll_connector(base: &str, key: &str) -> (TlsMaterial, Vec<String>) {
 
 async fn open_flow(connection: &Connection, destination: &str) -> (FlowReply, SendStream, RecvStream) {
     let (mut send, mut recv) = connection.open_bi().await.expect("stream");
-    write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.1.2.3:40000".parse().expect("address") })
+    write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.1.2.3:40000".parse().expect("address"), user: None })
         .await
         .expect("write");
     let reply =

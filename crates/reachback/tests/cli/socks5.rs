@@ -59,7 +59,7 @@ fn socks5_connector_reaches_a_client_and_reports_refusals() {
     let socks = free_port();
     let connector_state = temp.0.join("connector").to_string_lossy().into_owned();
     let socks_listen = format!("127.0.0.1:{socks}");
-    let _connector = spawn(&[
+    let connector = spawn(&[
         BIN,
         "connector",
         "run",
@@ -96,4 +96,54 @@ fn socks5_connector_reaches_a_client_and_reports_refusals() {
     let (code, _, stderr) = curl(socks, &format!("http://100.64.0.2:{web_port}/"));
     assert_ne!(code, 0);
     assert!(stderr.contains("(4)") || stderr.to_lowercase().contains("unreachable"), "no agent → host unreachable: {stderr}");
+
+    // off loopback a SOCKS5 listener requires RFC 1929 username/password: refused to start without
+    drop(connector);
+    let open_socks = free_port();
+    let open_listen = format!("0.0.0.0:{open_socks}");
+    let refused = Command::new(BIN)
+        .args(["connector", "run", "--server", &server.base, "--mode", "socks5", "--socks5-listen", &open_listen, "--state-dir", &connector_state])
+        .output()
+        .expect("connector runs");
+    let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success() && message.contains("--socks5-credentials"), "{message}");
+    let credentials = temp.0.join("socks-users");
+    std::fs::write(&credentials, "# help desk\nhelpdesk:correct horse\n").expect("credentials");
+    std::fs::set_permissions(&credentials, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let credentials_text = credentials.to_string_lossy().into_owned();
+    let _open = spawn(&[
+        BIN,
+        "connector",
+        "run",
+        "--server",
+        &server.base,
+        "--mode",
+        "socks5",
+        "--socks5-listen",
+        &open_listen,
+        "--socks5-credentials",
+        &credentials_text,
+        "--state-dir",
+        &connector_state,
+    ]);
+    let with_user = |user: Option<&str>| {
+        let proxy = format!("127.0.0.1:{open_socks}");
+        let mut args = vec!["-sS", "-m", "10", "--socks5", &proxy];
+        if let Some(user) = user {
+            args.extend(["--proxy-user", user]);
+        }
+        args.push(&url);
+        let output = Command::new("curl").args(&args).output().expect("curl runs");
+        (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let started = Instant::now();
+    let mut outcome = with_user(Some("helpdesk:correct horse"));
+    while outcome.0 != 0 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+        outcome = with_user(Some("helpdesk:correct horse"));
+    }
+    assert_eq!(outcome, (0, "hello over socks\n".to_string()), "the right password gets through");
+    assert_ne!(with_user(Some("helpdesk:wrong")).0, 0, "a wrong password is refused");
+    assert_ne!(with_user(Some("nobody:correct horse")).0, 0, "an unknown user is refused");
+    assert_ne!(with_user(None).0, 0, "no authentication is refused");
 }
