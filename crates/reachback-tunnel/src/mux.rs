@@ -1196,12 +1196,15 @@ mod tests {
     }
 
     async fn read_raw(raw: &mut tokio::io::DuplexStream) -> (FrameKind, u32, Vec<u8>) {
-        let mut header = [0u8; MUX_HEADER];
-        raw.read_exact(&mut header).await.expect("read");
-        let header = decode_header(header).expect("a valid header");
-        let mut payload = vec![0u8; header.length];
-        raw.read_exact(&mut payload).await.expect("read");
-        (header.kind, header.stream, payload)
+        let read = async {
+            let mut header = [0u8; MUX_HEADER];
+            raw.read_exact(&mut header).await.expect("read");
+            let header = decode_header(header).expect("a valid header");
+            let mut payload = vec![0u8; header.length];
+            raw.read_exact(&mut payload).await.expect("read");
+            (header.kind, header.stream, payload)
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await.expect("a frame should have come")
     }
 
     /// Why the connection closed; fails the test when it stays open.
