@@ -1415,6 +1415,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn data_for_a_stream_that_is_gone_goes_back_to_the_connection_window() {
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
+        let payload = vec![4u8; MAX_DATA];
+        let mut kept = Vec::new();
+        // more than the connection's window, all of it sent after its stream was done with
+        for index in 0..(INITIAL_CONNECTION_WINDOW / INITIAL_WINDOW + 4) {
+            let id = 2 * index + 1;
+            send_raw(&mut raw, FrameKind::Open, id, &[]).await;
+            let (mut send, mut recv) = server.accept_bi().await.expect("accept");
+            recv.stop(1);
+            if index % 2 == 0 {
+                // both halves done: the stream is forgotten
+                send.reset(1);
+            } else {
+                // the receiving half is done, the record stays for the sending half
+                kept.push(send);
+            }
+            for _ in 0..(INITIAL_WINDOW as usize / MAX_DATA) {
+                send_raw(&mut raw, FrameKind::Data, id, &payload).await;
+            }
+        }
+        // frames are handled in order: once this arrives, all of the above was
+        let sync = 2 * (INITIAL_CONNECTION_WINDOW / INITIAL_WINDOW + 4) + 1;
+        send_raw(&mut raw, FrameKind::Open, sync, &[]).await;
+        send_raw(&mut raw, FrameKind::Data, sync, b"sync").await;
+        let (_send, mut recv) = server.accept_bi().await.expect("the connection goes on");
+        assert_eq!(recv.read_chunk().await.expect("read").as_deref(), Some(&b"sync"[..]));
+        assert_eq!(server.buffered_bytes(), 0, "every byte went back");
+        assert!(server.close_reason().is_none(), "{:?}", server.close_reason());
+    }
+
+    #[tokio::test]
     async fn credit_grants_past_the_maximum_are_a_violation() {
         let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
         let (_send, _recv) = server.open_bi().await.expect("open");
