@@ -246,7 +246,9 @@ async fn tunnel_loop(
         let attempt = async {
             // read at every attempt: a certificate renewed on the last tunnel (or over the API, when it expired) is used
             let (_, material) = client::material_for_next_tunnel(&options.state_dir, "connector").await?;
-            let endpoint = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone());
+            // the broker never opens streams towards a connector: one that does is cut off
+            let limits = reachback_tunnel::MuxLimits { accept_streams: false, ..reachback_tunnel::MuxLimits::default() };
+            let endpoint = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone()).with_limits(limits);
             let mode = if routing.is_some() { "tproxy" } else { "socks5" };
             let tunnel = client::connect(&endpoint, &state.broker_endpoints, ClientRole::Connector, Some(mode), &options.version).await?;
             Ok::<_, anyhow::Error>((tunnel, material.certificate_pem))

@@ -26,6 +26,7 @@ pub use liveness::{Liveness, LivenessAction};
 pub use message::{ClientRole, Control, FlowOpen, FlowReply, Refusal, Welcome};
 
 /// The ALPN protocol id of the tunnel.
-pub const ALPN: &[u8] = b"reachback/1";
+/// Version 2: the multiplexer has a connection-level window (peers of version 1 would stall).
+pub const ALPN: &[u8] = b"reachback/2";
 /// The name the broker's certificate carries and clients verify (the CA is private).
 pub const BROKER_SERVER_NAME: &str = "broker.reachback.internal";

@@ -7,6 +7,13 @@
 //! at most the receiver's window of unread bytes outstanding, and the receiver
 //! grants more (`Window`) as its application consumes data. Memory per stream is
 //! therefore bounded, and a slow reader slows its writer.
+//!
+//! On top of that, each direction of the whole connection has a credit window
+//! (like HTTP/2's connection window): the bytes a sender has outstanding across
+//! all its streams are bounded by the receiver's budget, granted with `Window`
+//! frames on stream 0. Both sides start with [`INITIAL_CONNECTION_WINDOW`]; a
+//! receiver with a larger budget grants the difference right at the start. Memory
+//! per connection is therefore bounded too, however many streams it carries.
 
 /// Size of a frame header.
 pub const MUX_HEADER: usize = 9;
@@ -14,6 +21,16 @@ pub const MUX_HEADER: usize = 9;
 pub const MAX_DATA: usize = 64 * 1024;
 /// Credit each stream direction starts with.
 pub const INITIAL_WINDOW: u32 = 1024 * 1024;
+/// Credit each connection direction starts with, shared by all its streams.
+pub const INITIAL_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// The most send credit one stream may hold. The receiver grants at most what its
+/// application consumed, so an honest peer never gives more than its window
+/// ([`INITIAL_WINDOW`]); the margin leaves room for larger windows later. More is
+/// a peer inviting us to queue without bound.
+pub const MAX_STREAM_CREDIT: u64 = 16 * 1024 * 1024;
+/// The most connection send credit a peer may give: also the largest connection
+/// budget a receiver may have (see [`ConnectionWindow::new`]).
+pub const MAX_CONNECTION_CREDIT: u64 = 1024 * 1024 * 1024;
 /// The largest payload of a non-data frame (close reasons, codes).
 const MAX_CONTROL: usize = 1024;
 
@@ -69,8 +86,20 @@ pub enum MuxError {
     BadPayload(FrameKind),
     #[error("the peer sent {sent} bytes on stream {stream} beyond its credit")]
     CreditExceeded { stream: u32, sent: u64 },
+    #[error("the peer sent {sent} bytes beyond the connection's credit")]
+    ConnectionCreditExceeded { sent: u64 },
     #[error("stream id {0} is not the peer's to open")]
     WrongStreamId(u32),
+    /// a stream opened while the receiver accepts none (an agent's tunnel after its control stream, a connector's)
+    #[error("the peer opened stream {0}, which it was not asked for")]
+    UnsolicitedStream(u32),
+    /// an empty data frame takes no credit, so it would be the one frame a peer could queue without bound
+    #[error("the peer sent an empty data frame on stream {0}")]
+    EmptyData(u32),
+    #[error("the peer sent a {kind:?} frame on stream {stream} after it ended the stream")]
+    AfterEnd { kind: FrameKind, stream: u32 },
+    #[error("the peer granted stream {stream} a credit of {credit} bytes, more than any receiver buffers")]
+    CreditOverflow { stream: u32, credit: u64 },
 }
 
 pub fn encode_header(kind: FrameKind, stream: u32, length: usize) -> [u8; MUX_HEADER] {
@@ -96,6 +125,9 @@ pub fn decode_header(bytes: [u8; MUX_HEADER]) -> Result<FrameHeader, MuxError> {
     if length > limit || (exact && length != 4) {
         return Err(if length > limit { MuxError::Oversized { kind, length } } else { MuxError::BadPayload(kind) });
     }
+    if kind == FrameKind::Data && length == 0 {
+        return Err(MuxError::EmptyData(stream));
+    }
     Ok(FrameHeader { kind, stream, length })
 }
 
@@ -107,6 +139,25 @@ pub fn decode_u32(kind: FrameKind, payload: &[u8]) -> Result<u32, MuxError> {
 /// Whether the peer may open `stream`: clients open odd ids, the broker even ones, never 0.
 pub fn peer_may_open(stream: u32, we_are_client: bool) -> bool {
     stream != 0 && stream.is_multiple_of(2) == we_are_client
+}
+
+/// The id after `id` among those of its parity: the client's odd ids and the
+/// broker's even ones each wrap around within their parity (never to 0), so a
+/// long-lived connection never runs out. The caller skips ids still in use.
+pub fn next_stream_id(id: u32) -> u32 {
+    id.checked_add(2).unwrap_or(if id.is_multiple_of(2) { 2 } else { 1 })
+}
+
+/// The sender's credit after a `Window` grant of `increment` on `stream` (0: the
+/// connection); refused when it goes past [`MAX_STREAM_CREDIT`] or
+/// [`MAX_CONNECTION_CREDIT`].
+pub fn add_credit(credit: u64, increment: u32, stream: u32) -> Result<u64, MuxError> {
+    let maximum = if stream == 0 { MAX_CONNECTION_CREDIT } else { MAX_STREAM_CREDIT };
+    let credit = credit.saturating_add(increment as u64);
+    if credit > maximum {
+        return Err(MuxError::CreditOverflow { stream, credit });
+    }
+    Ok(credit)
 }
 
 /// The receiving side's credit bookkeeping for one stream direction.
@@ -145,6 +196,59 @@ impl ReceiveWindow {
         }
         None
     }
+
+    /// Bytes received and not yet consumed.
+    pub fn buffered(&self) -> u64 {
+        self.outstanding.saturating_sub(self.consumed as u64)
+    }
+}
+
+/// The receiving side's credit bookkeeping for a whole connection: the memory
+/// budget of what the peer may have sent and the application not yet consumed,
+/// across all streams. Bytes count as consumed when the application reads them,
+/// and also when they are thrown away (a stream reset, stopped or forgotten with
+/// data still buffered, data for a stream that is gone): otherwise the peer's
+/// credit would shrink for good and the connection slowly starve.
+#[derive(Clone, Debug)]
+pub struct ConnectionWindow {
+    window: ReceiveWindow,
+    budget: u32,
+}
+
+impl ConnectionWindow {
+    /// A budget of `budget` bytes, held between [`INITIAL_CONNECTION_WINDOW`] (the
+    /// peer may send that much before hearing from us) and [`MAX_CONNECTION_CREDIT`]
+    /// (the most a peer accepts as credit).
+    pub fn new(budget: u64) -> Self {
+        let budget = budget.clamp(INITIAL_CONNECTION_WINDOW as u64, MAX_CONNECTION_CREDIT) as u32;
+        ConnectionWindow { window: ReceiveWindow::new(budget), budget }
+    }
+
+    pub fn budget(&self) -> u32 {
+        self.budget
+    }
+
+    /// The grant to send on stream 0 as the connection starts: what the budget
+    /// holds beyond the initial window both sides assume.
+    pub fn initial_grant(&self) -> Option<u32> {
+        Some(self.budget - INITIAL_CONNECTION_WINDOW).filter(|grant| *grant > 0)
+    }
+
+    /// Data arrived on any stream; refused when the peer went past the connection's credit.
+    pub fn on_data(&mut self, length: usize) -> Result<(), MuxError> {
+        self.window.on_data(0, length).map_err(|_| MuxError::ConnectionCreditExceeded { sent: self.window.outstanding })
+    }
+
+    /// Bytes were consumed or thrown away: the credit to grant on stream 0 now, if
+    /// any (batched to half the budget, as streams batch theirs).
+    pub fn on_consumed(&mut self, length: usize) -> Option<u32> {
+        self.window.on_consumed(length)
+    }
+
+    /// Bytes received and not yet consumed, across all streams.
+    pub fn buffered(&self) -> u64 {
+        self.window.buffered()
+    }
 }
 
 #[cfg(test)]
@@ -173,6 +277,71 @@ mod tests {
         assert_eq!(window.on_consumed(300), Some(600));
         assert!(window.on_data(1, 1000).is_ok(), "the grant made room for a full window again");
         assert_eq!(window.on_data(1, 1), Err(MuxError::CreditExceeded { stream: 1, sent: 1001 }));
+    }
+
+    #[test]
+    fn empty_data_frames_are_refused_and_other_empty_frames_are_not() {
+        assert_eq!(decode_header(encode_header(FrameKind::Data, 5, 0)), Err(MuxError::EmptyData(5)));
+        assert!(decode_header(encode_header(FrameKind::Open, 5, 0)).is_ok());
+        assert!(decode_header(encode_header(FrameKind::Fin, 5, 0)).is_ok());
+        assert!(decode_header(encode_header(FrameKind::GoAway, 0, 0)).is_ok());
+    }
+
+    #[test]
+    fn stream_ids_wrap_within_their_parity_and_never_reach_zero() {
+        assert_eq!(next_stream_id(1), 3);
+        assert_eq!(next_stream_id(2), 4);
+        assert_eq!(next_stream_id(u32::MAX - 2), u32::MAX);
+        assert_eq!(next_stream_id(u32::MAX), 1, "the client's odd ids start over");
+        assert_eq!(next_stream_id(u32::MAX - 1), 2, "the broker's even ids start over");
+        assert_eq!(next_stream_id(u32::MAX - 3), u32::MAX - 1);
+    }
+
+    #[test]
+    fn credit_grants_past_the_maximum_are_refused() {
+        assert_eq!(add_credit(0, INITIAL_WINDOW, 1), Ok(INITIAL_WINDOW as u64));
+        assert_eq!(add_credit(MAX_STREAM_CREDIT - 1, 1, 1), Ok(MAX_STREAM_CREDIT));
+        assert_eq!(add_credit(MAX_STREAM_CREDIT, 1, 1), Err(MuxError::CreditOverflow { stream: 1, credit: MAX_STREAM_CREDIT + 1 }));
+        // stream 0 is the connection, with its own, larger, maximum
+        assert_eq!(
+            add_credit(INITIAL_CONNECTION_WINDOW as u64, u32::MAX, 0),
+            Err(MuxError::CreditOverflow { stream: 0, credit: INITIAL_CONNECTION_WINDOW as u64 + u32::MAX as u64 })
+        );
+        assert_eq!(add_credit(MAX_CONNECTION_CREDIT - 10, 10, 0), Ok(MAX_CONNECTION_CREDIT));
+        assert!(add_credit(MAX_CONNECTION_CREDIT, 1, 0).is_err());
+        assert_eq!(add_credit(u64::MAX, u32::MAX, 0), Err(MuxError::CreditOverflow { stream: 0, credit: u64::MAX }), "no overflow");
+    }
+
+    #[test]
+    fn the_connection_window_bounds_what_all_streams_hold_and_grants_it_back_in_batches() {
+        let mut window = ConnectionWindow::new(0);
+        assert_eq!(window.budget(), INITIAL_CONNECTION_WINDOW, "a budget below the initial window cannot be kept");
+        assert_eq!(window.initial_grant(), None);
+        let half = INITIAL_CONNECTION_WINDOW as usize / 2;
+        assert!(window.on_data(half).is_ok() && window.on_data(half).is_ok());
+        assert_eq!(window.buffered(), INITIAL_CONNECTION_WINDOW as u64);
+        assert_eq!(window.on_data(1), Err(MuxError::ConnectionCreditExceeded { sent: INITIAL_CONNECTION_WINDOW as u64 + 1 }));
+
+        let mut window = ConnectionWindow::new(0);
+        assert!(window.on_data(INITIAL_CONNECTION_WINDOW as usize).is_ok());
+        assert_eq!(window.on_consumed(half - 1), None, "small consumption is not granted at once");
+        assert_eq!(window.buffered(), (half + 1) as u64);
+        assert_eq!(window.on_consumed(1), Some(half as u32));
+        assert!(window.on_data(half).is_ok(), "the grant made room again");
+        assert_eq!(window.on_data(1), Err(MuxError::ConnectionCreditExceeded { sent: INITIAL_CONNECTION_WINDOW as u64 + 1 }));
+    }
+
+    #[test]
+    fn a_larger_budget_is_granted_at_the_start_and_held_below_the_maximum() {
+        let window = ConnectionWindow::new(64 * 1024 * 1024);
+        assert_eq!(window.initial_grant(), Some(48 * 1024 * 1024));
+        let mut window = ConnectionWindow::new(u64::MAX);
+        assert_eq!(window.budget() as u64, MAX_CONNECTION_CREDIT);
+        let grant = window.initial_grant().expect("a grant");
+        // what the peer then holds is exactly the most it accepts
+        assert_eq!(add_credit(INITIAL_CONNECTION_WINDOW as u64, grant, 0), Ok(MAX_CONNECTION_CREDIT));
+        assert!(window.on_data(MAX_CONNECTION_CREDIT as usize).is_ok());
+        assert!(window.on_data(1).is_err());
     }
 
     #[test]

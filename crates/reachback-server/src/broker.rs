@@ -188,7 +188,12 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
     let listener = Arc::new(
         TunnelListener::bind_with_certificate(state.config.tunnel_listen, &state.ca.certificate_pem, certificate.clone())
             .await?
-            .with_congestion(state.config.tcp_congestion.clone()),
+            .with_congestion(state.config.tcp_congestion.clone())
+            .with_limits(reachback_tunnel::MuxLimits {
+                max_streams: state.config.tunnel_max_flows,
+                connection_window: state.config.tunnel_memory,
+                ..reachback_tunnel::MuxLimits::default()
+            }),
     );
     let local = listener.local_addr()?;
     let _ = state.broker.tunnel_address.set(local);
@@ -266,6 +271,10 @@ async fn serve_tunnel(state: SharedState, connection: Connection) -> anyhow::Res
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await.context("no control stream in time")??;
     let hello: Control = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await.context("no hello in time")??.context("control stream closed")?;
     let Control::Hello { role, version, mode } = hello else { anyhow::bail!("the first control message was not a hello") };
+    if role == ClientRole::Agent {
+        // the broker opens an agent's flows; a stream an agent opens is a violation that ends its tunnel
+        connection.stop_accepting();
+    }
     match (role, identity.kind.as_str()) {
         (ClientRole::Agent, "device") => serve_agent(state, connection, identity, send, recv).await,
         (ClientRole::Connector, "connector") => serve_connector(state, connection, identity, version, mode, send, recv).await,

@@ -85,7 +85,16 @@ pub struct ServerConfig {
     pub certificate_lifetime: std::time::Duration,
     /// limits of the HTTP server
     pub http_limits: HttpLimits,
+    /// flows (streams) one tunnel may hold at once; more are refused one by one
+    pub tunnel_max_flows: usize,
+    /// bytes a peer may have in flight towards this server across one tunnel's flows
+    pub tunnel_memory: u64,
 }
+
+/// Flows one tunnel may hold at once by default.
+pub const DEFAULT_TUNNEL_MAX_FLOWS: usize = 16_384;
+/// Bytes in flight from one peer by default: a connector's bulk flows share it.
+pub const DEFAULT_TUNNEL_MEMORY: u64 = 64 * 1024 * 1024;
 
 /// Limits of the HTTP server against slow or numerous clients.
 #[derive(Clone, Debug)]

@@ -14,7 +14,7 @@ pub mod tls;
 pub mod wire;
 
 pub use api_client::{ApiClient, ApiTrust};
-pub use mux::{Connection, RecvStream, SendStream, StreamError};
+pub use mux::{Connection, MuxLimits, RecvStream, SendStream, StreamError};
 pub use relay::{AwaitReply, End, RelayOptions, RelayTotals, relay};
 pub use socket::Congestion;
 pub use tls::{PeerIdentity, TlsMaterial, TunnelConnector, TunnelListener, peer_identity};

@@ -3,17 +3,31 @@
 //! connection; streams are cheap (a small shared record and a queue), opening one
 //! costs a single frame and no handshake.
 //!
-//! Frames to send go through one ordered queue, so a stream's `Fin` never overtakes
-//! its data. The queue needs no bound of its own: data frames wait for credit
-//! first, so what is queued never exceeds the peers' windows.
+//! What a peer can make us hold is bounded, so one hostile peer cannot exhaust the
+//! memory of a broker that serves thousands ([`MuxLimits`] has the bounds):
+//! - data it sends: a credit window per stream and one per connection; bytes go
+//!   back to the connection's window when the application reads them, and also
+//!   when they are thrown away with their stream;
+//! - streams it opens: a cap on the streams held at once, a smaller one on those
+//!   nobody accepted yet, refusals past either; and a connection that accepts no
+//!   streams ([`Connection::stop_accepting`]) takes an `Open` as a violation;
+//! - frames we send: one ordered queue (a stream's `Fin` never overtakes its
+//!   data) whose bytes and control frames are counted until written. Data frames
+//!   wait for credit before they are queued; a peer that lets the queue grow past
+//!   its bounds anyway (it grants credit, or makes us answer, and does not read)
+//!   is dropped at once, without waiting to write what is queued.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use reachback_proto::mux::{FrameKind, INITIAL_WINDOW, MAX_DATA, MUX_HEADER, MuxError, ReceiveWindow, decode_header, decode_u32, encode_header, peer_may_open};
+use reachback_proto::mux::{
+    ConnectionWindow, FrameKind, INITIAL_CONNECTION_WINDOW, INITIAL_WINDOW, MAX_CONNECTION_CREDIT, MAX_DATA, MUX_HEADER, MuxError, ReceiveWindow, add_credit,
+    decode_header, decode_u32, encode_header, next_stream_id, peer_may_open,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -29,6 +43,80 @@ pub enum StreamError {
     #[error("the stream is already finished")]
     Finished,
 }
+
+/// The reset code of a stream refused because the connection holds too many.
+pub const STREAM_REFUSED: u32 = 2;
+/// Default of [`MuxLimits::max_streams`].
+pub const DEFAULT_MAX_STREAMS: usize = 65_536;
+/// Default of [`MuxLimits::max_unaccepted_streams`]: over a second of a busy
+/// connector's new flows (3,000 a second) while the accepting task is held up.
+pub const DEFAULT_MAX_UNACCEPTED_STREAMS: usize = 4_096;
+/// Default of [`MuxLimits::connection_window`]: sixteen streams' full windows.
+pub const DEFAULT_CONNECTION_WINDOW: u64 = INITIAL_CONNECTION_WINDOW as u64;
+/// Default of [`MuxLimits::max_queued_frames`]: room for a `Reset` and a `Stop`
+/// for each of [`DEFAULT_MAX_STREAMS`] streams, twice over (a connection dropping
+/// all its flows at once while the network stalls is not a peer that does not read).
+pub const DEFAULT_MAX_QUEUED_FRAMES: usize = 4 * DEFAULT_MAX_STREAMS;
+/// Default of [`MuxLimits::max_queued_bytes`]: the most credit a peer may grant
+/// ([`MAX_CONNECTION_CREDIT`], which bounds the data an honest peer lets us queue),
+/// plus room for control frames.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = MAX_CONNECTION_CREDIT as usize + 16 * 1024 * 1024;
+
+/// Per-connection limits, set when the connection starts;
+/// [`MuxLimits::default`] is what [`Connection::start`] uses. Change fields with
+/// struct update syntax: `MuxLimits { max_streams: 10_000, ..MuxLimits::default() }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MuxLimits {
+    /// Streams held at once, opened by either side, the peer's not yet accepted
+    /// included (the broker's "max flows per tunnel"). A peer opening more has each
+    /// refused with a `Reset` carrying [`STREAM_REFUSED`], and the connection goes
+    /// on. Our own [`Connection::open_bi`] is not held to it: what we open is ours
+    /// to bound. Default [`DEFAULT_MAX_STREAMS`].
+    pub max_streams: usize,
+    /// Streams the peer opened that wait for [`Connection::accept_bi`]; past it the
+    /// peer's new streams are refused as above. Default [`DEFAULT_MAX_UNACCEPTED_STREAMS`].
+    pub max_unaccepted_streams: usize,
+    /// Whether the peer may open streams at all, from the start; see
+    /// [`Connection::stop_accepting`]. A connector, towards which the broker never
+    /// opens streams, sets it to `false`. Default `true`.
+    pub accept_streams: bool,
+    /// The connection's memory budget for received data: bytes the peer may have
+    /// sent and the application not yet read, across all streams (each stream
+    /// also has its own 1 MiB window). Held between
+    /// [`INITIAL_CONNECTION_WINDOW`] (16 MiB) and [`MAX_CONNECTION_CREDIT`]
+    /// (1 GiB). When it is used up, every stream of the connection waits, so it
+    /// should be well above 1 MiB times the streams whose readers may stall at
+    /// once (a relay writing to a slow socket). Default [`DEFAULT_CONNECTION_WINDOW`].
+    pub connection_window: u64,
+    /// Control frames (all but data) queued and not yet written; past it the
+    /// connection is closed as "the peer does not read". Our data frames are not
+    /// counted here: they wait for credit, and their count depends on the sizes
+    /// the application writes, not on the peer. Default [`DEFAULT_MAX_QUEUED_FRAMES`].
+    pub max_queued_frames: usize,
+    /// Bytes of all frames queued and not yet written; past it the connection is
+    /// closed as "the peer does not read". An honest peer's credit keeps our data
+    /// below the budget it was configured with, so this must stay above the
+    /// largest budget peers use (16 MiB unless configured). Default
+    /// [`DEFAULT_MAX_QUEUED_BYTES`].
+    pub max_queued_bytes: usize,
+}
+
+impl Default for MuxLimits {
+    fn default() -> Self {
+        MuxLimits {
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_unaccepted_streams: DEFAULT_MAX_UNACCEPTED_STREAMS,
+            accept_streams: true,
+            connection_window: DEFAULT_CONNECTION_WINDOW,
+            max_queued_frames: DEFAULT_MAX_QUEUED_FRAMES,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+        }
+    }
+}
+
+/// How long a closing connection may spend writing what is queued (its `GoAway`
+/// among it): a peer that does not read must not hold the writer for ever.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Frame {
     kind: FrameKind,
@@ -48,31 +136,111 @@ struct SendSide {
     stopped: Option<u32>,
 }
 
+/// The receiving half's shared state. The reader queues data only under this lock
+/// and only while `closed` is false, so when the half closes, what is queued is all
+/// there will ever be: each byte goes back to the connection's window exactly once.
+struct ReceiveSide {
+    window: ReceiveWindow,
+    /// the peer sent its `Fin` or `Reset`
+    peer_ended: bool,
+    /// the application is done with this half (read the end, stopped, dropped it)
+    closed: bool,
+}
+
 struct StreamShared {
     id: u32,
     send: Mutex<SendSide>,
     credit_changed: Notify,
     inbound: mpsc::UnboundedSender<Inbound>,
-    window: Mutex<ReceiveWindow>,
+    receive: Mutex<ReceiveSide>,
     /// both halves are done: the record can go
     send_done: AtomicBool,
     recv_done: AtomicBool,
 }
 
+/// A stream the peer opened that waits for [`Connection::accept_bi`]. It holds no
+/// handle on the connection, so streams nobody accepts keep no connection alive.
+struct Unaccepted {
+    shared: Arc<StreamShared>,
+    inbound: mpsc::UnboundedReceiver<Inbound>,
+}
+
+/// The streams of a connection, under one lock so the caps, the accept queue and
+/// id allocation agree.
+struct StreamTable {
+    /// every live stream, unaccepted ones included
+    streams: HashMap<u32, Arc<StreamShared>>,
+    unaccepted: VecDeque<Unaccepted>,
+    next_local_id: u32,
+    accepting: bool,
+}
+
+impl StreamTable {
+    /// The next id of our parity that no live stream holds (ids wrap around).
+    fn allocate_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_local_id;
+            self.next_local_id = next_stream_id(id);
+            // after a wrap, a stream opened long ago (the control stream) may still hold its id
+            if !self.streams.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn register(&mut self, id: u32) -> (Arc<StreamShared>, mpsc::UnboundedReceiver<Inbound>) {
+        let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(StreamShared {
+            id,
+            send: Mutex::new(SendSide { credit: INITIAL_WINDOW as u64, stopped: None }),
+            credit_changed: Notify::new(),
+            inbound: inbound_tx,
+            receive: Mutex::new(ReceiveSide { window: ReceiveWindow::new(INITIAL_WINDOW), peer_ended: false, closed: false }),
+            send_done: AtomicBool::new(false),
+            recv_done: AtomicBool::new(false),
+        });
+        self.streams.insert(id, shared.clone());
+        (shared, inbound_rx)
+    }
+}
+
+/// What waits for the writer, counted from queueing until written.
+#[derive(Default)]
+struct QueueGauge {
+    bytes: AtomicU64,
+    control_frames: AtomicU64,
+    /// the writer drops everything at once (the peer does not read, so flushing would wait for ever)
+    abandon: Notify,
+}
+
+impl QueueGauge {
+    fn written(&self, control_frames: u64, bytes: u64) {
+        if control_frames > 0 {
+            self.control_frames.fetch_sub(control_frames, Ordering::Relaxed);
+        }
+        if bytes > 0 {
+            self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 struct Inner {
     is_client: bool,
+    limits: MuxLimits,
     frames: mpsc::UnboundedSender<Frame>,
-    streams: Mutex<HashMap<u32, Arc<StreamShared>>>,
-    accept: tokio::sync::Mutex<mpsc::UnboundedReceiver<(SendStream, RecvStream)>>,
-    accept_tx: mpsc::UnboundedSender<(SendStream, RecvStream)>,
-    next_id: AtomicU32,
+    queue: Arc<QueueGauge>,
+    table: Mutex<StreamTable>,
+    accept_ready: Notify,
+    /// connection credit for what we send, shared by all streams
+    send_credit: AtomicU64,
+    send_credit_changed: Notify,
+    /// the connection's budget for what we receive
+    receive_window: Mutex<ConnectionWindow>,
     closed: watch::Sender<Option<String>>,
     remote: SocketAddr,
     stable_id: u64,
     /// the peer's certificate chain (DER), from the TLS handshake
     peer_certificates: Vec<Vec<u8>>,
-    /// streams held at once before the peer's new ones are refused
-    max_streams: usize,
 }
 
 /// One multiplexed tunnel connection. Cheap to clone.
@@ -83,45 +251,92 @@ pub struct Connection {
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
-/// The most streams one connection holds at once (a peer opening more gets resets).
-pub const MAX_STREAMS: usize = 65_536;
-/// The reset code of a stream refused for that reason.
-pub const STREAM_REFUSED: u32 = 2;
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn code_payload(code: u32) -> Bytes {
+    Bytes::copy_from_slice(&code.to_be_bytes())
+}
+
 impl Inner {
+    /// Queues a frame. Never called with a lock of ours held: going over a queue
+    /// bound shuts the connection, which takes the table's lock.
     fn send_frame(&self, kind: FrameKind, stream: u32, payload: Bytes) {
-        let _ = self.frames.send(Frame { kind, stream, payload });
+        let bytes = (MUX_HEADER + payload.len()) as u64;
+        let control = u64::from(kind != FrameKind::Data);
+        // counted before it is queued, so the writer never takes off what was not added yet
+        let queued_bytes = self.queue.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let queued_control = if control == 0 { 0 } else { self.queue.control_frames.fetch_add(1, Ordering::Relaxed) + 1 };
+        if self.frames.send(Frame { kind, stream, payload }).is_err() {
+            // the writer is gone: nothing more is written
+            self.queue.written(control, bytes);
+            return;
+        }
+        if queued_bytes > self.limits.max_queued_bytes as u64 || queued_control > self.limits.max_queued_frames as u64 {
+            // flushing would wait for the peer for ever: the writer drops the queue at once
+            self.queue.abandon.notify_one();
+            let frames = self.queue.control_frames.load(Ordering::Relaxed);
+            self.shut(format!("the peer does not read: {queued_bytes} bytes ({frames} control frames) wait to be sent"));
+        }
     }
 
     fn closed_reason(&self) -> Option<String> {
         self.closed.borrow().clone()
     }
 
-    fn new_stream(self: &Arc<Self>, id: u32) -> (SendStream, RecvStream) {
-        let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(StreamShared {
-            id,
-            send: Mutex::new(SendSide { credit: INITIAL_WINDOW as u64, stopped: None }),
-            credit_changed: Notify::new(),
-            inbound: inbound_tx,
-            window: Mutex::new(ReceiveWindow::new(INITIAL_WINDOW)),
-            send_done: AtomicBool::new(false),
-            recv_done: AtomicBool::new(false),
-        });
-        lock(&self.streams).insert(id, shared.clone());
+    fn wrap(self: &Arc<Self>, shared: Arc<StreamShared>, inbound: mpsc::UnboundedReceiver<Inbound>) -> (SendStream, RecvStream) {
         let send = SendStream { connection: self.clone(), shared: shared.clone(), done: false };
-        let recv = RecvStream { connection: self.clone(), shared, inbound: inbound_rx, pending: Bytes::new(), done: false };
+        let recv = RecvStream { connection: self.clone(), shared, inbound, pending: Bytes::new(), done: false };
         (send, recv)
     }
 
     fn forget_if_done(&self, shared: &StreamShared) {
         if shared.send_done.load(Ordering::Acquire) && shared.recv_done.load(Ordering::Acquire) {
-            lock(&self.streams).remove(&shared.id);
+            let mut table = lock(&self.table);
+            // only this very stream goes: once ids wrap, its id may belong to a newer one
+            if table.streams.get(&shared.id).is_some_and(|current| std::ptr::eq(current.as_ref(), shared)) {
+                table.streams.remove(&shared.id);
+            }
         }
+    }
+
+    /// Received bytes were read or thrown away: the connection's window gets them back.
+    fn release(&self, length: usize) {
+        let grant = lock(&self.receive_window).on_consumed(length);
+        if let Some(grant) = grant {
+            self.send_frame(FrameKind::Window, 0, code_payload(grant));
+        }
+    }
+
+    /// Closes a stream's receiving half: nothing more is queued for it, and what
+    /// is queued is thrown away and given back to the connection's window.
+    fn close_receiving(&self, shared: &StreamShared, inbound: &mut mpsc::UnboundedReceiver<Inbound>) {
+        lock(&shared.receive).closed = true;
+        inbound.close();
+        let mut thrown_away = 0;
+        while let Ok(item) = inbound.try_recv() {
+            if let Inbound::Data(data) = item {
+                thrown_away += data.len();
+            }
+        }
+        if thrown_away > 0 {
+            self.release(thrown_away);
+        }
+    }
+
+    /// Takes up to `wanted` bytes of connection credit; 0 when there is none.
+    fn take_send_credit(&self, wanted: u64) -> u64 {
+        match self.send_credit.fetch_update(Ordering::AcqRel, Ordering::Acquire, |credit| (credit > 0).then(|| credit - credit.min(wanted))) {
+            Ok(before) => before.min(wanted),
+            Err(_) => 0,
+        }
+    }
+
+    /// Refuses a stream the peer opened and nobody accepted.
+    fn refuse(&self, mut stream: Unaccepted) {
+        self.close_receiving(&stream.shared, &mut stream.inbound);
+        self.send_frame(FrameKind::Reset, stream.shared.id, code_payload(STREAM_REFUSED));
     }
 
     /// Ends the connection: every stream fails, the writer sends `GoAway` and stops.
@@ -137,43 +352,68 @@ impl Inner {
         if !first {
             return;
         }
-        let streams: Vec<Arc<StreamShared>> = lock(&self.streams).drain().map(|(_, stream)| stream).collect();
+        let (streams, unaccepted) = {
+            let mut table = lock(&self.table);
+            let streams: Vec<Arc<StreamShared>> = table.streams.drain().map(|(_, stream)| stream).collect();
+            (streams, std::mem::take(&mut table.unaccepted))
+        };
+        // nobody holds a handle on these: they just go
+        drop(unaccepted);
         for stream in streams {
             let _ = stream.inbound.send(Inbound::Reset(u32::MAX));
             stream.credit_changed.notify_waiters();
         }
+        self.send_credit_changed.notify_waiters();
+        self.accept_ready.notify_waiters();
     }
 }
 
 impl Connection {
-    /// Wraps an established TLS stream and starts its reader and writer tasks.
+    /// Wraps an established TLS stream and starts its reader and writer tasks,
+    /// with [`MuxLimits::default`].
     pub fn start<S>(io: S, is_client: bool, remote: SocketAddr, peer_certificates: Vec<Vec<u8>>) -> Connection
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        Self::start_with_limit(io, is_client, remote, peer_certificates, MAX_STREAMS)
+        Self::start_with_limits(io, is_client, remote, peer_certificates, MuxLimits::default())
     }
 
-    fn start_with_limit<S>(io: S, is_client: bool, remote: SocketAddr, peer_certificates: Vec<Vec<u8>>, max_streams: usize) -> Connection
+    /// Wraps an established TLS stream and starts its reader and writer tasks,
+    /// with the given limits. A `connection_window` above the initial one is
+    /// granted to the peer with the first frame.
+    pub fn start_with_limits<S>(io: S, is_client: bool, remote: SocketAddr, peer_certificates: Vec<Vec<u8>>, limits: MuxLimits) -> Connection
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (frames_tx, frames_rx) = mpsc::unbounded_channel();
-        let (accept_tx, accept_rx) = mpsc::unbounded_channel();
         let (closed, _) = watch::channel(None);
+        let receive_window = ConnectionWindow::new(limits.connection_window);
+        let initial_grant = receive_window.initial_grant();
+        let queue = Arc::new(QueueGauge::default());
+        let table = StreamTable {
+            streams: HashMap::new(),
+            unaccepted: VecDeque::new(),
+            next_local_id: if is_client { 1 } else { 2 },
+            accepting: limits.accept_streams,
+        };
         let inner = Arc::new(Inner {
             is_client,
+            limits,
             frames: frames_tx,
-            streams: Mutex::new(HashMap::new()),
-            accept: tokio::sync::Mutex::new(accept_rx),
-            accept_tx,
-            next_id: AtomicU32::new(if is_client { 1 } else { 2 }),
+            queue: queue.clone(),
+            table: Mutex::new(table),
+            accept_ready: Notify::new(),
+            send_credit: AtomicU64::new(INITIAL_CONNECTION_WINDOW as u64),
+            send_credit_changed: Notify::new(),
+            receive_window: Mutex::new(receive_window),
             closed,
             remote,
             stable_id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
             peer_certificates,
-            max_streams,
         });
+        if let Some(grant) = initial_grant {
+            inner.send_frame(FrameKind::Window, 0, code_payload(grant));
+        }
         let (reader, writer) = tokio::io::split(io);
         let weak = Arc::downgrade(&inner);
         let mut closed_rx = inner.closed.subscribe();
@@ -190,29 +430,74 @@ impl Connection {
                 inner.shut(reason);
             }
         });
-        tokio::spawn(write_loop(writer, frames_rx, Arc::downgrade(&inner)));
+        tokio::spawn(write_loop(writer, frames_rx, queue, Arc::downgrade(&inner)));
         Connection { inner }
     }
 
     /// Opens a stream: one frame, no round trip.
     pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), StreamError> {
-        if let Some(reason) = self.inner.closed_reason() {
-            return Err(StreamError::ConnectionClosed(reason));
-        }
-        let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);
-        let pair = self.inner.new_stream(id);
-        self.inner.send_frame(FrameKind::Open, id, Bytes::new());
-        Ok(pair)
+        let (shared, inbound) = {
+            let mut table = lock(&self.inner.table);
+            // checked under the table's lock: `shut` marks the connection closed
+            // before it empties the table, so a new stream is either refused here
+            // or failed with the others
+            if let Some(reason) = self.inner.closed_reason() {
+                return Err(StreamError::ConnectionClosed(reason));
+            }
+            let id = table.allocate_id();
+            table.register(id)
+        };
+        self.inner.send_frame(FrameKind::Open, shared.id, Bytes::new());
+        Ok(self.inner.wrap(shared, inbound))
     }
 
-    /// The next stream the peer opened.
+    /// The next stream the peer opened. After [`Connection::stop_accepting`] no
+    /// stream comes any more, and this waits until the connection closes.
     pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), StreamError> {
         let mut closed = self.inner.closed.subscribe();
-        let mut accept = self.inner.accept.lock().await;
-        tokio::select! {
-            pair = accept.recv() => pair.ok_or_else(|| StreamError::ConnectionClosed("closed".into())),
-            reason = closed.wait_for(Option::is_some) => Err(StreamError::ConnectionClosed(reason.ok().and_then(|reason| reason.clone()).unwrap_or_default())),
+        loop {
+            // registered before the queue is looked at, so no stream slips between
+            let ready = self.inner.accept_ready.notified();
+            if let Some(reason) = self.inner.closed_reason() {
+                return Err(StreamError::ConnectionClosed(reason));
+            }
+            let next = lock(&self.inner.table).unaccepted.pop_front();
+            if let Some(Unaccepted { shared, inbound }) = next {
+                return Ok(self.inner.wrap(shared, inbound));
+            }
+            tokio::select! {
+                () = ready => {}
+                _ = closed.wait_for(Option::is_some) => {}
+            }
         }
+    }
+
+    /// From now on the peer may open no streams: an `Open` from it is a protocol
+    /// violation that closes the connection ("the peer opened stream …, which it
+    /// was not asked for"). Streams it opened that wait for [`Connection::accept_bi`]
+    /// are refused (`Reset` with [`STREAM_REFUSED`]) and their buffered bytes
+    /// released; accepted streams go on. The broker calls it on an agent's tunnel
+    /// once it has accepted the control stream; a connector calls it (or starts
+    /// with [`MuxLimits::accept_streams`] false), since the broker never opens
+    /// streams towards it. There is no way back.
+    pub fn stop_accepting(&self) {
+        let refused: Vec<Unaccepted> = {
+            let mut table = lock(&self.inner.table);
+            table.accepting = false;
+            let refused: Vec<Unaccepted> = table.unaccepted.drain(..).collect();
+            for stream in &refused {
+                table.streams.remove(&stream.shared.id);
+            }
+            refused
+        };
+        for stream in refused {
+            self.inner.refuse(stream);
+        }
+    }
+
+    /// Whether the peer may still open streams.
+    pub fn accepts_streams(&self) -> bool {
+        lock(&self.inner.table).accepting
     }
 
     /// Closes the connection with a code and a reason the peer sees.
@@ -231,6 +516,9 @@ impl Connection {
         reason.unwrap_or_default()
     }
 
+    /// Why the connection ended, once it has: a protocol violation starts with
+    /// "protocol violation: ", a peer that let the send queue overflow with "the
+    /// peer does not read".
     pub fn close_reason(&self) -> Option<String> {
         self.inner.closed_reason()
     }
@@ -247,13 +535,50 @@ impl Connection {
         &self.inner.peer_certificates
     }
 
-    /// Streams currently open (for tests and metrics).
+    /// The limits this connection started with.
+    pub fn limits(&self) -> &MuxLimits {
+        &self.inner.limits
+    }
+
+    /// Streams currently open, those the peer opened and nobody accepted yet
+    /// included (for tests and metrics).
     pub fn open_streams(&self) -> usize {
-        lock(&self.inner.streams).len()
+        lock(&self.inner.table).streams.len()
+    }
+
+    /// Bytes received and not yet read by the application, across all streams (a
+    /// gauge for metrics; at most [`MuxLimits::connection_window`]).
+    pub fn buffered_bytes(&self) -> u64 {
+        lock(&self.inner.receive_window).buffered()
+    }
+
+    /// Bytes of frames queued for the peer and not yet written (a gauge for
+    /// metrics; at most [`MuxLimits::max_queued_bytes`]; 0 once closed, when the
+    /// queue is dropped).
+    pub fn queued_bytes(&self) -> u64 {
+        if self.inner.closed_reason().is_some() {
+            return 0;
+        }
+        self.inner.queue.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Control frames (all but data) queued for the peer and not yet written (a
+    /// gauge for metrics; at most [`MuxLimits::max_queued_frames`]; 0 once closed).
+    pub fn queued_frames(&self) -> u64 {
+        if self.inner.closed_reason().is_some() {
+            return 0;
+        }
+        self.inner.queue.control_frames.load(Ordering::Relaxed)
+    }
+
+    /// Lets a test start the id counter near the end of the id space.
+    #[cfg(test)]
+    fn set_next_stream_id(&self, id: u32) {
+        lock(&self.inner.table).next_local_id = id;
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, inner: std::sync::Weak<Inner>) -> Result<(), String> {
+async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, inner: Weak<Inner>) -> Result<(), String> {
     // no buffer of our own: the TLS layer buffers already, and a payload is read
     // straight into the memory that carries it on (one copy out of TLS, no zeroing)
     loop {
@@ -263,7 +588,7 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, inner: std::sync::Weak<I
             Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Err("the peer closed the connection".into()),
             Err(error) => return Err(error.to_string()),
         }
-        let header = decode_header(header).map_err(|error| error.to_string())?;
+        let header = decode_header(header).map_err(|error| format!("protocol violation: {error}"))?;
         let mut payload = BytesMut::with_capacity(header.length);
         while payload.len() < header.length {
             let wanted = header.length - payload.len();
@@ -278,38 +603,100 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, inner: std::sync::Weak<I
     }
 }
 
-fn dispatch(inner: &Arc<Inner>, kind: FrameKind, id: u32, payload: Bytes) -> Result<(), MuxError> {
-    if kind == FrameKind::GoAway {
-        let code = payload.get(..4).map(|bytes| decode_u32(kind, bytes)).transpose()?.unwrap_or(0);
-        let reason = String::from_utf8_lossy(payload.get(4..).unwrap_or_default()).into_owned();
-        inner.shut(format!("closed by peer ({code}): {reason}"));
-        return Ok(());
+fn dispatch(inner: &Inner, kind: FrameKind, id: u32, payload: Bytes) -> Result<(), MuxError> {
+    match (kind, id) {
+        (FrameKind::GoAway, _) => {
+            let code = payload.get(..4).map(|bytes| decode_u32(kind, bytes)).transpose()?.unwrap_or(0);
+            let reason = String::from_utf8_lossy(payload.get(4..).unwrap_or_default()).into_owned();
+            inner.shut(format!("closed by peer ({code}): {reason}"));
+            Ok(())
+        }
+        (FrameKind::Window, 0) => {
+            let increment = decode_u32(kind, &payload)?;
+            let mut refused = None;
+            let _ = inner.send_credit.fetch_update(Ordering::AcqRel, Ordering::Acquire, |credit| match add_credit(credit, increment, 0) {
+                Ok(credit) => Some(credit),
+                Err(error) => {
+                    refused = Some(error);
+                    None
+                }
+            });
+            if let Some(error) = refused {
+                return Err(error);
+            }
+            inner.send_credit_changed.notify_waiters();
+            Ok(())
+        }
+        (FrameKind::Open, _) => on_open(inner, id),
+        (FrameKind::Data, _) => on_data(inner, id, payload),
+        _ => on_stream_frame(inner, kind, id, payload),
     }
-    if kind == FrameKind::Open {
-        if !peer_may_open(id, inner.is_client) || lock(&inner.streams).contains_key(&id) {
+}
+
+fn on_open(inner: &Inner, id: u32) -> Result<(), MuxError> {
+    if !peer_may_open(id, inner.is_client) {
+        return Err(MuxError::WrongStreamId(id));
+    }
+    {
+        let mut table = lock(&inner.table);
+        if !table.accepting {
+            return Err(MuxError::UnsolicitedStream(id));
+        }
+        if table.streams.contains_key(&id) {
             return Err(MuxError::WrongStreamId(id));
         }
-        if lock(&inner.streams).len() >= inner.max_streams {
-            // too many at once: this one is refused, the others go on
-            inner.send_frame(FrameKind::Reset, id, Bytes::copy_from_slice(&STREAM_REFUSED.to_be_bytes()));
+        if table.streams.len() < inner.limits.max_streams && table.unaccepted.len() < inner.limits.max_unaccepted_streams {
+            let (shared, inbound) = table.register(id);
+            table.unaccepted.push_back(Unaccepted { shared, inbound });
+            drop(table);
+            inner.accept_ready.notify_waiters();
             return Ok(());
         }
-        let pair = inner.new_stream(id);
-        let _ = inner.accept_tx.send(pair);
-        return Ok(());
     }
+    // too many at once: this one is refused, the others go on
+    inner.send_frame(FrameKind::Reset, id, code_payload(STREAM_REFUSED));
+    Ok(())
+}
+
+fn on_data(inner: &Inner, id: u32, payload: Bytes) -> Result<(), MuxError> {
+    let length = payload.len();
+    // every data frame counts against the connection's credit, whatever its stream
+    lock(&inner.receive_window).on_data(length)?;
+    let stream = lock(&inner.table).streams.get(&id).cloned();
+    let delivered = match stream {
+        // a stream already forgotten (both halves done) or refused: dropped below
+        None => false,
+        Some(stream) => {
+            let mut receive = lock(&stream.receive);
+            if receive.peer_ended {
+                return Err(MuxError::AfterEnd { kind: FrameKind::Data, stream: id });
+            }
+            receive.window.on_data(id, length)?;
+            !receive.closed && stream.inbound.send(Inbound::Data(payload)).is_ok()
+        }
+    };
+    if !delivered {
+        // nobody will read it: the peer gets the credit back
+        inner.release(length);
+    }
+    Ok(())
+}
+
+fn on_stream_frame(inner: &Inner, kind: FrameKind, id: u32, payload: Bytes) -> Result<(), MuxError> {
     // frames for a stream we already forgot (both halves done) are dropped
-    let Some(stream) = lock(&inner.streams).get(&id).cloned() else { return Ok(()) };
+    let Some(stream) = lock(&inner.table).streams.get(&id).cloned() else { return Ok(()) };
     match kind {
-        FrameKind::Data => {
-            lock(&stream.window).on_data(id, payload.len())?;
-            let _ = stream.inbound.send(Inbound::Data(payload));
-        }
-        FrameKind::Fin => {
-            let _ = stream.inbound.send(Inbound::Fin);
-        }
-        FrameKind::Reset => {
-            let _ = stream.inbound.send(Inbound::Reset(decode_u32(kind, &payload)?));
+        FrameKind::Fin | FrameKind::Reset => {
+            let end = if kind == FrameKind::Fin { Inbound::Fin } else { Inbound::Reset(decode_u32(kind, &payload)?) };
+            let mut receive = lock(&stream.receive);
+            // one end per stream: repeated ones would each take a queue entry, without bound
+            if receive.peer_ended {
+                return Err(MuxError::AfterEnd { kind, stream: id });
+            }
+            receive.peer_ended = true;
+            if !receive.closed {
+                let _ = stream.inbound.send(end);
+            }
         }
         FrameKind::Stop => {
             lock(&stream.send).stopped = Some(decode_u32(kind, &payload)?);
@@ -317,10 +704,13 @@ fn dispatch(inner: &Arc<Inner>, kind: FrameKind, id: u32, payload: Bytes) -> Res
         }
         FrameKind::Window => {
             let increment = decode_u32(kind, &payload)?;
-            lock(&stream.send).credit += increment as u64;
+            {
+                let mut send = lock(&stream.send);
+                send.credit = add_credit(send.credit, increment, id)?;
+            }
             stream.credit_changed.notify_waiters();
         }
-        FrameKind::Open | FrameKind::GoAway => {}
+        FrameKind::Open | FrameKind::Data | FrameKind::GoAway => {}
     }
     Ok(())
 }
@@ -329,70 +719,111 @@ fn dispatch(inner: &Arc<Inner>, kind: FrameKind, id: u32, payload: Bytes) -> Res
 /// payload as one vectored write) instead of being copied into the batch buffer.
 const DIRECT_WRITE: usize = 8 * 1024;
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut frames: mpsc::UnboundedReceiver<Frame>, inner: std::sync::Weak<Inner>) {
+async fn write_loop<W: AsyncWrite + Unpin>(writer: W, frames: mpsc::UnboundedReceiver<Frame>, queue: Arc<QueueGauge>, inner: Weak<Inner>) {
+    tokio::select! {
+        () = write_frames(writer, frames, &queue, inner) => {}
+        // the peer does not read: the writer and every queued frame go now, even in
+        // the middle of a write (the connection is over, and the peer would never
+        // let the write finish)
+        () = queue.abandon.notified() => {}
+    }
+}
+
+async fn write_frames<W: AsyncWrite + Unpin>(mut writer: W, mut frames: mpsc::UnboundedReceiver<Frame>, queue: &QueueGauge, inner: Weak<Inner>) {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     let mut closed = match inner.upgrade() {
         Some(inner) => inner.closed.subscribe(),
         None => return,
     };
-    'frames: loop {
+    loop {
         let frame = tokio::select! {
             biased;
             frame = frames.recv() => frame,
             _ = async { let _ = closed.wait_for(Option::is_some).await; } => {
                 // closing: send what is queued (a GoAway among it), then stop
-                while let Ok(frame) = frames.try_recv() {
-                    encode(&mut buffer, &frame);
-                }
-                let _ = writer.write_all(&buffer).await;
-                break;
+                let flush = async {
+                    while let Ok(frame) = frames.try_recv() {
+                        if write_batch(&mut writer, &mut buffer, frame, &mut frames, queue).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = writer.shutdown().await;
+                };
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
+                return;
             }
         };
-        let Some(mut frame) = frame else { break };
-        // small frames that are ready share one buffer (and one TLS record);
-        // a large data frame is written on its own after them
-        let mut last = false;
-        loop {
-            last |= frame.kind == FrameKind::GoAway;
-            if frame.payload.len() >= DIRECT_WRITE {
-                let mut header = &encode_header(frame.kind, frame.stream, frame.payload.len())[..];
-                let wrote = async {
-                    writer.write_all(&buffer).await?;
-                    writer.write_all_buf(&mut Buf::chain(&mut header, &mut frame.payload)).await
-                }
-                .await;
-                buffer.clear();
-                if wrote.is_err() {
-                    break 'frames;
-                }
-            } else {
-                encode(&mut buffer, &frame);
+        let Some(frame) = frame else { break };
+        match write_batch(&mut writer, &mut buffer, frame, &mut frames, queue).await {
+            Ok(false) => {}
+            Ok(true) => {
+                // the GoAway is out: the connection ends here
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.shutdown()).await;
+                return;
             }
-            if last || buffer.len() >= 256 * 1024 {
-                break;
-            }
-            match frames.try_recv() {
-                Ok(more) => frame = more,
-                Err(_) => break,
+            Err(_) => {
+                if let Some(inner) = inner.upgrade() {
+                    inner.shut("the connection broke while writing".into());
+                }
+                return;
             }
         }
-        if writer.write_all(&buffer).await.is_err() || writer.flush().await.is_err() {
+    }
+    // every handle on the connection is gone
+    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+        let _ = writer.flush().await;
+        let _ = writer.shutdown().await;
+    })
+    .await;
+}
+
+/// Writes `first` and the frames ready behind it: small frames share one buffer
+/// (and one TLS record); a large data frame is written on its own after them.
+/// Returns whether a `GoAway` was among them.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    buffer: &mut BytesMut,
+    first: Frame,
+    frames: &mut mpsc::UnboundedReceiver<Frame>,
+    queue: &QueueGauge,
+) -> std::io::Result<bool> {
+    let mut frame = first;
+    let mut last = false;
+    // what sits in `buffer`, taken off the gauge once it is written
+    let (mut buffered_control, mut buffered_bytes) = (0u64, 0u64);
+    loop {
+        last |= frame.kind == FrameKind::GoAway;
+        let control = u64::from(frame.kind != FrameKind::Data);
+        let bytes = (MUX_HEADER + frame.payload.len()) as u64;
+        if frame.payload.len() >= DIRECT_WRITE {
+            let mut header = &encode_header(frame.kind, frame.stream, frame.payload.len())[..];
+            writer.write_all(buffer).await?;
+            buffer.clear();
+            writer.write_all_buf(&mut Buf::chain(&mut header, &mut frame.payload)).await?;
+            // taken off as it goes: a batch of large frames can last as long as writers keep up
+            queue.written(buffered_control + control, buffered_bytes + bytes);
+            (buffered_control, buffered_bytes) = (0, 0);
+        } else {
+            encode(buffer, &frame);
+            buffered_control += control;
+            buffered_bytes += bytes;
+        }
+        if last || buffer.len() >= 256 * 1024 {
             break;
         }
-        buffer.clear();
-        if buffer.capacity() > 1024 * 1024 {
-            buffer = BytesMut::with_capacity(64 * 1024);
-        }
-        if last {
-            let _ = writer.shutdown().await;
-            return;
+        match frames.try_recv() {
+            Ok(more) => frame = more,
+            Err(_) => break,
         }
     }
-    if let Some(inner) = inner.upgrade() {
-        inner.shut("the connection broke while writing".into());
+    writer.write_all(buffer).await?;
+    writer.flush().await?;
+    buffer.clear();
+    queue.written(buffered_control, buffered_bytes);
+    if buffer.capacity() > 1024 * 1024 {
+        *buffer = BytesMut::with_capacity(64 * 1024);
     }
-    let _ = writer.flush().await;
-    let _ = writer.shutdown().await;
+    Ok(last)
 }
 
 fn encode(buffer: &mut BytesMut, frame: &Frame) {
@@ -408,34 +839,52 @@ pub struct SendStream {
 }
 
 impl SendStream {
-    /// Sends bytes, waiting for credit when the peer's window is full.
+    /// Sends bytes, waiting for credit when the peer's window for this stream, or
+    /// for the whole connection, is full.
     pub async fn write_chunk(&mut self, mut data: Bytes) -> Result<(), StreamError> {
         if self.done {
             return Err(StreamError::Finished);
         }
         while !data.is_empty() {
-            let granted = loop {
-                let notified = self.shared.credit_changed.notified();
-                {
-                    let mut send = lock(&self.shared.send);
-                    if let Some(code) = send.stopped {
-                        return Err(StreamError::Stopped(code));
-                    }
-                    if let Some(reason) = self.connection.closed_reason() {
-                        return Err(StreamError::ConnectionClosed(reason));
-                    }
-                    if send.credit > 0 {
-                        let granted = (send.credit as usize).min(data.len()).min(MAX_DATA);
-                        send.credit -= granted as u64;
+            let granted = match self.take_credit(data.len())? {
+                Some(granted) => granted,
+                None => loop {
+                    // registered before the credit is looked at again, so no grant slips
+                    // between; a stop or the connection's end wakes the stream's waiters too
+                    let stream_credit = self.shared.credit_changed.notified();
+                    let connection_credit = self.connection.send_credit_changed.notified();
+                    if let Some(granted) = self.take_credit(data.len())? {
                         break granted;
                     }
-                }
-                notified.await;
+                    tokio::select! {
+                        () = stream_credit => {}
+                        () = connection_credit => {}
+                    }
+                },
             };
             let piece = data.split_to(granted);
             self.connection.send_frame(FrameKind::Data, self.shared.id, piece);
         }
         Ok(())
+    }
+
+    /// Takes credit for up to `wanted` bytes (and one frame) from both the stream's
+    /// window and the connection's; `None` when either is empty.
+    fn take_credit(&self, wanted: usize) -> Result<Option<usize>, StreamError> {
+        let mut send = lock(&self.shared.send);
+        if let Some(code) = send.stopped {
+            return Err(StreamError::Stopped(code));
+        }
+        if let Some(reason) = self.connection.closed_reason() {
+            return Err(StreamError::ConnectionClosed(reason));
+        }
+        if send.credit == 0 {
+            return Ok(None);
+        }
+        let wanted = send.credit.min(wanted as u64).min(MAX_DATA as u64);
+        let granted = self.connection.take_send_credit(wanted);
+        send.credit -= granted;
+        Ok(Some(granted as usize).filter(|granted| *granted > 0))
     }
 
     pub async fn write_all(&mut self, data: &[u8]) -> Result<(), StreamError> {
@@ -459,7 +908,7 @@ impl SendStream {
             return;
         }
         self.done = true;
-        self.connection.send_frame(FrameKind::Reset, self.shared.id, Bytes::copy_from_slice(&code.to_be_bytes()));
+        self.connection.send_frame(FrameKind::Reset, self.shared.id, code_payload(code));
         self.mark_done();
     }
 
@@ -497,10 +946,11 @@ impl RecvStream {
         }
         match self.inbound.recv().await {
             Some(Inbound::Data(data)) => {
-                let grant = lock(&self.shared.window).on_consumed(data.len());
+                let grant = lock(&self.shared.receive).window.on_consumed(data.len());
                 if let Some(grant) = grant {
-                    self.connection.send_frame(FrameKind::Window, self.shared.id, Bytes::copy_from_slice(&grant.to_be_bytes()));
+                    self.connection.send_frame(FrameKind::Window, self.shared.id, code_payload(grant));
                 }
+                self.connection.release(data.len());
                 Ok(Some(data))
             }
             Some(Inbound::Fin) => {
@@ -554,13 +1004,15 @@ impl RecvStream {
         if self.done {
             return;
         }
-        self.connection.send_frame(FrameKind::Stop, self.shared.id, Bytes::copy_from_slice(&code.to_be_bytes()));
+        self.connection.send_frame(FrameKind::Stop, self.shared.id, code_payload(code));
         self.finish_receiving();
     }
 
     fn finish_receiving(&mut self) {
         if !self.done {
             self.done = true;
+            // what the peer sent and nobody will read goes back to the connection's window
+            self.connection.close_receiving(&self.shared, &mut self.inbound);
             self.shared.recv_done.store(true, Ordering::Release);
             self.connection.forget_if_done(&self.shared);
         }
@@ -697,13 +1149,14 @@ mod tests {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let address: SocketAddr = "127.0.0.1:1".parse().expect("address");
         let client = Connection::start(client_io, true, address, Vec::new());
-        let server = Connection::start_with_limit(server_io, false, address, Vec::new(), 2);
+        let server = Connection::start_with_limits(server_io, false, address, Vec::new(), MuxLimits { max_streams: 2, ..MuxLimits::default() });
         let (_first_send, _first_recv) = client.open_bi().await.expect("open");
         let (_second_send, _second_recv) = client.open_bi().await.expect("open");
         let (_third_send, mut third_recv) = client.open_bi().await.expect("open");
         let _first = server.accept_bi().await.expect("accept");
         let _second = server.accept_bi().await.expect("accept");
-        assert_eq!(third_recv.read_chunk().await, Err(StreamError::Reset(STREAM_REFUSED)), "the third is refused");
+        let refusal = tokio::time::timeout(Duration::from_secs(5), third_recv.read_chunk()).await.expect("the third is refused, not held");
+        assert_eq!(refusal, Err(StreamError::Reset(STREAM_REFUSED)), "the third is refused");
         assert!(server.close_reason().is_none() && client.close_reason().is_none(), "the connection goes on");
         drop(_first);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -725,5 +1178,376 @@ mod tests {
             raw.write_all(&payload).await.expect("write");
         }
         assert!(server.closed().await.contains("beyond its credit"));
+    }
+
+    fn address() -> SocketAddr {
+        "127.0.0.1:1".parse().expect("address")
+    }
+
+    /// Our side of a connection (the broker's: even ids) facing a raw client that writes frames by hand.
+    fn facing_raw_client(limits: MuxLimits, buffer: usize) -> (tokio::io::DuplexStream, Connection) {
+        let (raw, ours) = tokio::io::duplex(buffer);
+        (raw, Connection::start_with_limits(ours, false, address(), Vec::new(), limits))
+    }
+
+    async fn send_raw(raw: &mut tokio::io::DuplexStream, kind: FrameKind, stream: u32, payload: &[u8]) {
+        raw.write_all(&encode_header(kind, stream, payload.len())).await.expect("write");
+        raw.write_all(payload).await.expect("write");
+    }
+
+    async fn read_raw(raw: &mut tokio::io::DuplexStream) -> (FrameKind, u32, Vec<u8>) {
+        let read = async {
+            let mut header = [0u8; MUX_HEADER];
+            raw.read_exact(&mut header).await.expect("read");
+            let header = decode_header(header).expect("a valid header");
+            let mut payload = vec![0u8; header.length];
+            raw.read_exact(&mut payload).await.expect("read");
+            (header.kind, header.stream, payload)
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await.expect("a frame should have come")
+    }
+
+    /// Why the connection closed; fails the test when it stays open.
+    async fn closes(connection: &Connection) -> String {
+        tokio::time::timeout(Duration::from_secs(10), connection.closed()).await.expect("the connection should have closed")
+    }
+
+    async fn eventually(what: &str, condition: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if condition() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("never came true: {what}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_may_not_open_streams_once_the_connection_stops_accepting() {
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
+        send_raw(&mut raw, FrameKind::Open, 1, &[]).await;
+        let _control = server.accept_bi().await.expect("the control stream is accepted");
+        server.stop_accepting();
+        assert!(!server.accepts_streams());
+        send_raw(&mut raw, FrameKind::Open, 3, &[]).await;
+        let reason = closes(&server).await;
+        assert!(reason.starts_with("protocol violation") && reason.contains("not asked for"), "{reason}");
+
+        // a connector never accepts any, from the start
+        let (mut raw, connector) = facing_raw_client(MuxLimits { accept_streams: false, ..MuxLimits::default() }, 64 * 1024);
+        send_raw(&mut raw, FrameKind::Open, 1, &[]).await;
+        assert!(closes(&connector).await.contains("not asked for"));
+    }
+
+    #[tokio::test]
+    async fn streams_waiting_for_accept_are_refused_when_the_connection_stops_accepting() {
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
+        send_raw(&mut raw, FrameKind::Open, 1, &[]).await;
+        let (_control_send, mut control_recv) = server.accept_bi().await.expect("accept");
+        send_raw(&mut raw, FrameKind::Open, 3, &[]).await;
+        send_raw(&mut raw, FrameKind::Data, 3, &[7u8; 1000]).await;
+        eventually("the unaccepted stream's bytes are buffered", || server.buffered_bytes() == 1000).await;
+        server.stop_accepting();
+        assert_eq!(read_raw(&mut raw).await, (FrameKind::Reset, 3, STREAM_REFUSED.to_be_bytes().to_vec()), "the waiting stream is refused");
+        assert_eq!(server.buffered_bytes(), 0, "its bytes went back to the connection's window");
+        assert_eq!(server.open_streams(), 1, "only the control stream is left");
+        // the accepted stream goes on
+        send_raw(&mut raw, FrameKind::Data, 1, b"ping").await;
+        assert_eq!(control_recv.read_chunk().await.expect("read").as_deref(), Some(&b"ping"[..]));
+        assert!(server.close_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn streams_nobody_accepts_are_bounded_and_refused_past_the_bound() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let client = Connection::start(client_io, true, address(), Vec::new());
+        let server = Connection::start_with_limits(server_io, false, address(), Vec::new(), MuxLimits { max_unaccepted_streams: 2, ..MuxLimits::default() });
+        let (mut first_send, _first_recv) = client.open_bi().await.expect("open");
+        let (_second_send, _second_recv) = client.open_bi().await.expect("open");
+        let (_third_send, mut third_recv) = client.open_bi().await.expect("open");
+        first_send.write_all(b"first").await.expect("write");
+        // nobody accepts: the third is refused rather than queued
+        let refusal = tokio::time::timeout(Duration::from_secs(5), third_recv.read_chunk()).await.expect("the third is refused, not queued");
+        assert_eq!(refusal, Err(StreamError::Reset(STREAM_REFUSED)));
+        assert_eq!(server.open_streams(), 2, "streams waiting for accept count as open");
+        assert!(server.close_reason().is_none() && client.close_reason().is_none(), "the connection goes on");
+        // accepting one makes room for one more
+        let (_, mut first) = server.accept_bi().await.expect("accept");
+        assert_eq!(first.read_chunk().await.expect("read").as_deref(), Some(&b"first"[..]), "what it carried waited with it");
+        let (mut fourth_send, _fourth_recv) = client.open_bi().await.expect("open");
+        fourth_send.write_all(b"room again").await.expect("write");
+        let _second = server.accept_bi().await.expect("accept");
+        let (_, mut fourth) = server.accept_bi().await.expect("the fourth fits");
+        assert_eq!(fourth.read_chunk().await.expect("read").as_deref(), Some(&b"room again"[..]));
+    }
+
+    #[tokio::test]
+    async fn an_empty_data_frame_is_a_violation() {
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
+        send_raw(&mut raw, FrameKind::Open, 1, &[]).await;
+        send_raw(&mut raw, FrameKind::Data, 1, &[]).await;
+        let reason = closes(&server).await;
+        assert!(reason.starts_with("protocol violation") && reason.contains("empty data frame"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn frames_after_the_end_of_a_stream_are_a_violation() {
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
+        send_raw(&mut raw, FrameKind::Open, 1, &[]).await;
+        send_raw(&mut raw, FrameKind::Fin, 1, &[]).await;
+        send_raw(&mut raw, FrameKind::Fin, 1, &[]).await;
+        assert!(closes(&server).await.contains("after it ended the stream"));
+
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
+        send_raw(&mut raw, FrameKind::Open, 1, &[]).await;
+        send_raw(&mut raw, FrameKind::Reset, 1, &5u32.to_be_bytes()).await;
+        send_raw(&mut raw, FrameKind::Data, 1, b"late").await;
+        assert!(closes(&server).await.contains("after it ended the stream"));
+    }
+
+    #[tokio::test]
+    async fn going_past_the_connection_window_is_a_violation() {
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 4 * 1024 * 1024);
+        let payload = vec![0u8; MAX_DATA];
+        // every stream stays within its own credit; together they go past the connection's
+        let streams = INITIAL_CONNECTION_WINDOW / INITIAL_WINDOW + 1;
+        'streams: for index in 0..streams {
+            let id = 2 * index + 1;
+            send_raw(&mut raw, FrameKind::Open, id, &[]).await;
+            for _ in 0..(INITIAL_WINDOW as usize / MAX_DATA) {
+                // the connection may end (and the pipe break) at the last frame
+                let header = encode_header(FrameKind::Data, id, MAX_DATA);
+                if raw.write_all(&header).await.is_err() || raw.write_all(&payload).await.is_err() {
+                    break 'streams;
+                }
+            }
+        }
+        let reason = closes(&server).await;
+        assert!(reason.contains("beyond the connection's credit"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn writers_wait_for_the_connections_credit_across_streams() {
+        let (client, server) = pair();
+        let streams = INITIAL_CONNECTION_WINDOW / INITIAL_WINDOW + 4;
+        let mut writers = Vec::new();
+        for _ in 0..streams {
+            let (mut send, recv) = client.open_bi().await.expect("open");
+            writers.push(tokio::spawn(async move {
+                // each stream's own window would take all of it
+                send.write_chunk(Bytes::from(vec![3u8; INITIAL_WINDOW as usize])).await.expect("write");
+                send.finish().expect("finish");
+                recv
+            }));
+        }
+        // nobody reads: the writers together stop at the connection's window
+        eventually("the connection's window is full", || server.buffered_bytes() == INITIAL_CONNECTION_WINDOW as u64).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(server.buffered_bytes(), INITIAL_CONNECTION_WINDOW as u64, "no writer went past the connection's window");
+        assert!(server.close_reason().is_none(), "{:?}", server.close_reason());
+        // reading gives the credit back and every writer gets through
+        let mut total = 0;
+        for _ in 0..streams {
+            let (_send, mut recv) = server.accept_bi().await.expect("accept");
+            while let Some(data) = recv.read_chunk().await.expect("read") {
+                total += data.len();
+            }
+        }
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+        assert_eq!(total, (streams * INITIAL_WINDOW) as usize);
+        assert_eq!(server.buffered_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_larger_connection_budget_is_granted_at_the_start() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let client = Connection::start(client_io, true, address(), Vec::new());
+        let budget = 2 * INITIAL_CONNECTION_WINDOW as u64;
+        let server = Connection::start_with_limits(server_io, false, address(), Vec::new(), MuxLimits { connection_window: budget, ..MuxLimits::default() });
+        let mut held = Vec::new();
+        for _ in 0..(budget / INITIAL_WINDOW as u64) {
+            let (mut send, recv) = client.open_bi().await.expect("open");
+            let written = tokio::time::timeout(Duration::from_secs(5), send.write_chunk(Bytes::from(vec![1u8; INITIAL_WINDOW as usize]))).await;
+            written.expect("the budget has room").expect("write");
+            held.push((send, recv));
+        }
+        eventually("the whole budget is buffered", || server.buffered_bytes() == budget).await;
+        assert!(server.close_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn bytes_thrown_away_with_their_stream_go_back_to_the_connection_window() {
+        let (client, server) = pair();
+        // far more than the connection's window goes through streams whose data nobody reads
+        for round in 0..(3 * INITIAL_CONNECTION_WINDOW / INITIAL_WINDOW) {
+            let (mut send, _recv) = client.open_bi().await.expect("open");
+            let written = tokio::time::timeout(Duration::from_secs(5), send.write_chunk(Bytes::from(vec![9u8; INITIAL_WINDOW as usize]))).await;
+            written.unwrap_or_else(|_| panic!("round {round}: the connection's window starved")).expect("write");
+            let (mut server_send, mut server_recv) = server.accept_bi().await.expect("accept");
+            match round % 4 {
+                // dropped while its data is buffered
+                0 => {
+                    eventually("the data arrived", || server.buffered_bytes() >= INITIAL_WINDOW as u64).await;
+                    drop(server_recv);
+                }
+                // stopped while its data is buffered
+                1 => {
+                    eventually("the data arrived", || server.buffered_bytes() >= INITIAL_WINDOW as u64).await;
+                    server_recv.stop(1);
+                }
+                // read in part, then reset both ways (a relay's abort)
+                2 => {
+                    let _ = server_recv.read_chunk().await.expect("read");
+                    server_send.reset(1);
+                    server_recv.stop(1);
+                }
+                // stopped and forgotten at once: the data arrives for a stream that is gone
+                _ => {
+                    server_send.reset(1);
+                    server_recv.stop(1);
+                }
+            }
+        }
+        eventually("every thrown-away byte went back", || server.buffered_bytes() == 0).await;
+        assert!(server.close_reason().is_none() && client.close_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn data_for_a_stream_that_is_gone_goes_back_to_the_connection_window() {
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
+        let payload = vec![4u8; MAX_DATA];
+        let mut kept = Vec::new();
+        // more than the connection's window, all of it sent after its stream was done with
+        for index in 0..(INITIAL_CONNECTION_WINDOW / INITIAL_WINDOW + 4) {
+            let id = 2 * index + 1;
+            send_raw(&mut raw, FrameKind::Open, id, &[]).await;
+            let (mut send, mut recv) = server.accept_bi().await.expect("accept");
+            recv.stop(1);
+            if index % 2 == 0 {
+                // both halves done: the stream is forgotten
+                send.reset(1);
+            } else {
+                // the receiving half is done, the record stays for the sending half
+                kept.push(send);
+            }
+            for _ in 0..(INITIAL_WINDOW as usize / MAX_DATA) {
+                send_raw(&mut raw, FrameKind::Data, id, &payload).await;
+            }
+        }
+        // frames are handled in order: once this arrives, all of the above was
+        let sync = 2 * (INITIAL_CONNECTION_WINDOW / INITIAL_WINDOW + 4) + 1;
+        send_raw(&mut raw, FrameKind::Open, sync, &[]).await;
+        send_raw(&mut raw, FrameKind::Data, sync, b"sync").await;
+        let (_send, mut recv) = server.accept_bi().await.expect("the connection goes on");
+        assert_eq!(recv.read_chunk().await.expect("read").as_deref(), Some(&b"sync"[..]));
+        assert_eq!(server.buffered_bytes(), 0, "every byte went back");
+        assert!(server.close_reason().is_none(), "{:?}", server.close_reason());
+    }
+
+    #[tokio::test]
+    async fn credit_grants_past_the_maximum_are_a_violation() {
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
+        let (_send, _recv) = server.open_bi().await.expect("open");
+        // the stream starts with INITIAL_WINDOW; this takes it past MAX_STREAM_CREDIT
+        send_raw(&mut raw, FrameKind::Window, 2, &(16 * 1024 * 1024u32).to_be_bytes()).await;
+        let reason = closes(&server).await;
+        assert!(reason.contains("stream 2") && reason.contains("more than any receiver buffers"), "{reason}");
+
+        let (mut raw, server) = facing_raw_client(MuxLimits::default(), 64 * 1024);
+        // the connection starts with INITIAL_CONNECTION_WINDOW; this takes it past MAX_CONNECTION_CREDIT
+        send_raw(&mut raw, FrameKind::Window, 0, &u32::MAX.to_be_bytes()).await;
+        let reason = closes(&server).await;
+        assert!(reason.contains("stream 0") && reason.contains("more than any receiver buffers"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_grants_credit_and_never_reads_is_dropped() {
+        let limits = MuxLimits { max_queued_bytes: 4 * 1024 * 1024, ..MuxLimits::default() };
+        let (mut raw, server) = facing_raw_client(limits, 64 * 1024);
+        let (mut send, _recv) = server.open_bi().await.expect("open");
+        // within the maximum credit, but the raw peer never reads a byte
+        send_raw(&mut raw, FrameKind::Window, 2, &(15 * 1024 * 1024u32).to_be_bytes()).await;
+        let writer = tokio::spawn(async move {
+            let mut outcome = Ok(());
+            for _ in 0..16 {
+                outcome = send.write_chunk(Bytes::from(vec![5u8; 1024 * 1024])).await;
+                if outcome.is_err() {
+                    break;
+                }
+            }
+            outcome
+        });
+        let reason = closes(&server).await;
+        assert!(reason.starts_with("the peer does not read"), "{reason}");
+        assert!(matches!(writer.await.expect("writer"), Err(StreamError::ConnectionClosed(_))));
+        assert_eq!(server.queued_bytes(), 0, "the queue went with the connection");
+        // the writer gave up at once: reading now finds what the pipe held, then the end
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest)).await.expect("the connection ends").expect("read");
+        assert!(rest.len() <= 64 * 1024, "{} bytes were still written after the close", rest.len());
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_makes_us_answer_and_never_reads_is_dropped() {
+        // every stream it opens is refused, and it reads none of the refusals
+        let limits = MuxLimits { max_streams: 0, max_queued_frames: 100, ..MuxLimits::default() };
+        let (mut raw, server) = facing_raw_client(limits, 1024);
+        for index in 0..1000u32 {
+            // the connection may end (and the pipe break) any time now
+            if raw.write_all(&encode_header(FrameKind::Open, 2 * index + 1, 0)).await.is_err() {
+                break;
+            }
+        }
+        let reason = closes(&server).await;
+        assert!(reason.starts_with("the peer does not read"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn stream_ids_wrap_within_their_parity_and_skip_those_in_use() {
+        let (client, server) = pair();
+        let (mut client_control, mut client_control_recv) = client.open_bi().await.expect("open");
+        client_control.write_all(b"hello").await.expect("write");
+        let (mut server_control, mut server_control_recv) = server.accept_bi().await.expect("accept");
+        assert_eq!(server_control_recv.read_chunk().await.expect("read").as_deref(), Some(&b"hello"[..]));
+        let (mut server_first, _server_first_recv) = server.open_bi().await.expect("open");
+        server_first.write_all(b"x").await.expect("write");
+        let _client_first = client.accept_bi().await.expect("accept");
+        assert_eq!((client_control.shared.id, server_first.shared.id), (1, 2));
+
+        // the client's odd ids and the server's even ids both run out and start over
+        client.set_next_stream_id(u32::MAX - 2);
+        server.set_next_stream_id(u32::MAX - 3);
+        let mut client_ids = Vec::new();
+        let mut server_ids = Vec::new();
+        for round in 0..4u8 {
+            let (mut send, mut recv) = client.open_bi().await.expect("open");
+            client_ids.push(send.shared.id);
+            send.write_all(&[round]).await.expect("write");
+            send.finish().expect("finish");
+            let (mut peer_send, mut peer_recv) = server.accept_bi().await.expect("accept");
+            assert_eq!(peer_recv.read_to_end(10).await.expect("read"), [round]);
+            peer_send.write_all(&[round + 100]).await.expect("write");
+            peer_send.finish().expect("finish");
+            assert_eq!(recv.read_to_end(10).await.expect("read"), [round + 100]);
+
+            let (mut send, mut recv) = server.open_bi().await.expect("open");
+            server_ids.push(send.shared.id);
+            send.write_all(&[round]).await.expect("write");
+            send.finish().expect("finish");
+            let (mut peer_send, mut peer_recv) = client.accept_bi().await.expect("accept");
+            assert_eq!(peer_recv.read_to_end(10).await.expect("read"), [round]);
+            peer_send.finish().expect("finish");
+            assert_eq!(recv.read_to_end(10).await.expect("read"), b"");
+        }
+        assert_eq!(client_ids, [u32::MAX - 2, u32::MAX, 3, 5], "1 is the control stream's: skipped");
+        assert_eq!(server_ids, [u32::MAX - 3, u32::MAX - 1, 4, 6], "2 is still open: skipped");
+        // the long-lived streams still work both ways
+        client_control.write_all(b"still").await.expect("write");
+        assert_eq!(server_control_recv.read_chunk().await.expect("read").as_deref(), Some(&b"still"[..]));
+        server_control.write_all(b"here").await.expect("write");
+        assert_eq!(client_control_recv.read_chunk().await.expect("read").as_deref(), Some(&b"here"[..]));
+        assert!(client.close_reason().is_none() && server.close_reason().is_none());
     }
 }

@@ -12,7 +12,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::CertifiedKey;
 
-use crate::mux::Connection;
+use crate::mux::{Connection, MuxLimits};
 use crate::socket::Congestion;
 
 /// PEM texts of a certificate, its private key, and the CA to trust.
@@ -140,6 +140,7 @@ pub struct TunnelListener {
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     congestion: Congestion,
+    limits: MuxLimits,
 }
 
 impl TunnelListener {
@@ -161,12 +162,18 @@ impl TunnelListener {
             .with_cert_resolver(certificate);
         tls.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the tunnel endpoint on TCP {listen}"))?;
-        Ok(TunnelListener { listener, acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)), congestion: Congestion::System })
+        Ok(TunnelListener { listener, acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)), congestion: Congestion::System, limits: MuxLimits::default() })
     }
 
     /// The congestion control of the accepted tunnels (the system's unless set).
     pub fn with_congestion(mut self, congestion: Congestion) -> TunnelListener {
         self.congestion = congestion;
+        self
+    }
+
+    /// The multiplexer's limits for every accepted tunnel (the defaults unless set).
+    pub fn with_limits(mut self, limits: MuxLimits) -> TunnelListener {
+        self.limits = limits;
         self
     }
 
@@ -184,7 +191,7 @@ impl TunnelListener {
         tune(&stream, &self.congestion);
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
         let certificates = tls.get_ref().1.peer_certificates().map(|chain| chain.iter().map(|certificate| certificate.to_vec()).collect()).unwrap_or_default();
-        Ok(Connection::start(tls, false, remote, certificates))
+        Ok(Connection::start_with_limits(tls, false, remote, certificates, self.limits.clone()))
     }
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
@@ -197,6 +204,7 @@ impl TunnelListener {
 pub struct TunnelConnector {
     connector: tokio_rustls::TlsConnector,
     congestion: Congestion,
+    limits: MuxLimits,
 }
 
 impl TunnelConnector {
@@ -208,12 +216,19 @@ impl TunnelConnector {
             .with_client_auth_cert(material.chain()?, material.key()?)
             .context("the client certificate")?;
         tls.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
-        Ok(TunnelConnector { connector: tokio_rustls::TlsConnector::from(Arc::new(tls)), congestion: Congestion::System })
+        Ok(TunnelConnector { connector: tokio_rustls::TlsConnector::from(Arc::new(tls)), congestion: Congestion::System, limits: MuxLimits::default() })
     }
 
     /// The congestion control of the tunnel (the system's unless set).
     pub fn with_congestion(mut self, congestion: Congestion) -> TunnelConnector {
         self.congestion = congestion;
+        self
+    }
+
+    /// The multiplexer's limits for the tunnel (the defaults unless set; a
+    /// connector sets `accept_streams: false`).
+    pub fn with_limits(mut self, limits: MuxLimits) -> TunnelConnector {
+        self.limits = limits;
         self
     }
 
@@ -223,7 +238,7 @@ impl TunnelConnector {
         let name = ServerName::try_from(reachback_proto::BROKER_SERVER_NAME).context("broker name")?;
         let tls =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;
-        Ok(Connection::start(tls, true, address, Vec::new()))
+        Ok(Connection::start_with_limits(tls, true, address, Vec::new(), self.limits.clone()))
     }
 }
 

@@ -224,6 +224,12 @@ struct ServerArgs {
     /// Seconds a request may take to its response head [default: 60]
     #[arg(long, env = "REACHBACK_REQUEST_TIMEOUT")]
     request_timeout: Option<u64>,
+    /// Flows one tunnel (agent or connector) may hold at once; more are refused [default: 16384]
+    #[arg(long, env = "REACHBACK_TUNNEL_MAX_FLOWS")]
+    tunnel_max_flows: Option<usize>,
+    /// Bytes (MiB) a peer may have in flight towards the server on one tunnel, its memory budget [default: 64]
+    #[arg(long, env = "REACHBACK_TUNNEL_MEMORY_MIB")]
+    tunnel_memory_mib: Option<u64>,
     /// TOML file with any of the keys above (listen, tunnel_listen, data_dir, database_url, …)
     #[arg(long, env = "REACHBACK_CONFIG")]
     config: Option<PathBuf>,
@@ -253,6 +259,8 @@ struct ConfigFile {
     max_connections: Option<usize>,
     header_read_timeout: Option<u64>,
     request_timeout: Option<u64>,
+    tunnel_max_flows: Option<usize>,
+    tunnel_memory_mib: Option<u64>,
 }
 
 /// A secret that prints as a mask.
@@ -308,6 +316,11 @@ impl ServerArgs {
                     tls_handshake_timeout: defaults.tls_handshake_timeout,
                 }
             },
+            tunnel_max_flows: self.tunnel_max_flows.or(file.tunnel_max_flows).unwrap_or(reachback_server::state::DEFAULT_TUNNEL_MAX_FLOWS),
+            tunnel_memory: self
+                .tunnel_memory_mib
+                .or(file.tunnel_memory_mib)
+                .map_or(reachback_server::state::DEFAULT_TUNNEL_MEMORY, |mib| mib.saturating_mul(1024 * 1024)),
         };
         validate(&config)?;
         tracing::debug!(listen = %config.listen, data_dir = %config.data_dir.display(), bootstrap_token = ?Masked(&config.bootstrap_token), "configuration");
@@ -337,6 +350,12 @@ fn validate(config: &ServerConfig) -> anyhow::Result<()> {
     }
     if config.http_limits.max_connections == 0 || config.http_limits.header_read_timeout.is_zero() || config.http_limits.request_timeout.is_zero() {
         anyhow::bail!("--max-connections, --header-read-timeout and --request-timeout must be above 0");
+    }
+    if !(16..=1_000_000).contains(&config.tunnel_max_flows) {
+        anyhow::bail!("--tunnel-max-flows must be 16 to 1000000");
+    }
+    if !(16 * 1024 * 1024..=1024 * 1024 * 1024).contains(&config.tunnel_memory) {
+        anyhow::bail!("--tunnel-memory-mib must be 16 to 1024");
     }
     for name in &config.api_names {
         if name.trim().is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {

@@ -38,7 +38,7 @@ pub struct TestServer {
     database_url: Option<String>,
     postgres: Option<(String, String)>,
     /// the TCP port the broker binds when a test starts it (picked free at start)
-    tunnel_port: u16,
+    pub tunnel_port: u16,
     app: Option<reachback_server::App>,
 }
 
@@ -99,6 +99,8 @@ impl TestServer {
             insecure_http: false,
             certificate_lifetime: reachback_server::state::DEFAULT_CERTIFICATE_LIFETIME,
             http_limits: reachback_server::state::HttpLimits::default(),
+            tunnel_max_flows: reachback_server::state::DEFAULT_TUNNEL_MAX_FLOWS,
+            tunnel_memory: reachback_server::state::DEFAULT_TUNNEL_MEMORY,
         }
     }
 

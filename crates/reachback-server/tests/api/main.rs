@@ -4,4 +4,5 @@
 mod console;
 mod dataplane;
 mod harness;
+mod hostile;
 mod scenarios;

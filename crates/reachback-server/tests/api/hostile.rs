@@ -1,0 +1,252 @@
+//! Hostile peers at the broker, over real TLS on loopback: an agent that opens a
+//! stream it was not asked for, a connector that sends an empty data frame, one
+//! that floods streams and bytes past its credit, and one that never reads. Each
+//! is cut off (the reason logged), the server's memory stays within the tunnel's
+//! budget, and a well-behaved connector's flow to a well-behaved agent keeps
+//! working throughout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reachback_proto::mux::{FrameKind, encode_header};
+use reachback_proto::{ClientRole, Control, FlowOpen, FlowReply};
+use reachback_tunnel::{Connection, TlsMaterial, TunnelConnector, read_frame, write_frame};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{Backend, TestServer};
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:").and_then(|rest| rest.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// A device enrolled through the API with a key of the test's own: its TLS material.
+async fn enroll_device(server: &TestServer, hostname: &str) -> TlsMaterial {
+    let key =
+        server.post("/api/v1/enrollment-keys", json!({"username": format!("{hostname}@corp.example")})).await.json()["key"].as_str().expect("key").to_string();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key pair");
+    let answer = server
+        .post("/api/v1/enroll", json!({"enrollment_key": key, "hostname": hostname, "platform": "linux", "public_key": pair.public_key_pem()}))
+        .await
+        .json();
+    TlsMaterial {
+        certificate_pem: answer["certificate"].as_str().expect("certificate").to_string(),
+        private_key_pem: pair.serialize_pem(),
+        ca_pem: answer["ca_certificate"].as_str().expect("CA").to_string(),
+    }
+}
+
+/// A connector enrolled through the API: its TLS material.
+async fn enroll_connector(server: &TestServer, name: &str) -> TlsMaterial {
+    let created = server.post("/api/v1/connectors", json!({"name": name})).await.json();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key pair");
+    let answer =
+        server.post("/api/v1/connectors/enroll", json!({"provisioning_key": created["provisioning_key"], "public_key": pair.public_key_pem()})).await.json();
+    TlsMaterial {
+        certificate_pem: answer["certificate"].as_str().expect("certificate").to_string(),
+        private_key_pem: pair.serialize_pem(),
+        ca_pem: answer["ca_certificate"].as_str().expect("CA").to_string(),
+    }
+}
+
+/// A raw TLS connection to the broker with a client certificate: frames are written by hand.
+async fn raw_tunnel(broker: &str, material: &TlsMaterial) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(material.ca_pem.as_bytes()) {
+        roots.add(certificate.expect("CA")).expect("root");
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(material.certificate_pem.as_bytes()).map(|c| c.expect("cert")).collect();
+    let key = PrivateKeyDer::from_pem_slice(material.private_key_pem.as_bytes()).expect("key");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client certificate");
+    config.alpn_protocols = vec![reachback_proto::ALPN.to_vec()];
+    let stream = tokio::net::TcpStream::connect(broker).await.expect("connect");
+    let name = ServerName::try_from(reachback_proto::BROKER_SERVER_NAME).expect("name");
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await.expect("TLS")
+}
+
+fn frame(kind: FrameKind, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = encode_header(kind, stream, payload.len()).to_vec();
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// Opens the control stream and says hello as a connector.
+fn hello(role: ClientRole) -> Vec<u8> {
+    let mut bytes = frame(FrameKind::Open, 1, &[]);
+    bytes.extend(frame(FrameKind::Data, 1, &reachback_proto::encode(&Control::Hello { role, version: "hostile".into(), mode: None })));
+    bytes
+}
+
+/// Reads until the broker closes the connection; `true` when it did within the limit.
+async fn cut_off<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> bool {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The well-behaved flow: an echo through the good connector and the good agent.
+async fn echo_works(connection: &Connection, destination: &str) {
+    let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+    write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.1.2.3:40000".parse().expect("address"), user: None })
+        .await
+        .expect("write");
+    let reply = tokio::time::timeout(Duration::from_secs(10), read_frame::<FlowReply>(&mut recv)).await.expect("reply in time").expect("frame");
+    assert_eq!(reply, Some(FlowReply::Ok));
+    send.write_all(b"still here").await.expect("write");
+    send.finish().expect("finish");
+    let echoed = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1024)).await.expect("echo in time").expect("read");
+    assert_eq!(echoed, b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peers_are_cut_off_and_others_go_on() {
+    let mut server = TestServer::start(Backend::Sqlite).await.expect("server");
+    let base = server.serve_with_broker().await;
+    let broker = format!("127.0.0.1:{}", server.tunnel_port);
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let echo_port = echo.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                let _ = writer.shutdown().await;
+            });
+        }
+    });
+    server.post("/api/v1/ip-ranges", json!({"name": "r", "range": "100.64.0.0/24"})).await;
+    let segment =
+        server.post("/api/v1/app-segments", json!({"name": "echo", "destinations": ["100.64.0.0/24"], "tcp_ports": [echo_port.to_string()]})).await.json();
+    server.post("/api/v1/access-policies", json!({"name": "echo", "action": "allow", "segment_ids": [segment["id"]]})).await;
+
+    // the well-behaved agent (in process) and connector
+    let key = server.post("/api/v1/enrollment-keys", json!({"username": "alice@corp.example"})).await.json()["key"].as_str().expect("key").to_string();
+    let state_dir = server.data_dir.join("good-agent");
+    let options = reachback_agent::EnrollOptions {
+        server: base.clone(),
+        key,
+        hostname: "good.corp.example".into(),
+        platform: "linux".into(),
+        location: None,
+        state_dir: state_dir.clone(),
+        trust: reachback_tunnel::ApiTrust::default(),
+        force: false,
+    };
+    let enrolled = tokio::task::spawn_blocking(move || reachback_agent::enroll(&options)).await.expect("join").expect("enroll");
+    let destination = format!("{}:{echo_port}", enrolled.virtual_ip.expect("address"));
+    let run = reachback_agent::RunOptions {
+        state_dir,
+        allow_ports: reachback_agent::parse_allow_ports(&echo_port.to_string()).expect("ports"),
+        connect_host: "127.0.0.1".parse().expect("address"),
+        version: "test".into(),
+        tcp_congestion: reachback_tunnel::Congestion::System,
+    };
+    tokio::spawn(reachback_agent::run(run, std::future::pending()));
+    let good = enroll_connector(&server, "good").await;
+    let endpoint = TunnelConnector::new(&good).expect("connector");
+    let mut tunnel = None;
+    for _ in 0..100 {
+        if server.get("/api/v1/client-sessions").await.json()["total"] == 1 {
+            tunnel = reachback_tunnel::client::connect(&endpoint, std::slice::from_ref(&broker), ClientRole::Connector, None, "test").await.ok();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tunnel = tunnel.expect("the good connector connects once the agent is up");
+    let good_connection = tunnel.connection.clone();
+    tokio::spawn(tunnel.run_control(None, |_| {}));
+    echo_works(&good_connection, &destination).await;
+    let rss_before = rss_kib();
+
+    // 1. an agent that opens a stream the broker did not ask for is cut off
+    let hostile_agent = enroll_device(&server, "hostile.corp.example").await;
+    let agent_endpoint = TunnelConnector::new(&hostile_agent).expect("agent");
+    let agent_tunnel =
+        reachback_tunnel::client::connect(&agent_endpoint, std::slice::from_ref(&broker), ClientRole::Agent, None, "hostile").await.expect("agent");
+    let agent_connection = agent_tunnel.connection.clone();
+    let (_send, _recv) = agent_connection.open_bi().await.expect("open");
+    let reason = tokio::time::timeout(Duration::from_secs(5), agent_connection.closed()).await.expect("cut off in time");
+    assert!(reason.contains("closed") || reason.contains("violation"), "{reason}");
+    echo_works(&good_connection, &destination).await;
+
+    // 2. a connector that sends an empty data frame is cut off
+    let hostile_connector = enroll_connector(&server, "hostile").await;
+    let mut raw = raw_tunnel(&broker, &hostile_connector).await;
+    raw.write_all(&hello(ClientRole::Connector)).await.expect("hello");
+    raw.write_all(&frame(FrameKind::Open, 3, &[])).await.expect("open");
+    raw.write_all(&frame(FrameKind::Data, 3, &[])).await.expect("empty data");
+    raw.flush().await.expect("flush");
+    assert!(cut_off(&mut raw, Duration::from_secs(5)).await, "an empty data frame ends the tunnel");
+    echo_works(&good_connection, &destination).await;
+
+    // 3. a connector that floods streams (20,000 of them, 128 KiB of junk each, never
+    //    reading an answer): absorbed within the tunnel's budget — each junk request is
+    //    refused and its bytes given back — then a grant of credit past the maximum
+    //    ends the tunnel
+    let mut raw = raw_tunnel(&broker, &hostile_connector).await;
+    raw.write_all(&hello(ClientRole::Connector)).await.expect("hello");
+    let chunk = vec![0x5au8; 16 * 1024];
+    let mut sent_mib = 0.0;
+    for stream in 0..20_000u32 {
+        let id = 3 + stream * 2;
+        let mut bytes = frame(FrameKind::Open, id, &[]);
+        for _ in 0..8 {
+            bytes.extend(frame(FrameKind::Data, id, &chunk));
+        }
+        match tokio::time::timeout(Duration::from_secs(5), raw.write_all(&bytes)).await {
+            Ok(Ok(())) => sent_mib += bytes.len() as f64 / (1024.0 * 1024.0),
+            _ => break,
+        }
+    }
+    let grown_mib = rss_kib().saturating_sub(rss_before) as f64 / 1024.0;
+    eprintln!(
+        "server RSS growth during a flood of {sent_mib:.0} MiB on 20,000 streams: {grown_mib:.1} MiB (budget {} MiB)",
+        reachback_server::state::DEFAULT_TUNNEL_MEMORY >> 20
+    );
+    assert!(grown_mib < 2.0 * (reachback_server::state::DEFAULT_TUNNEL_MEMORY >> 20) as f64, "RSS grew {grown_mib:.1} MiB");
+    echo_works(&good_connection, &destination).await;
+    let _ = raw.write_all(&frame(FrameKind::Window, 1, &u32::MAX.to_be_bytes())).await;
+    let _ = raw.write_all(&frame(FrameKind::Window, 1, &u32::MAX.to_be_bytes())).await;
+    let _ = raw.flush().await;
+    assert!(cut_off(&mut raw, Duration::from_secs(10)).await, "credit past the maximum ends the tunnel");
+    echo_works(&good_connection, &destination).await;
+
+    // 4. a connector that asks for a flow and never reads what comes back: its flow
+    //    stalls at the credit, the server's memory stays bounded, others go on
+    let reader = enroll_connector(&server, "never reads").await;
+    let endpoint = TunnelConnector::new(&reader).expect("connector");
+    let never = reachback_tunnel::client::connect(&endpoint, std::slice::from_ref(&broker), ClientRole::Connector, None, "test").await.expect("connects");
+    let never_connection = never.connection.clone();
+    tokio::spawn(never.run_control(None, |_| {}));
+    let (mut send, _recv_never_read) = never_connection.open_bi().await.expect("stream");
+    write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.9.9.9:1".parse().expect("address"), user: None })
+        .await
+        .expect("open");
+    let big = bytes::Bytes::from(vec![7u8; 1024 * 1024]);
+    for _ in 0..32 {
+        if tokio::time::timeout(Duration::from_millis(500), send.write_chunk(big.clone())).await.is_err() {
+            break; // the echo's way back is full: the flow waits for credit, as it should
+        }
+    }
+    let grown_mib = rss_kib().saturating_sub(rss_before) as f64 / 1024.0;
+    eprintln!("server RSS growth with a peer that never reads: {grown_mib:.1} MiB");
+    assert!(grown_mib < 2.0 * (reachback_server::state::DEFAULT_TUNNEL_MEMORY >> 20) as f64, "RSS grew {grown_mib:.1} MiB");
+    echo_works(&good_connection, &destination).await;
+}
