@@ -306,14 +306,17 @@ async fn sync_replicas(state: std::sync::Weak<AppState>) {
     loop {
         interval.tick().await;
         let Some(state) = state.upgrade() else { return };
-        let Ok(ranges) = state.store.list_ranges().await else { continue };
-        if known.is_empty() {
-            // ranges the engine loaded at start are current; any it lacks (made by another
-            // replica since) are loaded below
-            known = ranges.iter().filter(|row| engine_has(&state, &row.id)).map(|row| (row.id.clone(), row.updated_at)).collect();
-        }
+        // the list is read under the engine's lock: a range this replica creates or deletes
+        // meanwhile (its handler holds the lock across the write) cannot be taken for one
+        // another replica removed or made
         let mut engine = state.engine.lock().await;
+        let Ok(ranges) = state.store.list_ranges().await else { continue };
         for row in &ranges {
+            if !known.contains_key(&row.id) && engine.range(&row.id).is_some() {
+                // loaded at start or made here: current
+                known.insert(row.id.clone(), row.updated_at);
+                continue;
+            }
             if (known.get(&row.id) != Some(&row.updated_at) || engine.range(&row.id).is_none())
                 && let Ok((bound, quarantined)) = state.store.range_addresses(&row.id).await
                 && engine.load_range(range_spec(row), bound, quarantined).is_ok()
@@ -334,10 +337,6 @@ async fn sync_replicas(state: std::sync::Weak<AppState>) {
             state.set_settings(settings);
         }
     }
-}
-
-fn engine_has(state: &AppState, range_id: &str) -> bool {
-    state.engine.try_lock().map(|engine| engine.range(range_id).is_some()).unwrap_or(false)
 }
 
 /// Keeps the broker in step with the store, every second: policy changes made by

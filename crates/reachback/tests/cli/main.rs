@@ -8,4 +8,5 @@ mod durability;
 mod process;
 mod replicas;
 mod socks5;
+mod tls;
 mod walkthrough;

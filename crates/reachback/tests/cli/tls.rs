@@ -1,0 +1,188 @@
+//! The API served as PRODUCT.md's "Security" says, tried on real sockets with curl
+//! and the CLI: HTTPS by default off loopback with the internal CA and its pin, an
+//! operator's certificate re-read on SIGHUP, `--insecure-http` said out loud, and
+//! the HTTP server's own limits (header-read timeout, connection cap).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::process::{BIN, TOKEN, TempDir, free_port};
+
+/// A server process whose stdout is kept (the start-up lines name the URL and the pin).
+struct Started {
+    child: Child,
+    stdout: std::path::PathBuf,
+}
+
+impl Started {
+    fn spawn(dir: &Path, args: &[&str]) -> Started {
+        let stdout = dir.join("stdout.log");
+        let file = std::fs::File::create(&stdout).expect("log");
+        let child = Command::new(BIN)
+            .arg("server")
+            .args(args)
+            .args(["--data-dir", &dir.join("data").to_string_lossy(), "--bootstrap-token", TOKEN])
+            .env("REACHBACK_TUNNEL_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server starts");
+        let started = Started { child, stdout };
+        let began = Instant::now();
+        while !started.output().contains("Reachback API listening on") {
+            assert!(began.elapsed() < Duration::from_secs(30), "the server did not start: {}", started.output());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        started
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    fn pin(&self) -> String {
+        self.output().lines().find_map(|line| line.strip_prefix("CA pin: ")).expect("a CA pin line").trim().to_string()
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn curl(args: &[&str]) -> (bool, String) {
+    let output = Command::new("curl").args(["-sS", "-m", "5"]).args(args).output().expect("curl runs");
+    (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+}
+
+fn ctl(args: &[&str]) -> (bool, String) {
+    let output = Command::new(BIN).arg("ctl").args(args).env("REACHBACK_TOKEN", TOKEN).env_remove("REACHBACK_CA_PIN").output().expect("ctl runs");
+    (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+}
+
+#[test]
+fn a_wildcard_listener_serves_https_with_the_internal_ca_and_its_pin() {
+    let temp = TempDir::new();
+    let port = free_port();
+    let server = Started::spawn(&temp.0, &["--listen", &format!("0.0.0.0:{port}")]);
+    assert!(server.output().contains("Reachback API listening on https://"), "{}", server.output());
+    let pin = server.pin();
+    assert!(pin.starts_with("sha256:") && pin.len() == 7 + 64, "{pin}");
+    let ca = temp.0.join("data/ca.pem").to_string_lossy().into_owned();
+    let (ok, body) = curl(&["--cacert", &ca, &format!("https://127.0.0.1:{port}/healthz")]);
+    assert!(ok && body.contains("ok"), "HTTPS verified against the internal CA: {body}");
+    let (ok, _) = curl(&[&format!("http://127.0.0.1:{port}/healthz")]);
+    assert!(!ok, "no plain HTTP beside it");
+    let (ok, printed) = ctl(&["ca", "pin", "--data-dir", &temp.0.join("data").to_string_lossy()]);
+    assert!(ok && printed.trim() == pin, "`ctl ca pin` prints the same pin: {printed}");
+
+    let url = format!("https://127.0.0.1:{port}");
+    let (ok, me) = ctl(&["--server", &url, "--ca-pin", &pin, "me"]);
+    assert!(ok && me.contains("superadmin"), "{me}");
+    let (ok, message) = ctl(&["--server", &url, "me"]);
+    assert!(!ok && message.contains("--ca-pin"), "without a pin the internal CA is not trusted, and the message says what to do: {message}");
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let (ok, message) = ctl(&["--server", &url, "--ca-pin", &wrong, "me"]);
+    assert!(!ok && message.contains(&wrong) && message.contains(&pin), "a wrong pin names the expected and the presented pin: {message}");
+    // the ready-to-paste enrollment command names the server, the key and the pin
+    let (ok, created) = ctl(&["--server", &url, "--ca-pin", &pin, "keys", "create", "--username", "alice@corp.example"]);
+    assert!(ok && created.contains("reachback agent enroll --server https://") && created.contains(&format!("--ca-pin {pin}")), "{created}");
+}
+
+#[test]
+fn insecure_http_off_loopback_is_said_out_loud() {
+    let temp = TempDir::new();
+    let port = free_port();
+    let server = Started::spawn(&temp.0, &["--listen", &format!("0.0.0.0:{port}"), "--insecure-http"]);
+    assert!(server.output().contains(&format!("Reachback API listening on http://")), "{}", server.output());
+    assert!(server.output().contains("WARNING: plain HTTP"), "{}", server.output());
+    let (ok, body) = curl(&[&format!("http://127.0.0.1:{port}/healthz")]);
+    assert!(ok && body.contains("ok"), "{body}");
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files.
+fn operator_certificate(dir: &Path, name: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("params");
+    let certificate = params.signed_by(&key, &issuer).expect("certificate");
+    let write = |file: &str, text: &str| {
+        let path = dir.join(file);
+        std::fs::write(&path, text).expect("write");
+        path.to_string_lossy().into_owned()
+    };
+    (
+        write(&format!("{name}-ca.pem"), &ca.pem()),
+        write(&format!("{name}-cert.pem"), &certificate.pem()),
+        write(&format!("{name}-key.pem"), &key.serialize_pem()),
+    )
+}
+
+#[test]
+fn an_operator_certificate_is_served_and_read_again_on_sighup() {
+    let temp = TempDir::new();
+    let port = free_port();
+    let (first_ca, first_cert, first_key) = operator_certificate(&temp.0, "first");
+    let (second_ca, second_cert, second_key) = operator_certificate(&temp.0, "second");
+    let cert = temp.0.join("api-cert.pem").to_string_lossy().into_owned();
+    let key = temp.0.join("api-key.pem").to_string_lossy().into_owned();
+    std::fs::copy(&first_cert, &cert).expect("copy");
+    std::fs::copy(&first_key, &key).expect("copy");
+    let server = Started::spawn(&temp.0, &["--listen", &format!("127.0.0.1:{port}"), "--tls-cert", &cert, "--tls-key", &key]);
+    let url = format!("https://127.0.0.1:{port}/healthz");
+    assert!(curl(&["--cacert", &first_ca, &url]).0, "the operator's certificate is served, even on loopback");
+    std::fs::copy(&second_cert, &cert).expect("copy");
+    std::fs::copy(&second_key, &key).expect("copy");
+    let _ = Command::new("kill").args(["-HUP", &server.child.id().to_string()]).status();
+    let began = Instant::now();
+    while !curl(&["--cacert", &second_ca, &url]).0 {
+        assert!(began.elapsed() < Duration::from_secs(10), "the new certificate was not picked up on SIGHUP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!curl(&["--cacert", &first_ca, &url]).0, "the old certificate is gone");
+    // a broken file on SIGHUP keeps the current certificate
+    std::fs::write(&key, "not a key").expect("write");
+    let _ = Command::new("kill").args(["-HUP", &server.child.id().to_string()]).status();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(curl(&["--cacert", &second_ca, &url]).0, "a bad file changes nothing");
+}
+
+#[test]
+fn slow_and_numerous_clients_are_bounded() {
+    let temp = TempDir::new();
+    let port = free_port();
+    let _server = Started::spawn(&temp.0, &["--listen", &format!("127.0.0.1:{port}"), "--header-read-timeout", "1"]);
+    let address = format!("127.0.0.1:{port}");
+    // a client that never finishes its request head is dropped after the header-read timeout
+    let mut slow = TcpStream::connect(&address).expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").expect("write");
+    slow.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let began = Instant::now();
+    let mut buffer = [0u8; 256];
+    let read = slow.read(&mut buffer);
+    assert!(matches!(read, Ok(0)), "the slow client is closed, not answered or left waiting: {read:?}");
+    assert!(began.elapsed() < Duration::from_secs(4), "closed after {:?}", began.elapsed());
+    // at the connection cap, a further client waits until a slot frees
+    let capped = TempDir::new();
+    let port = free_port();
+    let _capped = Started::spawn(&capped.0, &["--listen", &format!("127.0.0.1:{port}"), "--max-connections", "2"]);
+    let address = format!("127.0.0.1:{port}");
+    let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&address).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (ok, _) = curl(&["-m", "1.5", &format!("http://{address}/healthz")]);
+    assert!(!ok, "a third connection is not served while two are held");
+    drop(idle);
+    let (ok, body) = curl(&[&format!("http://{address}/healthz")]);
+    assert!(ok && body.contains("ok"), "served once the others left: {body}");
+}
