@@ -201,7 +201,12 @@ fn main() {
     for (_, server) in &servers {
         let client = server.client();
         api(&client, "POST", "/api/v1/ip-ranges", json!({"name": "bench", "range": "100.64.0.0/10"}));
-        keys.push(api(&client, "POST", "/api/v1/enrollment-keys", json!({"username": "bench@corp.example", "reusable": true}))["key"].as_str().expect("key").to_string());
+        keys.push(
+            api(&client, "POST", "/api/v1/enrollment-keys", json!({"username": "bench@corp.example", "reusable": true}))["key"]
+                .as_str()
+                .expect("key")
+                .to_string(),
+        );
     }
 
     println!("## Enrollments over HTTPS against HTTP ({connections} keep-alive connections, {round} per round, rounds alternating)");

@@ -6,6 +6,7 @@ mod console;
 mod dataplane;
 mod durability;
 mod process;
+mod renewal;
 mod replicas;
 mod socks5;
 mod tls;
