@@ -152,6 +152,12 @@ struct ServerArgs {
     /// TCP congestion control of the tunnels: `system` keeps the machine's [default: cubic where available]
     #[arg(long, env = "REACHBACK_TCP_CONGESTION")]
     tcp_congestion: Option<String>,
+    /// File holding the 32-byte secret that encrypts the CA key in the database (64 hex digits or base64); every replica needs the same [default: REACHBACK_SECRET_KEY, else DATA_DIR/secret.key, generated]
+    #[arg(long, env = "REACHBACK_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
+    /// Bearer token GET /metrics requires [default: none, /metrics is open]
+    #[arg(long, env = "REACHBACK_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     /// TOML file with any of the keys above (listen, tunnel_listen, data_dir, database_url, …)
     #[arg(long, env = "REACHBACK_CONFIG")]
     config: Option<PathBuf>,
@@ -173,6 +179,8 @@ struct ConfigFile {
     node_name: Option<String>,
     flow_idle_timeout: Option<u64>,
     tcp_congestion: Option<String>,
+    secret_key_file: Option<PathBuf>,
+    metrics_token: Option<String>,
 }
 
 /// A secret that prints as a mask.
@@ -205,11 +213,30 @@ impl ServerArgs {
             node_name: self.node_name.or(file.node_name).unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "reachback".into())),
             flow_idle_timeout: std::time::Duration::from_secs(self.flow_idle_timeout.or(file.flow_idle_timeout).unwrap_or(3600)),
             tcp_congestion: reachback_tunnel::Congestion::resolve(self.tcp_congestion.or(file.tcp_congestion).as_deref())?,
+            security: security_config(self.secret_key_file.or(file.secret_key_file), self.metrics_token.or(file.metrics_token))?,
         };
         validate(&config)?;
         tracing::debug!(listen = %config.listen, data_dir = %config.data_dir.display(), bootstrap_token = ?Masked(&config.bootstrap_token), "configuration");
         Ok(config)
     }
+}
+
+/// The secret key's source (a file, or `REACHBACK_SECRET_KEY` itself, not both) and the metrics token.
+fn security_config(secret_key_file: Option<PathBuf>, metrics_token: Option<String>) -> anyhow::Result<reachback_server::SecurityConfig> {
+    let secret_key = match (secret_key_file, std::env::var("REACHBACK_SECRET_KEY").ok().filter(|value| !value.is_empty())) {
+        (Some(_), Some(_)) => anyhow::bail!("give the secret key in REACHBACK_SECRET_KEY or in --secret-key-file (REACHBACK_SECRET_KEY_FILE), not both"),
+        (Some(path), None) => reachback_server::SecretKeySource::File(path),
+        (None, Some(text)) => reachback_server::SecretKeySource::Value(
+            reachback_server::crypto::SecretKey::parse(&text).map_err(|message| anyhow::anyhow!("REACHBACK_SECRET_KEY: {message}"))?,
+        ),
+        (None, None) => reachback_server::SecretKeySource::DataDir,
+    };
+    if let Some(token) = &metrics_token
+        && (token.len() < 16 || token.len() > 256 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        anyhow::bail!("--metrics-token must be 16 to 256 characters without spaces");
+    }
+    Ok(reachback_server::SecurityConfig { secret_key, metrics_token })
 }
 
 fn validate(config: &ServerConfig) -> anyhow::Result<()> {

@@ -5,3 +5,4 @@ mod console;
 mod dataplane;
 mod harness;
 mod scenarios;
+mod security;

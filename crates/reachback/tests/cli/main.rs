@@ -7,5 +7,6 @@ mod dataplane;
 mod durability;
 mod process;
 mod replicas;
+mod secrets;
 mod socks5;
 mod walkthrough;
