@@ -105,9 +105,14 @@ fn server_command(data_dir: &Path, database: Option<&str>, extra: &[&str], envs:
 
 /// Runs `reachback server`, expecting it to refuse to start (within 60 s); returns its standard error.
 pub fn server_refuses(data_dir: &Path, database: Option<&str>, extra: &[&str], envs: &[(&str, &str)]) -> String {
-    let mut command = server_command(data_dir, database, extra, envs, free_port());
-    let log = data_dir.with_extension(format!("refusal-{}.log", unique("log")));
-    command.stderr(std::fs::File::create(&log).expect("log file"));
+    refuses(server_command(data_dir, database, extra, envs, free_port()))
+}
+
+/// Runs a command that should fail (within 60 s; it is killed after that and the
+/// test fails); returns its standard error.
+pub fn refuses(mut command: Command) -> String {
+    let log = std::env::temp_dir().join(unique("reachback_refusal"));
+    command.stdout(Stdio::null()).stderr(std::fs::File::create(&log).expect("log file"));
     let mut child = command.spawn().expect("server runs");
     let started = Instant::now();
     let status = loop {
@@ -116,13 +121,14 @@ pub fn server_refuses(data_dir: &Path, database: Option<&str>, extra: &[&str], e
         }
         if started.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
-            panic!("the server started, but should have refused: {extra:?}");
+            let _ = child.wait();
+            panic!("still running after 60 s, but should have refused: {command:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let stderr = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
-    assert!(!status.success(), "the server should refuse to start: {stderr}");
+    assert!(!status.success(), "should have failed: {stderr}");
     stderr
 }
 

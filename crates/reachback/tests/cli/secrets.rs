@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::process::{Server, TempDir, agent, free_port, request, server_refuses};
+use crate::process::{Server, TempDir, agent, free_port, refuses, request, server_refuses};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap_or_else(|error| panic!("{}: {error}", path.display())).permissions().mode() & 0o777
@@ -35,11 +35,14 @@ fn any_file_holds(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
 fn data_directory_is_private_and_the_ca_key_encrypted() {
     let temp = TempDir::new();
     let data_dir = temp.0.join("data");
-    let mut server = Server::start(&data_dir, None, &[]);
+    let first_log = temp.0.join("first.log");
+    let mut server = Server::start_with(&data_dir, None, &[], &[], Some(&first_log));
     assert_eq!(mode(&data_dir), 0o700);
     for path in private_files(&data_dir) {
         assert_eq!(mode(&path), 0o600, "{}", path.display());
     }
+    let first_log = std::fs::read_to_string(&first_log).expect("log");
+    assert!(!first_log.contains("removed group and other permissions"), "created private, not narrowed afterwards: {first_log}");
     assert_eq!(std::fs::read_to_string(data_dir.join("secret.key")).expect("secret key").trim().len(), 64, "64 hex digits");
     assert!(data_dir.join("ca.pem").exists(), "the CA certificate is public");
     assert!(!data_dir.join("ca-key.pem").exists());
@@ -96,13 +99,14 @@ fn a_data_directory_that_cannot_be_made_private_is_refused() {
     let data_dir = temp.0.join("data");
     std::fs::create_dir(&data_dir).expect("mkdir");
     set_mode(&data_dir, 0o777);
-    let output = Command::new("runuser")
-        .args(["-u", "nobody", "--", crate::process::BIN, "server", "--listen", &format!("127.0.0.1:{}", free_port()), "--data-dir"])
+    // setpriv runs the server in its own place (no child process left behind on a timeout)
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", crate::process::BIN, "server", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
         .arg(&data_dir)
-        .output()
-        .expect("runuser runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+        .env("REACHBACK_TUNNEL_LISTEN", "127.0.0.1:0");
+    let stderr = refuses(command);
     assert!(stderr.contains("is open to group or others (mode 777)") && stderr.contains("chmod 700"), "{stderr}");
     assert_eq!(std::fs::read_dir(&data_dir).expect("read").count(), 0, "nothing written");
 }
