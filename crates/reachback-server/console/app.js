@@ -464,6 +464,7 @@ pages.keys = () => {
       { key: 'description', label: 'Description' },
       { key: 'reusable', label: 'Reusable', render: (row) => (row.reusable ? 'yes' : 'single use') },
       { key: 'used_count', label: 'Used', numeric: true },
+      { key: 'hostname_pattern', label: 'Hostnames', render: (row) => row.hostname_pattern || 'any' },
       { key: 'expires_at', label: 'Expires', render: (row) => when(row.expires_at) || 'never' },
       { key: 'revoked', label: 'Status', render: (row) => (row.revoked ? 'revoked' : 'active') },
     ],
@@ -472,8 +473,11 @@ pages.keys = () => {
       { name: 'description', label: 'Description' },
       { name: 'reusable', label: 'Reusable', type: 'checkbox' },
       { name: 'expires_at', label: 'Expires (RFC 3339, optional)', hint: '2027-01-31T00:00:00Z' },
+      { name: 'hostname_pattern', label: 'Hostnames it may enroll (optional)', hint: 'alice-pc.corp.example or *.laptops.corp.example' },
     ], 'Create', async (values) => {
-      const created = await api('POST', '/enrollment-keys', { username: values.username, description: values.description, reusable: values.reusable, expires_at: values.expires_at || null });
+      const body = { username: values.username, description: values.description, reusable: values.reusable, expires_at: values.expires_at || null };
+      if (values.hostname_pattern) body.hostname_pattern = values.hostname_pattern;
+      const created = await api('POST', '/enrollment-keys', body);
       view.table.load();
       showSecret('Enrollment key created', 'Copy the key now: it is shown only once.', created.key);
     }) }, 'Create key') : null,
@@ -586,13 +590,14 @@ pages.connectors = () => {
       { key: 'mode', label: 'Mode' },
       { key: 'version', label: 'Version' },
       { key: 'last_seen', label: 'Last Seen', render: (row) => when(row.last_seen) },
+      { key: 'provisioning_key_expires_at', label: 'Provisioning Key', render: (row) => (row.provisioning_key_used_at && !row.provisioning_key_reusable ? 'used ' + when(row.provisioning_key_used_at) : 'valid until ' + when(row.provisioning_key_expires_at)) },
     ],
     toolbar: () => canWrite() ? h('button', { type: 'button', class: 'primary', onclick: () => formDialog('Add connector', [{ name: 'name', label: 'Name' }], 'Add', async (values) => {
       const created = await api('POST', '/connectors', { name: values.name });
       view.table.load();
       showSecret('Connector created', 'Its provisioning key, shown only once: reachback connector run --server URL --key KEY --mode tproxy', created.provisioning_key);
     }) }, 'Add connector') : null,
-    actions: (row, reload) => canWrite() ? [h('button', { type: 'button', class: 'danger', onclick: async () => { if (await confirmDialog('Revoke connector', `Revoke ${row.name}? It is disconnected at once.`, 'Revoke')) { await api('DELETE', '/connectors/' + row.id); reload(); } } }, 'Revoke')] : [],
+    actions: (row, reload) => canWrite() ? [h('button', { type: 'button', onclick: async () => { if (await confirmDialog('New provisioning key', `Issue ${row.name} a new provisioning key? Its current key stops working; the new one enrolls it once.`, 'Issue')) { const issued = await api('POST', '/connectors/' + row.id + '/provisioning-key', {}); reload(); showSecret('New provisioning key', 'Shown only once, valid until ' + when(issued.provisioning_key_expires_at) + ': reachback connector run --server URL --key KEY', issued.provisioning_key); } } }, 'New key'), h('button', { type: 'button', class: 'danger', onclick: async () => { if (await confirmDialog('Revoke connector', `Revoke ${row.name}? It is disconnected at once.`, 'Revoke')) { await api('DELETE', '/connectors/' + row.id); reload(); } } }, 'Revoke')] : [],
   });
   return [h('h1', {}, 'Connectors'), view.element];
 };

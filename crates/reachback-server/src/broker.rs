@@ -388,6 +388,7 @@ async fn rebind(state: &SharedState, device: &reachback_store::DeviceRow) -> any
         public_key_fingerprint: device.public_key_fingerprint.clone(),
         certificate_serial: device.certificate_serial.clone(),
         location: device.location.clone(),
+        source_ip: None,
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
     state.enroll_tx.send(crate::writer::EnrollRequest { job, reply }).await.map_err(|_| anyhow::anyhow!("the server is shutting down"))?;

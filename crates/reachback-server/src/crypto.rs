@@ -19,6 +19,114 @@ pub fn new_secret(prefix: &str) -> String {
     format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
+/// Whether two secrets are equal, in time that does not depend on where they differ
+/// (their SHA-256 digests are compared whole).
+pub fn secrets_equal(sent: &str, expected: &str) -> bool {
+    let (sent, expected) = (hash_secret(sent), hash_secret(expected));
+    let difference = sent.iter().zip(&expected).fold(0u8, |difference, (a, b)| difference | (a ^ b));
+    std::hint::black_box(difference) == 0
+}
+
+/// What sealed values begin with: the format's version.
+pub const SEALED_PREFIX: &str = "rbenc1:";
+
+/// The 32-byte secret that replicas share and that encrypts secrets the database
+/// keeps (the CA's private key): AES-256-GCM.
+#[derive(Clone)]
+pub struct SecretKey([u8; 32]);
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(****)")
+    }
+}
+
+/// Why a sealed value could not be opened.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// the value is not sealed (an older version stored it in plaintext)
+    #[error("the value is not encrypted")]
+    NotSealed,
+    /// sealed in a format this version does not know
+    #[error("the value is encrypted in a format this version does not know ({0}); was it written by a newer version?")]
+    UnknownFormat(String),
+    /// the value is cut short or not base64
+    #[error("the encrypted value is damaged")]
+    Damaged,
+    /// the secret key is not the one it was sealed with (or the value was altered)
+    #[error("the value is encrypted under another secret key")]
+    WrongKey,
+}
+
+impl SecretKey {
+    /// A fresh random key.
+    pub fn generate() -> anyhow::Result<SecretKey> {
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| anyhow::anyhow!("the system has no randomness to make a secret key"))?;
+        Ok(SecretKey(bytes))
+    }
+
+    /// Reads a key written as 64 hexadecimal digits or as base64 (standard or URL-safe,
+    /// padded or not) of 32 bytes; surrounding white space is ignored.
+    pub fn parse(text: &str) -> Result<SecretKey, String> {
+        let text = text.trim();
+        let bytes = if text.len() == 64 && text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            (0..32).map(|index| u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).map_err(|_| String::new())).collect::<Result<Vec<u8>, _>>()
+        } else {
+            use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+            [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD].iter().find_map(|engine| engine.decode(text).ok()).ok_or_else(String::new)
+        };
+        match bytes.ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()) {
+            Some(bytes) => Ok(SecretKey(bytes)),
+            None => Err("a secret key must be 32 bytes written as 64 hexadecimal digits or in base64".into()),
+        }
+    }
+
+    /// The key as 64 hexadecimal digits (what a generated key file holds).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    fn aead_key(&self) -> ring::aead::LessSafeKey {
+        // a 32-byte key is always the right length for AES-256
+        ring::aead::LessSafeKey::new(ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &self.0).unwrap_or_else(|_| unreachable!()))
+    }
+
+    /// Encrypts `plaintext` bound to `context` (what the value is and where it lives:
+    /// a sealed value moved to another place does not open there). The result is
+    /// `rbenc1:` and base64 of nonce ‖ ciphertext ‖ tag.
+    pub fn seal(&self, plaintext: &[u8], context: &[u8]) -> anyhow::Result<String> {
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        ring::rand::SystemRandom::new().fill(&mut nonce).map_err(|_| anyhow::anyhow!("the system has no randomness for a nonce"))?;
+        let mut sealed = plaintext.to_vec();
+        self.aead_key()
+            .seal_in_place_append_tag(ring::aead::Nonce::assume_unique_for_key(nonce), ring::aead::Aad::from(context), &mut sealed)
+            .map_err(|_| anyhow::anyhow!("encryption failed"))?;
+        let mut bytes = nonce.to_vec();
+        bytes.extend_from_slice(&sealed);
+        Ok(format!("{SEALED_PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(bytes)))
+    }
+
+    /// Decrypts what [`SecretKey::seal`] made with the same `context`.
+    pub fn open(&self, sealed: &str, context: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let Some(encoded) = sealed.strip_prefix(SEALED_PREFIX) else {
+            return match sealed.split_once(':') {
+                Some((format, _)) if format.starts_with("rbenc") => Err(OpenError::UnknownFormat(format.to_string())),
+                _ => Err(OpenError::NotSealed),
+            };
+        };
+        let bytes = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| OpenError::Damaged)?;
+        if bytes.len() < ring::aead::NONCE_LEN + ring::aead::AES_256_GCM.tag_len() {
+            return Err(OpenError::Damaged);
+        }
+        let (nonce, ciphertext) = bytes.split_at(ring::aead::NONCE_LEN);
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| OpenError::Damaged)?;
+        let mut buffer = ciphertext.to_vec();
+        let plaintext = self.aead_key().open_in_place(nonce, ring::aead::Aad::from(context), &mut buffer).map_err(|_| OpenError::WrongKey)?;
+        Ok(plaintext.to_vec())
+    }
+}
+
 /// The stored form of a high-entropy secret: its SHA-256.
 pub fn hash_secret(secret: &str) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref().to_vec()
@@ -97,7 +205,8 @@ fn hash_bytes(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// The internal CA: created at first start, kept in the database (shared by
-/// replicas) and mirrored to the data directory (private key file 0600).
+/// replicas; the private key encrypted under the secret key), its certificate
+/// mirrored to the data directory.
 pub struct CertificateAuthority {
     pub certificate_pem: String,
     issuer: Issuer<'static, KeyPair>,
@@ -126,10 +235,10 @@ impl CertificateAuthority {
         Ok(CertificateAuthority { certificate_pem: certificate_pem.to_string(), issuer })
     }
 
-    /// Writes `ca.pem` and `ca-key.pem` (0600) into the data directory.
-    pub fn mirror_to(&self, data_dir: &Path, private_key_pem: &str) -> anyhow::Result<()> {
-        std::fs::write(data_dir.join("ca.pem"), &self.certificate_pem).context("writing ca.pem")?;
-        crate::write_private_file(&data_dir.join("ca-key.pem"), private_key_pem)
+    /// Writes the certificate (public) to `ca.pem` in the data directory. The private
+    /// key is never written to a file.
+    pub fn mirror_to(&self, data_dir: &Path) -> anyhow::Result<()> {
+        std::fs::write(data_dir.join("ca.pem"), &self.certificate_pem).context("writing ca.pem")
     }
 
     /// A fresh random certificate serial (positive, 16 bytes).
@@ -223,6 +332,7 @@ fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 
@@ -241,5 +351,39 @@ mod tests {
         let key = parse_public_key(&ed25519.public_key_pem()).unwrap();
         let pem = ca.sign_device(&key, "dev1", "alice.corp.example", CertificateAuthority::new_serial(), Duration::from_secs(3600)).unwrap();
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn sealed_values_open_only_with_their_key_and_context() {
+        let key = SecretKey::generate().unwrap();
+        let sealed = key.seal(b"private", b"context 1").unwrap();
+        assert!(sealed.starts_with(SEALED_PREFIX));
+        assert!(!sealed.contains("private"));
+        assert_ne!(sealed, key.seal(b"private", b"context 1").unwrap(), "a fresh nonce each time");
+        assert_eq!(key.open(&sealed, b"context 1").unwrap(), b"private");
+        assert_eq!(key.open(&sealed, b"context 2"), Err(OpenError::WrongKey));
+        assert_eq!(SecretKey::generate().unwrap().open(&sealed, b"context 1"), Err(OpenError::WrongKey));
+        assert_eq!(key.open("-----BEGIN PRIVATE KEY-----", b"context 1"), Err(OpenError::NotSealed));
+        assert_eq!(key.open("rbenc1:AAAA", b"context 1"), Err(OpenError::Damaged));
+        assert!(matches!(key.open("rbenc9:AAAA", b"context 1"), Err(OpenError::UnknownFormat(_))));
+        let mut altered = sealed.clone().into_bytes();
+        let last = altered.len() - 3;
+        altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
+        assert_eq!(key.open(&String::from_utf8(altered).unwrap(), b"context 1"), Err(OpenError::WrongKey));
+    }
+
+    #[test]
+    fn secret_keys_parse_from_hex_and_base64() {
+        let key = SecretKey::generate().unwrap();
+        assert_eq!(SecretKey::parse(&format!("{}\n", key.to_hex())).unwrap().0, key.0);
+        let base64 = base64::engine::general_purpose::STANDARD.encode(key.0);
+        assert_eq!(SecretKey::parse(&base64).unwrap().0, key.0);
+        assert_eq!(SecretKey::parse(base64.trim_end_matches('=')).unwrap().0, key.0);
+        assert!(SecretKey::parse("too short").is_err());
+        assert!(SecretKey::parse(&"ab".repeat(31)).is_err());
+        assert!(SecretKey::parse(&"zz".repeat(32)).is_err());
+        assert_eq!(format!("{key:?}"), "SecretKey(****)");
+        assert!(secrets_equal("same token", "same token"));
+        assert!(!secrets_equal("same token", "same tokem"));
     }
 }

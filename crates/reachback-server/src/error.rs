@@ -20,11 +20,18 @@ pub struct ApiError {
     pub detail: String,
     pub errors: Vec<FieldError>,
     pub extra: Vec<(&'static str, Value)>,
+    /// seconds for the `Retry-After` header
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        ApiError { status, title, detail: detail.into(), errors: Vec::new(), extra: Vec::new() }
+        ApiError { status, title, detail: detail.into(), errors: Vec::new(), extra: Vec::new(), retry_after: None }
+    }
+
+    /// 429 with a `Retry-After` header.
+    pub fn too_many_requests(detail: impl Into<String>, retry_after_seconds: u64) -> Self {
+        ApiError { retry_after: Some(retry_after_seconds), ..Self::new(StatusCode::TOO_MANY_REQUESTS, "Too many requests", detail) }
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
@@ -122,6 +129,9 @@ impl IntoResponse for ApiError {
         }
         let mut response = (self.status, body.to_string()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }

@@ -4,11 +4,13 @@
 //! The only crate that speaks HTTP on the server side.
 
 pub mod api;
+pub mod at_rest;
 pub mod auth;
 pub mod broker;
 pub mod console;
 pub mod crypto;
 pub mod error;
+pub mod limit;
 pub mod ops;
 pub mod request;
 pub mod serve;
@@ -33,10 +35,9 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::api::{admin, audit, bindings, console as console_api, dataplane, devices, enroll, keys, ranges, renew};
-use crate::crypto::CertificateAuthority;
 pub use crate::ops::RouteDoc;
 use crate::state::{AppState, Metrics, Settings};
-pub use crate::state::{ServerConfig, SharedState};
+pub use crate::state::{SecretKeySource, SecurityConfig, ServerConfig, SharedState};
 
 /// The largest request body the API reads.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -112,6 +113,7 @@ api_routes! {
     post "/api/v1/connectors" => dataplane::create_connector, "admin", 201, "Create a connector (provisioning key shown once)", [], dataplane::CONNECTOR_BODY;
     post "/api/v1/connectors/enroll" => dataplane::enroll_connector, "none", 200, "Enroll a connector (authenticated by its provisioning key)", [], dataplane::CONNECTOR_ENROLL_BODY;
     post "/api/v1/connectors/{id}/renew" => renew::renew_connector, "none", 200, "Renew an expired connector certificate (authenticated by a signature of the enrolled key)", [], renew::BODY;
+    post "/api/v1/connectors/{id}/provisioning-key" => dataplane::issue_provisioning_key, "admin", 200, "Issue a connector a new provisioning key (secret shown once; the earlier key stops working)", [], dataplane::PROVISIONING_KEY_BODY;
     get "/api/v1/connectors/{id}" => dataplane::get_connector, "viewer", 200, "Get a connector", [];
     delete "/api/v1/connectors/{id}" => dataplane::delete_connector, "admin", 204, "Revoke a connector and disconnect it", [];
     post "/api/v1/auth/login" => console_api::login, "none", 200, "Console sign-in with username and password (sets the session cookie, returns the CSRF token)", [], console_api::LOGIN_BODY;
@@ -150,20 +152,6 @@ pub fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn load_ca(store: &Store, data_dir: &Path) -> anyhow::Result<CertificateAuthority> {
-    let (certificate, key) = match store.load_ca().await? {
-        Some(pair) => pair,
-        None => {
-            let (certificate, key) = CertificateAuthority::generate()?;
-            tracing::info!("created the internal certificate authority");
-            store.save_ca(&certificate, &key).await?
-        }
-    };
-    let ca = CertificateAuthority::load(&certificate, &key)?;
-    ca.mirror_to(data_dir, &key)?;
-    Ok(ca)
-}
-
 fn range_spec(row: &reachback_store::RangeRow) -> RangeSpec {
     RangeSpec { id: row.id.clone(), name: row.name.clone(), range: row.range, location: row.location.clone(), enabled: row.enabled }
 }
@@ -171,8 +159,10 @@ fn range_spec(row: &reachback_store::RangeRow) -> RangeSpec {
 /// Prepares everything: data directory, store and migrations, bootstrap admin, CA,
 /// settings, the allocation engine loaded from the store, the enrollment writer.
 pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    at_rest::prepare_data_dir(&config)?;
     let store = Store::connect(&config.database_url()).await.context("opening the database")?;
+    at_rest::check_private_files(&config)?;
+    let ca = at_rest::load_ca(&store, &config).await?;
 
     let mut bootstrap_token = None;
     if store.count_admins().await? == 0 {
@@ -193,7 +183,6 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         }
     }
 
-    let ca = load_ca(&store, &config.data_dir).await?;
     let settings = Settings::from_stored(&store.load_settings().await?);
 
     let started = std::time::Instant::now();
@@ -220,6 +209,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         enroll_tx,
         config,
         broker: broker::Broker::default(),
+        login_limiter: std::sync::Mutex::new(limit::LoginLimiter::default()),
     });
     let writer = writer::spawn(Arc::downgrade(&state), enroll_rx).context("starting the enrollment writer")?;
     let mut background = Vec::new();

@@ -71,7 +71,17 @@ pub async fn ca(State(state): State<SharedState>, headers: axum::http::HeaderMap
     Json(json!({"certificate": state.ca.certificate_pem, "pin": pin, "api_urls": urls})).into_response()
 }
 
-pub async fn metrics(State(state): State<SharedState>) -> Response {
+/// `GET /metrics`: open, unless the server was given a metrics token, which the
+/// scraper must then send as `Authorization: Bearer <token>` (compared in constant time).
+pub async fn metrics(State(state): State<SharedState>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(expected) = &state.config.security.metrics_token {
+        let sent = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).and_then(|value| value.strip_prefix("Bearer ")).map(str::trim);
+        if !sent.is_some_and(|sent| crate::crypto::secrets_equal(sent, expected)) {
+            let mut response = crate::error::ApiError::unauthorized("this server's metrics need 'Authorization: Bearer <metrics token>'").into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
     if let Ok(ranges) = state.store.list_ranges().await {
         state.metrics.range_used.clear();
         state.metrics.range_total.clear();

@@ -24,11 +24,19 @@ pub struct Settings {
     pub binding_idle_ttl_seconds: i64,
     pub release_quarantine_seconds: i64,
     pub export_limit: i64,
+    /// how long a connector's new provisioning key stays valid unless its creator says otherwise
+    pub provisioning_key_ttl_seconds: i64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { client_domains: Vec::new(), binding_idle_ttl_seconds: 30 * 86_400, release_quarantine_seconds: 3600, export_limit: 1_000_000 }
+        Settings {
+            client_domains: Vec::new(),
+            binding_idle_ttl_seconds: 30 * 86_400,
+            release_quarantine_seconds: 3600,
+            export_limit: 1_000_000,
+            provisioning_key_ttl_seconds: 86_400,
+        }
     }
 }
 
@@ -43,6 +51,7 @@ impl Settings {
                 ("binding_idle_ttl_seconds", Some(value)) => value.as_i64().map(|number| settings.binding_idle_ttl_seconds = number).is_some(),
                 ("release_quarantine_seconds", Some(value)) => value.as_i64().map(|number| settings.release_quarantine_seconds = number).is_some(),
                 ("export_limit", Some(value)) => value.as_i64().map(|number| settings.export_limit = number).is_some(),
+                ("provisioning_key_ttl_seconds", Some(value)) => value.as_i64().map(|number| settings.provisioning_key_ttl_seconds = number).is_some(),
                 _ => false,
             };
             if !applied {
@@ -89,6 +98,35 @@ pub struct ServerConfig {
     pub tunnel_max_flows: usize,
     /// bytes a peer may have in flight towards this server across one tunnel's flows
     pub tunnel_memory: u64,
+    /// the secret key and the metrics token
+    pub security: SecurityConfig,
+}
+
+/// Secrets the server is started with.
+#[derive(Clone, Default)]
+pub struct SecurityConfig {
+    /// where the key that encrypts the CA's private key in the database comes from
+    pub secret_key: SecretKeySource,
+    /// the bearer token `GET /metrics` requires; `None` leaves it open
+    pub metrics_token: Option<String>,
+}
+
+impl std::fmt::Debug for SecurityConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecurityConfig").field("secret_key", &self.secret_key).field("metrics_token", &self.metrics_token.as_ref().map(|_| "****")).finish()
+    }
+}
+
+/// Where the secret key comes from.
+#[derive(Clone, Debug, Default)]
+pub enum SecretKeySource {
+    /// `<data-dir>/secret.key`, generated on first start
+    #[default]
+    DataDir,
+    /// a file holding the key (`--secret-key-file`)
+    File(PathBuf),
+    /// the key itself (`REACHBACK_SECRET_KEY`)
+    Value(crate::crypto::SecretKey),
 }
 
 /// Flows one tunnel may hold at once by default.
@@ -259,6 +297,8 @@ pub struct AppState {
     pub enroll_tx: mpsc::Sender<EnrollRequest>,
     pub config: ServerConfig,
     pub broker: crate::broker::Broker,
+    /// failed console sign-ins, per account and per address
+    pub login_limiter: std::sync::Mutex<crate::limit::LoginLimiter>,
 }
 
 pub type SharedState = Arc<AppState>;

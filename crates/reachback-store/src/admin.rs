@@ -379,10 +379,30 @@ impl Store {
         tx.commit().await
     }
 
-    /// The internal CA as (certificate PEM, private key PEM), if one was created.
+    /// The internal CA as (certificate PEM, stored private key), if one was created.
+    /// The server stores the key encrypted; versions before it stored the PEM itself.
     pub async fn load_ca(&self) -> Result<Option<(String, String)>> {
         let row = sqlx::query("SELECT certificate_pem, private_key_pem FROM certificate_authority WHERE id = 1").fetch_optional(&self.pool).await?;
         row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).transpose()
+    }
+
+    /// Replaces the stored CA private key `stored` by `replacement` (the same key,
+    /// encrypted), with its audit row, in one transaction. Returns false, changing
+    /// nothing, when the stored key is no longer `stored` (another replica replaced it).
+    pub async fn replace_ca_key(&self, stored: &str, replacement: &str, audit: AuditEntry) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let changed = sqlx::query("UPDATE certificate_authority SET private_key_pem = $2 WHERE id = 1 AND private_key_pem = $1")
+            .bind(stored)
+            .bind(replacement)
+            .execute(&mut *tx.transaction)
+            .await?
+            .rows_affected();
+        if changed == 0 {
+            return Ok(false);
+        }
+        crate::audit::record(&mut tx.transaction, audit).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Stores a new CA unless another replica stored one first; returns the one in force.

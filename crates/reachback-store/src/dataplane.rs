@@ -65,15 +65,50 @@ pub struct ConnectorRow {
     pub mode: Option<String>,
     pub last_seen: Option<i64>,
     pub created_at: i64,
+    /// the provisioning key in force (its secret is kept only as a hash)
+    pub key: ProvisioningKey,
     /// SHA-256 of the SubjectPublicKeyInfo the connector enrolled with (None: enrolled before it was kept)
     pub key_fingerprint: Option<Vec<u8>>,
 }
 
-const CONNECTOR_COLUMNS: &str = "id, name, certificate_serial, revoked, version, mode, last_seen, created_at, key_fingerprint";
+/// A connector's provisioning key, without its secret.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProvisioningKey {
+    pub id: String,
+    pub expires_at: i64,
+    /// the last enrollment with it
+    pub used_at: Option<i64>,
+    /// whether it may enroll again after its first use
+    pub reusable: bool,
+}
+
+impl ProvisioningKey {
+    /// Why the key cannot enroll now, if it cannot.
+    pub fn refusal(&self, now: i64) -> Option<&'static str> {
+        if self.expires_at <= now {
+            Some("the provisioning key has expired; issue a new one for the connector")
+        } else if self.used_at.is_some() && !self.reusable {
+            Some("the provisioning key has been used; issue a new one for the connector")
+        } else {
+            None
+        }
+    }
+}
+
+const CONNECTOR_COLUMNS: &str =
+    "id, name, certificate_serial, revoked, version, mode, last_seen, created_at, key_id, key_expires_at, key_used_at, key_reusable, key_fingerprint";
 
 fn connector_from_row(row: &AnyRow) -> Result<ConnectorRow> {
+    let id: String = row.try_get("id")?;
+    let key = ProvisioningKey {
+        // keys from before version 7 are named by their connector
+        id: row.try_get::<Option<String>, _>("key_id")?.unwrap_or_else(|| id.clone()),
+        expires_at: row.try_get::<Option<i64>, _>("key_expires_at")?.unwrap_or(0),
+        used_at: row.try_get("key_used_at")?,
+        reusable: crate::get_bool(row, "key_reusable")?,
+    };
     Ok(ConnectorRow {
-        id: row.try_get("id")?,
+        id,
         name: row.try_get("name")?,
         certificate_serial: row.try_get("certificate_serial")?,
         revoked: crate::get_bool(row, "revoked")?,
@@ -81,6 +116,7 @@ fn connector_from_row(row: &AnyRow) -> Result<ConnectorRow> {
         mode: row.try_get("mode")?,
         last_seen: row.try_get("last_seen")?,
         created_at: row.try_get("created_at")?,
+        key,
         key_fingerprint: row.try_get("key_fingerprint")?,
     })
 }
@@ -218,17 +254,50 @@ impl Store {
 
     pub async fn create_connector(&self, row: &ConnectorRow, key_hash: &[u8], audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
-        sqlx::query("INSERT INTO connectors (id, name, name_key, key_hash, revoked, created_at) VALUES ($1, $2, $3, $4, FALSE, $5)")
-            .bind(row.id.as_str())
-            .bind(row.name.as_str())
-            .bind(row.name.to_lowercase())
-            .bind(key_hash)
-            .bind(row.created_at)
-            .execute(&mut *tx.transaction)
-            .await
-            .map_err(name_taken)?;
+        sqlx::query(
+            "INSERT INTO connectors (id, name, name_key, key_hash, revoked, created_at, key_id, key_expires_at, key_reusable) \
+             VALUES ($1, $2, $3, $4, FALSE, $5, $6, $7, $8)",
+        )
+        .bind(row.id.as_str())
+        .bind(row.name.as_str())
+        .bind(row.name.to_lowercase())
+        .bind(key_hash)
+        .bind(row.created_at)
+        .bind(row.key.id.as_str())
+        .bind(row.key.expires_at)
+        .bind(row.key.reusable)
+        .execute(&mut *tx.transaction)
+        .await
+        .map_err(name_taken)?;
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await
+    }
+
+    /// Gives a connector a new provisioning key (the earlier one stops working), with
+    /// its audit row (`audit` sees the connector before and after).
+    pub async fn issue_provisioning_key(
+        &self,
+        id: &str,
+        key: &ProvisioningKey,
+        key_hash: &[u8],
+        audit: impl FnOnce(&ConnectorRow, &ConnectorRow) -> AuditEntry,
+    ) -> Result<ConnectorRow> {
+        let mut tx = self.write().await?;
+        let sql = format!("SELECT {CONNECTOR_COLUMNS} FROM connectors WHERE id = $1 AND revoked = FALSE");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *tx.transaction).await?.ok_or(StoreError::NotFound)?;
+        let before = connector_from_row(&row)?;
+        sqlx::query("UPDATE connectors SET key_hash = $2, key_id = $3, key_expires_at = $4, key_used_at = NULL, key_reusable = $5 WHERE id = $1")
+            .bind(id)
+            .bind(key_hash)
+            .bind(key.id.as_str())
+            .bind(key.expires_at)
+            .bind(key.reusable)
+            .execute(&mut *tx.transaction)
+            .await?;
+        let after = ConnectorRow { key: key.clone(), ..before.clone() };
+        crate::audit::record(&mut tx.transaction, audit(&before, &after)).await?;
+        tx.commit().await?;
+        Ok(after)
     }
 
     pub async fn list_connectors(&self) -> Result<Vec<ConnectorRow>> {
@@ -251,15 +320,31 @@ impl Store {
         row.as_ref().map(connector_from_row).transpose()
     }
 
-    /// Records the certificate issued to a connector; earlier certificates stop working.
-    pub async fn set_connector_certificate(&self, id: &str, serial: &str) -> Result<()> {
+    /// Records a connector's enrollment with its provisioning key: the certificate
+    /// issued (earlier certificates stop working) and the key's use, with the audit
+    /// row, in one transaction. The update is conditional — the key still the
+    /// connector's, not revoked, not expired, unused or reusable — so of two
+    /// enrollments racing with a single-use key, on any replicas, one wins. Returns
+    /// false, changing nothing, for the other.
+    pub async fn record_connector_enrollment(&self, id: &str, key_hash: &[u8], serial: &str, now: i64, audit: AuditEntry) -> Result<bool> {
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE connectors SET certificate_serial = $2 WHERE id = $1 AND revoked = FALSE")
-            .bind(id)
-            .bind(serial)
-            .execute(&mut *tx.transaction)
-            .await?;
-        tx.commit().await
+        let changed = sqlx::query(
+            "UPDATE connectors SET certificate_serial = $3, key_used_at = $4 WHERE id = $1 AND key_hash = $2 AND revoked = FALSE \
+             AND key_expires_at > $4 AND (key_used_at IS NULL OR key_reusable = TRUE)",
+        )
+        .bind(id)
+        .bind(key_hash)
+        .bind(serial)
+        .bind(now)
+        .execute(&mut *tx.transaction)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(false);
+        }
+        crate::audit::record(&mut tx.transaction, audit).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Records the key a connector enrolled with: certificates for another key stop working.

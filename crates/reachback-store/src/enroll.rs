@@ -30,6 +30,8 @@ pub struct EnrollJob {
     pub public_key_fingerprint: Vec<u8>,
     pub certificate_serial: String,
     pub location: Option<Location>,
+    /// the caller's address, for the audit log
+    pub source_ip: Option<String>,
 }
 
 /// A written (or recognised) enrollment.
@@ -59,6 +61,9 @@ pub enum EnrollFailure {
     /// another device holds the hostname
     #[error("the hostname is held by another device")]
     HostnameTaken,
+    /// the key is limited to hostnames this one is not among
+    #[error("the enrollment key does not allow this hostname (it allows {pattern})")]
+    HostnameNotAllowed { pattern: String },
     /// no range has a free address
     #[error("no free address is left in any enabled range")]
     Exhausted,
@@ -70,6 +75,7 @@ struct KeyInfo {
     reusable: bool,
     usable_now: bool,
     spent: bool,
+    hostname_pattern: Option<String>,
 }
 
 struct KnownDevice {
@@ -103,6 +109,7 @@ pub(crate) struct KeyRecord {
     pub expires_at: Option<i64>,
     pub used_count: i64,
     pub revoked: bool,
+    pub hostname_pattern: Option<String>,
 }
 
 /// A device holding one of the batch's hostnames, with its binding if it has one.
@@ -140,6 +147,18 @@ pub(crate) struct NewBinding<'a> {
     pub now: i64,
 }
 
+/// The audit row of one enrollment.
+pub(crate) struct EnrollAudit {
+    pub id: String,
+    /// `enrollment_key:<key id>`: the credential that enrolled the device
+    pub actor: String,
+    pub device_id: String,
+    /// JSON: what the device got
+    pub after: String,
+    pub source_ip: Option<String>,
+    pub now: i64,
+}
+
 /// The statements of one enrollment transaction on one backend; dropping it
 /// without [`EnrollWrites::commit`] rolls back.
 pub(crate) trait EnrollWrites {
@@ -166,6 +185,8 @@ pub(crate) trait EnrollWrites {
     async fn add_used_ips(&mut self, deltas: &BTreeMap<String, i64>) -> Result<()>;
     /// Sets `last_seen` of these devices.
     async fn touch_devices(&mut self, ids: &[String], now: i64) -> Result<()>;
+    /// Writes the audit rows of the batch's enrollments (multi-row inserts).
+    async fn insert_audit(&mut self, rows: &[EnrollAudit]) -> Result<()>;
     async fn commit(self) -> Result<()>;
 }
 
@@ -178,7 +199,8 @@ pub(crate) const BINDING_UPSERT: &str = "INSERT INTO bindings (ip_key, ip, range
      username = excluded.username, platform = excluded.platform, client_hostname = excluded.client_hostname, \
      last_updated = excluded.last_updated, released_at = NULL \
      WHERE bindings.device_id IS NULL AND bindings.released_at <= {reuse} RETURNING ip_key";
-pub(crate) const KEYS_SELECT: &str = "SELECT id, key_hash, username, reusable, expires_at, used_count, revoked FROM enrollment_keys WHERE key_hash IN ({list})";
+pub(crate) const KEYS_SELECT: &str =
+    "SELECT id, key_hash, username, reusable, expires_at, used_count, revoked, hostname_pattern FROM enrollment_keys WHERE key_hash IN ({list})";
 pub(crate) const DEVICES_SELECT: &str = "SELECT d.id, d.hostname_key, d.username, d.public_key_fingerprint, b.ip, b.range_id, r.name AS range_name \
      FROM devices d LEFT JOIN bindings b ON b.device_id = d.id LEFT JOIN ip_ranges r ON r.id = b.range_id WHERE d.hostname_key IN ({list})";
 /// One single-use key taken (SQLite: a statement in process costs no round trip,
@@ -193,6 +215,10 @@ pub(crate) const DEVICE_DELETE: &str = "DELETE FROM devices WHERE id = $1";
 pub(crate) const USED_IPS_UPDATE: &str =
     "WITH delta (id, amount) AS (VALUES {rows}) UPDATE ip_ranges SET used_ips = used_ips + delta.amount FROM delta WHERE ip_ranges.id = delta.id";
 pub(crate) const DEVICES_TOUCH: &str = "UPDATE devices SET last_seen = {now} WHERE id IN ({list})";
+/// The audit rows of enrollments (action `enroll` on a `device`).
+pub(crate) const AUDIT_INSERT: &str = "INSERT INTO audit_log (id, at, actor, action, resource_type, resource_id, after_json, source_ip) VALUES {rows}";
+/// The columns of [`AUDIT_INSERT`] that each row binds.
+pub(crate) const AUDIT_COLUMNS: usize = 8;
 
 /// Rows per multi-row statement.
 pub(crate) const INSERT_CHUNK: usize = 500;
@@ -250,6 +276,7 @@ async fn enroll_in<W: EnrollWrites>(
                 reusable: key.reusable,
                 usable_now: !key.revoked && key.expires_at.is_none_or(|at| at > now),
                 spent: key.used_count > 0,
+                hostname_pattern: key.hostname_pattern,
             },
         );
     }
@@ -270,6 +297,10 @@ async fn enroll_in<W: EnrollWrites>(
         let plan = match keys.get(&job.key_hash) {
             None => Plan::Done(Err(EnrollFailure::UnknownKey)),
             Some(key) if !key.usable_now => Plan::Done(Err(EnrollFailure::KeyRevokedOrExpired)),
+            // refused before the key is taken: a single-use key stays unused
+            Some(KeyInfo { hostname_pattern: Some(pattern), .. }) if !crate::hostname_allowed(Some(pattern), &job.hostname) => {
+                Plan::Done(Err(EnrollFailure::HostnameNotAllowed { pattern: pattern.clone() }))
+            }
             Some(key) => match devices.get(&job.hostname) {
                 Some(device) if device.fingerprint == job.public_key_fingerprint && device.username == key.username => match &device.binding {
                     Some((ip, range_id, range_name)) => {
@@ -449,8 +480,45 @@ async fn enroll_in<W: EnrollWrites>(
     if !seen_devices.is_empty() {
         writes.touch_devices(&seen_devices, now).await?;
     }
+    let audit = enrollment_audit(jobs, &keys, &outcomes, now);
+    if !audit.is_empty() {
+        writes.insert_audit(&audit).await?;
+    }
     writes.commit().await?;
     Ok(outcomes.into_iter().map(|outcome| outcome.unwrap_or(Err(EnrollFailure::Exhausted))).collect())
+}
+
+/// An audit row for every enrollment the batch wrote or recognised, in the same
+/// transaction (one multi-row insert): the key that enrolled the device is the actor.
+fn enrollment_audit(
+    jobs: &[EnrollJob],
+    keys: &HashMap<Vec<u8>, KeyInfo>,
+    outcomes: &[Option<Result<EnrollOutcome, EnrollFailure>>],
+    now: i64,
+) -> Vec<EnrollAudit> {
+    jobs.iter()
+        .zip(outcomes)
+        .filter_map(|(job, outcome)| {
+            let Some(Ok(outcome)) = outcome else { return None };
+            let key = keys.get(&job.key_hash)?;
+            let after = serde_json::json!({
+                "hostname": job.hostname,
+                "username": outcome.username,
+                "platform": job.platform,
+                "virtual_ip": outcome.virtual_ip,
+                "range_name": outcome.range_name,
+                "new_device": outcome.created,
+            });
+            Some(EnrollAudit {
+                id: crate::new_id(),
+                actor: format!("enrollment_key:{}", key.id),
+                device_id: outcome.device_id.clone(),
+                after: after.to_string(),
+                source_ip: job.source_ip.clone(),
+                now,
+            })
+        })
+        .collect()
 }
 
 /// The binding row of a planned job.
@@ -539,6 +607,7 @@ impl EnrollWrites for SqlxWrites<'_> {
                 expires_at: row.try_get("expires_at")?,
                 used_count: row.try_get("used_count")?,
                 revoked: crate::get_bool(&row, "revoked")?,
+                hostname_pattern: row.try_get("hostname_pattern")?,
             });
         }
         Ok(keys)
@@ -679,6 +748,26 @@ impl EnrollWrites for SqlxWrites<'_> {
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
             for id in chunk {
                 query = query.bind(id.as_str());
+            }
+            query.execute(&mut *self.tx.transaction).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_audit(&mut self, rows: &[EnrollAudit]) -> Result<()> {
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let sql = AUDIT_INSERT.replace("{rows}", &placeholders(PG_MARK, chunk.len(), AUDIT_COLUMNS, 1));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for row in chunk {
+                query = query
+                    .bind(row.id.as_str())
+                    .bind(row.now)
+                    .bind(row.actor.as_str())
+                    .bind("enroll")
+                    .bind("device")
+                    .bind(row.device_id.as_str())
+                    .bind(row.after.as_str())
+                    .bind(row.source_ip.as_deref());
             }
             query.execute(&mut *self.tx.transaction).await?;
         }

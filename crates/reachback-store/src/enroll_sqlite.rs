@@ -17,8 +17,8 @@ use reachback_ipam::Location;
 use rusqlite::{Connection, OpenFlags, ToSql, params_from_iter};
 
 use crate::enroll::{
-    BINDING_UPSERT, DEVICE_DELETE, DEVICE_INSERT, DEVICES_SELECT, DEVICES_TOUCH, DeviceRecord, EnrollWrites, INSERT_CHUNK, KEY_GIVE_BACK, KEY_TAKE, KEY_USES,
-    KEYS_SELECT, KeyRecord, NewBinding, NewDevice, USED_IPS_UPDATE, parameter_list, placeholders,
+    AUDIT_COLUMNS, AUDIT_INSERT, BINDING_UPSERT, DEVICE_DELETE, DEVICE_INSERT, DEVICES_SELECT, DEVICES_TOUCH, DeviceRecord, EnrollAudit, EnrollWrites,
+    INSERT_CHUNK, KEY_GIVE_BACK, KEY_TAKE, KEY_USES, KEYS_SELECT, KeyRecord, NewBinding, NewDevice, USED_IPS_UPDATE, parameter_list, placeholders,
 };
 use crate::{Result, StoreError};
 
@@ -76,6 +76,7 @@ impl EnrollWrites for SqliteWrites<'_> {
                 expires_at: row.get("expires_at")?,
                 used_count: row.get("used_count")?,
                 revoked: row.get("revoked")?,
+                hostname_pattern: row.get("hostname_pattern")?,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -201,6 +202,19 @@ impl EnrollWrites for SqliteWrites<'_> {
             let mut parameters: Vec<&dyn ToSql> = vec![&now];
             parameters.extend(chunk.iter().map(|id| id as &dyn ToSql));
             self.execute(&DEVICES_TOUCH.replace("{now}", "?").replace("{list}", &parameter_list('?', chunk.len(), 2)), &parameters)?;
+        }
+        Ok(())
+    }
+
+    async fn insert_audit(&mut self, rows: &[EnrollAudit]) -> Result<()> {
+        const ACTION: &str = "enroll";
+        const RESOURCE: &str = "device";
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let mut parameters: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * AUDIT_COLUMNS);
+            for row in chunk {
+                parameters.extend_from_slice(&[&row.id, &row.now, &row.actor, &ACTION, &RESOURCE, &row.device_id, &row.after, &row.source_ip]);
+            }
+            self.execute(&AUDIT_INSERT.replace("{rows}", &placeholders('?', chunk.len(), AUDIT_COLUMNS, 1)), &parameters)?;
         }
         Ok(())
     }

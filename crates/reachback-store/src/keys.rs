@@ -17,6 +17,8 @@ pub struct EnrollmentKeyRow {
     pub used_count: i64,
     pub revoked: bool,
     pub created_at: i64,
+    /// the hostnames it may enroll: one (lowercase) FQDN, or `*.suffix` for those under a domain
+    pub hostname_pattern: Option<String>,
 }
 
 impl EnrollmentKeyRow {
@@ -26,7 +28,19 @@ impl EnrollmentKeyRow {
     }
 }
 
-const KEY_COLUMNS: &str = "id, username, description, reusable, expires_at, used_count, revoked, created_at";
+/// Whether a key limited to `pattern` (if any) may enroll `hostname`; both lowercase.
+/// `*.suffix` admits the names strictly below `suffix`, anything else only itself.
+pub fn hostname_allowed(pattern: Option<&str>, hostname: &str) -> bool {
+    match pattern {
+        None => true,
+        Some(pattern) => match pattern.strip_prefix("*.") {
+            Some(suffix) => hostname.len() > suffix.len() + 1 && hostname.ends_with(suffix) && hostname.as_bytes()[hostname.len() - suffix.len() - 1] == b'.',
+            None => hostname == pattern,
+        },
+    }
+}
+
+const KEY_COLUMNS: &str = "id, username, description, reusable, expires_at, used_count, revoked, created_at, hostname_pattern";
 
 fn key_from_row(row: &AnyRow) -> Result<EnrollmentKeyRow> {
     Ok(EnrollmentKeyRow {
@@ -38,13 +52,14 @@ fn key_from_row(row: &AnyRow) -> Result<EnrollmentKeyRow> {
         used_count: row.try_get("used_count")?,
         revoked: crate::get_bool(row, "revoked")?,
         created_at: row.try_get("created_at")?,
+        hostname_pattern: row.try_get("hostname_pattern")?,
     })
 }
 
 impl Store {
     pub async fn create_enrollment_key(&self, row: &EnrollmentKeyRow, key_hash: &[u8], audit: AuditEntry) -> Result<()> {
         let mut tx = self.write().await?;
-        sqlx::query("INSERT INTO enrollment_keys (id, key_hash, username, description, reusable, expires_at, used_count, revoked, created_at) VALUES ($1, $2, $3, $4, $5, $6, 0, FALSE, $7)")
+        sqlx::query("INSERT INTO enrollment_keys (id, key_hash, username, description, reusable, expires_at, used_count, revoked, created_at, hostname_pattern) VALUES ($1, $2, $3, $4, $5, $6, 0, FALSE, $7, $8)")
             .bind(row.id.as_str())
             .bind(key_hash)
             .bind(row.username.as_str())
@@ -52,6 +67,7 @@ impl Store {
             .bind(row.reusable)
             .bind(row.expires_at)
             .bind(row.created_at)
+            .bind(row.hostname_pattern.as_deref())
             .execute(&mut *tx.transaction)
             .await?;
         crate::audit::record(&mut tx.transaction, audit).await?;

@@ -30,10 +30,10 @@ pub use admin::{AdminRow, ApiKeyRow, Principal, SessionRow};
 pub use audit::{AuditEntry, AuditQuery, AuditRow};
 pub use bindings::{BindingQuery, BindingRow, BindingSort, EngineSnapshot};
 pub use console::SavedFilterRow;
-pub use dataplane::{ClientSessionRow, ConnectorRow, DocKind, DocRow};
+pub use dataplane::{ClientSessionRow, ConnectorRow, DocKind, DocRow, ProvisioningKey};
 pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
 pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
-pub use keys::EnrollmentKeyRow;
+pub use keys::{EnrollmentKeyRow, hostname_allowed};
 pub use ranges::{RangeRow, RangeWrite};
 
 /// What went wrong in the store. Conflicts are typed so the API can map them.
@@ -120,6 +120,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, include_str!("../migrations/0004_search_sqlite.sql"), include_str!("../migrations/0004_search_postgres.sql")),
     (5, include_str!("../migrations/0005_range_rows_by_address.sql"), ""),
     (6, include_str!("../migrations/0006_updated_index_bound_rows.sql"), ""),
+    (7, include_str!("../migrations/0007_key_limits.sql"), ""),
     (8, include_str!("../migrations/0008_connector_key.sql"), ""),
 ];
 
@@ -271,6 +272,30 @@ fn options_file(url: &str) -> Result<std::path::PathBuf> {
     Ok(file.to_path_buf())
 }
 
+/// A TLS failure towards PostgreSQL, with what to check (`sslmode` and `sslrootcert`
+/// in the URL decide how the server's certificate is verified).
+fn tls_hint(error: StoreError) -> StoreError {
+    let cause = match &error {
+        StoreError::Database(sqlx::Error::Tls(cause)) => cause.to_string(),
+        // rustls's refusals reach sqlx as I/O errors of this kind
+        StoreError::Database(sqlx::Error::Io(cause)) if cause.kind() == std::io::ErrorKind::InvalidData => cause.to_string(),
+        _ => return error,
+    };
+    StoreError::Unsupported(format!(
+        "TLS to PostgreSQL failed: {cause}; with sslmode=verify-full (or verify-ca) the server's certificate must be signed by a CA in \
+         the URL's sslrootcert file or the system's trust store (and, for verify-full, name the URL's host)"
+    ))
+}
+
+/// The database file an SQLite URL names; `None` for PostgreSQL and for what cannot
+/// serve as a store (which [`Store::connect`] refuses). The server keeps it private.
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return None;
+    }
+    options_file(url).ok()
+}
+
 impl Store {
     /// Connects (creating an SQLite file if needed) and applies migrations.
     pub async fn connect(url: &str) -> Result<Store> {
@@ -278,7 +303,7 @@ impl Store {
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") { Backend::Postgres } else { Backend::Sqlite };
         let sqlite_file = if backend == Backend::Sqlite { Some(options_file(url)?) } else { None };
         let options = AnyConnectOptions::from_str(url)?;
-        let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }).await?;
+        let pool = Self::pool(&options, backend, if backend == Backend::Sqlite { 8 } else { 16 }).await.map_err(tls_hint)?;
         // SQLite: one long-lived writer connection whose page cache stays warm, which
         // leaves checkpoints to a background task; PostgreSQL: writes share the pool
         let writer = match backend {

@@ -157,9 +157,38 @@ enum ConnectorCommand {
     Create {
         #[arg(long)]
         name: String,
+        #[command(flatten)]
+        key: ProvisioningKeyArgs,
+    },
+    /// Issue a connector a new provisioning key, shown once (to enroll it again; the earlier key stops working)
+    ProvisioningKey {
+        id: String,
+        #[command(flatten)]
+        key: ProvisioningKeyArgs,
     },
     /// Revoke a connector and disconnect it
     Delete { id: String },
+}
+
+/// How long a provisioning key lasts and whether it serves more than one enrollment.
+#[derive(clap::Args)]
+struct ProvisioningKeyArgs {
+    /// Seconds the provisioning key stays valid [default: the server's provisioning_key_ttl_seconds setting, 86400]
+    #[arg(long)]
+    provisioning_key_ttl: Option<i64>,
+    /// Let the provisioning key enroll more than once (until it expires)
+    #[arg(long)]
+    provisioning_key_reusable: bool,
+}
+
+impl ProvisioningKeyArgs {
+    fn body(&self) -> Value {
+        let mut body = json!({"provisioning_key_reusable": self.provisioning_key_reusable});
+        if let Some(ttl) = self.provisioning_key_ttl {
+            body["provisioning_key_ttl_seconds"] = json!(ttl);
+        }
+        body
+    }
 }
 
 #[derive(Subcommand)]
@@ -329,6 +358,9 @@ enum KeyCommand {
         expires_at: Option<String>,
         #[arg(long)]
         description: Option<String>,
+        /// Limit the key to one hostname (host.corp.example) or to the names under a domain (*.corp.example)
+        #[arg(long)]
+        hostname_pattern: Option<String>,
     },
     /// Revoke an enrollment key
     Revoke { id: String },
@@ -738,10 +770,13 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             KeyCommand::List { list } => print(
                 &client.json("GET", "/api/v1/enrollment-keys", &list_query(&list), None)?,
                 output,
-                &["id", "username", "reusable", "used_count", "revoked", "expires_at", "created_at"],
+                &["id", "username", "reusable", "used_count", "revoked", "expires_at", "hostname_pattern", "created_at"],
             ),
-            KeyCommand::Create { username, reusable, expires_at, description } => {
-                let body = json!({"username": username, "reusable": reusable, "expires_at": expires_at, "description": description.unwrap_or_default()});
+            KeyCommand::Create { username, reusable, expires_at, description, hostname_pattern } => {
+                let mut body = json!({"username": username, "reusable": reusable, "expires_at": expires_at, "description": description.unwrap_or_default()});
+                if let Some(pattern) = hostname_pattern {
+                    body["hostname_pattern"] = json!(pattern);
+                }
                 let created = client.json("POST", "/api/v1/enrollment-keys", &[], Some(body))?;
                 print(&created, output, &[]);
                 if let Some(key) = created["key"].as_str() {
@@ -788,10 +823,19 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             ConnectorCommand::List { list } => {
                 print(&client.json("GET", "/api/v1/connectors", &list_query(&list), None)?, output, &["id", "name", "status", "mode", "version", "last_seen"])
             }
-            ConnectorCommand::Create { name } => {
-                let created = client.json("POST", "/api/v1/connectors", &[], Some(json!({"name": name})))?;
+            ConnectorCommand::Create { name, key } => {
+                let mut body = key.body();
+                body["name"] = json!(name);
+                let created = client.json("POST", "/api/v1/connectors", &[], Some(body))?;
                 print(&created, output, &[]);
                 if let Some(key) = created["provisioning_key"].as_str() {
+                    eprintln!("On the connector host:\n  {} --mode tproxy", client.enroll_command("reachback connector run", key)?);
+                }
+            }
+            ConnectorCommand::ProvisioningKey { id, key } => {
+                let issued = client.json("POST", &format!("/api/v1/connectors/{id}/provisioning-key"), &[], Some(key.body()))?;
+                print(&issued, output, &[]);
+                if let Some(key) = issued["provisioning_key"].as_str() {
                     eprintln!("On the connector host:\n  {} --mode tproxy", client.enroll_command("reachback connector run", key)?);
                 }
             }

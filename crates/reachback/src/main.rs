@@ -230,6 +230,12 @@ struct ServerArgs {
     /// Bytes (MiB) a peer may have in flight towards the server on one tunnel, its memory budget [default: 64]
     #[arg(long, env = "REACHBACK_TUNNEL_MEMORY_MIB")]
     tunnel_memory_mib: Option<u64>,
+    /// File holding the 32-byte secret that encrypts the CA key in the database (64 hex digits or base64); every replica needs the same [default: REACHBACK_SECRET_KEY, else DATA_DIR/secret.key, generated]
+    #[arg(long, env = "REACHBACK_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
+    /// Bearer token GET /metrics requires [default: none, /metrics is open]
+    #[arg(long, env = "REACHBACK_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     /// TOML file with any of the keys above (listen, tunnel_listen, data_dir, database_url, …)
     #[arg(long, env = "REACHBACK_CONFIG")]
     config: Option<PathBuf>,
@@ -261,6 +267,8 @@ struct ConfigFile {
     request_timeout: Option<u64>,
     tunnel_max_flows: Option<usize>,
     tunnel_memory_mib: Option<u64>,
+    secret_key_file: Option<PathBuf>,
+    metrics_token: Option<String>,
 }
 
 /// A secret that prints as a mask.
@@ -321,11 +329,30 @@ impl ServerArgs {
                 .tunnel_memory_mib
                 .or(file.tunnel_memory_mib)
                 .map_or(reachback_server::state::DEFAULT_TUNNEL_MEMORY, |mib| mib.saturating_mul(1024 * 1024)),
+            security: security_config(self.secret_key_file.or(file.secret_key_file), self.metrics_token.or(file.metrics_token))?,
         };
         validate(&config)?;
         tracing::debug!(listen = %config.listen, data_dir = %config.data_dir.display(), bootstrap_token = ?Masked(&config.bootstrap_token), "configuration");
         Ok(config)
     }
+}
+
+/// The secret key's source (a file, or `REACHBACK_SECRET_KEY` itself, not both) and the metrics token.
+fn security_config(secret_key_file: Option<PathBuf>, metrics_token: Option<String>) -> anyhow::Result<reachback_server::SecurityConfig> {
+    let secret_key = match (secret_key_file, std::env::var("REACHBACK_SECRET_KEY").ok().filter(|value| !value.is_empty())) {
+        (Some(_), Some(_)) => anyhow::bail!("give the secret key in REACHBACK_SECRET_KEY or in --secret-key-file (REACHBACK_SECRET_KEY_FILE), not both"),
+        (Some(path), None) => reachback_server::SecretKeySource::File(path),
+        (None, Some(text)) => reachback_server::SecretKeySource::Value(
+            reachback_server::crypto::SecretKey::parse(&text).map_err(|message| anyhow::anyhow!("REACHBACK_SECRET_KEY: {message}"))?,
+        ),
+        (None, None) => reachback_server::SecretKeySource::DataDir,
+    };
+    if let Some(token) = &metrics_token
+        && (token.len() < 16 || token.len() > 256 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        anyhow::bail!("--metrics-token must be 16 to 256 characters without spaces");
+    }
+    Ok(reachback_server::SecurityConfig { secret_key, metrics_token })
 }
 
 fn validate(config: &ServerConfig) -> anyhow::Result<()> {

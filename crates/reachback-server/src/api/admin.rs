@@ -23,6 +23,7 @@ pub const SETTINGS_BODY: &[BodyField] = &[
     optional("client_domains", Kind::TextList),
     optional("binding_idle_ttl_seconds", Kind::Integer),
     optional("release_quarantine_seconds", Kind::Integer),
+    optional("provisioning_key_ttl_seconds", Kind::Integer),
     optional("export_limit", Kind::Integer),
 ];
 use crate::state::{Settings, SharedState};
@@ -244,6 +245,9 @@ pub async fn patch_settings(State(state): State<SharedState>, caller: Caller, bo
     }
     if let Some(limit) = fields.integer("export_limit", 1, 100_000_000) {
         after.export_limit = limit;
+    }
+    if let Some(ttl) = fields.integer("provisioning_key_ttl_seconds", 60, crate::api::dataplane::MAX_PROVISIONING_KEY_SECONDS) {
+        after.provisioning_key_ttl_seconds = ttl;
     }
     fields.finish()?;
     save_settings(&state, &caller, &before, &after).await?;

@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use reachback_store::{SavedFilterRow, new_id, now_micros};
+use reachback_store::{AdminRow, SavedFilterRow, new_id, now_micros};
 use serde_json::{Value, json};
 
 use crate::api::{created, no_content};
@@ -52,28 +52,62 @@ fn session_cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static(""))
 }
 
+fn limiter(state: &SharedState) -> std::sync::MutexGuard<'_, crate::limit::LoginLimiter> {
+    state.login_limiter.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Checks a username and password; the admin, or why the sign-in fails.
+async fn check_password(state: &SharedState, username: &str, password: String) -> ApiResult<Result<AdminRow, (Option<AdminRow>, &'static str)>> {
+    if username.len() > 128 || password.len() > 1024 {
+        return Ok(Err((None, "too long")));
+    }
+    let Some(admin) = state.store.find_admin_by_username(username).await? else {
+        // the same work as a real check, so timing does not tell which usernames exist
+        let decoy = DECOY_HASH.get_or_init(|| crate::crypto::hash_password(&new_secret("decoy_")).unwrap_or_default()).clone();
+        let _ = tokio::task::spawn_blocking(move || verify_password(&password, &decoy)).await;
+        return Ok(Err((None, "unknown username")));
+    };
+    let Some(hash) = admin.password_hash.clone() else { return Ok(Err((Some(admin), "no console password"))) };
+    let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash)).await.unwrap_or(false);
+    Ok(if matches { Ok(admin) } else { Err((Some(admin), "wrong password")) })
+}
+
+/// `POST /api/v1/auth/login`. Failed sign-ins are limited per account and per
+/// source address (`crate::limit`): over a limit the answer is a 429 with
+/// `Retry-After`, before any password hash runs. Every failure is audited
+/// (`login_failed`, the username tried as the actor); a success clears the account's count.
 pub async fn login(State(state): State<SharedState>, connect: ClientIp, headers: HeaderMap, body: JsonObject) -> ApiResult<Response> {
     let mut fields = Fields::new(body, LOGIN_BODY)?;
     let username = fields.string("username", true).unwrap_or_default();
     let password = fields.string("password", true).unwrap_or_default();
     fields.finish()?;
-    let refused = || ApiError::unauthorized("wrong username or password");
-    if username.len() > 128 || password.len() > 1024 {
-        return Err(refused());
+    let username = username.trim();
+    let address = connect.0.as_deref().and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+    if let Err(limited) = limiter(&state).begin(username, address, std::time::Instant::now()) {
+        tracing::info!(scope = limited.scope, client_ip = connect.0.as_deref().unwrap_or("unknown"), "console sign-in refused: too many failed sign-ins");
+        let seconds = limited.retry_after.as_secs().max(1);
+        return Err(ApiError::too_many_requests(format!("too many failed sign-ins for this {}; try again in {seconds} seconds", limited.scope), seconds));
     }
-    let Some(admin) = state.store.find_admin_by_username(username.trim()).await? else {
-        // the same work as a real check, so timing does not tell which usernames exist
-        let decoy = DECOY_HASH.get_or_init(|| crate::crypto::hash_password(&new_secret("decoy_")).unwrap_or_default()).clone();
-        let _ = tokio::task::spawn_blocking(move || verify_password(&password, &decoy)).await;
-        return Err(refused());
+    let admin = match check_password(&state, username, password).await? {
+        Ok(admin) => admin,
+        Err((admin, reason)) => {
+            tracing::info!(admin_id = admin.as_ref().map(|admin| admin.id.as_str()).unwrap_or(""), "console sign-in refused");
+            tracing::debug!(username, reason, "console sign-in refused");
+            let audit = reachback_store::AuditEntry {
+                // what was typed, made printable and bounded
+                actor: username.chars().filter(|c| !c.is_control()).take(128).collect(),
+                action: "login_failed".into(),
+                resource_type: "admin".into(),
+                resource_id: admin.map(|admin| admin.id).unwrap_or_default(),
+                before: None,
+                after: Some(json!({"reason": reason})),
+                source_ip: connect.0.clone(),
+            };
+            state.store.record_audit(audit).await?;
+            return Err(ApiError::unauthorized("wrong username or password"));
+        }
     };
-    let Some(hash) = admin.password_hash.as_deref() else { return Err(refused()) };
-    let (password_to_check, hash) = (password.clone(), hash.to_string());
-    let matches = tokio::task::spawn_blocking(move || verify_password(&password_to_check, &hash)).await.unwrap_or(false);
-    if !matches {
-        tracing::info!(admin_id = %admin.id, "console sign-in refused");
-        return Err(refused());
-    }
+    limiter(&state).succeeded(username, address);
     let token = new_secret("rbs_");
     let csrf = new_secret("rbx_");
     let session_id = new_id();

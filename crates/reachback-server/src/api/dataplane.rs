@@ -5,14 +5,14 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 use reachback_policy::{Action, PolicySet, Rule, Segment, parse_cidr, parse_destination, parse_port_range};
-use reachback_store::{ClientSessionRow, ConnectorRow, DocKind, DocRow, new_id, now_micros};
+use reachback_store::{AuditEntry, ClientSessionRow, ConnectorRow, DocKind, DocRow, ProvisioningKey, new_id, now_micros};
 use serde_json::{Value, json};
 
 use crate::api::{created, list_json, no_content, page_of};
-use crate::auth::{Caller, Role};
+use crate::auth::{Caller, ClientIp, Role};
 use crate::crypto::{CertificateAuthority, hash_secret, new_secret};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, format_time, optional, required};
+use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, format_time, optional, parse_time, required};
 use crate::state::SharedState;
 use crate::validate;
 
@@ -223,7 +223,20 @@ pub const POLICY_BODY: &[BodyField] = &[
     optional("enabled", Kind::Flag),
 ];
 /// The fields of a new connector.
-pub const CONNECTOR_BODY: &[BodyField] = &[required("name", Kind::Text)];
+pub const CONNECTOR_BODY: &[BodyField] = &[
+    required("name", Kind::Text),
+    optional("provisioning_key_ttl_seconds", Kind::Integer),
+    optional("provisioning_key_expires_at", Kind::Time),
+    optional("provisioning_key_reusable", Kind::Flag),
+];
+/// The fields of a connector's new provisioning key (all optional; `{}` takes the defaults).
+pub const PROVISIONING_KEY_BODY: &[BodyField] = &[
+    optional("provisioning_key_ttl_seconds", Kind::Integer),
+    optional("provisioning_key_expires_at", Kind::Time),
+    optional("provisioning_key_reusable", Kind::Flag),
+];
+/// The longest a provisioning key may stay valid (366 days).
+pub const MAX_PROVISIONING_KEY_SECONDS: i64 = 366 * 86_400;
 /// The fields of a connector's enrollment.
 pub const CONNECTOR_ENROLL_BODY: &[BodyField] = &[required("provisioning_key", Kind::Text), required("public_key", Kind::Pem)];
 
@@ -387,13 +400,46 @@ fn connector_json(state: &SharedState, row: &ConnectorRow) -> Value {
         "version": row.version,
         "mode": row.mode,
         "created_at": format_time(row.created_at),
+        "provisioning_key_id": row.key.id,
+        "provisioning_key_expires_at": format_time(row.key.expires_at),
+        "provisioning_key_used_at": row.key.used_at.map(format_time),
+        "provisioning_key_reusable": row.key.reusable,
     })
+}
+
+/// A new provisioning key as the body asks for it: valid for
+/// `provisioning_key_ttl_seconds` or until `provisioning_key_expires_at` (by default
+/// for the `provisioning_key_ttl_seconds` setting), single-use unless
+/// `provisioning_key_reusable`.
+fn read_provisioning_key(fields: &mut Fields, state: &SharedState, now: i64) -> ProvisioningKey {
+    let ttl = fields.integer("provisioning_key_ttl_seconds", 60, MAX_PROVISIONING_KEY_SECONDS);
+    let until = match fields.string("provisioning_key_expires_at", false) {
+        None => None,
+        Some(text) => match parse_time(&text) {
+            Some(at) if at > now && at <= now + MAX_PROVISIONING_KEY_SECONDS * 1_000_000 => Some(at),
+            Some(_) => {
+                fields.error("provisioning_key_expires_at", "must be in the future, at most 366 days ahead");
+                None
+            }
+            None => {
+                fields.error("provisioning_key_expires_at", "must be an RFC 3339 timestamp");
+                None
+            }
+        },
+    };
+    if fields.has("provisioning_key_ttl_seconds") && fields.has("provisioning_key_expires_at") {
+        fields.error("provisioning_key_expires_at", "give provisioning_key_ttl_seconds or provisioning_key_expires_at, not both");
+    }
+    let expires_at = until.unwrap_or_else(|| now + ttl.unwrap_or(state.settings().provisioning_key_ttl_seconds).saturating_mul(1_000_000));
+    ProvisioningKey { id: new_id(), expires_at, used_at: None, reusable: fields.boolean("provisioning_key_reusable").unwrap_or(false) }
 }
 
 pub async fn create_connector(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
     let mut fields = Fields::new(body, CONNECTOR_BODY)?;
     let name = name_field(&mut fields, None);
+    let now = now_micros();
+    let key = read_provisioning_key(&mut fields, &state, now);
     fields.finish()?;
     let secret = new_secret("rbc_");
     let row = ConnectorRow {
@@ -404,7 +450,8 @@ pub async fn create_connector(State(state): State<SharedState>, caller: Caller, 
         version: None,
         mode: None,
         last_seen: None,
-        created_at: now_micros(),
+        created_at: now,
+        key,
         key_fingerprint: None,
     };
     let after = connector_json(&state, &row);
@@ -412,6 +459,26 @@ pub async fn create_connector(State(state): State<SharedState>, caller: Caller, 
     let mut body = after;
     body["provisioning_key"] = json!(secret);
     Ok(created(body))
+}
+
+/// `POST /api/v1/connectors/{id}/provisioning-key`: a fresh provisioning key (shown
+/// once) for a connector to enroll again; the earlier key stops working.
+pub async fn issue_provisioning_key(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
+    caller.require(Role::Admin)?;
+    let mut fields = Fields::new(body, PROVISIONING_KEY_BODY)?;
+    let key = read_provisioning_key(&mut fields, &state, now_micros());
+    fields.finish()?;
+    let secret = new_secret("rbc_");
+    let row = state
+        .store
+        .issue_provisioning_key(&id, &key, &hash_secret(&secret), |before, after| {
+            caller.audit("issue_provisioning_key", "connector", &id, Some(connector_json(&state, before)), Some(connector_json(&state, after)))
+        })
+        .await
+        .map_err(|error| ApiError::not_found_or(error, "connector"))?;
+    let mut body = connector_json(&state, &row);
+    body["provisioning_key"] = json!(secret);
+    Ok(Json(body))
 }
 
 pub async fn list_connectors(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
@@ -457,23 +524,47 @@ pub async fn delete_connector(State(state): State<SharedState>, caller: Caller, 
 }
 
 /// `POST /api/v1/connectors/enroll`: a connector trades its provisioning key and a
-/// public key for a certificate. Authenticated by the key; a new enrollment
-/// replaces the connector's earlier certificate.
-pub async fn enroll_connector(State(state): State<SharedState>, headers: axum::http::HeaderMap, body: JsonObject) -> ApiResult<Json<Value>> {
+/// public key for a certificate. Authenticated by the key, which must be unexpired
+/// and unused (unless issued reusable); a new enrollment replaces the connector's
+/// earlier certificate and is audited, with the key as the actor.
+pub async fn enroll_connector(
+    State(state): State<SharedState>,
+    ClientIp(client_ip): ClientIp,
+    headers: axum::http::HeaderMap,
+    body: JsonObject,
+) -> ApiResult<Json<Value>> {
     let mut fields = Fields::new(body, CONNECTOR_ENROLL_BODY)?;
     let secret = fields.string("provisioning_key", false).unwrap_or_default();
     if secret.is_empty() || secret.len() > 256 {
         return Err(ApiError::unauthorized("the provisioning key is missing or not valid"));
     }
-    let Some(connector) = state.store.find_connector_by_key(&hash_secret(&secret)).await? else {
+    let key_hash = hash_secret(&secret);
+    let Some(connector) = state.store.find_connector_by_key(&key_hash).await? else {
         return Err(ApiError::unauthorized("the provisioning key is not valid"));
     };
+    let now = now_micros();
+    if let Some(refusal) = connector.key.refusal(now) {
+        return Err(ApiError::unauthorized(refusal));
+    }
     let public_key = fields.public_key("public_key");
     fields.finish()?;
     let Some(public_key) = public_key else { return Err(ApiError::invalid_field("public_key", "is required")) };
     let serial = CertificateAuthority::new_serial();
     let certificate = state.ca.sign_connector(&public_key, &connector.id, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
-    state.store.set_connector_certificate(&connector.id, &serial.iter().map(|byte| format!("{byte:02x}")).collect::<String>()).await?;
+    let serial: String = serial.iter().map(|byte| format!("{byte:02x}")).collect();
+    let audit = AuditEntry {
+        actor: format!("provisioning_key:{}", connector.key.id),
+        action: "enroll".into(),
+        resource_type: "connector".into(),
+        resource_id: connector.id.clone(),
+        before: None,
+        after: Some(json!({"name": connector.name, "certificate_serial": serial})),
+        source_ip: client_ip,
+    };
+    // the last word: a single-use key another enrollment took meanwhile is refused here
+    if !state.store.record_connector_enrollment(&connector.id, &key_hash, &serial, now, audit).await? {
+        return Err(ApiError::unauthorized("the provisioning key has been used or has expired; issue a new one for the connector"));
+    }
     state.store.set_connector_key(&connector.id, &public_key.fingerprint).await?;
     tracing::info!(connector_id = %connector.id, "connector enrolled");
     Ok(Json(json!({

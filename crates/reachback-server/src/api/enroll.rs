@@ -8,6 +8,7 @@ use reachback_store::{EnrollFailure, EnrollJob, new_id, now_micros};
 use serde_json::json;
 use tokio::sync::oneshot;
 
+use crate::auth::ClientIp;
 use crate::crypto::{CertificateAuthority, hash_secret};
 use crate::error::{ApiError, ApiResult};
 use crate::request::{BodyField, Fields, JsonObject, Kind, optional, required};
@@ -24,8 +25,8 @@ use crate::state::SharedState;
 use crate::validate;
 use crate::writer::EnrollRequest;
 
-pub async fn enroll(State(state): State<SharedState>, headers: axum::http::HeaderMap, body: JsonObject) -> ApiResult<Response> {
-    let result = enroll_inner(&state, &headers, body).await;
+pub async fn enroll(State(state): State<SharedState>, ClientIp(client_ip): ClientIp, headers: axum::http::HeaderMap, body: JsonObject) -> ApiResult<Response> {
+    let result = enroll_inner(&state, &headers, body, client_ip).await;
     let label = match &result {
         Ok((StatusCode::CREATED, _)) => "created",
         Ok(_) => "reenrolled",
@@ -39,7 +40,12 @@ pub async fn enroll(State(state): State<SharedState>, headers: axum::http::Heade
     Ok((status, Json(body)).into_response())
 }
 
-async fn enroll_inner(state: &SharedState, headers: &axum::http::HeaderMap, body: JsonObject) -> ApiResult<(StatusCode, serde_json::Value)> {
+async fn enroll_inner(
+    state: &SharedState,
+    headers: &axum::http::HeaderMap,
+    body: JsonObject,
+    source_ip: Option<String>,
+) -> ApiResult<(StatusCode, serde_json::Value)> {
     let mut fields = Fields::new(body, BODY)?;
     // authentication comes first: a bad key is a 401 whatever else is wrong
     let secret = fields.string("enrollment_key", false).unwrap_or_default();
@@ -88,6 +94,7 @@ async fn enroll_inner(state: &SharedState, headers: &axum::http::HeaderMap, body
         public_key_fingerprint: public_key.fingerprint.clone(),
         certificate_serial: serial.iter().map(|byte| format!("{byte:02x}")).collect(),
         location,
+        source_ip,
     };
     let (reply, receiver) = oneshot::channel();
     state.enroll_tx.send(EnrollRequest { job, reply }).await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
@@ -98,6 +105,9 @@ async fn enroll_inner(state: &SharedState, headers: &axum::http::HeaderMap, body
         Err(EnrollFailure::KeyRevokedOrExpired) => return Err(ApiError::unauthorized("the enrollment key is revoked or expired")),
         Err(EnrollFailure::KeySpent) => return Err(ApiError::unauthorized("the enrollment key has been used")),
         Err(EnrollFailure::HostnameTaken) => return Err(ApiError::conflict(format!("the hostname {hostname} is held by another device"))),
+        Err(EnrollFailure::HostnameNotAllowed { pattern }) => {
+            return Err(ApiError::invalid_field("hostname", format!("is not one the enrollment key allows ({pattern})")));
+        }
         Err(EnrollFailure::Exhausted) => {
             state.metrics.allocation_failures.inc();
             tracing::warn!("enrollment refused: every enabled range is full");

@@ -13,8 +13,13 @@ use crate::error::{ApiError, ApiResult};
 use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, format_time, optional, parse_time, required};
 
 /// The fields of a new enrollment key.
-pub const BODY: &[BodyField] =
-    &[required("username", Kind::Text), optional("reusable", Kind::Flag), optional("expires_at", Kind::Time), optional("description", Kind::Text)];
+pub const BODY: &[BodyField] = &[
+    required("username", Kind::Text),
+    optional("reusable", Kind::Flag),
+    optional("expires_at", Kind::Time),
+    optional("description", Kind::Text),
+    optional("hostname_pattern", Kind::Text),
+];
 use crate::state::SharedState;
 use crate::validate;
 
@@ -28,7 +33,23 @@ pub fn key_json(row: &EnrollmentKeyRow) -> Value {
         "used_count": row.used_count,
         "revoked": row.revoked,
         "created_at": format_time(row.created_at),
+        "hostname_pattern": row.hostname_pattern,
     })
+}
+
+/// A hostname pattern: an exact FQDN, or `*.suffix` for the names under a domain;
+/// returned lowercase (hostnames compare case-insensitively).
+pub fn hostname_pattern(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let (wildcard, name) = match text.strip_prefix("*.") {
+        Some(suffix) => (true, suffix),
+        None => (false, text),
+    };
+    if name.contains('*') {
+        return Err("must be a hostname (host.corp.example) or *. followed by a domain (*.corp.example)".into());
+    }
+    let name = validate::fqdn(name)?;
+    Ok(if wildcard { format!("*.{name}") } else { name })
 }
 
 pub async fn create(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
@@ -47,6 +68,16 @@ pub async fn create(State(state): State<SharedState>, caller: Caller, body: Json
     if let Err(message) = validate::plain_text(&description, 1024) {
         fields.error("description", message);
     }
+    let pattern = match fields.string("hostname_pattern", false) {
+        None => None,
+        Some(text) => match hostname_pattern(&text) {
+            Ok(pattern) => Some(pattern),
+            Err(message) => {
+                fields.error("hostname_pattern", message);
+                None
+            }
+        },
+    };
     let now = now_micros();
     let expires_at = match fields.string("expires_at", false) {
         None => None,
@@ -73,6 +104,7 @@ pub async fn create(State(state): State<SharedState>, caller: Caller, body: Json
         used_count: 0,
         revoked: false,
         created_at: now,
+        hostname_pattern: pattern,
     };
     let after = key_json(&row);
     state.store.create_enrollment_key(&row, &hash_secret(&secret), caller.audit("create", "enrollment_key", &row.id, None, Some(after.clone()))).await?;

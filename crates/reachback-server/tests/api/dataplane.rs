@@ -122,7 +122,7 @@ async fn connectors_enroll_and_revoke(server: TestServer) {
     assert_eq!(server.delete(&path).await.status, StatusCode::NO_CONTENT);
     assert_eq!(server.get(&path).await.status, StatusCode::NOT_FOUND);
     assert_eq!(enroll(json!({"provisioning_key": key, "public_key": public_key})).await.status, StatusCode::UNAUTHORIZED, "a revoked connector cannot enroll");
-    assert_eq!(audit_count(&server, "connector").await, 2);
+    assert_eq!(audit_count(&server, "connector").await, 3, "create, enroll, revoke");
     assert_eq!(server.get("/api/v1/client-sessions").await.json()["total"], 0);
 }
 

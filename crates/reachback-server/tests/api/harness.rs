@@ -40,6 +40,8 @@ pub struct TestServer {
     /// the TCP port the broker binds when a test starts it (picked free at start)
     pub tunnel_port: u16,
     app: Option<reachback_server::App>,
+    /// the secret key and metrics token the next boot uses
+    pub security: reachback_server::SecurityConfig,
 }
 
 pub struct Reply {
@@ -60,6 +62,13 @@ impl Reply {
 
 impl TestServer {
     pub async fn start(backend: Backend) -> Option<TestServer> {
+        let mut server = Self::prepare(backend).await?;
+        server.boot().await;
+        Some(server)
+    }
+
+    /// A database and a data directory, without a server yet (tests may seed them, then [`TestServer::boot`]).
+    pub async fn prepare(backend: Backend) -> Option<TestServer> {
         let data_dir = std::env::temp_dir().join(unique("reachback_test"));
         let (database_url, postgres) = match backend {
             Backend::Sqlite => (None, None),
@@ -78,12 +87,20 @@ impl TestServer {
         };
         let tunnel_port =
             std::net::TcpListener::bind("127.0.0.1:0").and_then(|socket| socket.local_addr()).map(|address| address.port()).expect("a free TCP port");
-        let mut server = TestServer { router: Router::new(), state: None, data_dir, database_url, postgres, tunnel_port, app: None };
-        server.boot().await;
-        Some(server)
+        Some(TestServer {
+            router: Router::new(),
+            state: None,
+            data_dir,
+            database_url,
+            postgres,
+            tunnel_port,
+            app: None,
+            security: reachback_server::SecurityConfig::default(),
+        })
     }
 
-    fn config(&self) -> ServerConfig {
+    /// The configuration the next boot uses.
+    pub fn config(&self) -> ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:0".parse().expect("address"),
             tunnel_listen: format!("127.0.0.1:{}", self.tunnel_port).parse().expect("address"),
@@ -101,10 +118,11 @@ impl TestServer {
             http_limits: reachback_server::state::HttpLimits::default(),
             tunnel_max_flows: reachback_server::state::DEFAULT_TUNNEL_MAX_FLOWS,
             tunnel_memory: reachback_server::state::DEFAULT_TUNNEL_MEMORY,
+            security: self.security.clone(),
         }
     }
 
-    async fn boot(&mut self) {
+    pub async fn boot(&mut self) {
         let app = reachback_server::build(self.config()).await.expect("server builds");
         self.router = app.router.clone();
         self.state = Some(app.state.clone());

@@ -6,3 +6,4 @@ mod dataplane;
 mod harness;
 mod hostile;
 mod scenarios;
+mod security;

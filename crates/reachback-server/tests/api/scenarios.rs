@@ -589,7 +589,10 @@ async fn audit_log(server: TestServer) {
 
 async fn settings_and_client_domains(server: TestServer) {
     let settings = server.get("/api/v1/settings").await.json();
-    assert_eq!(settings, json!({"client_domains": [], "binding_idle_ttl_seconds": 2592000, "release_quarantine_seconds": 3600, "export_limit": 1000000}));
+    assert_eq!(
+        settings,
+        json!({"client_domains": [], "binding_idle_ttl_seconds": 2592000, "release_quarantine_seconds": 3600, "export_limit": 1000000, "provisioning_key_ttl_seconds": 86400})
+    );
     let reply = server.patch("/api/v1/settings", json!({"client_domains": ["Corp.Example"], "release_quarantine_seconds": 0})).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["client_domains"], json!(["corp.example"]));
@@ -598,6 +601,7 @@ async fn settings_and_client_domains(server: TestServer) {
         json!({"export_limit": 0}),
         json!({"release_quarantine_seconds": -1}),
         json!({"client_domains": "corp.example"}),
+        json!({"provisioning_key_ttl_seconds": 59}),
     ] {
         assert_eq!(server.patch("/api/v1/settings", bad.clone()).await.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
     }

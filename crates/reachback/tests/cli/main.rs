@@ -8,6 +8,7 @@ mod durability;
 mod process;
 mod renewal;
 mod replicas;
+mod secrets;
 mod socks5;
 mod tls;
 mod walkthrough;

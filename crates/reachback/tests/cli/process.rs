@@ -45,18 +45,16 @@ pub struct Server {
 impl Server {
     /// Starts a server and waits until it answers `/healthz`.
     pub fn start(data_dir: &Path, database: Option<&str>, extra: &[&str]) -> Server {
+        Self::start_with(data_dir, database, extra, &[], None)
+    }
+
+    /// Starts a server with these environment variables; with `log`, its standard
+    /// error (at INFO) goes to that file.
+    pub fn start_with(data_dir: &Path, database: Option<&str>, extra: &[&str], envs: &[(&str, &str)], log: Option<&Path>) -> Server {
         let port = free_port();
-        let mut command = Command::new(BIN);
-        command
-            .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .env("REACHBACK_TUNNEL_LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let Some(database) = database {
-            command.args(["--database", database]);
+        let mut command = server_command(data_dir, database, extra, envs, port);
+        if let Some(log) = log {
+            command.env("RUST_LOG", "info").stderr(std::fs::File::create(log).expect("log file"));
         }
         let child = command.spawn().expect("server starts");
         let server = Server { child, base: format!("http://127.0.0.1:{port}") };
@@ -85,6 +83,53 @@ impl Server {
         let output = Command::new(BIN).arg("ctl").args(args).env("REACHBACK_SERVER", &self.base).env("REACHBACK_TOKEN", token).output().expect("ctl runs");
         (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
     }
+}
+
+/// `reachback server` on `port` with these arguments and environment variables.
+fn server_command(data_dir: &Path, database: Option<&str>, extra: &[&str], envs: &[(&str, &str)], port: u16) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("REACHBACK_TUNNEL_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(database) = database {
+        command.args(["--database", database]);
+    }
+    command
+}
+
+/// Runs `reachback server`, expecting it to refuse to start (within 60 s); returns its standard error.
+pub fn server_refuses(data_dir: &Path, database: Option<&str>, extra: &[&str], envs: &[(&str, &str)]) -> String {
+    refuses(server_command(data_dir, database, extra, envs, free_port()))
+}
+
+/// Runs a command that should fail (within 60 s; it is killed after that and the
+/// test fails); returns its standard error.
+pub fn refuses(mut command: Command) -> String {
+    let log = std::env::temp_dir().join(unique("reachback_refusal"));
+    command.stdout(Stdio::null()).stderr(std::fs::File::create(&log).expect("log file"));
+    let mut child = command.spawn().expect("server runs");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after 60 s, but should have refused: {command:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(!status.success(), "should have failed: {stderr}");
+    stderr
 }
 
 impl Drop for Server {

@@ -44,7 +44,12 @@ fn three_replicas_never_bind_an_address_twice() {
     let database = Database::create(&admin_url);
     let url = database.url();
     let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new()).collect();
-    let first = Server::start(&dirs[0].0, Some(&url), &["--bootstrap-token", TOKEN]);
+    // every replica needs the secret key the CA's private key is encrypted under
+    let secret = dirs[0].0.join("shared-secret.key");
+    std::fs::write(&secret, format!("{}\n", "5e".repeat(32))).expect("secret key file");
+    let secret = secret.to_str().expect("UTF-8 path").to_string();
+    let replica_args = ["--bootstrap-token", TOKEN, "--secret-key-file", secret.as_str()];
+    let first = Server::start(&dirs[0].0, Some(&url), &replica_args);
     let http = agent();
     // 2,046 addresses for 3,000 enrollments: some must be refused, cleanly
     let (status, _) =
@@ -53,11 +58,13 @@ fn three_replicas_never_bind_an_address_twice() {
     let (_, key) =
         request(&http, "POST", &format!("{}/api/v1/enrollment-keys", first.base), Some(TOKEN), Some(&json!({"username": "fleet", "reusable": true})));
     let key = key["key"].as_str().expect("key").to_string();
-    let others: Vec<Server> = dirs[1..].iter().map(|dir| Server::start(&dir.0, Some(&url), &["--bootstrap-token", TOKEN])).collect();
+    let others: Vec<Server> = dirs[1..].iter().map(|dir| Server::start(&dir.0, Some(&url), &replica_args)).collect();
     let bases: Vec<String> = std::iter::once(first.base.clone()).chain(others.iter().map(|server| server.base.clone())).collect();
 
     let next = Arc::new(AtomicUsize::new(0));
-    let results: Arc<Mutex<Vec<(u16, Option<String>)>>> = Arc::default();
+    // each enrollment's status and virtual IP
+    type Results = Arc<Mutex<Vec<(u16, Option<String>)>>>;
+    let results: Results = Arc::default();
     let workers: Vec<_> = (0..48)
         .map(|_| {
             let (next, results, bases, key) = (next.clone(), results.clone(), bases.clone(), key.clone());
@@ -203,8 +210,12 @@ fn revocations_through_one_replica_disconnect_at_the_other() {
     let database = Database::create(&admin_url);
     let url = database.url();
     let dirs: Vec<TempDir> = (0..2).map(|_| TempDir::new()).collect();
-    let replica_a = Server::start(&dirs[0].0, Some(&url), &["--bootstrap-token", TOKEN, "--node-name", "replica-a"]);
-    let replica_b = Server::start(&dirs[1].0, Some(&url), &["--bootstrap-token", TOKEN, "--node-name", "replica-b"]);
+    // both replicas share the secret the CA's key is encrypted under
+    let secret = dirs[0].0.join("shared-secret.key");
+    std::fs::write(&secret, format!("{}\n", "a7".repeat(32))).expect("secret key file");
+    let secret = secret.to_string_lossy().into_owned();
+    let replica_a = Server::start(&dirs[0].0, Some(&url), &["--bootstrap-token", TOKEN, "--node-name", "replica-a", "--secret-key-file", &secret]);
+    let replica_b = Server::start(&dirs[1].0, Some(&url), &["--bootstrap-token", TOKEN, "--node-name", "replica-b", "--secret-key-file", &secret]);
     let http = agent();
     let api = |method: &str, path: &str, body: Option<serde_json::Value>| {
         request(&http, method, &format!("{}/api/v1{path}", replica_a.base), Some(TOKEN), body.as_ref())

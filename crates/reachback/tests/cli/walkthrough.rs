@@ -11,12 +11,14 @@ fn first_start_cli_walkthrough_and_clean_shutdown() {
     let temp = TempDir::new();
     let data_dir = temp.0.join("nested/reachback-data");
     let mut server = Server::start(&data_dir, None, &[]);
-    // the generated bootstrap key and the CA key are readable by the owner only
+    // the generated bootstrap key and secret key are readable by the owner only;
+    // the CA key lives only in the database, encrypted
     let token_path = data_dir.join("bootstrap-token");
-    for path in [&token_path, &data_dir.join("ca-key.pem")] {
+    for path in [&token_path, &data_dir.join("secret.key")] {
         let mode = std::fs::metadata(path).expect("file exists").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", path.display());
     }
+    assert!(!data_dir.join("ca-key.pem").exists());
     let token = std::fs::read_to_string(&token_path).expect("token").trim().to_string();
 
     let (ok, stdout, stderr) = server.ctl(
@@ -36,9 +38,11 @@ fn first_start_cli_walkthrough_and_clean_shutdown() {
     let (ok, stdout, _) = server.ctl(&token, &["ranges", "list"]);
     assert!(ok && stdout.lines().next().is_some_and(|header| header.contains("NAME") && header.contains("USED_IPS")), "{stdout}");
 
-    let (ok, stdout, stderr) = server.ctl(&token, &["keys", "create", "--username", "alice@corp.example", "--output", "json"]);
+    let (ok, stdout, stderr) =
+        server.ctl(&token, &["keys", "create", "--username", "alice@corp.example", "--hostname-pattern", "*.corp.example", "--output", "json"]);
     assert!(ok, "{stderr}");
     let key: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(key["hostname_pattern"], "*.corp.example");
     let http = agent();
     let (status, enrolled) = request(
         &http,
@@ -80,6 +84,23 @@ fn first_start_cli_walkthrough_and_clean_shutdown() {
     assert!(rows[0].contains(",admin,create,ip_range,"), "{audit}");
     let (ok, _, stderr) = server.ctl(&token, &["audit", "export", "--file", audit_path.to_str().expect("path"), "--after", "yesterday"]);
     assert!(!ok && stderr.contains("400"), "{stderr}");
+
+    // a connector's provisioning key serves once; a new one is issued to enroll it again
+    let (ok, stdout, stderr) = server.ctl(&token, &["connectors", "create", "--name", "dc1", "--provisioning-key-ttl", "3600", "-o", "json"]);
+    assert!(ok, "{stderr}");
+    let connector: Value = serde_json::from_str(&stdout).expect("json");
+    let provisioning_key = connector["provisioning_key"].as_str().expect("provisioning key").to_string();
+    let enroll_connector = |key: &str| {
+        request(&http, "POST", &format!("{}/api/v1/connectors/enroll", server.base), None, Some(&json!({"provisioning_key": key, "public_key": public_key()})))
+            .0
+    };
+    assert_eq!(enroll_connector(&provisioning_key), 200);
+    assert_eq!(enroll_connector(&provisioning_key), 401, "a used key");
+    let id = connector["id"].as_str().expect("id");
+    let (ok, stdout, stderr) = server.ctl(&token, &["connectors", "provisioning-key", id, "-o", "json"]);
+    assert!(ok, "{stderr}");
+    let reissued: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(enroll_connector(reissued["provisioning_key"].as_str().expect("new key")), 200);
 
     let (ok, _, stderr) = server.ctl("rbk_wrong", &["ranges", "list"]);
     assert!(!ok && stderr.contains("401"), "{stderr}");
