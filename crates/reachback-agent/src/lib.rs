@@ -69,12 +69,13 @@ const API_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn enroll(options: &EnrollOptions) -> anyhow::Result<EnrolledState> {
     let api = ApiClient::new(&options.server, &options.trust, API_TIMEOUT)?;
     let mut key_pem = None;
+    // an enrollment with another server that --force replaces (once the new one succeeded)
+    let mut replaced = None;
     if let Ok((previous, material)) = client::load_state(&options.state_dir) {
         if client::same_server(&options.state_dir, &previous, &api)? {
             key_pem = Some(material.private_key_pem);
         } else if options.force {
-            tracing::info!(device_id = %previous.id, "discarding the enrollment with another server");
-            client::discard_enrollment(&options.state_dir)?;
+            replaced = Some(previous.id.clone());
         } else {
             anyhow::bail!(
                 "{} holds the enrollment of device {} with {}, not {}: pass --force to discard it and enroll afresh, or use another --state-dir",
@@ -112,6 +113,13 @@ pub fn enroll(options: &EnrollOptions) -> anyhow::Result<EnrolledState> {
         insecure_http: options.trust.insecure_http,
         enrolled_with: Some(client::key_fingerprint(&options.key)),
     };
+    if let Some(previous_id) = replaced {
+        // the old server is told (its device goes, its address is released), then the files go
+        if let Err(error) = client::leave(&options.state_dir, "device") {
+            tracing::warn!(device_id = %previous_id, error = format!("{error:#}"), "could not tell the other server this device left");
+        }
+        client::discard_enrollment(&options.state_dir)?;
+    }
     client::save_enrollment(&options.state_dir, &state, &key.serialize_pem(), &text_of(&answer, "certificate")?, &ca_pem)?;
     Ok(state)
 }

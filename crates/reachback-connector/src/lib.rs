@@ -155,6 +155,10 @@ fn ensure_enrolled(options: &RunOptions) -> anyhow::Result<()> {
         enrolled_with: Some(client::key_fingerprint(key)),
     };
     if let Some(previous) = &previous {
+        // the server of the old identity is told, then its files go (best effort: it may be gone)
+        if let Err(error) = client::leave(&options.state_dir, "connector") {
+            tracing::info!(previous_connector_id = %previous.id, error = format!("{error:#}"), "could not tell the server the earlier identity left");
+        }
         client::discard_enrollment(&options.state_dir)?;
         tracing::info!(previous_connector_id = %previous.id, connector_id = %state.id, "the earlier identity was discarded");
     }

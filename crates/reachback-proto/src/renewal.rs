@@ -41,3 +41,9 @@ pub const RENEWAL_CLOCK_SKEW_SECONDS: i64 = 300;
 pub fn renewal_message(kind: &str, id: &str, signed_at: i64) -> String {
     format!("reachback-renew:{kind}:{id}:{signed_at}")
 }
+
+/// What a client signs to tell the server it discards this identity (it enrolled
+/// as another device or connector, or with another server).
+pub fn leave_message(kind: &str, id: &str, signed_at: i64) -> String {
+    format!("reachback-leave:{kind}:{id}:{signed_at}")
+}

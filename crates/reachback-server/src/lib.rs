@@ -82,6 +82,7 @@ api_routes! {
     post "/api/v1/enroll" => enroll::enroll, "none", 201, "Enroll a device (authenticated by its enrollment key)", [], enroll::BODY;
     get "/api/v1/devices" => devices::list, "viewer", 200, "List devices", ["page", "page_size", "sort", "hostname", "username", "platform"];
     get "/api/v1/devices/{id}" => devices::get, "viewer", 200, "Get a device", [];
+    post "/api/v1/devices/{id}/leave" => renew::leave_device, "none", 204, "A device discards its identity (it enrolled anew elsewhere): deleted, address released (signed by the enrolled key)", [], renew::BODY;
     post "/api/v1/devices/{id}/renew" => renew::renew_device, "none", 200, "Renew an expired device certificate (authenticated by a signature of the enrolled key)", [], renew::BODY;
     delete "/api/v1/devices/{id}" => devices::delete, "admin", 204, "Delete a device: revoke, release, disconnect", [];
     get "/api/v1/me" => admin::me, "viewer", 200, "The caller's identity and role", [];
@@ -112,6 +113,7 @@ api_routes! {
     get "/api/v1/connectors" => dataplane::list_connectors, "viewer", 200, "List connectors with their status", ["page", "page_size", "name", "status"];
     post "/api/v1/connectors" => dataplane::create_connector, "admin", 201, "Create a connector (provisioning key shown once)", [], dataplane::CONNECTOR_BODY;
     post "/api/v1/connectors/enroll" => dataplane::enroll_connector, "none", 200, "Enroll a connector (authenticated by its provisioning key)", [], dataplane::CONNECTOR_ENROLL_BODY;
+    post "/api/v1/connectors/{id}/leave" => renew::leave_connector, "none", 204, "A connector's host discards its identity (it enrolled as another connector): its key stops opening tunnels (signed by the enrolled key)", [], renew::BODY;
     post "/api/v1/connectors/{id}/renew" => renew::renew_connector, "none", 200, "Renew an expired connector certificate (authenticated by a signature of the enrolled key)", [], renew::BODY;
     post "/api/v1/connectors/{id}/provisioning-key" => dataplane::issue_provisioning_key, "admin", 200, "Issue a connector a new provisioning key (secret shown once; the earlier key stops working)", [], dataplane::PROVISIONING_KEY_BODY;
     get "/api/v1/connectors/{id}" => dataplane::get_connector, "viewer", 200, "Get a connector", [];

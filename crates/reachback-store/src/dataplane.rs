@@ -358,6 +358,20 @@ impl Store {
         tx.commit().await
     }
 
+    /// A connector's host enrolled as another one and said so: the key it enrolled with
+    /// no longer opens a tunnel (an empty fingerprint matches none) until the connector is
+    /// enrolled again with a new provisioning key. Audited in the same transaction.
+    pub async fn connector_left(&self, id: &str, audit: AuditEntry) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE connectors SET key_fingerprint = $2 WHERE id = $1 AND revoked = FALSE")
+            .bind(id)
+            .bind(Vec::<u8>::new())
+            .execute(&mut *tx.transaction)
+            .await?;
+        crate::audit::record(&mut tx.transaction, audit).await?;
+        tx.commit().await
+    }
+
     pub async fn connector_seen(&self, id: &str, version: &str, mode: Option<&str>) -> Result<()> {
         let mut tx = self.write().await?;
         sqlx::query("UPDATE connectors SET version = $2, mode = $3, last_seen = $4 WHERE id = $1")

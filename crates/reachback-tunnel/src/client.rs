@@ -267,7 +267,14 @@ pub async fn material_for_next_tunnel(dir: &Path, kind: &'static str) -> anyhow:
     .context("the renewal task failed")?
 }
 
-fn renew_over_api(dir: &Path, kind: &str, state: &EnrolledState, material: &TlsMaterial) -> anyhow::Result<()> {
+/// The body of a request signed with the enrolled key: the public key, `signed_at`
+/// and the signature of `message(kind, id, signed_at)`.
+fn signed_body(
+    kind: &str,
+    state: &EnrolledState,
+    material: &TlsMaterial,
+    message: fn(&str, &str, i64) -> String,
+) -> anyhow::Result<(serde_json::Value, Vec<u8>)> {
     use base64::Engine as _;
     use rustls::pki_types::pem::PemObject;
     let key = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(material.private_key_pem.as_bytes()).context("reading the enrolled key (PKCS#8)")?;
@@ -275,20 +282,39 @@ fn renew_over_api(dir: &Path, kind: &str, state: &EnrolledState, material: &TlsM
     let pair = ring::signature::EcdsaKeyPair::from_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, key.secret_pkcs8_der(), &rng)
         .map_err(|_| anyhow::anyhow!("the enrolled key is not an ECDSA P-256 key"))?;
     let signed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_secs() as i64).unwrap_or(0);
-    let message = reachback_proto::renewal::renewal_message(kind, &state.id, signed_at);
-    let signature = pair.sign(&rng, message.as_bytes()).map_err(|_| anyhow::anyhow!("signing the renewal failed"))?;
+    let signature = pair.sign(&rng, message(kind, &state.id, signed_at).as_bytes()).map_err(|_| anyhow::anyhow!("signing failed"))?;
     let spki = spki_of(&material.certificate_pem)?;
     let body = serde_json::json!({
         "public_key": crate::api_client::pem("PUBLIC KEY", &spki),
         "signed_at": signed_at,
         "signature": base64::engine::general_purpose::STANDARD.encode(signature.as_ref()),
     });
+    Ok((body, spki))
+}
+
+fn renew_over_api(dir: &Path, kind: &str, state: &EnrolledState, material: &TlsMaterial) -> anyhow::Result<()> {
+    let (body, spki) = signed_body(kind, state, material, reachback_proto::renewal::renewal_message)?;
     let api = crate::ApiClient::new(&state.server, &state.trust(), Duration::from_secs(30))?;
     let answer = api.post_json(&format!("/api/v1/{kind}s/{}/renew", state.id), &body)?;
     let certificate = answer["certificate"].as_str().context("the server's answer has no certificate")?;
     anyhow::ensure!(spki_of(certificate)? == spki, "the server's certificate is for another key");
     write_private(&dir.join(CERTIFICATE_FILE), certificate)?;
     tracing::info!(kind, id = %state.id, "certificate renewed over the API");
+    Ok(())
+}
+
+/// Tells the server of the enrollment in `dir` that this identity is discarded (the
+/// client enrolled as another one), signed with the enrolled key. Best effort: the
+/// caller discards the files whatever the answer.
+pub fn leave(dir: &Path, kind: &str) -> anyhow::Result<()> {
+    let (state, material) = load_state(dir)?;
+    let (body, _) = signed_body(kind, &state, &material, reachback_proto::renewal::leave_message)?;
+    let api = crate::ApiClient::new(&state.server, &state.trust(), Duration::from_secs(10))?;
+    let url = api.url(&format!("/api/v1/{kind}s/{}/leave", state.id));
+    let response =
+        api.agent.post(&url).header("Content-Type", "application/json").send(body.to_string()).map_err(|error| crate::api_client::explain(&url, error))?;
+    anyhow::ensure!(response.status().is_success(), "the server answered {}", response.status());
+    tracing::info!(kind, id = %state.id, "the server was told this identity is discarded");
     Ok(())
 }
 

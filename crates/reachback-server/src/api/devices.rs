@@ -56,17 +56,20 @@ pub async fn get(State(state): State<SharedState>, caller: Caller, Path(id): Pat
 
 pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
+    remove(&state, &id, |row| caller.audit("delete", "device", &id, Some(device_json(row)), None)).await?;
+    Ok(no_content())
+}
+
+/// Deletes a device (its binding released, its certificate revoked) with `audit`, and
+/// ends its live tunnel: an admin's delete, or the device's own leave.
+pub async fn remove(state: &SharedState, id: &str, audit: impl FnOnce(&reachback_store::DeviceRow) -> reachback_store::AuditEntry) -> ApiResult<()> {
     let mut engine = state.engine.lock().await;
-    let device = state
-        .store
-        .delete_device(&id, |row| caller.audit("delete", "device", &id, Some(device_json(row)), None))
-        .await
-        .map_err(|error| ApiError::not_found_or(error, "device"))?;
+    let device = state.store.delete_device(id, audit).await.map_err(|error| ApiError::not_found_or(error, "device"))?;
     if let (Some(range_id), Some((_, value))) = (&device.range_id, device.virtual_ip.as_deref().and_then(parse_address)) {
         engine.release(range_id, value, reachback_store::now_micros());
     }
     drop(engine);
     // its certificate no longer opens a tunnel; the live one ends now
-    state.broker.kick_device(&id);
-    Ok(no_content())
+    state.broker.kick_device(id);
+    Ok(())
 }

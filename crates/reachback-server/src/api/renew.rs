@@ -6,6 +6,12 @@
 //! Authenticated by a signature over `reachback_proto::renewal::renewal_message`
 //! with the enrolled key, within a few minutes of the server's clock; anything
 //! wrong is one 401 that does not say what was wrong.
+//!
+//! `POST /api/v1/devices/{id}/leave` and `POST /api/v1/connectors/{id}/leave`, signed
+//! the same way over `leave_message`: a client that enrolls as another identity tells
+//! the server the old one is discarded. A device is then deleted (its address
+//! released, its certificate revoked); a connector's enrolled key stops opening
+//! tunnels until it is given a new provisioning key.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -24,8 +30,8 @@ fn refused() -> ApiError {
     ApiError::unauthorized("the renewal is not authenticated: sign the renewal message with the enrolled key, with a current signed_at")
 }
 
-/// Checks the body: the key, the time, the signature. Returns the key.
-fn authenticate(kind: &str, id: &str, body: JsonObject) -> ApiResult<DevicePublicKey> {
+/// Checks the body: the key, the time, the signature over `message(kind, id, signed_at)`. Returns the key.
+fn authenticate(kind: &str, id: &str, body: JsonObject, message: fn(&str, &str, i64) -> String) -> ApiResult<DevicePublicKey> {
     let mut fields = Fields::new(body, BODY)?;
     let public_key = fields.public_key("public_key");
     let signed_at = fields.integer("signed_at", 0, i64::MAX);
@@ -37,7 +43,7 @@ fn authenticate(kind: &str, id: &str, body: JsonObject) -> ApiResult<DevicePubli
         return Err(refused());
     }
     let signature = base64::engine::general_purpose::STANDARD.decode(signature.trim()).map_err(|_| refused())?;
-    let message = reachback_proto::renewal::renewal_message(kind, id, signed_at);
+    let message = message(kind, id, signed_at);
     if !public_key.verify(message.as_bytes(), &signature) {
         return Err(refused());
     }
@@ -65,7 +71,7 @@ async fn audit(state: &SharedState, kind: &str, id: &str, serial: [u8; 16]) -> A
 }
 
 pub async fn renew_device(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
-    let public_key = authenticate("device", &id, body)?;
+    let public_key = authenticate("device", &id, body, reachback_proto::renewal::renewal_message)?;
     let device = match state.store.get_device(&id).await {
         Ok(device) if device.public_key_fingerprint == public_key.fingerprint => device,
         Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
@@ -79,7 +85,7 @@ pub async fn renew_device(State(state): State<SharedState>, Path(id): Path<Strin
 }
 
 pub async fn renew_connector(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
-    let public_key = authenticate("connector", &id, body)?;
+    let public_key = authenticate("connector", &id, body, reachback_proto::renewal::renewal_message)?;
     let connector = match state.store.get_connector(&id).await {
         Ok(connector) if !connector.revoked && connector.key_fingerprint.as_deref() == Some(public_key.fingerprint.as_slice()) => connector,
         Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
@@ -90,4 +96,41 @@ pub async fn renew_connector(State(state): State<SharedState>, Path(id): Path<St
     audit(&state, "connector", &connector.id, serial).await?;
     tracing::info!(connector_id = %connector.id, "connector certificate renewed over the API");
     Ok(Json(json!({"certificate": certificate, "ca_certificate": state.ca.certificate_pem})))
+}
+
+/// The device's own audit entry for leaving.
+fn left(kind: &str, id: &str, before: Option<Value>) -> reachback_store::AuditEntry {
+    reachback_store::AuditEntry {
+        actor: format!("{kind}:{id}"),
+        action: "leave".into(),
+        resource_type: kind.into(),
+        resource_id: id.to_string(),
+        before,
+        ..Default::default()
+    }
+}
+
+pub async fn leave_device(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<axum::response::Response> {
+    let public_key = authenticate("device", &id, body, reachback_proto::renewal::leave_message)?;
+    match state.store.get_device(&id).await {
+        Ok(device) if device.public_key_fingerprint == public_key.fingerprint => {}
+        Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
+        Err(error) => return Err(error.into()),
+    }
+    crate::api::devices::remove(&state, &id, |row| left("device", &id, Some(json!({"hostname": row.hostname, "virtual_ip": row.virtual_ip})))).await?;
+    tracing::info!(device_id = %id, "a device left (it enrolled anew elsewhere)");
+    Ok(crate::api::no_content())
+}
+
+pub async fn leave_connector(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<axum::response::Response> {
+    let public_key = authenticate("connector", &id, body, reachback_proto::renewal::leave_message)?;
+    match state.store.get_connector(&id).await {
+        Ok(connector) if !connector.revoked && connector.key_fingerprint.as_deref() == Some(public_key.fingerprint.as_slice()) => {}
+        Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
+        Err(error) => return Err(error.into()),
+    }
+    state.store.connector_left(&id, left("connector", &id, None)).await?;
+    state.broker.kick_connector(&id);
+    tracing::info!(connector_id = %id, "a connector's host left it (it enrolled as another connector)");
+    Ok(crate::api::no_content())
 }

@@ -136,6 +136,8 @@ fn servers_reach_clients_by_virtual_ip_through_connector_broker_and_agent() {
     let online: Vec<&str> =
         connectors["items"].as_array().expect("items").iter().filter(|item| item["status"] == "online").filter_map(|item| item["name"].as_str()).collect();
     assert_eq!(online, ["second connector"], "{connectors}");
+    let (_, left) = lab.api("GET", "/audit-logs?action=leave&resource_type=connector", None);
+    assert_eq!(left["total"], 1, "the server was told the first connector's identity was discarded: {left}");
     wait_for("flows through the new connector", Duration::from_secs(30), || lab.curl("http://100.64.0.1:8000/hello.txt").0 == 0);
 
     // deleting the session disconnects the agent (which reconnects); deleting the device revokes it

@@ -186,3 +186,43 @@ fn slow_and_numerous_clients_are_bounded() {
     let (ok, body) = curl(&[&format!("http://{address}/healthz")]);
     assert!(ok && body.contains("ok"), "served once the others left: {body}");
 }
+
+/// `agent enroll` into a state directory enrolled with another server: refused
+/// without `--force`; with it, the new server enrolls the laptop, the old one is
+/// told (its device goes, its address is released) and the old files are gone.
+#[test]
+fn an_agent_moving_to_another_server_says_so() {
+    use crate::process::{Server, agent, request};
+    let temp = TempDir::new();
+    let old = Server::start(&temp.0.join("old"), None, &["--bootstrap-token", TOKEN]);
+    let new = Server::start(&temp.0.join("new"), None, &["--bootstrap-token", TOKEN]);
+    let http = agent();
+    let mut keys = Vec::new();
+    for server in [&old, &new] {
+        let api = |path: &str, body: serde_json::Value| request(&http, "POST", &format!("{}/api/v1{path}", server.base), Some(TOKEN), Some(&body));
+        assert_eq!(api("/ip-ranges", serde_json::json!({"name": "r", "range": "100.64.0.0/24"})).0, 201);
+        keys.push(api("/enrollment-keys", serde_json::json!({"username": "alice@corp.example"})).1["key"].as_str().expect("key").to_string());
+    }
+    let state = temp.0.join("agent").to_string_lossy().into_owned();
+    let enroll = |server: &str, key: &str, force: bool| {
+        let mut args = vec!["agent", "enroll", "--server", server, "--key", key, "--hostname", "laptop.corp.example", "--state-dir", &state];
+        if force {
+            args.push("--force");
+        }
+        Command::new(BIN).args(&args).output().expect("enroll")
+    };
+    assert!(enroll(&old.base, &keys[0], false).status.success());
+    let refused = enroll(&new.base, &keys[1], false);
+    let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success() && message.contains("--force"), "{message}");
+    assert_eq!(request(&http, "GET", &format!("{}/api/v1/devices", new.base), Some(TOKEN), None).1["total"], 0, "nothing was enrolled");
+    let moved = enroll(&new.base, &keys[1], true);
+    assert!(moved.status.success(), "{}", String::from_utf8_lossy(&moved.stderr));
+    assert_eq!(request(&http, "GET", &format!("{}/api/v1/devices", new.base), Some(TOKEN), None).1["total"], 1);
+    let (_, devices) = request(&http, "GET", &format!("{}/api/v1/devices", old.base), Some(TOKEN), None);
+    assert_eq!(devices["total"], 0, "the old server was told the device left: {devices}");
+    let (_, audit) = request(&http, "GET", &format!("{}/api/v1/audit-logs?action=leave", old.base), Some(TOKEN), None);
+    assert_eq!(audit["total"], 1, "{audit}");
+    let (_, ranges) = request(&http, "GET", &format!("{}/api/v1/ip-ranges", old.base), Some(TOKEN), None);
+    assert_eq!(ranges["items"][0]["used_ips"], 0, "the old address was released");
+}
