@@ -100,6 +100,10 @@ pub enum MuxError {
     AfterEnd { kind: FrameKind, stream: u32 },
     #[error("the peer granted stream {stream} a credit of {credit} bytes, more than any receiver buffers")]
     CreditOverflow { stream: u32, credit: u64 },
+    /// each queued frame costs memory beyond its bytes: tiny frames that nobody
+    /// reads would hold many times the connection's budget
+    #[error("the peer has {0} data frames waiting to be read, more than the connection holds")]
+    TooManyFrames(usize),
 }
 
 pub fn encode_header(kind: FrameKind, stream: u32, length: usize) -> [u8; MUX_HEADER] {

@@ -25,6 +25,10 @@ use crate::state::{AppState, SharedState};
 pub const FLOW_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new tunnel has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes and hellos in progress at once (a flood of new tunnels waits in the backlog).
+const MAX_GREETINGS: usize = 256;
+/// Tunnels one certificate key may hold at once (a reconnect overlapping its old tunnel needs two).
+pub const MAX_TUNNELS_PER_IDENTITY: usize = 4;
 const KEEPALIVE: Duration = Duration::from_secs(10);
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
 /// Close codes the peer sees.
@@ -62,6 +66,26 @@ pub struct Broker {
     shutdown: tokio::sync::watch::Sender<bool>,
     /// the address the tunnel endpoint is bound to, once it is
     tunnel_address: std::sync::OnceLock<SocketAddr>,
+    /// tunnels open per certificate key (SHA-256 of its SubjectPublicKeyInfo)
+    held: Arc<std::sync::Mutex<HashMap<Vec<u8>, usize>>>,
+}
+
+/// One tunnel of an identity, counted while it lives.
+pub struct Held {
+    held: Arc<std::sync::Mutex<HashMap<Vec<u8>, usize>>>,
+    key: Vec<u8>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Default for Broker {
@@ -73,6 +97,7 @@ impl Default for Broker {
             policy_version: RwLock::default(),
             shutdown: tokio::sync::watch::channel(false).0,
             tunnel_address: std::sync::OnceLock::new(),
+            held: Arc::default(),
         }
     }
 }
@@ -86,6 +111,17 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Broker {
+    /// Counts a tunnel of the identity with this key; `None` when it holds the most it may.
+    pub fn hold(&self, key: &[u8]) -> Option<Held> {
+        let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = held.entry(key.to_vec()).or_insert(0);
+        if *count >= MAX_TUNNELS_PER_IDENTITY {
+            return None;
+        }
+        *count += 1;
+        Some(Held { held: self.held.clone(), key: key.to_vec() })
+    }
+
     /// The tunnel endpoint's address, once bound.
     pub fn tunnel_address(&self) -> Option<SocketAddr> {
         self.tunnel_address.get().copied()
@@ -191,6 +227,9 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
             .with_congestion(state.config.tcp_congestion.clone())
             .with_limits(reachback_tunnel::MuxLimits {
                 max_streams: state.config.tunnel_max_flows,
+                // streams waiting for the broker to take them: it takes them at once, so
+                // only a peer opening streams before its hello fills this
+                max_unaccepted_streams: 64,
                 connection_window: state.config.tunnel_memory,
                 ..reachback_tunnel::MuxLimits::default()
             }),
@@ -205,6 +244,7 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
     }
     reload_policy(&state, true).await?;
     let weak = Arc::downgrade(&state);
+    let greetings = Arc::new(tokio::sync::Semaphore::new(MAX_GREETINGS));
     let task = tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -222,16 +262,23 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
             };
             let Some(state) = weak.upgrade() else { break };
             let listener = listener.clone();
+            // handshakes and hellos in progress are capped: a flood of them waits in the backlog
+            let Ok(permit) = greetings.clone().acquire_owned().await else { break };
             tokio::spawn(async move {
-                match listener.handshake(stream, remote).await {
-                    Ok(connection) => {
-                        if let Err(error) = serve_tunnel(state, connection.clone()).await {
-                            tracing::info!(%remote, error = format!("{error:#}"), "tunnel ended");
-                        }
-                        connection.close(CLOSE_SHUTDOWN, b"tunnel ended");
-                    }
-                    Err(error) => tracing::info!(%remote, error = format!("{error:#}"), "tunnel handshake failed"),
+                let connection = match listener.handshake(stream, remote).await {
+                    Ok(connection) => connection,
+                    Err(error) => return tracing::info!(%remote, error = format!("{error:#}"), "tunnel handshake failed"),
+                };
+                // one identity holds a few tunnels at most: a stolen key cannot multiply its budget
+                let Some(_held) = reachback_tunnel::peer_identity(&connection).ok().and_then(|identity| state.broker.hold(&identity.key_fingerprint)) else {
+                    tracing::warn!(%remote, "tunnel refused: this identity holds {MAX_TUNNELS_PER_IDENTITY} tunnels already");
+                    connection.close(CLOSE_REFUSED, b"too many tunnels for one identity");
+                    return;
+                };
+                if let Err(error) = serve_tunnel(state, connection.clone(), permit).await {
+                    tracing::info!(%remote, error = format!("{error:#}"), "tunnel ended");
                 }
+                connection.close(CLOSE_SHUTDOWN, b"tunnel ended");
             });
         }
     });
@@ -265,12 +312,13 @@ async fn renew_broker_certificate(state: std::sync::Weak<AppState>, certificate:
     }
 }
 
-async fn serve_tunnel(state: SharedState, connection: Connection) -> anyhow::Result<()> {
+async fn serve_tunnel(state: SharedState, connection: Connection, greeting: tokio::sync::OwnedSemaphorePermit) -> anyhow::Result<()> {
     let remote = connection.remote_address();
     let identity = reachback_tunnel::peer_identity(&connection)?;
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await.context("no control stream in time")??;
     let hello: Control = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await.context("no hello in time")??.context("control stream closed")?;
     let Control::Hello { role, version, mode } = hello else { anyhow::bail!("the first control message was not a hello") };
+    drop(greeting);
     if role == ClientRole::Agent {
         // the broker opens an agent's flows; a stream an agent opens is a violation that ends its tunnel
         connection.stop_accepting();

@@ -7,6 +7,7 @@
 //! TLS, no header-read timeout and no connection cap.
 
 use std::future::Future;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -183,9 +184,11 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
+            // a write that makes no progress for as long as a request head may take ends the connection
+            let write_timeout = limits.header_read_timeout;
             match tls {
-                None => serve_connection(TokioIo::new(stream), router, remote, false, &limits, stop).await,
-                Some(acceptor) => match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+                None => serve_connection(TokioIo::new(WriteTimeout::new(stream, write_timeout)), router, remote, false, &limits, stop).await,
+                Some(acceptor) => match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(WriteTimeout::new(stream, write_timeout))).await {
                     Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), router, remote, true, &limits, stop).await,
                     Ok(Err(error)) => tracing::debug!(%remote, %error, "API TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "API TLS handshake timed out"),
@@ -199,6 +202,85 @@ pub async fn serve(
         tracing::info!("some API connections were still open at shutdown");
     }
     Ok(())
+}
+
+/// A connection whose writes must make progress: a client that stops reading its
+/// answers (a full socket buffer) is cut off after `timeout` instead of holding its
+/// connection slot for ever. Reads are untouched (the header-read timeout bounds them).
+struct WriteTimeout<I> {
+    inner: I,
+    timeout: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteTimeout<I> {
+    fn new(inner: I, timeout: Duration) -> Self {
+        WriteTimeout { inner, timeout, stalled: None }
+    }
+
+    /// After the inner writer said "pending": starts the clock, or reports that it ran out.
+    fn check(&mut self, context: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Error> {
+        let timeout = self.timeout;
+        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(context) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteTimeout<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(context, buffer)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteTimeout<I> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, context: &mut std::task::Context<'_>, data: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write(context, data) {
+            std::task::Poll::Pending => self.check(context).map(Err),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, context: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_flush(context) {
+            std::task::Poll::Pending => self.check(context).map(Err),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, context: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(context)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffers: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write_vectored(context, buffers) {
+            std::task::Poll::Pending => self.check(context).map(Err),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 async fn serve_connection<I>(io: TokioIo<I>, router: Router, remote: SocketAddr, over_tls: bool, limits: &HttpLimits, mut stop: watch::Receiver<bool>)

@@ -326,16 +326,17 @@ impl Store {
     /// connector's, not revoked, not expired, unused or reusable — so of two
     /// enrollments racing with a single-use key, on any replicas, one wins. Returns
     /// false, changing nothing, for the other.
-    pub async fn record_connector_enrollment(&self, id: &str, key_hash: &[u8], serial: &str, now: i64, audit: AuditEntry) -> Result<bool> {
+    pub async fn record_connector_enrollment(&self, id: &str, key_hash: &[u8], serial: &str, fingerprint: &[u8], now: i64, audit: AuditEntry) -> Result<bool> {
         let mut tx = self.write().await?;
         let changed = sqlx::query(
-            "UPDATE connectors SET certificate_serial = $3, key_used_at = $4 WHERE id = $1 AND key_hash = $2 AND revoked = FALSE \
+            "UPDATE connectors SET certificate_serial = $3, key_used_at = $4, key_fingerprint = $5 WHERE id = $1 AND key_hash = $2 AND revoked = FALSE \
              AND key_expires_at > $4 AND (key_used_at IS NULL OR key_reusable = TRUE)",
         )
         .bind(id)
         .bind(key_hash)
         .bind(serial)
         .bind(now)
+        .bind(fingerprint)
         .execute(&mut *tx.transaction)
         .await?
         .rows_affected();
@@ -345,17 +346,6 @@ impl Store {
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await?;
         Ok(true)
-    }
-
-    /// Records the key a connector enrolled with: certificates for another key stop working.
-    pub async fn set_connector_key(&self, id: &str, fingerprint: &[u8]) -> Result<()> {
-        let mut tx = self.write().await?;
-        sqlx::query("UPDATE connectors SET key_fingerprint = $2 WHERE id = $1 AND revoked = FALSE")
-            .bind(id)
-            .bind(fingerprint)
-            .execute(&mut *tx.transaction)
-            .await?;
-        tx.commit().await
     }
 
     /// A connector's host enrolled as another one and said so: the key it enrolled with

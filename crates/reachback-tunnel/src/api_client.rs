@@ -30,6 +30,9 @@ impl ApiTrust {
     pub fn check_tunnel_ca(&self, ca_pem: &str) -> anyhow::Result<()> {
         let Some(pin) = &self.ca_pin else { return Ok(()) };
         let expected = normalise_pin(pin)?;
+        // every certificate in the bundle becomes a trust anchor of the tunnel: one, the pinned one
+        let count = CertificateDer::pem_slice_iter(ca_pem.as_bytes()).count();
+        anyhow::ensure!(count == 1, "the server handed out {count} tunnel CA certificates, not the pinned one alone; nothing was kept");
         let returned = pin_of_pem(ca_pem)?;
         anyhow::ensure!(returned == expected, "the server handed out a tunnel CA with pin {returned}, not the pinned {expected}; nothing was kept");
         Ok(())

@@ -51,13 +51,21 @@ pub fn key_fingerprint(key: &str) -> String {
 }
 
 /// Whether the server behind `api` is the one this state was enrolled with: the
-/// same address, or (replicas and other names of one service) the same internal CA.
+/// same internal CA (replicas and other names of one service share it). With a pin,
+/// the CA is the one the connection was verified against; otherwise the server's
+/// own word over a connection the platform's trust store verified.
 pub fn same_server(state_dir: &Path, state: &EnrolledState, api: &crate::ApiClient) -> anyhow::Result<bool> {
-    if state.server.trim_end_matches('/').eq_ignore_ascii_case(&api.base) {
-        return Ok(true);
-    }
     let saved = std::fs::read_to_string(state_dir.join(CA_FILE)).with_context(|| format!("reading {}", state_dir.join(CA_FILE).display()))?;
-    Ok(crate::api_client::pin_of_pem(&saved)? == api.server_ca_pin()?)
+    let saved = crate::api_client::pin_of_pem(&saved)?;
+    let current = match &api.pinned_ca_pem {
+        Some(pem) => crate::api_client::pin_of_pem(pem)?,
+        None if api.base.starts_with("http://") => {
+            // plain HTTP (loopback, or --insecure-http): the address decides, nothing can be verified
+            return Ok(state.server.trim_end_matches('/').eq_ignore_ascii_case(&api.base) || saved == api.server_ca_pin()?);
+        }
+        None => api.server_ca_pin()?,
+    };
+    Ok(saved == current)
 }
 
 pub const STATE_FILE: &str = "state.json";

@@ -57,6 +57,8 @@ pub const DEFAULT_CONNECTION_WINDOW: u64 = INITIAL_CONNECTION_WINDOW as u64;
 /// for each of [`DEFAULT_MAX_STREAMS`] streams, twice over (a connection dropping
 /// all its flows at once while the network stalls is not a peer that does not read).
 pub const DEFAULT_MAX_QUEUED_FRAMES: usize = 4 * DEFAULT_MAX_STREAMS;
+/// Default of [`MuxLimits::max_unread_data_frames`]: about 6 MiB of bookkeeping at most.
+pub const DEFAULT_MAX_UNREAD_DATA_FRAMES: usize = 65_536;
 /// Default of [`MuxLimits::max_queued_bytes`]: the most credit a peer may grant
 /// ([`MAX_CONNECTION_CREDIT`], which bounds the data an honest peer lets us queue),
 /// plus room for control frames.
@@ -93,6 +95,13 @@ pub struct MuxLimits {
     /// counted here: they wait for credit, and their count depends on the sizes
     /// the application writes, not on the peer. Default [`DEFAULT_MAX_QUEUED_FRAMES`].
     pub max_queued_frames: usize,
+    /// Data frames received and not yet read, across all streams. Each costs
+    /// about a hundred bytes of bookkeeping beyond its payload, so a peer sending
+    /// one-byte frames nobody reads would hold a hundred times the connection's
+    /// budget; past this count the connection is closed as a protocol violation.
+    /// An honest peer's frames are read as they come (a relay) or are few.
+    /// Default [`DEFAULT_MAX_UNREAD_DATA_FRAMES`].
+    pub max_unread_data_frames: usize,
     /// Bytes of all frames queued and not yet written; past it the connection is
     /// closed as "the peer does not read". An honest peer's credit keeps our data
     /// below the budget it was configured with, so this must stay above the
@@ -109,6 +118,7 @@ impl Default for MuxLimits {
             accept_streams: true,
             connection_window: DEFAULT_CONNECTION_WINDOW,
             max_queued_frames: DEFAULT_MAX_QUEUED_FRAMES,
+            max_unread_data_frames: DEFAULT_MAX_UNREAD_DATA_FRAMES,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
         }
     }
@@ -236,6 +246,8 @@ struct Inner {
     send_credit_changed: Notify,
     /// the connection's budget for what we receive
     receive_window: Mutex<ConnectionWindow>,
+    /// data frames delivered to streams and not yet read (see `MuxLimits::max_unread_data_frames`)
+    unread_data_frames: std::sync::atomic::AtomicUsize,
     closed: watch::Sender<Option<String>>,
     remote: SocketAddr,
     stable_id: u64,
@@ -318,6 +330,7 @@ impl Inner {
         while let Ok(item) = inbound.try_recv() {
             if let Inbound::Data(data) = item {
                 thrown_away += data.len();
+                self.unread_data_frames.fetch_sub(1, Ordering::AcqRel);
             }
         }
         if thrown_away > 0 {
@@ -406,6 +419,7 @@ impl Connection {
             send_credit: AtomicU64::new(INITIAL_CONNECTION_WINDOW as u64),
             send_credit_changed: Notify::new(),
             receive_window: Mutex::new(receive_window),
+            unread_data_frames: std::sync::atomic::AtomicUsize::new(0),
             closed,
             remote,
             stable_id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
@@ -672,7 +686,21 @@ fn on_data(inner: &Inner, id: u32, payload: Bytes) -> Result<(), MuxError> {
                 return Err(MuxError::AfterEnd { kind: FrameKind::Data, stream: id });
             }
             receive.window.on_data(id, length)?;
-            !receive.closed && stream.inbound.send(Inbound::Data(payload)).is_ok()
+            if receive.closed {
+                false
+            } else {
+                // counted before it is queued: the reader's decrement may come at once
+                let unread = inner.unread_data_frames.fetch_add(1, Ordering::AcqRel) + 1;
+                if unread > inner.limits.max_unread_data_frames {
+                    inner.unread_data_frames.fetch_sub(1, Ordering::AcqRel);
+                    return Err(MuxError::TooManyFrames(unread));
+                }
+                let delivered = stream.inbound.send(Inbound::Data(payload)).is_ok();
+                if !delivered {
+                    inner.unread_data_frames.fetch_sub(1, Ordering::AcqRel);
+                }
+                delivered
+            }
         }
     };
     if !delivered {
@@ -946,6 +974,7 @@ impl RecvStream {
         }
         match self.inbound.recv().await {
             Some(Inbound::Data(data)) => {
+                self.connection.unread_data_frames.fetch_sub(1, Ordering::AcqRel);
                 let grant = lock(&self.shared.receive).window.on_consumed(data.len());
                 if let Some(grant) = grant {
                     self.connection.send_frame(FrameKind::Window, self.shared.id, code_payload(grant));
@@ -1288,6 +1317,48 @@ mod tests {
         send_raw(&mut raw, FrameKind::Data, 1, &[]).await;
         let reason = closes(&server).await;
         assert!(reason.starts_with("protocol violation") && reason.contains("empty data frame"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_nobody_reads_are_bounded_by_count() {
+        // one-byte frames on streams nobody reads: within the byte budget, but each costs
+        // bookkeeping; past the count the connection ends
+        let limits = MuxLimits { max_unread_data_frames: 1000, ..MuxLimits::default() };
+        let (mut raw, server) = facing_raw_client(limits, 4 * 1024 * 1024);
+        send_raw(&mut raw, FrameKind::Open, 1, &[]).await;
+        let mut frames = Vec::new();
+        for _ in 0..1001 {
+            frames.extend_from_slice(&encode_header(FrameKind::Data, 1, 1));
+            frames.push(7);
+        }
+        raw.write_all(&frames).await.expect("write");
+        let reason = closes(&server).await;
+        assert!(reason.contains("data frames waiting to be read"), "{reason}");
+
+        // frames that are read as they come never add up
+        let limits = MuxLimits { max_unread_data_frames: 10, ..MuxLimits::default() };
+        let (mut raw, server) = facing_raw_client(limits, 4 * 1024 * 1024);
+        send_raw(&mut raw, FrameKind::Open, 1, &[]).await;
+        let (_send, mut recv) = server.accept_bi().await.expect("accept");
+        for round in 0..100u8 {
+            send_raw(&mut raw, FrameKind::Data, 1, &[round]).await;
+            assert_eq!(recv.read_chunk().await.expect("read").as_deref(), Some(&[round][..]));
+        }
+        assert!(server.close_reason().is_none(), "read frames are not counted");
+        // and frames thrown away with a stopped stream leave the count
+        for round in 0..9u8 {
+            send_raw(&mut raw, FrameKind::Data, 1, &[round]).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(recv);
+        send_raw(&mut raw, FrameKind::Open, 3, &[]).await;
+        let (_send, mut recv) = server.accept_bi().await.expect("accept");
+        for round in 0..9u8 {
+            send_raw(&mut raw, FrameKind::Data, 3, &[round]).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(server.close_reason().is_none(), "{:?}", server.close_reason());
+        assert_eq!(recv.read_chunk().await.expect("read").as_deref(), Some(&[0u8][..]));
     }
 
     #[tokio::test]

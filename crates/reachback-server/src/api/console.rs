@@ -41,7 +41,8 @@ const PAGES: &[&str] = &[
 /// A real hash to check unknown usernames against.
 static DECOY_HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-/// `Secure` when the console is reached over HTTPS (through a TLS-terminating proxy).
+/// `Secure` when the console is reached over HTTPS through a TLS-terminating proxy
+/// (the server's own TLS marks its requests with `ServedOverTls`).
 fn over_tls(headers: &HeaderMap) -> bool {
     headers.get("x-forwarded-proto").and_then(|value| value.to_str().ok()).is_some_and(|proto| proto.eq_ignore_ascii_case("https"))
 }
@@ -67,7 +68,12 @@ async fn check_password(state: &SharedState, username: &str, password: String) -
         let _ = tokio::task::spawn_blocking(move || verify_password(&password, &decoy)).await;
         return Ok(Err((None, "unknown username")));
     };
-    let Some(hash) = admin.password_hash.clone() else { return Ok(Err((Some(admin), "no console password"))) };
+    let Some(hash) = admin.password_hash.clone() else {
+        // the same work here too: an account without a password must not answer faster
+        let decoy = DECOY_HASH.get_or_init(|| crate::crypto::hash_password(&new_secret("decoy_")).unwrap_or_default()).clone();
+        let _ = tokio::task::spawn_blocking(move || verify_password(&password, &decoy)).await;
+        return Ok(Err((Some(admin), "no console password")));
+    };
     let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash)).await.unwrap_or(false);
     Ok(if matches { Ok(admin) } else { Err((Some(admin), "wrong password")) })
 }
@@ -76,7 +82,13 @@ async fn check_password(state: &SharedState, username: &str, password: String) -
 /// source address (`crate::limit`): over a limit the answer is a 429 with
 /// `Retry-After`, before any password hash runs. Every failure is audited
 /// (`login_failed`, the username tried as the actor); a success clears the account's count.
-pub async fn login(State(state): State<SharedState>, connect: ClientIp, headers: HeaderMap, body: JsonObject) -> ApiResult<Response> {
+pub async fn login(
+    State(state): State<SharedState>,
+    connect: ClientIp,
+    headers: HeaderMap,
+    tls: Option<axum::Extension<crate::serve::ServedOverTls>>,
+    body: JsonObject,
+) -> ApiResult<Response> {
     let mut fields = Fields::new(body, LOGIN_BODY)?;
     let username = fields.string("username", true).unwrap_or_default();
     let password = fields.string("password", true).unwrap_or_default();
@@ -123,11 +135,16 @@ pub async fn login(State(state): State<SharedState>, connect: ClientIp, headers:
     let expires_at = now_micros() + SESSION_SECONDS * 1_000_000;
     state.store.create_session(&session_id, &admin.id, &hash_secret(&token), &csrf, connect.0.as_deref(), expires_at, audit).await?;
     let mut response = Json(json!({"username": admin.username, "role": admin.role, "csrf_token": csrf})).into_response();
-    response.headers_mut().insert(header::SET_COOKIE, session_cookie(&token, SESSION_SECONDS, over_tls(&headers)));
+    response.headers_mut().insert(header::SET_COOKIE, session_cookie(&token, SESSION_SECONDS, tls.is_some() || over_tls(&headers)));
     Ok(response)
 }
 
-pub async fn logout(State(state): State<SharedState>, caller: Caller, headers: HeaderMap) -> ApiResult<Response> {
+pub async fn logout(
+    State(state): State<SharedState>,
+    caller: Caller,
+    headers: HeaderMap,
+    tls: Option<axum::Extension<crate::serve::ServedOverTls>>,
+) -> ApiResult<Response> {
     if caller.principal.session_id.starts_with("session:") {
         let audit = caller.audit("logout", "admin_session", &caller.principal.session_id, None, None);
         match state.store.delete_session(&caller.principal.session_id, audit).await {
@@ -136,7 +153,7 @@ pub async fn logout(State(state): State<SharedState>, caller: Caller, headers: H
         }
     }
     let mut response = StatusCode::NO_CONTENT.into_response();
-    response.headers_mut().insert(header::SET_COOKIE, session_cookie("", 0, over_tls(&headers)));
+    response.headers_mut().insert(header::SET_COOKIE, session_cookie("", 0, tls.is_some() || over_tls(&headers)));
     Ok(response)
 }
 

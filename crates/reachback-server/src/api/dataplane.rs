@@ -562,10 +562,9 @@ pub async fn enroll_connector(
         source_ip: client_ip,
     };
     // the last word: a single-use key another enrollment took meanwhile is refused here
-    if !state.store.record_connector_enrollment(&connector.id, &key_hash, &serial, now, audit).await? {
+    if !state.store.record_connector_enrollment(&connector.id, &key_hash, &serial, &public_key.fingerprint, now, audit).await? {
         return Err(ApiError::unauthorized("the provisioning key has been used or has expired; issue a new one for the connector"));
     }
-    state.store.set_connector_key(&connector.id, &public_key.fingerprint).await?;
     tracing::info!(connector_id = %connector.id, "connector enrolled");
     Ok(Json(json!({
         "connector_id": connector.id,

@@ -30,8 +30,42 @@ fn refused() -> ApiError {
     ApiError::unauthorized("the renewal is not authenticated: sign the renewal message with the enrolled key, with a current signed_at")
 }
 
-/// Checks the body: the key, the time, the signature over `message(kind, id, signed_at)`. Returns the key.
-fn authenticate(kind: &str, id: &str, body: JsonObject, message: fn(&str, &str, i64) -> String) -> ApiResult<DevicePublicKey> {
+/// The last accepted signed request per identity (`kind:id` → its `signed_at` and
+/// when it was taken): a request is taken only when it is newer than the last one
+/// (no replay inside the clock window), and a renewal at most once per a third of
+/// the certificates' lifetime (ten minutes at most) per identity.
+static ACCEPTED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, (i64, std::time::Instant)>>> = std::sync::OnceLock::new();
+
+/// Takes a signed request of `kind:id` at `signed_at`, or refuses it as a replay or too soon.
+fn take(kind: &str, id: &str, signed_at: i64, min_interval: Option<std::time::Duration>) -> ApiResult<()> {
+    let mut accepted = ACCEPTED.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let key = format!("{kind}:{id}");
+    if let Some((last_signed_at, at)) = accepted.get(&key) {
+        if signed_at <= *last_signed_at {
+            return Err(refused());
+        }
+        if let Some(interval) = min_interval
+            && at.elapsed() < interval
+        {
+            let wait = interval.saturating_sub(at.elapsed()).as_secs().max(1);
+            return Err(ApiError::too_many_requests("this certificate was renewed moments ago; use the one issued then", wait));
+        }
+    }
+    if accepted.len() > 200_000 {
+        // entries past the clock window can no longer stop a replay: forget them
+        let window = std::time::Duration::from_secs(2 * reachback_proto::renewal::RENEWAL_CLOCK_SKEW_SECONDS as u64);
+        accepted.retain(|_, (_, at)| at.elapsed() < window.max(std::time::Duration::from_secs(600)));
+    }
+    accepted.insert(key, (signed_at, std::time::Instant::now()));
+    Ok(())
+}
+
+fn renewal_interval(state: &SharedState) -> Option<std::time::Duration> {
+    Some((state.config.certificate_lifetime / 3).min(std::time::Duration::from_secs(600)))
+}
+
+/// Checks the body: the key, the time, the signature over `message(kind, id, signed_at)`. Returns the key and `signed_at`.
+fn authenticate(kind: &str, id: &str, body: JsonObject, message: fn(&str, &str, i64) -> String) -> ApiResult<(DevicePublicKey, i64)> {
     let mut fields = Fields::new(body, BODY)?;
     let public_key = fields.public_key("public_key");
     let signed_at = fields.integer("signed_at", 0, i64::MAX);
@@ -47,7 +81,7 @@ fn authenticate(kind: &str, id: &str, body: JsonObject, message: fn(&str, &str, 
     if !public_key.verify(message.as_bytes(), &signature) {
         return Err(refused());
     }
-    Ok(public_key)
+    Ok((public_key, signed_at))
 }
 
 async fn audit(state: &SharedState, kind: &str, id: &str, serial: [u8; 16]) -> ApiResult<()> {
@@ -71,12 +105,13 @@ async fn audit(state: &SharedState, kind: &str, id: &str, serial: [u8; 16]) -> A
 }
 
 pub async fn renew_device(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
-    let public_key = authenticate("device", &id, body, reachback_proto::renewal::renewal_message)?;
+    let (public_key, signed_at) = authenticate("device", &id, body, reachback_proto::renewal::renewal_message)?;
     let device = match state.store.get_device(&id).await {
         Ok(device) if device.public_key_fingerprint == public_key.fingerprint => device,
         Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
         Err(error) => return Err(error.into()),
     };
+    take("renew-device", &id, signed_at, renewal_interval(&state))?;
     let serial = CertificateAuthority::new_serial();
     let certificate = state.ca.sign_device(&public_key, &device.id, &device.hostname, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
     audit(&state, "device", &device.id, serial).await?;
@@ -85,12 +120,13 @@ pub async fn renew_device(State(state): State<SharedState>, Path(id): Path<Strin
 }
 
 pub async fn renew_connector(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
-    let public_key = authenticate("connector", &id, body, reachback_proto::renewal::renewal_message)?;
+    let (public_key, signed_at) = authenticate("connector", &id, body, reachback_proto::renewal::renewal_message)?;
     let connector = match state.store.get_connector(&id).await {
         Ok(connector) if !connector.revoked && connector.key_fingerprint.as_deref() == Some(public_key.fingerprint.as_slice()) => connector,
         Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
         Err(error) => return Err(error.into()),
     };
+    take("renew-connector", &id, signed_at, renewal_interval(&state))?;
     let serial = CertificateAuthority::new_serial();
     let certificate = state.ca.sign_connector(&public_key, &connector.id, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
     audit(&state, "connector", &connector.id, serial).await?;
@@ -111,7 +147,8 @@ fn left(kind: &str, id: &str, before: Option<Value>) -> reachback_store::AuditEn
 }
 
 pub async fn leave_device(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<axum::response::Response> {
-    let public_key = authenticate("device", &id, body, reachback_proto::renewal::leave_message)?;
+    let (public_key, signed_at) = authenticate("device", &id, body, reachback_proto::renewal::leave_message)?;
+    take("leave-device", &id, signed_at, None)?;
     match state.store.get_device(&id).await {
         Ok(device) if device.public_key_fingerprint == public_key.fingerprint => {}
         Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
@@ -123,7 +160,8 @@ pub async fn leave_device(State(state): State<SharedState>, Path(id): Path<Strin
 }
 
 pub async fn leave_connector(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<axum::response::Response> {
-    let public_key = authenticate("connector", &id, body, reachback_proto::renewal::leave_message)?;
+    let (public_key, signed_at) = authenticate("connector", &id, body, reachback_proto::renewal::leave_message)?;
+    take("leave-connector", &id, signed_at, None)?;
     match state.store.get_connector(&id).await {
         Ok(connector) if !connector.revoked && connector.key_fingerprint.as_deref() == Some(public_key.fingerprint.as_slice()) => {}
         Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),

@@ -186,6 +186,19 @@ async fn hostile_peers_are_cut_off_and_others_go_on() {
     assert!(reason.contains("closed") || reason.contains("violation"), "{reason}");
     echo_works(&good_connection, &destination).await;
 
+    // 1b. one identity holds four tunnels at most, even before their hellos
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(raw_tunnel(&broker, &hostile_agent).await);
+    }
+    let mut fifth = raw_tunnel(&broker, &hostile_agent).await;
+    assert!(cut_off(&mut fifth, Duration::from_secs(3)).await, "a fifth tunnel of one identity is refused");
+    let mut first = held.remove(0);
+    assert!(!cut_off(&mut first, Duration::from_millis(500)).await, "the first four stand (until their hello times out)");
+    drop(first);
+    drop(held);
+    echo_works(&good_connection, &destination).await;
+
     // 2. a connector that sends an empty data frame is cut off
     let hostile_connector = enroll_connector(&server, "hostile").await;
     let mut raw = raw_tunnel(&broker, &hostile_connector).await;
@@ -249,4 +262,39 @@ async fn hostile_peers_are_cut_off_and_others_go_on() {
     eprintln!("server RSS growth with a peer that never reads: {grown_mib:.1} MiB");
     assert!(grown_mib < 2.0 * (reachback_server::state::DEFAULT_TUNNEL_MEMORY >> 20) as f64, "RSS grew {grown_mib:.1} MiB");
     echo_works(&good_connection, &destination).await;
+}
+
+/// A signed renewal is taken once: the same body again (a replay inside the clock
+/// window) is refused, and a fresh one right after is told to wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_renewals_cannot_be_replayed() {
+    use base64::Engine as _;
+    let server = TestServer::start(Backend::Sqlite).await.expect("server");
+    server.post("/api/v1/ip-ranges", json!({"name": "r", "range": "100.64.0.0/24"})).await;
+    let key = server.post("/api/v1/enrollment-keys", json!({"username": "alice@corp.example"})).await.json()["key"].as_str().expect("key").to_string();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key pair");
+    let device = server
+        .post("/api/v1/enroll", json!({"enrollment_key": key, "hostname": "replay.corp.example", "platform": "linux", "public_key": pair.public_key_pem()}))
+        .await
+        .json()["device_id"]
+        .as_str()
+        .expect("device")
+        .to_string();
+    let rng = ring::rand::SystemRandom::new();
+    let signer = ring::signature::EcdsaKeyPair::from_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, &pair.serialize_der(), &rng).expect("signer");
+    let signed = |signed_at: i64| {
+        let message = reachback_proto::renewal::renewal_message("device", &device, signed_at);
+        let signature = signer.sign(&rng, message.as_bytes()).expect("sign");
+        json!({"public_key": pair.public_key_pem(), "signed_at": signed_at, "signature": base64::engine::general_purpose::STANDARD.encode(signature.as_ref())})
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let path = format!("/api/v1/devices/{device}/renew");
+    let body = signed(now);
+    assert_eq!(server.post(&path, body.clone()).await.status, axum::http::StatusCode::OK);
+    assert_eq!(server.post(&path, body).await.status, axum::http::StatusCode::UNAUTHORIZED, "the same request again is a replay");
+    let again = server.post(&path, signed(now + 1)).await;
+    assert_eq!(again.status, axum::http::StatusCode::TOO_MANY_REQUESTS, "a fresh renewal right after waits: {}", again.text());
+    assert_eq!(server.post(&path, signed(now - 400)).await.status, axum::http::StatusCode::UNAUTHORIZED, "outside the clock window");
+    let audit = server.get("/api/v1/audit-logs?action=renew_certificate").await.json();
+    assert_eq!(audit["total"], 1, "one renewal, one audit row");
 }

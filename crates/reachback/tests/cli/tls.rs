@@ -56,6 +56,16 @@ impl Drop for Started {
     }
 }
 
+/// The kernel's state code of our TCP socket on a local port (`01` established, `08` close-wait …).
+fn tcp_state(local_port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let wanted = format!(":{local_port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1)?.ends_with(&wanted)).then(|| fields.get(3).map(|state| state.to_string()))?
+    })
+}
+
 fn curl(args: &[&str]) -> (bool, String) {
     let output = Command::new("curl").args(["-sS", "-m", "5"]).args(args).output().expect("curl runs");
     (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
@@ -90,6 +100,28 @@ fn a_wildcard_listener_serves_https_with_the_internal_ca_and_its_pin() {
     let wrong = format!("sha256:{}", "ab".repeat(32));
     let (ok, message) = ctl(&["--server", &url, "--ca-pin", &wrong, "me"]);
     assert!(!ok && message.contains(&wrong) && message.contains(&pin), "a wrong pin names the expected and the presented pin: {message}");
+    // a console session opened over the server's own HTTPS gets a Secure cookie
+    let mut set_password = Command::new(BIN)
+        .args(["ctl", "--server", &url, "--ca-pin", &pin, "admins", "set-password", "admin"])
+        .env("REACHBACK_TOKEN", TOKEN)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("ctl runs");
+    set_password.stdin.take().expect("stdin").write_all(b"a long passphrase for tests\n").expect("password");
+    assert!(set_password.wait().expect("ctl").success());
+    let (ok, headers) = curl(&[
+        "-i",
+        "--cacert",
+        &ca,
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"username":"admin","password":"a long passphrase for tests"}"#,
+        &format!("{url}/api/v1/auth/login"),
+    ]);
+    let cookie = headers.lines().find(|line| line.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_default().to_string();
+    assert!(ok && cookie.contains("HttpOnly") && cookie.contains("Secure"), "{headers}");
     // the ready-to-paste enrollment command names the server, the key and the pin
     let (ok, created) = ctl(&["--server", &url, "--ca-pin", &pin, "keys", "create", "--username", "alice@corp.example"]);
     assert!(ok && created.contains("reachback agent enroll --server https://") && created.contains(&format!("--ca-pin {pin}")), "{created}");
@@ -173,6 +205,17 @@ fn slow_and_numerous_clients_are_bounded() {
     let read = slow.read(&mut buffer);
     assert!(matches!(read, Ok(0)), "the slow client is closed, not answered or left waiting: {read:?}");
     assert!(began.elapsed() < Duration::from_secs(4), "closed after {:?}", began.elapsed());
+    // a client that asks and never reads the answers is cut off once writes stop moving
+    let mut greedy = TcpStream::connect(&address).expect("connect");
+    let request = b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(300);
+    greedy.set_write_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let _ = greedy.write_all(&request);
+    std::thread::sleep(Duration::from_secs(3));
+    greedy.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    // cut off, the server reset the connection: ours is gone or no longer ESTABLISHED (/proc/net/tcp)
+    let local_port = greedy.local_addr().expect("address").port();
+    let ended = tcp_state(local_port).is_none_or(|state| state != "01");
+    assert!(ended, "a client that stopped reading still holds its connection");
     // at the connection cap, a further client waits until a slot frees
     let capped = TempDir::new();
     let port = free_port();
