@@ -6,6 +6,7 @@
 //! privileges) it is a SOCKS5 proxy: the client's CONNECT is answered only once
 //! the agent's local connect succeeded, or with the refusal's reply code.
 
+pub mod dns;
 pub mod nft;
 
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ pub struct RunOptions {
     pub trust: ApiTrust,
     /// SOCKS5 users and passwords (RFC 1929); required on a listener that is not loopback
     pub socks5_credentials: Option<Arc<Socks5Credentials>>,
+    /// DNS for client hostnames (`--dns-listen`), when set
+    pub dns: Option<dns::DnsOptions>,
 }
 
 /// The users a SOCKS5 listener accepts: a file of `username:password` lines
@@ -197,6 +200,26 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
     }
     ensure_enrolled(&options)?;
     let (state, _) = client::load_state(&options.state_dir)?;
+    // DNS listens from the start (a bind failure stops the connector); answers begin
+    // with the broker's snapshot and go on while the tunnel is down
+    let names = Arc::new(dns::Names::default());
+    let dns_tasks = match &options.dns {
+        Some(dns_options) => dns::serve(dns_options.clone(), names.clone()).await?,
+        None => Vec::new(),
+    };
+    let result = run_ingress(&options, &state, names, shutdown).await;
+    for task in dns_tasks {
+        task.abort();
+    }
+    result
+}
+
+async fn run_ingress(
+    options: &RunOptions,
+    state: &EnrolledState,
+    names: Arc<dns::Names>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     if let Some(listen) = options.socks5_listen {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the SOCKS5 listener on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, "SOCKS5 listener ready");
@@ -210,7 +233,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
                 }
             }
         }));
-        let result = tunnel_loop(&state, &options, None, connection_tx, shutdown).await;
+        let result = tunnel_loop(state, options, None, names, connection_tx, shutdown).await;
         accept.abort();
         return result;
     }
@@ -225,7 +248,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
         accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone(), serve_connection)));
     }
     let routing = Arc::new(options.routing.clone());
-    let result = tunnel_loop(&state, &options, Some(routing.clone()), connection_tx, shutdown).await;
+    let result = tunnel_loop(state, options, Some(routing.clone()), names, connection_tx, shutdown).await;
     for task in accept_tasks {
         task.abort();
     }
@@ -241,6 +264,7 @@ async fn tunnel_loop(
     state: &EnrolledState,
     options: &RunOptions,
     routing: Option<Arc<nft::Routing>>,
+    names: Arc<dns::Names>,
     connection_tx: watch::Sender<Option<Connection>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -254,7 +278,8 @@ async fn tunnel_loop(
             let limits = reachback_tunnel::MuxLimits { accept_streams: false, ..reachback_tunnel::MuxLimits::default() };
             let endpoint = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone()).with_limits(limits);
             let mode = if routing.is_some() { "tproxy" } else { "socks5" };
-            let tunnel = client::connect(&endpoint, &state.broker_endpoints, ClientRole::Connector, Some(mode), &options.version).await?;
+            let hello = client::Hello { role: ClientRole::Connector, mode: Some(mode), version: &options.version, names: options.dns.is_some() };
+            let tunnel = client::connect_with(&endpoint, &state.broker_endpoints, hello).await?;
             Ok::<_, anyhow::Error>((tunnel, material.certificate_pem))
         };
         let tunnel = tokio::select! {
@@ -266,6 +291,7 @@ async fn tunnel_loop(
                 backoff.connected(Instant::now());
                 // the welcome carries the current ranges: (re)install, the script replaces the table as a whole
                 let ranges = tunnel.welcome.ranges.clone();
+                names.set_ranges(&ranges);
                 if let Some(routing) = &routing {
                     nft::install(routing, &ranges, options.tproxy_port).context("installing the interception rules")?;
                     tracing::info!(ranges = ranges.len(), "interception rules installed");
@@ -273,15 +299,19 @@ async fn tunnel_loop(
                 tracing::info!(connector_id = %tunnel.welcome.session_id, "tunnel up");
                 let _ = connection_tx.send(Some(tunnel.connection.clone()));
                 let port = options.tproxy_port;
-                let on_ranges = |ranges: Vec<String>| {
-                    let Some(routing) = &routing else { return };
-                    match nft::install(routing, &ranges, port) {
-                        Ok(()) => tracing::info!(ranges = ranges.len(), "virtual ranges changed; interception rules replaced"),
-                        Err(error) => tracing::warn!(error = format!("{error:#}"), "could not apply the new virtual ranges"),
+                let on_update = |update: client::Update| match update {
+                    client::Update::Ranges(ranges) => {
+                        names.set_ranges(&ranges);
+                        let Some(routing) = &routing else { return };
+                        match nft::install(routing, &ranges, port) {
+                            Ok(()) => tracing::info!(ranges = ranges.len(), "virtual ranges changed; interception rules replaced"),
+                            Err(error) => tracing::warn!(error = format!("{error:#}"), "could not apply the new virtual ranges"),
+                        }
                     }
+                    client::Update::Names(update) => names.apply(update),
                 };
                 let end = tokio::select! {
-                    end = tunnel.run_control(Some(client::Renewal { state_dir: options.state_dir.clone(), certificate_pem }), on_ranges) => Some(end),
+                    end = tunnel.run_control(Some(client::Renewal { state_dir: options.state_dir.clone(), certificate_pem }), on_update) => Some(end),
                     _ = &mut shutdown => None,
                 };
                 let _ = connection_tx.send(None);

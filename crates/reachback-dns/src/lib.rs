@@ -6,10 +6,12 @@
 
 pub mod answer;
 pub mod name;
+pub mod ratelimit;
 pub mod table;
 
 pub use answer::{Answerer, Outcome, Transport, rcode, rtype};
 pub use name::{Name, NameError};
+pub use ratelimit::RateLimiter;
 pub use table::{Range, Table, TableError};
 
 #[cfg(test)]

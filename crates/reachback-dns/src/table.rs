@@ -161,6 +161,23 @@ impl Table {
         }
     }
 
+    /// Forgets whatever name holds `address` (its binding was released); false when none did.
+    pub fn unbind_address(&mut self, address: IpAddr) -> bool {
+        match self.by_address.get(&address).cloned() {
+            Some(name) => self.remove_name(&name),
+            None => false,
+        }
+    }
+
+    /// Forgets every name whose address lies in `range` (the range was deleted).
+    pub fn unbind_range(&mut self, range: &Range) -> usize {
+        let gone: Vec<Name> = self.by_address.iter().filter(|(address, _)| range.contains(**address)).map(|(_, name)| name.clone()).collect();
+        for name in &gone {
+            self.remove_name(name);
+        }
+        gone.len()
+    }
+
     fn remove_name(&mut self, name: &Name) -> bool {
         let Some(address) = self.by_name.remove(name) else { return false };
         if self.by_address.get(&address) == Some(name) {

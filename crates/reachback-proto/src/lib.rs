@@ -23,7 +23,7 @@ pub use backoff::Backoff;
 pub use flow::{Flow, FlowAction, FlowEvent, FlowPhase, Side};
 pub use frame::{FRAME_HEADER, FrameDecoder, FrameError, MAX_FRAME, decode_body, decode_length, encode};
 pub use liveness::{Liveness, LivenessAction};
-pub use message::{ClientRole, Control, FlowOpen, FlowReply, Refusal, Welcome};
+pub use message::{ClientRole, Control, FlowOpen, FlowReply, NAME_UPDATE_BUDGET, NameUpdate, Refusal, Welcome};
 
 /// The ALPN protocol id of the tunnel.
 /// Version 2: the multiplexer has a connection-level window (peers of version 1 would stall).

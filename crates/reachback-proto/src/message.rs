@@ -36,6 +36,9 @@ pub enum Control {
         role: ClientRole,
         version: String,
         mode: Option<String>,
+        /// a connector that answers DNS (`--dns-listen`) asks for the bound hostnames
+        #[serde(default)]
+        names: bool,
     },
     /// the broker accepted the tunnel
     Welcome(Welcome),
@@ -55,12 +58,78 @@ pub enum Control {
         reason: String,
         r#final: bool,
     },
+    /// bound hostnames for a connector's DNS: a snapshot in chunks, then changes
+    Names(NameUpdate),
     /// a client asks for a fresh certificate for the key it connected with
     Renew,
     /// the broker's answer to `Renew`: the new certificate (PEM), same key, new validity
     Certificate {
         certificate: String,
     },
+}
+
+/// A piece of the connector's DNS table. A snapshot is a run of updates, the first
+/// with `reset` (start a new table) and the last with `done` (answer from it now);
+/// after it, updates carry changes and apply at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameUpdate {
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done: bool,
+    /// the client domains (zones), when they are set or changed
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones: Option<Vec<String>>,
+    /// (hostname, virtual IP) now bound
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bind: Vec<(String, String)>,
+    /// virtual IPs no longer bound
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unbind: Vec<String>,
+    /// virtual ranges deleted: every name whose address lies in one goes
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unbind_ranges: Vec<String>,
+}
+
+/// How many bytes of entries a [`NameUpdate`] carries at most, so its frame stays
+/// well under [`crate::MAX_FRAME`].
+pub const NAME_UPDATE_BUDGET: usize = 12 * 1024;
+
+impl NameUpdate {
+    /// The JSON bytes an entry adds, roughly (quotes, commas, brackets).
+    pub fn entry_cost(first: &str, second: &str) -> usize {
+        first.len() + second.len() + 8
+    }
+
+    /// Splits bindings into updates that each fit a frame (none when there are none).
+    pub fn chunks(bind: Vec<(String, String)>, unbind: Vec<String>) -> Vec<NameUpdate> {
+        let mut updates = Vec::new();
+        let mut current = NameUpdate::default();
+        let mut cost = 0;
+        for (hostname, address) in bind {
+            let entry = Self::entry_cost(&hostname, &address);
+            if cost + entry > NAME_UPDATE_BUDGET && cost > 0 {
+                updates.push(std::mem::take(&mut current));
+                cost = 0;
+            }
+            cost += entry;
+            current.bind.push((hostname, address));
+        }
+        for address in unbind {
+            let entry = Self::entry_cost(&address, "");
+            if cost + entry > NAME_UPDATE_BUDGET && cost > 0 {
+                updates.push(std::mem::take(&mut current));
+                cost = 0;
+            }
+            cost += entry;
+            current.unbind.push(address);
+        }
+        if cost > 0 {
+            updates.push(current);
+        }
+        updates
+    }
 }
 
 /// First frame of a flow stream: from the connector to the broker (destination is

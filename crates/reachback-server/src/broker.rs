@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reachback_policy::{Action, FlowFacts, PolicySet, Protocol};
-use reachback_proto::{ClientRole, Control, FlowOpen, FlowReply, Liveness, LivenessAction, Refusal, Side, Welcome};
+use reachback_proto::{ClientRole, Control, FlowOpen, FlowReply, Liveness, LivenessAction, NameUpdate, Refusal, Side, Welcome};
 use reachback_store::{ClientSessionRow, new_id, now_micros};
 use reachback_tunnel::tls::CertificateSlot;
 use reachback_tunnel::{Connection, End, PeerIdentity, RecvStream, SendStream, TunnelListener, read_frame, write_frame};
@@ -27,6 +27,14 @@ pub const FLOW_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes and hellos in progress at once (a flood of new tunnels waits in the backlog).
 const MAX_GREETINGS: usize = 256;
+/// Name updates a connector may fall behind by before its tunnel is restarted (and
+/// it gets a fresh snapshot).
+const NAME_FEED_CAPACITY: usize = 1024;
+/// How often a replica looks for binding changes to push to its DNS connectors.
+const NAME_FEED_INTERVAL: Duration = Duration::from_millis(250);
+/// Bindings read per snapshot page.
+const NAME_SNAPSHOT_PAGE: i64 = 20_000;
+
 /// Tunnels one certificate key may hold at once (a reconnect overlapping its old tunnel needs two).
 pub const MAX_TUNNELS_PER_IDENTITY: usize = 4;
 const KEEPALIVE: Duration = Duration::from_secs(10);
@@ -68,6 +76,8 @@ pub struct Broker {
     tunnel_address: std::sync::OnceLock<SocketAddr>,
     /// tunnels open per certificate key (SHA-256 of its SubjectPublicKeyInfo)
     held: Arc<std::sync::Mutex<HashMap<Vec<u8>, usize>>>,
+    /// changes of the bound hostnames, for the connectors that answer DNS
+    names: tokio::sync::broadcast::Sender<Arc<NameUpdate>>,
 }
 
 /// One tunnel of an identity, counted while it lives.
@@ -98,6 +108,7 @@ impl Default for Broker {
             shutdown: tokio::sync::watch::channel(false).0,
             tunnel_address: std::sync::OnceLock::new(),
             held: Arc::default(),
+            names: tokio::sync::broadcast::channel(NAME_FEED_CAPACITY).0,
         }
     }
 }
@@ -236,6 +247,7 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
     );
     let local = listener.local_addr()?;
     let _ = state.broker.tunnel_address.set(local);
+    tokio::spawn(feed_names(Arc::downgrade(&state)));
     tokio::spawn(renew_broker_certificate(Arc::downgrade(&state), certificate, names));
     let mut shutdown = state.broker.shutdown.subscribe();
     let cleared = state.store.clear_client_sessions_on(&state.config.node_name).await?;
@@ -317,7 +329,7 @@ async fn serve_tunnel(state: SharedState, connection: Connection, greeting: toki
     let identity = reachback_tunnel::peer_identity(&connection)?;
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await.context("no control stream in time")??;
     let hello: Control = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await.context("no hello in time")??.context("control stream closed")?;
-    let Control::Hello { role, version, mode } = hello else { anyhow::bail!("the first control message was not a hello") };
+    let Control::Hello { role, version, mode, names } = hello else { anyhow::bail!("the first control message was not a hello") };
     drop(greeting);
     if role == ClientRole::Agent {
         // the broker opens an agent's flows; a stream an agent opens is a violation that ends its tunnel
@@ -325,7 +337,7 @@ async fn serve_tunnel(state: SharedState, connection: Connection, greeting: toki
     }
     match (role, identity.kind.as_str()) {
         (ClientRole::Agent, "device") => serve_agent(state, connection, identity, send, recv).await,
-        (ClientRole::Connector, "connector") => serve_connector(state, connection, identity, version, mode, send, recv).await,
+        (ClientRole::Connector, "connector") => serve_connector(state, connection, identity, version, mode, names, send, recv).await,
         _ => {
             let bye = Control::Bye { reason: "the certificate does not match the role".into(), r#final: true };
             let _ = write_frame(&mut send, &bye).await;
@@ -404,7 +416,7 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
     let result = async {
         write_frame(&mut send, &Control::Welcome(welcome)).await?;
         let renewer = Renewer::new(&state, &connection, &identity, Some(device.hostname.clone()))?;
-        control_loop(&connection, send, recv, None, renewer).await
+        control_loop(&connection, send, recv, None, renewer, None).await
     }
     .await;
     {
@@ -507,6 +519,7 @@ async fn control_loop(
     recv: RecvStream,
     mut ranges: Option<(SharedState, Vec<String>)>,
     mut renewer: Renewer,
+    mut names: Option<tokio::sync::broadcast::Receiver<Arc<NameUpdate>>>,
 ) -> anyhow::Result<()> {
     let (mut incoming, reader) = reachback_tunnel::spawn_reader::<Control>(recv);
     let mut liveness = Liveness::new(Instant::now(), KEEPALIVE, LIVENESS_TIMEOUT);
@@ -546,11 +559,113 @@ async fn control_loop(
                     *known = current;
                 }
             }
+            update = async { names.as_mut()?.recv().await.ok() }, if names.is_some() => {
+                match update {
+                    Some(update) => write_frame(&mut send, &Control::Names((*update).clone())).await?,
+                    // fell behind the feed: a new tunnel brings a new snapshot
+                    None => break Err(anyhow::anyhow!("the connector fell behind the name feed")),
+                }
+            }
             reason = connection.closed() => break Err(anyhow::anyhow!("{reason}")),
         }
     };
     reader.abort();
     result
+}
+
+/// The zones the connector answers for: the client domains of the settings.
+fn name_zones(state: &AppState) -> Vec<String> {
+    state.settings().client_domains
+}
+
+/// Sends the bound hostnames in chunks: the first resets the connector's table,
+/// the last says it is complete.
+async fn send_name_snapshot(state: &AppState, send: &mut SendStream) -> anyhow::Result<()> {
+    let started = Instant::now();
+    write_frame(send, &Control::Names(NameUpdate { reset: true, zones: Some(name_zones(state)), ..NameUpdate::default() })).await?;
+    let mut after: Option<Vec<u8>> = None;
+    let mut total = 0usize;
+    loop {
+        let (page, last) = state.store.bound_names(after.as_deref(), NAME_SNAPSHOT_PAGE).await?;
+        total += page.len();
+        for update in NameUpdate::chunks(page, Vec::new()) {
+            write_frame(send, &Control::Names(update)).await?;
+        }
+        match last {
+            Some(last) => after = Some(last),
+            None => break,
+        }
+    }
+    write_frame(send, &Control::Names(NameUpdate { done: true, ..NameUpdate::default() })).await?;
+    tracing::info!(names = total, elapsed_ms = started.elapsed().as_millis() as u64, "DNS names sent to a connector");
+    Ok(())
+}
+
+/// Pushes binding changes to this replica's DNS connectors: every quarter second,
+/// the bindings updated since the last look (with two seconds of overlap, as other
+/// replicas' clocks may lag ours; a change applied twice changes nothing), the
+/// zones when they change, and the ranges that were deleted (their rows go without
+/// an update). Reads nothing while no connector listens.
+pub async fn feed_names(state: std::sync::Weak<AppState>) {
+    let mut since = reachback_store::now_micros();
+    let mut zones: Option<Vec<String>> = None;
+    let mut ranges: Option<HashMap<String, String>> = None;
+    // changes pushed within the overlap window: not pushed again
+    let mut pushed: std::collections::HashSet<(String, i64)> = std::collections::HashSet::new();
+    let mut interval = tokio::time::interval(NAME_FEED_INTERVAL);
+    loop {
+        interval.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        if state.broker.names.receiver_count() == 0 {
+            since = reachback_store::now_micros();
+            zones = None;
+            ranges = None;
+            pushed.clear();
+            continue;
+        }
+        let mut update = NameUpdate::default();
+        let current_zones = name_zones(&state);
+        if zones.as_ref().is_some_and(|zones| *zones != current_zones) {
+            update.zones = Some(current_zones.clone());
+        }
+        zones = Some(current_zones);
+        if let Ok(rows) = state.store.list_ranges().await {
+            let current: HashMap<String, String> = rows.iter().map(|row| (row.id.clone(), row.range.to_string())).collect();
+            if let Some(known) = &ranges {
+                update.unbind_ranges = known.iter().filter(|(id, _)| !current.contains_key(*id)).map(|(_, range)| range.clone()).collect();
+            }
+            ranges = Some(current);
+        }
+        let changes = match state.store.name_changes_since(since - 2_000_000, 50_000).await {
+            Ok(changes) => changes,
+            Err(error) => {
+                tracing::debug!(%error, "could not read binding changes for the DNS feed");
+                continue;
+            }
+        };
+        if let Some(last) = changes.last() {
+            since = since.max(last.last_updated);
+        }
+        pushed.retain(|(_, at)| *at >= since - 2_000_000);
+        let mut bind = Vec::new();
+        let mut unbind = Vec::new();
+        for change in changes {
+            if !pushed.insert((change.ip.clone(), change.last_updated)) {
+                continue;
+            }
+            match change.hostname {
+                Some(hostname) => bind.push((hostname, change.ip)),
+                None => unbind.push(change.ip),
+            }
+        }
+        let mut updates = NameUpdate::chunks(bind, unbind);
+        if update.zones.is_some() || !update.unbind_ranges.is_empty() {
+            updates.insert(0, update);
+        }
+        for update in updates {
+            let _ = state.broker.names.send(Arc::new(update));
+        }
+    }
 }
 
 async fn virtual_ranges(state: &AppState) -> anyhow::Result<Vec<String>> {
@@ -559,12 +674,14 @@ async fn virtual_ranges(state: &AppState) -> anyhow::Result<Vec<String>> {
     Ok(ranges)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connector(
     state: SharedState,
     connection: Connection,
     identity: PeerIdentity,
     version: String,
     mode: Option<String>,
+    names: bool,
     mut send: SendStream,
     recv: RecvStream,
 ) -> anyhow::Result<()> {
@@ -608,8 +725,17 @@ async fn serve_connector(
             }
         })
     };
+    // a connector answering DNS: subscribe first, then the snapshot (changes made while it
+    // is read arrive after it, and applying one twice changes nothing)
+    let feed = if names {
+        let feed = state.broker.names.subscribe();
+        send_name_snapshot(&state, &mut send).await?;
+        Some(feed)
+    } else {
+        None
+    };
     let result = match Renewer::new(&state, &connection, &identity, None) {
-        Ok(renewer) => control_loop(&connection, send, recv, Some((state.clone(), ranges)), renewer).await,
+        Ok(renewer) => control_loop(&connection, send, recv, Some((state.clone(), ranges)), renewer, feed).await,
         Err(error) => Err(error),
     };
     flows.abort();

@@ -58,7 +58,7 @@ pub fn default_api_names(listen: IpAddr) -> Vec<String> {
             if_addrs::get_if_addrs().map(|interfaces| interfaces.into_iter().map(|interface| interface.ip()).collect()).unwrap_or_else(|_| Vec::new());
         for address in addresses {
             // a wildcard of one family still accepts the other on dual-stack sockets; name both
-            if !address.is_unspecified() && !(address.is_ipv6() && is_link_local_v6(&address)) {
+            if !(address.is_unspecified() || address.is_ipv6() && is_link_local_v6(&address)) {
                 names.push(address.to_string());
             }
         }

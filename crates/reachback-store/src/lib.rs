@@ -16,6 +16,7 @@ mod devices;
 mod enroll;
 mod enroll_sqlite;
 mod keys;
+mod names;
 mod ranges;
 
 use std::str::FromStr;
@@ -34,6 +35,7 @@ pub use dataplane::{ClientSessionRow, ConnectorRow, DocKind, DocRow, Provisionin
 pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
 pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
 pub use keys::{EnrollmentKeyRow, hostname_allowed};
+pub use names::NameChange;
 pub use ranges::{RangeRow, RangeWrite};
 
 /// What went wrong in the store. Conflicts are typed so the API can map them.

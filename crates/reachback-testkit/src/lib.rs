@@ -158,7 +158,7 @@ impl Lab {
         self.spawn_in("server", "brk", &bin, &["server", "--listen", "0.0.0.0:8080", "--tunnel-listen", "0.0.0.0:8443"], &cwd);
         wait_for("the server to print its CA pin", Duration::from_secs(30), || self.log("server").contains("CA pin: "));
         let log = self.log("server");
-        let pin = log.lines().filter_map(|line| line.strip_prefix("CA pin: ")).last().expect("pin line").trim().to_string();
+        let pin = log.lines().rev().find_map(|line| line.strip_prefix("CA pin: ")).expect("pin line").trim().to_string();
         self.ca_pin = pin;
         self.token = std::fs::read_to_string(self.server_data().join("bootstrap-token")).expect("bootstrap-token").trim().to_string();
         wait_for("the server to answer", Duration::from_secs(30), || self.api("GET", "/me", None).0 == 200);
@@ -269,27 +269,55 @@ impl Lab {
     }
 
     pub fn start_connector(&mut self, provisioning_key: &str) {
+        self.start_connector_with(provisioning_key, &[]);
+    }
+
+    /// The connector with more flags (`--dns-listen …`).
+    pub fn start_connector_with(&mut self, provisioning_key: &str, extra: &[&str]) {
         let state = self.dir.0.join("connector").to_string_lossy().into_owned();
         let bin = self.bin.to_string_lossy().into_owned();
-        self.spawn(
+        let pin = self.ca_pin.clone();
+        let mut args = vec![
             "connector",
-            "conn",
-            &bin,
-            &[
-                "connector",
-                "run",
-                "--server",
-                "https://10.77.2.2:8080",
-                "--key",
-                provisioning_key,
-                "--ca-pin",
-                &self.ca_pin.clone(),
-                "--mode",
-                "tproxy",
-                "--state-dir",
-                &state,
-            ],
-        );
+            "run",
+            "--server",
+            "https://10.77.2.2:8080",
+            "--key",
+            provisioning_key,
+            "--ca-pin",
+            &pin,
+            "--mode",
+            "tproxy",
+            "--state-dir",
+            &state,
+        ];
+        args.extend_from_slice(extra);
+        self.spawn("connector", "conn", &bin, &args);
+    }
+
+    /// Everything up as [`Lab::full`] does, the connector started with `connector_args`
+    /// and the settings patched with `settings` first.
+    pub fn full_with(connector_args: &'static [&'static str], settings: Value) -> impl FnOnce(&Path) -> Lab {
+        move |bin| {
+            let mut lab = Lab::up(bin);
+            lab.start_server();
+            let (status, body) = lab.api("PATCH", "/settings", Some(settings));
+            assert_eq!(status, 200, "{body}");
+            lab.finish_full(connector_args)
+        }
+    }
+
+    fn finish_full(mut self, connector_args: &[&str]) -> Lab {
+        let (key, provisioning_key) = self.provision();
+        self.start_services();
+        let enrolled = self.enroll_agent(&key);
+        assert!(enrolled.status.success(), "agent enroll: {}", String::from_utf8_lossy(&enrolled.stderr));
+        self.start_agent();
+        self.start_connector_with(&provisioning_key, connector_args);
+        wait_for("the agent's session", Duration::from_secs(20), || self.session_ip().as_deref() == Some("100.64.0.1"));
+        wait_for("the connector to be online", Duration::from_secs(20), || self.api("GET", "/connectors", None).1["items"][0]["status"] == "online");
+        wait_for("the connector's interception rules", Duration::from_secs(20), || self.log("connector").contains("interception rules installed"));
+        self
     }
 
     /// Everything up: server, services, agent and connector, the agent's session live.
@@ -297,18 +325,7 @@ impl Lab {
         |bin| {
             let mut lab = Lab::up(bin);
             lab.start_server();
-            let (key, provisioning_key) = lab.provision();
-            lab.start_services();
-            let enrolled = lab.enroll_agent(&key);
-            assert!(enrolled.status.success(), "agent enroll: {}", String::from_utf8_lossy(&enrolled.stderr));
-            lab.start_agent();
-            lab.start_connector(&provisioning_key);
-            wait_for("the agent's session", Duration::from_secs(20), || lab.session_ip().as_deref() == Some("100.64.0.1"));
-            wait_for("the connector to be online", Duration::from_secs(20), || lab.api("GET", "/connectors", None).1["items"][0]["status"] == "online");
-            // the server sees the connector online once its tunnel is up; the
-            // connector installs its interception rules right after
-            wait_for("the connector's interception rules", Duration::from_secs(20), || lab.log("connector").contains("interception rules installed"));
-            lab
+            lab.finish_full(&[])
         }
     }
 

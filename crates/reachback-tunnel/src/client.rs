@@ -159,6 +159,15 @@ pub struct Tunnel {
     recv: RecvStream,
 }
 
+/// What the broker pushes on the control stream besides liveness.
+#[derive(Debug)]
+pub enum Update {
+    /// the virtual ranges (connectors route them)
+    Ranges(Vec<String>),
+    /// a piece of the DNS table (connectors asked for it)
+    Names(reachback_proto::NameUpdate),
+}
+
 /// How a tunnel ended.
 #[derive(Debug)]
 pub enum TunnelEnd {
@@ -175,6 +184,22 @@ async fn resolve(endpoint: &str) -> anyhow::Result<Vec<SocketAddr>> {
 /// Connects to the first endpoint that answers and exchanges hello and welcome.
 /// `version` is the client's release, shown in the connector list.
 pub async fn connect(connector: &TunnelConnector, brokers: &[String], role: ClientRole, mode: Option<&str>, version: &str) -> anyhow::Result<Tunnel> {
+    connect_with(connector, brokers, Hello { role, mode, version, names: false }).await
+}
+
+/// What a client says in its hello.
+#[derive(Clone, Copy, Debug)]
+pub struct Hello<'a> {
+    pub role: ClientRole,
+    pub mode: Option<&'a str>,
+    pub version: &'a str,
+    /// a connector answering DNS asks for the bound hostnames
+    pub names: bool,
+}
+
+/// Connects to the first endpoint that answers, saying `hello`.
+pub async fn connect_with(connector: &TunnelConnector, brokers: &[String], hello_message: Hello<'_>) -> anyhow::Result<Tunnel> {
+    let Hello { role, mode, version, names } = hello_message;
     let mut last_error = anyhow::anyhow!("no broker endpoint configured");
     for broker in brokers {
         let addresses = match resolve(broker).await {
@@ -185,7 +210,7 @@ pub async fn connect(connector: &TunnelConnector, brokers: &[String], role: Clie
             }
         };
         for address in addresses {
-            match tokio::time::timeout(Duration::from_secs(10), hello(connector, address, role, mode, version)).await {
+            match tokio::time::timeout(Duration::from_secs(10), hello(connector, address, role, mode, version, names)).await {
                 Ok(Ok(tunnel)) => return Ok(tunnel),
                 Ok(Err(error)) => last_error = error.context(format!("broker {address}")),
                 Err(_) => last_error = anyhow::anyhow!("broker {address}: no answer in 10 s"),
@@ -195,10 +220,10 @@ pub async fn connect(connector: &TunnelConnector, brokers: &[String], role: Clie
     Err(last_error)
 }
 
-async fn hello(connector: &TunnelConnector, address: SocketAddr, role: ClientRole, mode: Option<&str>, version: &str) -> anyhow::Result<Tunnel> {
+async fn hello(connector: &TunnelConnector, address: SocketAddr, role: ClientRole, mode: Option<&str>, version: &str, names: bool) -> anyhow::Result<Tunnel> {
     let connection = connector.connect(address).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
-    let hello = Control::Hello { role, version: version.to_string(), mode: mode.map(str::to_string) };
+    let hello = Control::Hello { role, version: version.to_string(), mode: mode.map(str::to_string), names };
     write_frame(&mut send, &hello).await?;
     match read_frame::<Control>(&mut recv).await? {
         Some(Control::Welcome(welcome)) => Ok(Tunnel { connection, welcome, send, recv }),
@@ -327,9 +352,9 @@ pub fn leave(dir: &Path, kind: &str) -> anyhow::Result<()> {
 }
 
 impl Tunnel {
-    /// Runs the control stream until the tunnel ends; `on_ranges` sees range updates.
+    /// Runs the control stream until the tunnel ends; `on_update` sees range and name updates.
     /// With `renewal`, the certificate is renewed over this stream when it is due.
-    pub async fn run_control(self, mut renewal: Option<Renewal>, mut on_ranges: impl FnMut(Vec<String>)) -> TunnelEnd {
+    pub async fn run_control(self, mut renewal: Option<Renewal>, mut on_update: impl FnMut(Update)) -> TunnelEnd {
         let Tunnel { connection, welcome, mut send, recv } = self;
         let keepalive = Duration::from_secs(welcome.keepalive_seconds.clamp(1, 300));
         let mut liveness = Liveness::new(Instant::now(), keepalive, keepalive * 3);
@@ -354,7 +379,8 @@ impl Tunnel {
                             liveness.sent(Instant::now());
                         }
                         Some(Ok(Some(Control::Pong { .. }))) => {}
-                        Some(Ok(Some(Control::Ranges { ranges }))) => on_ranges(ranges),
+                        Some(Ok(Some(Control::Ranges { ranges }))) => on_update(Update::Ranges(ranges)),
+                        Some(Ok(Some(Control::Names(update)))) => on_update(Update::Names(update)),
                         Some(Ok(Some(Control::Certificate { certificate }))) => {
                             if let Some(renewal) = renewal.as_mut() {
                                 match renewal.accept(&certificate) {

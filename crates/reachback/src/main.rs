@@ -147,6 +147,18 @@ struct ConnectorRunArgs {
     /// SOCKS5 listen address (socks5 mode)
     #[arg(long, env = "REACHBACK_SOCKS5_LISTEN", default_value = "127.0.0.1:1080")]
     socks5_listen: SocketAddr,
+    /// Answer DNS for client hostnames on this address, UDP and TCP (repeatable or comma-separated; e.g. 0.0.0.0:53)
+    #[arg(long = "dns-listen", env = "REACHBACK_DNS_LISTEN", value_delimiter = ',')]
+    dns_listen: Vec<SocketAddr>,
+    /// Forward DNS queries outside the client domains to this server [default: refuse them]
+    #[arg(long, env = "REACHBACK_DNS_UPSTREAM")]
+    dns_upstream: Option<SocketAddr>,
+    /// TTL in seconds of DNS answers and of negative answers
+    #[arg(long, env = "REACHBACK_DNS_TTL", default_value_t = 10)]
+    dns_ttl: u32,
+    /// DNS queries per second one source address may ask (0: no limit)
+    #[arg(long, env = "REACHBACK_DNS_RATE_LIMIT", default_value_t = 2000)]
+    dns_rate_limit: u32,
     /// SOCKS5 users: a file of username:password lines, mode 600 (required when --socks5-listen is not loopback)
     #[arg(long, env = "REACHBACK_SOCKS5_CREDENTIALS")]
     socks5_credentials: Option<PathBuf>,
@@ -523,6 +535,12 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
         key: read_key(args.key, args.key_file.as_ref())?,
         server: args.server,
         trust: args.trust.trust(),
+        dns: (!args.dns_listen.is_empty()).then(|| reachback_connector::dns::DnsOptions {
+            listen: args.dns_listen.clone(),
+            upstream: args.dns_upstream,
+            ttl: args.dns_ttl,
+            rate_limit: args.dns_rate_limit,
+        }),
         socks5_credentials: match &args.socks5_credentials {
             Some(path) => Some(std::sync::Arc::new(reachback_connector::Socks5Credentials::load(path)?)),
             None => None,

@@ -4,6 +4,7 @@
 
 mod console;
 mod dataplane;
+mod dns;
 mod durability;
 mod process;
 mod renewal;

@@ -1,0 +1,249 @@
+//! The connector's DNS listeners (`--dns-listen`, UDP and TCP on each address): a
+//! thin shell around `reachback_dns::Answerer` over the table the broker keeps in
+//! step ([`Names`]). No round trip to the server per query; the table outlives a
+//! lost tunnel, so answers keep coming while the server is away.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use reachback_dns::{Answerer, Outcome, Range, RateLimiter, Table, Transport};
+use reachback_proto::NameUpdate;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What `--dns-*` set.
+#[derive(Clone, Debug)]
+pub struct DnsOptions {
+    pub listen: Vec<SocketAddr>,
+    /// where queries outside the client domains go; `None` refuses them
+    pub upstream: Option<SocketAddr>,
+    /// TTL of answers and of negative answers
+    pub ttl: u32,
+    /// queries per second per source address (0: no limit)
+    pub rate_limit: u32,
+}
+
+/// The table answers come from, and the one a snapshot is being read into.
+#[derive(Debug, Default)]
+pub struct Names {
+    table: RwLock<Table>,
+    staging: Mutex<Option<Table>>,
+    /// when the table last took a change (sync lag, for the log)
+    updated: Mutex<Option<Instant>>,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn apply(table: &mut Table, update: &NameUpdate) {
+    if let Some(zones) = &update.zones {
+        let zones: Vec<&str> = zones.iter().map(String::as_str).collect();
+        if let Err(error) = table.set_zones(&zones) {
+            tracing::warn!(%error, "the server sent a client domain the table refuses");
+        }
+    }
+    for range in update.unbind_ranges.iter().filter_map(|range| Range::parse(range)) {
+        table.unbind_range(&range);
+    }
+    for address in update.unbind.iter().filter_map(|address| address.parse::<IpAddr>().ok()) {
+        table.unbind_address(address);
+    }
+    for (hostname, address) in &update.bind {
+        let Ok(address) = address.parse::<IpAddr>() else { continue };
+        if let Err(error) = table.bind(hostname, address) {
+            tracing::debug!(%error, "a hostname the table refuses");
+        }
+    }
+}
+
+impl Names {
+    /// Takes one update from the broker: a snapshot is read into a table of its own
+    /// and swapped in whole when it is done, so answers never come from half of one.
+    pub fn apply(&self, update: NameUpdate) {
+        let mut staging = lock(&self.staging);
+        if update.reset {
+            let mut fresh = Table::default();
+            let ranges = read(&self.table).ranges().to_vec();
+            fresh.set_ranges(&ranges);
+            *staging = Some(fresh);
+        }
+        match staging.as_mut() {
+            Some(table) => {
+                apply(table, &update);
+                if update.done
+                    && let Some(complete) = staging.take()
+                {
+                    let names = complete.len();
+                    *write(&self.table) = complete;
+                    tracing::info!(names, "DNS table loaded");
+                }
+            }
+            None => apply(&mut write(&self.table), &update),
+        }
+        *lock(&self.updated) = Some(Instant::now());
+    }
+
+    /// The virtual ranges (their reverse names are answered).
+    pub fn set_ranges(&self, ranges: &[String]) {
+        let ranges: Vec<Range> = ranges.iter().filter_map(|range| Range::parse(range)).collect();
+        write(&self.table).set_ranges(&ranges);
+        if let Some(staging) = lock(&self.staging).as_mut() {
+            staging.set_ranges(&ranges);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        read(&self.table).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Binds every listener (UDP and TCP on each address) and serves until the task is dropped.
+pub async fn serve(options: DnsOptions, names: Arc<Names>) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let nameserver_addresses: Vec<IpAddr> = options.listen.iter().map(SocketAddr::ip).filter(|address| !address.is_unspecified()).collect();
+    let answerer = Arc::new(Answerer { ttl: options.ttl, forward: options.upstream.is_some(), nameserver_addresses });
+    let limiter = Arc::new(Mutex::new(RateLimiter::new(options.rate_limit, 65_536, Instant::now())));
+    let mut tasks = Vec::new();
+    for address in &options.listen {
+        let udp = Arc::new(tokio::net::UdpSocket::bind(address).await.with_context(|| format!("binding DNS on UDP {address}"))?);
+        let tcp = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding DNS on TCP {address}"))?;
+        tracing::info!(%address, "DNS listening (UDP and TCP)");
+        tasks.push(tokio::spawn(serve_udp(udp, answerer.clone(), names.clone(), limiter.clone(), options.upstream)));
+        tasks.push(tokio::spawn(serve_tcp(tcp, answerer.clone(), names.clone(), limiter.clone(), options.upstream)));
+    }
+    Ok(tasks)
+}
+
+/// Forwarded queries in flight at once (more are dropped: the client retries).
+const MAX_FORWARDS: usize = 256;
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// TCP clients at once, and how long one may stay idle.
+const MAX_TCP_CLIENTS: usize = 256;
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+async fn forward(upstream: SocketAddr, query: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let bind: SocketAddr = if upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = tokio::net::UdpSocket::bind(bind).await?;
+    socket.connect(upstream).await?;
+    socket.send(query).await?;
+    let mut buffer = vec![0u8; 4096];
+    let length = tokio::time::timeout(FORWARD_TIMEOUT, socket.recv(&mut buffer)).await.context("the upstream did not answer")??;
+    // the answer must be to this query (same id)
+    anyhow::ensure!(length >= 2 && query.len() >= 2 && buffer[..2] == query[..2], "an answer to another query");
+    buffer.truncate(length);
+    Ok(buffer)
+}
+
+fn answer(answerer: &Answerer, names: &Names, query: &[u8], transport: Transport) -> Outcome {
+    let table = read(&names.table);
+    let outcome = answerer.answer(&table, query, transport);
+    if let Outcome::Reply { rcode, qtype, .. } = &outcome {
+        tracing::trace!(rcode, qtype, "DNS answer");
+    }
+    outcome
+}
+
+async fn serve_udp(
+    socket: Arc<tokio::net::UdpSocket>,
+    answerer: Arc<Answerer>,
+    names: Arc<Names>,
+    limiter: Arc<Mutex<RateLimiter>>,
+    upstream: Option<SocketAddr>,
+) {
+    let forwards = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS));
+    let mut buffer = vec![0u8; 4096];
+    loop {
+        let (length, source) = match socket.recv_from(&mut buffer).await {
+            Ok(received) => received,
+            Err(error) => {
+                tracing::debug!(%error, "DNS receive failed");
+                continue;
+            }
+        };
+        if !lock(&limiter).allow(source.ip(), Instant::now()) {
+            continue;
+        }
+        match answer(&answerer, &names, &buffer[..length], Transport::Udp) {
+            Outcome::Reply { bytes, .. } => {
+                let _ = socket.send_to(&bytes, source).await;
+            }
+            Outcome::Forward { .. } => {
+                let (Some(upstream), Ok(permit)) = (upstream, forwards.clone().try_acquire_owned()) else { continue };
+                let (socket, query) = (socket.clone(), buffer[..length].to_vec());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match forward(upstream, &query).await {
+                        Ok(reply) => {
+                            let _ = socket.send_to(&reply, source).await;
+                        }
+                        Err(error) => tracing::debug!(%upstream, error = format!("{error:#}"), "DNS forward failed"),
+                    }
+                });
+            }
+            Outcome::Drop => {}
+        }
+    }
+}
+
+async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    answerer: Arc<Answerer>,
+    names: Arc<Names>,
+    limiter: Arc<Mutex<RateLimiter>>,
+    upstream: Option<SocketAddr>,
+) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
+    loop {
+        let Ok(permit) = clients.clone().acquire_owned().await else { return };
+        let (mut stream, source) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::debug!(%error, "DNS accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (answerer, names, limiter) = (answerer.clone(), names.clone(), limiter.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            loop {
+                // RFC 1035 4.2.2 / RFC 7766: each message after a two-byte length
+                let mut length = [0u8; 2];
+                let Ok(Ok(_)) = tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut length)).await else { return };
+                let mut query = vec![0u8; u16::from_be_bytes(length) as usize];
+                let Ok(Ok(_)) = tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await else { return };
+                if !lock(&limiter).allow(source.ip(), Instant::now()) {
+                    return;
+                }
+                let reply = match answer(&answerer, &names, &query, Transport::Tcp) {
+                    Outcome::Reply { bytes, .. } => bytes,
+                    Outcome::Forward { .. } => match upstream {
+                        Some(upstream) => match forward(upstream, &query).await {
+                            Ok(reply) => reply,
+                            Err(_) => return,
+                        },
+                        None => return,
+                    },
+                    Outcome::Drop => return,
+                };
+                let Ok(length) = u16::try_from(reply.len()) else { return };
+                if stream.write_all(&length.to_be_bytes()).await.is_err() || stream.write_all(&reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
