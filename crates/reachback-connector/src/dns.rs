@@ -118,10 +118,17 @@ pub async fn serve(options: DnsOptions, names: Arc<Names>) -> anyhow::Result<Vec
     let limiter = Arc::new(Mutex::new(RateLimiter::new(options.rate_limit, 65_536, Instant::now())));
     let mut tasks = Vec::new();
     for address in &options.listen {
-        let udp = Arc::new(tokio::net::UdpSocket::bind(address).await.with_context(|| format!("binding DNS on UDP {address}"))?);
+        let udp = Arc::new(std::net::UdpSocket::bind(address).with_context(|| format!("binding DNS on UDP {address}"))?);
         let tcp = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding DNS on TCP {address}"))?;
         tracing::info!(%address, "DNS listening (UDP and TCP)");
-        tasks.push(tokio::spawn(serve_udp(udp, answerer.clone(), names.clone(), limiter.clone(), options.upstream)));
+        // UDP on a thread of its own, blocking: no runtime between the datagram and its answer,
+        // and the connector's flows keep their core
+        let (udp_answerer, udp_names, udp_limiter, upstream, runtime) =
+            (answerer.clone(), names.clone(), limiter.clone(), options.upstream, tokio::runtime::Handle::current());
+        std::thread::Builder::new()
+            .name(format!("dns-udp-{address}"))
+            .spawn(move || serve_udp(udp, udp_answerer, udp_names, udp_limiter, upstream, runtime))
+            .context("starting the DNS thread")?;
         tasks.push(tokio::spawn(serve_tcp(tcp, answerer.clone(), names.clone(), limiter.clone(), options.upstream)));
     }
     Ok(tasks)
@@ -156,17 +163,18 @@ fn answer(answerer: &Answerer, names: &Names, query: &[u8], transport: Transport
     outcome
 }
 
-async fn serve_udp(
-    socket: Arc<tokio::net::UdpSocket>,
+fn serve_udp(
+    socket: Arc<std::net::UdpSocket>,
     answerer: Arc<Answerer>,
     names: Arc<Names>,
     limiter: Arc<Mutex<RateLimiter>>,
     upstream: Option<SocketAddr>,
+    runtime: tokio::runtime::Handle,
 ) {
     let forwards = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS));
     let mut buffer = vec![0u8; 4096];
     loop {
-        let (length, source) = match socket.recv_from(&mut buffer).await {
+        let (length, source) = match socket.recv_from(&mut buffer) {
             Ok(received) => received,
             Err(error) => {
                 tracing::debug!(%error, "DNS receive failed");
@@ -178,16 +186,16 @@ async fn serve_udp(
         }
         match answer(&answerer, &names, &buffer[..length], Transport::Udp) {
             Outcome::Reply { bytes, .. } => {
-                let _ = socket.send_to(&bytes, source).await;
+                let _ = socket.send_to(&bytes, source);
             }
             Outcome::Forward { .. } => {
                 let (Some(upstream), Ok(permit)) = (upstream, forwards.clone().try_acquire_owned()) else { continue };
                 let (socket, query) = (socket.clone(), buffer[..length].to_vec());
-                tokio::spawn(async move {
+                runtime.spawn(async move {
                     let _permit = permit;
                     match forward(upstream, &query).await {
                         Ok(reply) => {
-                            let _ = socket.send_to(&reply, source).await;
+                            let _ = socket.send_to(&reply, source);
                         }
                         Err(error) => tracing::debug!(%upstream, error = format!("{error:#}"), "DNS forward failed"),
                     }

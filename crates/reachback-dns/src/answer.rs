@@ -152,8 +152,7 @@ fn parse(message: &[u8]) -> Result<Query<'_>, ParseError> {
     }
     // the question name: plain labels (a query has nothing to compress against)
     let mut at = 12;
-    let mut labels: Vec<&[u8]> = Vec::new();
-    let mut label_offsets = Vec::new();
+    let mut label_offsets = Vec::with_capacity(8);
     let mut wire_length = 0usize;
     loop {
         let Some(&length) = message.get(at) else { return Err(formerr) };
@@ -168,9 +167,10 @@ fn parse(message: &[u8]) -> Result<Query<'_>, ParseError> {
         if wire_length + 1 > MAX_NAME {
             return Err(formerr);
         }
-        let Some(label) = message.get(at + 1..at + 1 + length as usize) else { return Err(formerr) };
+        if message.get(at + 1..at + 1 + length as usize).is_none() {
+            return Err(formerr);
+        }
         label_offsets.push(at);
-        labels.push(label);
         at += 1 + length as usize;
     }
     let (Some(qtype), Some(qclass)) = (read_u16(message, at), read_u16(message, at + 2)) else { return Err(formerr) };
@@ -197,7 +197,8 @@ fn parse(message: &[u8]) -> Result<Query<'_>, ParseError> {
     if at != message.len() {
         return Err(formerr);
     }
-    Ok(Query { id, flags, question, name: Name::from_labels(labels.into_iter()), label_offsets, qtype, qclass, edns })
+    let name = Name::from_labels(label_offsets.iter().map(|&offset| &message[offset + 1..offset + 1 + message[offset] as usize]));
+    Ok(Query { id, flags, question, name, label_offsets, qtype, qclass, edns })
 }
 
 /// A record to write: owner, type, data.

@@ -14,9 +14,16 @@ pub const MAX_NAME: usize = 255;
 /// The longest label.
 pub const MAX_LABEL: usize = 63;
 
-/// A domain name, canonical (see the module's documentation).
+/// A domain name, canonical (see the module's documentation). Shared text: the
+/// table holds each name once for both of its maps.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Name(Box<str>);
+pub struct Name(std::sync::Arc<str>);
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Why a text is not a hostname.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -49,26 +56,39 @@ impl Name {
                 return Err(NameError::Character);
             }
         }
-        Ok(Name(text.to_ascii_lowercase().into_boxed_str()))
+        Ok(Name(text.to_ascii_lowercase().into()))
     }
 
     /// A name from its wire labels (already split and bounded by the parser).
     pub fn from_labels<'a>(labels: impl Iterator<Item = &'a [u8]>) -> Name {
-        let mut text = String::new();
+        // one allocation: the text is built on the stack (a 255-byte name escapes to
+        // at most 4 bytes a byte) and copied once into the shared string
+        let mut text = [0u8; 4 * MAX_NAME];
+        let mut length = 0;
         for label in labels {
-            if !text.is_empty() {
-                text.push('.');
+            if length > 0 && length < text.len() {
+                text[length] = b'.';
+                length += 1;
             }
             for &byte in label {
                 let byte = byte.to_ascii_lowercase();
+                if length + 4 > text.len() {
+                    break;
+                }
                 if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
-                    text.push(byte as char);
+                    text[length] = byte;
+                    length += 1;
                 } else {
-                    text.push_str(&format!("\\{byte:03}"));
+                    text[length] = b'\\';
+                    text[length + 1] = b'0' + byte / 100;
+                    text[length + 2] = b'0' + byte / 10 % 10;
+                    text[length + 3] = b'0' + byte % 10;
+                    length += 4;
                 }
             }
         }
-        Name(text.into_boxed_str())
+        // only ASCII was written
+        Name(std::str::from_utf8(&text[..length]).unwrap_or_default().into())
     }
 
     pub fn as_str(&self) -> &str {

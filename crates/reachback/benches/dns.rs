@@ -80,7 +80,12 @@ fn dnsperf(server: SocketAddr, queries: &std::path::Path) -> (f64, String) {
         .expect("dnsperf runs (apt-get install dnsperf)");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let qps = text.lines().find_map(|line| line.trim().strip_prefix("Queries per second:")).and_then(|value| value.trim().parse().ok()).unwrap_or(0.0);
-    let summary = text.lines().filter(|line| line.contains("Queries lost") || line.contains("Average Latency") || line.contains("Response codes")).map(str::trim).collect::<Vec<_>>().join("; ");
+    let summary = text
+        .lines()
+        .filter(|line| line.contains("Queries lost") || line.contains("Average Latency") || line.contains("Response codes"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
     (qps, summary)
 }
 
@@ -97,7 +102,8 @@ fn main() {
 
     // 1. the snapshot as the broker sends it: frames of JSON chunks; the connector decodes and applies them
     let bind: Vec<(String, String)> = (0..count).map(|index| (format!("d{index}.corp.example"), address(index).to_string())).collect();
-    let mut frames = vec![reachback_proto::encode(&Control::Names(NameUpdate { reset: true, zones: Some(vec!["corp.example".into()]), ..NameUpdate::default() }))];
+    let mut frames =
+        vec![reachback_proto::encode(&Control::Names(NameUpdate { reset: true, zones: Some(vec!["corp.example".into()]), ..NameUpdate::default() }))];
     frames.extend(NameUpdate::chunks(bind, Vec::new()).into_iter().map(|update| reachback_proto::encode(&Control::Names(update))));
     frames.push(reachback_proto::encode(&Control::Names(NameUpdate { done: true, ..NameUpdate::default() })));
     let rss_before = rss_kib();
@@ -130,7 +136,8 @@ fn main() {
     {
         use std::io::Write;
         let mut file = std::io::BufWriter::new(std::fs::File::create(&zone).expect("zone"));
-        writeln!(file, "$ORIGIN corp.example.\n$TTL 10\n@ IN SOA ns.corp.example. hostmaster.corp.example. 1 3600 600 86400 10\n@ IN NS ns\nns IN A 127.0.0.1").expect("write");
+        writeln!(file, "$ORIGIN corp.example.\n$TTL 10\n@ IN SOA ns.corp.example. hostmaster.corp.example. 1 3600 600 86400 10\n@ IN NS ns\nns IN A 127.0.0.1")
+            .expect("write");
         for index in 0..count {
             writeln!(file, "d{index} IN A {}", address(index)).expect("write");
         }
@@ -146,7 +153,12 @@ fn main() {
     )
     .expect("nsd.conf");
     let started = Instant::now();
-    let mut nsd = Command::new("nsd").args(["-d", "-c", &conf.to_string_lossy()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("nsd runs (apt-get install nsd)");
+    let mut nsd = Command::new("nsd")
+        .args(["-d", "-c", &conf.to_string_lossy()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nsd runs (apt-get install nsd)");
     let nsd_address: SocketAddr = ([127, 0, 0, 1], nsd_port).into();
     let probe = UdpSocket::bind("127.0.0.1:0").expect("bind");
     probe.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
@@ -166,9 +178,12 @@ fn main() {
         seed ^= seed << 17;
         seed
     };
-    let picks: Vec<String> = (0..100_000)
-        .map(|index| if index % 10 == 0 { format!("nobody{}.corp.example", random() % 1_000_000) } else { format!("d{}.corp.example", random() % u64::from(count)) })
-        .collect();
+    let picks: Vec<String> =
+        (0..100_000)
+            .map(|index| {
+                if index % 10 == 0 { format!("nobody{}.corp.example", random() % 1_000_000) } else { format!("d{}.corp.example", random() % u64::from(count)) }
+            })
+            .collect();
     let queries = dir.join("queries.txt");
     std::fs::write(&queries, picks.iter().map(|name| format!("{name} A\n")).collect::<String>()).expect("queries");
     println!("\n## Queries: dnsperf -c 4 -q 500 -l 10, A for random names (1 in 10 held by nobody); sequential p50/p99 over 20,000 queries");
@@ -192,7 +207,17 @@ fn main() {
     let base = format!("http://127.0.0.1:{port}");
     let tunnel = format!("127.0.0.1:{}", free_port());
     let mut server = Command::new(BIN)
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--tunnel-listen", &tunnel, "--bootstrap-token", TOKEN, "--data-dir", &data.to_string_lossy()])
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tunnel-listen",
+            &tunnel,
+            "--bootstrap-token",
+            TOKEN,
+            "--data-dir",
+            &data.to_string_lossy(),
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -230,7 +255,9 @@ fn main() {
     let resolves = |name: &str, expected: &str| {
         let mut buffer = [0u8; 512];
         probe.send_to(&query(7, name), dns_address).is_ok()
-            && probe.recv(&mut buffer).is_ok_and(|length| length >= 16 && IpAddr::from([buffer[length - 4], buffer[length - 3], buffer[length - 2], buffer[length - 1]]).to_string() == expected)
+            && probe.recv(&mut buffer).is_ok_and(|length| {
+                length >= 16 && IpAddr::from([buffer[length - 4], buffer[length - 3], buffer[length - 2], buffer[length - 1]]).to_string() == expected
+            })
     };
     let public_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem();
     // wait for the connector's table (a first enrollment resolving)
@@ -245,7 +272,8 @@ fn main() {
     for index in 0..samples {
         let name = format!("lag{index}.corp.example");
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key");
-        let (status, enrolled) = call("POST", "/enroll", json!({"enrollment_key": key, "hostname": name, "platform": "linux", "public_key": pair.public_key_pem()}));
+        let (status, enrolled) =
+            call("POST", "/enroll", json!({"enrollment_key": key, "hostname": name, "platform": "linux", "public_key": pair.public_key_pem()}));
         let acknowledged = Instant::now();
         assert_eq!(status, 201, "{enrolled}");
         let expected = enrolled["virtual_ip"].as_str().expect("address").to_string();
