@@ -118,7 +118,10 @@ pub async fn serve(options: DnsOptions, names: Arc<Names>) -> anyhow::Result<Vec
     let limiter = Arc::new(Mutex::new(RateLimiter::new(options.rate_limit, 65_536, Instant::now())));
     let mut tasks = Vec::new();
     for address in &options.listen {
-        let udp = Arc::new(std::net::UdpSocket::bind(address).with_context(|| format!("binding DNS on UDP {address}"))?);
+        let udp = std::net::UdpSocket::bind(address).with_context(|| format!("binding DNS on UDP {address}"))?;
+        // room for a burst of queries while one is being answered (the kernel caps it at rmem_max)
+        let _ = socket2::SockRef::from(&udp).set_recv_buffer_size(4 * 1024 * 1024);
+        let udp = Arc::new(udp);
         let tcp = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding DNS on TCP {address}"))?;
         tracing::info!(%address, "DNS listening (UDP and TCP)");
         // UDP on a thread of its own, blocking: no runtime between the datagram and its answer,
