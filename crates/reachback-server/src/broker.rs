@@ -78,6 +78,8 @@ pub struct Broker {
     held: Arc<std::sync::Mutex<HashMap<Vec<u8>, usize>>>,
     /// changes of the bound hostnames, for the connectors that answer DNS
     names: tokio::sync::broadcast::Sender<Arc<NameUpdate>>,
+    /// held while the access policy is reloaded
+    policy_reload: tokio::sync::Mutex<()>,
 }
 
 /// One tunnel of an identity, counted while it lives.
@@ -109,6 +111,7 @@ impl Default for Broker {
             tunnel_address: std::sync::OnceLock::new(),
             held: Arc::default(),
             names: tokio::sync::broadcast::channel(NAME_FEED_CAPACITY).0,
+            policy_reload: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -214,6 +217,9 @@ impl Broker {
 
 /// Reloads segments and policies from the store when they changed (or when `force`).
 pub async fn reload_policy(state: &AppState, force: bool) -> anyhow::Result<()> {
+    // one reload at a time: a slower one that read the store before a change must
+    // not install its older set after a newer one
+    let _one_at_a_time = state.broker.policy_reload.lock().await;
     let version = state.store.policy_version().await?;
     if !force && *read(&state.broker.policy_version) == Some(version) {
         return Ok(());
