@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::name::{MAX_LABEL, MAX_NAME, Name};
+use crate::name::{CANONICAL_MAX, MAX_LABEL, MAX_NAME, Name, canonical_into, canonical_str, is_within};
 use crate::table::{Range, Table};
 
 /// Record types and classes the answerer knows.
@@ -89,14 +89,43 @@ struct Edns {
     version: u8,
 }
 
+/// Where each label of the question name starts (a name has at most 127 labels).
+struct LabelOffsets {
+    items: [u16; 128],
+    count: usize,
+}
+
+impl LabelOffsets {
+    fn push(&mut self, offset: usize) -> bool {
+        let Some(slot) = self.items.get_mut(self.count) else { return false };
+        *slot = offset as u16;
+        self.count += 1;
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn get(&self, index: usize) -> Option<usize> {
+        self.items[..self.count].get(index).map(|&offset| offset as usize)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.items[..self.count].iter().map(|&offset| offset as usize)
+    }
+}
+
 struct Query<'a> {
     id: u16,
     flags: u16,
     /// the question as it came (name in its own case, type, class)
     question: &'a [u8],
-    name: Name,
+    /// the question name's canonical text (on the stack: no allocation per query)
+    name: [u8; CANONICAL_MAX],
+    name_length: usize,
     /// offset in the message of each label of the question name
-    label_offsets: Vec<usize>,
+    label_offsets: LabelOffsets,
     qtype: u16,
     qclass: u16,
     edns: Option<Edns>,
@@ -152,7 +181,7 @@ fn parse(message: &[u8]) -> Result<Query<'_>, ParseError> {
     }
     // the question name: plain labels (a query has nothing to compress against)
     let mut at = 12;
-    let mut label_offsets = Vec::with_capacity(8);
+    let mut label_offsets = LabelOffsets { items: [0; 128], count: 0 };
     let mut wire_length = 0usize;
     loop {
         let Some(&length) = message.get(at) else { return Err(formerr) };
@@ -170,7 +199,9 @@ fn parse(message: &[u8]) -> Result<Query<'_>, ParseError> {
         if message.get(at + 1..at + 1 + length as usize).is_none() {
             return Err(formerr);
         }
-        label_offsets.push(at);
+        if !label_offsets.push(at) {
+            return Err(formerr);
+        }
         at += 1 + length as usize;
     }
     let (Some(qtype), Some(qclass)) = (read_u16(message, at), read_u16(message, at + 2)) else { return Err(formerr) };
@@ -197,8 +228,9 @@ fn parse(message: &[u8]) -> Result<Query<'_>, ParseError> {
     if at != message.len() {
         return Err(formerr);
     }
-    let name = Name::from_labels(label_offsets.iter().map(|&offset| &message[offset + 1..offset + 1 + message[offset] as usize]));
-    Ok(Query { id, flags, question, name, label_offsets, qtype, qclass, edns })
+    let mut name = [0u8; CANONICAL_MAX];
+    let name_length = canonical_into(label_offsets.iter().map(|offset| &message[offset + 1..offset + 1 + message[offset] as usize]), &mut name);
+    Ok(Query { id, flags, question, name, name_length, label_offsets, qtype, qclass, edns })
 }
 
 /// A record to write: owner, type, data.
@@ -303,8 +335,8 @@ fn bare_error(id: u16, flags: u16, rcode: u8) -> Vec<u8> {
 }
 
 /// The address a reverse name stands for, when it is a whole one.
-pub fn reverse_address(name: &Name) -> Option<IpAddr> {
-    let labels: Vec<&str> = name.labels().collect();
+pub fn reverse_address(name: &str) -> Option<IpAddr> {
+    let labels: Vec<&str> = name.split('.').filter(|label| !label.is_empty()).collect();
     match labels.as_slice() {
         [d, c, b, a, "in-addr", "arpa"] => {
             let octet = |text: &str| if text.len() > 1 && text.starts_with('0') { None } else { text.parse::<u8>().ok() };
@@ -387,12 +419,12 @@ impl Answerer {
         if matches!(qtype, rtype::AXFR | rtype::IXFR | rtype::MAILA | rtype::MAILB) {
             return reply(rcode::NOTIMP as u16, false, &[], &[]);
         }
-        let name = &query.name;
+        let name = canonical_str(&query.name[..query.name_length]);
         // the owner pointer of the question name, and of its suffix with `labels` labels
         let pointer_to = |labels: usize| -> Owner {
             let skip = query.label_offsets.len().saturating_sub(labels);
             match query.label_offsets.get(skip) {
-                Some(&offset) => Owner::Pointer(offset),
+                Some(offset) => Owner::Pointer(offset),
                 None => Owner::Pointer(12),
             }
         };
@@ -403,7 +435,7 @@ impl Answerer {
             let apex = pointer_to(zone.label_count());
             let soa = [Record::Soa { owner: apex, zone, serial }];
             let wants = |kind: u16| qtype == kind || qtype == rtype::ANY;
-            if name == zone {
+            if name == zone.as_str() {
                 let mut answers = Vec::new();
                 if wants(rtype::SOA) {
                     answers.push(Record::Soa { owner: here, zone, serial });
@@ -420,7 +452,7 @@ impl Answerer {
                 };
                 return if matches { reply(0, true, &[Record::Address { owner: here, address }], &[]) } else { reply(0, true, &[], &soa) };
             }
-            if name.parent().as_ref() == Some(zone) && name.labels().next() == Some(NAMESERVER_LABEL) {
+            if name.split_once('.').is_some_and(|(first, rest)| first == NAMESERVER_LABEL && rest == zone.as_str()) {
                 let answers: Vec<Record<'_>> = self
                     .nameserver_addresses
                     .iter()
@@ -437,7 +469,7 @@ impl Answerer {
 
         // reverse names of the virtual ranges
         let reverse_zones: Vec<(Name, &Range)> = table.ranges().iter().map(|range| (reverse_zone(range), range)).collect();
-        if let Some((zone, _)) = reverse_zones.iter().filter(|(zone, _)| name.is_within(zone)).max_by_key(|(zone, _)| zone.label_count()) {
+        if let Some((zone, _)) = reverse_zones.iter().filter(|(zone, _)| is_within(name, zone.as_str())).max_by_key(|(zone, _)| zone.label_count()) {
             let apex = pointer_to(zone.label_count());
             let soa = [Record::Soa { owner: apex, zone, serial }];
             match reverse_address(name) {
@@ -449,10 +481,10 @@ impl Answerer {
                     };
                 }
                 Some(_) => {}
-                None if name == zone && (qtype == rtype::SOA || qtype == rtype::ANY) => {
+                None if name == zone.as_str() && (qtype == rtype::SOA || qtype == rtype::ANY) => {
                     return reply(0, true, &[Record::Soa { owner: here, zone, serial }], &[]);
                 }
-                None if name == zone && qtype == rtype::NS => return reply(0, true, &[Record::Ns { owner: here, zone }], &[]),
+                None if name == zone.as_str() && qtype == rtype::NS => return reply(0, true, &[Record::Ns { owner: here, zone }], &[]),
                 // a partial reverse name inside the zone: it exists (addresses lie below)
                 None => return reply(0, true, &[], &soa),
             }

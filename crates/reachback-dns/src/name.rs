@@ -14,10 +14,59 @@ pub const MAX_NAME: usize = 255;
 /// The longest label.
 pub const MAX_LABEL: usize = 63;
 
+/// The longest canonical text of a wire name (a byte escapes to at most four).
+pub const CANONICAL_MAX: usize = 4 * MAX_NAME;
+
+/// Writes the canonical text of wire labels into `out` (lowercase, odd bytes as
+/// `\ddd`, labels joined by dots); returns its length. No allocation: the
+/// answerer looks names up with it straight from the query.
+pub fn canonical_into<'a>(labels: impl Iterator<Item = &'a [u8]>, out: &mut [u8; CANONICAL_MAX]) -> usize {
+    let mut length = 0;
+    for label in labels {
+        if length > 0 && length < out.len() {
+            out[length] = b'.';
+            length += 1;
+        }
+        for &byte in label {
+            let byte = byte.to_ascii_lowercase();
+            if length + 4 > out.len() {
+                break;
+            }
+            if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+                out[length] = byte;
+                length += 1;
+            } else {
+                out[length] = b'\\';
+                out[length + 1] = b'0' + byte / 100;
+                out[length + 2] = b'0' + byte / 10 % 10;
+                out[length + 3] = b'0' + byte % 10;
+                length += 4;
+            }
+        }
+    }
+    length
+}
+
+/// The text `canonical_into` wrote (only ASCII is written).
+pub fn canonical_str(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
+}
+
+/// Whether the canonical name `name` is `zone` or lies below it.
+pub fn is_within(name: &str, zone: &str) -> bool {
+    zone.is_empty() || name == zone || (name.len() > zone.len() && name.ends_with(zone) && name.as_bytes()[name.len() - zone.len() - 1] == b'.')
+}
+
 /// A domain name, canonical (see the module's documentation). Shared text: the
 /// table holds each name once for both of its maps.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Name(std::sync::Arc<str>);
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
 
 impl std::borrow::Borrow<str> for Name {
     fn borrow(&self) -> &str {
@@ -61,34 +110,9 @@ impl Name {
 
     /// A name from its wire labels (already split and bounded by the parser).
     pub fn from_labels<'a>(labels: impl Iterator<Item = &'a [u8]>) -> Name {
-        // one allocation: the text is built on the stack (a 255-byte name escapes to
-        // at most 4 bytes a byte) and copied once into the shared string
-        let mut text = [0u8; 4 * MAX_NAME];
-        let mut length = 0;
-        for label in labels {
-            if length > 0 && length < text.len() {
-                text[length] = b'.';
-                length += 1;
-            }
-            for &byte in label {
-                let byte = byte.to_ascii_lowercase();
-                if length + 4 > text.len() {
-                    break;
-                }
-                if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
-                    text[length] = byte;
-                    length += 1;
-                } else {
-                    text[length] = b'\\';
-                    text[length + 1] = b'0' + byte / 100;
-                    text[length + 2] = b'0' + byte / 10 % 10;
-                    text[length + 3] = b'0' + byte % 10;
-                    length += 4;
-                }
-            }
-        }
-        // only ASCII was written
-        Name(std::str::from_utf8(&text[..length]).unwrap_or_default().into())
+        let mut text = [0u8; CANONICAL_MAX];
+        let length = canonical_into(labels, &mut text);
+        Name(canonical_str(&text[..length]).into())
     }
 
     pub fn as_str(&self) -> &str {
@@ -112,10 +136,7 @@ impl Name {
 
     /// Whether this is `zone` or a name below it.
     pub fn is_within(&self, zone: &Name) -> bool {
-        if zone.0.is_empty() {
-            return true;
-        }
-        self.0 == zone.0 || (self.0.len() > zone.0.len() && self.0.ends_with(&*zone.0) && self.0.as_bytes()[self.0.len() - zone.0.len() - 1] == b'.')
+        is_within(&self.0, &zone.0)
     }
 
     /// The name's labels as text.

@@ -145,8 +145,9 @@ impl Table {
     }
 
     /// The zone a name lies in (the longest client domain that holds it).
-    pub fn zone_of(&self, name: &Name) -> Option<&Name> {
-        self.zones.iter().find(|zone| name.is_within(zone))
+    pub fn zone_of(&self, name: impl AsRef<str>) -> Option<&Name> {
+        let name = name.as_ref();
+        self.zones.iter().find(|zone| crate::name::is_within(name, zone.as_str()))
     }
 
     fn count_between(&mut self, name: &Name, delta: i32) {
@@ -268,8 +269,8 @@ impl Table {
         true
     }
 
-    pub fn address_of(&self, name: &Name) -> Option<IpAddr> {
-        self.find_name(name.as_str()).and_then(|index| self.entry(index)).map(|entry| entry.address)
+    pub fn address_of(&self, name: impl AsRef<str>) -> Option<IpAddr> {
+        self.find_name(name.as_ref()).and_then(|index| self.entry(index)).map(|entry| entry.address)
     }
 
     pub fn name_of(&self, address: IpAddr) -> Option<&Name> {
@@ -277,8 +278,8 @@ impl Table {
     }
 
     /// Whether a name exists without an address of its own (an empty non-terminal).
-    pub fn is_between(&self, name: &Name) -> bool {
-        self.between.contains_key(name)
+    pub fn is_between(&self, name: impl AsRef<str>) -> bool {
+        self.between.contains_key(name.as_ref())
     }
 }
 
@@ -294,19 +295,19 @@ mod tests {
     fn bindings_move_and_empty_non_terminals_follow() {
         let mut table = Table::new(&["corp.example"], &[]).expect("table");
         table.bind("Alice.Laptops.corp.example", "100.64.0.1".parse().expect("ip")).expect("bind");
-        assert_eq!(table.address_of(&name("alice.laptops.CORP.example")), Some("100.64.0.1".parse().expect("ip")));
-        assert!(table.is_between(&name("laptops.corp.example")));
-        assert!(!table.is_between(&name("corp.example")), "the apex is not counted");
+        assert_eq!(table.address_of(name("alice.laptops.CORP.example")), Some("100.64.0.1".parse().expect("ip")));
+        assert!(table.is_between(name("laptops.corp.example")));
+        assert!(!table.is_between(name("corp.example")), "the apex is not counted");
         // re-bound to a new address: the old one no longer names it
         table.bind("alice.laptops.corp.example", "100.64.0.9".parse().expect("ip")).expect("bind");
         assert_eq!(table.name_of("100.64.0.1".parse().expect("ip")), None);
         assert_eq!(table.name_of("100.64.0.9".parse().expect("ip")), Some(&name("alice.laptops.corp.example")));
         // the address goes to another device: the first name loses it
         table.bind("bob.laptops.corp.example", "100.64.0.9".parse().expect("ip")).expect("bind");
-        assert_eq!(table.address_of(&name("alice.laptops.corp.example")), None);
-        assert!(table.is_between(&name("laptops.corp.example")));
+        assert_eq!(table.address_of(name("alice.laptops.corp.example")), None);
+        assert!(table.is_between(name("laptops.corp.example")));
         assert!(table.unbind("BOB.laptops.corp.example"));
-        assert!(!table.is_between(&name("laptops.corp.example")), "nothing below any more");
+        assert!(!table.is_between(name("laptops.corp.example")), "nothing below any more");
         assert!(table.is_empty());
         assert!(table.bind("not a name", "100.64.0.2".parse().expect("ip")).is_err());
     }
@@ -352,7 +353,7 @@ mod tests {
         }
         for n in 0..40 {
             let host = hostname(n);
-            assert_eq!(table.address_of(&name(&host)), model.get(&host).copied(), "{host}");
+            assert_eq!(table.address_of(name(&host)), model.get(&host).copied(), "{host}");
         }
         for n in 0..30 {
             let ip = address(n);
