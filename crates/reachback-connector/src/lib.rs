@@ -4,10 +4,14 @@
 //! connections with their original destination, and opens one tunnel stream per
 //! connection; a refused flow is answered with a TCP reset. In `socks5` mode (no
 //! privileges) it is a SOCKS5 proxy: the client's CONNECT is answered only once
-//! the agent's local connect succeeded, or with the refusal's reply code.
+//! the agent's local connect succeeded, or with the refusal's reply code. In `tun`
+//! mode (CAP_NET_ADMIN, no nftables) it routes the ranges into a TUN device of its
+//! own and terminates the servers' TCP in a userspace stack (`tun.rs`), answering
+//! each SYN only once the agent's local connect succeeded.
 
 pub mod dns;
 pub mod nft;
+pub mod tun;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +40,8 @@ pub struct RunOptions {
     pub version: String,
     /// `Some`: SOCKS5 mode on this address instead of TPROXY
     pub socks5_listen: Option<SocketAddr>,
+    /// `Some`: TUN mode with this device instead of TPROXY
+    pub tun: Option<tun::TunOptions>,
     /// TCP congestion control of the tunnel and of the intercepted connections
     pub tcp_congestion: reachback_tunnel::Congestion,
     /// how to trust the API (CA pin, plain HTTP allowed or not)
@@ -233,8 +239,18 @@ async fn run_ingress(
                 }
             }
         }));
-        let result = tunnel_loop(state, options, None, names, connection_tx, shutdown).await;
+        let result = tunnel_loop(state, options, Interception::Socks5, names, connection_tx, shutdown).await;
         accept.abort();
+        return result;
+    }
+    if let Some(tun_options) = &options.tun {
+        // the device is up before the tunnel: routes follow the ranges of each welcome
+        let tun = Arc::new(tun::TunIngress::create(tun_options)?);
+        let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
+        let driver = tokio::spawn(tun.clone().drive(connection_rx));
+        let result = tunnel_loop(state, options, Interception::Tun(tun.clone()), names, connection_tx, shutdown).await;
+        driver.abort();
+        tun.close();
         return result;
     }
     let mut listeners = vec![transparent_listener(SocketAddr::from(([0, 0, 0, 0], options.tproxy_port)), &options.tcp_congestion)?];
@@ -248,7 +264,7 @@ async fn run_ingress(
         accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone(), serve_connection)));
     }
     let routing = Arc::new(options.routing.clone());
-    let result = tunnel_loop(state, options, Some(routing.clone()), names, connection_tx, shutdown).await;
+    let result = tunnel_loop(state, options, Interception::Tproxy(routing.clone()), names, connection_tx, shutdown).await;
     for task in accept_tasks {
         task.abort();
     }
@@ -260,10 +276,46 @@ async fn run_ingress(
     result
 }
 
+/// How servers' connections reach the connector, and what a change of the virtual ranges does to it.
+enum Interception {
+    /// nftables TPROXY rules and policy routing
+    Tproxy(Arc<nft::Routing>),
+    /// routes into the TUN device; the stack takes flows for the ranges
+    Tun(Arc<tun::TunIngress>),
+    /// nothing to install
+    Socks5,
+}
+
+impl Interception {
+    /// The mode the broker is told in the hello.
+    fn mode(&self) -> &'static str {
+        match self {
+            Interception::Tproxy(_) => "tproxy",
+            Interception::Tun(_) => "tun",
+            Interception::Socks5 => "socks5",
+        }
+    }
+
+    /// Installs (or replaces) what routes the ranges to this connector; says what it installed.
+    fn install(&self, ranges: &[String], tproxy_port: u16) -> anyhow::Result<Option<&'static str>> {
+        match self {
+            Interception::Tproxy(routing) => {
+                nft::install(routing, ranges, tproxy_port)?;
+                Ok(Some("interception rules"))
+            }
+            Interception::Tun(tun) => {
+                tun.set_ranges(ranges)?;
+                Ok(Some("TUN routes"))
+            }
+            Interception::Socks5 => Ok(None),
+        }
+    }
+}
+
 async fn tunnel_loop(
     state: &EnrolledState,
     options: &RunOptions,
-    routing: Option<Arc<nft::Routing>>,
+    interception: Interception,
     names: Arc<dns::Names>,
     connection_tx: watch::Sender<Option<Connection>>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -277,7 +329,7 @@ async fn tunnel_loop(
             // the broker never opens streams towards a connector: one that does is cut off
             let limits = reachback_tunnel::MuxLimits { accept_streams: false, ..reachback_tunnel::MuxLimits::default() };
             let endpoint = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone()).with_limits(limits);
-            let mode = if routing.is_some() { "tproxy" } else { "socks5" };
+            let mode = interception.mode();
             let hello = client::Hello { role: ClientRole::Connector, mode: Some(mode), version: &options.version, names: options.dns.is_some() };
             let tunnel = client::connect_with(&endpoint, &state.broker_endpoints, hello).await?;
             Ok::<_, anyhow::Error>((tunnel, material.certificate_pem))
@@ -292,9 +344,8 @@ async fn tunnel_loop(
                 // the welcome carries the current ranges: (re)install, the script replaces the table as a whole
                 let ranges = tunnel.welcome.ranges.clone();
                 names.set_ranges(&ranges);
-                if let Some(routing) = &routing {
-                    nft::install(routing, &ranges, options.tproxy_port).context("installing the interception rules")?;
-                    tracing::info!(ranges = ranges.len(), "interception rules installed");
+                if let Some(what) = interception.install(&ranges, options.tproxy_port).context("installing the interception of the virtual ranges")? {
+                    tracing::info!(ranges = ranges.len(), "{what} installed");
                 }
                 tracing::info!(connector_id = %tunnel.welcome.session_id, "tunnel up");
                 let _ = connection_tx.send(Some(tunnel.connection.clone()));
@@ -302,9 +353,9 @@ async fn tunnel_loop(
                 let on_update = |update: client::Update| match update {
                     client::Update::Ranges(ranges) => {
                         names.set_ranges(&ranges);
-                        let Some(routing) = &routing else { return };
-                        match nft::install(routing, &ranges, port) {
-                            Ok(()) => tracing::info!(ranges = ranges.len(), "virtual ranges changed; interception rules replaced"),
+                        match interception.install(&ranges, port) {
+                            Ok(Some(what)) => tracing::info!(ranges = ranges.len(), "virtual ranges changed; {what} replaced"),
+                            Ok(None) => {}
                             Err(error) => tracing::warn!(error = format!("{error:#}"), "could not apply the new virtual ranges"),
                         }
                     }

@@ -141,9 +141,15 @@ struct ConnectorRunArgs {
     key_file: Option<PathBuf>,
     #[command(flatten)]
     trust: TrustArgs,
-    /// Ingress mode: tproxy (root; nftables TPROXY) or socks5 (no privileges)
-    #[arg(long, default_value = "tproxy", value_parser = ["tproxy", "socks5"])]
+    /// Ingress mode: tproxy (root; nftables TPROXY, kernel TCP, fastest), tun (CAP_NET_ADMIN; a TUN device and a userspace TCP/IP stack, where TPROXY is unavailable) or socks5 (no privileges)
+    #[arg(long, default_value = "tproxy", value_parser = ["tproxy", "tun", "socks5"])]
     mode: String,
+    /// TUN device name (tun mode)
+    #[arg(long, env = "REACHBACK_TUN_NAME", default_value = "reachback0")]
+    tun_name: String,
+    /// TUN device MTU (tun mode): at least the MTU of the links servers send from
+    #[arg(long, env = "REACHBACK_TUN_MTU", default_value_t = reachback_connector::tun::DEFAULT_MTU)]
+    tun_mtu: u16,
     /// SOCKS5 listen address (socks5 mode)
     #[arg(long, env = "REACHBACK_SOCKS5_LISTEN", default_value = "127.0.0.1:1080")]
     socks5_listen: SocketAddr,
@@ -550,6 +556,7 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
         routing: reachback_connector::nft::Routing { table: args.nft_table, fwmark: args.fwmark, route_table: args.route_table },
         version: env!("CARGO_PKG_VERSION").to_string(),
         socks5_listen: (args.mode == "socks5").then_some(args.socks5_listen),
+        tun: (args.mode == "tun").then(|| reachback_connector::tun::TunOptions { name: args.tun_name.clone(), mtu: args.tun_mtu }),
         tcp_congestion: reachback_tunnel::Congestion::resolve(args.tcp_congestion.as_deref())?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
