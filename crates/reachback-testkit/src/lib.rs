@@ -272,25 +272,15 @@ impl Lab {
         self.start_connector_with(provisioning_key, &[]);
     }
 
-    /// The connector with more flags (`--dns-listen …`).
+    /// The connector with more flags (`--dns-listen …`; a `--mode` among them replaces `--mode tproxy`).
     pub fn start_connector_with(&mut self, provisioning_key: &str, extra: &[&str]) {
         let state = self.dir.0.join("connector").to_string_lossy().into_owned();
         let bin = self.bin.to_string_lossy().into_owned();
         let pin = self.ca_pin.clone();
-        let mut args = vec![
-            "connector",
-            "run",
-            "--server",
-            "https://10.77.2.2:8080",
-            "--key",
-            provisioning_key,
-            "--ca-pin",
-            &pin,
-            "--mode",
-            "tproxy",
-            "--state-dir",
-            &state,
-        ];
+        let mut args = vec!["connector", "run", "--server", "https://10.77.2.2:8080", "--key", provisioning_key, "--ca-pin", &pin, "--state-dir", &state];
+        if !extra.contains(&"--mode") {
+            args.extend(["--mode", "tproxy"]);
+        }
         args.extend_from_slice(extra);
         self.spawn("connector", "conn", &bin, &args);
     }
@@ -316,8 +306,20 @@ impl Lab {
         self.start_connector_with(&provisioning_key, connector_args);
         wait_for("the agent's session", Duration::from_secs(20), || self.session_ip().as_deref() == Some("100.64.0.1"));
         wait_for("the connector to be online", Duration::from_secs(20), || self.api("GET", "/connectors", None).1["items"][0]["status"] == "online");
-        wait_for("the connector's interception rules", Duration::from_secs(20), || self.log("connector").contains("interception rules installed"));
+        wait_for("the connector's interception rules", Duration::from_secs(20), || {
+            let log = self.log("connector");
+            log.contains("interception rules installed") || log.contains("TUN routes installed")
+        });
         self
+    }
+
+    /// Everything up as [`Lab::full`] does, the connector started with `connector_args` (`--mode tun`).
+    pub fn full_with_connector(connector_args: &'static [&'static str]) -> impl FnOnce(&Path) -> Lab {
+        move |bin| {
+            let mut lab = Lab::up(bin);
+            lab.start_server();
+            lab.finish_full(connector_args)
+        }
     }
 
     /// Everything up: server, services, agent and connector, the agent's session live.

@@ -1,6 +1,6 @@
 //! Tests of the `reachback` binary as users run it: spawned server processes,
 //! the CLI, kill -9 durability, several replicas on one PostgreSQL database, and
-//! the data plane end to end in network namespaces.
+//! the data plane end to end in network namespaces (TPROXY and TUN connectors).
 
 mod console;
 mod dataplane;
@@ -12,4 +12,5 @@ mod replicas;
 mod secrets;
 mod socks5;
 mod tls;
+mod tun;
 mod walkthrough;
