@@ -40,8 +40,9 @@ use stack::{Event, FlowId, ReadOutcome, Stack, StackConfig};
 
 /// The device's MTU unless `--tun-mtu` says otherwise (see docs/decisions.md).
 pub const DEFAULT_MTU: u16 = 65_535;
-/// The most packets read from the device before the batch's answers are sent.
-const READ_BATCH: usize = 64;
+/// The most reads from the device before the batch's answers are sent (each read
+/// is one packet, or with offloads up to 64 KiB of one flow's segments).
+const READ_BATCH: usize = 32;
 /// The largest chunk read from a flow's socket for the tunnel at once.
 const READ_CHUNK: usize = 64 * 1024;
 /// Error code of a stream reset that mirrors a TCP reset (as `relay` uses).
@@ -64,12 +65,19 @@ pub struct TunIngress {
 }
 
 struct Shared {
-    stack: Mutex<Stack>,
+    state: Mutex<Locked>,
     device: AsyncFd<tun_rs::SyncDevice>,
     /// a flow task scheduled a timer earlier than the one the device task sleeps to
     timer_changed: Notify,
     /// packets the device refused to take (counted, not retried: TCP retransmits)
     send_failures: AtomicU64,
+}
+
+/// What the flow tasks and the device task share: the stack, and the table that
+/// coalesces a flush's segments of one flow into one write (offloads).
+struct Locked {
+    stack: Stack,
+    gro: tun_rs::GROTable,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,32 +87,31 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     /// One step on the stack; the packets it produced go to the device before the lock is let go.
     fn with<R>(&self, step: impl FnOnce(&mut Stack, Instant) -> R) -> R {
-        let mut stack = lock(&self.stack);
-        let before = stack.next_timer();
-        let result = step(&mut stack, Instant::now());
-        self.flush(&mut stack);
-        let after = stack.next_timer();
+        let mut locked = lock(&self.state);
+        let before = locked.stack.next_timer();
+        let result = step(&mut locked.stack, Instant::now());
+        self.flush(&mut locked);
+        let after = locked.stack.next_timer();
         if after.is_some() && (before.is_none() || after < before) {
             self.timer_changed.notify_one();
         }
         result
     }
 
-    fn flush(&self, stack: &mut Stack) {
+    /// Writes the outbox to the device; with offloads, consecutive segments of one
+    /// flow go as one write (the kernel segments them again where it must).
+    fn flush(&self, locked: &mut Locked) {
+        let Locked { stack, gro } = locked;
         if stack.outbox.is_empty() {
             return;
         }
-        let mut sent = 0;
-        for packet in stack.outbox.packets() {
-            match self.device.get_ref().send(packet) {
-                Ok(_) => sent += 1,
-                Err(error) => {
-                    self.send_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::trace!(%error, "the TUN device refused a packet");
-                }
-            }
+        let headroom = stack.outbox.headroom();
+        let packets = stack.outbox.buffers_mut().len() as u64;
+        if let Err(error) = self.device.get_ref().send_multiple(gro, stack.outbox.buffers_mut(), headroom) {
+            self.send_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(%error, "the TUN device refused a packet");
         }
-        stack.counters.packets_out += sent;
+        stack.counters.packets_out += packets;
         stack.outbox.clear();
     }
 }
@@ -113,12 +120,24 @@ impl TunIngress {
     /// Creates the device (named `options.name`, up, no address: routes point at it).
     pub fn create(options: &TunOptions) -> anyhow::Result<TunIngress> {
         anyhow::ensure!(options.mtu >= 1280, "--tun-mtu {} is below 1280, the least IPv6 allows", options.mtu);
-        let device = tun_rs::DeviceBuilder::new()
-            .name(&options.name)
-            .mtu(options.mtu)
-            .enable(true)
-            .build_sync()
-            .with_context(|| format!("creating the TUN device {} (needs CAP_NET_ADMIN and /dev/net/tun)", options.name))?;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(&options.name)
+                .mtu(options.mtu)
+                .enable(true)
+                .with(|builder| {
+                    builder.offload(offload);
+                })
+                .build_sync()
+        };
+        // offloads: the kernel hands over up to 64 KiB of one flow's segments per read and takes as much per write
+        let device = match build(true) {
+            Ok(device) => device,
+            Err(error) => {
+                tracing::info!(%error, "no offloads on the TUN device; one packet per read and write");
+                build(false).with_context(|| format!("creating the TUN device {} (needs CAP_NET_ADMIN and /dev/net/tun)", options.name))?
+            }
+        };
         device.set_nonblocking(true).context("making the TUN device non-blocking")?;
         let name = device.name().unwrap_or_else(|_| options.name.clone());
         // `register` (its replacement) is `unsafe`, which this workspace forbids; its condition
@@ -128,7 +147,7 @@ impl TunIngress {
         let mut seed = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).map_err(|_| anyhow::anyhow!("no system randomness"))?;
         let config = StackConfig { mtu: usize::from(options.mtu), ..StackConfig::default() };
-        let stack = Stack::new(config, u64::from_le_bytes(seed), Instant::now());
+        let stack = Stack::new(config, u64::from_le_bytes(seed), Instant::now(), tun_rs::VIRTIO_NET_HDR_LEN);
         for (path, what) in [("/proc/sys/net/ipv4/ip_forward", "IPv4"), ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6")] {
             if std::fs::read_to_string(path).is_ok_and(|value| value.trim() == "0") {
                 tracing::info!(%path, "{what} forwarding is off on this host: servers' packets for the virtual ranges are not routed into the TUN device");
@@ -136,7 +155,12 @@ impl TunIngress {
         }
         tracing::info!(device = %name, mtu = options.mtu, "TUN device up");
         Ok(TunIngress {
-            shared: Arc::new(Shared { stack: Mutex::new(stack), device, timer_changed: Notify::new(), send_failures: AtomicU64::new(0) }),
+            shared: Arc::new(Shared {
+                state: Mutex::new(Locked { stack, gro: tun_rs::GROTable::default() }),
+                device,
+                timer_changed: Notify::new(),
+                send_failures: AtomicU64::new(0),
+            }),
             routes: Mutex::new(routes::Routes::new(&name)),
             name,
         })
@@ -157,7 +181,7 @@ impl TunIngress {
 
     /// Removes the routes; the device itself goes when the process lets go of it.
     pub fn close(&self) {
-        let counters = lock(&self.shared.stack).counters;
+        let counters = lock(&self.shared.state).stack.counters;
         tracing::info!(
             packets_in = counters.packets_in,
             packets_out = counters.packets_out,
@@ -181,12 +205,16 @@ impl TunIngress {
     /// asked of the tunnel of the moment.
     pub async fn drive(self: Arc<Self>, connection: watch::Receiver<Option<Connection>>) {
         let shared = self.shared.clone();
-        let mtu = lock(&shared.stack).mtu();
-        let mut buffer = vec![0u8; mtu + 64];
+        let mtu = lock(&shared.state).stack.mtu();
+        // one read: the offload header and up to 64 KiB, split into segments of at most the MTU each
+        // (zeroed allocations: pages are touched only as packets fill them)
+        let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
+        let mut segments: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE).map(|_| vec![0u8; mtu]).collect();
+        let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
         let mut events = Vec::new();
         let mut last_report = (Instant::now(), stack::Counters::default());
         loop {
-            let deadline = lock(&shared.stack).next_timer().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let deadline = lock(&shared.state).stack.next_timer().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 ready = shared.device.readable() => {
                     let Ok(mut guard) = ready else {
@@ -194,26 +222,30 @@ impl TunIngress {
                         return;
                     };
                     let now = Instant::now();
-                    let mut stack = lock(&shared.stack);
+                    let mut locked = lock(&shared.state);
                     for _ in 0..READ_BATCH {
-                        match guard.try_io(|device| device.get_ref().recv(&mut buffer)) {
-                            Ok(Ok(length)) => {
-                                let packet = buffer.get(..length).unwrap_or_default();
-                                tracing::trace!(length, "packet from the TUN device");
-                                if let Some(event) = stack.ingress(packet, now) {
-                                    events.push(event);
+                        match guard.try_io(|device| device.get_ref().recv_multiple(&mut original, &mut segments, &mut sizes, 0)) {
+                            Ok(Ok(count)) => {
+                                for (segment, &size) in segments.iter().zip(&sizes).take(count) {
+                                    let packet = segment.get(..size).unwrap_or_default();
+                                    tracing::trace!(length = size, "packet from the TUN device");
+                                    if let Some(event) = locked.stack.ingress(packet, now) {
+                                        events.push(event);
+                                    }
                                 }
                             }
                             Ok(Err(error)) => {
+                                // a read the offload code could not split: that read is lost, the device goes on
+                                locked.stack.counters.dropped_malformed += 1;
                                 tracing::debug!(%error, "reading the TUN device");
                                 break;
                             }
                             Err(_would_block) => break,
                         }
                     }
-                    stack.egress_dirty(now);
-                    shared.flush(&mut stack);
-                    drop(stack);
+                    locked.stack.egress_dirty(now);
+                    shared.flush(&mut locked);
+                    drop(locked);
                     for event in events.drain(..) {
                         match event {
                             Event::Open(key) => {
@@ -232,9 +264,9 @@ impl TunIngress {
                 _ = shared.timer_changed.notified() => {}
             }
             if last_report.0.elapsed() >= Duration::from_secs(60) {
-                let counters = lock(&shared.stack).counters;
+                let counters = lock(&shared.state).stack.counters;
                 if counters != last_report.1 {
-                    let (flows, pending) = lock(&shared.stack).load();
+                    let (flows, pending) = lock(&shared.state).stack.load();
                     tracing::debug!(
                         flows,
                         pending,

@@ -12,8 +12,12 @@
 //! connected agents on one server (memory per session); the agent's idle RSS.
 //! REACHBACK_BENCH_FLOWS, REACHBACK_BENCH_CONCURRENT, REACHBACK_BENCH_AGENTS and
 //! REACHBACK_BENCH_SECONDS change the sizes; REACHBACK_BENCH_PHASES (a comma list of
-//! `bulk`, `flows`, `concurrent`, `agents`; all by default) picks what runs, and
+//! `bulk`, `flows`, `concurrent`, `agents`, `tun`; all by default) picks what runs, and
 //! REACHBACK_BENCH_BINARY runs another build of `reachback` (A/B runs on one day).
+//! The `tun` phase (last, as it swaps the connector) sets TUN mode against TPROXY
+//! mode in the same run: the connector is restarted in each mode in turn
+//! (REACHBACK_BENCH_ROUNDS rounds, 2 by default), and each round measures
+//! single-stream iperf3 both ways and sequential connect + 1-byte echo + close.
 //!
 //! The same binary, re-run inside a namespace, plays the helpers: `echo-server`,
 //! `flows` (sequential), `hold` (concurrent) and `swarm` (many agents).
@@ -241,7 +245,7 @@ fn start_holder(lab: &Lab, host: &str, args: &[&str]) -> (std::process::Child, V
 fn orchestrate() {
     let bin = std::env::var_os("REACHBACK_BENCH_BINARY").map_or_else(|| Path::new(env!("CARGO_BIN_EXE_reachback")).to_path_buf(), std::path::PathBuf::from);
     let bin = bin.as_path();
-    let phases = std::env::var("REACHBACK_BENCH_PHASES").unwrap_or_else(|_| "bulk,flows,concurrent,agents".into());
+    let phases = std::env::var("REACHBACK_BENCH_PHASES").unwrap_or_else(|_| "bulk,flows,concurrent,agents,tun".into());
     let phase = |name: &str| phases.split(',').any(|listed| listed.trim() == name);
     let seconds = env_number("REACHBACK_BENCH_SECONDS", 5).to_string();
     let flows = env_number("REACHBACK_BENCH_FLOWS", 2000);
@@ -379,4 +383,66 @@ fn orchestrate() {
         drop(swarm_child.stdin.take());
         let _ = swarm_child.wait();
     }
+    if phase("tun") {
+        tun_against_tproxy(&mut lab, &seconds, flows, env_number("REACHBACK_BENCH_ROUNDS", 2));
+    }
+}
+
+/// Restarts the connector in `mode` as a new connector (a provisioning key of its
+/// own; the saved identity is replaced) and waits until a flow goes through.
+fn switch_connector(lab: &mut Lab, mode: &'static str, round: usize) {
+    assert!(lab.stop("connector", false).is_some_and(|status| status.success()), "the connector stops cleanly");
+    let (status, connector) = lab.api("POST", "/connectors", Some(json!({"name": format!("bench {mode} {round}")})));
+    assert_eq!(status, 201, "{connector}");
+    let key = connector["provisioning_key"].as_str().expect("key").to_string();
+    let mode_args: &'static [&'static str] = if mode == "tun" { &["--mode", "tun"] } else { &["--mode", "tproxy"] };
+    lab.start_connector_with(&key, mode_args);
+    wait_for("flows through the restarted connector", Duration::from_secs(60), || lab.curl("http://100.64.0.1:8000/hello.txt").0 == 0);
+}
+
+/// TUN mode against TPROXY mode in one run, the connector switched between them.
+fn tun_against_tproxy(lab: &mut Lab, seconds: &str, flows: usize, rounds: usize) {
+    println!("\n## TUN mode against TPROXY mode ({rounds} rounds, the connector restarted in each mode in turn)");
+    println!(
+        "| round | mode | 1 stream server → client Gbit/s | 1 stream client → server Gbit/s | connector CPU s per Gbit (→) | flows p50 µs | flows p90 µs | failures |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let count = flows.to_string();
+    let mut results: Vec<(&str, f64, f64, u64)> = Vec::new();
+    for round in 1..=rounds {
+        for mode in ["tproxy", "tun"] {
+            switch_connector(lab, mode, round);
+            let connector = pid_of(lab, "connector");
+            let cpu_before = cpu_seconds(connector);
+            let upload = iperf3_bits(lab, "100.64.0.1", "5201", seconds, "1", false);
+            let cpu_per_gbit = (cpu_seconds(connector) - cpu_before) / (upload * seconds.parse::<f64>().unwrap_or(5.0) / 1e9);
+            let download = iperf3_bits(lab, "100.64.0.1", "5201", seconds, "1", true);
+            let run = run_helper(lab, "srv", &["flows", "100.64.0.1:7000", &count]);
+            let mut latencies: Vec<u64> = run["latencies_us"].as_array().expect("latencies").iter().filter_map(Value::as_u64).collect();
+            latencies.sort_unstable();
+            let p50 = percentile(&latencies, 0.5);
+            println!(
+                "| {round} | {mode} | {:.2} | {:.2} | {cpu_per_gbit:.2} | {p50} | {} | {} |",
+                upload / 1e9,
+                download / 1e9,
+                percentile(&latencies, 0.9),
+                run["failures"]
+            );
+            results.push((mode, upload, download, p50));
+        }
+    }
+    let mean = |mode: &str, pick: fn(&(&str, f64, f64, u64)) -> f64| {
+        let values: Vec<f64> = results.iter().filter(|result| result.0 == mode).map(pick).collect();
+        values.iter().sum::<f64>() / values.len().max(1) as f64
+    };
+    let (tun_up, tproxy_up) = (mean("tun", |result| result.1), mean("tproxy", |result| result.1));
+    let (tun_down, tproxy_down) = (mean("tun", |result| result.2), mean("tproxy", |result| result.2));
+    let (tun_p50, tproxy_p50) = (mean("tun", |result| result.3 as f64), mean("tproxy", |result| result.3 as f64));
+    println!(
+        "means over the rounds: TUN ÷ TPROXY single-stream throughput {:.2} server → client, {:.2} client → server (goal ≥ 0.6); connect + echo + close p50 {:.0} µs in TUN mode, {:+.0} µs against TPROXY mode",
+        tun_up / tproxy_up,
+        tun_down / tproxy_down,
+        tun_p50,
+        tun_p50 - tproxy_p50
+    );
 }

@@ -55,6 +55,9 @@ impl Default for StackConfig {
     }
 }
 
+/// The most packets one flow sends in one step.
+const MAX_PACKETS_PER_EGRESS: usize = 512;
+
 /// Identifies one flow's socket for as long as the stack holds it.
 pub type FlowId = u64;
 
@@ -116,38 +119,62 @@ pub enum ReadOutcome {
     Reset,
 }
 
-/// Packets for the device, one after the other in one buffer (no allocation per packet).
+/// Packets for the device, each in a buffer of its own behind `headroom` bytes
+/// (where the device's offload header goes). The buffers are kept and reused, so
+/// a packet costs no allocation once the pool has grown to a burst's size.
 #[derive(Default)]
 pub struct Outbox {
-    bytes: Vec<u8>,
-    ends: Vec<usize>,
+    buffers: Vec<Vec<u8>>,
+    count: usize,
+    headroom: usize,
 }
 
+/// Buffers kept across flushes; a larger burst's extra buffers are let go.
+const OUTBOX_KEPT: usize = 1024;
+
 impl Outbox {
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+    pub fn new(headroom: usize) -> Outbox {
+        Outbox { buffers: Vec::new(), count: 0, headroom }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn headroom(&self) -> usize {
+        self.headroom
+    }
+
+    #[cfg(test)]
     pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let packet = &self.bytes[start..end];
-            start = end;
-            packet
-        })
+        self.buffers[..self.count].iter().map(|buffer| buffer.get(self.headroom..).unwrap_or_default())
+    }
+
+    /// The buffers of the packets, headroom included, for the device to write (and coalesce) in one go.
+    pub fn buffers_mut(&mut self) -> &mut [Vec<u8>] {
+        &mut self.buffers[..self.count]
     }
 
     pub fn clear(&mut self) {
-        self.bytes.clear();
-        self.ends.clear();
+        self.count = 0;
+        self.buffers.truncate(OUTBOX_KEPT);
     }
 
-    fn push_with(&mut self, build: impl FnOnce(&mut Vec<u8>)) {
-        let start = self.bytes.len();
-        build(&mut self.bytes);
-        if self.bytes.len() > start {
-            self.ends.push(self.bytes.len());
+    /// Lets `build` append one packet to an empty buffer (headroom in front); nothing when it appends nothing.
+    fn push_with<R>(&mut self, build: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        if self.count == self.buffers.len() {
+            // room for a whole coalesced write: the device appends the flow's next segments to this one
+            // (only the pages written are ever touched)
+            self.buffers.push(Vec::with_capacity(2 * self.headroom + usize::from(u16::MAX)));
         }
+        let buffer = &mut self.buffers[self.count];
+        buffer.clear();
+        buffer.resize(self.headroom, 0);
+        let result = build(buffer);
+        if buffer.len() > self.headroom {
+            self.count += 1;
+        }
+        result
     }
 }
 
@@ -169,12 +196,11 @@ impl smoltcp::phy::RxToken for RxFrame<'_> {
 
 impl smoltcp::phy::TxToken for TxFrame<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let outbox = self.0;
-        let start = outbox.bytes.len();
-        outbox.bytes.resize(start + len, 0);
-        let result = f(&mut outbox.bytes[start..]);
-        outbox.ends.push(outbox.bytes.len());
-        result
+        self.0.push_with(|buffer| {
+            let start = buffer.len();
+            buffer.resize(start + len, 0);
+            f(&mut buffer[start..])
+        })
     }
 }
 
@@ -247,7 +273,8 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn new(config: StackConfig, seed: u64, epoch: Instant) -> Stack {
+    /// `headroom`: bytes kept free in front of each outgoing packet (the device's offload header).
+    pub fn new(config: StackConfig, seed: u64, epoch: Instant, headroom: usize) -> Stack {
         Stack {
             config,
             epoch,
@@ -259,7 +286,7 @@ impl Stack {
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             seed,
-            outbox: Outbox::default(),
+            outbox: Outbox::new(headroom),
             counters: Counters::default(),
         }
     }
@@ -427,8 +454,13 @@ impl Stack {
         let smol_now = self.smol_now(now);
         let Some(flow) = self.flows.get_mut(&id) else { return };
         let mut port = Port { rx: None, outbox: &mut self.outbox, mtu: self.config.mtu };
-        // each pass sends at most one packet per socket
-        while flow.iface.poll_egress(smol_now, &mut port, &mut flow.sockets) == smoltcp::iface::PollResult::SocketStateChanged {}
+        // each pass sends at most one packet; a window of tiny segments (a server's MSS can be
+        // anything) goes out a share at a time, the rest on the flow's next timer
+        for _ in 0..MAX_PACKETS_PER_EGRESS {
+            if flow.iface.poll_egress(smol_now, &mut port, &mut flow.sockets) != smoltcp::iface::PollResult::SocketStateChanged {
+                break;
+            }
+        }
         if flow.detached && flow.socket().state() == tcp::State::Closed {
             let key = flow.key;
             self.flows.remove(&id);
@@ -623,7 +655,7 @@ mod tests {
 
     fn stack_with(config: StackConfig) -> (Stack, Instant) {
         let start = Instant::now();
-        let mut stack = Stack::new(config, 7, start);
+        let mut stack = Stack::new(config, 7, start, 10);
         stack.set_ranges(RangeSet::parse(&["100.64.0.0/16".to_string()]).0);
         (stack, start)
     }
@@ -791,6 +823,41 @@ mod tests {
         stack.ingress(&tcp_packet(server(), laptop(), TcpControl::None, server_seq, Some(acked), &[]), start);
         stack.egress_dirty(start);
         assert_eq!(stack.poll_write(id, &mut data, start, &mut Context::from_waker(Waker::noop())), Poll::Ready(Ok(())));
+    }
+
+    #[test]
+    fn a_burst_of_one_flow_leaves_room_to_be_written_as_one_coalesced_packet() {
+        let (mut stack, id, start, _, _) = established();
+        let mut data = Bytes::from(vec![1u8; 20_000]);
+        assert!(stack.poll_write(id, &mut data, start, &mut Context::from_waker(Waker::noop())).is_ready());
+        let segments = stack.outbox.buffers_mut().len();
+        assert!(segments > 10, "{segments} segments");
+        // what the device does with offloads on: the segments are appended to the first buffer,
+        // which only happens when it has the capacity (no allocation on that path)
+        tun_rs::GROTable::default().apply_gro(stack.outbox.buffers_mut(), 10, false).expect("coalesced");
+        let first = &stack.outbox.buffers_mut()[0];
+        assert_eq!(first[1], tun_rs::VIRTIO_NET_HDR_GSO_TCPV4, "one TCP segmentation-offload packet");
+        assert_eq!(first.len(), 10 + 40 + 20_000, "all the payload behind one header");
+    }
+
+    #[test]
+    fn a_tiny_mss_does_not_flood_the_outbox() {
+        let (mut stack, start) = stack();
+        let mut tiny = tcp_packet(server(), laptop(), TcpControl::Syn, 1000, None, &[]);
+        // the server announces an MSS of 1 byte
+        let ip_header = 20;
+        let mut tcp = TcpPacket::new_unchecked(&mut tiny[ip_header..]);
+        tcp.options_mut()[2..4].copy_from_slice(&1u16.to_be_bytes());
+        tcp.fill_checksum(&IpAddress::from(server().ip()), &IpAddress::from(laptop().ip()));
+        assert!(stack.ingress(&tiny, start).is_some());
+        let id = stack.accept(key(server()), start).expect("accepted");
+        let syn_ack = sent(&mut stack).pop().expect("SYN-ACK");
+        stack.ingress(&tcp_packet(server(), laptop(), TcpControl::None, 1001, Some(syn_ack.seq + 1), &[]), start);
+        stack.egress_dirty(start);
+        let mut data = Bytes::from(vec![1u8; 30_000]);
+        let _ = stack.poll_write(id, &mut data, start, &mut Context::from_waker(Waker::noop()));
+        assert!(stack.outbox.buffers_mut().len() <= 512, "{}", stack.outbox.buffers_mut().len());
+        assert!(stack.next_timer().is_some(), "the rest goes out on the next turn");
     }
 
     #[test]
