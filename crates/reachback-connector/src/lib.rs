@@ -7,7 +7,9 @@
 //! the agent's local connect succeeded, or with the refusal's reply code.
 
 pub mod dns;
+pub mod metrics;
 pub mod nft;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +46,10 @@ pub struct RunOptions {
     pub socks5_credentials: Option<Arc<Socks5Credentials>>,
     /// DNS for client hostnames (`--dns-listen`), when set
     pub dns: Option<dns::DnsOptions>,
+    /// UDP flows (idle timeout, caps)
+    pub udp: udp::UdpOptions,
+    /// where `GET /metrics` is served, when set
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The users a SOCKS5 listener accepts: a file of `username:password` lines
@@ -200,24 +206,42 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
     }
     ensure_enrolled(&options)?;
     let (state, _) = client::load_state(&options.state_dir)?;
+    raise_file_limit();
     // DNS listens from the start (a bind failure stops the connector); answers begin
     // with the broker's snapshot and go on while the tunnel is down
     let names = Arc::new(dns::Names::default());
-    let dns_tasks = match &options.dns {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let mut tasks = match &options.dns {
         Some(dns_options) => dns::serve(dns_options.clone(), names.clone()).await?,
         None => Vec::new(),
     };
-    let result = run_ingress(&options, &state, names, shutdown).await;
-    for task in dns_tasks {
+    if let Some(listen) = options.metrics_listen {
+        tasks.push(metrics::serve(listen, metrics.clone(), names.clone()).await?);
+    }
+    let result = run_ingress(&options, &state, names, metrics, shutdown).await;
+    for task in tasks {
         task.abort();
     }
     result
+}
+
+/// Each UDP flow holds a socket in tproxy mode: the soft limit on open files goes
+/// up to the hard one (often 1,024 → 524,288), so the flow cap is what limits.
+fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!(%error, "could not raise the open-file limit");
+    }
 }
 
 async fn run_ingress(
     options: &RunOptions,
     state: &EnrolledState,
     names: Arc<dns::Names>,
+    metrics: Arc<metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     if let Some(listen) = options.socks5_listen {
@@ -246,6 +270,13 @@ async fn run_ingress(
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone(), serve_connection)));
+    }
+    // UDP to the same port: TPROXY hands each flow's first datagram to these listeners
+    let ingress = udp::UdpIngress::new(options.udp.clone(), connection_rx.clone(), metrics);
+    accept_tasks.push(tokio::spawn(udp::serve_transparent(udp::transparent_listener(SocketAddr::from(([0, 0, 0, 0], options.tproxy_port)))?, ingress.clone())));
+    match udp::transparent_listener(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, options.tproxy_port))) {
+        Ok(listener) => accept_tasks.push(tokio::spawn(udp::serve_transparent(listener, ingress.clone()))),
+        Err(error) => tracing::info!(error = format!("{error:#}"), "no IPv6 UDP interception"),
     }
     let routing = Arc::new(options.routing.clone());
     let result = tunnel_loop(state, options, Some(routing.clone()), names, connection_tx, shutdown).await;
@@ -366,7 +397,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tun
             return End::Tcp(stream).reset();
         }
     };
-    if write_frame(&mut send, &FlowOpen { destination, source, user: None }).await.is_err() {
+    if write_frame(&mut send, &FlowOpen { destination, source, user: None, protocol: Default::default() }).await.is_err() {
         return End::Tcp(stream).reset();
     }
     // bytes the server sent with its connect ride in the same TLS record as the request
@@ -481,7 +512,7 @@ async fn serve_socks(
         anyhow::bail!("no tunnel to the broker");
     };
     let (mut send, mut recv) = tunnel.open_bi().await?;
-    write_frame(&mut send, &FlowOpen { destination, source, user }).await?;
+    write_frame(&mut send, &FlowOpen { destination, source, user, protocol: Default::default() }).await?;
     let answer = tokio::time::timeout(FLOW_REPLY_TIMEOUT, reachback_tunnel::read_frame::<reachback_proto::FlowReply>(&mut recv)).await;
     match answer {
         Ok(Ok(Some(reachback_proto::FlowReply::Ok))) => {

@@ -12,4 +12,5 @@ mod replicas;
 mod secrets;
 mod socks5;
 mod tls;
+mod udp;
 mod walkthrough;
