@@ -249,10 +249,11 @@ async fn run_ingress(
         tracing::info!(address = %listener.local_addr()?, "SOCKS5 listener ready");
         let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
         let credentials = options.socks5_credentials.clone();
+        let ingress = udp::UdpIngress::new(options.udp.clone(), connection_rx.clone(), metrics);
         let accept = tokio::spawn(accept_loop(listener, connection_rx, move |stream, source, tunnel| {
-            let credentials = credentials.clone();
+            let (credentials, ingress) = (credentials.clone(), ingress.clone());
             async move {
-                if let Err(error) = serve_socks(stream, source, tunnel, credentials).await {
+                if let Err(error) = serve_socks(stream, source, tunnel, credentials, ingress).await {
                     tracing::debug!(%source, error = format!("{error:#}"), "SOCKS5 client dropped");
                 }
             }
@@ -456,6 +457,7 @@ async fn serve_socks(
     source: SocketAddr,
     tunnel: Option<Connection>,
     credentials: Option<Arc<Socks5Credentials>>,
+    ingress: Arc<udp::UdpIngress>,
 ) -> anyhow::Result<()> {
     use reachback_proto::socks5;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -502,6 +504,7 @@ async fn serve_socks(
     let request = tokio::time::timeout(Duration::from_secs(10), handshake).await.context("SOCKS5 handshake timed out")??;
     let destination = match request {
         socks5::SocksRequest::Connect(destination) => destination,
+        socks5::SocksRequest::UdpAssociate(_) => return udp::serve_socks_association(stream, source, ingress).await,
         socks5::SocksRequest::Refuse(code) => {
             stream.write_all(&socks5::reply(code)).await?;
             return Ok(());

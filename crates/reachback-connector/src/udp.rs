@@ -343,6 +343,63 @@ fn transparent_socket(local: SocketAddr, remote: SocketAddr) -> anyhow::Result<U
     Ok(UdpSocket::from_std(socket.into())?)
 }
 
+/// A SOCKS5 UDP ASSOCIATE (RFC 1928, section 7): a UDP relay socket on the
+/// address the client reached the listener by, told to the client; datagrams to
+/// it from the client's address (the first one fixes the client's port) carry
+/// their destination in a header and become UDP flows like intercepted ones;
+/// replies go back with the header naming their source. The association ends
+/// with the client's TCP connection; its flows then end at their idle timeout.
+pub async fn serve_socks_association(mut control: tokio::net::TcpStream, client: SocketAddr, ingress: Arc<UdpIngress>) -> anyhow::Result<()> {
+    use reachback_proto::socks5;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let local = control.local_addr()?;
+    let relay = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+        Ok(relay) => Arc::new(relay),
+        Err(error) => {
+            control.write_all(&socks5::reply(socks5::GENERAL_FAILURE)).await?;
+            anyhow::bail!("binding the UDP relay: {error}");
+        }
+    };
+    control.write_all(&socks5::associate_reply(relay.local_addr()?)).await?;
+    tracing::debug!(%client, relay = %relay.local_addr()?, "SOCKS5 UDP association");
+    let client_port = Arc::new(std::sync::atomic::AtomicU16::new(0));
+    let reply = {
+        let (relay, client_port) = (relay.clone(), client_port.clone());
+        Reply::Packet(Arc::new(move |from: SocketAddr, _to: SocketAddr, payload: &[u8]| {
+            let to = SocketAddr::new(client.ip(), client_port.load(Ordering::Relaxed));
+            let _ = socket2::SockRef::from(&*relay).send_to(&socks5::udp_datagram(from, payload), &to.into());
+        }))
+    };
+    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    let mut ignored = [0u8; 64];
+    loop {
+        tokio::select! {
+            // the association lives as long as its TCP connection (which carries nothing more)
+            read = control.read(&mut ignored) => match read {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            },
+            received = relay.recv_from(&mut buffer) => {
+                let Ok((length, source)) = received else { continue };
+                // only the client that asked, from one port (the first it sends from)
+                if source.ip() != client.ip() {
+                    continue;
+                }
+                let port = client_port.load(Ordering::Relaxed);
+                if port == 0 {
+                    client_port.store(source.port(), Ordering::Relaxed);
+                } else if port != source.port() {
+                    continue;
+                }
+                match socks5::parse_udp_datagram(&buffer[..length]) {
+                    Some((destination, payload)) => ingress.datagram(source, destination, payload, &reply),
+                    None => ingress.drop_datagram("malformed"),
+                }
+            }
+        }
+    }
+}
+
 /// The TPROXY listener for UDP: a transparent socket on the interception port that
 /// learns each datagram's original destination (IP_RECVORIGDSTADDR).
 pub fn transparent_listener(address: SocketAddr) -> anyhow::Result<UdpSocket> {

@@ -162,4 +162,48 @@ fn udp_flows_and_ipv6_addresses_reach_laptops_through_tproxy() {
     // both families at once
     assert_eq!(lab.curl("http://100.64.0.1:8000/hello.txt").0, 0);
     assert_eq!(dig(&lab, "100.64.0.1", "service.laptop.test"), "192.0.2.7");
+
+    // the SOCKS5 mode too: a second connector on the connector host, TCP (CONNECT) and UDP (UDP ASSOCIATE) to the IPv6 laptop
+    let (status, socks_connector) = lab.api("POST", "/connectors", Some(json!({"name": "socks connector"})));
+    assert_eq!(status, 201, "{socks_connector}");
+    let socks_key = socks_connector["provisioning_key"].as_str().expect("key").to_string();
+    let socks_state = lab.dir.0.join("connector-socks").to_string_lossy().into_owned();
+    let pin = lab.ca_pin.clone();
+    lab.spawn(
+        "connector-socks",
+        "conn",
+        &bin,
+        &["connector", "run", "--server", "https://10.77.2.2:8080", "--key", &socks_key, "--ca-pin", &pin, "--mode", "socks5", "--state-dir", &socks_state],
+    );
+    lab.wait_listening("conn", "127.0.0.1", 1080);
+    let over_socks = || {
+        let output = lab.run("conn", "curl", &["-sS", "-m", "10", "--socks5", "127.0.0.1:1080", "http://[fd7a:115c:a1e0::1]:8000/hello.txt"]);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    wait_for("curl over SOCKS5 to the IPv6 laptop", Duration::from_secs(20), || over_socks() == "hello from the client\n");
+    let output = lab.run("conn", "python3", &["-c", SOCKS_UDP_DNS]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "192.0.2.7",
+        "UDP ASSOCIATE to the IPv6 laptop's DNS: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
+
+/// A SOCKS5 UDP ASSOCIATE client asking the laptop's DNS server (on the IPv6
+/// virtual address, port 53) for `service.laptop.test`; prints the A record.
+const SOCKS_UDP_DNS: &str = r#"
+import ipaddress, socket, struct
+control = socket.create_connection(("127.0.0.1", 1080), timeout=5)
+control.sendall(b"\x05\x01\x00"); assert control.recv(2) == b"\x05\x00"
+control.sendall(b"\x05\x03\x00\x01" + bytes(6))
+reply = control.recv(10); assert reply[:4] == b"\x05\x00\x00\x01", reply
+relay = (socket.inet_ntoa(reply[4:8]), struct.unpack(">H", reply[8:10])[0])
+query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"".join(bytes([len(p)]) + p for p in [b"service", b"laptop", b"test"]) + b"\x00" + struct.pack(">HH", 1, 1)
+target = ipaddress.IPv6Address("fd7a:115c:a1e0::1").packed
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.settimeout(5)
+udp.sendto(b"\x00\x00\x00\x04" + target + struct.pack(">H", 53) + query, relay)
+answer = udp.recv(2048)
+assert answer[:4] == b"\x00\x00\x00\x04" and answer[4:20] == target, answer[:22]
+print(socket.inet_ntoa(answer[22:][-4:]))
+"#;
