@@ -152,6 +152,7 @@ pub struct RunOptions {
 /// Keeps the tunnel up until `shutdown` resolves or the broker revokes this device.
 pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let (mut state, _) = client::load_state(&options.state_dir)?;
+    reachback_tunnel::socket::raise_file_limit();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
     let options = std::sync::Arc::new(options);
     let mut shutdown = std::pin::pin!(shutdown);

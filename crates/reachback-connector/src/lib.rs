@@ -206,7 +206,7 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
     }
     ensure_enrolled(&options)?;
     let (state, _) = client::load_state(&options.state_dir)?;
-    raise_file_limit();
+    reachback_tunnel::socket::raise_file_limit();
     // DNS listens from the start (a bind failure stops the connector); answers begin
     // with the broker's snapshot and go on while the tunnel is down
     let names = Arc::new(dns::Names::default());
@@ -223,18 +223,6 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
         task.abort();
     }
     result
-}
-
-/// Each UDP flow holds a socket in tproxy mode: the soft limit on open files goes
-/// up to the hard one (often 1,024 → 524,288), so the flow cap is what limits.
-fn raise_file_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::debug!(%error, "could not raise the open-file limit");
-    }
 }
 
 async fn run_ingress(
