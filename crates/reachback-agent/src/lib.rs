@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reachback_policy::{PortRange, parse_port_range};
-use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply, Refusal};
+use reachback_proto::datagram::DatagramDecoder;
+use reachback_proto::{Backoff, ClientRole, FlowOpen, FlowReply, Refusal, Transport};
 pub use reachback_tunnel::client::is_enrolled;
 use reachback_tunnel::client::{self, EnrolledState};
 use reachback_tunnel::{ApiClient, ApiTrust, Connection, End, RecvStream, RelayOptions, SendStream, TunnelConnector, read_frame, write_frame};
@@ -35,12 +36,21 @@ pub struct EnrollOptions {
     pub force: bool,
 }
 
-/// Parses `22,445,3389,5985-5986`.
+/// Parses `22,445,3389,5985-5986` (`--allow-ports`).
 pub fn parse_allow_ports(text: &str) -> anyhow::Result<Vec<PortRange>> {
+    parse_ports("--allow-ports", text)
+}
+
+/// Parses `53,161-162` (`--allow-udp-ports`; empty: no UDP port).
+pub fn parse_allow_udp_ports(text: &str) -> anyhow::Result<Vec<PortRange>> {
+    parse_ports("--allow-udp-ports", text)
+}
+
+fn parse_ports(flag: &str, text: &str) -> anyhow::Result<Vec<PortRange>> {
     text.split(',')
         .map(str::trim)
         .filter(|part| !part.is_empty())
-        .map(|part| parse_port_range(part).map_err(|error| anyhow::anyhow!("--allow-ports: {error}")))
+        .map(|part| parse_port_range(part).map_err(|error| anyhow::anyhow!("{flag}: {error}")))
         .collect()
 }
 
@@ -129,6 +139,8 @@ pub fn enroll(options: &EnrollOptions) -> anyhow::Result<EnrolledState> {
 pub struct RunOptions {
     pub state_dir: PathBuf,
     pub allow_ports: Vec<PortRange>,
+    /// UDP ports flows may reach (none unless given)
+    pub allow_udp_ports: Vec<PortRange>,
     /// where allowed flows connect (127.0.0.1 by default)
     pub connect_host: IpAddr,
     /// this release, reported to the broker
@@ -140,6 +152,7 @@ pub struct RunOptions {
 /// Keeps the tunnel up until `shutdown` resolves or the broker revokes this device.
 pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let (mut state, _) = client::load_state(&options.state_dir)?;
+    reachback_tunnel::socket::raise_file_limit();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
     let options = std::sync::Arc::new(options);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -212,6 +225,9 @@ async fn serve_flow(mut send: SendStream, mut recv: RecvStream, options: std::sy
         Err(_) => return End::Stream { send, recv }.reset(),
     };
     let port = open.destination.port();
+    if open.protocol == Transport::Udp {
+        return serve_udp_flow(send, recv, open, options).await;
+    }
     if !options.allow_ports.iter().any(|range| range.contains(port)) {
         tracing::info!(port, source = %open.source, "flow refused: port not in the allow-list");
         return refuse(send, Refusal::PortNotAllowed).await;
@@ -234,6 +250,74 @@ async fn serve_flow(mut send: SendStream, mut recv: RecvStream, options: std::sy
     // the broker enforces the idle timeout; this bound only frees a forgotten flow
     let options = RelayOptions { idle_timeout: Duration::from_secs(7 * 86_400), await_reply: None, on_bytes: &|_, _| {}, on_accepted: &|| {} };
     reachback_tunnel::relay(End::Stream { send, recv }, End::Tcp(stream), options).await;
+}
+
+/// How long a UDP flow may stay silent at the agent. The connector ends idle flows
+/// (after its own, shorter, timeout); this only frees a flow it forgot.
+const UDP_BACKSTOP_IDLE: Duration = Duration::from_secs(3600);
+
+/// One UDP flow: check the port against the UDP allow-list, connect a UDP socket
+/// to the local port, then relay datagrams both ways until the connector ends the
+/// stream. Replies that find no credit on the tunnel are dropped, as are datagrams
+/// the local socket cannot take at once: UDP is never made to wait.
+async fn serve_udp_flow(mut send: SendStream, mut recv: RecvStream, open: FlowOpen, options: std::sync::Arc<RunOptions>) {
+    let port = open.destination.port();
+    if !options.allow_udp_ports.iter().any(|range| range.contains(port)) {
+        tracing::info!(port, source = %open.source, "UDP flow refused: port not in the UDP allow-list");
+        return refuse(send, Refusal::PortNotAllowed).await;
+    }
+    let target = std::net::SocketAddr::new(options.connect_host, port);
+    let bind: std::net::SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = match tokio::net::UdpSocket::bind(bind).await {
+        Ok(socket) => socket,
+        Err(error) => return refuse(send, Refusal::ConnectFailed { reason: error.to_string() }).await,
+    };
+    if let Err(error) = socket.connect(target).await {
+        return refuse(send, Refusal::ConnectFailed { reason: error.to_string() }).await;
+    }
+    if write_frame(&mut send, &FlowReply::Ok).await.is_err() {
+        return;
+    }
+    tracing::trace!(%target, source = %open.source, "UDP flow open");
+    let mut decoder = DatagramDecoder::new();
+    let (mut dropped, mut relayed) = (0u64, 0u64);
+    loop {
+        tokio::select! {
+            chunk = recv.read_chunk() => match chunk {
+                Ok(Some(chunk)) => {
+                    decoder.push(&chunk);
+                    while let Some(datagram) = decoder.next_datagram() {
+                        // straight to the non-blocking socket: tokio's try_send also waits for a
+                        // readiness event a new socket has not had yet
+                        let sent = socket2::SockRef::from(&socket).send(datagram);
+                        tracing::trace!(%target, length = datagram.len(), ok = sent.is_ok(), "datagram to the local service");
+                        match sent {
+                            Ok(_) => relayed += 1,
+                            // the local service is not there (ICMP unreachable): like UDP, nobody is told
+                            Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => dropped += 1,
+                            Err(_) => dropped += 1,
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return recv.stop(1),
+            },
+            received = reachback_tunnel::datagram::recv_framed(&socket) => {
+                // an error is an ICMP error from an earlier send; the socket goes on
+                if let Ok(frame) = received {
+                    tracing::trace!(%target, length = frame.len() - 2, "datagram from the local service");
+                    match send.try_write_whole(frame) {
+                        Ok(true) => relayed += 1,
+                        Ok(false) => dropped += 1,
+                        Err(_) => break,
+                    }
+                }
+            }
+            () = tokio::time::sleep(UDP_BACKSTOP_IDLE) => break,
+        }
+    }
+    tracing::trace!(%target, relayed, dropped, "UDP flow closed");
+    let _ = send.finish();
 }
 
 /// The default state directory of the agent.

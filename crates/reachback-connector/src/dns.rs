@@ -29,8 +29,51 @@ pub struct DnsOptions {
 pub struct Names {
     table: RwLock<Table>,
     staging: Mutex<Option<Table>>,
-    /// when the table last took a change (sync lag, for the log)
+    /// when the table last took a change
     updated: Mutex<Option<Instant>>,
+    /// microseconds from the last change's time in the store to the table holding it
+    lag_micros: std::sync::atomic::AtomicI64,
+    /// queries answered, by type and answer code
+    pub counts: QueryCounts,
+    /// queries dropped by the per-source rate limit
+    pub rate_limited: std::sync::atomic::AtomicU64,
+}
+
+/// The query types counted by name; the rest count as `other`.
+pub const COUNTED_TYPES: [(u16, &str); 7] = [(1, "A"), (28, "AAAA"), (12, "PTR"), (6, "SOA"), (2, "NS"), (255, "ANY"), (0, "other")];
+/// Answer codes 0–15, then queries handed to the upstream, then queries dropped unanswered.
+pub const OUTCOMES: usize = 18;
+pub const FORWARDED: usize = 16;
+pub const DROPPED: usize = 17;
+
+/// Counts of DNS queries by type and answer code: plain atomics on the answering
+/// path (no label look-up per query), read into Prometheus families on scrape.
+#[derive(Debug, Default)]
+pub struct QueryCounts {
+    cells: [[std::sync::atomic::AtomicU64; OUTCOMES]; COUNTED_TYPES.len()],
+}
+
+impl QueryCounts {
+    pub fn count(&self, qtype: u16, outcome: usize) {
+        let row = COUNTED_TYPES.iter().position(|(code, _)| *code == qtype).unwrap_or(COUNTED_TYPES.len() - 1);
+        if let Some(cell) = self.cells[row].get(outcome) {
+            cell.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Every non-zero count: (type name, outcome index, count).
+    pub fn snapshot(&self) -> Vec<(&'static str, usize, u64)> {
+        let mut counts = Vec::new();
+        for (row, (_, name)) in self.cells.iter().zip(COUNTED_TYPES) {
+            for (outcome, cell) in row.iter().enumerate() {
+                let value = cell.load(std::sync::atomic::Ordering::Relaxed);
+                if value > 0 {
+                    counts.push((name, outcome, value));
+                }
+            }
+        }
+        counts
+    }
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -91,6 +134,16 @@ impl Names {
             None => apply(&mut write(&self.table), &update),
         }
         *lock(&self.updated) = Some(Instant::now());
+        if let Some(changed) = update.changed_at_us {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_micros() as i64).unwrap_or(0);
+            self.lag_micros.store((now - changed).max(0), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Seconds from the last change's time at the server to the table holding it
+    /// (the clocks of server and connector are assumed in step, as NTP keeps them).
+    pub fn sync_lag_seconds(&self) -> f64 {
+        self.lag_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
     }
 
     /// The virtual ranges (their reverse names are answered).
@@ -160,8 +213,20 @@ async fn forward(upstream: SocketAddr, query: &[u8]) -> anyhow::Result<Vec<u8>> 
 fn answer(answerer: &Answerer, names: &Names, query: &[u8], transport: Transport) -> Outcome {
     let table = read(&names.table);
     let outcome = answerer.answer(&table, query, transport);
-    if let Outcome::Reply { rcode, qtype, .. } = &outcome {
-        tracing::trace!(rcode, qtype, "DNS answer");
+    drop(table);
+    match &outcome {
+        Outcome::Reply { rcode, qtype, .. } => {
+            tracing::trace!(rcode, qtype, "DNS answer");
+            // BADVERS (16) has a slot of its own; codes no answer here uses share one
+            let slot = match *rcode {
+                code @ 0..=5 => code as usize,
+                16 => 15,
+                _ => 14,
+            };
+            names.counts.count(*qtype, slot);
+        }
+        Outcome::Forward { qtype } => names.counts.count(*qtype, FORWARDED),
+        Outcome::Drop => names.counts.count(0, DROPPED),
     }
     outcome
 }
@@ -185,6 +250,7 @@ fn serve_udp(
             }
         };
         if !lock(&limiter).allow(source.ip(), Instant::now()) {
+            names.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             continue;
         }
         match answer(&answerer, &names, &buffer[..length], Transport::Udp) {
@@ -237,6 +303,7 @@ async fn serve_tcp(
                 let mut query = vec![0u8; u16::from_be_bytes(length) as usize];
                 let Ok(Ok(_)) = tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await else { return };
                 if !lock(&limiter).allow(source.ip(), Instant::now()) {
+                    names.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return;
                 }
                 let reply = match answer(&answerer, &names, &query, Transport::Tcp) {

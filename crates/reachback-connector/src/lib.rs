@@ -10,8 +10,10 @@
 //! each SYN only once the agent's local connect succeeded.
 
 pub mod dns;
+pub mod metrics;
 pub mod nft;
 pub mod tun;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +52,10 @@ pub struct RunOptions {
     pub socks5_credentials: Option<Arc<Socks5Credentials>>,
     /// DNS for client hostnames (`--dns-listen`), when set
     pub dns: Option<dns::DnsOptions>,
+    /// UDP flows (idle timeout, caps)
+    pub udp: udp::UdpOptions,
+    /// where `GET /metrics` is served, when set
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The users a SOCKS5 listener accepts: a file of `username:password` lines
@@ -206,15 +212,20 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
     }
     ensure_enrolled(&options)?;
     let (state, _) = client::load_state(&options.state_dir)?;
+    reachback_tunnel::socket::raise_file_limit();
     // DNS listens from the start (a bind failure stops the connector); answers begin
     // with the broker's snapshot and go on while the tunnel is down
     let names = Arc::new(dns::Names::default());
-    let dns_tasks = match &options.dns {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let mut tasks = match &options.dns {
         Some(dns_options) => dns::serve(dns_options.clone(), names.clone()).await?,
         None => Vec::new(),
     };
-    let result = run_ingress(&options, &state, names, shutdown).await;
-    for task in dns_tasks {
+    if let Some(listen) = options.metrics_listen {
+        tasks.push(metrics::serve(listen, metrics.clone(), names.clone()).await?);
+    }
+    let result = run_ingress(&options, &state, names, metrics, shutdown).await;
+    for task in tasks {
         task.abort();
     }
     result
@@ -224,6 +235,7 @@ async fn run_ingress(
     options: &RunOptions,
     state: &EnrolledState,
     names: Arc<dns::Names>,
+    metrics: Arc<metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     if let Some(listen) = options.socks5_listen {
@@ -231,10 +243,11 @@ async fn run_ingress(
         tracing::info!(address = %listener.local_addr()?, "SOCKS5 listener ready");
         let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
         let credentials = options.socks5_credentials.clone();
+        let ingress = udp::UdpIngress::new(options.udp.clone(), connection_rx.clone(), metrics);
         let accept = tokio::spawn(accept_loop(listener, connection_rx, move |stream, source, tunnel| {
-            let credentials = credentials.clone();
+            let (credentials, ingress) = (credentials.clone(), ingress.clone());
             async move {
-                if let Err(error) = serve_socks(stream, source, tunnel, credentials).await {
+                if let Err(error) = serve_socks(stream, source, tunnel, credentials, ingress).await {
                     tracing::debug!(%source, error = format!("{error:#}"), "SOCKS5 client dropped");
                 }
             }
@@ -247,7 +260,8 @@ async fn run_ingress(
         // the device is up before the tunnel: routes follow the ranges of each welcome
         let tun = Arc::new(tun::TunIngress::create(tun_options)?);
         let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
-        let driver = tokio::spawn(tun.clone().drive(connection_rx));
+        let udp = udp::UdpIngress::new(options.udp.clone(), connection_rx.clone(), metrics);
+        let driver = tokio::spawn(tun.clone().drive(connection_rx, udp));
         let result = tunnel_loop(state, options, Interception::Tun(tun.clone()), names, connection_tx, shutdown).await;
         driver.abort();
         tun.close();
@@ -262,6 +276,13 @@ async fn run_ingress(
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         accept_tasks.push(tokio::spawn(accept_loop(listener, connection_rx.clone(), serve_connection)));
+    }
+    // UDP to the same port: TPROXY hands each flow's first datagram to these listeners
+    let ingress = udp::UdpIngress::new(options.udp.clone(), connection_rx.clone(), metrics);
+    accept_tasks.push(tokio::spawn(udp::serve_transparent(udp::transparent_listener(SocketAddr::from(([0, 0, 0, 0], options.tproxy_port)))?, ingress.clone())));
+    match udp::transparent_listener(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, options.tproxy_port))) {
+        Ok(listener) => accept_tasks.push(tokio::spawn(udp::serve_transparent(listener, ingress.clone()))),
+        Err(error) => tracing::info!(error = format!("{error:#}"), "no IPv6 UDP interception"),
     }
     let routing = Arc::new(options.routing.clone());
     let result = tunnel_loop(state, options, Interception::Tproxy(routing.clone()), names, connection_tx, shutdown).await;
@@ -417,7 +438,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, source: SocketAddr, tun
             return End::Tcp(stream).reset();
         }
     };
-    if write_frame(&mut send, &FlowOpen { destination, source, user: None }).await.is_err() {
+    if write_frame(&mut send, &FlowOpen { destination, source, user: None, protocol: Default::default() }).await.is_err() {
         return End::Tcp(stream).reset();
     }
     // bytes the server sent with its connect ride in the same TLS record as the request
@@ -476,6 +497,7 @@ async fn serve_socks(
     source: SocketAddr,
     tunnel: Option<Connection>,
     credentials: Option<Arc<Socks5Credentials>>,
+    ingress: Arc<udp::UdpIngress>,
 ) -> anyhow::Result<()> {
     use reachback_proto::socks5;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -522,6 +544,7 @@ async fn serve_socks(
     let request = tokio::time::timeout(Duration::from_secs(10), handshake).await.context("SOCKS5 handshake timed out")??;
     let destination = match request {
         socks5::SocksRequest::Connect(destination) => destination,
+        socks5::SocksRequest::UdpAssociate(_) => return udp::serve_socks_association(stream, source, ingress).await,
         socks5::SocksRequest::Refuse(code) => {
             stream.write_all(&socks5::reply(code)).await?;
             return Ok(());
@@ -532,7 +555,7 @@ async fn serve_socks(
         anyhow::bail!("no tunnel to the broker");
     };
     let (mut send, mut recv) = tunnel.open_bi().await?;
-    write_frame(&mut send, &FlowOpen { destination, source, user }).await?;
+    write_frame(&mut send, &FlowOpen { destination, source, user, protocol: Default::default() }).await?;
     let answer = tokio::time::timeout(FLOW_REPLY_TIMEOUT, reachback_tunnel::read_frame::<reachback_proto::FlowReply>(&mut recv)).await;
     match answer {
         Ok(Ok(Some(reachback_proto::FlowReply::Ok))) => {

@@ -1,5 +1,5 @@
-//! The interception rules: an nftables table with TPROXY rules for the virtual
-//! ranges, and policy routing that delivers marked packets locally. Applied with
+//! The interception rules: an nftables table with TPROXY rules (TCP and UDP) for
+//! the virtual ranges, and policy routing that delivers marked packets locally. Applied with
 //! the `nft` and `ip` tools (nftables and iproute2), replaced as a whole when the
 //! ranges change, removed on exit.
 
@@ -31,11 +31,15 @@ pub fn ruleset(routing: &Routing, ranges: &[String], port: u16) -> String {
     );
     if !v4.is_empty() {
         let set = v4.iter().map(|range| range.as_str()).collect::<Vec<_>>().join(", ");
-        script.push_str(&format!("    ip daddr {{ {set} }} meta l4proto tcp tproxy ip to :{port} meta mark set {:#x} accept\n", routing.fwmark));
+        for protocol in ["tcp", "udp"] {
+            script.push_str(&format!("    ip daddr {{ {set} }} meta l4proto {protocol} tproxy ip to :{port} meta mark set {:#x} accept\n", routing.fwmark));
+        }
     }
     if !v6.is_empty() {
         let set = v6.iter().map(|range| range.as_str()).collect::<Vec<_>>().join(", ");
-        script.push_str(&format!("    ip6 daddr {{ {set} }} meta l4proto tcp tproxy ip6 to :{port} meta mark set {:#x} accept\n", routing.fwmark));
+        for protocol in ["tcp", "udp"] {
+            script.push_str(&format!("    ip6 daddr {{ {set} }} meta l4proto {protocol} tproxy ip6 to :{port} meta mark set {:#x} accept\n", routing.fwmark));
+        }
     }
     script.push_str("  }\n}\n");
     script
@@ -98,7 +102,9 @@ mod tests {
             script,
             "table inet reachback\ndelete table inet reachback\ntable inet reachback {\n  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n    \
              ip daddr { 100.64.0.0/16, 100.65.0.10-100.65.0.200 } meta l4proto tcp tproxy ip to :15001 meta mark set 0x1 accept\n    \
-             ip6 daddr { fd7a:115c::/64 } meta l4proto tcp tproxy ip6 to :15001 meta mark set 0x1 accept\n  }\n}\n"
+             ip daddr { 100.64.0.0/16, 100.65.0.10-100.65.0.200 } meta l4proto udp tproxy ip to :15001 meta mark set 0x1 accept\n    \
+             ip6 daddr { fd7a:115c::/64 } meta l4proto tcp tproxy ip6 to :15001 meta mark set 0x1 accept\n    \
+             ip6 daddr { fd7a:115c::/64 } meta l4proto udp tproxy ip6 to :15001 meta mark set 0x1 accept\n  }\n}\n"
         );
     }
 }

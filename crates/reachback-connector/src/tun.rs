@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use reachback_proto::{Flow, FlowAction, FlowEvent, FlowOpen, FlowReply, Side};
+use reachback_proto::{Flow, FlowAction, FlowEvent, FlowOpen, FlowReply, Side, Transport};
 use reachback_tunnel::{Connection, End, RecvStream, SendStream, write_frame};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, watch};
@@ -187,6 +187,8 @@ impl TunIngress {
             packets_out = counters.packets_out,
             flows_opened = counters.opened,
             flows_refused = counters.refused,
+            udp_in = counters.udp_in,
+            udp_out = counters.udp_out,
             dropped = counters.dropped(),
             dropped_malformed = counters.dropped_malformed,
             dropped_protocol = counters.dropped_protocol,
@@ -202,16 +204,23 @@ impl TunIngress {
     }
 
     /// Reads the device until the task is aborted; each connection attempt is
-    /// asked of the tunnel of the moment.
-    pub async fn drive(self: Arc<Self>, connection: watch::Receiver<Option<Connection>>) {
+    /// asked of the tunnel of the moment, UDP datagrams go to the UDP flows, whose
+    /// replies come back here as packets.
+    pub async fn drive(self: Arc<Self>, connection: watch::Receiver<Option<Connection>>, udp: Arc<crate::udp::UdpIngress>) {
         let shared = self.shared.clone();
+        let writer = Arc::downgrade(&shared);
+        let reply = crate::udp::Reply::Packet(Arc::new(move |from, to, payload: &[u8]| {
+            let Some(shared) = writer.upgrade() else { return };
+            if let Err(error) = shared.with(|stack, _| stack.push_udp(from, to, payload)) {
+                tracing::trace!(%from, %to, ?error, "UDP reply not sent");
+            }
+        }));
         let mtu = lock(&shared.state).stack.mtu();
         // one read: the offload header and up to 64 KiB, split into segments of at most the MTU each
         // (zeroed allocations: pages are touched only as packets fill them)
         let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
         let mut segments: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE).map(|_| vec![0u8; mtu]).collect();
         let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-        let mut events = Vec::new();
         let mut last_report = (Instant::now(), stack::Counters::default());
         loop {
             let deadline = lock(&shared.state).stack.next_timer().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -224,13 +233,20 @@ impl TunIngress {
                     let now = Instant::now();
                     let mut locked = lock(&shared.state);
                     for _ in 0..READ_BATCH {
-                        match guard.try_io(|device| device.get_ref().recv_multiple(&mut original, &mut segments, &mut sizes, 0)) {
+                        let read = guard.try_io(|device| device.get_ref().recv_multiple(&mut original, &mut segments, &mut sizes, 0));
+                        match read {
                             Ok(Ok(count)) => {
                                 for (segment, &size) in segments.iter().zip(&sizes).take(count) {
                                     let packet = segment.get(..size).unwrap_or_default();
                                     tracing::trace!(length = size, "packet from the TUN device");
-                                    if let Some(event) = locked.stack.ingress(packet, now) {
-                                        events.push(event);
+                                    match locked.stack.ingress(packet, now) {
+                                        None => {}
+                                        // the task runs once this step lets go of the stack
+                                        Some(Event::Open(key)) => {
+                                            tokio::spawn(open_flow(shared.clone(), key, connection.borrow().clone()));
+                                        }
+                                        // the UDP flows take the datagram or drop it (counted there), never waiting
+                                        Some(Event::Udp { source, destination, payload }) => udp.datagram(source, destination, payload, &reply),
                                     }
                                 }
                             }
@@ -246,17 +262,6 @@ impl TunIngress {
                     locked.stack.egress_dirty(now);
                     shared.flush(&mut locked);
                     drop(locked);
-                    for event in events.drain(..) {
-                        match event {
-                            Event::Open(key) => {
-                                let tunnel = connection.borrow().clone();
-                                tokio::spawn(open_flow(shared.clone(), key, tunnel));
-                            }
-                            Event::Udp { source, destination, payload } => {
-                                tracing::trace!(%source, %destination, length = payload.len(), "UDP datagram to a virtual address dropped (no UDP flows yet)");
-                            }
-                        }
-                    }
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     shared.with(|stack, now| stack.poll_timers(now));
@@ -313,7 +318,7 @@ async fn open_flow(shared: Arc<Shared>, key: FlowKey, tunnel: Option<Connection>
 async fn ask_broker(key: FlowKey, tunnel: Option<Connection>) -> Result<(SendStream, RecvStream), String> {
     let Some(tunnel) = tunnel else { return Err("no tunnel to the broker".into()) };
     let (mut send, mut recv) = tunnel.open_bi().await.map_err(|error| format!("no stream to the broker: {error}"))?;
-    if let Err(error) = write_frame(&mut send, &FlowOpen { destination: key.destination, source: key.source, user: None }).await {
+    if let Err(error) = write_frame(&mut send, &FlowOpen { destination: key.destination, source: key.source, user: None, protocol: Transport::Tcp }).await {
         End::Stream { send, recv }.reset();
         return Err(format!("the flow request was not sent: {error}"));
     }

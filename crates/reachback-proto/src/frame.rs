@@ -88,7 +88,8 @@ mod tests {
 
     #[test]
     fn round_trip_in_pieces() {
-        let open = FlowOpen { destination: "100.64.0.7:22".parse().unwrap(), source: "10.0.0.5:40000".parse().unwrap(), user: None };
+        let open =
+            FlowOpen { destination: "100.64.0.7:22".parse().unwrap(), source: "10.0.0.5:40000".parse().unwrap(), user: None, protocol: Default::default() };
         let bytes = [encode(&open), encode(&open)].concat();
         let mut decoder = FrameDecoder::new();
         let mut decoded = Vec::new();

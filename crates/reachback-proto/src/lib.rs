@@ -8,9 +8,11 @@
 //! streams ([`mux`]). Its first stream, opened by the agent or connector, is the
 //! *control stream* ([`Control`] messages). Every relayed TCP flow is a further bidirectional stream that starts
 //! with one [`FlowOpen`] frame and one [`FlowReply`] frame the other way, then
-//! carries the flow's bytes unframed.
+//! carries the flow's bytes unframed; a UDP flow's stream carries its datagrams
+//! ([`datagram`]).
 
 mod backoff;
+pub mod datagram;
 mod flow;
 mod frame;
 mod liveness;
@@ -23,7 +25,7 @@ pub use backoff::Backoff;
 pub use flow::{Flow, FlowAction, FlowEvent, FlowPhase, Side};
 pub use frame::{FRAME_HEADER, FrameDecoder, FrameError, MAX_FRAME, decode_body, decode_length, encode};
 pub use liveness::{Liveness, LivenessAction};
-pub use message::{ClientRole, Control, FlowOpen, FlowReply, NAME_UPDATE_BUDGET, NameUpdate, Refusal, Welcome};
+pub use message::{ClientRole, Control, FlowOpen, FlowReply, NAME_UPDATE_BUDGET, NameUpdate, Refusal, Transport, Welcome};
 
 /// The ALPN protocol id of the tunnel.
 /// Version 2: the multiplexer has a connection-level window (peers of version 1 would stall).

@@ -90,6 +90,10 @@ pub struct NameUpdate {
     /// virtual ranges deleted: every name whose address lies in one goes
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unbind_ranges: Vec<String>,
+    /// when the newest change carried here was made at the server (microseconds
+    /// since the Unix epoch): the connector's sync lag is its clock minus this
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_at_us: Option<i64>,
 }
 
 /// How many bytes of entries a [`NameUpdate`] carries at most, so its frame stays
@@ -143,6 +147,31 @@ pub struct FlowOpen {
     /// the name a SOCKS5 client authenticated with (RFC 1929), when it did
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// TCP (a byte stream follows) or UDP (datagrams follow, see [`crate::datagram`])
+    #[serde(default, skip_serializing_if = "Transport::is_tcp")]
+    pub protocol: Transport,
+}
+
+/// The transport protocol of a flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    pub fn is_tcp(&self) -> bool {
+        *self == Transport::Tcp
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
 }
 
 /// Why a flow was not opened.

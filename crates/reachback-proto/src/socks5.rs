@@ -1,5 +1,6 @@
 //! SOCKS5 (RFC 1928) as the connector's unprivileged ingress speaks it: no
-//! authentication on loopback, username/password (RFC 1929) required elsewhere, CONNECT only, IPv4 and IPv6 destinations (and domain names that
+//! authentication on loopback, username/password (RFC 1929) required elsewhere,
+//! CONNECT and UDP ASSOCIATE, IPv4 and IPv6 destinations (and domain names that
 //! are address literals). Parsing only; the shell reads the bytes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -10,6 +11,8 @@ use crate::Refusal;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SocksRequest {
     Connect(SocketAddr),
+    /// UDP ASSOCIATE: the address the client says it will send from (often all zeros)
+    UdpAssociate(SocketAddr),
     Refuse(u8),
 }
 
@@ -78,32 +81,95 @@ pub fn request_length(head: [u8; 5]) -> Option<usize> {
     }
 }
 
+/// Reads `ATYP ADDR PORT` at the start of `bytes`: the address (`None` when it
+/// is a name that is no address literal, or an unknown type) and the bytes used;
+/// `Err` with a reply code when the bytes are cut short or the type is unknown.
+fn parse_address(bytes: &[u8]) -> Result<(Option<IpAddr>, usize), u8> {
+    let (&kind, rest) = bytes.split_first().ok_or(GENERAL_FAILURE)?;
+    let (address, length) = match kind {
+        1 => (rest.get(..4).and_then(|bytes| <[u8; 4]>::try_from(bytes).ok()).map(|octets| IpAddr::V4(Ipv4Addr::from(octets))), 4),
+        4 => (rest.get(..16).and_then(|bytes| <[u8; 16]>::try_from(bytes).ok()).map(|octets| IpAddr::V6(Ipv6Addr::from(octets))), 16),
+        // a name is accepted when it is an address literal; client DNS names are not resolved here
+        3 => {
+            let length = *rest.first().ok_or(GENERAL_FAILURE)? as usize;
+            (rest.get(1..1 + length).and_then(|name| std::str::from_utf8(name).ok()).and_then(|name| name.parse().ok()), 1 + length)
+        }
+        _ => return Err(ADDRESS_NOT_SUPPORTED),
+    };
+    if rest.len() < length + 2 {
+        return Err(GENERAL_FAILURE);
+    }
+    Ok((address, 1 + length))
+}
+
+/// Reads `ATYP ADDR PORT` at the start of `bytes` into an address and port and the bytes used.
+fn parse_endpoint(bytes: &[u8]) -> Result<(Option<SocketAddr>, usize), u8> {
+    let (address, used) = parse_address(bytes)?;
+    let port = bytes.get(used..used + 2).and_then(|bytes| <[u8; 2]>::try_from(bytes).ok()).map(u16::from_be_bytes).ok_or(GENERAL_FAILURE)?;
+    Ok((address.map(|address| SocketAddr::new(address, port)), used + 2))
+}
+
 /// Parses a complete request.
 pub fn parse_request(request: &[u8]) -> SocksRequest {
-    let (Some(&command), Some(&kind)) = (request.get(1), request.get(3)) else { return SocksRequest::Refuse(GENERAL_FAILURE) };
-    let port_at = request.len().saturating_sub(2);
-    let Some(port) = request.get(port_at..).and_then(|bytes| bytes.try_into().ok()).map(u16::from_be_bytes) else {
-        return SocksRequest::Refuse(GENERAL_FAILURE);
+    let (Some(&command), Some(rest)) = (request.get(1), request.get(3..)) else { return SocksRequest::Refuse(GENERAL_FAILURE) };
+    let address = match parse_endpoint(rest) {
+        Ok((_, used)) if used != rest.len() => return SocksRequest::Refuse(GENERAL_FAILURE),
+        Ok((address, _)) => address,
+        Err(code) => return SocksRequest::Refuse(code),
     };
-    let address = match kind {
-        1 => request.get(4..8).and_then(|bytes| <[u8; 4]>::try_from(bytes).ok()).map(|octets| IpAddr::V4(Ipv4Addr::from(octets))),
-        4 => request.get(4..20).and_then(|bytes| <[u8; 16]>::try_from(bytes).ok()).map(|octets| IpAddr::V6(Ipv6Addr::from(octets))),
-        // a name is accepted when it is an address literal; client DNS names are not resolved here
-        3 => request.get(5..port_at).and_then(|name| std::str::from_utf8(name).ok()).and_then(|name| name.parse().ok()),
-        _ => return SocksRequest::Refuse(ADDRESS_NOT_SUPPORTED),
-    };
-    if command != 1 {
-        return SocksRequest::Refuse(COMMAND_NOT_SUPPORTED);
-    }
-    match address {
-        Some(address) => SocksRequest::Connect(SocketAddr::new(address, port)),
-        None => SocksRequest::Refuse(ADDRESS_NOT_SUPPORTED),
+    match (command, address) {
+        (1, Some(address)) => SocksRequest::Connect(address),
+        (3, Some(address)) => SocksRequest::UdpAssociate(address),
+        (1 | 3, None) => SocksRequest::Refuse(ADDRESS_NOT_SUPPORTED),
+        _ => SocksRequest::Refuse(COMMAND_NOT_SUPPORTED),
     }
 }
 
 /// The reply to a request (bound address left unspecified).
 pub fn reply(code: u8) -> [u8; 10] {
     [5, code, 0, 1, 0, 0, 0, 0, 0, 0]
+}
+
+/// The success reply to UDP ASSOCIATE: where the client sends its datagrams.
+pub fn associate_reply(relay: SocketAddr) -> Vec<u8> {
+    let mut reply = vec![5, SUCCEEDED, 0];
+    push_endpoint(&mut reply, relay);
+    reply
+}
+
+fn push_endpoint(bytes: &mut Vec<u8>, endpoint: SocketAddr) {
+    match endpoint.ip() {
+        IpAddr::V4(address) => {
+            bytes.push(1);
+            bytes.extend_from_slice(&address.octets());
+        }
+        IpAddr::V6(address) => {
+            bytes.push(4);
+            bytes.extend_from_slice(&address.octets());
+        }
+    }
+    bytes.extend_from_slice(&endpoint.port().to_be_bytes());
+}
+
+/// A datagram from a UDP ASSOCIATE client, `RSV RSV FRAG ATYP ADDR PORT DATA`:
+/// its destination and payload. `None` for what is dropped: malformed, a
+/// fragment (FRAG ≠ 0; RFC 1928 lets a server drop them), or a destination that
+/// is a name.
+pub fn parse_udp_datagram(datagram: &[u8]) -> Option<(SocketAddr, &[u8])> {
+    if datagram.get(..3)? != [0, 0, 0] {
+        return None;
+    }
+    let (destination, used) = parse_endpoint(datagram.get(3..)?).ok()?;
+    Some((destination?, datagram.get(3 + used..)?))
+}
+
+/// A reply datagram to a UDP ASSOCIATE client: the header naming where it came from, then the payload.
+pub fn udp_datagram(from: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut datagram = Vec::with_capacity(22 + payload.len());
+    datagram.extend_from_slice(&[0, 0, 0]);
+    push_endpoint(&mut datagram, from);
+    datagram.extend_from_slice(payload);
+    datagram
 }
 
 /// The reply code for a refused flow.
@@ -149,10 +215,31 @@ mod tests {
         assert_eq!(parse_request(&name), SocksRequest::Refuse(ADDRESS_NOT_SUPPORTED));
         let bind = [5, 2, 0, 1, 100, 64, 0, 7, 0, 80];
         assert_eq!(parse_request(&bind), SocksRequest::Refuse(COMMAND_NOT_SUPPORTED));
+        let associate = [5, 3, 0, 1, 0, 0, 0, 0, 0, 0];
+        assert_eq!(parse_request(&associate), SocksRequest::UdpAssociate("0.0.0.0:0".parse().unwrap_or_else(|_| unreachable!())));
+        assert_eq!(parse_request(&[5, 1, 0, 1, 100, 64, 0, 7, 0]), SocksRequest::Refuse(GENERAL_FAILURE), "cut short");
         assert_eq!(request_length([5, 1, 1, 1, 0]), None, "reserved byte must be 0");
         assert_eq!(request_length([5, 1, 0, 9, 0]), None);
         assert_eq!(reply(SUCCEEDED)[1], 0);
         assert_eq!(refusal_code(&Refusal::Denied { rule: None }), NOT_ALLOWED);
+    }
+
+    #[test]
+    fn udp_associate_datagrams_both_ways() {
+        let from: SocketAddr = "[fd7a:115c:a1e0::1]:53".parse().unwrap_or_else(|_| unreachable!());
+        let reply = udp_datagram(from, b"answer");
+        assert_eq!(reply.len(), 3 + 1 + 16 + 2 + 6);
+        assert_eq!(parse_udp_datagram(&reply), Some((from, &b"answer"[..])), "what goes out parses back");
+        let v4 = [0, 0, 0, 1, 100, 64, 0, 1, 0, 53, b'q'];
+        assert_eq!(parse_udp_datagram(&v4), Some(("100.64.0.1:53".parse().unwrap_or_else(|_| unreachable!()), &b"q"[..])));
+        assert_eq!(parse_udp_datagram(&[0, 0, 0, 1, 100, 64, 0, 1, 0, 53]).map(|(_, payload)| payload.len()), Some(0), "an empty payload");
+        assert_eq!(parse_udp_datagram(&[0, 0, 1, 1, 100, 64, 0, 1, 0, 53, b'q']), None, "a fragment is dropped");
+        assert_eq!(parse_udp_datagram(&[0, 0, 0, 1, 100, 64, 0]), None, "cut short");
+        let mut name = vec![0, 0, 0, 3, 7];
+        name.extend_from_slice(b"a.b.com");
+        name.extend_from_slice(&[0, 53, b'q']);
+        assert_eq!(parse_udp_datagram(&name), None, "names are not resolved");
+        assert_eq!(associate_reply("10.0.0.1:4000".parse().unwrap_or_else(|_| unreachable!())), vec![5, 0, 0, 1, 10, 0, 0, 1, 0x0f, 0xa0]);
     }
 
     #[test]
@@ -174,6 +261,7 @@ mod tests {
                 let _ = parse_request(&bytes);
                 let _ = choose_method(&bytes, true);
                 let _ = parse_password_request(&bytes);
+                let _ = parse_udp_datagram(&bytes);
             }
         }
     }

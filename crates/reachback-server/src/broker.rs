@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reachback_policy::{Action, FlowFacts, PolicySet, Protocol};
-use reachback_proto::{ClientRole, Control, FlowOpen, FlowReply, Liveness, LivenessAction, NameUpdate, Refusal, Side, Welcome};
+use reachback_proto::{ClientRole, Control, FlowOpen, FlowReply, Liveness, LivenessAction, NameUpdate, Refusal, Side, Transport, Welcome};
 use reachback_store::{ClientSessionRow, new_id, now_micros};
 use reachback_tunnel::tls::CertificateSlot;
 use reachback_tunnel::{Connection, End, PeerIdentity, RecvStream, SendStream, TunnelListener, read_frame, write_frame};
 
-use crate::state::{AppState, SharedState};
+use crate::state::{AppState, FlowMetrics, SharedState};
 
 /// How long an agent has to answer a flow request (its local connect included).
 pub const FLOW_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -655,16 +655,21 @@ pub async fn feed_names(state: std::sync::Weak<AppState>) {
         pushed.retain(|(_, at)| *at >= since - 2_000_000);
         let mut bind = Vec::new();
         let mut unbind = Vec::new();
+        let mut newest = None;
         for change in changes {
             if !pushed.insert((change.ip.clone(), change.last_updated)) {
                 continue;
             }
+            newest = newest.max(Some(change.last_updated));
             match change.hostname {
                 Some(hostname) => bind.push((hostname, change.ip)),
                 None => unbind.push(change.ip),
             }
         }
         let mut updates = NameUpdate::chunks(bind, unbind);
+        for chunk in &mut updates {
+            chunk.changed_at_us = newest;
+        }
         if update.zones.is_some() || !update.unbind_ranges.is_empty() {
             updates.insert(0, update);
         }
@@ -757,8 +762,8 @@ async fn serve_connector(
     result
 }
 
-fn count_failure(state: &AppState, reason: &str) {
-    state.metrics.flows_failed.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc();
+fn count_failure(metrics: &FlowMetrics, reason: &str) {
+    metrics.failed.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc();
 }
 
 async fn reply(send: &mut SendStream, reply: &FlowReply) {
@@ -773,28 +778,32 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
             tracing::info!(connector_id = %connector_id, error = %error, "bad flow request refused");
-            count_failure(&state, "bad_request");
+            count_failure(&state.metrics.tcp, "bad_request");
             reply(&mut send, &FlowReply::Refused(Refusal::BadRequest { reason: error.to_string() })).await;
             let _ = send.finish();
             return;
         }
         Err(_) => {
-            count_failure(&state, "timeout");
+            count_failure(&state.metrics.tcp, "timeout");
             End::Stream { send, recv }.reset();
             return;
         }
     };
     let destination = open.destination;
+    let (metrics, protocol) = match open.protocol {
+        Transport::Tcp => (&state.metrics.tcp, Protocol::Tcp),
+        Transport::Udp => (&state.metrics.udp, Protocol::Udp),
+    };
     let agent = read(&state.broker.agents).get(&destination.ip()).cloned();
     let Some(agent) = agent else {
         tracing::debug!(%destination, source = %open.source, "flow to an address no live agent holds");
-        count_failure(&state, "offline");
+        count_failure(metrics, "offline");
         reply(&mut send, &FlowReply::Refused(Refusal::Offline)).await;
         let _ = send.finish();
         return;
     };
     let facts = FlowFacts {
-        protocol: Protocol::Tcp,
+        protocol,
         source: open.source.ip(),
         destination: destination.ip(),
         port: destination.port(),
@@ -809,8 +818,8 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
         tracing::debug!(%destination, source = %open.source, user = %user, "flow from an authenticated SOCKS5 user");
     }
     if decision.action == Action::Deny {
-        state.metrics.flows_denied.inc();
-        tracing::info!(%destination, source = %open.source, connector_id = %connector_id, rule = decision.rule_name.as_deref().unwrap_or("default deny"), "flow denied");
+        metrics.denied.inc();
+        tracing::info!(%destination, source = %open.source, connector_id = %connector_id, protocol = open.protocol.as_str(), rule = decision.rule_name.as_deref().unwrap_or("default deny"), "flow denied");
         reply(&mut send, &FlowReply::Refused(Refusal::Denied { rule: decision.rule_name })).await;
         let _ = send.finish();
         return;
@@ -819,20 +828,20 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
         Ok(stream) => stream,
         Err(error) => {
             tracing::info!(%destination, error = %error, "the agent's tunnel failed");
-            count_failure(&state, "agent_error");
+            count_failure(metrics, "agent_error");
             reply(&mut send, &FlowReply::Refused(Refusal::ConnectFailed { reason: "the agent's tunnel failed".into() })).await;
             let _ = send.finish();
             return;
         }
     };
     if write_frame(&mut agent_send, &open).await.is_err() {
-        count_failure(&state, "agent_error");
+        count_failure(metrics, "agent_error");
         End::Stream { send, recv }.reset();
         return;
     }
     tracing::trace!(%destination, source = %open.source, "flow requested at the agent");
-    let to_client = state.metrics.bytes_relayed.get_or_create(&vec![("direction".to_string(), "to_client".to_string())]).clone();
-    let to_server = state.metrics.bytes_relayed.get_or_create(&vec![("direction".to_string(), "to_server".to_string())]).clone();
+    let to_client = metrics.bytes_relayed.get_or_create(&vec![("direction".to_string(), "to_client".to_string())]).clone();
+    let to_server = metrics.bytes_relayed.get_or_create(&vec![("direction".to_string(), "to_server".to_string())]).clone();
     let on_bytes = move |side: Side, length: u64| {
         match side {
             Side::Server => to_client.inc_by(length),
@@ -842,9 +851,9 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
     let accepted = std::sync::atomic::AtomicBool::new(false);
     let on_accepted = || {
         accepted.store(true, std::sync::atomic::Ordering::Relaxed);
-        state.metrics.flow_setup_seconds.observe(started.elapsed().as_secs_f64());
-        state.metrics.flows_opened.inc();
-        state.metrics.flows_active.inc();
+        metrics.setup_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.opened.inc();
+        metrics.active.inc();
     };
     // the connector's first bytes travel to the agent with the request; the agent's
     // answer comes back through the relay and is passed on to the connector
@@ -856,14 +865,14 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
     };
     let totals = reachback_tunnel::relay(End::Stream { send, recv }, End::Stream { send: agent_send, recv: agent_recv }, options).await;
     if accepted.load(std::sync::atomic::Ordering::Relaxed) {
-        state.metrics.flows_active.dec();
+        metrics.active.dec();
     } else {
         let reason = match &totals.refusal {
             Some(Refusal::PortNotAllowed) => "port_not_allowed",
             Some(_) => "connect_failed",
             None => "timeout",
         };
-        count_failure(&state, reason);
+        count_failure(metrics, reason);
         tracing::debug!(%destination, refusal = ?totals.refusal, "the agent did not take the flow");
     }
     tracing::trace!(%destination, up = totals.server_to_client, down = totals.client_to_server, clean = totals.clean, "flow closed");

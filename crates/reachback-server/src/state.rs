@@ -199,13 +199,51 @@ pub struct Metrics {
     pub enroll_batch_seconds: Histogram,
     pub client_sessions: Gauge,
     pub connectors_online: Gauge,
-    pub flows_opened: Counter,
-    pub flows_active: Gauge,
-    pub flows_denied: Counter,
-    pub flows_failed: Family<Vec<(String, String)>, Counter>,
-    pub bytes_relayed: Family<Vec<(String, String)>, Counter>,
-    pub flow_setup_seconds: Histogram,
+    /// TCP flows (`reachback_flows_*`, `reachback_bytes_relayed_total`)
+    pub tcp: FlowMetrics,
+    /// UDP flows (the same under `reachback_udp_`)
+    pub udp: FlowMetrics,
     pub certificates_renewed: Counter,
+}
+
+/// The broker's counters for the flows of one protocol.
+#[derive(Clone, Debug)]
+pub struct FlowMetrics {
+    pub opened: Counter,
+    pub active: Gauge,
+    pub denied: Counter,
+    pub failed: Family<Vec<(String, String)>, Counter>,
+    pub bytes_relayed: Family<Vec<(String, String)>, Counter>,
+    pub setup_seconds: Histogram,
+}
+
+impl FlowMetrics {
+    /// Registers the family under `prefix` (`""` for TCP, `"udp_"`), `what` naming the flows in the help texts.
+    fn register(registry: &mut Registry, prefix: &str, what: &str) -> FlowMetrics {
+        let metrics = FlowMetrics {
+            opened: Counter::default(),
+            active: Gauge::default(),
+            denied: Counter::default(),
+            failed: Family::default(),
+            bytes_relayed: Family::default(),
+            setup_seconds: Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+        };
+        registry.register(format!("{prefix}flows_opened"), format!("{what} relayed to an agent"), metrics.opened.clone());
+        registry.register(format!("{prefix}flows_active"), format!("{what} being relayed now"), metrics.active.clone());
+        registry.register(format!("{prefix}flows_denied"), format!("{what} refused by the access policy"), metrics.denied.clone());
+        registry.register(format!("{prefix}flows_failed"), format!("{what} that could not be opened, by reason"), metrics.failed.clone());
+        registry.register(
+            format!("{prefix}bytes_relayed"),
+            format!("Bytes of {what} relayed, by direction (to_client, to_server)"),
+            metrics.bytes_relayed.clone(),
+        );
+        registry.register(
+            format!("{prefix}flow_setup_duration_seconds"),
+            format!("Time from a connector's request for one of the {what} to the agent's answer"),
+            metrics.setup_seconds.clone(),
+        );
+        metrics
+    }
 }
 
 /// Histograms by label set, each made by one constructor (the buckets).
@@ -234,20 +272,10 @@ impl Metrics {
         registry.register("enroll_batch_duration_seconds", "Time to write one enrollment transaction", enroll_batch_seconds.clone());
         let client_sessions = Gauge::default();
         let connectors_online = Gauge::default();
-        let flows_opened = Counter::default();
-        let flows_active = Gauge::default();
-        let flows_denied = Counter::default();
-        let flows_failed = Family::default();
-        let bytes_relayed = Family::default();
-        let flow_setup_seconds = Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]);
         registry.register("client_sessions", "Live agent tunnels on this replica", client_sessions.clone());
         registry.register("connectors_online", "Live connector tunnels on this replica", connectors_online.clone());
-        registry.register("flows_opened", "Flows relayed to an agent", flows_opened.clone());
-        registry.register("flows_active", "Flows being relayed now", flows_active.clone());
-        registry.register("flows_denied", "Flows refused by the access policy", flows_denied.clone());
-        registry.register("flows_failed", "Flows that could not be opened, by reason", flows_failed.clone());
-        registry.register("bytes_relayed", "Bytes relayed, by direction (to_client, to_server)", bytes_relayed.clone());
-        registry.register("flow_setup_duration_seconds", "Time from a connector's flow request to the agent's local connect", flow_setup_seconds.clone());
+        let tcp = FlowMetrics::register(&mut registry, "", "TCP flows");
+        let udp = FlowMetrics::register(&mut registry, "udp_", "UDP flows");
         let certificates_renewed = Counter::default();
         registry.register("certificates_renewed", "Device and connector certificates renewed (over the tunnel or the API)", certificates_renewed.clone());
         Metrics {
@@ -263,12 +291,8 @@ impl Metrics {
             enroll_batch_seconds,
             client_sessions,
             connectors_online,
-            flows_opened,
-            flows_active,
-            flows_denied,
-            flows_failed,
-            bytes_relayed,
-            flow_setup_seconds,
+            tcp,
+            udp,
             certificates_renewed,
         }
     }

@@ -88,7 +88,7 @@ impl Lab {
         let child = self
             .command(host, program, args)
             .current_dir(cwd)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("REACHBACK_LAB_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -167,7 +167,7 @@ impl Lab {
     pub fn start_agent(&mut self) {
         let bin = self.bin.to_string_lossy().into_owned();
         let state = self.dir.0.join("agent").to_string_lossy().into_owned();
-        self.spawn("agent", "cli", &bin, &["agent", "run", "--allow-ports", "22,7000,8000,8001,5201", "--state-dir", &state]);
+        self.spawn("agent", "cli", &bin, &["agent", "run", "--allow-ports", "22,7000,8000,8001,5201", "--allow-udp-ports", "53,5201", "--state-dir", &state]);
     }
 
     /// `curl` from the server host; returns (exit code, body, seconds taken).
@@ -228,7 +228,12 @@ impl Lab {
         let (_, lab_segment) = self.api(
             "POST",
             "/app-segments",
-            Some(json!({"name": "lab services", "destinations": ["100.64.0.0/10"], "tcp_ports": ["22", "7000", "8000", "5201", "9999"]})),
+            Some(json!({
+                "name": "lab services",
+                "destinations": ["100.64.0.0/10", "fd7a:115c:a1e0::/48"],
+                "tcp_ports": ["22", "7000", "8000", "5201", "9999"],
+                "udp_ports": ["53", "5201", "7009"]
+            })),
         );
         let (_, denied_segment) =
             self.api("POST", "/app-segments", Some(json!({"name": "blocked", "destinations": ["*.corp.example"], "tcp_ports": ["8001"]})));
@@ -313,8 +318,8 @@ impl Lab {
         self
     }
 
-    /// Everything up as [`Lab::full`] does, the connector started with `connector_args` (`--mode tun`).
-    pub fn full_with_connector(connector_args: &'static [&'static str]) -> impl FnOnce(&Path) -> Lab {
+    /// Everything up as [`Lab::full`] does, the connector started with `connector_args`.
+    pub fn full_args(connector_args: &'static [&'static str]) -> impl FnOnce(&Path) -> Lab {
         move |bin| {
             let mut lab = Lab::up(bin);
             lab.start_server();

@@ -3,10 +3,12 @@
 //! multiplexer (`mux`), the congestion control of the data plane's sockets
 //! (`socket`), framed messages on streams (`wire`), and the relay that moves one
 //! flow's bytes between two ends while the flow state machine decides half-close,
-//! reset and idle timeout (`relay`).
+//! reset and idle timeout (`relay`), and UDP sockets read as framed datagrams
+//! (`datagram`).
 
 pub mod api_client;
 pub mod client;
+pub mod datagram;
 pub mod mux;
 pub mod relay;
 pub mod socket;

@@ -346,6 +346,11 @@ impl Inner {
         }
     }
 
+    /// Takes exactly `wanted` bytes of connection credit, or none when there is less.
+    fn take_exact_send_credit(&self, wanted: u64) -> bool {
+        self.send_credit.fetch_update(Ordering::AcqRel, Ordering::Acquire, |credit| (credit >= wanted).then(|| credit - wanted)).is_ok()
+    }
+
     /// Refuses a stream the peer opened and nobody accepted.
     fn refuse(&self, mut stream: Unaccepted) {
         self.close_receiving(&stream.shared, &mut stream.inbound);
@@ -915,6 +920,35 @@ impl SendStream {
         Ok(Some(granted as usize).filter(|granted| *granted > 0))
     }
 
+    /// Sends `data` whole at once if the stream's and the connection's credit
+    /// hold it all, and otherwise sends nothing and answers `Ok(false)`: for
+    /// datagrams, which are dropped rather than delayed when the way is full (a
+    /// whole datagram or none, so the receiver never sees half of one).
+    pub fn try_write_whole(&mut self, mut data: Bytes) -> Result<bool, StreamError> {
+        if self.done {
+            return Err(StreamError::Finished);
+        }
+        let wanted = data.len() as u64;
+        {
+            let mut send = lock(&self.shared.send);
+            if let Some(code) = send.stopped {
+                return Err(StreamError::Stopped(code));
+            }
+            if let Some(reason) = self.connection.closed_reason() {
+                return Err(StreamError::ConnectionClosed(reason));
+            }
+            if send.credit < wanted || !self.connection.take_exact_send_credit(wanted) {
+                return Ok(false);
+            }
+            send.credit -= wanted;
+        }
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(MAX_DATA));
+            self.connection.send_frame(FrameKind::Data, self.shared.id, piece);
+        }
+        Ok(true)
+    }
+
     pub async fn write_all(&mut self, data: &[u8]) -> Result<(), StreamError> {
         self.write_chunk(Bytes::copy_from_slice(data)).await
     }
@@ -1142,6 +1176,34 @@ mod tests {
         }
         writer.await.expect("writer");
         assert_eq!(total, INITIAL_WINDOW as usize + 1024 * 1024);
+    }
+
+    #[tokio::test]
+    async fn a_whole_write_sends_all_or_nothing_and_never_waits() {
+        let (client, server) = pair();
+        let (mut send, _recv) = client.open_bi().await.expect("open");
+        let (_server_send, mut server_recv) = server.accept_bi().await.expect("accept");
+        // a datagram larger than one data frame goes whole, in two frames
+        let big = Bytes::from(vec![3u8; MAX_DATA + 100]);
+        assert_eq!(send.try_write_whole(big.clone()), Ok(true));
+        let mut sent = big.len();
+        // nobody reads: writes succeed until the window cannot hold a whole one, then fail at once
+        while send.try_write_whole(big.clone()).expect("no error") {
+            sent += big.len();
+            assert!(sent <= INITIAL_WINDOW as usize, "went past the window: {sent}");
+        }
+        assert!(INITIAL_WINDOW as usize - sent < big.len(), "stopped only when a whole datagram no longer fits ({sent} sent)");
+        // what was sent arrives whole
+        let mut received = 0;
+        while received < sent {
+            received += server_recv.read_chunk().await.expect("read").expect("data").len();
+        }
+        assert_eq!(received, sent);
+        // reading gave credit back: a whole write goes again
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(send.try_write_whole(Bytes::from_static(b"again")), Ok(true));
+        send.finish().expect("finish");
+        assert_eq!(send.try_write_whole(Bytes::from_static(b"late")), Err(StreamError::Finished));
     }
 
     #[tokio::test]

@@ -100,6 +100,7 @@ enum SegmentCommand {
         /// TCP ports and ranges, comma-separated (445,5985-5986)
         #[arg(long, value_delimiter = ',')]
         tcp_ports: Vec<String>,
+        /// UDP ports and ranges, comma-separated (53,161-162)
         #[arg(long, value_delimiter = ',')]
         udp_ports: Vec<String>,
         #[arg(long)]

@@ -109,6 +109,9 @@ struct AgentRunArgs {
     /// Local ports flows may reach, comma-separated, ranges allowed
     #[arg(long, env = "REACHBACK_ALLOW_PORTS", default_value = reachback_agent::DEFAULT_ALLOWED_PORTS)]
     allow_ports: String,
+    /// Local UDP ports flows may reach, comma-separated, ranges allowed (e.g. 53,161) [default: none]
+    #[arg(long, env = "REACHBACK_ALLOW_UDP_PORTS", default_value = "")]
+    allow_udp_ports: String,
     /// Address allowed flows connect to
     #[arg(long, env = "REACHBACK_CONNECT_HOST", default_value = "127.0.0.1")]
     connect_host: std::net::IpAddr,
@@ -168,6 +171,15 @@ struct ConnectorRunArgs {
     /// SOCKS5 users: a file of username:password lines, mode 600 (required when --socks5-listen is not loopback)
     #[arg(long, env = "REACHBACK_SOCKS5_CREDENTIALS")]
     socks5_credentials: Option<PathBuf>,
+    /// Seconds a UDP flow may go without a datagram either way before it ends
+    #[arg(long, env = "REACHBACK_UDP_IDLE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    udp_idle_timeout: u64,
+    /// The most UDP flows held at once (datagrams of further pairs are dropped and counted)
+    #[arg(long, env = "REACHBACK_UDP_MAX_FLOWS", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    udp_max_flows: u64,
+    /// Serve Prometheus metrics (UDP flows and drops, DNS queries, table size, sync lag) at http://ADDR:PORT/metrics [default: off]
+    #[arg(long, env = "REACHBACK_CONNECTOR_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Local port intercepted connections are handed to
     #[arg(long, env = "REACHBACK_TPROXY_PORT", default_value_t = 15001)]
     tproxy_port: u16,
@@ -523,6 +535,7 @@ fn run_agent(command: AgentCommand) -> anyhow::Result<()> {
             let options = reachback_agent::RunOptions {
                 state_dir: args.state_dir.unwrap_or_else(reachback_agent::default_state_dir),
                 allow_ports: reachback_agent::parse_allow_ports(&args.allow_ports)?,
+                allow_udp_ports: reachback_agent::parse_allow_udp_ports(&args.allow_udp_ports)?,
                 connect_host: args.connect_host,
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 tcp_congestion: reachback_tunnel::Congestion::resolve(args.tcp_congestion.as_deref())?,
@@ -557,6 +570,12 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         socks5_listen: (args.mode == "socks5").then_some(args.socks5_listen),
         tun: (args.mode == "tun").then(|| reachback_connector::tun::TunOptions { name: args.tun_name.clone(), mtu: args.tun_mtu }),
+        udp: reachback_connector::udp::UdpOptions {
+            idle_timeout: std::time::Duration::from_secs(args.udp_idle_timeout),
+            max_flows: args.udp_max_flows as usize,
+            ..Default::default()
+        },
+        metrics_listen: args.metrics_listen,
         tcp_congestion: reachback_tunnel::Congestion::resolve(args.tcp_congestion.as_deref())?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

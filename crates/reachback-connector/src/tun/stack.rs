@@ -63,11 +63,11 @@ pub type FlowId = u64;
 
 /// What a packet asks of the shell.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Event {
+pub enum Event<'a> {
     /// a server connects to `key.destination`: ask the broker, then accept or refuse
     Open(FlowKey),
-    /// a UDP datagram to a virtual address
-    Udp { source: SocketAddr, destination: SocketAddr, payload: Bytes },
+    /// a UDP datagram to a virtual address (its payload inside the packet)
+    Udp { source: SocketAddr, destination: SocketAddr, payload: &'a [u8] },
 }
 
 /// What the stack counted since it started.
@@ -87,6 +87,12 @@ pub struct Counters {
     pub reset_unknown: u64,
     pub opened: u64,
     pub refused: u64,
+    /// UDP datagrams from servers to virtual addresses, handed to the UDP flows
+    pub udp_in: u64,
+    /// UDP replies written to servers
+    pub udp_out: u64,
+    /// UDP replies that did not fit the device's MTU
+    pub udp_too_large: u64,
 }
 
 impl Counters {
@@ -310,7 +316,7 @@ impl Stack {
 
     /// One packet from the device. What the shell must do comes back as an event;
     /// segments for open flows are processed, their answers wait for [`Stack::egress_dirty`].
-    pub fn ingress(&mut self, packet: &[u8], now: Instant) -> Option<Event> {
+    pub fn ingress<'a>(&mut self, packet: &'a [u8], now: Instant) -> Option<Event<'a>> {
         self.counters.packets_in += 1;
         let parsed = match packet::parse(packet) {
             Ok(parsed) => parsed,
@@ -325,13 +331,25 @@ impl Stack {
                     self.counters.count(Dropped::OutsideRanges);
                     return None;
                 }
-                Some(Event::Udp { source, destination, payload: Bytes::copy_from_slice(payload) })
+                self.counters.udp_in += 1;
+                Some(Event::Udp { source, destination, payload })
             }
             Parsed::Tcp(segment) => self.tcp_ingress(packet, segment, now),
         }
     }
 
-    fn tcp_ingress(&mut self, packet: &[u8], segment: Segment, now: Instant) -> Option<Event> {
+    /// A UDP reply `from` a virtual address and port `to` a server, queued for the device.
+    pub fn push_udp(&mut self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Result<(), packet::BuildError> {
+        let mtu = self.config.mtu;
+        let built = self.outbox.push_with(|out| packet::udp_reply(from, to, payload, mtu, out));
+        match built {
+            Ok(()) => self.counters.udp_out += 1,
+            Err(_) => self.counters.udp_too_large += 1,
+        }
+        built
+    }
+
+    fn tcp_ingress<'a>(&mut self, packet: &[u8], segment: Segment, now: Instant) -> Option<Event<'a>> {
         let key = segment.key;
         let smol_now = self.smol_now(now);
         if let Some(&id) = self.by_key.get(&key) {

@@ -138,9 +138,17 @@ fn enroll_connector(base: &str, key: &str) -> (TlsMaterial, Vec<String>) {
 
 async fn open_flow(connection: &Connection, destination: &str) -> (FlowReply, SendStream, RecvStream) {
     let (mut send, mut recv) = connection.open_bi().await.expect("stream");
-    write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.1.2.3:40000".parse().expect("address"), user: None })
-        .await
-        .expect("write");
+    write_frame(
+        &mut send,
+        &FlowOpen {
+            destination: destination.parse().expect("address"),
+            source: "10.1.2.3:40000".parse().expect("address"),
+            user: None,
+            protocol: Default::default(),
+        },
+    )
+    .await
+    .expect("write");
     let reply =
         tokio::time::timeout(Duration::from_secs(10), read_frame::<FlowReply>(&mut recv)).await.expect("reply in time").expect("frame").expect("a reply");
     (reply, send, recv)
@@ -193,6 +201,7 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     let run = reachback_agent::RunOptions {
         state_dir,
         allow_ports: reachback_agent::parse_allow_ports(&format!("1,{echo_port}")).expect("ports"),
+        allow_udp_ports: Vec::new(),
         connect_host: "127.0.0.1".parse().expect("address"),
         version: "test".into(),
         tcp_congestion: reachback_tunnel::Congestion::resolve(None).expect("the default congestion control"),

@@ -104,9 +104,17 @@ async fn cut_off<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, limit: Duratio
 /// The well-behaved flow: an echo through the good connector and the good agent.
 async fn echo_works(connection: &Connection, destination: &str) {
     let (mut send, mut recv) = connection.open_bi().await.expect("stream");
-    write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.1.2.3:40000".parse().expect("address"), user: None })
-        .await
-        .expect("write");
+    write_frame(
+        &mut send,
+        &FlowOpen {
+            destination: destination.parse().expect("address"),
+            source: "10.1.2.3:40000".parse().expect("address"),
+            user: None,
+            protocol: Default::default(),
+        },
+    )
+    .await
+    .expect("write");
     let reply = tokio::time::timeout(Duration::from_secs(10), read_frame::<FlowReply>(&mut recv)).await.expect("reply in time").expect("frame");
     assert_eq!(reply, Some(FlowReply::Ok));
     send.write_all(b"still here").await.expect("write");
@@ -154,6 +162,7 @@ async fn hostile_peers_are_cut_off_and_others_go_on() {
     let run = reachback_agent::RunOptions {
         state_dir,
         allow_ports: reachback_agent::parse_allow_ports(&echo_port.to_string()).expect("ports"),
+        allow_udp_ports: Vec::new(),
         connect_host: "127.0.0.1".parse().expect("address"),
         version: "test".into(),
         tcp_congestion: reachback_tunnel::Congestion::System,
@@ -249,9 +258,17 @@ async fn hostile_peers_are_cut_off_and_others_go_on() {
     let never_connection = never.connection.clone();
     tokio::spawn(never.run_control(None, |_| {}));
     let (mut send, _recv_never_read) = never_connection.open_bi().await.expect("stream");
-    write_frame(&mut send, &FlowOpen { destination: destination.parse().expect("address"), source: "10.9.9.9:1".parse().expect("address"), user: None })
-        .await
-        .expect("open");
+    write_frame(
+        &mut send,
+        &FlowOpen {
+            destination: destination.parse().expect("address"),
+            source: "10.9.9.9:1".parse().expect("address"),
+            user: None,
+            protocol: Default::default(),
+        },
+    )
+    .await
+    .expect("open");
     let big = bytes::Bytes::from(vec![7u8; 1024 * 1024]);
     for _ in 0..32 {
         if tokio::time::timeout(Duration::from_millis(500), send.write_chunk(big.clone())).await.is_err() {

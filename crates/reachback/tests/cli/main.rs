@@ -13,4 +13,5 @@ mod secrets;
 mod socks5;
 mod tls;
 mod tun;
+mod udp;
 mod walkthrough;

@@ -27,6 +27,36 @@ fn curl(socks: u16, url: &str) -> (i32, String, String) {
     (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
+/// One UDP ASSOCIATE exchange as a SOCKS5 client makes it: the association over TCP,
+/// then a datagram with its header to the relay; the reply's payload if one came
+/// back within two seconds from `target` (the header must name it).
+fn udp_associate(socks: u16, target: &std::net::SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut control = std::net::TcpStream::connect(("127.0.0.1", socks)).expect("connect");
+    control.write_all(&[5, 1, 0]).expect("greeting");
+    let mut method = [0u8; 2];
+    control.read_exact(&mut method).expect("method");
+    assert_eq!(method, [5, 0]);
+    control.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).expect("associate");
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).expect("reply");
+    assert_eq!(&reply[..4], &[5, 0, 0, 1], "the association is granted with an IPv4 relay address");
+    let relay = std::net::SocketAddr::from(([reply[4], reply[5], reply[6], reply[7]], u16::from_be_bytes([reply[8], reply[9]])));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let std::net::SocketAddr::V4(target_v4) = target else { panic!("IPv4 target") };
+    let mut datagram = vec![0, 0, 0, 1];
+    datagram.extend_from_slice(&target_v4.ip().octets());
+    datagram.extend_from_slice(&target.port().to_be_bytes());
+    datagram.extend_from_slice(payload);
+    socket.send_to(&datagram, relay).expect("send");
+    let mut buffer = [0u8; 2048];
+    let length = socket.recv(&mut buffer).ok()?;
+    assert_eq!(&buffer[..10], &datagram[..10], "the reply's header names the virtual address and port");
+    drop(control);
+    Some(buffer[10..length].to_vec())
+}
+
 #[test]
 fn socks5_connector_reaches_a_client_and_reports_refusals() {
     let temp = TempDir::new();
@@ -39,8 +69,21 @@ fn socks5_connector_reaches_a_client_and_reports_refusals() {
     assert_eq!(api("POST", "/ip-ranges", json!({"name": "r", "range": "100.64.0.0/24"})).0, 201);
     let web_port = free_port();
     let other_port = free_port();
-    let segment =
-        api("POST", "/app-segments", json!({"name": "web", "destinations": ["100.64.0.0/24"], "tcp_ports": [web_port.to_string(), other_port.to_string()]})).1;
+    // a UDP echo service on the client's loopback, for UDP ASSOCIATE
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp echo");
+    let echo_port = echo.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 2048];
+        while let Ok((length, from)) = echo.recv_from(&mut buffer) {
+            let _ = echo.send_to(&buffer[..length], from);
+        }
+    });
+    let segment = api(
+        "POST",
+        "/app-segments",
+        json!({"name": "web", "destinations": ["100.64.0.0/24"], "tcp_ports": [web_port.to_string(), other_port.to_string()], "udp_ports": [echo_port.to_string()]}),
+    )
+    .1;
     assert_eq!(api("POST", "/access-policies", json!({"name": "web", "action": "allow", "segment_ids": [segment["id"]]})).0, 201);
     let key = api("POST", "/enrollment-keys", json!({"username": "alice"})).1["key"].as_str().expect("key").to_string();
     let provisioning = api("POST", "/connectors", json!({"name": "socks"})).1["provisioning_key"].as_str().expect("key").to_string();
@@ -55,7 +98,8 @@ fn socks5_connector_reaches_a_client_and_reports_refusals() {
         .output()
         .expect("enroll");
     assert!(enrolled.status.success(), "{}", String::from_utf8_lossy(&enrolled.stderr));
-    let _agent = spawn(&[BIN, "agent", "run", "--allow-ports", &web_port.to_string(), "--state-dir", &agent_state]);
+    let _agent =
+        spawn(&[BIN, "agent", "run", "--allow-ports", &web_port.to_string(), "--allow-udp-ports", &echo_port.to_string(), "--state-dir", &agent_state]);
     let socks = free_port();
     let connector_state = temp.0.join("connector").to_string_lossy().into_owned();
     let socks_listen = format!("127.0.0.1:{socks}");
@@ -96,6 +140,11 @@ fn socks5_connector_reaches_a_client_and_reports_refusals() {
     let (code, _, stderr) = curl(socks, &format!("http://100.64.0.2:{web_port}/"));
     assert_ne!(code, 0);
     assert!(stderr.contains("(4)") || stderr.to_lowercase().contains("unreachable"), "no agent → host unreachable: {stderr}");
+
+    // UDP ASSOCIATE: datagrams with the SOCKS5 header reach the echo behind the agent and come back
+    let echoed = udp_associate(socks, &format!("100.64.0.1:{echo_port}").parse().expect("address"), b"datagram through socks");
+    assert_eq!(echoed.as_deref(), Some(&b"datagram through socks"[..]), "UDP over SOCKS5 came back, its header naming the virtual address");
+    assert_eq!(udp_associate(socks, &"100.64.0.1:9".parse().expect("address"), b"denied"), None, "a UDP port outside every segment gets nothing back");
 
     // off loopback a SOCKS5 listener requires RFC 1929 username/password: refused to start without
     drop(connector);

@@ -132,7 +132,7 @@ fn insecure_http_off_loopback_is_said_out_loud() {
     let temp = TempDir::new();
     let port = free_port();
     let server = Started::spawn(&temp.0, &["--listen", &format!("0.0.0.0:{port}"), "--insecure-http"]);
-    assert!(server.output().contains(&format!("Reachback API listening on http://")), "{}", server.output());
+    assert!(server.output().contains("Reachback API listening on http://"), "{}", server.output());
     assert!(server.output().contains("WARNING: plain HTTP"), "{}", server.output());
     let (ok, body) = curl(&[&format!("http://127.0.0.1:{port}/healthz")]);
     assert!(ok && body.contains("ok"), "{body}");

@@ -2,7 +2,8 @@
 //! the server host reaches the client host's services by virtual IP through the
 //! connector's own TUN device and userspace TCP/IP stack, the broker and the agent,
 //! with real curl, OpenSSH and iperf3; refusals fail the server's connect itself
-//! (ECONNREFUSED); half-close travels both ways; IPv6; restarts; clean exit.
+//! (ECONNREFUSED); half-close travels both ways; UDP (dig, iperf3 -u); IPv6;
+//! restarts; clean exit.
 //!
 //! Gated by `REACHBACK_TEST_NETNS=1` (CI sets it); with the gate set, missing
 //! privileges or tools fail the test instead of skipping it.
@@ -103,7 +104,7 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     if !gate() {
         return;
     }
-    let mut lab = Lab::full_with_connector(&["--mode", "tun"])(Path::new(BIN));
+    let mut lab = Lab::full_args(&["--mode", "tun"])(Path::new(BIN));
     let (_, connectors) = lab.api("GET", "/connectors", None);
     assert_eq!(connectors["items"][0]["mode"], "tun", "{connectors}");
     let routes = String::from_utf8_lossy(&lab.run("conn", "ip", &["route", "show", "dev", "reachback0"]).stdout).into_owned();
@@ -168,26 +169,44 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     let icmp = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\ns.sendto(b'\\x08\\x00\\xf7\\xff\\x00\\x00\\x00\\x00', ('100.64.0.1', 0))\n";
     assert!(lab.run("srv", "python3", &["-c", icmp]).status.success());
 
-    // IPv6: a second laptop with an address from an IPv6 range, reached over IPv6 from the server host
-    let prefix = lab.prefix.clone();
-    for (host, command) in [
-        ("srv", format!("ip -6 addr add fd00:77:1::1/64 dev {prefix}-s0 nodad")),
-        ("conn", format!("ip -6 addr add fd00:77:1::2/64 dev {prefix}-c0 nodad")),
-        ("conn", "sysctl -qw net.ipv6.conf.all.forwarding=1".to_string()),
-        ("srv", "ip -6 route add fd7a:115c:a1e0::/64 via fd00:77:1::2".to_string()),
-    ] {
-        let output = lab.run(host, "sh", &["-c", &command]);
-        assert!(output.status.success(), "{command}: {}", String::from_utf8_lossy(&output.stderr));
+    // UDP: datagrams to the virtual address become UDP flows, the replies are packets built here
+    lab.spawn(
+        "laptop-dns",
+        "cli",
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--port=53",
+            "--address=/service.laptop.test/192.0.2.7",
+        ],
+    );
+    let dig = |server: &str| {
+        let at = format!("@{server}");
+        let output = lab.run("srv", "dig", &[&at, "service.laptop.test", "A", "+short", "+time=2", "+tries=3"]);
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    wait_for("a DNS answer from the laptop over UDP", Duration::from_secs(20), || dig("100.64.0.1") == "192.0.2.7");
+    for reverse in [false, true] {
+        let mut args = vec!["-c", "100.64.0.1", "-p", "5201", "-u", "-b", "100M", "-t", "2", "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        let output = lab.run("srv", "iperf3", &args);
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+        let (bits, lost) = (report["end"]["sum"]["bits_per_second"].as_f64().unwrap_or(0.0), report["end"]["sum"]["lost_percent"].as_f64().unwrap_or(100.0));
+        assert!(bits > 5e7 && lost < 5.0, "iperf3 -u (reverse: {reverse}): {bits} bit/s, {lost} % lost");
     }
+
+    // IPv6: a second laptop with an address from an IPv6 range, reached over IPv6 from the server host
+    // (the lab links the server host and the connector over IPv6 too; the connector forwards into its device)
+    assert!(lab.run("conn", "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]).status.success());
     let (status, range) = lab.api("POST", "/ip-ranges", Some(json!({"name": "Lab laptops v6", "range": "fd7a:115c:a1e0::/64"})));
     assert_eq!(status, 201, "{range}");
-    let (_, segment) = lab.api("POST", "/app-segments", Some(json!({"name": "v6 web", "destinations": ["fd7a:115c:a1e0::/64"], "tcp_ports": ["8000"]})));
-    let (status, _) = lab.api(
-        "POST",
-        "/access-policies",
-        Some(json!({"name": "v6", "order": 3, "action": "allow", "segment_ids": [segment["id"]], "usernames": ["alice@corp.example"]})),
-    );
-    assert_eq!(status, 201);
     let (_, key) = lab.api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example"})));
     let bin = lab.bin.to_string_lossy().into_owned();
     let state6 = lab.dir.0.join("agent6").to_string_lossy().into_owned();
@@ -245,6 +264,7 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     let log = lab.log("connector");
     assert!(log.contains("TUN routes removed"), "{log}");
     assert!(log.contains("dropped_protocol=1"), "the ICMP packet was counted: {log}");
+    assert!(!log.contains("udp_out=0"), "UDP replies went out as packets: {log}");
     assert!(!lab.run("conn", "ip", &["link", "show", "reachback0"]).status.success(), "the TUN device is gone");
     let routes = String::from_utf8_lossy(&lab.run("conn", "ip", &["route", "show"]).stdout).into_owned()
         + &String::from_utf8_lossy(&lab.run("conn", "ip", &["-6", "route", "show"]).stdout);
