@@ -49,6 +49,9 @@ const READ_CHUNK: usize = 64 * 1024;
 const RESET_CODE: u32 = 1;
 /// How long a flow may carry nothing before both ends are reset (as in TPROXY mode).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+/// How long the server has to acknowledge the SYN-ACK once the flow was accepted
+/// (a server that never does must not hold a flow, and the laptop's connection, for days).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `--tun-name` and `--tun-mtu`.
 #[derive(Clone, Debug)]
@@ -224,6 +227,7 @@ impl TunIngress {
         let mut last_report = (Instant::now(), stack::Counters::default());
         loop {
             let deadline = lock(&shared.state).stack.next_timer().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let mut failed = false;
             tokio::select! {
                 ready = shared.device.readable() => {
                     let Ok(mut guard) = ready else {
@@ -254,6 +258,7 @@ impl TunIngress {
                                 // a read the offload code could not split: that read is lost, the device goes on
                                 locked.stack.counters.dropped_malformed += 1;
                                 tracing::debug!(%error, "reading the TUN device");
+                                failed = true;
                                 break;
                             }
                             Err(_would_block) => break,
@@ -261,12 +266,15 @@ impl TunIngress {
                     }
                     locked.stack.egress_dirty(now);
                     shared.flush(&mut locked);
-                    drop(locked);
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     shared.with(|stack, now| stack.poll_timers(now));
                 }
                 _ = shared.timer_changed.notified() => {}
+            }
+            if failed {
+                // a device that keeps failing (removed under us) must not spin the runtime
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
             if last_report.0.elapsed() >= Duration::from_secs(60) {
                 let counters = lock(&shared.state).stack.counters;
@@ -357,6 +365,15 @@ fn event(end: PumpEnd, side: Side) -> FlowEvent {
 /// moves one chunk at a time: the socket's buffers and the stream's credit are
 /// the only queues.
 async fn relay_flow(shared: &Shared, id: FlowId, mut send: SendStream, mut recv: RecvStream) -> bool {
+    let established = tokio::time::timeout(HANDSHAKE_TIMEOUT, poll_fn(|context| shared.with(|stack, _| stack.poll_established(id, context)))).await;
+    if !matches!(established, Ok(true)) {
+        shared.with(|stack, now| {
+            stack.abort(id, now);
+            stack.detach(id, now);
+        });
+        End::Stream { send, recv }.reset();
+        return false;
+    }
     let epoch = Instant::now();
     let mut flow = Flow::new(epoch, Duration::ZERO, IDLE_TIMEOUT);
     flow.handle(FlowEvent::Accepted, epoch);

@@ -519,6 +519,21 @@ impl Stack {
         }
     }
 
+    /// Whether flow `id`'s handshake is over (`Ready(true)`), failed (`Ready(false)`:
+    /// reset, timed out), or still waits for the server's ACK (the waker is registered).
+    pub fn poll_established(&mut self, id: FlowId, context: &mut Context<'_>) -> Poll<bool> {
+        let Some(flow) = self.flows.get_mut(&id) else { return Poll::Ready(false) };
+        let socket = flow.socket();
+        match socket.state() {
+            tcp::State::Listen | tcp::State::SynReceived => {
+                socket.register_recv_waker(context.waker());
+                Poll::Pending
+            }
+            tcp::State::Closed | tcp::State::SynSent => Poll::Ready(false),
+            _ => Poll::Ready(true),
+        }
+    }
+
     /// Reads what the server sent on flow `id`, at most `max` bytes; registers the
     /// caller's waker when there is nothing yet.
     pub fn poll_read(&mut self, id: FlowId, max: usize, now: Instant, context: &mut Context<'_>) -> Poll<ReadOutcome> {
@@ -703,6 +718,7 @@ mod tests {
         stack.ingress(&tcp_packet(server(), laptop(), TcpControl::None, 1001, Some(syn_ack.seq + 1), &[]), start);
         stack.egress_dirty(start);
         assert_eq!(stack.state(id), Some(tcp::State::Established));
+        assert_eq!(stack.poll_established(id, &mut Context::from_waker(Waker::noop())), Poll::Ready(true));
         (stack, id, start, 1001, syn_ack.seq + 1)
     }
 
@@ -715,6 +731,7 @@ mod tests {
         assert_eq!(stack.counters.dropped_syn_retransmit, 1);
         assert!(stack.outbox.is_empty());
         let id = stack.accept(key(server()), start + std::time::Duration::from_secs(2)).expect("accepted");
+        assert!(stack.poll_established(id, &mut Context::from_waker(Waker::noop())).is_pending(), "the server's ACK is awaited");
         let answer = sent(&mut stack);
         assert_eq!(answer.len(), 1, "{answer:?}");
         let syn_ack = &answer[0];
