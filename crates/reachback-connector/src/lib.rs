@@ -260,8 +260,8 @@ async fn run_ingress(
         // the device is up before the tunnel: routes follow the ranges of each welcome
         let tun = Arc::new(tun::TunIngress::create(tun_options)?);
         let (connection_tx, connection_rx) = watch::channel::<Option<Connection>>(None);
-        let udp = udp::UdpIngress::new(options.udp.clone(), connection_rx.clone(), metrics);
-        let driver = tokio::spawn(tun.clone().drive(connection_rx, udp));
+        let udp = udp::UdpIngress::new(options.udp.clone(), connection_rx.clone(), metrics.clone());
+        let driver = tokio::spawn(tun.clone().drive(connection_rx, udp, metrics));
         let result = tunnel_loop(state, options, Interception::Tun(tun.clone()), names, connection_tx, shutdown).await;
         driver.abort();
         tun.close();

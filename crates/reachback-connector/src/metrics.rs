@@ -41,6 +41,13 @@ pub struct Metrics {
     pub dns_names: Gauge,
     /// seconds from the broker sending a name change to the table holding it (last change)
     pub dns_sync_lag_seconds: Gauge<f64, AtomicU64>,
+    /// TUN mode: TCP connects by outcome (`accepted`, `refused`)
+    pub tun_flows: Family<Labels, Counter>,
+    /// TUN mode: TCP flows held now (open, closing or waiting for the broker)
+    pub tun_flows_active: Gauge,
+    /// TUN mode: packets from the device dropped, by reason (`malformed`, `protocol`,
+    /// `fragment`, `outside_ranges`, `syn_retransmit`, `over_cap`)
+    pub tun_packets_dropped: Family<Labels, Counter>,
 }
 
 /// The mnemonic of a DNS answer code (RFC 1035, 2136, 6895).
@@ -74,6 +81,9 @@ impl Default for Metrics {
             dns_rate_limited: Counter::default(),
             dns_names: Gauge::default(),
             dns_sync_lag_seconds: Gauge::default(),
+            tun_flows: Family::default(),
+            tun_flows_active: Gauge::default(),
+            tun_packets_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register("udp_flows", "UDP flows requested at the broker, by result", metrics.udp_flows.clone());
@@ -85,6 +95,9 @@ impl Default for Metrics {
         registry.register("dns_rate_limited", "DNS queries dropped by the per-source rate limit", metrics.dns_rate_limited.clone());
         registry.register("dns_names", "Hostnames in the DNS table", metrics.dns_names.clone());
         registry.register("dns_sync_lag_seconds", "Delay of the last name change between the broker and the DNS table", metrics.dns_sync_lag_seconds.clone());
+        registry.register("tun_flows", "TCP connects in TUN mode, by outcome", metrics.tun_flows.clone());
+        registry.register("tun_flows_active", "TCP flows held by the TUN mode's stack now", metrics.tun_flows_active.clone());
+        registry.register("tun_packets_dropped", "Packets from the TUN device dropped, by reason", metrics.tun_packets_dropped.clone());
         Metrics { registry, ..metrics }
     }
 }
@@ -106,6 +119,19 @@ impl Metrics {
         self.dns_rate_limited.inc_by(limited.saturating_sub(self.dns_rate_limited.get()));
         self.dns_names.set(names.len() as i64);
         self.dns_sync_lag_seconds.set(names.sync_lag_seconds());
+    }
+
+    /// Takes TUN mode's totals (each counter goes up by the difference since the last call).
+    pub fn observe_tun(&self, flows: &[(&str, u64)], dropped: &[(&str, u64)], active: usize) {
+        for &(result, total) in flows {
+            let counter = self.tun_flows.get_or_create(&label("result", result));
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        for &(reason, total) in dropped {
+            let counter = self.tun_packets_dropped.get_or_create(&label("reason", reason));
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        self.tun_flows_active.set(active as i64);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -209,7 +209,12 @@ impl TunIngress {
     /// Reads the device until the task is aborted; each connection attempt is
     /// asked of the tunnel of the moment, UDP datagrams go to the UDP flows, whose
     /// replies come back here as packets.
-    pub async fn drive(self: Arc<Self>, connection: watch::Receiver<Option<Connection>>, udp: Arc<crate::udp::UdpIngress>) {
+    pub async fn drive(
+        self: Arc<Self>,
+        connection: watch::Receiver<Option<Connection>>,
+        udp: Arc<crate::udp::UdpIngress>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) {
         let shared = self.shared.clone();
         let writer = Arc::downgrade(&shared);
         let reply = crate::udp::Reply::Packet(Arc::new(move |from, to, payload: &[u8]| {
@@ -225,8 +230,11 @@ impl TunIngress {
         let mut segments: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE).map(|_| vec![0u8; mtu]).collect();
         let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
         let mut last_report = (Instant::now(), stack::Counters::default());
+        let mut last_metrics = Instant::now();
         loop {
-            let deadline = lock(&shared.state).stack.next_timer().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            // at least once a second: the metrics follow the counters
+            let deadline =
+                lock(&shared.state).stack.next_timer().map_or(Instant::now() + Duration::from_secs(1), |at| at.min(Instant::now() + Duration::from_secs(1)));
             let mut failed = false;
             tokio::select! {
                 ready = shared.device.readable() => {
@@ -275,6 +283,14 @@ impl TunIngress {
             if failed {
                 // a device that keeps failing (removed under us) must not spin the runtime
                 tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if last_metrics.elapsed() >= Duration::from_secs(1) {
+                let locked = lock(&shared.state);
+                let counters = locked.stack.counters;
+                let (flows, pending) = locked.stack.load();
+                drop(locked);
+                metrics.observe_tun(&[("accepted", counters.opened), ("refused", counters.refused)], &counters.dropped_by_reason(), flows + pending);
+                last_metrics = Instant::now();
             }
             if last_report.0.elapsed() >= Duration::from_secs(60) {
                 let counters = lock(&shared.state).stack.counters;

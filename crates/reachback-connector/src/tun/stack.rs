@@ -105,6 +105,18 @@ impl Counters {
             + self.dropped_over_cap
     }
 
+    /// The drop counters by reason, as the metrics name them.
+    pub fn dropped_by_reason(&self) -> [(&'static str, u64); 6] {
+        [
+            ("malformed", self.dropped_malformed),
+            ("protocol", self.dropped_protocol),
+            ("fragment", self.dropped_fragment),
+            ("outside_ranges", self.dropped_outside_ranges),
+            ("syn_retransmit", self.dropped_syn_retransmit),
+            ("over_cap", self.dropped_over_cap),
+        ]
+    }
+
     fn count(&mut self, dropped: Dropped) {
         match dropped {
             Dropped::Malformed => self.dropped_malformed += 1,

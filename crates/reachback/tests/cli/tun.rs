@@ -104,7 +104,7 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     if !gate() {
         return;
     }
-    let mut lab = Lab::full_args(&["--mode", "tun"])(Path::new(BIN));
+    let mut lab = Lab::full_args(&["--mode", "tun", "--metrics-listen", "0.0.0.0:9100"])(Path::new(BIN));
     let (_, connectors) = lab.api("GET", "/connectors", None);
     assert_eq!(connectors["items"][0]["mode"], "tun", "{connectors}");
     let routes = String::from_utf8_lossy(&lab.run("conn", "ip", &["route", "show", "dev", "reachback0"]).stdout).into_owned();
@@ -168,6 +168,19 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     // a packet of another protocol is dropped (and counted at exit), nothing breaks
     let icmp = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\ns.sendto(b'\\x08\\x00\\xf7\\xff\\x00\\x00\\x00\\x00', ('100.64.0.1', 0))\n";
     assert!(lab.run("srv", "python3", &["-c", icmp]).status.success());
+    let connector_metric = |name: &str| {
+        let output = lab.run("srv", "curl", &["-s", "http://10.77.1.2:9100/metrics"]);
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    wait_for("the dropped packet in the connector's metrics", Duration::from_secs(10), || {
+        connector_metric("reachback_connector_tun_packets_dropped_total{reason=\"protocol\"}") == 1.0
+    });
+    assert!(connector_metric("reachback_connector_tun_flows_total{result=\"refused\"}") >= 4.0, "the refusals are counted");
+    assert!(connector_metric("reachback_connector_tun_flows_total{result=\"accepted\"}") >= 5.0, "the accepted flows are counted");
 
     // UDP: datagrams to the virtual address become UDP flows, the replies are packets built here
     lab.spawn(
