@@ -169,7 +169,8 @@ impl TunIngress {
         })
     }
 
-    /// The ranges the broker announced: the stack takes flows for them, the routes through the device cover them.
+    /// The ranges the broker announced: the stack takes flows for them, the routes through the device cover them
+    /// (a route the host refuses is logged, the others stay).
     pub fn set_ranges(&self, ranges: &[String]) -> anyhow::Result<()> {
         let (set, skipped) = RangeSet::parse(ranges);
         for range in skipped {
@@ -177,7 +178,10 @@ impl TunIngress {
         }
         let wanted = set.routes();
         self.shared.with(|stack, _| stack.set_ranges(set));
-        lock(&self.routes).apply(&wanted).with_context(|| format!("routing the virtual ranges through {}", self.name))?;
+        // a route the host refuses (an IPv6 range on a host without IPv6) does not stop the others
+        if let Err(error) = lock(&self.routes).apply(&wanted) {
+            tracing::warn!(device = %self.name, error = format!("{error:#}"), "some virtual ranges could not be routed into the TUN device");
+        }
         tracing::debug!(routes = ?wanted, device = %self.name, "routes through the TUN device");
         Ok(())
     }

@@ -101,6 +101,9 @@ impl Routes {
 
     /// Makes the routes through the device exactly `wanted`: new ones are added
     /// (`replace`, so a stale route of a crashed run is taken over), gone ones deleted.
+    /// A line that fails does not stop the others; the error names what `ip` said.
+    /// Every wanted route counts as installed afterwards (deleting one that never
+    /// made it is harmless), so none is left behind on exit.
     pub fn apply(&mut self, wanted: &[String]) -> anyhow::Result<()> {
         let mut script = String::new();
         for route in &self.installed {
@@ -113,11 +116,11 @@ impl Routes {
                 script.push_str(&format!("route replace {route} dev {}\n", self.device));
             }
         }
-        if !script.is_empty() {
-            run_batch(&script)?;
-        }
         self.installed = wanted.to_vec();
-        Ok(())
+        if script.is_empty() {
+            return Ok(());
+        }
+        run_batch(&script)
     }
 
     /// Deletes every route installed (the kernel drops them with the device anyway).
