@@ -28,7 +28,7 @@ use reachback_proto::datagram::{DatagramDecoder, FlowTable, MAX_DATAGRAM, encode
 use reachback_proto::{FlowOpen, FlowReply, Transport};
 use reachback_tunnel::{Connection, End, SendStream, write_frame};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::metrics::{Metrics, label};
 
@@ -73,7 +73,60 @@ type Pair = (SocketAddr, SocketAddr);
 
 struct Handle {
     id: u64,
-    queue: mpsc::Sender<Bytes>,
+    queue: Arc<FlowQueue>,
+}
+
+/// The datagrams waiting for one flow's task: bounded, and holding no room while
+/// empty (a channel would keep a block of 32 slots for every idle flow).
+struct FlowQueue {
+    /// the datagrams, and whether the flow ended (nothing more is queued then)
+    items: Mutex<(std::collections::VecDeque<Bytes>, bool)>,
+    ready: tokio::sync::Notify,
+    capacity: usize,
+}
+
+impl FlowQueue {
+    fn new(capacity: usize) -> Arc<FlowQueue> {
+        Arc::new(FlowQueue { items: Mutex::new((std::collections::VecDeque::new(), false)), ready: tokio::sync::Notify::new(), capacity: capacity.max(1) })
+    }
+
+    /// Queues a datagram; `false` when the queue is full or closed (it is dropped).
+    fn push(&self, framed: Bytes) -> bool {
+        {
+            let mut queue = lock(&self.items);
+            if queue.1 || queue.0.len() >= self.capacity {
+                return false;
+            }
+            queue.0.push_back(framed);
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    /// The next datagram; `None` once the queue is closed and empty. Cancel-safe.
+    async fn pop(&self) -> Option<Bytes> {
+        loop {
+            {
+                let mut queue = lock(&self.items);
+                if let Some(framed) = queue.0.pop_front() {
+                    if queue.0.is_empty() {
+                        queue.0 = std::collections::VecDeque::new();
+                    }
+                    return Some(framed);
+                }
+                if queue.1 {
+                    return None;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Ends the flow: its task sees the end once it took what is queued.
+    fn close(&self) {
+        lock(&self.items).1 = true;
+        self.ready.notify_one();
+    }
 }
 
 /// The connector's UDP flows.
@@ -108,6 +161,9 @@ impl UdpIngress {
                 tick.tick().await;
                 let Some(ingress) = weak.upgrade() else { return };
                 let expired = lock(&ingress.table).expire(Instant::now());
+                for (_, handle) in &expired {
+                    handle.queue.close();
+                }
                 if !expired.is_empty() {
                     tracing::trace!(flows = expired.len(), "idle UDP flows ended");
                 }
@@ -133,21 +189,28 @@ impl UdpIngress {
         let now = Instant::now();
         let mut table = lock(&self.table);
         if let Some(handle) = table.touch(&(source, destination), now) {
-            if handle.queue.try_send(framed).is_err() {
+            if !handle.queue.push(framed) {
                 drop(table);
                 self.drop_datagram("queue_full");
             }
             return;
         }
-        let (queue, queued) = mpsc::channel(self.options.queue.max(1));
+        let queue = FlowQueue::new(self.options.queue);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if table.insert((source, destination), Handle { id, queue: queue.clone() }, now).is_err() {
-            drop(table);
-            return self.drop_datagram("table_full");
+        match table.insert((source, destination), Handle { id, queue: queue.clone() }, now) {
+            Ok(replaced) => {
+                if let Some(replaced) = replaced {
+                    replaced.queue.close();
+                }
+            }
+            Err(_) => {
+                drop(table);
+                return self.drop_datagram("table_full");
+            }
         }
         drop(table);
-        let _ = queue.try_send(framed);
-        tokio::spawn(self.clone().run_flow(id, source, destination, queued, reply.clone()));
+        queue.push(framed);
+        tokio::spawn(self.clone().run_flow(id, source, destination, queue, reply.clone()));
     }
 
     fn forget(&self, id: u64, pair: &Pair) {
@@ -158,7 +221,7 @@ impl UdpIngress {
         lock(&self.table).touch(pair, Instant::now());
     }
 
-    async fn run_flow(self: Arc<Self>, id: u64, source: SocketAddr, destination: SocketAddr, queued: mpsc::Receiver<Bytes>, reply: Reply) {
+    async fn run_flow(self: Arc<Self>, id: u64, source: SocketAddr, destination: SocketAddr, queued: Arc<FlowQueue>, reply: Reply) {
         let pair = (source, destination);
         let outcome = self.relay_flow(&pair, queued, reply).await;
         if let Err(error) = outcome {
@@ -167,7 +230,7 @@ impl UdpIngress {
         self.forget(id, &pair);
     }
 
-    async fn relay_flow(&self, pair: &Pair, mut queued: mpsc::Receiver<Bytes>, reply: Reply) -> anyhow::Result<()> {
+    async fn relay_flow(&self, pair: &Pair, queued: Arc<FlowQueue>, reply: Reply) -> anyhow::Result<()> {
         let (source, destination) = *pair;
         let tunnel = self.tunnel.borrow().clone();
         let Some(tunnel) = tunnel else {
@@ -201,7 +264,7 @@ impl UdpIngress {
             loop {
                 tokio::select! {
                     verdict = &mut answer => break verdict,
-                    framed = queued.recv() => match framed {
+                    framed = queued.pop() => match framed {
                         Some(framed) => self.forward(&mut send, framed, &to_client)?,
                         None => return Ok(()),
                     },
@@ -232,8 +295,8 @@ impl UdpIngress {
         let mut decoder = DatagramDecoder::new();
         loop {
             tokio::select! {
-                framed = queued.recv() => {
-                    // `None`: the table let the flow go (idle) or the connector stops
+                framed = queued.pop() => {
+                    // `None`: the table let the flow go (idle)
                     let Some(framed) = framed else { break };
                     self.forward(&mut send, framed, &to_client)?;
                 }
@@ -254,6 +317,7 @@ impl UdpIngress {
                                 self.drop_datagram("send_failed");
                             }
                         }
+                        decoder.release();
                     }
                     // the agent ended the flow
                     Ok(None) => break,
@@ -280,11 +344,11 @@ impl UdpIngress {
     /// A refused flow stays in the table for [`REFUSAL_HOLD`], dropping its
     /// datagrams (those the listener hands over, and those the kernel delivers to
     /// the flow's own socket).
-    async fn hold_refused(&self, mut queued: mpsc::Receiver<Bytes>, socket: &Option<UdpSocket>) -> anyhow::Result<()> {
+    async fn hold_refused(&self, queued: Arc<FlowQueue>, socket: &Option<UdpSocket>) -> anyhow::Result<()> {
         let until = tokio::time::Instant::now() + REFUSAL_HOLD;
         loop {
             tokio::select! {
-                framed = queued.recv() => match framed {
+                framed = queued.pop() => match framed {
                     Some(_) => self.drop_datagram("refused"),
                     None => return Ok(()),
                 },
@@ -477,3 +541,4 @@ fn storage_address(storage: &nix::sys::socket::SockaddrStorage) -> Option<Socket
     }
     storage.as_sockaddr_in6().map(|address| SocketAddr::from((address.ip(), address.port())))
 }
+

@@ -47,13 +47,26 @@ impl DatagramDecoder {
         Self::default()
     }
 
-    /// Appends received bytes.
+    /// Appends received bytes. What was decoded goes first; when that was all,
+    /// the buffer's room goes too, so an idle flow holds none.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.start > 0 {
-            self.buffer.drain(..self.start);
+            if self.start == self.buffer.len() {
+                self.buffer = Vec::new();
+            } else {
+                self.buffer.drain(..self.start);
+            }
             self.start = 0;
         }
         self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Lets the room of a fully decoded buffer go (call when no more datagram is waiting).
+    pub fn release(&mut self) {
+        if self.start == self.buffer.len() {
+            self.buffer = Vec::new();
+            self.start = 0;
+        }
     }
 
     /// The next complete datagram, `None` when more bytes are needed.

@@ -723,6 +723,9 @@ async fn serve_connector(
     }
     state.metrics.connectors_online.inc();
     tracing::info!(connector_id = %connector.id, %version, mode = ?mode, "connector connected");
+    // a connector opens a stream per new flow, in bursts (a scan, a wave of UDP
+    // queries): the small cap that held it before its hello no longer applies
+    connection.set_max_unaccepted_streams(reachback_tunnel::mux::DEFAULT_MAX_UNACCEPTED_STREAMS);
     let ranges = virtual_ranges(&state).await?;
     let welcome = Welcome { session_id: connector.id.clone(), virtual_ip: None, ranges: ranges.clone(), keepalive_seconds: KEEPALIVE.as_secs() };
     write_frame(&mut send, &Control::Welcome(welcome)).await?;

@@ -157,11 +157,66 @@ struct ReceiveSide {
     closed: bool,
 }
 
+/// What the reader hands a stream's receiving half, in order: one producer (the
+/// connection's reader) and one consumer (the half). Nothing is allocated until
+/// something is queued, and the queue's room goes when it drains (a channel would
+/// hold a block of 32 slots, over a kilobyte, for every stream from its start,
+/// thousands of idle UDP flows included). Its length is bounded by the credit
+/// windows and the unread-frame cap, as the reader checks before it pushes.
+struct InboundQueue {
+    /// the items, and whether the half closed (nothing more is queued then)
+    items: Mutex<(VecDeque<Inbound>, bool)>,
+    ready: Notify,
+}
+
+impl InboundQueue {
+    fn new() -> Self {
+        InboundQueue { items: Mutex::new((VecDeque::new(), false)), ready: Notify::new() }
+    }
+
+    /// Queues an item; `false` (and nothing queued) once the half closed.
+    fn push(&self, item: Inbound) -> bool {
+        {
+            let mut queue = lock(&self.items);
+            if queue.1 {
+                return false;
+            }
+            queue.0.push_back(item);
+        }
+        // one consumer: a permit stored while it is not waiting wakes its next wait
+        self.ready.notify_one();
+        true
+    }
+
+    /// The next item, waiting for one. Cancel-safe: an item is taken only when returned.
+    async fn pop(&self) -> Inbound {
+        loop {
+            {
+                let mut queue = lock(&self.items);
+                if let Some(item) = queue.0.pop_front() {
+                    if queue.0.is_empty() && queue.0.capacity() > 32 {
+                        queue.0 = VecDeque::new();
+                    }
+                    return item;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Closes the queue and hands back what it held.
+    fn close(&self) -> VecDeque<Inbound> {
+        let mut queue = lock(&self.items);
+        queue.1 = true;
+        std::mem::take(&mut queue.0)
+    }
+}
+
 struct StreamShared {
     id: u32,
     send: Mutex<SendSide>,
     credit_changed: Notify,
-    inbound: mpsc::UnboundedSender<Inbound>,
+    inbound: InboundQueue,
     receive: Mutex<ReceiveSide>,
     /// both halves are done: the record can go
     send_done: AtomicBool,
@@ -172,7 +227,6 @@ struct StreamShared {
 /// handle on the connection, so streams nobody accepts keep no connection alive.
 struct Unaccepted {
     shared: Arc<StreamShared>,
-    inbound: mpsc::UnboundedReceiver<Inbound>,
 }
 
 /// The streams of a connection, under one lock so the caps, the accept queue and
@@ -183,6 +237,8 @@ struct StreamTable {
     unaccepted: VecDeque<Unaccepted>,
     next_local_id: u32,
     accepting: bool,
+    /// the cap on `unaccepted` now ([`MuxLimits::max_unaccepted_streams`] at the start)
+    max_unaccepted: usize,
 }
 
 impl StreamTable {
@@ -198,19 +254,18 @@ impl StreamTable {
         }
     }
 
-    fn register(&mut self, id: u32) -> (Arc<StreamShared>, mpsc::UnboundedReceiver<Inbound>) {
-        let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+    fn register(&mut self, id: u32) -> Arc<StreamShared> {
         let shared = Arc::new(StreamShared {
             id,
             send: Mutex::new(SendSide { credit: INITIAL_WINDOW as u64, stopped: None }),
             credit_changed: Notify::new(),
-            inbound: inbound_tx,
+            inbound: InboundQueue::new(),
             receive: Mutex::new(ReceiveSide { window: ReceiveWindow::new(INITIAL_WINDOW), peer_ended: false, closed: false }),
             send_done: AtomicBool::new(false),
             recv_done: AtomicBool::new(false),
         });
         self.streams.insert(id, shared.clone());
-        (shared, inbound_rx)
+        shared
     }
 }
 
@@ -297,9 +352,9 @@ impl Inner {
         self.closed.borrow().clone()
     }
 
-    fn wrap(self: &Arc<Self>, shared: Arc<StreamShared>, inbound: mpsc::UnboundedReceiver<Inbound>) -> (SendStream, RecvStream) {
+    fn wrap(self: &Arc<Self>, shared: Arc<StreamShared>) -> (SendStream, RecvStream) {
         let send = SendStream { connection: self.clone(), shared: shared.clone(), done: false };
-        let recv = RecvStream { connection: self.clone(), shared, inbound, pending: Bytes::new(), done: false };
+        let recv = RecvStream { connection: self.clone(), shared, pending: Bytes::new(), done: false };
         (send, recv)
     }
 
@@ -323,11 +378,10 @@ impl Inner {
 
     /// Closes a stream's receiving half: nothing more is queued for it, and what
     /// is queued is thrown away and given back to the connection's window.
-    fn close_receiving(&self, shared: &StreamShared, inbound: &mut mpsc::UnboundedReceiver<Inbound>) {
+    fn close_receiving(&self, shared: &StreamShared) {
         lock(&shared.receive).closed = true;
-        inbound.close();
         let mut thrown_away = 0;
-        while let Ok(item) = inbound.try_recv() {
+        for item in shared.inbound.close() {
             if let Inbound::Data(data) = item {
                 thrown_away += data.len();
                 self.unread_data_frames.fetch_sub(1, Ordering::AcqRel);
@@ -352,8 +406,8 @@ impl Inner {
     }
 
     /// Refuses a stream the peer opened and nobody accepted.
-    fn refuse(&self, mut stream: Unaccepted) {
-        self.close_receiving(&stream.shared, &mut stream.inbound);
+    fn refuse(&self, stream: Unaccepted) {
+        self.close_receiving(&stream.shared);
         self.send_frame(FrameKind::Reset, stream.shared.id, code_payload(STREAM_REFUSED));
     }
 
@@ -378,7 +432,7 @@ impl Inner {
         // nobody holds a handle on these: they just go
         drop(unaccepted);
         for stream in streams {
-            let _ = stream.inbound.send(Inbound::Reset(u32::MAX));
+            let _ = stream.inbound.push(Inbound::Reset(u32::MAX));
             stream.credit_changed.notify_waiters();
         }
         self.send_credit_changed.notify_waiters();
@@ -413,6 +467,7 @@ impl Connection {
             unaccepted: VecDeque::new(),
             next_local_id: if is_client { 1 } else { 2 },
             accepting: limits.accept_streams,
+            max_unaccepted: limits.max_unaccepted_streams,
         };
         let inner = Arc::new(Inner {
             is_client,
@@ -455,7 +510,7 @@ impl Connection {
 
     /// Opens a stream: one frame, no round trip.
     pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), StreamError> {
-        let (shared, inbound) = {
+        let shared = {
             let mut table = lock(&self.inner.table);
             // checked under the table's lock: `shut` marks the connection closed
             // before it empties the table, so a new stream is either refused here
@@ -467,7 +522,7 @@ impl Connection {
             table.register(id)
         };
         self.inner.send_frame(FrameKind::Open, shared.id, Bytes::new());
-        Ok(self.inner.wrap(shared, inbound))
+        Ok(self.inner.wrap(shared))
     }
 
     /// The next stream the peer opened. After [`Connection::stop_accepting`] no
@@ -481,14 +536,22 @@ impl Connection {
                 return Err(StreamError::ConnectionClosed(reason));
             }
             let next = lock(&self.inner.table).unaccepted.pop_front();
-            if let Some(Unaccepted { shared, inbound }) = next {
-                return Ok(self.inner.wrap(shared, inbound));
+            if let Some(Unaccepted { shared }) = next {
+                return Ok(self.inner.wrap(shared));
             }
             tokio::select! {
                 () = ready => {}
                 _ = closed.wait_for(Option::is_some) => {}
             }
         }
+    }
+
+    /// Changes the cap on streams the peer opened that wait for
+    /// [`Connection::accept_bi`] (see [`MuxLimits::max_unaccepted_streams`]): the
+    /// broker keeps it small while a peer has not said who it is, and raises it for
+    /// a connector, which opens a stream per new flow, in bursts.
+    pub fn set_max_unaccepted_streams(&self, maximum: usize) {
+        lock(&self.inner.table).max_unaccepted = maximum;
     }
 
     /// From now on the peer may open no streams: an `Open` from it is a protocol
@@ -664,9 +727,9 @@ fn on_open(inner: &Inner, id: u32) -> Result<(), MuxError> {
         if table.streams.contains_key(&id) {
             return Err(MuxError::WrongStreamId(id));
         }
-        if table.streams.len() < inner.limits.max_streams && table.unaccepted.len() < inner.limits.max_unaccepted_streams {
-            let (shared, inbound) = table.register(id);
-            table.unaccepted.push_back(Unaccepted { shared, inbound });
+        if table.streams.len() < inner.limits.max_streams && table.unaccepted.len() < table.max_unaccepted {
+            let shared = table.register(id);
+            table.unaccepted.push_back(Unaccepted { shared });
             drop(table);
             inner.accept_ready.notify_waiters();
             return Ok(());
@@ -700,7 +763,7 @@ fn on_data(inner: &Inner, id: u32, payload: Bytes) -> Result<(), MuxError> {
                     inner.unread_data_frames.fetch_sub(1, Ordering::AcqRel);
                     return Err(MuxError::TooManyFrames(unread));
                 }
-                let delivered = stream.inbound.send(Inbound::Data(payload)).is_ok();
+                let delivered = stream.inbound.push(Inbound::Data(payload));
                 if !delivered {
                     inner.unread_data_frames.fetch_sub(1, Ordering::AcqRel);
                 }
@@ -728,7 +791,7 @@ fn on_stream_frame(inner: &Inner, kind: FrameKind, id: u32, payload: Bytes) -> R
             }
             receive.peer_ended = true;
             if !receive.closed {
-                let _ = stream.inbound.send(end);
+                let _ = stream.inbound.push(end);
             }
         }
         FrameKind::Stop => {
@@ -991,7 +1054,6 @@ impl Drop for SendStream {
 pub struct RecvStream {
     connection: Arc<Inner>,
     shared: Arc<StreamShared>,
-    inbound: mpsc::UnboundedReceiver<Inbound>,
     /// bytes received but not yet handed out (what a framed read left over)
     pending: Bytes,
     done: bool,
@@ -1006,8 +1068,8 @@ impl RecvStream {
         if self.done {
             return Ok(None);
         }
-        match self.inbound.recv().await {
-            Some(Inbound::Data(data)) => {
+        match self.shared.inbound.pop().await {
+            Inbound::Data(data) => {
                 self.connection.unread_data_frames.fetch_sub(1, Ordering::AcqRel);
                 let grant = lock(&self.shared.receive).window.on_consumed(data.len());
                 if let Some(grant) = grant {
@@ -1016,15 +1078,15 @@ impl RecvStream {
                 self.connection.release(data.len());
                 Ok(Some(data))
             }
-            Some(Inbound::Fin) => {
+            Inbound::Fin => {
                 self.finish_receiving();
                 Ok(None)
             }
-            Some(Inbound::Reset(u32::MAX)) | None => {
+            Inbound::Reset(u32::MAX) => {
                 self.finish_receiving();
                 Err(StreamError::ConnectionClosed(self.connection.closed_reason().unwrap_or_default()))
             }
-            Some(Inbound::Reset(code)) => {
+            Inbound::Reset(code) => {
                 self.finish_receiving();
                 Err(StreamError::Reset(code))
             }
@@ -1075,7 +1137,7 @@ impl RecvStream {
         if !self.done {
             self.done = true;
             // what the peer sent and nobody will read goes back to the connection's window
-            self.connection.close_receiving(&self.shared, &mut self.inbound);
+            self.connection.close_receiving(&self.shared);
             self.shared.recv_done.store(true, Ordering::Release);
             self.connection.forget_if_done(&self.shared);
         }

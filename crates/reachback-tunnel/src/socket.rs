@@ -72,6 +72,19 @@ impl Congestion {
     }
 }
 
+/// Raises the soft limit on open files to the hard one (often 1,024 → 524,288):
+/// every relayed flow holds a socket at the agent and the connector (a UDP flow in
+/// tproxy mode too), so the flow caps, not the descriptor limit, are what limit.
+pub fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!(%error, "could not raise the open-file limit");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,18 +109,5 @@ mod tests {
         Congestion::Named("reno".into()).apply(&stream).expect("reno");
         let name = socket2::SockRef::from(&stream).tcp_congestion().expect("read back");
         assert_eq!(String::from_utf8_lossy(&name).trim_end_matches('\0'), "reno");
-    }
-}
-
-/// Raises the soft limit on open files to the hard one (often 1,024 → 524,288):
-/// every relayed flow holds a socket at the agent and the connector (a UDP flow in
-/// tproxy mode too), so the flow caps, not the descriptor limit, are what limit.
-pub fn raise_file_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::debug!(%error, "could not raise the open-file limit");
     }
 }

@@ -56,22 +56,24 @@ fn udp_hold(target: &str, count: usize) {
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
-        socket.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        socket.set_nonblocking(true).expect("non-blocking");
         sockets.push(socket);
     }
     let started = Instant::now();
     let mut echoed = 0;
     let mut buffer = [0u8; 64];
-    // in waves of 500, so the kernel's queues never overflow
+    // in waves of 500, so the kernel's queues never overflow; each wave waits at most 3 s for its echoes
     for wave in sockets.chunks(500) {
         for socket in wave {
             let _ = socket.send_to(b"hold", target);
         }
-        for socket in wave {
-            if socket.recv(&mut buffer).is_ok() {
-                echoed += 1;
-            }
+        let mut waiting: Vec<&std::net::UdpSocket> = wave.iter().collect();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !waiting.is_empty() && Instant::now() < deadline {
+            waiting.retain(|socket| socket.recv(&mut buffer).is_err());
+            std::thread::sleep(Duration::from_millis(2));
         }
+        echoed += wave.len() - waiting.len();
     }
     println!("{}", json!({"flows": count, "echoed": echoed, "seconds": started.elapsed().as_secs_f64()}));
     let mut line = String::new();
@@ -148,8 +150,8 @@ fn orchestrate() {
     let seconds = env_number("REACHBACK_BENCH_SECONDS", 3).to_string();
     let flows = env_number("REACHBACK_BENCH_UDP_FLOWS", 10_000);
     // the helpers hold thousands of sockets; children inherit the raised limit
-    let _ = std::process::Command::new("prlimit").args(["--pid", &std::process::id().to_string(), "--nofile=65536:65536"]).status();
-    let mut lab = Lab::full()(&bin);
+    let _ = std::process::Command::new("prlimit").args(["--pid", &std::process::id().to_string(), "--nofile=20000:20000"]).status();
+    let mut lab = Lab::full_args(&["--metrics-listen", "0.0.0.0:9100"])(&bin);
     let me = std::env::current_exe().expect("bench binary").to_string_lossy().into_owned();
     // UDP echo on the laptop's port 53 (the lab's agent allows UDP 53 and 5201), iperf3 on the connector host for the direct path
     lab.spawn("udp-echo", "cli", &me, &["udp-echo", "127.0.0.1:53"]);
@@ -192,6 +194,10 @@ fn orchestrate() {
         let after = [rss_kib(server), rss_kib(connector), rss_kib(agent)];
         let held = lab.metric("reachback_udp_flows_active");
         println!("echoed {} of {} in {:.1} s; the broker holds {held} UDP flows", report["echoed"], report["flows"], report["seconds"].as_f64().unwrap_or(0.0));
+        let metrics = lab.run("srv", "curl", &["-s", "http://10.77.1.2:9100/metrics"]);
+        for line in String::from_utf8_lossy(&metrics.stdout).lines().filter(|line| line.starts_with("reachback_connector_udp")) {
+            println!("    {line}");
+        }
         println!("| process | RSS before MiB | RSS with the flows MiB | per flow (goal < 4 KiB at the connector) |");
         println!("|---|---|---|---|");
         for (index, name) in ["server (broker)", "connector", "agent"].iter().enumerate() {
