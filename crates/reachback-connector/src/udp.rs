@@ -230,12 +230,12 @@ impl UdpIngress {
         self.forget(id, &pair);
     }
 
-    async fn relay_flow(&self, pair: &Pair, queued: Arc<FlowQueue>, reply: Reply) -> anyhow::Result<()> {
+    async fn relay_flow(self: &Arc<Self>, pair: &Pair, queued: Arc<FlowQueue>, reply: Reply) -> anyhow::Result<()> {
         let (source, destination) = *pair;
         let tunnel = self.tunnel.borrow().clone();
         let Some(tunnel) = tunnel else {
             self.drop_datagram("no_tunnel");
-            return self.hold_refused(queued, &None).await;
+            return self.hold_refused(pair, queued, &None).await;
         };
         let (mut send, mut recv) = tunnel.open_bi().await.context("opening a stream")?;
         write_frame(&mut send, &FlowOpen { destination, source, user: None, protocol: Transport::Udp }).await?;
@@ -268,9 +268,11 @@ impl UdpIngress {
                         Some(framed) => self.forward(&mut send, framed, &to_client)?,
                         None => return Ok(()),
                     },
-                    framed = recv_own(&socket) => {
-                        self.touch(pair);
-                        self.forward(&mut send, framed.context("the flow's socket failed")?, &to_client)?;
+                    received = recv_own(&socket) => {
+                        if let Some(framed) = self.own_datagram(pair, received.context("the flow's socket failed")?) {
+                            self.touch(pair);
+                            self.forward(&mut send, framed, &to_client)?;
+                        }
                     }
                 }
             }
@@ -284,7 +286,7 @@ impl UdpIngress {
                 self.metrics.udp_flows.get_or_create(&label("result", "refused")).inc();
                 tracing::info!(%source, %destination, %refusal, "UDP flow refused");
                 End::Stream { send, recv }.reset();
-                return self.hold_refused(queued, &socket).await;
+                return self.hold_refused(pair, queued, &socket).await;
             }
             _ => {
                 self.metrics.udp_flows.get_or_create(&label("result", "failed")).inc();
@@ -300,9 +302,11 @@ impl UdpIngress {
                     let Some(framed) = framed else { break };
                     self.forward(&mut send, framed, &to_client)?;
                 }
-                framed = recv_own(&socket) => {
-                    self.touch(pair);
-                    self.forward(&mut send, framed.context("the flow's socket failed")?, &to_client)?;
+                received = recv_own(&socket) => {
+                    if let Some(framed) = self.own_datagram(pair, received.context("the flow's socket failed")?) {
+                        self.touch(pair);
+                        self.forward(&mut send, framed, &to_client)?;
+                    }
                 }
                 chunk = recv.read_chunk() => match chunk {
                     Ok(Some(chunk)) => {
@@ -329,6 +333,19 @@ impl UdpIngress {
         Ok(())
     }
 
+    /// A datagram that arrived on a flow's own socket: the flow's when it came from
+    /// the flow's server. Another server's datagram can land there too: between
+    /// the socket's bind to the virtual address and its connect, TPROXY's look-up
+    /// matches it for any source. Such a datagram goes to its own flow.
+    fn own_datagram(self: &Arc<Self>, pair: &Pair, (source, framed): (SocketAddr, Bytes)) -> Option<Bytes> {
+        if source == pair.0 {
+            return Some(framed);
+        }
+        tracing::trace!(%source, destination = %pair.1, "a datagram for another flow, handed on");
+        self.datagram(source, pair.1, framed.get(2..).unwrap_or_default(), &Reply::Transparent);
+        None
+    }
+
     /// Sends one framed datagram towards the agent, or drops it when the stream has no room for it now.
     fn forward(&self, send: &mut SendStream, framed: Bytes, direction: &Direction) -> anyhow::Result<()> {
         let length = framed.len().saturating_sub(2);
@@ -344,7 +361,7 @@ impl UdpIngress {
     /// A refused flow stays in the table for [`REFUSAL_HOLD`], dropping its
     /// datagrams (those the listener hands over, and those the kernel delivers to
     /// the flow's own socket).
-    async fn hold_refused(&self, queued: Arc<FlowQueue>, socket: &Option<UdpSocket>) -> anyhow::Result<()> {
+    async fn hold_refused(self: &Arc<Self>, pair: &Pair, queued: Arc<FlowQueue>, socket: &Option<UdpSocket>) -> anyhow::Result<()> {
         let until = tokio::time::Instant::now() + REFUSAL_HOLD;
         loop {
             tokio::select! {
@@ -352,8 +369,12 @@ impl UdpIngress {
                     Some(_) => self.drop_datagram("refused"),
                     None => return Ok(()),
                 },
-                framed = recv_own(socket) => match framed {
-                    Ok(_) => self.drop_datagram("refused"),
+                received = recv_own(socket) => match received {
+                    Ok(received) => {
+                        if self.own_datagram(pair, received).is_some() {
+                            self.drop_datagram("refused");
+                        }
+                    }
                     Err(_) => return Ok(()),
                 },
                 () = tokio::time::sleep_until(until) => return Ok(()),
@@ -382,10 +403,10 @@ impl Direction {
     }
 }
 
-/// The next datagram on the flow's own socket; never, without one.
-async fn recv_own(socket: &Option<UdpSocket>) -> std::io::Result<Bytes> {
+/// The next datagram on the flow's own socket, with its source; never, without one.
+async fn recv_own(socket: &Option<UdpSocket>) -> std::io::Result<(SocketAddr, Bytes)> {
     match socket {
-        Some(socket) => reachback_tunnel::datagram::recv_framed(socket).await,
+        Some(socket) => reachback_tunnel::datagram::recv_framed_from(socket).await,
         None => std::future::pending().await,
     }
 }
@@ -541,4 +562,3 @@ fn storage_address(storage: &nix::sys::socket::SockaddrStorage) -> Option<Socket
     }
     storage.as_sockaddr_in6().map(|address| SocketAddr::from((address.ip(), address.port())))
 }
-

@@ -31,3 +31,19 @@ pub async fn recv_framed(socket: &UdpSocket) -> std::io::Result<Bytes> {
         }
     }
 }
+
+/// The next datagram on a socket with its source, framed like [`recv_framed`]'s.
+pub async fn recv_framed_from(socket: &UdpSocket) -> std::io::Result<(std::net::SocketAddr, Bytes)> {
+    loop {
+        socket.readable().await?;
+        let received = SCRATCH.with_borrow_mut(|scratch| {
+            let (length, source) = socket.try_recv_from(&mut scratch[DATAGRAM_HEADER..])?;
+            scratch[..DATAGRAM_HEADER].copy_from_slice(&(length as u16).to_be_bytes());
+            Ok::<_, std::io::Error>((source, Bytes::copy_from_slice(&scratch[..DATAGRAM_HEADER + length])))
+        });
+        match received {
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}

@@ -96,6 +96,16 @@ fn udp_flows_and_ipv6_addresses_reach_laptops_through_tproxy() {
     assert!(lab.metric("reachback_udp_flows_opened_total") >= 2.0);
     assert!(connector_metric(&lab, "reachback_connector_udp_datagrams_total{direction=\"to_server\"}") >= 2.0, "the connector counts replies");
 
+    // a burst of new flows to one address and port: each of 400 sockets gets its own answer (a
+    // datagram that lands on another new flow's socket before that socket is connected is handed on)
+    let output = lab.run("srv", "python3", &["-c", BURST_OF_FLOWS]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "400 of 400, 0 answers to another socket's query",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
     // iperf3 -u both ways (its control connection is TCP 5201, its data UDP 5201)
     let (upload, upload_loss) = iperf3_udp(&lab, "100.64.0.1", false);
     let (download, download_loss) = iperf3_udp(&lab, "100.64.0.1", true);
@@ -189,6 +199,37 @@ fn udp_flows_and_ipv6_addresses_reach_laptops_through_tproxy() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// 400 sockets each ask the laptop's DNS server (through its virtual IP) with
+/// their own query id, all at once, asking again after a second without an answer
+/// (the DNS server's own socket may overflow in such a burst); prints how many got
+/// the answer to their own query and how many got another socket's answer.
+const BURST_OF_FLOWS: &str = r#"
+import select, socket, struct, time
+name = b"".join(bytes([len(p)]) + p for p in [b"service", b"laptop", b"test"]) + b"\x00"
+query = lambda i: struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1)
+sockets = {}
+for i in range(400):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
+    s.sendto(query(i), ("100.64.0.1", 53))
+    sockets[s] = i
+right, wrong = set(), 0
+deadline, resend = time.time() + 15, time.time() + 1
+while len(right) < 400 and time.time() < deadline:
+    readable, _, _ = select.select(list(sockets), [], [], 0.2)
+    for s in readable:
+        answer = s.recv(2048)
+        if struct.unpack(">H", answer[:2])[0] == sockets[s] and answer[-4:] == bytes([192, 0, 2, 7]):
+            right.add(sockets[s])
+        else:
+            wrong += 1
+    if time.time() > resend:
+        for s, i in sockets.items():
+            if i not in right:
+                s.sendto(query(i), ("100.64.0.1", 53))
+        resend = time.time() + 1
+print(f"{len(right)} of 400, {wrong} answers to another socket's query")
+"#;
 
 /// A SOCKS5 UDP ASSOCIATE client asking the laptop's DNS server (on the IPv6
 /// virtual address, port 53) for `service.laptop.test`; prints the A record.
