@@ -151,9 +151,14 @@ impl TunIngress {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).map_err(|_| anyhow::anyhow!("no system randomness"))?;
         let config = StackConfig { mtu: usize::from(options.mtu), ..StackConfig::default() };
         let stack = Stack::new(config, u64::from_le_bytes(seed), Instant::now(), tun_rs::VIRTIO_NET_HDR_LEN);
-        for (path, what) in [("/proc/sys/net/ipv4/ip_forward", "IPv4"), ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6")] {
+        for (path, what, fix) in [
+            ("/proc/sys/net/ipv4/ip_forward", "IPv4", "sysctl -w net.ipv4.ip_forward=1"),
+            ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6", "sysctl -w net.ipv6.conf.all.forwarding=1"),
+        ] {
+            // the host's forwarding is the operator's to set (it changes more than this connector:
+            // IPv6 forwarding, for one, stops router advertisements being accepted)
             if std::fs::read_to_string(path).is_ok_and(|value| value.trim() == "0") {
-                tracing::info!(%path, "{what} forwarding is off on this host: servers' packets for the virtual ranges are not routed into the TUN device");
+                tracing::warn!(%path, "{what} forwarding is off on this host: servers' packets for {what} virtual ranges will not reach the TUN device; run `{fix}` (and persist it in /etc/sysctl.d)");
             }
         }
         tracing::info!(device = %name, mtu = options.mtu, "TUN device up");

@@ -85,7 +85,11 @@ pub fn parse(packet: &[u8]) -> Result<Parsed<'_>, Dropped> {
         }
         _ => return Err(Dropped::Malformed),
     };
-    if !is_unicast(source) || !is_unicast(destination) {
+    // the host's own multicast on the device (IPv6 router solicitations, MLD reports) is for no virtual address
+    if !is_unicast(destination) {
+        return Err(Dropped::OutsideRanges);
+    }
+    if !is_unicast(source) {
         return Err(Dropped::Malformed);
     }
     let (source_ip, destination_ip) = (IpAddress::from(source), IpAddress::from(destination));
