@@ -231,6 +231,12 @@ fn answer(answerer: &Answerer, names: &Names, query: &[u8], transport: Transport
     outcome
 }
 
+/// Queries read (and answers written) per system call: `recvmmsg` and `sendmmsg`
+/// take a burst at once, so a busy listener pays one system call per burst, not two per query.
+const UDP_BATCH: usize = 32;
+/// The largest query read over UDP (an EDNS client may announce up to 4,096).
+const UDP_QUERY: usize = 4096;
+
 fn serve_udp(
     socket: Arc<std::net::UdpSocket>,
     answerer: Arc<Answerer>,
@@ -239,40 +245,93 @@ fn serve_udp(
     upstream: Option<SocketAddr>,
     runtime: tokio::runtime::Handle,
 ) {
+    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+    use std::os::fd::AsRawFd;
     let forwards = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS));
-    let mut buffer = vec![0u8; 4096];
+    let descriptor = socket.as_raw_fd();
+    let mut buffers = vec![[0u8; UDP_QUERY]; UDP_BATCH];
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
+    let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
+    let mut received: Vec<(usize, SocketAddr)> = Vec::with_capacity(UDP_BATCH);
+    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(UDP_BATCH);
     loop {
-        let (length, source) = match socket.recv_from(&mut buffer) {
-            Ok(received) => received,
-            Err(error) => {
-                tracing::debug!(%error, "DNS receive failed");
+        received.clear();
+        {
+            let mut slices: Vec<[std::io::IoSliceMut<'_>; 1]> = buffers.iter_mut().map(|buffer| [std::io::IoSliceMut::new(&mut buffer[..])]).collect();
+            // blocks for the first query, then takes what else is already there
+            match recvmmsg(descriptor, &mut headers, slices.iter_mut(), MsgFlags::MSG_WAITFORONE, None) {
+                Ok(messages) => {
+                    for message in messages {
+                        if let Some(source) = message.address.as_ref().and_then(socket_address) {
+                            received.push((message.bytes, source));
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "DNS receive failed");
+                    continue;
+                }
+            }
+        }
+        replies.clear();
+        let now = Instant::now();
+        for (index, (length, source)) in received.iter().enumerate() {
+            let (length, source) = (*length, *source);
+            if !lock(&limiter).allow(source.ip(), now) {
+                names.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
-        };
-        if !lock(&limiter).allow(source.ip(), Instant::now()) {
-            names.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            continue;
-        }
-        match answer(&answerer, &names, &buffer[..length], Transport::Udp) {
-            Outcome::Reply { bytes, .. } => {
-                let _ = socket.send_to(&bytes, source);
-            }
-            Outcome::Forward { .. } => {
-                let (Some(upstream), Ok(permit)) = (upstream, forwards.clone().try_acquire_owned()) else { continue };
-                let (socket, query) = (socket.clone(), buffer[..length].to_vec());
-                runtime.spawn(async move {
-                    let _permit = permit;
-                    match forward(upstream, &query).await {
-                        Ok(reply) => {
-                            let _ = socket.send_to(&reply, source);
+            let query = &buffers[index][..length];
+            match answer(&answerer, &names, query, Transport::Udp) {
+                Outcome::Reply { bytes, .. } => replies.push((bytes, source)),
+                Outcome::Forward { .. } => {
+                    let (Some(upstream), Ok(permit)) = (upstream, forwards.clone().try_acquire_owned()) else { continue };
+                    let (socket, query) = (socket.clone(), query.to_vec());
+                    runtime.spawn(async move {
+                        let _permit = permit;
+                        match forward(upstream, &query).await {
+                            Ok(reply) => {
+                                let _ = socket.send_to(&reply, source);
+                            }
+                            Err(error) => tracing::debug!(%upstream, error = format!("{error:#}"), "DNS forward failed"),
                         }
-                        Err(error) => tracing::debug!(%upstream, error = format!("{error:#}"), "DNS forward failed"),
-                    }
-                });
+                    });
+                }
+                Outcome::Drop => {}
             }
-            Outcome::Drop => {}
         }
+        send_replies(&socket, &mut send_headers, &replies);
     }
+}
+
+/// Writes the answers of one burst with one `sendmmsg`; what it did not take goes one by one.
+fn send_replies(
+    socket: &std::net::UdpSocket,
+    headers: &mut nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
+    replies: &[(Vec<u8>, SocketAddr)],
+) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmmsg};
+    use std::os::fd::AsRawFd;
+    if replies.is_empty() {
+        return;
+    }
+    let slices: Vec<[std::io::IoSlice<'_>; 1]> = replies.iter().map(|(bytes, _)| [std::io::IoSlice::new(bytes)]).collect();
+    let addresses: Vec<Option<SockaddrStorage>> = replies.iter().map(|(_, address)| Some(SockaddrStorage::from(*address))).collect();
+    let no_control: [ControlMessage<'_>; 0] = [];
+    let sent = match sendmmsg(socket.as_raw_fd(), headers, slices.iter(), &addresses, no_control, MsgFlags::MSG_DONTWAIT) {
+        Ok(results) => results.count(),
+        Err(_) => 0,
+    };
+    for (bytes, address) in replies.iter().skip(sent) {
+        let _ = socket.send_to(bytes, address);
+    }
+}
+
+fn socket_address(storage: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(address) = storage.as_sockaddr_in() {
+        return Some(SocketAddr::from((address.ip(), address.port())));
+    }
+    storage.as_sockaddr_in6().map(|address| SocketAddr::new(IpAddr::V6(address.ip()), address.port()))
 }
 
 async fn serve_tcp(
