@@ -351,7 +351,14 @@ async fn tunnel_loop(
             let limits = reachback_tunnel::MuxLimits { accept_streams: false, ..reachback_tunnel::MuxLimits::default() };
             let endpoint = TunnelConnector::new(&material)?.with_congestion(options.tcp_congestion.clone()).with_limits(limits);
             let mode = interception.mode();
-            let hello = client::Hello { role: ClientRole::Connector, mode: Some(mode), version: &options.version, names: options.dns.is_some() };
+            let dns_listen: Vec<String> = options.dns.iter().flat_map(|dns| dns.listen.iter().map(SocketAddr::to_string)).collect();
+            let hello = client::Hello {
+                role: ClientRole::Connector,
+                mode: Some(mode),
+                version: &options.version,
+                names: options.dns.is_some(),
+                dns_listen: &dns_listen,
+            };
             let tunnel = client::connect_with(&endpoint, &state.broker_endpoints, hello).await?;
             Ok::<_, anyhow::Error>((tunnel, material.certificate_pem))
         };

@@ -39,6 +39,9 @@ pub enum Control {
         /// a connector that answers DNS (`--dns-listen`) asks for the bound hostnames
         #[serde(default)]
         names: bool,
+        /// the addresses a connector answers DNS on (shown in the connector list)
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        dns_listen: Vec<String>,
     },
     /// the broker accepted the tunnel
     Welcome(Welcome),

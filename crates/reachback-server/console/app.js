@@ -588,6 +588,7 @@ pages.connectors = () => {
       { key: 'name', label: 'Name', filter: 'name' },
       { key: 'status', label: 'Status', filter: 'status', choices: ['online', 'offline'], render: (row) => h('span', { class: 'status-' + row.status }, row.status) },
       { key: 'mode', label: 'Mode' },
+      { key: 'dns_listeners', label: 'DNS', render: (row) => (row.dns_listeners || []).join(', ') },
       { key: 'version', label: 'Version' },
       { key: 'last_seen', label: 'Last Seen', render: (row) => when(row.last_seen) },
       { key: 'provisioning_key_expires_at', label: 'Provisioning Key', render: (row) => (row.provisioning_key_used_at && !row.provisioning_key_reusable ? 'used ' + when(row.provisioning_key_used_at) : 'valid until ' + when(row.provisioning_key_expires_at)) },

@@ -330,12 +330,19 @@ async fn renew_broker_certificate(state: std::sync::Weak<AppState>, certificate:
     }
 }
 
+/// The DNS listeners a connector says it has, as shown in the connector list:
+/// socket addresses only, at most 16 (a connector's word, so bounded and checked).
+fn dns_listeners(claimed: &[String]) -> Option<String> {
+    let listeners: Vec<String> = claimed.iter().filter_map(|text| text.parse::<SocketAddr>().ok()).take(16).map(|address| address.to_string()).collect();
+    (!listeners.is_empty()).then(|| listeners.join(","))
+}
+
 async fn serve_tunnel(state: SharedState, connection: Connection, greeting: tokio::sync::OwnedSemaphorePermit) -> anyhow::Result<()> {
     let remote = connection.remote_address();
     let identity = reachback_tunnel::peer_identity(&connection)?;
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await.context("no control stream in time")??;
     let hello: Control = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await.context("no hello in time")??.context("control stream closed")?;
-    let Control::Hello { role, version, mode, names } = hello else { anyhow::bail!("the first control message was not a hello") };
+    let Control::Hello { role, version, mode, names, dns_listen } = hello else { anyhow::bail!("the first control message was not a hello") };
     drop(greeting);
     if role == ClientRole::Agent {
         // the broker opens an agent's flows; a stream an agent opens is a violation that ends its tunnel
@@ -343,7 +350,10 @@ async fn serve_tunnel(state: SharedState, connection: Connection, greeting: toki
     }
     match (role, identity.kind.as_str()) {
         (ClientRole::Agent, "device") => serve_agent(state, connection, identity, send, recv).await,
-        (ClientRole::Connector, "connector") => serve_connector(state, connection, identity, version, mode, names, send, recv).await,
+        (ClientRole::Connector, "connector") => {
+            let dns_listeners = dns_listeners(&dns_listen);
+            serve_connector(state, connection, identity, version, mode, names, dns_listeners, send, recv).await
+        }
         _ => {
             let bye = Control::Bye { reason: "the certificate does not match the role".into(), r#final: true };
             let _ = write_frame(&mut send, &bye).await;
@@ -693,6 +703,7 @@ async fn serve_connector(
     version: String,
     mode: Option<String>,
     names: bool,
+    dns_listeners: Option<String>,
     mut send: SendStream,
     recv: RecvStream,
 ) -> anyhow::Result<()> {
@@ -715,7 +726,7 @@ async fn serve_connector(
     };
     let version: String = version.chars().take(64).collect();
     let mode: Option<String> = mode.map(|mode| mode.chars().take(16).collect());
-    state.store.connector_seen(&connector.id, &version, mode.as_deref()).await?;
+    state.store.connector_seen(&connector.id, &version, mode.as_deref(), dns_listeners.as_deref()).await?;
     if let Some(previous) = write(&state.broker.connectors)
         .insert(connector.id.clone(), ConnectorSession { connection: connection.clone(), key_fingerprint: identity.key_fingerprint.clone() })
     {
@@ -760,7 +771,7 @@ async fn serve_connector(
         }
     }
     state.metrics.connectors_online.dec();
-    let _ = state.store.connector_seen(&connector.id, &version, mode.as_deref()).await;
+    let _ = state.store.connector_seen(&connector.id, &version, mode.as_deref(), dns_listeners.as_deref()).await;
     tracing::info!(connector_id = %connector.id, "connector disconnected");
     result
 }
@@ -879,4 +890,18 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
         tracing::debug!(%destination, refusal = ?totals.refusal, "the agent did not take the flow");
     }
     tracing::trace!(%destination, up = totals.server_to_client, down = totals.client_to_server, clean = totals.clean, "flow closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connectors_dns_listeners_are_addresses_and_few() {
+        assert_eq!(dns_listeners(&["10.0.0.5:53".into(), "[fd00::5]:53".into()]).as_deref(), Some("10.0.0.5:53,[fd00::5]:53"));
+        assert_eq!(dns_listeners(&[]), None);
+        assert_eq!(dns_listeners(&["<script>".into(), "a,b".into(), "x".repeat(10_000)]), None, "what is no socket address is left out");
+        let many: Vec<String> = (0..100).map(|port| format!("10.0.0.5:{}", port + 1)).collect();
+        assert_eq!(dns_listeners(&many).map(|listeners| listeners.split(',').count()), Some(16));
+    }
 }

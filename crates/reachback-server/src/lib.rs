@@ -206,6 +206,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         store,
         engine: Mutex::new(engine),
         settings: RwLock::new(settings),
+        settings_sync: tokio::sync::Mutex::new(()),
         ca,
         metrics: Metrics::new(),
         enroll_tx,
@@ -323,6 +324,7 @@ async fn sync_replicas(state: std::sync::Weak<AppState>) {
             known.remove(&id);
         }
         drop(engine);
+        let _one_at_a_time = state.settings_sync.lock().await;
         if let Ok(values) = state.store.load_settings().await {
             let settings = Settings::from_stored(&values);
             state.engine.lock().await.set_quarantine_duration(settings.quarantine_micros());

@@ -316,6 +316,10 @@ pub struct AppState {
     pub store: Store,
     pub engine: Mutex<Engine>,
     pub settings: RwLock<Settings>,
+    /// held from reading (or writing) the stored settings to installing them, so a
+    /// background reload that read the store before a change cannot install its
+    /// older copy after the change (as policy reloads are serialised)
+    pub settings_sync: tokio::sync::Mutex<()>,
     pub ca: CertificateAuthority,
     pub metrics: Metrics,
     pub enroll_tx: mpsc::Sender<EnrollRequest>,

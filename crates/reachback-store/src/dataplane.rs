@@ -63,6 +63,8 @@ pub struct ConnectorRow {
     pub revoked: bool,
     pub version: Option<String>,
     pub mode: Option<String>,
+    /// where it answers DNS, comma-separated (as it said in its last hello)
+    pub dns_listeners: Option<String>,
     pub last_seen: Option<i64>,
     pub created_at: i64,
     /// the provisioning key in force (its secret is kept only as a hash)
@@ -95,8 +97,7 @@ impl ProvisioningKey {
     }
 }
 
-const CONNECTOR_COLUMNS: &str =
-    "id, name, certificate_serial, revoked, version, mode, last_seen, created_at, key_id, key_expires_at, key_used_at, key_reusable, key_fingerprint";
+const CONNECTOR_COLUMNS: &str = "id, name, certificate_serial, revoked, version, mode, dns_listeners, last_seen, created_at, key_id, key_expires_at, key_used_at, key_reusable, key_fingerprint";
 
 fn connector_from_row(row: &AnyRow) -> Result<ConnectorRow> {
     let id: String = row.try_get("id")?;
@@ -114,6 +115,7 @@ fn connector_from_row(row: &AnyRow) -> Result<ConnectorRow> {
         revoked: crate::get_bool(row, "revoked")?,
         version: row.try_get("version")?,
         mode: row.try_get("mode")?,
+        dns_listeners: row.try_get("dns_listeners")?,
         last_seen: row.try_get("last_seen")?,
         created_at: row.try_get("created_at")?,
         key,
@@ -362,13 +364,14 @@ impl Store {
         tx.commit().await
     }
 
-    pub async fn connector_seen(&self, id: &str, version: &str, mode: Option<&str>) -> Result<()> {
+    pub async fn connector_seen(&self, id: &str, version: &str, mode: Option<&str>, dns_listeners: Option<&str>) -> Result<()> {
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE connectors SET version = $2, mode = $3, last_seen = $4 WHERE id = $1")
+        sqlx::query("UPDATE connectors SET version = $2, mode = $3, last_seen = $4, dns_listeners = $5 WHERE id = $1")
             .bind(id)
             .bind(version)
             .bind(mode)
             .bind(now_micros())
+            .bind(dns_listeners)
             .execute(&mut *tx.transaction)
             .await?;
         tx.commit().await

@@ -124,6 +124,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, include_str!("../migrations/0006_updated_index_bound_rows.sql"), ""),
     (7, include_str!("../migrations/0007_key_limits.sql"), ""),
     (8, include_str!("../migrations/0008_connector_key.sql"), ""),
+    (9, include_str!("../migrations/0009_connector_dns.sql"), ""),
 ];
 
 /// The rows of the range whose id is the parameter `$N` (`alias` is the bindings

@@ -184,7 +184,7 @@ async fn resolve(endpoint: &str) -> anyhow::Result<Vec<SocketAddr>> {
 /// Connects to the first endpoint that answers and exchanges hello and welcome.
 /// `version` is the client's release, shown in the connector list.
 pub async fn connect(connector: &TunnelConnector, brokers: &[String], role: ClientRole, mode: Option<&str>, version: &str) -> anyhow::Result<Tunnel> {
-    connect_with(connector, brokers, Hello { role, mode, version, names: false }).await
+    connect_with(connector, brokers, Hello { role, mode, version, names: false, dns_listen: &[] }).await
 }
 
 /// What a client says in its hello.
@@ -195,11 +195,12 @@ pub struct Hello<'a> {
     pub version: &'a str,
     /// a connector answering DNS asks for the bound hostnames
     pub names: bool,
+    /// where a connector answers DNS
+    pub dns_listen: &'a [String],
 }
 
 /// Connects to the first endpoint that answers, saying `hello`.
 pub async fn connect_with(connector: &TunnelConnector, brokers: &[String], hello_message: Hello<'_>) -> anyhow::Result<Tunnel> {
-    let Hello { role, mode, version, names } = hello_message;
     let mut last_error = anyhow::anyhow!("no broker endpoint configured");
     for broker in brokers {
         let addresses = match resolve(broker).await {
@@ -210,7 +211,7 @@ pub async fn connect_with(connector: &TunnelConnector, brokers: &[String], hello
             }
         };
         for address in addresses {
-            match tokio::time::timeout(Duration::from_secs(10), hello(connector, address, role, mode, version, names)).await {
+            match tokio::time::timeout(Duration::from_secs(10), hello(connector, address, &hello_message)).await {
                 Ok(Ok(tunnel)) => return Ok(tunnel),
                 Ok(Err(error)) => last_error = error.context(format!("broker {address}")),
                 Err(_) => last_error = anyhow::anyhow!("broker {address}: no answer in 10 s"),
@@ -220,10 +221,11 @@ pub async fn connect_with(connector: &TunnelConnector, brokers: &[String], hello
     Err(last_error)
 }
 
-async fn hello(connector: &TunnelConnector, address: SocketAddr, role: ClientRole, mode: Option<&str>, version: &str, names: bool) -> anyhow::Result<Tunnel> {
+async fn hello(connector: &TunnelConnector, address: SocketAddr, message: &Hello<'_>) -> anyhow::Result<Tunnel> {
+    let Hello { role, mode, version, names, dns_listen } = *message;
     let connection = connector.connect(address).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
-    let hello = Control::Hello { role, version: version.to_string(), mode: mode.map(str::to_string), names };
+    let hello = Control::Hello { role, version: version.to_string(), mode: mode.map(str::to_string), names, dns_listen: dns_listen.to_vec() };
     write_frame(&mut send, &hello).await?;
     match read_frame::<Control>(&mut recv).await? {
         Some(Control::Welcome(welcome)) => Ok(Tunnel { connection, welcome, send, recv }),

@@ -221,6 +221,8 @@ pub async fn get_settings(State(state): State<SharedState>, caller: Caller) -> A
 pub async fn patch_settings(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
     let mut fields = Fields::new(body, SETTINGS_BODY)?;
+    // one change at a time, and no background reload between reading and installing
+    let _one_at_a_time = state.settings_sync.lock().await;
     let before = state.settings();
     let mut after = before.clone();
     if let Some(domains) = fields.string_list("client_domains") {
@@ -254,6 +256,7 @@ pub async fn patch_settings(State(state): State<SharedState>, caller: Caller, bo
     Ok(Json(json!(after)))
 }
 
+/// Stores and installs the settings; the caller holds `settings_sync` from reading `before`.
 async fn save_settings(state: &SharedState, caller: &Caller, before: &Settings, after: &Settings) -> ApiResult<()> {
     let values: Vec<(String, String)> = match json!(after) {
         Value::Object(map) => map.into_iter().map(|(key, value)| (key, value.to_string())).collect(),

@@ -84,7 +84,11 @@ fn frame(kind: FrameKind, stream: u32, payload: &[u8]) -> Vec<u8> {
 /// Opens the control stream and says hello as a connector.
 fn hello(role: ClientRole) -> Vec<u8> {
     let mut bytes = frame(FrameKind::Open, 1, &[]);
-    bytes.extend(frame(FrameKind::Data, 1, &reachback_proto::encode(&Control::Hello { role, version: "hostile".into(), mode: None, names: false })));
+    bytes.extend(frame(
+        FrameKind::Data,
+        1,
+        &reachback_proto::encode(&Control::Hello { role, version: "hostile".into(), mode: None, names: false, dns_listen: Vec::new() }),
+    ));
     bytes
 }
 

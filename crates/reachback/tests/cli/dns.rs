@@ -69,6 +69,8 @@ fn servers_reach_laptops_by_name_through_a_conditional_forwarder() {
     let mut lab = Lab::full_with(&["--dns-listen", "10.77.1.2:53"], json!({"client_domains": ["corp.example"]}))(Path::new(BIN));
     let connector_dns = "10.77.1.2";
     wait_for("the connector's DNS table", Duration::from_secs(20), || lab.log("connector").contains("DNS table loaded"));
+    let (_, connectors) = lab.api("GET", "/connectors", None);
+    assert_eq!(connectors["items"][0]["dns_listeners"], json!(["10.77.1.2:53"]), "the connector list shows where it answers DNS: {connectors}");
 
     // the connector itself: A, NODATA for the other family, PTR, NXDOMAIN with the zone's SOA, REFUSED elsewhere
     assert_eq!(dig(&lab, connector_dns, &["laptop1.corp.example", "A"]), "100.64.0.1");
