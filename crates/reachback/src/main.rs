@@ -135,7 +135,7 @@ enum ConnectorCommand {
 struct ConnectorRunArgs {
     /// The server's API address, e.g. https://reachback.corp.example:8080
     #[arg(long, env = "REACHBACK_SERVER")]
-    server: String,
+    server: Option<String>,
     /// The provisioning key (needed for the first run, or to enroll as another connector)
     #[arg(long, env = "REACHBACK_PROVISIONING_KEY", hide_env_values = true)]
     key: Option<String>,
@@ -145,7 +145,7 @@ struct ConnectorRunArgs {
     #[command(flatten)]
     trust: TrustArgs,
     /// Ingress mode: tproxy (root; nftables TPROXY, kernel TCP, fastest), tun (CAP_NET_ADMIN; a TUN device and a userspace TCP/IP stack, where TPROXY is unavailable) or socks5 (no privileges)
-    #[arg(long, default_value = "tproxy", value_parser = ["tproxy", "tun", "socks5"])]
+    #[arg(long, env = "REACHBACK_CONNECTOR_MODE", default_value = "tproxy", value_parser = ["tproxy", "tun", "socks5"])]
     mode: String,
     /// TUN device name (tun mode)
     #[arg(long, env = "REACHBACK_TUN_NAME", default_value = "reachback0")]
@@ -184,13 +184,16 @@ struct ConnectorRunArgs {
     #[arg(long, env = "REACHBACK_TPROXY_PORT", default_value_t = 15001)]
     tproxy_port: u16,
     /// nftables table name
-    #[arg(long, default_value = "reachback")]
+    #[arg(long, env = "REACHBACK_NFT_TABLE", default_value = "reachback")]
     nft_table: String,
     /// Firewall mark and routing table for intercepted packets
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "REACHBACK_FWMARK", default_value_t = 1)]
     fwmark: u32,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "REACHBACK_ROUTE_TABLE", default_value_t = 100)]
     route_table: u32,
+    /// TOML file with any of the keys above, named as the flags with `_` for `-` (server, mode, dns_listen = ["…"], ca_pin, key_file, …); flags and environment variables win over it
+    #[arg(long, env = "REACHBACK_CONNECTOR_CONFIG")]
+    config: Option<PathBuf>,
     /// TCP congestion control of the tunnel and of the intercepted connections: `system` keeps the machine's [default: cubic where available]
     #[arg(long, env = "REACHBACK_TCP_CONGESTION")]
     tcp_congestion: Option<String>,
@@ -552,7 +555,7 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
     init_logging(&args.log_format);
     let options = reachback_connector::RunOptions {
         key: read_key(args.key, args.key_file.as_ref())?,
-        server: args.server,
+        server: args.server.clone().context("--server (or REACHBACK_SERVER, or server in --config) is required")?,
         trust: args.trust.trust(),
         dns: (!args.dns_listen.is_empty()).then(|| reachback_connector::dns::DnsOptions {
             listen: args.dns_listen.clone(),
@@ -582,13 +585,117 @@ fn run_connector(command: ConnectorCommand) -> anyhow::Result<()> {
     runtime.block_on(reachback_connector::run(options, shutdown_signal()))
 }
 
+/// The connector's TOML configuration file (`--config`): every key optional,
+/// unknown keys refused; a flag or an environment variable wins over the file,
+/// which wins over the default.
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectorFile {
+    server: Option<String>,
+    key_file: Option<PathBuf>,
+    ca_pin: Option<String>,
+    insecure_http: Option<bool>,
+    mode: Option<String>,
+    tun_name: Option<String>,
+    tun_mtu: Option<u16>,
+    socks5_listen: Option<SocketAddr>,
+    socks5_credentials: Option<PathBuf>,
+    dns_listen: Option<Vec<SocketAddr>>,
+    dns_upstream: Option<SocketAddr>,
+    dns_ttl: Option<u32>,
+    dns_rate_limit: Option<u32>,
+    udp_idle_timeout: Option<u64>,
+    udp_max_flows: Option<u64>,
+    metrics_listen: Option<SocketAddr>,
+    tproxy_port: Option<u16>,
+    nft_table: Option<String>,
+    fwmark: Option<u32>,
+    route_table: Option<u32>,
+    tcp_congestion: Option<String>,
+    state_dir: Option<PathBuf>,
+    log_format: Option<String>,
+}
+
+/// Whether the user gave `id` (on the command line or in the environment), so the file does not override it.
+fn given(matches: &clap::ArgMatches, id: &str) -> bool {
+    matches!(matches.value_source(id), Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable))
+}
+
+/// Fills what the user did not give from the connector's `--config` file.
+fn apply_connector_file(args: &mut ConnectorRunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let Some(path) = args.config.clone() else { return Ok(()) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading --config {}", path.display()))?;
+    let mut file: ConnectorFile = toml::from_str(&text).with_context(|| format!("--config {}", path.display()))?;
+    macro_rules! plain {
+        ($($field:ident),*) => {$(
+            if let Some(value) = file.$field.take() && !given(matches, stringify!($field)) {
+                args.$field = value;
+            }
+        )*};
+    }
+    macro_rules! optional {
+        ($($field:ident),*) => {$(
+            if let Some(value) = file.$field.take() && !given(matches, stringify!($field)) {
+                args.$field = Some(value);
+            }
+        )*};
+    }
+    plain!(
+        mode,
+        tun_name,
+        tun_mtu,
+        socks5_listen,
+        dns_ttl,
+        dns_rate_limit,
+        udp_idle_timeout,
+        udp_max_flows,
+        tproxy_port,
+        nft_table,
+        fwmark,
+        route_table,
+        log_format
+    );
+    optional!(server, key_file, socks5_credentials, dns_upstream, metrics_listen, tcp_congestion, state_dir);
+    if let Some(listen) = file.dns_listen.take()
+        && !given(matches, "dns_listen")
+    {
+        args.dns_listen = listen;
+    }
+    if let Some(pin) = file.ca_pin.take()
+        && !given(matches, "ca_pin")
+    {
+        args.trust.ca_pin = Some(pin);
+    }
+    if let Some(insecure) = file.insecure_http.take()
+        && !given(matches, "insecure_http")
+    {
+        args.trust.insecure_http = insecure;
+    }
+    // what the flags' parsers check, checked for the file's values too
+    anyhow::ensure!(["tproxy", "tun", "socks5"].contains(&args.mode.as_str()), "--config {}: mode must be tproxy, tun or socks5", path.display());
+    anyhow::ensure!(["text", "json"].contains(&args.log_format.as_str()), "--config {}: log_format must be text or json", path.display());
+    anyhow::ensure!((1..=86_400).contains(&args.udp_idle_timeout), "--config {}: udp_idle_timeout must be 1 to 86400", path.display());
+    anyhow::ensure!((1..=1_000_000).contains(&args.udp_max_flows), "--config {}: udp_max_flows must be 1 to 1000000", path.display());
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     let result = match cli.command {
         Command::Server(args) => run_server(args),
         Command::Ctl(args) => ctl::run(args),
         Command::Agent(command) => run_agent(command),
-        Command::Connector(command) => run_connector(command),
+        Command::Connector(ConnectorCommand::Run(mut args)) => {
+            let run_matches = matches.subcommand_matches("connector").and_then(|connector| connector.subcommand_matches("run"));
+            match run_matches.map(|run| apply_connector_file(&mut args, run)).unwrap_or(Ok(())) {
+                Ok(()) => run_connector(ConnectorCommand::Run(args)),
+                Err(error) => Err(error),
+            }
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

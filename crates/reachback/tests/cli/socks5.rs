@@ -160,21 +160,23 @@ fn socks5_connector_reaches_a_client_and_reports_refusals() {
     std::fs::write(&credentials, "# help desk\nhelpdesk:correct horse\n").expect("credentials");
     std::fs::set_permissions(&credentials, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
     let credentials_text = credentials.to_string_lossy().into_owned();
-    let _open = spawn(&[
-        BIN,
-        "connector",
-        "run",
-        "--server",
-        &server.base,
-        "--mode",
-        "socks5",
-        "--socks5-listen",
-        &open_listen,
-        "--socks5-credentials",
-        &credentials_text,
-        "--state-dir",
-        &connector_state,
-    ]);
+    // this time from a TOML file (`--config`), the server still a flag; a key the file does not know is refused
+    let dns_port = free_port();
+    let config = temp.0.join("connector.toml");
+    let bad_config = temp.0.join("bad.toml");
+    std::fs::write(&bad_config, "mode = \"socks5\"\ncolour = \"blue\"\n").expect("config");
+    let refused = Command::new(BIN).args(["connector", "run", "--server", &server.base, "--config", &bad_config.to_string_lossy()]).output().expect("runs");
+    let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success() && message.contains("colour"), "an unknown key in the file is refused: {message}");
+    std::fs::write(
+        &config,
+        format!(
+            "mode = \"tproxy\"\nsocks5_listen = \"{open_listen}\"\nsocks5_credentials = {credentials_text:?}\nstate_dir = {connector_state:?}\ndns_listen = [\"127.0.0.1:{dns_port}\"]\n"
+        ),
+    )
+    .expect("config");
+    // the flag wins over the file's mode
+    let _open = spawn(&[BIN, "connector", "run", "--server", &server.base, "--mode", "socks5", "--config", &config.to_string_lossy()]);
     let with_user = |user: Option<&str>| {
         let proxy = format!("127.0.0.1:{open_socks}");
         let mut args = vec!["-sS", "-m", "10", "--socks5", &proxy];
@@ -192,6 +194,9 @@ fn socks5_connector_reaches_a_client_and_reports_refusals() {
         outcome = with_user(Some("helpdesk:correct horse"));
     }
     assert_eq!(outcome, (0, "hello over socks\n".to_string()), "the right password gets through");
+    let (_, connectors) = request(&http, "GET", &format!("{}/api/v1/connectors", server.base), Some(TOKEN), None);
+    assert_eq!(connectors["items"][0]["mode"], "socks5", "{connectors}");
+    assert_eq!(connectors["items"][0]["dns_listeners"], json!([format!("127.0.0.1:{dns_port}")]), "the file's DNS listener is used and shown");
     assert_ne!(with_user(Some("helpdesk:wrong")).0, 0, "a wrong password is refused");
     assert_ne!(with_user(Some("nobody:correct horse")).0, 0, "an unknown user is refused");
     assert_ne!(with_user(None).0, 0, "no authentication is refused");
