@@ -238,7 +238,33 @@ impl UdpIngress {
             return self.hold_refused(pair, queued, &None).await;
         };
         let (mut send, mut recv) = tunnel.open_bi().await.context("opening a stream")?;
-        write_frame(&mut send, &FlowOpen { destination, source, user: None, protocol: Transport::Udp }).await?;
+        // the request waits for the tunnel's credit; meanwhile the flow's datagrams are
+        // dropped, not held (a queue per flow of 64 KiB datagrams, for every pair of a
+        // flood, while the tunnel is full), and no credit for as long as an answer may
+        // take ends the flow
+        let requested = {
+            let request = FlowOpen { destination, source, user: None, protocol: Transport::Udp };
+            let write = tokio::time::timeout(REPLY_TIMEOUT, write_frame(&mut send, &request));
+            let mut write = std::pin::pin!(write);
+            loop {
+                tokio::select! {
+                    biased;
+                    written = &mut write => break written,
+                    framed = queued.pop() => match framed {
+                        Some(_) => self.drop_datagram("no_credit"),
+                        None => return Ok(()),
+                    },
+                }
+            }
+        };
+        match requested {
+            Ok(written) => written?,
+            Err(_) => {
+                self.metrics.udp_flows.get_or_create(&label("result", "failed")).inc();
+                End::Stream { send, recv }.reset();
+                anyhow::bail!("no credit on the tunnel for the flow request");
+            }
+        }
         // the flow's own socket (tproxy): replies leave from the virtual address, later datagrams arrive here
         let socket = match &reply {
             Reply::Transparent => Some(transparent_socket(destination, source)?),
@@ -561,4 +587,53 @@ fn storage_address(storage: &nix::sys::socket::SockaddrStorage) -> Option<Socket
         return Some(SocketAddr::from((address.ip(), address.port())));
     }
     storage.as_sockaddr_in6().map(|address| SocketAddr::from((address.ip(), address.port())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tunnel_without_credit_holds_no_datagrams_and_no_flow() {
+        let (connector_io, broker_io) = tokio::io::duplex(64 * 1024);
+        let address: SocketAddr = "127.0.0.1:1".parse().expect("address");
+        let connector = Connection::start(connector_io, true, address, Vec::new());
+        let broker = Connection::start(broker_io, false, address, Vec::new());
+        // streams nobody reads take all of the connection's credit
+        let window = reachback_proto::mux::INITIAL_CONNECTION_WINDOW as u64;
+        let mut writers = Vec::new();
+        for _ in 0..(window / reachback_proto::mux::INITIAL_WINDOW as u64) + 1 {
+            let (mut send, recv) = connector.open_bi().await.expect("open");
+            writers.push(tokio::spawn(async move {
+                let _ = send.write_chunk(Bytes::from(vec![0u8; reachback_proto::mux::INITIAL_WINDOW as usize])).await;
+                (send, recv)
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while broker.buffered_bytes() < window {
+            assert!(Instant::now() < deadline, "the connection's window did not fill");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_tunnel_tx, tunnel) = watch::channel(Some(connector.clone()));
+        let metrics = Arc::new(Metrics::default());
+        let ingress = UdpIngress::new(UdpOptions::default(), tunnel, metrics.clone());
+        let reply = Reply::Packet(Arc::new(|_, _, _| {}));
+        let (server, virtual_address): (SocketAddr, SocketAddr) = ("192.0.2.1:5000".parse().expect("server"), "100.64.0.1:53".parse().expect("virtual"));
+        // a flood of large datagrams for one pair while the tunnel is full
+        for _ in 0..200 {
+            ingress.datagram(server, virtual_address, &[7u8; 60_000], &reply);
+            tokio::task::yield_now().await;
+        }
+        let dropped = |reason: &str| metrics.udp_dropped.get_or_create(&label("reason", reason)).get();
+        assert_eq!(dropped("queue_full"), 0, "datagrams were held for a flow whose request waits for credit");
+        assert!(dropped("no_credit") >= 190, "{}", dropped("no_credit"));
+        // no credit for as long as an answer may take: the flow ends
+        let deadline = Instant::now() + REPLY_TIMEOUT + Duration::from_secs(3);
+        while ingress.flows() > 0 {
+            assert!(Instant::now() < deadline, "the flow waits for credit for ever");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(metrics.udp_flows.get_or_create(&label("result", "failed")).get(), 1);
+        drop(writers);
+    }
 }
