@@ -456,11 +456,17 @@ fn transparent_socket(local: SocketAddr, remote: SocketAddr) -> anyhow::Result<U
 
 /// A SOCKS5 UDP ASSOCIATE (RFC 1928, section 7): a UDP relay socket on the
 /// address the client reached the listener by, told to the client; datagrams to
-/// it from the client's address (the first one fixes the client's port) carry
+/// it from the client's address (from the port the request named, or else the
+/// first one they come from) carry
 /// their destination in a header and become UDP flows like intercepted ones;
 /// replies go back with the header naming their source. The association ends
 /// with the client's TCP connection; its flows then end at their idle timeout.
-pub async fn serve_socks_association(mut control: tokio::net::TcpStream, client: SocketAddr, ingress: Arc<UdpIngress>) -> anyhow::Result<()> {
+pub async fn serve_socks_association(
+    mut control: tokio::net::TcpStream,
+    client: SocketAddr,
+    requested: SocketAddr,
+    ingress: Arc<UdpIngress>,
+) -> anyhow::Result<()> {
     use reachback_proto::socks5;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let local = control.local_addr()?;
@@ -473,7 +479,9 @@ pub async fn serve_socks_association(mut control: tokio::net::TcpStream, client:
     };
     control.write_all(&socks5::associate_reply(relay.local_addr()?)).await?;
     tracing::debug!(%client, relay = %relay.local_addr()?, "SOCKS5 UDP association");
-    let client_port = Arc::new(std::sync::atomic::AtomicU16::new(0));
+    // the port the client said it sends from (RFC 1928: the server may limit the association to it);
+    // 0 when it did not say, and then the first datagram's port is the client's
+    let client_port = Arc::new(std::sync::atomic::AtomicU16::new(requested.port()));
     let reply = {
         let (relay, client_port) = (relay.clone(), client_port.clone());
         Reply::Packet(Arc::new(move |from: SocketAddr, _to: SocketAddr, payload: &[u8]| {
@@ -635,5 +643,35 @@ mod tests {
         }
         assert_eq!(metrics.udp_flows.get_or_create(&label("result", "failed")).get(), 1);
         drop(writers);
+    }
+
+    #[tokio::test]
+    async fn an_association_takes_datagrams_only_from_the_port_its_request_named() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut control = tokio::net::TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
+        let (accepted, client) = listener.accept().await.expect("accept");
+        let (_tunnel_tx, tunnel) = watch::channel(None);
+        let metrics = Arc::new(Metrics::default());
+        let ingress = UdpIngress::new(UdpOptions::default(), tunnel, metrics.clone());
+        let owner = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let other = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let requested = owner.local_addr().expect("address");
+        let association = tokio::spawn(serve_socks_association(accepted, client, requested, ingress));
+        let mut reply = [0u8; 10];
+        control.read_exact(&mut reply).await.expect("the associate reply");
+        let relay = SocketAddr::new([127, 0, 0, 1].into(), u16::from_be_bytes([reply[8], reply[9]]));
+        let malformed = || metrics.udp_dropped.get_or_create(&label("reason", "malformed")).get();
+        // another process on the client's host speaks first: it is not the client
+        other.send_to(b"not socks", relay).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(malformed(), 0, "a datagram from another port was taken");
+        owner.send_to(b"not socks", relay).await.expect("send");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while malformed() == 0 {
+            assert!(Instant::now() < deadline, "the client's own datagram was not taken");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        association.abort();
     }
 }
