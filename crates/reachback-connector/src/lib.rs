@@ -551,7 +551,7 @@ async fn serve_socks(
     let request = tokio::time::timeout(Duration::from_secs(10), handshake).await.context("SOCKS5 handshake timed out")??;
     let destination = match request {
         socks5::SocksRequest::Connect(destination) => destination,
-        socks5::SocksRequest::UdpAssociate(_) => return udp::serve_socks_association(stream, source, ingress).await,
+        socks5::SocksRequest::UdpAssociate(requested) => return udp::serve_socks_association(stream, source, requested, ingress).await,
         socks5::SocksRequest::Refuse(code) => {
             stream.write_all(&socks5::reply(code)).await?;
             return Ok(());

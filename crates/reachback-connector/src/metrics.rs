@@ -144,12 +144,24 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` on `listen` (hyper, HTTP/1.1).
+/// How long the metrics listener waits after a failed accept.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
 pub async fn serve(listen: SocketAddr, metrics: Arc<Metrics>, names: Arc<Names>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding --metrics-listen {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, "metrics listening");
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // out of descriptors or similar: the connection waits in the backlog and
+                    // accept fails at once again, so back off instead of spinning the runtime
+                    tracing::debug!(%error, "metrics accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
             let (metrics, names) = (metrics.clone(), names.clone());
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let (metrics, names) = (metrics.clone(), names.clone());
@@ -180,4 +192,50 @@ fn answer(request: &hyper::Request<hyper::body::Incoming>, metrics: &Metrics, na
         response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
+
+    fn thread_cpu() -> std::time::Duration {
+        let usage = getrusage(UsageWho::RUSAGE_THREAD).expect("getrusage");
+        let micros = |time: nix::sys::time::TimeVal| time.tv_sec() as u64 * 1_000_000 + time.tv_usec() as u64;
+        std::time::Duration::from_micros(micros(usage.user_time()) + micros(usage.system_time()))
+    }
+
+    #[tokio::test]
+    async fn a_failing_accept_does_not_spin_and_the_listener_recovers() {
+        use std::io::{Read, Write};
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+        let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+        let task = serve(listen, Arc::new(Metrics::default()), Arc::new(Names::default())).await.expect("serve");
+        // a scrape waits in the backlog while the process has no descriptor left for it
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        let mut held = Vec::new();
+        setrlimit(Resource::RLIMIT_NOFILE, 256.min(soft), hard).expect("setrlimit");
+        while let Ok(file) = std::fs::File::open("/dev/null") {
+            held.push(file);
+        }
+        drop(held.pop());
+        let mut client = std::net::TcpStream::connect(listen).expect("connect");
+        while let Ok(file) = std::fs::File::open("/dev/null") {
+            held.push(file);
+        }
+        let before = thread_cpu();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let spent = thread_cpu() - before;
+        drop(held);
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("setrlimit");
+        assert!(spent < std::time::Duration::from_millis(100), "the accept loop spun: {spent:?} of CPU in 300 ms");
+        // descriptors again: the waiting scrape is served
+        client.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        client.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+        let mut answer = Vec::new();
+        let reader = tokio::task::spawn_blocking(move || client.read_to_end(&mut answer).map(|_| answer));
+        let answer = reader.await.expect("join").expect("read");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        task.abort();
+    }
 }

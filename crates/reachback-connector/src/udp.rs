@@ -238,7 +238,33 @@ impl UdpIngress {
             return self.hold_refused(pair, queued, &None).await;
         };
         let (mut send, mut recv) = tunnel.open_bi().await.context("opening a stream")?;
-        write_frame(&mut send, &FlowOpen { destination, source, user: None, protocol: Transport::Udp }).await?;
+        // the request waits for the tunnel's credit; meanwhile the flow's datagrams are
+        // dropped, not held (a queue per flow of 64 KiB datagrams, for every pair of a
+        // flood, while the tunnel is full), and no credit for as long as an answer may
+        // take ends the flow
+        let requested = {
+            let request = FlowOpen { destination, source, user: None, protocol: Transport::Udp };
+            let write = tokio::time::timeout(REPLY_TIMEOUT, write_frame(&mut send, &request));
+            let mut write = std::pin::pin!(write);
+            loop {
+                tokio::select! {
+                    biased;
+                    written = &mut write => break written,
+                    framed = queued.pop() => match framed {
+                        Some(_) => self.drop_datagram("no_credit"),
+                        None => return Ok(()),
+                    },
+                }
+            }
+        };
+        match requested {
+            Ok(written) => written?,
+            Err(_) => {
+                self.metrics.udp_flows.get_or_create(&label("result", "failed")).inc();
+                End::Stream { send, recv }.reset();
+                anyhow::bail!("no credit on the tunnel for the flow request");
+            }
+        }
         // the flow's own socket (tproxy): replies leave from the virtual address, later datagrams arrive here
         let socket = match &reply {
             Reply::Transparent => Some(transparent_socket(destination, source)?),
@@ -430,11 +456,17 @@ fn transparent_socket(local: SocketAddr, remote: SocketAddr) -> anyhow::Result<U
 
 /// A SOCKS5 UDP ASSOCIATE (RFC 1928, section 7): a UDP relay socket on the
 /// address the client reached the listener by, told to the client; datagrams to
-/// it from the client's address (the first one fixes the client's port) carry
+/// it from the client's address (from the port the request named, or else the
+/// first one they come from) carry
 /// their destination in a header and become UDP flows like intercepted ones;
 /// replies go back with the header naming their source. The association ends
 /// with the client's TCP connection; its flows then end at their idle timeout.
-pub async fn serve_socks_association(mut control: tokio::net::TcpStream, client: SocketAddr, ingress: Arc<UdpIngress>) -> anyhow::Result<()> {
+pub async fn serve_socks_association(
+    mut control: tokio::net::TcpStream,
+    client: SocketAddr,
+    requested: SocketAddr,
+    ingress: Arc<UdpIngress>,
+) -> anyhow::Result<()> {
     use reachback_proto::socks5;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let local = control.local_addr()?;
@@ -447,7 +479,9 @@ pub async fn serve_socks_association(mut control: tokio::net::TcpStream, client:
     };
     control.write_all(&socks5::associate_reply(relay.local_addr()?)).await?;
     tracing::debug!(%client, relay = %relay.local_addr()?, "SOCKS5 UDP association");
-    let client_port = Arc::new(std::sync::atomic::AtomicU16::new(0));
+    // the port the client said it sends from (RFC 1928: the server may limit the association to it);
+    // 0 when it did not say, and then the first datagram's port is the client's
+    let client_port = Arc::new(std::sync::atomic::AtomicU16::new(requested.port()));
     let reply = {
         let (relay, client_port) = (relay.clone(), client_port.clone());
         Reply::Packet(Arc::new(move |from: SocketAddr, _to: SocketAddr, payload: &[u8]| {
@@ -561,4 +595,83 @@ fn storage_address(storage: &nix::sys::socket::SockaddrStorage) -> Option<Socket
         return Some(SocketAddr::from((address.ip(), address.port())));
     }
     storage.as_sockaddr_in6().map(|address| SocketAddr::from((address.ip(), address.port())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tunnel_without_credit_holds_no_datagrams_and_no_flow() {
+        let (connector_io, broker_io) = tokio::io::duplex(64 * 1024);
+        let address: SocketAddr = "127.0.0.1:1".parse().expect("address");
+        let connector = Connection::start(connector_io, true, address, Vec::new());
+        let broker = Connection::start(broker_io, false, address, Vec::new());
+        // streams nobody reads take all of the connection's credit
+        let window = reachback_proto::mux::INITIAL_CONNECTION_WINDOW as u64;
+        let mut writers = Vec::new();
+        for _ in 0..(window / reachback_proto::mux::INITIAL_WINDOW as u64) + 1 {
+            let (mut send, recv) = connector.open_bi().await.expect("open");
+            writers.push(tokio::spawn(async move {
+                let _ = send.write_chunk(Bytes::from(vec![0u8; reachback_proto::mux::INITIAL_WINDOW as usize])).await;
+                (send, recv)
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while broker.buffered_bytes() < window {
+            assert!(Instant::now() < deadline, "the connection's window did not fill");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_tunnel_tx, tunnel) = watch::channel(Some(connector.clone()));
+        let metrics = Arc::new(Metrics::default());
+        let ingress = UdpIngress::new(UdpOptions::default(), tunnel, metrics.clone());
+        let reply = Reply::Packet(Arc::new(|_, _, _| {}));
+        let (server, virtual_address): (SocketAddr, SocketAddr) = ("192.0.2.1:5000".parse().expect("server"), "100.64.0.1:53".parse().expect("virtual"));
+        // a flood of large datagrams for one pair while the tunnel is full
+        for _ in 0..200 {
+            ingress.datagram(server, virtual_address, &[7u8; 60_000], &reply);
+            tokio::task::yield_now().await;
+        }
+        let dropped = |reason: &str| metrics.udp_dropped.get_or_create(&label("reason", reason)).get();
+        assert_eq!(dropped("queue_full"), 0, "datagrams were held for a flow whose request waits for credit");
+        assert!(dropped("no_credit") >= 190, "{}", dropped("no_credit"));
+        // no credit for as long as an answer may take: the flow ends
+        let deadline = Instant::now() + REPLY_TIMEOUT + Duration::from_secs(3);
+        while ingress.flows() > 0 {
+            assert!(Instant::now() < deadline, "the flow waits for credit for ever");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(metrics.udp_flows.get_or_create(&label("result", "failed")).get(), 1);
+        drop(writers);
+    }
+
+    #[tokio::test]
+    async fn an_association_takes_datagrams_only_from_the_port_its_request_named() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut control = tokio::net::TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
+        let (accepted, client) = listener.accept().await.expect("accept");
+        let (_tunnel_tx, tunnel) = watch::channel(None);
+        let metrics = Arc::new(Metrics::default());
+        let ingress = UdpIngress::new(UdpOptions::default(), tunnel, metrics.clone());
+        let owner = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let other = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let requested = owner.local_addr().expect("address");
+        let association = tokio::spawn(serve_socks_association(accepted, client, requested, ingress));
+        let mut reply = [0u8; 10];
+        control.read_exact(&mut reply).await.expect("the associate reply");
+        let relay = SocketAddr::new([127, 0, 0, 1].into(), u16::from_be_bytes([reply[8], reply[9]]));
+        let malformed = || metrics.udp_dropped.get_or_create(&label("reason", "malformed")).get();
+        // another process on the client's host speaks first: it is not the client
+        other.send_to(b"not socks", relay).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(malformed(), 0, "a datagram from another port was taken");
+        owner.send_to(b"not socks", relay).await.expect("send");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while malformed() == 0 {
+            assert!(Instant::now() < deadline, "the client's own datagram was not taken");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        association.abort();
+    }
 }
