@@ -31,12 +31,15 @@ pub fn ruleset(routing: &Routing, ranges: &[String], port: u16) -> String {
     );
     if !v4.is_empty() {
         let set = v4.iter().map(|range| range.as_str()).collect::<Vec<_>>().join(", ");
+        // no server has a virtual address: such a source is forged (a reply to it would loop back in)
+        script.push_str(&format!("    ip saddr {{ {set} }} drop\n"));
         for protocol in ["tcp", "udp"] {
             script.push_str(&format!("    ip daddr {{ {set} }} meta l4proto {protocol} tproxy ip to :{port} meta mark set {:#x} accept\n", routing.fwmark));
         }
     }
     if !v6.is_empty() {
         let set = v6.iter().map(|range| range.as_str()).collect::<Vec<_>>().join(", ");
+        script.push_str(&format!("    ip6 saddr {{ {set} }} drop\n"));
         for protocol in ["tcp", "udp"] {
             script.push_str(&format!("    ip6 daddr {{ {set} }} meta l4proto {protocol} tproxy ip6 to :{port} meta mark set {:#x} accept\n", routing.fwmark));
         }
@@ -101,8 +104,10 @@ mod tests {
         assert_eq!(
             script,
             "table inet reachback\ndelete table inet reachback\ntable inet reachback {\n  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n    \
+             ip saddr { 100.64.0.0/16, 100.65.0.10-100.65.0.200 } drop\n    \
              ip daddr { 100.64.0.0/16, 100.65.0.10-100.65.0.200 } meta l4proto tcp tproxy ip to :15001 meta mark set 0x1 accept\n    \
              ip daddr { 100.64.0.0/16, 100.65.0.10-100.65.0.200 } meta l4proto udp tproxy ip to :15001 meta mark set 0x1 accept\n    \
+             ip6 saddr { fd7a:115c::/64 } drop\n    \
              ip6 daddr { fd7a:115c::/64 } meta l4proto tcp tproxy ip6 to :15001 meta mark set 0x1 accept\n    \
              ip6 daddr { fd7a:115c::/64 } meta l4proto udp tproxy ip6 to :15001 meta mark set 0x1 accept\n  }\n}\n"
         );

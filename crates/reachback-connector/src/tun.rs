@@ -205,6 +205,7 @@ impl TunIngress {
             dropped_malformed = counters.dropped_malformed,
             dropped_protocol = counters.dropped_protocol,
             dropped_outside_ranges = counters.dropped_outside_ranges,
+            dropped_spoofed_source = counters.dropped_spoofed_source,
             dropped_over_cap = counters.dropped_over_cap,
             send_failures = self.shared.send_failures.load(Ordering::Relaxed),
             "TUN mode totals"

@@ -79,6 +79,10 @@ pub struct Counters {
     pub dropped_protocol: u64,
     pub dropped_fragment: u64,
     pub dropped_outside_ranges: u64,
+    /// packets from a source inside the virtual ranges: no server has such an
+    /// address, and a reply would be routed back into the device (a loop between
+    /// two laptops, or a policy matched on a forged source)
+    pub dropped_spoofed_source: u64,
     /// SYNs retransmitted while their open was pending
     pub dropped_syn_retransmit: u64,
     /// SYNs dropped because `max_pending` or `max_flows` was reached
@@ -101,17 +105,19 @@ impl Counters {
             + self.dropped_protocol
             + self.dropped_fragment
             + self.dropped_outside_ranges
+            + self.dropped_spoofed_source
             + self.dropped_syn_retransmit
             + self.dropped_over_cap
     }
 
     /// The drop counters by reason, as the metrics name them.
-    pub fn dropped_by_reason(&self) -> [(&'static str, u64); 6] {
+    pub fn dropped_by_reason(&self) -> [(&'static str, u64); 7] {
         [
             ("malformed", self.dropped_malformed),
             ("protocol", self.dropped_protocol),
             ("fragment", self.dropped_fragment),
             ("outside_ranges", self.dropped_outside_ranges),
+            ("spoofed_source", self.dropped_spoofed_source),
             ("syn_retransmit", self.dropped_syn_retransmit),
             ("over_cap", self.dropped_over_cap),
         ]
@@ -337,6 +343,14 @@ impl Stack {
                 return None;
             }
         };
+        let source = match &parsed {
+            Parsed::Udp { source, .. } => source.ip(),
+            Parsed::Tcp(segment) => segment.key.source.ip(),
+        };
+        if self.ranges.contains(source) {
+            self.counters.dropped_spoofed_source += 1;
+            return None;
+        }
         match parsed {
             Parsed::Udp { source, destination, payload } => {
                 if !self.ranges.contains(destination.ip()) {
@@ -792,6 +806,11 @@ mod tests {
         assert_eq!(stack.counters.dropped_outside_ranges, 1);
         assert_eq!(stack.ingress(b"\x45 not a packet", start), None);
         assert_eq!(stack.counters.dropped_malformed, 1);
+        // a source inside the virtual ranges is forged: no open, no answer
+        let spoofed = tcp_packet("100.64.0.9:40000".parse().expect("address"), "100.64.0.1:80".parse().expect("address"), TcpControl::Syn, 1, None, &[]);
+        assert_eq!(stack.ingress(&spoofed, start), None);
+        assert_eq!(stack.counters.dropped_spoofed_source, 1);
+        assert!(stack.outbox.is_empty());
         let sources: Vec<SocketAddr> = (0..4).map(|index| SocketAddr::new(server().ip(), 41000 + index)).collect();
         assert!(stack.ingress(&syn(sources[0], 1), start).is_some());
         assert!(stack.ingress(&syn(sources[1], 1), start).is_some());
@@ -802,7 +821,7 @@ mod tests {
         assert!(stack.ingress(&syn(sources[2], 1), start).is_some(), "room again");
         assert_eq!(stack.ingress(&syn(sources[3], 1), start), None, "no fourth flow");
         assert_eq!(stack.counters.dropped_over_cap, 2);
-        assert_eq!(stack.counters.dropped(), 4);
+        assert_eq!(stack.counters.dropped(), 5, "outside, malformed, spoofed and two over the caps");
     }
 
     #[test]
