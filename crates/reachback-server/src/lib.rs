@@ -9,7 +9,8 @@ pub mod auth;
 pub mod broker;
 pub mod console;
 pub mod crypto;
-pub mod error;
+pub mod edge;
+mod error;
 pub mod limit;
 pub mod ops;
 pub mod request;
@@ -246,6 +247,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/readyz", axum::routing::get(ops::readyz))
         .route("/metrics", axum::routing::get(ops::metrics))
         .fallback(|| async { error::ApiError::not_found("path").into_response() })
+        .layer(axum::middleware::from_fn(edge::guard))
         .layer(axum::middleware::from_fn_with_state(state.clone(), ops::track))
         .layer(axum::middleware::from_fn_with_state(state.clone(), ops::request_timeout))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
