@@ -577,20 +577,33 @@ impl Client {
         let (mut bytes, mut lines) = (0u64, 0u64);
         let started = Instant::now();
         let mut last_report = Instant::now();
-        loop {
-            let read = reader.read(&mut buffer)?;
-            if read == 0 {
-                break;
+        let copied = (|| -> anyhow::Result<()> {
+            loop {
+                // a body cut short (the server failed mid-stream and dropped the connection
+                // without the chunked terminator) is an error here, never a clean end
+                let read = reader.read(&mut buffer)?;
+                if read == 0 {
+                    break;
+                }
+                output.write_all(&buffer[..read])?;
+                bytes += read as u64;
+                lines += buffer[..read].iter().filter(|&&byte| byte == b'\n').count() as u64;
+                if file != "-" && last_report.elapsed() > Duration::from_millis(200) {
+                    eprint!("\r{}, {:.1} MB", rows(lines), bytes as f64 / 1e6);
+                    last_report = Instant::now();
+                }
             }
-            output.write_all(&buffer[..read])?;
-            bytes += read as u64;
-            lines += buffer[..read].iter().filter(|&&byte| byte == b'\n').count() as u64;
-            if file != "-" && last_report.elapsed() > Duration::from_millis(200) {
-                eprint!("\r{}, {:.1} MB", rows(lines), bytes as f64 / 1e6);
-                last_report = Instant::now();
+            output.flush()?;
+            Ok(())
+        })();
+        if let Err(error) = copied {
+            drop(output);
+            if file == "-" {
+                anyhow::bail!("the export was cut off after {} ({error:#}): what was printed is incomplete", rows(lines));
             }
+            let _ = std::fs::remove_file(file);
+            anyhow::bail!("the export was cut off after {} ({error:#}); the partial file {file} was removed", rows(lines));
         }
-        output.flush()?;
         if file != "-" {
             eprintln!("\r{}, {:.1} MB written to {file} in {:.1}s", rows(lines), bytes as f64 / 1e6, started.elapsed().as_secs_f64());
         }

@@ -75,5 +75,5 @@ pub async fn export(State(state): State<SharedState>, caller: Caller, RawQuery(r
             ]
         })
     });
-    Ok(csv_response("audit-log.csv", &["id", "at", "actor", "action", "resource_type", "resource_id", "source_ip", "before", "after"], records))
+    Ok(csv_response("audit-log.csv", &["id", "at", "actor", "action", "resource_type", "resource_id", "source_ip", "before", "after"], records, raw))
 }

@@ -230,5 +230,5 @@ pub async fn export(State(state): State<SharedState>, caller: Caller, RawQuery(r
             vec![row.ip, row.range_name, location_text(&row.range_location), row.username, row.platform, row.client_hostname, format_time(row.last_updated)]
         })
     });
-    Ok(csv_response("ip-bindings.csv", &["ip", "range_name", "range_location", "username", "platform", "client_hostname", "last_updated"], records))
+    Ok(csv_response("ip-bindings.csv", &["ip", "range_name", "range_location", "username", "platform", "client_hostname", "last_updated"], records, raw))
 }

@@ -76,7 +76,7 @@ pub fn csv_cell(value: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Turns a stream of CSV records into a streamed `text/csv` response.
-pub fn csv_response<S>(filename: &str, header: &[&str], records: S) -> Response
+pub fn csv_response<S>(filename: &str, header: &[&str], records: S, filters: Option<String>) -> Response
 where
     S: futures_util::Stream<Item = Result<Vec<String>, reachback_store::StoreError>> + Send + 'static,
 {
@@ -86,18 +86,29 @@ where
         let _ = writer.write_record(header);
         writer.into_inner().unwrap_or_default()
     };
-    let body =
-        futures_util::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(header_line)) }).chain(records.ready_chunks(512).map(|chunk| {
+    let mut written = 0u64;
+    let export = filename.to_string();
+    // an error after the header was sent ends the body with an error: hyper then drops the
+    // connection without the chunked terminator, so every HTTP client sees a failed
+    // transfer, never a clean 200 end
+    let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(header_line)) }).chain(records.ready_chunks(512).map(
+        move |chunk| {
             let mut writer = csv::Writer::from_writer(Vec::with_capacity(chunk.len() * 128));
             for record in chunk {
                 let record = record.map_err(|error| {
-                    tracing::error!(%error, "export stream failed");
+                    // the filters' names at ERROR; their values (usernames, hostnames) only at DEBUG
+                    let names: Vec<&str> =
+                        filters.as_deref().unwrap_or("").split('&').filter_map(|pair| pair.split('=').next()).filter(|name| !name.is_empty()).collect();
+                    tracing::error!(%error, export = %export, filters = ?names, rows_sent = written, "export failed mid-stream; the response is aborted");
+                    tracing::debug!(export = %export, query = filters.as_deref().unwrap_or(""), "the failed export's query");
                     std::io::Error::other("export failed")
                 })?;
+                written += 1;
                 writer.write_record(record.iter().map(|cell| csv_cell(cell).into_owned())).map_err(std::io::Error::other)?;
             }
             writer.into_inner().map(bytes::Bytes::from).map_err(|error| std::io::Error::other(error.to_string()))
-        }));
+        },
+    ));
     let mut response = axum::body::Body::from_stream(body).into_response();
     let headers = response.headers_mut();
     headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("text/csv; charset=utf-8"));

@@ -375,3 +375,52 @@ async fn control_characters_are_refused_at_the_edge_on_every_route(server: TestS
 }
 
 crate::on_both_backends!(control_characters_are_refused_at_the_edge_on_every_route);
+
+/// An export whose rows fail after the header went out (the database failing
+/// mid-stream) ends the HTTP response without the chunked terminator: a client
+/// reading it sees a failed transfer, never a clean 200 end with fewer rows.
+#[tokio::test]
+async fn an_export_that_fails_mid_stream_never_ends_cleanly() {
+    // each request gets rows that fail after 1,200 (as a database connection lost mid-query would)
+    let router = axum::Router::new().route(
+        "/export.csv",
+        axum::routing::get(|| async {
+            let rows = (0..1500).map(|index| {
+                if index < 1200 {
+                    Ok(vec![format!("100.64.0.{index}"), "row".to_string()])
+                } else {
+                    Err(reachback_store::StoreError::Corrupt("the database went away".into()))
+                }
+            });
+            // the failure comes a moment later, as a lost connection's would: what came before is on the wire
+            let rows = futures_util::StreamExt::then(futures_util::stream::iter(rows), |row| async move {
+                if row.is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                row
+            });
+            reachback_server::api::csv_response("x.csv", &["ip", "note"], rows, Some("username=alice".into()))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    stream.write_all(b"GET /export.csv HTTP/1.1\r\nHost: test\r\n\r\n").await.expect("request");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await.expect("the server ends the connection");
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains("transfer-encoding: chunked"), "{}", &text[..text.len().min(300)]);
+    assert!(text.contains("100.64.0.1199"), "the rows before the failure were sent");
+    assert!(!text.ends_with("0\r\n\r\n"), "no chunked terminator: the transfer is visibly incomplete");
+    // and a real HTTP client says so
+    let url = format!("http://{address}/export.csv");
+    let outcome = tokio::task::spawn_blocking(move || {
+        let response = ureq::get(&url).call()?;
+        assert_eq!(response.status(), 200, "the failure comes after the status line");
+        response.into_body().with_config().limit(64 * 1024 * 1024).read_to_string()
+    })
+    .await
+    .expect("join");
+    assert!(outcome.is_err(), "the client sees an error, not a short file: {:?}", outcome.map(|body| body.len()));
+}

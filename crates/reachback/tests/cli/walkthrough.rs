@@ -146,3 +146,36 @@ fn bad_configuration_is_refused_clearly() {
     let output = std::process::Command::new(crate::process::BIN).arg("--version").output().expect("runs");
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("reachback "));
 }
+
+/// `ctl bindings export` against a server whose export fails mid-stream (a 200, the
+/// header and some rows, then the connection closed without the chunked
+/// terminator, as the server does when its database fails): the CLI reports the
+/// cut and removes the partial file, so nobody mistakes it for the whole export.
+#[test]
+fn an_export_cut_off_mid_stream_fails_and_leaves_no_file() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let rows = "ip,range_name\r\n100.64.0.1,Paris\r\n100.64.0.2,Paris\r\n";
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\ncontent-type: text/csv\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{rows}\r\n", rows.len());
+            // no "0\r\n\r\n": the connection just ends
+        }
+    });
+    let temp = crate::process::TempDir::new();
+    let file = temp.0.join("bindings.csv");
+    let output = std::process::Command::new(crate::process::BIN)
+        .args(["ctl", "bindings", "export", "--file"])
+        .arg(&file)
+        .env("REACHBACK_SERVER", format!("http://127.0.0.1:{port}"))
+        .env("REACHBACK_TOKEN", "rbk_any")
+        .output()
+        .expect("ctl runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a cut-off export is a failure: {stderr}");
+    assert!(stderr.contains("cut off") && stderr.contains("removed"), "{stderr}");
+    assert!(!file.exists(), "no partial file is left behind");
+}
