@@ -273,6 +273,28 @@ impl Lab {
         )
     }
 
+    /// Another laptop on the client host: a fresh key for alice, `agent enroll` as
+    /// `hostname` with `enroll_extra` (`--country DE` picks a range by location),
+    /// then `agent run` with `run_args` as process `name` (state in a directory of
+    /// that name). Returns what `agent enroll` printed; fails the test if it failed.
+    pub fn add_laptop(&mut self, name: &str, hostname: &str, enroll_extra: &[&str], run_args: &[&str]) -> String {
+        let (_, key) = self.api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example"})));
+        let key = key["key"].as_str().expect("key").to_string();
+        let bin = self.bin.to_string_lossy().into_owned();
+        let state = self.dir.0.join(name).to_string_lossy().into_owned();
+        let pin = self.ca_pin.clone();
+        let mut args =
+            vec!["agent", "enroll", "--server", "https://10.77.2.2:8080", "--key", &key, "--ca-pin", &pin, "--hostname", hostname, "--state-dir", &state];
+        args.extend_from_slice(enroll_extra);
+        let enrolled = self.run("cli", &bin, &args);
+        let printed = String::from_utf8_lossy(&enrolled.stdout).into_owned();
+        assert!(enrolled.status.success(), "agent enroll: {printed}{}", String::from_utf8_lossy(&enrolled.stderr));
+        let mut run = vec!["agent", "run", "--state-dir", &state];
+        run.extend_from_slice(run_args);
+        self.spawn(name, "cli", &bin, &run);
+        printed
+    }
+
     pub fn start_connector(&mut self, provisioning_key: &str) {
         self.start_connector_with(provisioning_key, &[]);
     }

@@ -212,32 +212,7 @@ fn orchestrate() {
         // a second laptop, bound in an IPv6 range by its location, with the same services
         let (status, range) = lab.api("POST", "/ip-ranges", Some(json!({"name": "v6", "range": "fd7a:115c:a1e0::/64", "location": {"country": "DE"}})));
         assert_eq!(status, 201, "{range}");
-        let (_, key) = lab.api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example"})));
-        let key = key["key"].as_str().expect("key").to_string();
-        let state = lab.dir.0.join("agent6").to_string_lossy().into_owned();
-        let (bin_text, pin) = (bin.to_string_lossy().into_owned(), lab.ca_pin.clone());
-        let enrolled = lab.run(
-            "cli",
-            &bin_text,
-            &[
-                "agent",
-                "enroll",
-                "--server",
-                "https://10.77.2.2:8080",
-                "--key",
-                &key,
-                "--ca-pin",
-                &pin,
-                "--hostname",
-                "laptop6.corp.example",
-                "--country",
-                "DE",
-                "--state-dir",
-                &state,
-            ],
-        );
-        assert!(enrolled.status.success(), "{}", String::from_utf8_lossy(&enrolled.stderr));
-        lab.spawn("agent6", "cli", &bin_text, &["agent", "run", "--allow-ports", "5201", "--allow-udp-ports", "53,5201", "--state-dir", &state]);
+        lab.add_laptop("agent6", "laptop6.corp.example", &["--country", "DE"], &["--allow-ports", "5201", "--allow-udp-ports", "53,5201"]);
         wait_for("the IPv6 laptop", Duration::from_secs(30), || lab.api("GET", "/client-sessions", None).1["total"] == 2);
         wait_for("the IPv6 interception rules", Duration::from_secs(30), || {
             String::from_utf8_lossy(&lab.run("conn", "nft", &["list", "table", "inet", "reachback"]).stdout).contains("fd7a:115c:a1e0::/64")

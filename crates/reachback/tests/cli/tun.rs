@@ -220,31 +220,8 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     assert!(lab.run("conn", "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]).status.success());
     let (status, range) = lab.api("POST", "/ip-ranges", Some(json!({"name": "Lab laptops v6", "range": "fd7a:115c:a1e0::/64"})));
     assert_eq!(status, 201, "{range}");
-    let (_, key) = lab.api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example"})));
-    let bin = lab.bin.to_string_lossy().into_owned();
-    let state6 = lab.dir.0.join("agent6").to_string_lossy().into_owned();
-    let pin = lab.ca_pin.clone();
-    let enrolled = lab.run(
-        "cli",
-        &bin,
-        &[
-            "agent",
-            "enroll",
-            "--server",
-            "https://10.77.2.2:8080",
-            "--key",
-            key["key"].as_str().expect("key"),
-            "--ca-pin",
-            &pin,
-            "--hostname",
-            "laptop6.corp.example",
-            "--state-dir",
-            &state6,
-        ],
-    );
-    let said = String::from_utf8_lossy(&enrolled.stdout).into_owned();
-    assert!(enrolled.status.success() && said.contains("fd7a:115c:a1e0::1"), "{said}{}", String::from_utf8_lossy(&enrolled.stderr));
-    lab.spawn("agent6", "cli", &bin, &["agent", "run", "--allow-ports", "8000", "--state-dir", &state6]);
+    let said = lab.add_laptop("agent6", "laptop6.corp.example", &[], &["--allow-ports", "8000"]);
+    assert!(said.contains("fd7a:115c:a1e0::1"), "{said}");
     wait_for("the IPv6 range routed into the device", Duration::from_secs(20), || {
         String::from_utf8_lossy(&lab.run("conn", "ip", &["-6", "route", "show", "dev", "reachback0"]).stdout).contains("fd7a:115c:a1e0::/64")
     });

@@ -137,34 +137,9 @@ fn udp_flows_and_ipv6_addresses_reach_laptops_through_tproxy() {
     wait_for("the connector to route the IPv6 range", Duration::from_secs(20), || {
         String::from_utf8_lossy(&lab.run("conn", "nft", &["list", "table", "inet", "reachback"]).stdout).contains("fd7a:115c:a1e0::/64")
     });
-    let (_, key) = lab.api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example"})));
-    let key = key["key"].as_str().expect("key").to_string();
+    let printed = lab.add_laptop("agent6", "laptop6.corp.example", &["--country", "DE"], &["--allow-ports", "8000", "--allow-udp-ports", "53"]);
+    assert!(printed.contains("fd7a:115c:a1e0::1"), "bound in the IPv6 range: {printed}");
     let bin = lab.bin.to_string_lossy().into_owned();
-    let state = lab.dir.0.join("agent6").to_string_lossy().into_owned();
-    let pin = lab.ca_pin.clone();
-    let enrolled = lab.run(
-        "cli",
-        &bin,
-        &[
-            "agent",
-            "enroll",
-            "--server",
-            "https://10.77.2.2:8080",
-            "--key",
-            &key,
-            "--ca-pin",
-            &pin,
-            "--hostname",
-            "laptop6.corp.example",
-            "--country",
-            "DE",
-            "--state-dir",
-            &state,
-        ],
-    );
-    let printed = String::from_utf8_lossy(&enrolled.stdout).into_owned();
-    assert!(enrolled.status.success() && printed.contains("fd7a:115c:a1e0::1"), "{printed}{}", String::from_utf8_lossy(&enrolled.stderr));
-    lab.spawn("agent6", "cli", &bin, &["agent", "run", "--allow-ports", "8000", "--allow-udp-ports", "53", "--state-dir", &state]);
     wait_for("the IPv6 laptop's session", Duration::from_secs(20), || lab.api("GET", "/client-sessions", None).1["total"] == 2);
     let (code, body, _) = lab.curl("http://[fd7a:115c:a1e0::1]:8000/hello.txt");
     assert_eq!((code, body.as_str()), (0, "hello from the client\n"), "curl over IPv6; connector log:\n{}", lab.log("connector"));
