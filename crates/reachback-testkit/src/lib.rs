@@ -273,6 +273,40 @@ impl Lab {
         )
     }
 
+    /// `ssh root@TARGET COMMAND` from the server host with the lab's client key (see [`Lab::start_services`]).
+    pub fn ssh(&self, target: &str, command: &str) -> Output {
+        let client_key = self.dir.0.join("ssh/client_key").to_string_lossy().into_owned();
+        let destination = format!("root@{target}");
+        let options = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "BatchMode=yes", "LogLevel=ERROR"];
+        let mut args = vec!["-i", client_key.as_str()];
+        for option in &options {
+            args.extend(["-o", option]);
+        }
+        args.extend([destination.as_str(), command]);
+        self.run("srv", "ssh", &args)
+    }
+
+    /// A DNS server (dnsmasq) on the laptop's loopback, port 53, answering
+    /// `service.laptop.test` with 192.0.2.7 (the lab's agent allows UDP 53).
+    pub fn start_laptop_dns(&mut self) {
+        self.spawn(
+            "laptop-dns",
+            "cli",
+            "dnsmasq",
+            &[
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--port=53",
+                "--address=/service.laptop.test/192.0.2.7",
+            ],
+        );
+        self.wait_listening("cli", "127.0.0.1", 53);
+    }
+
     /// Another laptop on the client host: a fresh key for alice, `agent enroll` as
     /// `hostname` with `enroll_extra` (`--country DE` picks a range by location),
     /// then `agent run` with `run_args` as process `name` (state in a directory of

@@ -61,30 +61,11 @@ fn servers_reach_clients_by_virtual_ip_through_connector_broker_and_agent() {
     assert!(!refused.status.success() && message.contains("plain HTTP"), "plain HTTP to another host is refused: {message}");
     assert_eq!(lab.api("GET", "/devices", None).1["total"], 1, "no device was made by the refused attempts");
     assert_eq!(lab.api("GET", "/enrollment-keys", None).1["items"].as_array().expect("keys").iter().filter(|key| key["used_count"] == 1).count(), 1);
-    let ssh_text = lab.dir.0.join("ssh").to_string_lossy().into_owned();
 
     // curl, ssh and iperf3 from the server host to the client by virtual IP
     let (code, body, _) = lab.curl("http://100.64.0.1:8000/hello.txt");
     assert_eq!((code, body.as_str()), (0, "hello from the client\n"), "curl through the tunnel; connector log:\n{}", lab.log("connector"));
-    let client_key = format!("{ssh_text}/client_key");
-    let ssh = lab.run(
-        "srv",
-        "ssh",
-        &[
-            "-i",
-            &client_key,
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "root@100.64.0.1",
-            "echo reached $(cat /proc/sys/kernel/hostname)",
-        ],
-    );
+    let ssh = lab.ssh("100.64.0.1", "echo reached $(cat /proc/sys/kernel/hostname)");
     assert!(ssh.status.success(), "ssh: {}\nsshd: {}", String::from_utf8_lossy(&ssh.stderr), lab.log("sshd"));
     assert!(String::from_utf8_lossy(&ssh.stdout).starts_with("reached"), "{}", String::from_utf8_lossy(&ssh.stdout));
     let upload = iperf3_bits(&lab, "100.64.0.1", "5201", "2", "1", false);

@@ -114,26 +114,7 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     // curl, ssh and iperf3 (both ways) from the server host by virtual IP
     let (code, body, _) = lab.curl("http://100.64.0.1:8000/hello.txt");
     assert_eq!((code, body.as_str()), (0, "hello from the client\n"), "curl through the TUN connector; connector log:\n{}", lab.log("connector"));
-    let ssh_text = lab.dir.0.join("ssh").to_string_lossy().into_owned();
-    let client_key = format!("{ssh_text}/client_key");
-    let ssh = lab.run(
-        "srv",
-        "ssh",
-        &[
-            "-i",
-            &client_key,
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "root@100.64.0.1",
-            "echo reached $(cat /proc/sys/kernel/hostname)",
-        ],
-    );
+    let ssh = lab.ssh("100.64.0.1", "echo reached $(cat /proc/sys/kernel/hostname)");
     assert!(ssh.status.success(), "ssh: {}\nconnector: {}", String::from_utf8_lossy(&ssh.stderr), lab.log("connector"));
     assert!(String::from_utf8_lossy(&ssh.stdout).starts_with("reached"), "{}", String::from_utf8_lossy(&ssh.stdout));
     let upload = iperf3_bits(&lab, "100.64.0.1", "5201", "2", "1", false);
@@ -183,21 +164,7 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     assert!(connector_metric("reachback_connector_tun_flows_total{result=\"accepted\"}") >= 5.0, "the accepted flows are counted");
 
     // UDP: datagrams to the virtual address become UDP flows, the replies are packets built here
-    lab.spawn(
-        "laptop-dns",
-        "cli",
-        "dnsmasq",
-        &[
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--port=53",
-            "--address=/service.laptop.test/192.0.2.7",
-        ],
-    );
+    lab.start_laptop_dns();
     let dig = |server: &str| {
         let at = format!("@{server}");
         let output = lab.run("srv", "dig", &[&at, "service.laptop.test", "A", "+short", "+time=2", "+tries=3"]);

@@ -64,22 +64,7 @@ fn udp_flows_and_ipv6_addresses_reach_laptops_through_tproxy() {
     }
     let mut lab = Lab::full_args(&["--metrics-listen", "0.0.0.0:9100"])(Path::new(BIN));
     // a DNS server on the laptop's loopback (the agent allows UDP 53)
-    lab.spawn(
-        "laptop-dns",
-        "cli",
-        "dnsmasq",
-        &[
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--port=53",
-            "--address=/service.laptop.test/192.0.2.7",
-        ],
-    );
-    lab.wait_listening("cli", "127.0.0.1", 53);
+    lab.start_laptop_dns();
 
     // dig from the server host to the laptop's virtual IP: a UDP exchange through connector, broker and agent
     assert_eq!(
