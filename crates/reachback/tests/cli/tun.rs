@@ -187,7 +187,7 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     assert!(lab.run("conn", "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]).status.success());
     let (status, range) = lab.api("POST", "/ip-ranges", Some(json!({"name": "Lab laptops v6", "range": "fd7a:115c:a1e0::/64"})));
     assert_eq!(status, 201, "{range}");
-    let said = lab.add_laptop("agent6", "laptop6.corp.example", &[], &["--allow-ports", "8000"]);
+    let said = lab.add_laptop("agent6", "laptop6.corp.example", &[], &["--allow-ports", "8000", "--allow-udp-ports", "53"]);
     assert!(said.contains("fd7a:115c:a1e0::1"), "{said}");
     wait_for("the IPv6 range routed into the device", Duration::from_secs(20), || {
         String::from_utf8_lossy(&lab.run("conn", "ip", &["-6", "route", "show", "dev", "reachback0"]).stdout).contains("fd7a:115c:a1e0::/64")
@@ -200,6 +200,9 @@ fn tun_mode_relays_curl_ssh_iperf3_and_refuses_at_connect() {
     wait_for("curl over IPv6", Duration::from_secs(30), || curl6().0 == 0);
     assert_eq!(curl6(), (0, "hello from the client\n".to_string()));
     assert_eq!(connect(&lab, "fd7a:115c:a1e0::1", 22).0, "refused", "over IPv6 too a port the agent does not allow is refused at connect");
+    // and UDP over IPv6: the reply is an IPv6 packet built here
+    let dig6 = lab.run("srv", "dig", &["@fd7a:115c:a1e0::1", "service.laptop.test", "A", "+short", "+time=2", "+tries=3"]);
+    assert_eq!(String::from_utf8_lossy(&dig6.stdout).trim(), "192.0.2.7", "a UDP exchange with the IPv6 laptop in TUN mode");
 
     // the client goes offline: refused at connect within the bound; back with the same address
     lab.stop("agent", true);
