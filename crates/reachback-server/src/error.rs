@@ -93,6 +93,10 @@ impl From<StoreError> for ApiError {
             StoreError::Overlap { id, name, range } => ApiError::conflict(format!("the range overlaps range '{name}' ({range})"))
                 .with("conflicts_with", json!({"id": id, "name": name, "range": range})),
             StoreError::Duplicate(what) => ApiError::conflict(format!("the {what} is already taken")),
+            StoreError::Confusable(existing) => {
+                ApiError::conflict(format!("the name looks like the existing {existing:?} (letters from another script, or the same in another form)"))
+                    .with("existing", serde_json::Value::String(existing))
+            }
             StoreError::RangeInUse(count) => {
                 ApiError::conflict(format!("the range has {count} bindings; delete with ?force=true to release them")).with("bindings", json!(count))
             }

@@ -64,6 +64,34 @@ pub fn plain_text(value: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a character is invisible (Unicode's default-ignorable code points:
+/// zero-width spaces and joiners, soft hyphen, variation selectors, tags, …) or
+/// a bidirectional control: either lets two names that render alike differ.
+fn invisible_or_bidi(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x00AD | 0x034F | 0x061C | 0x115F..=0x1160 | 0x17B4..=0x17B5 | 0x180B..=0x180F | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F
+            | 0x3164 | 0xFE00..=0xFE0F | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFF8 | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0000..=0xE0FFF
+    )
+}
+
+/// A resource's name as it is stored: trimmed, in Unicode NFC (so `Café` typed
+/// either way is one name), without control, invisible or bidirectional-control
+/// characters, 1 to `max` characters. Names that merely look alike are refused
+/// by the store (their confusable skeletons collide).
+pub fn name(value: &str, max: usize) -> Result<String, String> {
+    use unicode_normalization::UnicodeNormalization;
+    let name: String = value.trim().nfc().collect();
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    plain_text(&name, max)?;
+    if name.chars().any(invisible_or_bidi) {
+        return Err("may not contain invisible or bidirectional-control characters (zero-width spaces, joiners, direction marks)".into());
+    }
+    Ok(name)
+}
+
 /// Parses a location object (or null) from JSON, collecting field errors.
 pub fn location(value: &Value, field: &str, errors: &mut Vec<FieldError>) -> Option<Location> {
     let mut error = |name: &str, message: &str| errors.push(FieldError { field: format!("{field}.{name}"), message: message.into() });

@@ -93,6 +93,7 @@ impl Store {
             .bind(now)
             .execute(&mut *tx.transaction)
             .await?;
+        crate::claim_skeleton(&mut tx.transaction, "admins", &admin_id, username).await?;
         sqlx::query("INSERT INTO api_keys (id, admin_id, name, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(new_id())
             .bind(admin_id.as_str())
@@ -129,6 +130,7 @@ impl Store {
             .execute(&mut *tx.transaction)
             .await
             .map_err(|error| if crate::is_unique_violation(&error) { StoreError::Duplicate("username") } else { error.into() })?;
+        crate::claim_skeleton(&mut tx.transaction, "admins", row.id.as_str(), &row.username).await?;
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await
     }

@@ -185,6 +185,7 @@ impl Store {
             .execute(&mut *tx.transaction)
             .await
             .map_err(name_taken)?;
+        crate::claim_skeleton(&mut tx.transaction, kind.table(), doc.id.as_str(), &doc.name).await?;
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await
     }
@@ -215,6 +216,9 @@ impl Store {
             .execute(&mut *tx.transaction)
             .await
             .map_err(name_taken)?;
+        if after.name != before.name {
+            crate::claim_skeleton(&mut tx.transaction, kind.table(), id, &after.name).await?;
+        }
         crate::audit::record(&mut tx.transaction, audit(&before, &after)).await?;
         tx.commit().await?;
         Ok(after)
@@ -271,6 +275,7 @@ impl Store {
         .execute(&mut *tx.transaction)
         .await
         .map_err(name_taken)?;
+        crate::claim_skeleton(&mut tx.transaction, "connectors", row.id.as_str(), &row.name).await?;
         crate::audit::record(&mut tx.transaction, audit).await?;
         tx.commit().await
     }

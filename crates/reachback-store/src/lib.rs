@@ -50,6 +50,9 @@ pub enum StoreError {
     /// a unique name or key is taken
     #[error("{0} is already taken")]
     Duplicate(&'static str),
+    /// the name looks like an existing one (same confusable skeleton): that one's name
+    #[error("the name looks like the existing {0:?}")]
+    Confusable(String),
     /// the range still has bindings
     #[error("range has {0} bindings")]
     RangeInUse(i64),
@@ -125,6 +128,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, include_str!("../migrations/0007_key_limits.sql"), ""),
     (8, include_str!("../migrations/0008_connector_key.sql"), ""),
     (9, include_str!("../migrations/0009_connector_dns.sql"), ""),
+    (10, include_str!("../migrations/0010_name_skeletons.sql"), ""),
 ];
 
 /// The rows of the range whose id is the parameter `$N` (`alias` is the bindings
@@ -340,6 +344,7 @@ impl Store {
             export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)),
         };
         store.migrate().await?;
+        store.backfill_name_skeletons().await?;
         if let Some(file) = sqlite_file {
             store.enroll_connection = Some(Arc::new(enroll_sqlite::open(&file)?));
         }
@@ -601,5 +606,70 @@ impl Filter {
             };
         }
         query
+    }
+}
+
+/// The key under which names that look alike collide: the Unicode TR39
+/// confusable skeleton of the NFC, lowercased name (`Pаris` with a Cyrillic `а`,
+/// `PARIS` and `Paris` share one). Kept beside the name in `name_skeleton`
+/// (`username_skeleton` for admins), unique, so an impostor of an existing name
+/// is refused.
+pub fn name_skeleton(name: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let folded: String = name.nfc().collect::<String>().to_lowercase();
+    unicode_security::skeleton(&folded).collect()
+}
+
+/// The tables whose names must not look alike: (table, name column, skeleton column).
+const SKELETON_TABLES: &[(&str, &str, &str)] = &[
+    ("ip_ranges", "name", "name_skeleton"),
+    ("app_segments", "name", "name_skeleton"),
+    ("access_policies", "name", "name_skeleton"),
+    ("connectors", "name", "name_skeleton"),
+    ("admins", "username", "username_skeleton"),
+];
+
+/// Claims the skeleton of the row's new name, inside the write's transaction:
+/// another row whose name looks alike is refused by name; a race the look-up
+/// missed is refused by the unique index.
+pub(crate) async fn claim_skeleton(connection: &mut sqlx::AnyConnection, table: &str, id: &str, name: &str) -> Result<()> {
+    let Some((_, name_column, column)) = SKELETON_TABLES.iter().find(|(known, _, _)| *known == table) else {
+        return Err(StoreError::Unsupported(format!("no skeleton for {table}")));
+    };
+    let skeleton = name_skeleton(name);
+    let sql = format!("SELECT {name_column} FROM {table} WHERE {column} = $1 AND id <> $2");
+    if let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(skeleton.as_str()).bind(id).fetch_optional(&mut *connection).await? {
+        return Err(StoreError::Confusable(row.try_get(0)?));
+    }
+    let sql = format!("UPDATE {table} SET {column} = $1 WHERE id = $2");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(skeleton.as_str())
+        .bind(id)
+        .execute(&mut *connection)
+        .await
+        .map_err(|error| if is_unique_violation(&error) { StoreError::Duplicate("name") } else { error.into() })?;
+    Ok(())
+}
+
+impl Store {
+    /// Fills the skeletons of rows written before they were kept (once per row;
+    /// a pair of old names that look alike keeps the second without one, and says so).
+    pub async fn backfill_name_skeletons(&self) -> Result<()> {
+        for (table, name_column, column) in SKELETON_TABLES {
+            let sql = format!("SELECT id, {name_column} FROM {table} WHERE {column} IS NULL");
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
+            for row in rows {
+                let (id, name): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+                let sql = format!("UPDATE {table} SET {column} = $1 WHERE id = $2 AND {column} IS NULL");
+                if let Err(error) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(name_skeleton(&name)).bind(id.as_str()).execute(&self.pool).await {
+                    if is_unique_violation(&error) {
+                        tracing::warn!(table, id = %id, "a name written before look-alike names were refused looks like another; rename one of them");
+                    } else {
+                        return Err(error.into());
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }

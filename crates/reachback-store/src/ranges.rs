@@ -97,6 +97,7 @@ impl Store {
         )
         .bind(id);
         bind_write(query, write).bind(now).execute(&mut *tx.transaction).await.map_err(name_taken)?;
+        crate::claim_skeleton(&mut tx.transaction, "ip_ranges", id, &write.name).await?;
         let created = RangeRow {
             id: id.to_string(),
             name: write.name.clone(),
@@ -164,6 +165,9 @@ impl Store {
         )
         .bind(id);
         bind_write(query, write).bind(now).execute(&mut *tx.transaction).await.map_err(name_taken)?;
+        if write.name != before.name {
+            crate::claim_skeleton(&mut tx.transaction, "ip_ranges", id, &write.name).await?;
+        }
         let after = RangeRow {
             name: write.name.clone(),
             description: write.description.clone(),

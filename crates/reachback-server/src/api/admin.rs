@@ -67,14 +67,13 @@ pub async fn me(caller: Caller) -> Json<Value> {
 pub async fn create_admin(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Superadmin)?;
     let mut fields = Fields::new(body, ADMIN_BODY)?;
-    let username = fields.string("username", true).map(|name| name.trim().to_string());
-    if let Some(username) = &username {
-        if username.is_empty() {
-            fields.error("username", "must not be empty");
-        } else if let Err(message) = validate::plain_text(username, 128) {
+    let username = fields.string("username", true).map(|name| match validate::name(&name, 128) {
+        Ok(name) => name,
+        Err(message) => {
             fields.error("username", message);
+            name
         }
-    }
+    });
     let role = fields.string("role", true);
     if role.as_deref().is_some_and(|role| Role::parse(role).is_none()) {
         fields.error("role", "must be superadmin, admin or viewer");

@@ -125,15 +125,13 @@ fn list_field(fields: &mut Fields, name: &str, base: &Value, check: impl Fn(&str
 
 fn name_field(fields: &mut Fields, base: Option<&DocRow>) -> String {
     match fields.string("name", base.is_none()) {
-        Some(name) => {
-            let name = name.trim().to_string();
-            if name.is_empty() || name.chars().count() > 128 {
-                fields.error("name", "must have 1 to 128 characters");
-            } else if let Err(message) = validate::plain_text(&name, 128) {
+        Some(name) => match validate::name(&name, 128) {
+            Ok(name) => name,
+            Err(message) => {
                 fields.error("name", message);
+                name
             }
-            name
-        }
+        },
         None => base.map(|doc| doc.name.clone()).unwrap_or_default(),
     }
 }

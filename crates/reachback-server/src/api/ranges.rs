@@ -45,14 +45,13 @@ pub const BODY: &[BodyField] = &[
 /// Reads the writable fields over `base` (all required when there is no base).
 fn read_write(mut fields: Fields, base: Option<&RangeRow>) -> ApiResult<RangeWrite> {
     let creating = base.is_none();
-    let name = fields.string("name", creating).map(|name| name.trim().to_string());
-    if let Some(name) = &name {
-        if name.is_empty() {
-            fields.error("name", "must not be empty");
-        } else if let Err(message) = validate::plain_text(name, 128) {
+    let name = fields.string("name", creating).map(|name| match validate::name(&name, 128) {
+        Ok(name) => name,
+        Err(message) => {
             fields.error("name", message);
+            name
         }
-    }
+    });
     let description = fields.string("description", false);
     if let Some(description) = &description
         && description.chars().count() > 1024

@@ -141,6 +141,14 @@ impl TestServer {
         base
     }
 
+    /// Runs SQL on the test's database over a connection of its own (to set up
+    /// what an older version left behind).
+    pub async fn raw_sql(&self, sql: &str) {
+        let url = self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("reachback.db").display()));
+        let mut connection = sqlx::AnyConnection::connect(&url).await.expect("a connection of the test's own");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut connection).await.expect("the SQL runs");
+    }
+
     /// Builds a new server over the same database, as a restart would.
     pub async fn restart(&mut self) {
         self.boot().await;
