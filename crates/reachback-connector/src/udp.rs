@@ -136,6 +136,9 @@ pub struct UdpIngress {
     options: UdpOptions,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
+    /// the counters of each direction, looked up once (not per flow)
+    to_client: Direction,
+    to_server: Direction,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -148,6 +151,8 @@ impl UdpIngress {
             table: Mutex::new(FlowTable::new(options.max_flows, options.idle_timeout)),
             tunnel,
             options,
+            to_client: Direction::new(&metrics, "to_client"),
+            to_server: Direction::new(&metrics, "to_server"),
             metrics,
             next_id: AtomicU64::new(1),
         });
@@ -281,8 +286,7 @@ impl UdpIngress {
                 (None, Reply::Transparent) => false,
             }
         };
-        let to_client = Direction::new(&self.metrics, "to_client");
-        let to_server = Direction::new(&self.metrics, "to_server");
+        let (to_client, to_server) = (&self.to_client, &self.to_server);
         // datagrams that come before the answer go at once (they wait at the broker for the verdict)
         let verdict = {
             let answer = tokio::time::timeout(REPLY_TIMEOUT, reachback_tunnel::read_frame::<FlowReply>(&mut recv));
@@ -291,13 +295,13 @@ impl UdpIngress {
                 tokio::select! {
                     verdict = &mut answer => break verdict,
                     framed = queued.pop() => match framed {
-                        Some(framed) => self.forward(&mut send, framed, &to_client)?,
+                        Some(framed) => self.forward(&mut send, framed, to_client)?,
                         None => return Ok(()),
                     },
                     received = recv_own(&socket) => {
                         if let Some(framed) = self.own_datagram(pair, received.context("the flow's socket failed")?) {
                             self.touch(pair);
-                            self.forward(&mut send, framed, &to_client)?;
+                            self.forward(&mut send, framed, to_client)?;
                         }
                     }
                 }
@@ -326,12 +330,12 @@ impl UdpIngress {
                 framed = queued.pop() => {
                     // `None`: the table let the flow go (idle)
                     let Some(framed) = framed else { break };
-                    self.forward(&mut send, framed, &to_client)?;
+                    self.forward(&mut send, framed, to_client)?;
                 }
                 received = recv_own(&socket) => {
                     if let Some(framed) = self.own_datagram(pair, received.context("the flow's socket failed")?) {
                         self.touch(pair);
-                        self.forward(&mut send, framed, &to_client)?;
+                        self.forward(&mut send, framed, to_client)?;
                     }
                 }
                 chunk = recv.read_chunk() => match chunk {

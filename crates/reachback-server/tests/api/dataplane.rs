@@ -136,7 +136,7 @@ fn enroll_connector(base: &str, key: &str) -> (TlsMaterial, Vec<String>) {
     (TlsMaterial { certificate_pem: text("certificate"), private_key_pem: pair.serialize_pem(), ca_pem: text("ca_certificate") }, brokers)
 }
 
-async fn open_flow(connection: &Connection, destination: &str) -> (FlowReply, SendStream, RecvStream) {
+pub(crate) async fn open_flow(connection: &Connection, destination: &str) -> (FlowReply, SendStream, RecvStream) {
     let (mut send, mut recv) = connection.open_bi().await.expect("stream");
     write_frame(
         &mut send,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use reachback_proto::mux::{FrameKind, encode_header};
 use reachback_proto::{ClientRole, Control, FlowOpen, FlowReply};
-use reachback_tunnel::{Connection, TlsMaterial, TunnelConnector, read_frame, write_frame};
+use reachback_tunnel::{Connection, TlsMaterial, TunnelConnector, write_frame};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::json;
@@ -107,20 +107,8 @@ async fn cut_off<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, limit: Duratio
 
 /// The well-behaved flow: an echo through the good connector and the good agent.
 async fn echo_works(connection: &Connection, destination: &str) {
-    let (mut send, mut recv) = connection.open_bi().await.expect("stream");
-    write_frame(
-        &mut send,
-        &FlowOpen {
-            destination: destination.parse().expect("address"),
-            source: "10.1.2.3:40000".parse().expect("address"),
-            user: None,
-            protocol: Default::default(),
-        },
-    )
-    .await
-    .expect("write");
-    let reply = tokio::time::timeout(Duration::from_secs(10), read_frame::<FlowReply>(&mut recv)).await.expect("reply in time").expect("frame");
-    assert_eq!(reply, Some(FlowReply::Ok));
+    let (reply, mut send, mut recv) = crate::dataplane::open_flow(connection, destination).await;
+    assert_eq!(reply, FlowReply::Ok);
     send.write_all(b"still here").await.expect("write");
     send.finish().expect("finish");
     let echoed = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1024)).await.expect("echo in time").expect("read");
