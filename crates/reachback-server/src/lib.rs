@@ -35,8 +35,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::api::{admin, audit, bindings, console as console_api, dataplane, devices, enroll, keys, ranges, renew};
+use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, keys, ranges, renew, views};
+use crate::ops::Reply::{Csv, List, Nothing, One};
 pub use crate::ops::RouteDoc;
+use crate::ops::schema;
 use crate::state::{AppState, Metrics, Settings};
 pub use crate::state::{SecretKeySource, SecurityConfig, ServerConfig, SharedState};
 
@@ -45,16 +47,22 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 
 macro_rules! api_routes {
     (@body) => { None };
-    (@body $body:path) => { Some($body) };
-    ($( $method:ident $path:literal => $handler:path, $role:literal, $status:literal, $summary:literal, [$($query:literal),*] $(, $body:path)?; )*) => {
+    (@body $body:ty) => { Some(ops::schema::<$body>) };
+    (@sorts) => { &[] };
+    (@sorts $sorts:path) => { $sorts };
+    ($( $method:ident $path:literal => $handler:path, $role:literal, $status:literal $(| $also:literal)*, $summary:literal, [$($query:literal),*] $(sort $sorts:path)?, $reply:expr $(, body $body:ty)?; )*) => {
         /// Every API route: the router is built from this table and the OpenAPI document generated from it.
         pub const ROUTES: &[RouteDoc] = &[ $( RouteDoc {
             method: stringify!($method),
             path: $path,
+            handler: stringify!($handler),
             summary: $summary,
             role: $role,
             query: &[$($query),*],
+            sorts: api_routes!(@sorts $($sorts)?),
             success: $status,
+            also: &[$($also),*],
+            reply: $reply,
             body: api_routes!(@body $($body)?),
         } ),* ];
 
@@ -65,70 +73,71 @@ macro_rules! api_routes {
 }
 
 api_routes! {
-    get "/api/v1/ip-ranges" => ranges::list, "viewer", 200, "List IP ranges", ["page", "page_size", "sort", "name", "range", "city", "state", "country", "status"];
-    post "/api/v1/ip-ranges" => ranges::create, "admin", 201, "Create an IP range", [], ranges::BODY;
-    get "/api/v1/ip-ranges/{id}" => ranges::get, "viewer", 200, "Get an IP range", [];
-    patch "/api/v1/ip-ranges/{id}" => ranges::patch, "admin", 200, "Change an IP range", [], ranges::BODY;
-    delete "/api/v1/ip-ranges/{id}" => ranges::delete, "admin", 204, "Delete an IP range (force=true releases its bindings)", ["force"];
-    post "/api/v1/ip-ranges/{id}/enable" => ranges::enable, "admin", 200, "Enable an IP range", [];
-    post "/api/v1/ip-ranges/{id}/disable" => ranges::disable, "admin", 200, "Disable an IP range", [];
-    get "/api/v1/ip-bindings" => bindings::list, "viewer", 200, "List IP bindings", ["page", "page_size", "sort", "ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before"];
-    get "/api/v1/ip-bindings/export.csv" => bindings::export, "viewer", 200, "Export IP bindings as CSV", ["sort", "ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before"];
-    get "/api/v1/ip-bindings/{ip}" => bindings::get, "viewer", 200, "Get the binding of an address", [];
-    delete "/api/v1/ip-bindings/{ip}" => bindings::release, "admin", 204, "Release a binding into quarantine", [];
-    post "/api/v1/enrollment-keys" => keys::create, "admin", 201, "Create an enrollment key (secret shown once)", [], keys::BODY;
-    get "/api/v1/enrollment-keys" => keys::list, "viewer", 200, "List enrollment keys", ["page", "page_size", "sort", "username"];
-    get "/api/v1/enrollment-keys/{id}" => keys::get, "viewer", 200, "Get an enrollment key", [];
-    delete "/api/v1/enrollment-keys/{id}" => keys::revoke, "admin", 204, "Revoke an enrollment key", [];
-    post "/api/v1/enroll" => enroll::enroll, "none", 201, "Enroll a device (authenticated by its enrollment key)", [], enroll::BODY;
-    get "/api/v1/devices" => devices::list, "viewer", 200, "List devices", ["page", "page_size", "sort", "hostname", "username", "platform"];
-    get "/api/v1/devices/{id}" => devices::get, "viewer", 200, "Get a device", [];
-    post "/api/v1/devices/{id}/leave" => renew::leave_device, "none", 204, "A device discards its identity (it enrolled anew elsewhere): deleted, address released (signed by the enrolled key)", [], renew::BODY;
-    post "/api/v1/devices/{id}/renew" => renew::renew_device, "none", 200, "Renew an expired device certificate (authenticated by a signature of the enrolled key)", [], renew::BODY;
-    delete "/api/v1/devices/{id}" => devices::delete, "admin", 204, "Delete a device: revoke, release, disconnect", [];
-    get "/api/v1/me" => admin::me, "viewer", 200, "The caller's identity and role", [];
-    get "/api/v1/admins" => admin::list_admins, "superadmin", 200, "List administrators", ["page", "page_size"];
-    post "/api/v1/admins" => admin::create_admin, "superadmin", 201, "Create an administrator", [], admin::ADMIN_BODY;
-    get "/api/v1/admins/{id}" => admin::get_admin, "superadmin", 200, "Get an administrator", [];
-    patch "/api/v1/admins/{id}" => admin::patch_admin, "superadmin", 200, "Set or clear an administrator's console password", [], admin::PASSWORD_BODY;
-    delete "/api/v1/admins/{id}" => admin::delete_admin, "superadmin", 204, "Delete an administrator", [];
-    get "/api/v1/admins/{id}/api-keys" => admin::list_api_keys, "superadmin", 200, "List an administrator's API keys", [];
-    post "/api/v1/admins/{id}/api-keys" => admin::create_api_key, "superadmin", 201, "Create an API key (secret shown once)", [], admin::API_KEY_BODY;
-    delete "/api/v1/admins/{id}/api-keys/{key_id}" => admin::delete_api_key, "superadmin", 204, "Delete an API key", [];
-    get "/api/v1/admin-sessions" => admin::list_sessions, "superadmin", 200, "List admin sessions and API keys in use", ["page", "page_size", "admin_username"];
-    delete "/api/v1/admin-sessions/{id}" => admin::delete_session, "superadmin", 204, "End an admin session or revoke its API key", [];
-    get "/api/v1/settings" => admin::get_settings, "viewer", 200, "Get settings", [];
-    patch "/api/v1/settings" => admin::patch_settings, "admin", 200, "Change settings", [], admin::SETTINGS_BODY;
-    get "/api/v1/client-sessions" => dataplane::list_sessions, "viewer", 200, "List live client sessions (agent tunnels)", ["page", "page_size", "sort", "client_hostname", "username", "virtual_ip", "platform"];
-    delete "/api/v1/client-sessions/{id}" => dataplane::delete_session, "admin", 204, "Disconnect a client session", [];
-    get "/api/v1/app-segments" => dataplane::list_segments, "viewer", 200, "List application segments", ["page", "page_size", "sort", "name", "enabled"];
-    post "/api/v1/app-segments" => dataplane::create_segment, "admin", 201, "Create an application segment", [], dataplane::SEGMENT_BODY;
-    get "/api/v1/app-segments/{id}" => dataplane::get_segment, "viewer", 200, "Get an application segment", [];
-    patch "/api/v1/app-segments/{id}" => dataplane::patch_segment, "admin", 200, "Change an application segment", [], dataplane::SEGMENT_BODY;
-    delete "/api/v1/app-segments/{id}" => dataplane::delete_segment, "admin", 204, "Delete an application segment (409 while a policy names it)", [];
-    get "/api/v1/access-policies" => dataplane::list_policies, "viewer", 200, "List access policies in evaluation order", ["page", "page_size", "sort", "name", "enabled"];
-    post "/api/v1/access-policies" => dataplane::create_policy, "admin", 201, "Create an access policy", [], dataplane::POLICY_BODY;
-    get "/api/v1/access-policies/{id}" => dataplane::get_policy, "viewer", 200, "Get an access policy", [];
-    patch "/api/v1/access-policies/{id}" => dataplane::patch_policy, "admin", 200, "Change an access policy", [], dataplane::POLICY_BODY;
-    delete "/api/v1/access-policies/{id}" => dataplane::delete_policy, "admin", 204, "Delete an access policy", [];
-    get "/api/v1/connectors" => dataplane::list_connectors, "viewer", 200, "List connectors with their status", ["page", "page_size", "name", "status"];
-    post "/api/v1/connectors" => dataplane::create_connector, "admin", 201, "Create a connector (provisioning key shown once)", [], dataplane::CONNECTOR_BODY;
-    post "/api/v1/connectors/enroll" => dataplane::enroll_connector, "none", 200, "Enroll a connector (authenticated by its provisioning key)", [], dataplane::CONNECTOR_ENROLL_BODY;
-    post "/api/v1/connectors/{id}/leave" => renew::leave_connector, "none", 204, "A connector's host discards its identity (it enrolled as another connector): its key stops opening tunnels (signed by the enrolled key)", [], renew::BODY;
-    post "/api/v1/connectors/{id}/renew" => renew::renew_connector, "none", 200, "Renew an expired connector certificate (authenticated by a signature of the enrolled key)", [], renew::BODY;
-    post "/api/v1/connectors/{id}/provisioning-key" => dataplane::issue_provisioning_key, "admin", 200, "Issue a connector a new provisioning key (secret shown once; the earlier key stops working)", [], dataplane::PROVISIONING_KEY_BODY;
-    get "/api/v1/connectors/{id}" => dataplane::get_connector, "viewer", 200, "Get a connector", [];
-    delete "/api/v1/connectors/{id}" => dataplane::delete_connector, "admin", 204, "Revoke a connector and disconnect it", [];
-    post "/api/v1/auth/login" => console_api::login, "none", 200, "Console sign-in with username and password (sets the session cookie, returns the CSRF token)", [], console_api::LOGIN_BODY;
-    post "/api/v1/auth/logout" => console_api::logout, "viewer", 204, "Console sign-out", [];
-    get "/api/v1/stats/ranges/{id}/top-users" => console_api::range_top_users, "viewer", 200, "The users with the most bindings in a range", [];
-    get "/api/v1/stats/bindings" => console_api::binding_stats, "viewer", 200, "Bound addresses per platform (for the dashboard)", [];
-    get "/api/v1/stats/enrollments" => console_api::enrollment_stats, "viewer", 200, "Enrollments per day (for the dashboard)", ["days"];
-    get "/api/v1/saved-filters" => console_api::list_filters, "viewer", 200, "The caller's saved filters", ["page"];
-    post "/api/v1/saved-filters" => console_api::save_filter, "viewer", 201, "Save a filter under a name (replaces one of the same name)", [], console_api::FILTER_BODY;
-    delete "/api/v1/saved-filters/{id}" => console_api::delete_filter, "viewer", 204, "Delete a saved filter", [];
-    get "/api/v1/audit-logs" => audit::list, "viewer", 200, "List audit-log entries, newest first", ["page", "page_size", "sort", "actor", "action", "resource_type", "after", "before"];
-    get "/api/v1/audit-logs/export.csv" => audit::export, "viewer", 200, "Export the audit log as CSV", ["sort", "actor", "action", "resource_type", "after", "before"];
+    get "/api/v1/ca" => ops::ca, "none", 200, "The internal CA's certificate and pin, and the API's addresses", [], One(schema::<views::CaInfo>);
+    get "/api/v1/ip-ranges" => ranges::list, "viewer", 200, "List IP ranges", ["page", "page_size", "sort", "name", "range", "city", "state", "country", "status"] sort ranges::SORTS, List(schema::<views::RangeView>);
+    post "/api/v1/ip-ranges" => ranges::create, "admin", 201, "Create an IP range", [], One(schema::<views::RangeView>), body bodies::RangeBody;
+    get "/api/v1/ip-ranges/{id}" => ranges::get, "viewer", 200, "Get an IP range", [], One(schema::<views::RangeView>);
+    patch "/api/v1/ip-ranges/{id}" => ranges::patch, "admin", 200, "Change an IP range", [], One(schema::<views::RangeView>), body bodies::RangeBody;
+    delete "/api/v1/ip-ranges/{id}" => ranges::delete, "admin", 204, "Delete an IP range (force=true releases its bindings)", ["force"], Nothing;
+    post "/api/v1/ip-ranges/{id}/enable" => ranges::enable, "admin", 200, "Enable an IP range", [], One(schema::<views::RangeView>);
+    post "/api/v1/ip-ranges/{id}/disable" => ranges::disable, "admin", 200, "Disable an IP range", [], One(schema::<views::RangeView>);
+    get "/api/v1/ip-bindings" => bindings::list, "viewer", 200, "List IP bindings", ["page", "page_size", "sort", "ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before"] sort bindings::SORTS, List(schema::<views::BindingView>);
+    get "/api/v1/ip-bindings/export.csv" => bindings::export, "viewer", 200, "Export IP bindings as CSV", ["sort", "ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before"] sort bindings::SORTS, Csv;
+    get "/api/v1/ip-bindings/{ip}" => bindings::get, "viewer", 200, "Get the binding of an address", [], One(schema::<views::BindingView>);
+    delete "/api/v1/ip-bindings/{ip}" => bindings::release, "admin", 204, "Release a binding into quarantine", [], Nothing;
+    post "/api/v1/enrollment-keys" => keys::create, "admin", 201, "Create an enrollment key (secret shown once)", [], One(schema::<views::NewEnrollmentKey>), body bodies::KeyBody;
+    get "/api/v1/enrollment-keys" => keys::list, "viewer", 200, "List enrollment keys", ["page", "page_size", "sort", "username"] sort keys::SORTS, List(schema::<views::KeyView>);
+    get "/api/v1/enrollment-keys/{id}" => keys::get, "viewer", 200, "Get an enrollment key", [], One(schema::<views::KeyView>);
+    delete "/api/v1/enrollment-keys/{id}" => keys::revoke, "admin", 204, "Revoke an enrollment key", [], Nothing;
+    post "/api/v1/enroll" => enroll::enroll, "none", 201 | 200, "Enroll a device (authenticated by its enrollment key)", [], One(schema::<views::Enrollment>), body bodies::EnrollBody;
+    get "/api/v1/devices" => devices::list, "viewer", 200, "List devices", ["page", "page_size", "sort", "hostname", "username", "platform"] sort devices::SORTS, List(schema::<views::DeviceView>);
+    get "/api/v1/devices/{id}" => devices::get, "viewer", 200, "Get a device", [], One(schema::<views::DeviceView>);
+    post "/api/v1/devices/{id}/leave" => renew::leave_device, "none", 204, "A device discards its identity (it enrolled anew elsewhere): deleted, address released (signed by the enrolled key)", [], Nothing, body bodies::SignedBody;
+    post "/api/v1/devices/{id}/renew" => renew::renew_device, "none", 200, "Renew an expired device certificate (authenticated by a signature of the enrolled key)", [], One(schema::<views::DeviceRenewal>), body bodies::SignedBody;
+    delete "/api/v1/devices/{id}" => devices::delete, "admin", 204, "Delete a device: revoke, release, disconnect", [], Nothing;
+    get "/api/v1/me" => admin::me, "viewer", 200, "The caller's identity and role", [], One(schema::<views::Me>);
+    get "/api/v1/admins" => admin::list_admins, "superadmin", 200, "List administrators", ["page", "page_size"], List(schema::<views::AdminView>);
+    post "/api/v1/admins" => admin::create_admin, "superadmin", 201, "Create an administrator", [], One(schema::<views::AdminView>), body bodies::AdminBody;
+    get "/api/v1/admins/{id}" => admin::get_admin, "superadmin", 200, "Get an administrator", [], One(schema::<views::AdminView>);
+    patch "/api/v1/admins/{id}" => admin::patch_admin, "superadmin", 200, "Set or clear an administrator's console password", [], One(schema::<views::AdminView>), body bodies::PasswordBody;
+    delete "/api/v1/admins/{id}" => admin::delete_admin, "superadmin", 204, "Delete an administrator", [], Nothing;
+    get "/api/v1/admins/{id}/api-keys" => admin::list_api_keys, "superadmin", 200, "List an administrator's API keys", [], One(schema::<views::ApiKeyList>);
+    post "/api/v1/admins/{id}/api-keys" => admin::create_api_key, "superadmin", 201, "Create an API key (secret shown once)", [], One(schema::<views::NewApiKey>), body bodies::ApiKeyBody;
+    delete "/api/v1/admins/{id}/api-keys/{key_id}" => admin::delete_api_key, "superadmin", 204, "Delete an API key", [], Nothing;
+    get "/api/v1/admin-sessions" => admin::list_sessions, "superadmin", 200, "List admin sessions and API keys in use", ["page", "page_size", "admin_username"], List(schema::<views::AdminSession>);
+    delete "/api/v1/admin-sessions/{id}" => admin::delete_session, "superadmin", 204, "End an admin session or revoke its API key", [], Nothing;
+    get "/api/v1/settings" => admin::get_settings, "viewer", 200, "Get settings", [], One(schema::<state::Settings>);
+    patch "/api/v1/settings" => admin::patch_settings, "admin", 200, "Change settings", [], One(schema::<state::Settings>), body bodies::SettingsBody;
+    get "/api/v1/client-sessions" => dataplane::list_sessions, "viewer", 200, "List live client sessions (agent tunnels)", ["page", "page_size", "sort", "client_hostname", "username", "virtual_ip", "platform"] sort dataplane::SESSION_SORTS, List(schema::<views::ClientSession>);
+    delete "/api/v1/client-sessions/{id}" => dataplane::delete_session, "admin", 204, "Disconnect a client session", [], Nothing;
+    get "/api/v1/app-segments" => dataplane::list_segments, "viewer", 200, "List application segments", ["page", "page_size", "sort", "name", "enabled"] sort dataplane::DOC_SORTS, List(schema::<views::SegmentView>);
+    post "/api/v1/app-segments" => dataplane::create_segment, "admin", 201, "Create an application segment", [], One(schema::<views::SegmentView>), body bodies::SegmentBody;
+    get "/api/v1/app-segments/{id}" => dataplane::get_segment, "viewer", 200, "Get an application segment", [], One(schema::<views::SegmentView>);
+    patch "/api/v1/app-segments/{id}" => dataplane::patch_segment, "admin", 200, "Change an application segment", [], One(schema::<views::SegmentView>), body bodies::SegmentBody;
+    delete "/api/v1/app-segments/{id}" => dataplane::delete_segment, "admin", 204, "Delete an application segment (409 while a policy names it)", [], Nothing;
+    get "/api/v1/access-policies" => dataplane::list_policies, "viewer", 200, "List access policies in evaluation order", ["page", "page_size", "sort", "name", "enabled"] sort dataplane::DOC_SORTS, List(schema::<views::PolicyView>);
+    post "/api/v1/access-policies" => dataplane::create_policy, "admin", 201, "Create an access policy", [], One(schema::<views::PolicyView>), body bodies::PolicyBody;
+    get "/api/v1/access-policies/{id}" => dataplane::get_policy, "viewer", 200, "Get an access policy", [], One(schema::<views::PolicyView>);
+    patch "/api/v1/access-policies/{id}" => dataplane::patch_policy, "admin", 200, "Change an access policy", [], One(schema::<views::PolicyView>), body bodies::PolicyBody;
+    delete "/api/v1/access-policies/{id}" => dataplane::delete_policy, "admin", 204, "Delete an access policy", [], Nothing;
+    get "/api/v1/connectors" => dataplane::list_connectors, "viewer", 200, "List connectors with their status", ["page", "page_size", "name", "status"], List(schema::<views::ConnectorView>);
+    post "/api/v1/connectors" => dataplane::create_connector, "admin", 201, "Create a connector (provisioning key shown once)", [], One(schema::<views::ConnectorWithKey>), body bodies::ConnectorBody;
+    post "/api/v1/connectors/enroll" => dataplane::enroll_connector, "none", 200, "Enroll a connector (authenticated by its provisioning key)", [], One(schema::<views::ConnectorEnrollment>), body bodies::ConnectorEnrollBody;
+    post "/api/v1/connectors/{id}/leave" => renew::leave_connector, "none", 204, "A connector's host discards its identity (it enrolled as another connector): its key stops opening tunnels (signed by the enrolled key)", [], Nothing, body bodies::SignedBody;
+    post "/api/v1/connectors/{id}/renew" => renew::renew_connector, "none", 200, "Renew an expired connector certificate (authenticated by a signature of the enrolled key)", [], One(schema::<views::ConnectorRenewal>), body bodies::SignedBody;
+    post "/api/v1/connectors/{id}/provisioning-key" => dataplane::issue_provisioning_key, "admin", 200, "Issue a connector a new provisioning key (secret shown once; the earlier key stops working)", [], One(schema::<views::ConnectorWithKey>), body bodies::ProvisioningKeyBody;
+    get "/api/v1/connectors/{id}" => dataplane::get_connector, "viewer", 200, "Get a connector", [], One(schema::<views::ConnectorView>);
+    delete "/api/v1/connectors/{id}" => dataplane::delete_connector, "admin", 204, "Revoke a connector and disconnect it", [], Nothing;
+    post "/api/v1/auth/login" => console_api::login, "none", 200, "Console sign-in with username and password (sets the session cookie, returns the CSRF token)", [], One(schema::<views::SignIn>), body bodies::LoginBody;
+    post "/api/v1/auth/logout" => console_api::logout, "viewer", 204, "Console sign-out", [], Nothing;
+    get "/api/v1/stats/ranges/{id}/top-users" => console_api::range_top_users, "viewer", 200, "The users with the most bindings in a range", [], One(schema::<views::TopUsers>);
+    get "/api/v1/stats/bindings" => console_api::binding_stats, "viewer", 200, "Bound addresses per platform (for the dashboard)", [], One(schema::<views::BindingStats>);
+    get "/api/v1/stats/enrollments" => console_api::enrollment_stats, "viewer", 200, "Enrollments per day (for the dashboard)", ["days"], One(schema::<views::EnrollmentStats>);
+    get "/api/v1/saved-filters" => console_api::list_filters, "viewer", 200, "The caller's saved filters", ["page"], One(schema::<views::SavedFilterList>);
+    post "/api/v1/saved-filters" => console_api::save_filter, "viewer", 201, "Save a filter under a name (replaces one of the same name)", [], One(schema::<views::SavedFilter>), body bodies::FilterBody;
+    delete "/api/v1/saved-filters/{id}" => console_api::delete_filter, "viewer", 204, "Delete a saved filter", [], Nothing;
+    get "/api/v1/audit-logs" => audit::list, "viewer", 200, "List audit-log entries, newest first", ["page", "page_size", "sort", "actor", "action", "resource_type", "after", "before"] sort audit::SORTS, List(schema::<views::AuditEntry>);
+    get "/api/v1/audit-logs/export.csv" => audit::export, "viewer", 200, "Export the audit log as CSV", ["sort", "actor", "action", "resource_type", "after", "before"] sort audit::SORTS, Csv;
 }
 
 /// A built server: its router and state, ready to serve.
@@ -239,7 +248,6 @@ pub fn router(state: SharedState) -> Router {
     let openapi_document = ops::openapi(ROUTES);
     Router::new()
         .merge(api_router())
-        .route("/api/v1/ca", axum::routing::get(ops::ca))
         .route("/api/v1/openapi.json", axum::routing::get(move || async move { axum::Json(openapi_document) }))
         .route("/", axum::routing::get(console::index))
         .route("/assets/{name}", axum::routing::get(console::file))

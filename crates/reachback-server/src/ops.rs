@@ -8,9 +8,9 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use crate::request::{BodyField, Kind};
+use crate::request::{MAX_PAGE, MAX_QUERY_VALUE};
 use crate::state::SharedState;
 
 pub async fn healthz() -> Json<Value> {
@@ -68,7 +68,7 @@ pub async fn ca(State(state): State<SharedState>, headers: axum::http::HeaderMap
             urls.push(url);
         }
     }
-    Json(json!({"certificate": state.ca.certificate_pem, "pin": pin, "api_urls": urls})).into_response()
+    Json(crate::api::views::json_of(&crate::api::views::CaInfo { certificate: state.ca.certificate_pem.clone(), pin, api_urls: urls })).into_response()
 }
 
 /// `GET /metrics`: open, unless the server was given a metrics token, which the
@@ -115,66 +115,228 @@ pub async fn track(State(state): State<SharedState>, request: Request, next: Nex
     response
 }
 
+/// A component schema: registers a type's schema (and those it refers to) under
+/// their names and answers a reference to it.
+pub type SchemaFn = fn(&mut Map<String, Value>) -> Value;
+
+/// Registers `T` (utoipa derives its schema from the type itself) and refers to it.
+pub fn schema<T: utoipa::ToSchema>(components: &mut Map<String, Value>) -> Value {
+    let mut nested = Vec::new();
+    T::schemas(&mut nested);
+    for (name, schema) in nested {
+        components.entry(name).or_insert_with(|| serde_json::to_value(schema).unwrap_or(Value::Null));
+    }
+    let name = T::name().to_string();
+    components.entry(name.clone()).or_insert_with(|| serde_json::to_value(T::schema()).unwrap_or(Value::Null));
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+/// What a route answers on success.
+#[derive(Clone, Copy)]
+pub enum Reply {
+    /// no body (204)
+    Nothing,
+    /// one JSON object of a type
+    One(SchemaFn),
+    /// API.md's list envelope around items of a type
+    List(SchemaFn),
+    /// a streamed CSV file
+    Csv,
+}
+
 /// The route table: the router is built from it and the OpenAPI document generated from it.
 pub struct RouteDoc {
     pub method: &'static str,
     pub path: &'static str,
+    /// the handler's path (`ranges::list`): the operation's id
+    pub handler: &'static str,
     pub summary: &'static str,
     pub role: &'static str,
     pub query: &'static [&'static str],
+    /// the orders `sort` takes (each also with a leading `-`)
+    pub sorts: &'static [&'static str],
     pub success: u16,
-    /// the fields the request body may carry (the handler refuses others)
-    pub body: Option<&'static [BodyField]>,
+    /// other success codes with the same body (an enrollment that finds its device: 200)
+    pub also: &'static [u16],
+    pub reply: Reply,
+    /// the request body's type
+    pub body: Option<SchemaFn>,
 }
 
-/// The JSON schema of one request-body field.
-fn field_schema(field: &BodyField) -> Value {
-    let schema = match field.kind {
-        Kind::Text => json!({"type": "string"}),
-        Kind::Time => json!({"type": "string", "format": "date-time"}),
-        Kind::Pem => json!({"type": "string", "description": "PEM public key (P-256 or Ed25519)"}),
-        Kind::Flag => json!({"type": "boolean"}),
-        Kind::Integer => json!({"type": "integer"}),
-        Kind::TextList => json!({"type": "array", "items": {"type": "string"}}),
-        Kind::Location => json!({"$ref": "#/components/schemas/Location"}),
+impl RouteDoc {
+    /// `ranges_list`, `dataplane_create_segment`: unique, as handlers are.
+    pub fn operation_id(&self) -> String {
+        self.handler.split("::").map(str::trim).filter(|part| !part.is_empty()).collect::<Vec<_>>().join("_")
+    }
+}
+
+/// Text without control characters (C0, DEL, C1): what the edge lets through.
+const NO_CONTROLS: &str = "^[^\\x00-\\x1f\\x7f-\\x9f]*$";
+/// A path id: 1 to 128 characters without control characters or `/`.
+const ID_PATTERN: &str = "^[^\\x00-\\x1f\\x7f-\\x9f/]+$";
+/// An IPv4 or IPv6 CIDR.
+const CIDR: &str = crate::api::bodies::CIDR_PATTERN;
+
+/// The schema of a query parameter: the formats, enums and limits its handler enforces.
+fn query_schema(route: &RouteDoc, name: &str) -> (Value, &'static str) {
+    let text = |description: &'static str| (json!({"type": "string", "maxLength": MAX_QUERY_VALUE, "pattern": NO_CONTROLS}), description);
+    match name {
+        "page" if route.path == "/api/v1/saved-filters" => (json!({"$ref": "#/components/schemas/ConsolePage"}), "only the filters of this console page"),
+        "page" => (json!({"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 1}), "1-based page number"),
+        "page_size" => (json!({"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}), "items per page"),
+        "sort" => {
+            let values: Vec<String> = route.sorts.iter().flat_map(|sort| [sort.to_string(), format!("-{sort}")]).collect();
+            (json!({"type": "string", "enum": values}), "the order; a leading `-` reverses it")
+        }
+        "updated_after" | "updated_before" | "after" | "before" => (json!({"type": "string", "format": "date-time"}), "an RFC 3339 instant (inclusive)"),
+        "force" => (json!({"type": "boolean", "default": false}), "also release the range's bindings"),
+        "enabled" => (json!({"type": "boolean"}), "only enabled (true) or disabled (false) ones"),
+        "status" if route.path == "/api/v1/connectors" => (json!({"type": "string", "enum": ["online", "offline"]}), "only connectors in this state"),
+        "status" => (json!({"type": "string", "enum": ["enabled", "disabled"]}), "only ranges in this state"),
+        "days" => (json!({"type": "integer", "minimum": 1, "maximum": 366, "default": 30}), "how many days back, today included"),
+        "ip" => (
+            json!({"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}, {"type": "string", "pattern": CIDR}]}),
+            "an address (exact) or a CIDR (every address inside; IPv6 CIDRs such as `fd7a:115c:a1e0::/64` too)",
+        ),
+        _ => text("case-insensitive substring (some filters also take exact forms; see API.md)"),
+    }
+}
+
+/// Links from a creating operation to those that use the id it answered with, so
+/// a client (or a stateful fuzzer) can follow them.
+fn links(routes: &[RouteDoc], route: &RouteDoc) -> Map<String, Value> {
+    let mut links = Map::new();
+    let (source, target_param) = match (route.method, route.path) {
+        ("post", "/api/v1/enroll") => ("/api/v1/devices", "/device_id"),
+        ("post", path) if route.success == 201 => (path, "/id"),
+        _ => return links,
     };
-    if field.nullable { json!({"oneOf": [schema, {"type": "null"}]}) } else { schema }
+    for other in routes {
+        let Some(rest) = other.path.strip_prefix(source).and_then(|rest| rest.strip_prefix('/')) else { continue };
+        let Some(parameter) = rest.split('/').next().and_then(|segment| segment.strip_prefix('{')).and_then(|segment| segment.strip_suffix('}')) else {
+            continue;
+        };
+        // every other parameter must come from the creating request's own path
+        let known = |name: &str| name == parameter || route.path.contains(&format!("{{{name}}}"));
+        if other.path.split('/').filter_map(|segment| segment.strip_prefix('{').and_then(|segment| segment.strip_suffix('}'))).any(|name| !known(name)) {
+            continue;
+        }
+        let mut parameters = Map::new();
+        for segment in other.path.split('/') {
+            if let Some(name) = segment.strip_prefix('{').and_then(|segment| segment.strip_suffix('}')) {
+                let value = if name == parameter { format!("$response.body#{target_param}") } else { format!("$request.path.{name}") };
+                parameters.insert(name.to_string(), Value::String(value));
+            }
+        }
+        links.insert(other.operation_id(), json!({"operationId": other.operation_id(), "parameters": parameters}));
+    }
+    if route.path == "/api/v1/enroll" {
+        for other in routes.iter().filter(|other| other.path == "/api/v1/ip-bindings/{ip}") {
+            links.insert(other.operation_id(), json!({"operationId": other.operation_id(), "parameters": {"ip": "$response.body#/virtual_ip"}}));
+        }
+    }
+    links
 }
 
-/// The JSON schema of a request body: its fields, no others; PATCH requires none.
-fn body_schema(method: &str, fields: &[BodyField]) -> Value {
-    let properties: serde_json::Map<String, Value> = fields.iter().map(|field| (field.name.to_string(), field_schema(field))).collect();
-    let required: Vec<&str> = if method == "patch" { Vec::new() } else { fields.iter().filter(|field| field.required).map(|field| field.name).collect() };
-    json!({"type": "object", "properties": properties, "required": required, "additionalProperties": false})
+/// The error statuses an operation can answer, each with the problem document.
+fn problems(route: &RouteDoc) -> Vec<(&'static str, &'static str)> {
+    let mut codes = vec![("400", "malformed request: bad JSON, an unknown field or query parameter, a control character")];
+    codes.push(("401", "not authenticated (or, for `none` routes, the key or signature was refused)"));
+    if route.role != "none" {
+        codes.push(("403", "the caller's role is too low (or a console change without its CSRF token)"));
+    }
+    codes.push(("404", "no such resource"));
+    if route.method != "get" {
+        codes.push(("409", "a conflict with the current state (a name in use or one that looks alike, an overlap, a resource in use)"));
+    }
+    if route.body.is_some() {
+        codes.extend([
+            ("413", "the body is larger than 64 KiB"),
+            ("415", "the body is not JSON"),
+            ("422", "values that break the rules; `errors` names each field"),
+        ]);
+    } else if !route.query.is_empty() || route.method != "get" {
+        codes.push(("422", "values that break the rules"));
+    }
+    if route.path == "/api/v1/auth/login" || route.path == "/api/v1/enroll" || route.path.ends_with("/renew") {
+        codes.push(("429", "too many attempts; wait as `Retry-After` says"));
+    }
+    codes.push(("503", "the database is unreachable or the request took too long"));
+    codes
 }
 
+fn list_envelope(items: Value) -> Value {
+    json!({
+        "type": "object",
+        "required": ["items", "total", "page", "page_size"],
+        "properties": {
+            "items": {"type": "array", "items": items},
+            "total": {"type": "integer", "minimum": 0, "description": "how many items match, over every page"},
+            "page": {"type": "integer", "minimum": 1},
+            "page_size": {"type": "integer", "minimum": 1}
+        }
+    })
+}
+
+/// The OpenAPI 3.1 document of a route table: paths, parameters with their
+/// formats, request and response schemas derived from the types the handlers use,
+/// error responses, links, and the role each operation needs (`x-required-role`).
 pub fn openapi(routes: &[RouteDoc]) -> Value {
-    let mut paths = serde_json::Map::new();
+    let mut components = Map::new();
+    // shared enums the parameters refer to
+    schema::<crate::api::views::Platform>(&mut components);
+    schema::<crate::api::bodies::ConsolePage>(&mut components);
+    let mut paths = Map::new();
     for route in routes {
-        let entry = paths.entry(route.path.to_string()).or_insert_with(|| json!({}));
         let mut parameters: Vec<Value> = route
             .path
             .split('/')
             .filter_map(|segment| segment.strip_prefix('{').and_then(|name| name.strip_suffix('}')))
-            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .map(|name| {
+                let schema = if name == "ip" {
+                    json!({"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}], "description": "an IPv4 or IPv6 address"})
+                } else {
+                    json!({"type": "string", "minLength": 1, "maxLength": 128, "pattern": ID_PATTERN})
+                };
+                json!({"name": name, "in": "path", "required": true, "schema": schema})
+            })
             .collect();
-        parameters.extend(route.query.iter().map(|name| json!({"name": name, "in": "query", "required": false, "schema": {"type": "string"}})));
-        let mut responses = serde_json::Map::new();
-        responses.insert(route.success.to_string(), json!({"description": "success"}));
-        for (code, text) in [
-            ("400", "malformed request"),
-            ("401", "not authenticated"),
-            ("403", "role too low"),
-            ("404", "unknown id"),
-            ("409", "conflict"),
-            ("422", "invalid values"),
-        ] {
+        parameters.extend(route.query.iter().map(|name| {
+            let (schema, description) = query_schema(route, name);
+            json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description})
+        }));
+        let mut responses = Map::new();
+        let success = match route.reply {
+            Reply::Nothing => json!({"description": "done"}),
+            Reply::One(schema) => json!({"description": "success", "content": {"application/json": {"schema": schema(&mut components)}}}),
+            Reply::List(schema) => {
+                let items = schema(&mut components);
+                let name = format!("{}Page", items["$ref"].as_str().and_then(|reference| reference.rsplit('/').next()).unwrap_or("Item"));
+                components.entry(name.clone()).or_insert_with(|| list_envelope(items));
+                json!({"description": "one page of the matching items", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{name}")}}}})
+            }
+            Reply::Csv => json!({
+                "description": "the matching rows as CSV (RFC 4180, a header row first; cells a spreadsheet would evaluate are prefixed with `'`). \
+                    A failure after the first byte aborts the transfer (no chunked terminator): a short file is never a complete one.",
+                "content": {"text/csv": {"schema": {"type": "string"}}}
+            }),
+        };
+        let mut success = success;
+        let links = links(routes, route);
+        if !links.is_empty() {
+            success["links"] = Value::Object(links);
+        }
+        for code in std::iter::once(&route.success).chain(route.also) {
+            responses.insert(code.to_string(), success.clone());
+        }
+        for (code, text) in problems(route) {
             responses.insert(
                 code.into(),
                 json!({"description": text, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}),
             );
         }
         let mut operation = json!({
+            "operationId": route.operation_id(),
             "summary": route.summary,
             "parameters": parameters,
             "responses": responses,
@@ -183,28 +345,52 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
         if route.role == "none" {
             operation["security"] = json!([]);
         }
-        if let Some(fields) = route.body {
-            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": body_schema(route.method, fields)}}});
+        if let Some(body) = route.body {
+            let mut schema = body(&mut components);
+            if route.method == "patch" {
+                // a change names only the fields it changes: the same fields, none required
+                let name = schema["$ref"].as_str().and_then(|reference| reference.rsplit('/').next()).unwrap_or_default().to_string();
+                let mut change = components.get(&name).cloned().unwrap_or(Value::Null);
+                change["required"] = json!([]);
+                change["description"] =
+                    Value::String(format!("{} Only the fields sent change; a field left out keeps its value.", change["description"].as_str().unwrap_or("")));
+                let change_name = format!("{name}Change");
+                components.insert(change_name.clone(), change);
+                schema = json!({"$ref": format!("#/components/schemas/{change_name}")});
+            }
+            // (a change is also taken as application/merge-patch+json, with the same meaning)
+            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
         }
+        let entry = paths.entry(route.path.to_string()).or_insert_with(|| json!({}));
         entry[route.method] = operation;
     }
+    // request bodies take no other fields
+    for (name, schema) in components.iter_mut() {
+        if name.ends_with("Fields") || name.ends_with("FieldsChange") {
+            schema["additionalProperties"] = Value::Bool(false);
+        }
+    }
+    components.insert(
+        "Problem".into(),
+        json!({"type": "object", "required": ["title", "status", "detail"], "description": "RFC 9457 problem details",
+            "properties": {
+                "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer", "minimum": 400, "maximum": 599}, "detail": {"type": "string"},
+                "errors": {"type": "array", "description": "one entry per field that broke a rule", "items": {"type": "object", "required": ["field", "message"], "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}},
+                "existing": {"type": "string", "description": "the existing name a new one collides with or looks like (409)"},
+                "conflicts_with": {"type": "object", "description": "the range a new one overlaps (409)", "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "range": {"type": "string"}}},
+                "bindings": {"type": "integer", "description": "how many bindings keep a range from being deleted (409)"},
+                "export": {"type": "object", "description": "an export over the limit (422)", "properties": {"export_limit": {"type": "integer"}, "matching": {"type": "integer"}}}
+            }}),
+    );
     json!({
         "openapi": "3.1.0",
-        "info": {"title": "Reachback API", "version": env!("CARGO_PKG_VERSION")},
+        "info": {"title": "Reachback API", "version": env!("CARGO_PKG_VERSION"), "description": "See API.md for the conventions: list envelopes, filters, problem documents, roles."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-            "Location": {"type": "object", "additionalProperties": false, "properties": {
-                "city": {"type": "string"}, "state": {"type": "string"}, "country": {"type": "string", "description": "ISO 3166-1 alpha-2"},
-                "latitude": {"type": "number", "minimum": -90, "maximum": 90}, "longitude": {"type": "number", "minimum": -180, "maximum": 180}
-            }},
-            "Problem": {"type": "object", "required": ["title", "status", "detail"], "properties": {
-                "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {"type": "string"},
-                "errors": {"type": "array", "items": {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}}
-            }}}
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "an API key (`rbk_…`)"}},
+            "schemas": components,
         }
     })
 }

@@ -39,46 +39,22 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     }
 }
 
-/// The JSON type of a request-body field, as the OpenAPI document shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Text,
-    /// an RFC 3339 timestamp
-    Time,
-    /// a PEM public key
-    Pem,
-    Flag,
-    Integer,
-    TextList,
-    /// `{city, state, country, latitude, longitude}`
-    Location,
+/// The fields a request-body type has, and whether each takes `null`, from the
+/// type's schema (the same schema the OpenAPI document shows).
+pub fn body_fields<T: utoipa::PartialSchema>() -> Vec<(String, bool)> {
+    let schema = serde_json::to_value(T::schema()).unwrap_or(Value::Null);
+    let Some(properties) = schema.get("properties").and_then(Value::as_object) else { return Vec::new() };
+    properties.iter().map(|(name, property)| (name.clone(), takes_null(property))).collect()
 }
 
-/// A field a request body may carry. Each handler declares its fields once: the
-/// handler refuses any other field with them, and the OpenAPI document shows them.
-#[derive(Clone, Copy, Debug)]
-pub struct BodyField {
-    pub name: &'static str,
-    pub kind: Kind,
-    /// required when creating (PATCH bodies never require a field)
-    pub required: bool,
-    /// `null` is meaningful (it clears the value)
-    pub nullable: bool,
-}
-
-/// A field that may be left out.
-pub const fn optional(name: &'static str, kind: Kind) -> BodyField {
-    BodyField { name, kind, required: false, nullable: false }
-}
-
-/// A field that must be present.
-pub const fn required(name: &'static str, kind: Kind) -> BodyField {
-    BodyField { name, kind, required: true, nullable: false }
-}
-
-/// A field whose `null` clears the value.
-pub const fn clearable(name: &'static str, kind: Kind) -> BodyField {
-    BodyField { name, kind, required: false, nullable: true }
+/// Whether a JSON schema admits `null`: `type: [.., "null"]`, or a `null` branch of a `oneOf`/`anyOf`.
+pub fn takes_null(schema: &Value) -> bool {
+    let null_type = |schema: &Value| match schema.get("type") {
+        Some(Value::String(kind)) => kind == "null",
+        Some(Value::Array(kinds)) => kinds.iter().any(|kind| kind == "null"),
+        _ => false,
+    };
+    null_type(schema) || ["oneOf", "anyOf"].iter().any(|key| schema.get(*key).and_then(Value::as_array).is_some_and(|branches| branches.iter().any(null_type)))
 }
 
 /// Reads typed fields out of a JSON object, collecting every problem.
@@ -88,14 +64,26 @@ pub struct Fields {
 }
 
 impl Fields {
-    /// Refuses (400) any key not in `allowed`.
-    pub fn new(JsonObject(map): JsonObject, allowed: &[BodyField]) -> Result<Self, ApiError> {
-        let unknown: Vec<&str> = map.keys().map(String::as_str).filter(|key| !allowed.iter().any(|field| field.name == *key)).collect();
+    /// Reads a body of type `T`: refuses (400) any field `T` does not have, and
+    /// (422) `null` for a field whose schema does not take it (leaving a field out
+    /// is how a client keeps a value; `null` clears only where the document says so).
+    pub fn of<T: utoipa::PartialSchema>(JsonObject(map): JsonObject) -> Result<Self, ApiError> {
+        let allowed = body_fields::<T>();
+        let unknown: Vec<&str> = map.keys().map(String::as_str).filter(|key| !allowed.iter().any(|(name, _)| name == key)).collect();
         if !unknown.is_empty() {
-            let names: Vec<&str> = allowed.iter().map(|field| field.name).collect();
+            let names: Vec<&str> = allowed.iter().map(|(name, _)| name.as_str()).collect();
             return Err(ApiError::bad_request(format!("unknown field(s): {}; allowed: {}", unknown.join(", "), names.join(", "))));
         }
-        Ok(Fields { map, errors: Vec::new() })
+        let mut fields = Fields { map, errors: Vec::new() };
+        for (name, nullable) in &allowed {
+            if !nullable && fields.map.get(name).is_some_and(Value::is_null) {
+                fields.error(name, "must not be null; leave the field out to keep its value");
+            }
+        }
+        if !fields.errors.is_empty() {
+            return Err(ApiError::invalid(fields.errors));
+        }
+        Ok(fields)
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -141,7 +129,12 @@ impl Fields {
     pub fn integer(&mut self, name: &str, min: i64, max: i64) -> Option<i64> {
         match self.map.get(name) {
             None | Some(Value::Null) => None,
-            Some(Value::Number(number)) => match number.as_i64().filter(|value| (min..=max).contains(value)) {
+            // JSON has one number type: 60.0 is the whole number 60
+            Some(Value::Number(number)) => match number
+                .as_i64()
+                .or_else(|| number.as_f64().filter(|value| value.fract() == 0.0 && value.abs() < 9.0e15).map(|value| value as i64))
+                .filter(|value| (min..=max).contains(value))
+            {
                 Some(value) => Some(value),
                 None => {
                     self.error(name, format!("must be a whole number from {min} to {max}"));
@@ -223,6 +216,10 @@ impl Paging {
 }
 
 const MAX_OFFSET: i64 = 1_000_000_000;
+/// The last page a listing serves (with 1,000 items a page: the billionth item).
+pub const MAX_PAGE: i64 = 1_000_000;
+/// The longest query value taken, in characters.
+pub const MAX_QUERY_VALUE: usize = 1024;
 
 impl QueryParams {
     /// Parses `raw`; unknown keys and repeated keys are a 400.
@@ -231,6 +228,9 @@ impl QueryParams {
         for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
             if !allowed.contains(&key.as_ref()) {
                 return Err(ApiError::bad_request(format!("unknown query parameter '{key}'; allowed: {}", allowed.join(", "))));
+            }
+            if value.chars().count() > MAX_QUERY_VALUE {
+                return Err(ApiError::bad_request(format!("query parameter '{key}' is longer than {MAX_QUERY_VALUE} characters")));
             }
             if values.insert(key.to_string(), value.to_string()).is_some() {
                 return Err(ApiError::bad_request(format!("query parameter '{key}' is given more than once")));
@@ -253,8 +253,8 @@ impl QueryParams {
         };
         let page = number("page", 1)?;
         let page_size = number("page_size", 50)?;
-        if page < 1 {
-            return Err(ApiError::bad_request("'page' starts at 1"));
+        if !(1..=MAX_PAGE).contains(&page) {
+            return Err(ApiError::bad_request(format!("'page' must be from 1 to {MAX_PAGE}")));
         }
         if !(1..=1000).contains(&page_size) {
             return Err(ApiError::bad_request("'page_size' must be from 1 to 1000"));
@@ -278,8 +278,18 @@ impl QueryParams {
         }
     }
 
+    /// A typed value (a time, a number, one of a set): `None` when left out, and an
+    /// empty value is refused (the document types it; only text filters may be empty).
+    pub fn value(&self, key: &str) -> Result<Option<String>, ApiError> {
+        match self.values.get(key).map(|value| value.trim()) {
+            None => Ok(None),
+            Some("") => Err(ApiError::bad_request(format!("'{key}' is empty; leave the parameter out instead"))),
+            Some(value) => Ok(Some(value.to_string())),
+        }
+    }
+
     pub fn timestamp(&self, key: &str) -> Result<Option<i64>, ApiError> {
-        match self.text(key) {
+        match self.value(key)? {
             None => Ok(None),
             Some(text) => {
                 parse_time(&text).map(Some).ok_or_else(|| ApiError::bad_request(format!("'{key}' must be an RFC 3339 timestamp such as 2026-01-31T12:00:00Z")))
@@ -289,8 +299,8 @@ impl QueryParams {
 
     pub fn flag(&self, key: &str) -> Result<bool, ApiError> {
         match self.values.get(key).map(String::as_str) {
-            None | Some("false") | Some("0") => Ok(false),
-            Some("true") | Some("1") | Some("") => Ok(true),
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
             Some(other) => Err(ApiError::bad_request(format!("'{key}' must be true or false, got '{other}'"))),
         }
     }

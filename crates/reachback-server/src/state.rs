@@ -18,11 +18,15 @@ use crate::crypto::CertificateAuthority;
 use crate::writer::EnrollRequest;
 
 /// Runtime settings an admin changes through `/api/v1/settings`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Settings {
+    /// DNS suffixes the connectors answer for (lowercase, no trailing dot)
     pub client_domains: Vec<String>,
+    /// a binding unused this long is released (0: never)
     pub binding_idle_ttl_seconds: i64,
+    /// how long a released address waits before another device may get it
     pub release_quarantine_seconds: i64,
+    /// the most rows an export may have
     pub export_limit: i64,
     /// how long a connector's new provisioning key stays valid unless its creator says otherwise
     pub provisioning_key_ttl_seconds: i64,

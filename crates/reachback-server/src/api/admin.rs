@@ -10,39 +10,17 @@ use crate::api::{created, list_json, no_content, page_of};
 use crate::auth::{Caller, Role};
 use crate::crypto::{hash_password, hash_secret, new_secret};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, clearable, format_time, optional, required};
+use crate::request::{Fields, JsonObject, QueryParams};
 
-/// The fields of a new administrator.
-pub const ADMIN_BODY: &[BodyField] = &[required("username", Kind::Text), required("role", Kind::Text), optional("password", Kind::Text)];
-/// An administrator's console password (`null` clears it).
-pub const PASSWORD_BODY: &[BodyField] = &[clearable("password", Kind::Text)];
-/// The fields of a new API key.
-pub const API_KEY_BODY: &[BodyField] = &[required("name", Kind::Text)];
-/// The settings an admin may change.
-pub const SETTINGS_BODY: &[BodyField] = &[
-    optional("client_domains", Kind::TextList),
-    optional("binding_idle_ttl_seconds", Kind::Integer),
-    optional("release_quarantine_seconds", Kind::Integer),
-    optional("provisioning_key_ttl_seconds", Kind::Integer),
-    optional("export_limit", Kind::Integer),
-];
 use crate::state::{Settings, SharedState};
 use crate::validate;
 
 fn admin_json(row: &AdminRow) -> Value {
-    json!({"id": row.id, "username": row.username, "role": row.role, "created_at": format_time(row.created_at), "has_password": row.password_hash.is_some()})
+    crate::api::views::json_of(&crate::api::views::AdminView::from(row))
 }
 
 fn session_json(row: &SessionRow) -> Value {
-    json!({
-        "id": row.id,
-        "admin_id": row.admin_id,
-        "admin_username": row.admin_username,
-        "api_key_name": row.api_key_name,
-        "client_ip": row.client_ip,
-        "active_since": format_time(row.active_since),
-        "expires_at": row.expires_at.map(format_time),
-    })
+    crate::api::views::json_of(&crate::api::views::AdminSession::from(row))
 }
 
 fn check_password(fields: &mut Fields, password: &Option<String>) {
@@ -54,19 +32,20 @@ fn check_password(fields: &mut Fields, password: &Option<String>) {
 }
 
 pub async fn me(caller: Caller) -> Json<Value> {
-    Json(json!({
-        "id": caller.principal.admin_id,
-        "username": caller.principal.username,
-        "role": caller.principal.role,
-        "session_id": caller.principal.session_id,
-        // the console reads its CSRF token here after a reload (cookie sessions only)
-        "csrf_token": caller.principal.csrf_token,
+    // the console reads its CSRF token here after a reload (cookie sessions only)
+    let principal = caller.principal;
+    Json(crate::api::views::json_of(&crate::api::views::Me {
+        id: principal.admin_id,
+        username: principal.username,
+        role: principal.role,
+        session_id: principal.session_id,
+        csrf_token: principal.csrf_token,
     }))
 }
 
 pub async fn create_admin(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Superadmin)?;
-    let mut fields = Fields::new(body, ADMIN_BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::AdminBody>(body)?;
     let username = fields.string("username", true).map(|name| match validate::name(&name, 128) {
         Ok(name) => name,
         Err(message) => {
@@ -110,7 +89,12 @@ pub async fn get_admin(State(state): State<SharedState>, caller: Caller, Path(id
 /// Changes an admin's password (superadmin; `null` clears it).
 pub async fn patch_admin(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
     caller.require(Role::Superadmin)?;
-    let mut fields = Fields::new(body, PASSWORD_BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::PasswordBody>(body)?;
+    if !fields.has("password") {
+        // a change that names no field changes nothing
+        let row = state.store.get_admin(&id).await.map_err(|error| ApiError::not_found_or(error, "admin"))?;
+        return Ok(Json(admin_json(&row)));
+    }
     let clear = fields.raw("password").is_some_and(Value::is_null);
     let password = fields.string("password", !clear);
     check_password(&mut fields, &password);
@@ -139,13 +123,9 @@ pub async fn delete_admin(State(state): State<SharedState>, caller: Caller, Path
     Ok(no_content())
 }
 
-fn api_key_json(row: &ApiKeyRow) -> Value {
-    json!({"id": row.id, "name": row.name, "created_at": format_time(row.created_at), "last_used_at": row.last_used_at.map(format_time), "last_ip": row.last_ip})
-}
-
 pub async fn create_api_key(State(state): State<SharedState>, caller: Caller, Path(admin_id): Path<String>, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Superadmin)?;
-    let mut fields = Fields::new(body, API_KEY_BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::ApiKeyBody>(body)?;
     let name = fields.string("name", true).map(|name| name.trim().to_string());
     if let Some(name) = &name {
         if name.is_empty() {
@@ -163,9 +143,7 @@ pub async fn create_api_key(State(state): State<SharedState>, caller: Caller, Pa
         .store
         .create_api_key(&row, &hash_secret(&secret), caller.audit("create", "api_key", &row.id, None, Some(json!({"admin_id": admin_id, "name": row.name}))))
         .await?;
-    let mut body = api_key_json(&row);
-    body["key"] = json!(secret);
-    Ok(created(body))
+    Ok(created(crate::api::views::json_of(&crate::api::views::NewApiKey { api_key: crate::api::views::ApiKey::from(&row), key: secret })))
 }
 
 pub async fn list_api_keys(State(state): State<SharedState>, caller: Caller, Path(admin_id): Path<String>) -> ApiResult<Json<Value>> {
@@ -173,11 +151,13 @@ pub async fn list_api_keys(State(state): State<SharedState>, caller: Caller, Pat
     state.store.get_admin(&admin_id).await.map_err(|error| ApiError::not_found_or(error, "admin"))?;
     let rows = state.store.list_api_keys(&admin_id).await?;
     let total = rows.len() as i64;
-    Ok(Json(json!({"items": rows.iter().map(api_key_json).collect::<Vec<_>>(), "total": total, "page": 1, "page_size": total.max(1)})))
+    let items = rows.iter().map(crate::api::views::ApiKey::from).collect();
+    Ok(Json(crate::api::views::json_of(&crate::api::views::ApiKeyList { items, total, page: 1, page_size: total.max(1) })))
 }
 
 pub async fn delete_api_key(State(state): State<SharedState>, caller: Caller, Path((admin_id, key_id)): Path<(String, String)>) -> ApiResult<Response> {
     caller.require(Role::Superadmin)?;
+    refuse_own_key(&caller, &format!("key:{key_id}"))?;
     state
         .store
         .delete_api_key(&admin_id, &key_id, caller.audit("delete", "api_key", &key_id, Some(json!({"admin_id": admin_id})), None))
@@ -202,8 +182,18 @@ pub async fn list_sessions(State(state): State<SharedState>, caller: Caller, Raw
     Ok(list_json(page_of(rows, paging).iter().map(session_json).collect(), total, paging))
 }
 
+/// An API key is not revoked with itself: a script holding one key would lock
+/// itself out (rotate by creating the new key, then revoking the old one with it).
+fn refuse_own_key(caller: &Caller, session_id: &str) -> ApiResult<()> {
+    if session_id.starts_with("key:") && session_id == caller.principal.session_id {
+        return Err(ApiError::conflict("this is the API key the request is made with; revoke it with another key or from the console"));
+    }
+    Ok(())
+}
+
 pub async fn delete_session(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     caller.require(Role::Superadmin)?;
+    refuse_own_key(&caller, &id)?;
     state
         .store
         .delete_session(&id, caller.audit("delete", "admin_session", &id, None, None))
@@ -219,7 +209,7 @@ pub async fn get_settings(State(state): State<SharedState>, caller: Caller) -> A
 
 pub async fn patch_settings(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
-    let mut fields = Fields::new(body, SETTINGS_BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::SettingsBody>(body)?;
     // one change at a time, and no background reload between reading and installing
     let _one_at_a_time = state.settings_sync.lock().await;
     let before = state.settings();

@@ -5,7 +5,7 @@ use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use futures_util::StreamExt;
 use reachback_store::{AuditQuery, AuditRow};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::api::{csv_response, list_json};
 use crate::auth::{Caller, Role};
@@ -14,23 +14,13 @@ use crate::request::{QueryParams, format_time};
 use crate::state::SharedState;
 
 fn audit_json(row: &AuditRow) -> Value {
-    json!({
-        "id": row.id,
-        "at": format_time(row.at),
-        "actor": row.actor,
-        "action": row.action,
-        "resource_type": row.resource_type,
-        "resource_id": row.resource_id,
-        "before": row.before,
-        "after": row.after,
-        "source_ip": row.source_ip,
-    })
+    crate::api::views::json_of(&crate::api::views::AuditEntry::from(row))
 }
 
 const FILTERS: &[&str] = &["actor", "action", "resource_type", "after", "before", "sort"];
 
 fn audit_query(query: &QueryParams) -> ApiResult<AuditQuery> {
-    let (_, descending) = query.sort(&["at"], "at")?;
+    let (_, descending) = query.sort(SORTS, "at")?;
     let explicit = query.text("sort").is_some();
     Ok(AuditQuery {
         actor: query.text("actor"),
@@ -44,6 +34,9 @@ fn audit_query(query: &QueryParams) -> ApiResult<AuditQuery> {
         limit: 0,
     })
 }
+
+/// The orders the audit log offers.
+pub const SORTS: &[&str] = &["at"];
 
 pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;

@@ -9,28 +9,19 @@ use reachback_ipam::{Family, address_key, parse_address, split_address};
 use reachback_store::{BindingQuery, BindingRow, BindingSort};
 use serde_json::{Value, json};
 
-use crate::api::{csv_response, list_json, location_json, location_text, no_content};
+use crate::api::{csv_response, list_json, location_text, no_content};
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
 use crate::request::{Paging, QueryParams, format_time};
 use crate::state::SharedState;
 
 pub fn binding_json(row: &BindingRow) -> Value {
-    json!({
-        "ip": row.ip,
-        "range_id": row.range_id,
-        "range_name": row.range_name,
-        "range_location": location_json(&row.range_location, false),
-        "device_id": row.device_id,
-        "username": row.username,
-        "platform": row.platform,
-        "client_hostname": row.client_hostname,
-        "last_updated": format_time(row.last_updated),
-    })
+    crate::api::views::json_of(&crate::api::views::BindingView::from(row))
 }
 
 const FILTERS: &[&str] = &["ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before", "sort"];
-const SORTS: &[&str] = &["ip", "username", "platform", "client_hostname", "range_name", "last_updated"];
+/// The orders the binding listing and export offer.
+pub const SORTS: &[&str] = &["ip", "username", "platform", "client_hostname", "range_name", "last_updated"];
 
 /// Key bounds of an address or CIDR (host bits are ignored).
 pub fn ip_filter(text: &str) -> Option<([u8; 17], [u8; 17])> {
@@ -54,7 +45,7 @@ pub fn ip_filter(text: &str) -> Option<([u8; 17], [u8; 17])> {
 
 fn binding_query(query: &QueryParams, paging: Option<Paging>) -> ApiResult<BindingQuery> {
     let (sort, descending) = query.sort(SORTS, "ip")?;
-    let ip_keys = match query.text("ip") {
+    let ip_keys = match query.value("ip")? {
         None => None,
         Some(text) => Some(ip_filter(&text).ok_or_else(|| ApiError::bad_request(format!("'ip' must be an address or a CIDR, got '{text}'")))?),
     };

@@ -12,12 +12,9 @@ use crate::api::{created, no_content};
 use crate::auth::{Caller, ClientIp, Role, SESSION_COOKIE};
 use crate::crypto::{hash_secret, new_secret, verify_password};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, required};
+use crate::request::{Fields, JsonObject, QueryParams};
 
-/// The fields of a console sign-in.
-pub const LOGIN_BODY: &[BodyField] = &[required("username", Kind::Text), required("password", Kind::Text)];
-/// The fields of a saved filter: the console page, a name and the page's query string.
-pub const FILTER_BODY: &[BodyField] = &[required("page", Kind::Text), required("name", Kind::Text), required("query", Kind::Text)];
+use crate::api::views;
 use crate::state::SharedState;
 use crate::validate;
 
@@ -89,7 +86,7 @@ pub async fn login(
     tls: Option<axum::Extension<crate::serve::ServedOverTls>>,
     body: JsonObject,
 ) -> ApiResult<Response> {
-    let mut fields = Fields::new(body, LOGIN_BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::LoginBody>(body)?;
     let username = fields.string("username", true).unwrap_or_default();
     let password = fields.string("password", true).unwrap_or_default();
     fields.finish()?;
@@ -134,7 +131,7 @@ pub async fn login(
     };
     let expires_at = now_micros() + SESSION_SECONDS * 1_000_000;
     state.store.create_session(&session_id, &admin.id, &hash_secret(&token), &csrf, connect.0.as_deref(), expires_at, audit).await?;
-    let mut response = Json(json!({"username": admin.username, "role": admin.role, "csrf_token": csrf})).into_response();
+    let mut response = Json(views::json_of(&views::SignIn { username: admin.username, role: admin.role, csrf_token: csrf })).into_response();
     response.headers_mut().insert(header::SET_COOKIE, session_cookie(&token, SESSION_SECONDS, tls.is_some() || over_tls(&headers)));
     Ok(response)
 }
@@ -161,7 +158,7 @@ pub async fn logout(
 pub async fn enrollment_stats(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let query = QueryParams::parse(raw.as_deref(), &["days"])?;
-    let days = match query.text("days") {
+    let days = match query.value("days")? {
         None => 30,
         Some(text) => text
             .parse::<i64>()
@@ -173,22 +170,24 @@ pub async fn enrollment_stats(State(state): State<SharedState>, caller: Caller, 
     let today = now_micros() / DAY;
     let first = today - days + 1;
     let counts: std::collections::HashMap<i64, i64> = state.store.enrollments_per_day(first * DAY).await?.into_iter().collect();
-    let series: Vec<Value> = (first..=today)
+    let days = (first..=today)
         .map(|day| {
             let date = crate::request::format_time(day * DAY);
-            json!({"date": date.get(..10).unwrap_or(&date), "enrollments": counts.get(&day).copied().unwrap_or(0)})
+            views::EnrollmentDay { date: date.get(..10).unwrap_or(&date).to_string(), enrollments: counts.get(&day).copied().unwrap_or(0) }
         })
         .collect();
-    Ok(Json(json!({"days": series})))
+    Ok(Json(views::json_of(&views::EnrollmentStats { days })))
 }
 
 /// Bound addresses per platform, every platform listed (the dashboard).
 pub async fn binding_stats(State(state): State<SharedState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let counts: std::collections::HashMap<String, i64> = state.store.bindings_per_platform().await?.into_iter().collect();
-    let platforms: Vec<Value> =
-        validate::PLATFORMS.iter().map(|platform| json!({"platform": platform, "bindings": counts.get(*platform).copied().unwrap_or(0)})).collect();
-    Ok(Json(json!({"by_platform": platforms})))
+    let by_platform = validate::PLATFORMS
+        .iter()
+        .map(|platform| views::PlatformCount { platform: platform.to_string(), bindings: counts.get(*platform).copied().unwrap_or(0) })
+        .collect();
+    Ok(Json(views::json_of(&views::BindingStats { by_platform })))
 }
 
 /// The five users with the most bindings in a range (the console's range details).
@@ -196,27 +195,39 @@ pub async fn range_top_users(State(state): State<SharedState>, caller: Caller, P
     caller.require(Role::Viewer)?;
     state.store.get_range(&id).await.map_err(|error| ApiError::not_found_or(error, "IP range"))?;
     let users = state.store.top_users_of_range(&id, 5).await?;
-    Ok(Json(json!({"items": users.iter().map(|(username, bindings)| json!({"username": username, "bindings": bindings})).collect::<Vec<_>>()})))
+    let items = users.into_iter().map(|(username, bindings)| views::UserCount { username, bindings }).collect();
+    Ok(Json(views::json_of(&views::TopUsers { items })))
 }
 
 fn filter_json(row: &SavedFilterRow) -> Value {
-    json!({"id": row.id, "page": row.page, "name": row.name, "query": row.query})
+    crate::api::views::json_of(&crate::api::views::SavedFilter::from(row))
 }
 
 pub async fn list_filters(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let query = QueryParams::parse(raw.as_deref(), &["page"])?;
-    let page = query.text("page");
+    let page = query.value("page")?;
+    if let Some(page) = &page
+        && !PAGES.contains(&page.as_str())
+    {
+        return Err(ApiError::bad_request(format!("'page' must be one of: {}", PAGES.join(", "))));
+    }
     let rows = state.store.list_saved_filters(&caller.principal.admin_id, page.as_deref()).await?;
     let total = rows.len();
-    Ok(Json(json!({"items": rows.iter().map(filter_json).collect::<Vec<_>>(), "total": total, "page": 1, "page_size": total.max(1)})))
+    let items = rows.iter().map(crate::api::views::SavedFilter::from).collect();
+    Ok(Json(crate::api::views::json_of(&crate::api::views::SavedFilterList {
+        items,
+        total: i64::try_from(total).unwrap_or(i64::MAX),
+        page: 1,
+        page_size: i64::try_from(total.max(1)).unwrap_or(i64::MAX),
+    })))
 }
 
 pub async fn save_filter(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Viewer)?;
-    let mut fields = Fields::new(body, FILTER_BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::FilterBody>(body)?;
     let page = fields.string("page", true).unwrap_or_default();
-    if !page.is_empty() && !PAGES.contains(&page.as_str()) {
+    if fields.has("page") && !PAGES.contains(&page.as_str()) {
         fields.error("page", format!("must be one of: {}", PAGES.join(", ")));
     }
     let name = fields.string("name", true).map(|name| name.trim().to_string()).unwrap_or_default();

@@ -8,11 +8,12 @@ use reachback_policy::{Action, PolicySet, Rule, Segment, parse_cidr, parse_desti
 use reachback_store::{AuditEntry, ClientSessionRow, ConnectorRow, DocKind, DocRow, ProvisioningKey, new_id, now_micros};
 use serde_json::{Value, json};
 
+use crate::api::views::{ConnectorEnrollment, ConnectorStatus, ConnectorView, ConnectorWithKey, Timestamp, json_of};
 use crate::api::{created, list_json, no_content, page_of};
 use crate::auth::{Caller, ClientIp, Role};
 use crate::crypto::{CertificateAuthority, hash_secret, new_secret};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, format_time, optional, parse_time, required};
+use crate::request::{Fields, JsonObject, QueryParams, parse_time};
 use crate::state::SharedState;
 use crate::validate;
 
@@ -30,35 +31,17 @@ fn doc_kind_name(kind: DocKind) -> &'static str {
     }
 }
 
+/// The orders the segment and policy listings offer.
+pub const DOC_SORTS: &[&str] = &["name", "order", "updated_at"];
+/// The orders the client-session listing offers.
+pub const SESSION_SORTS: &[&str] = &["connected_at", "client_hostname", "username", "virtual_ip"];
+
 pub fn segment_json(doc: &DocRow) -> Value {
-    json!({
-        "id": doc.id,
-        "name": doc.name,
-        "destinations": text_list(&doc.spec, "destinations"),
-        "tcp_ports": text_list(&doc.spec, "tcp_ports"),
-        "udp_ports": text_list(&doc.spec, "udp_ports"),
-        "enabled": doc.enabled,
-        "created_at": format_time(doc.created_at),
-        "updated_at": format_time(doc.updated_at),
-    })
+    crate::api::views::json_of(&crate::api::views::SegmentView::from(doc))
 }
 
-const POLICY_LISTS: [&str; 6] = ["segment_ids", "connector_ids", "source_cidrs", "usernames", "platforms", "range_ids"];
-
 pub fn policy_json(doc: &DocRow) -> Value {
-    let mut body = json!({
-        "id": doc.id,
-        "name": doc.name,
-        "order": doc.position,
-        "action": doc.spec["action"],
-        "enabled": doc.enabled,
-        "created_at": format_time(doc.created_at),
-        "updated_at": format_time(doc.updated_at),
-    });
-    for key in POLICY_LISTS {
-        body[key] = json!(text_list(&doc.spec, key));
-    }
-    body
+    crate::api::views::json_of(&crate::api::views::PolicyView::from(doc))
 }
 
 fn render(kind: DocKind, doc: &DocRow) -> Value {
@@ -199,56 +182,20 @@ async fn read_policy(state: &SharedState, fields: &mut Fields, base: Option<&Doc
     Ok((name, spec, order, enabled))
 }
 
-/// The fields of an application segment; `name` and `destinations` are required when creating.
-pub const SEGMENT_BODY: &[BodyField] = &[
-    required("name", Kind::Text),
-    required("destinations", Kind::TextList),
-    optional("tcp_ports", Kind::TextList),
-    optional("udp_ports", Kind::TextList),
-    optional("enabled", Kind::Flag),
-];
-/// The fields of an access policy; `name` and `action` are required when creating.
-pub const POLICY_BODY: &[BodyField] = &[
-    required("name", Kind::Text),
-    optional("order", Kind::Integer),
-    required("action", Kind::Text),
-    optional("segment_ids", Kind::TextList),
-    optional("connector_ids", Kind::TextList),
-    optional("source_cidrs", Kind::TextList),
-    optional("usernames", Kind::TextList),
-    optional("platforms", Kind::TextList),
-    optional("range_ids", Kind::TextList),
-    optional("enabled", Kind::Flag),
-];
-/// The fields of a new connector.
-pub const CONNECTOR_BODY: &[BodyField] = &[
-    required("name", Kind::Text),
-    optional("provisioning_key_ttl_seconds", Kind::Integer),
-    optional("provisioning_key_expires_at", Kind::Time),
-    optional("provisioning_key_reusable", Kind::Flag),
-];
-/// The fields of a connector's new provisioning key (all optional; `{}` takes the defaults).
-pub const PROVISIONING_KEY_BODY: &[BodyField] = &[
-    optional("provisioning_key_ttl_seconds", Kind::Integer),
-    optional("provisioning_key_expires_at", Kind::Time),
-    optional("provisioning_key_reusable", Kind::Flag),
-];
 /// The longest a provisioning key may stay valid (366 days).
 pub const MAX_PROVISIONING_KEY_SECONDS: i64 = 366 * 86_400;
-/// The fields of a connector's enrollment.
-pub const CONNECTOR_ENROLL_BODY: &[BodyField] = &[required("provisioning_key", Kind::Text), required("public_key", Kind::Pem)];
 
 async fn create_doc(state: SharedState, caller: Caller, body: JsonObject, kind: DocKind) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
     let (name, spec, order, enabled) = match kind {
         DocKind::Segment => {
-            let mut fields = Fields::new(body, SEGMENT_BODY)?;
+            let mut fields = Fields::of::<crate::api::bodies::SegmentBody>(body)?;
             let (name, spec, enabled) = read_segment(&mut fields, None);
             fields.finish()?;
             (name, spec, Some(0), enabled)
         }
         DocKind::Policy => {
-            let mut fields = Fields::new(body, POLICY_BODY)?;
+            let mut fields = Fields::of::<crate::api::bodies::PolicyBody>(body)?;
             let read = read_policy(&state, &mut fields, None).await?;
             fields.finish()?;
             read
@@ -280,13 +227,13 @@ async fn patch_doc(state: SharedState, caller: Caller, id: String, body: JsonObj
     let base = state.store.get_doc(kind, &id).await.map_err(|error| ApiError::not_found_or(error, doc_kind_name(kind)))?;
     let (name, spec, order, enabled) = match kind {
         DocKind::Segment => {
-            let mut fields = Fields::new(body, SEGMENT_BODY)?;
+            let mut fields = Fields::of::<crate::api::bodies::SegmentBody>(body)?;
             let (name, spec, enabled) = read_segment(&mut fields, Some(&base));
             fields.finish()?;
             (name, spec, base.position, enabled)
         }
         DocKind::Policy => {
-            let mut fields = Fields::new(body, POLICY_BODY)?;
+            let mut fields = Fields::of::<crate::api::bodies::PolicyBody>(body)?;
             let (name, spec, order, enabled) = read_policy(&state, &mut fields, Some(&base)).await?;
             fields.finish()?;
             (name, spec, order.unwrap_or(base.position), enabled)
@@ -324,9 +271,9 @@ async fn list_docs(state: SharedState, caller: Caller, raw: Option<String>, kind
     let query = QueryParams::parse(raw.as_deref(), &["page", "page_size", "sort", "name", "enabled"])?;
     let paging = query.paging()?;
     let default_sort = if kind == DocKind::Policy { "order" } else { "name" };
-    let (sort, descending) = query.sort(&["name", "order", "updated_at"], default_sort)?;
+    let (sort, descending) = query.sort(DOC_SORTS, default_sort)?;
     let name = query.text("name").map(|name| name.to_lowercase());
-    let enabled = match query.text("enabled").as_deref() {
+    let enabled = match query.value("enabled")?.as_deref() {
         None => None,
         Some("true") => Some(true),
         Some("false") => Some(false),
@@ -389,21 +336,25 @@ pub async fn delete_policy(State(state): State<SharedState>, caller: Caller, Pat
     delete_doc(state, caller, id, DocKind::Policy).await
 }
 
+fn connector_view(state: &SharedState, row: &ConnectorRow) -> ConnectorView {
+    ConnectorView {
+        id: row.id.clone(),
+        name: row.name.clone(),
+        status: if state.broker.connector_online(&row.id) { ConnectorStatus::Online } else { ConnectorStatus::Offline },
+        last_seen: Timestamp::maybe(row.last_seen),
+        version: row.version.clone(),
+        mode: row.mode.clone(),
+        dns_listeners: row.dns_listeners.as_deref().map(|listeners| listeners.split(',').map(str::to_string).collect()).unwrap_or_default(),
+        created_at: Timestamp::at(row.created_at),
+        provisioning_key_id: row.key.id.clone(),
+        provisioning_key_expires_at: Timestamp::at(row.key.expires_at),
+        provisioning_key_used_at: Timestamp::maybe(row.key.used_at),
+        provisioning_key_reusable: row.key.reusable,
+    }
+}
+
 fn connector_json(state: &SharedState, row: &ConnectorRow) -> Value {
-    json!({
-        "id": row.id,
-        "name": row.name,
-        "status": if state.broker.connector_online(&row.id) { "online" } else { "offline" },
-        "last_seen": row.last_seen.map(format_time),
-        "version": row.version,
-        "mode": row.mode,
-        "dns_listeners": row.dns_listeners.as_deref().map(|listeners| listeners.split(',').collect::<Vec<_>>()).unwrap_or_default(),
-        "created_at": format_time(row.created_at),
-        "provisioning_key_id": row.key.id,
-        "provisioning_key_expires_at": format_time(row.key.expires_at),
-        "provisioning_key_used_at": row.key.used_at.map(format_time),
-        "provisioning_key_reusable": row.key.reusable,
-    })
+    json_of(&connector_view(state, row))
 }
 
 /// A new provisioning key as the body asks for it: valid for
@@ -435,7 +386,7 @@ fn read_provisioning_key(fields: &mut Fields, state: &SharedState, now: i64) -> 
 
 pub async fn create_connector(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
-    let mut fields = Fields::new(body, CONNECTOR_BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::ConnectorBody>(body)?;
     let name = name_field(&mut fields, None);
     let now = now_micros();
     let key = read_provisioning_key(&mut fields, &state, now);
@@ -456,16 +407,14 @@ pub async fn create_connector(State(state): State<SharedState>, caller: Caller, 
     };
     let after = connector_json(&state, &row);
     state.store.create_connector(&row, &hash_secret(&secret), caller.audit("create", "connector", &row.id, None, Some(after.clone()))).await?;
-    let mut body = after;
-    body["provisioning_key"] = json!(secret);
-    Ok(created(body))
+    Ok(created(json_of(&ConnectorWithKey { connector: connector_view(&state, &row), provisioning_key: secret })))
 }
 
 /// `POST /api/v1/connectors/{id}/provisioning-key`: a fresh provisioning key (shown
 /// once) for a connector to enroll again; the earlier key stops working.
 pub async fn issue_provisioning_key(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
-    let mut fields = Fields::new(body, PROVISIONING_KEY_BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::ProvisioningKeyBody>(body)?;
     let key = read_provisioning_key(&mut fields, &state, now_micros());
     fields.finish()?;
     let secret = new_secret("rbc_");
@@ -476,9 +425,7 @@ pub async fn issue_provisioning_key(State(state): State<SharedState>, caller: Ca
         })
         .await
         .map_err(|error| ApiError::not_found_or(error, "connector"))?;
-    let mut body = connector_json(&state, &row);
-    body["provisioning_key"] = json!(secret);
-    Ok(Json(body))
+    Ok(Json(json_of(&ConnectorWithKey { connector: connector_view(&state, &row), provisioning_key: secret })))
 }
 
 pub async fn list_connectors(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
@@ -486,7 +433,7 @@ pub async fn list_connectors(State(state): State<SharedState>, caller: Caller, R
     let query = QueryParams::parse(raw.as_deref(), &["page", "page_size", "name", "status"])?;
     let paging = query.paging()?;
     let name = query.text("name").map(|name| name.to_lowercase());
-    let status = query.text("status");
+    let status = query.value("status")?;
     if status.as_deref().is_some_and(|status| status != "online" && status != "offline") {
         return Err(ApiError::bad_request("status must be online or offline"));
     }
@@ -533,7 +480,7 @@ pub async fn enroll_connector(
     headers: axum::http::HeaderMap,
     body: JsonObject,
 ) -> ApiResult<Json<Value>> {
-    let mut fields = Fields::new(body, CONNECTOR_ENROLL_BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::ConnectorEnrollBody>(body)?;
     let secret = fields.string("provisioning_key", false).unwrap_or_default();
     if secret.is_empty() || secret.len() > 256 {
         return Err(ApiError::unauthorized("the provisioning key is missing or not valid"));
@@ -566,34 +513,24 @@ pub async fn enroll_connector(
         return Err(ApiError::unauthorized("the provisioning key has been used or has expired; issue a new one for the connector"));
     }
     tracing::info!(connector_id = %connector.id, "connector enrolled");
-    Ok(Json(json!({
-        "connector_id": connector.id,
-        "name": connector.name,
-        "certificate": certificate,
-        "ca_certificate": state.ca.certificate_pem,
-        "broker_endpoints": state.broker_endpoints(&headers),
+    Ok(Json(json_of(&ConnectorEnrollment {
+        connector_id: connector.id,
+        name: connector.name,
+        certificate,
+        ca_certificate: state.ca.certificate_pem.clone(),
+        broker_endpoints: state.broker_endpoints(&headers),
     })))
 }
 
 fn session_json(row: &ClientSessionRow) -> Value {
-    json!({
-        "id": row.id,
-        "device_id": row.device_id,
-        "client_hostname": row.client_hostname,
-        "username": row.username,
-        "platform": row.platform,
-        "virtual_ip": row.virtual_ip,
-        "broker_node": row.broker_node,
-        "remote_addr": row.remote_addr,
-        "connected_at": format_time(row.connected_at),
-    })
+    crate::api::views::json_of(&crate::api::views::ClientSession::from(row))
 }
 
 pub async fn list_sessions(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let query = QueryParams::parse(raw.as_deref(), &["page", "page_size", "sort", "client_hostname", "username", "virtual_ip", "platform"])?;
     let paging = query.paging()?;
-    let (sort, descending) = query.sort(&["connected_at", "client_hostname", "username", "virtual_ip"], "connected_at")?;
+    let (sort, descending) = query.sort(SESSION_SORTS, "connected_at")?;
     let filters: Vec<(&str, String)> = ["client_hostname", "username", "virtual_ip", "platform"]
         .into_iter()
         .filter_map(|key| query.text(key).map(|value| (key, value.to_lowercase())))

@@ -5,32 +5,26 @@ use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 use reachback_ipam::parse_address;
 use reachback_store::{DeviceQuery, DeviceRow, DeviceSort};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::api::{list_json, location_json, no_content};
+use crate::api::{list_json, no_content};
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{QueryParams, format_time};
+use crate::request::QueryParams;
 use crate::state::SharedState;
 
+/// The orders the device listing offers.
+pub const SORTS: &[&str] = &["hostname", "username", "last_seen"];
+
 pub fn device_json(row: &DeviceRow) -> Value {
-    json!({
-        "id": row.id,
-        "hostname": row.hostname,
-        "username": row.username,
-        "platform": row.platform,
-        "virtual_ip": row.virtual_ip,
-        "location": location_json(&row.location, true),
-        "created_at": format_time(row.created_at),
-        "last_seen": format_time(row.last_seen),
-    })
+    crate::api::views::json_of(&crate::api::views::DeviceView::from(row))
 }
 
 pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let query = QueryParams::parse(raw.as_deref(), &["page", "page_size", "sort", "hostname", "username", "platform"])?;
     let paging = query.paging()?;
-    let (sort, descending) = query.sort(&["hostname", "username", "last_seen"], "hostname")?;
+    let (sort, descending) = query.sort(SORTS, "hostname")?;
     let device_query = DeviceQuery {
         hostname: query.text("hostname"),
         username: query.text("username"),

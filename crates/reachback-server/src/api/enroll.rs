@@ -11,16 +11,8 @@ use tokio::sync::oneshot;
 use crate::auth::ClientIp;
 use crate::crypto::{CertificateAuthority, hash_secret};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{BodyField, Fields, JsonObject, Kind, optional, required};
+use crate::request::{Fields, JsonObject};
 
-/// The fields of an enrollment.
-pub const BODY: &[BodyField] = &[
-    required("enrollment_key", Kind::Text),
-    required("hostname", Kind::Text),
-    required("platform", Kind::Text),
-    required("public_key", Kind::Pem),
-    optional("location", Kind::Location),
-];
 use crate::state::SharedState;
 use crate::validate;
 use crate::writer::EnrollRequest;
@@ -46,7 +38,7 @@ async fn enroll_inner(
     body: JsonObject,
     source_ip: Option<String>,
 ) -> ApiResult<(StatusCode, serde_json::Value)> {
-    let mut fields = Fields::new(body, BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::EnrollBody>(body)?;
     // authentication comes first: a bad key is a 401 whatever else is wrong
     let secret = fields.string("enrollment_key", false).unwrap_or_default();
     if secret.is_empty() || secret.len() > 256 {
@@ -131,13 +123,13 @@ async fn enroll_inner(
     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((
         status,
-        json!({
-            "device_id": outcome.device_id,
-            "virtual_ip": outcome.virtual_ip,
-            "range_name": outcome.range_name,
-            "certificate": certificate,
-            "ca_certificate": state.ca.certificate_pem,
-            "broker_endpoints": state.broker_endpoints(headers),
+        crate::api::views::json_of(&crate::api::views::Enrollment {
+            device_id: outcome.device_id,
+            virtual_ip: outcome.virtual_ip,
+            range_name: outcome.range_name,
+            certificate,
+            ca_certificate: state.ca.certificate_pem.clone(),
+            broker_endpoints: state.broker_endpoints(headers),
         }),
     ))
 }

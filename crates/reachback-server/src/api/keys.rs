@@ -4,37 +4,22 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 use reachback_store::{EnrollmentKeyRow, new_id, now_micros};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::api::{created, list_json, no_content, page_of};
 use crate::auth::{Caller, Role};
 use crate::crypto::{hash_secret, new_secret};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, format_time, optional, parse_time, required};
+use crate::request::{Fields, JsonObject, QueryParams, parse_time};
 
-/// The fields of a new enrollment key.
-pub const BODY: &[BodyField] = &[
-    required("username", Kind::Text),
-    optional("reusable", Kind::Flag),
-    optional("expires_at", Kind::Time),
-    optional("description", Kind::Text),
-    optional("hostname_pattern", Kind::Text),
-];
 use crate::state::SharedState;
 use crate::validate;
 
+/// The orders the enrollment-key listing offers.
+pub const SORTS: &[&str] = &["created_at", "username"];
+
 pub fn key_json(row: &EnrollmentKeyRow) -> Value {
-    json!({
-        "id": row.id,
-        "username": row.username,
-        "description": row.description,
-        "reusable": row.reusable,
-        "expires_at": row.expires_at.map(format_time),
-        "used_count": row.used_count,
-        "revoked": row.revoked,
-        "created_at": format_time(row.created_at),
-        "hostname_pattern": row.hostname_pattern,
-    })
+    crate::api::views::json_of(&crate::api::views::KeyView::from(row))
 }
 
 /// A hostname pattern: an exact FQDN, or `*.suffix` for the names under a domain;
@@ -54,7 +39,7 @@ pub fn hostname_pattern(text: &str) -> Result<String, String> {
 
 pub async fn create(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
-    let mut fields = Fields::new(body, BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::KeyBody>(body)?;
     let username = fields.string("username", true).map(|name| name.trim().to_string());
     if let Some(username) = &username {
         if username.is_empty() {
@@ -108,16 +93,14 @@ pub async fn create(State(state): State<SharedState>, caller: Caller, body: Json
     };
     let after = key_json(&row);
     state.store.create_enrollment_key(&row, &hash_secret(&secret), caller.audit("create", "enrollment_key", &row.id, None, Some(after.clone()))).await?;
-    let mut body = after;
-    body["key"] = json!(secret);
-    Ok(created(body))
+    Ok(created(crate::api::views::json_of(&crate::api::views::NewEnrollmentKey { key_row: crate::api::views::KeyView::from(&row), key: secret })))
 }
 
 pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let query = QueryParams::parse(raw.as_deref(), &["page", "page_size", "username", "sort"])?;
     let paging = query.paging()?;
-    let (sort, descending) = query.sort(&["created_at", "username"], "created_at")?;
+    let (sort, descending) = query.sort(SORTS, "created_at")?;
     let username = query.text("username").map(|name| name.to_lowercase());
     let mut rows: Vec<EnrollmentKeyRow> = state
         .store

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod audit;
 pub mod bindings;
+pub mod bodies;
 pub mod console;
 pub mod dataplane;
 pub mod devices;
@@ -10,6 +11,7 @@ pub mod enroll;
 pub mod keys;
 pub mod ranges;
 pub mod renew;
+pub mod views;
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -18,26 +20,6 @@ use reachback_ipam::Location;
 use serde_json::{Value, json};
 
 use crate::request::Paging;
-
-/// A count as JSON: a number up to 2^53 − 1, a decimal string above.
-pub fn count_json(count: u128) -> Value {
-    const MAX_SAFE: u128 = (1 << 53) - 1;
-    if count <= MAX_SAFE { json!(count as u64) } else { json!(count.to_string()) }
-}
-
-pub fn location_json(location: &Option<Location>, with_coordinates: bool) -> Value {
-    match location {
-        None => Value::Null,
-        Some(location) => {
-            let mut value = json!({"city": location.city, "state": location.state, "country": location.country});
-            if with_coordinates {
-                value["latitude"] = json!(location.latitude);
-                value["longitude"] = json!(location.longitude);
-            }
-            value
-        }
-    }
-}
 
 /// `City, State, Country`, absent parts left out.
 pub fn location_text(location: &Option<Location>) -> String {
@@ -129,8 +111,9 @@ mod tests {
         {
             assert_eq!(csv_cell(input), expected);
         }
-        assert_eq!(count_json(254), json!(254));
-        assert_eq!(count_json((1 << 53) - 1), json!(9007199254740991u64));
-        assert_eq!(count_json(1 << 53), json!("9007199254740992"));
+        let count = |n: u128| views::json_of(&views::Count::of(n));
+        assert_eq!(count(254), json!(254));
+        assert_eq!(count((1 << 53) - 1), json!(9007199254740991u64));
+        assert_eq!(count(1 << 53), json!("9007199254740992"));
     }
 }

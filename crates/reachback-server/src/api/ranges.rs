@@ -7,40 +7,23 @@ use reachback_ipam::{AddressRange, RangeSpec};
 use reachback_store::{RangeRow, RangeWrite, new_id};
 use serde_json::{Value, json};
 
-use crate::api::{count_json, created, list_json, location_json, no_content, page_of};
+use crate::api::{created, list_json, no_content, page_of};
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{BodyField, Fields, JsonObject, Kind, QueryParams, clearable, format_time, optional, required};
+use crate::request::{Fields, JsonObject, QueryParams};
 use crate::state::SharedState;
 use crate::validate;
 
+/// The orders the range listing offers.
+pub const SORTS: &[&str] = &["name", "status", "range", "used_ips", "total_ips", "created_at"];
+
 pub fn range_json(row: &RangeRow) -> Value {
-    json!({
-        "id": row.id,
-        "name": row.name,
-        "description": row.description,
-        "range": row.range.to_string(),
-        "location": location_json(&row.location, true),
-        "enabled": row.enabled,
-        "total_ips": count_json(row.range.total()),
-        "used_ips": row.used_ips,
-        "created_at": format_time(row.created_at),
-        "updated_at": format_time(row.updated_at),
-    })
+    crate::api::views::json_of(&crate::api::views::RangeView::from(row))
 }
 
 fn spec_of(row: &RangeRow) -> RangeSpec {
     RangeSpec { id: row.id.clone(), name: row.name.clone(), range: row.range, location: row.location.clone(), enabled: row.enabled }
 }
-
-/// The fields of a range; `name` and `range` are required when creating.
-pub const BODY: &[BodyField] = &[
-    required("name", Kind::Text),
-    optional("description", Kind::Text),
-    required("range", Kind::Text),
-    clearable("location", Kind::Location),
-    optional("enabled", Kind::Flag),
-];
 
 /// Reads the writable fields over `base` (all required when there is no base).
 fn read_write(mut fields: Fields, base: Option<&RangeRow>) -> ApiResult<RangeWrite> {
@@ -100,12 +83,12 @@ fn overlap_error(error: reachback_store::StoreError) -> ApiError {
 
 pub async fn create(State(state): State<SharedState>, caller: Caller, body: JsonObject) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
-    let write = read_write(Fields::new(body, BODY)?, None)?;
+    let write = read_write(Fields::of::<crate::api::bodies::RangeBody>(body)?, None)?;
     let id = new_id();
     let mut engine = state.engine.lock().await;
     let row = state
         .store
-        .create_range(&id, &write, caller.audit("create", "ip_range", &id, None, Some(json!({"name": write.name, "range": write.range.to_string(), "enabled": write.enabled, "location": location_json(&write.location, true), "description": write.description}))))
+        .create_range(&id, &write, caller.audit("create", "ip_range", &id, None, Some(json!({"name": write.name, "range": write.range.to_string(), "enabled": write.enabled, "location": crate::api::views::json_of(&crate::api::views::LocationView::of(&write.location)), "description": write.description}))))
         .await
         .map_err(overlap_error)?;
     if let Err(error) = engine.load_range(spec_of(&row), [], []) {
@@ -119,8 +102,8 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
     caller.require(Role::Viewer)?;
     let query = QueryParams::parse(raw.as_deref(), &["page", "page_size", "sort", "name", "range", "city", "state", "country", "status"])?;
     let paging = query.paging()?;
-    let (sort, descending) = query.sort(&["name", "status", "range", "used_ips", "total_ips", "created_at"], "name")?;
-    let status = match query.text("status").as_deref() {
+    let (sort, descending) = query.sort(SORTS, "name")?;
+    let status = match query.value("status")?.as_deref() {
         None => None,
         Some("enabled") => Some(true),
         Some("disabled") => Some(false),
@@ -198,7 +181,7 @@ async fn apply(state: &SharedState, caller: &Caller, id: &str, action: &str, bui
 
 pub async fn patch(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
-    let fields = Fields::new(body, BODY)?;
+    let fields = Fields::of::<crate::api::bodies::RangeBody>(body)?;
     apply(&state, &caller, &id, "update", move |current| read_write(fields, Some(current))).await
 }
 

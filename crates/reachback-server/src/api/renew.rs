@@ -20,11 +20,8 @@ use serde_json::{Value, json};
 
 use crate::crypto::{CertificateAuthority, DevicePublicKey};
 use crate::error::{ApiError, ApiResult};
-use crate::request::{BodyField, Fields, JsonObject, Kind, required};
+use crate::request::{Fields, JsonObject};
 use crate::state::SharedState;
-
-/// The fields of a renewal.
-pub const BODY: &[BodyField] = &[required("public_key", Kind::Pem), required("signed_at", Kind::Integer), required("signature", Kind::Text)];
 
 fn refused() -> ApiError {
     ApiError::unauthorized("the renewal is not authenticated: sign the renewal message with the enrolled key, with a current signed_at")
@@ -66,7 +63,7 @@ fn renewal_interval(state: &SharedState) -> Option<std::time::Duration> {
 
 /// Checks the body: the key, the time, the signature over `message(kind, id, signed_at)`. Returns the key and `signed_at`.
 fn authenticate(kind: &str, id: &str, body: JsonObject, message: fn(&str, &str, i64) -> String) -> ApiResult<(DevicePublicKey, i64)> {
-    let mut fields = Fields::new(body, BODY)?;
+    let mut fields = Fields::of::<crate::api::bodies::SignedBody>(body)?;
     let public_key = fields.public_key("public_key");
     let signed_at = fields.integer("signed_at", 0, i64::MAX);
     let signature = fields.string("signature", true);
@@ -116,7 +113,11 @@ pub async fn renew_device(State(state): State<SharedState>, Path(id): Path<Strin
     let certificate = state.ca.sign_device(&public_key, &device.id, &device.hostname, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
     audit(&state, "device", &device.id, serial).await?;
     tracing::info!(device_id = %device.id, "device certificate renewed over the API");
-    Ok(Json(json!({"certificate": certificate, "ca_certificate": state.ca.certificate_pem, "virtual_ip": device.virtual_ip})))
+    Ok(Json(crate::api::views::json_of(&crate::api::views::DeviceRenewal {
+        certificate,
+        ca_certificate: state.ca.certificate_pem.clone(),
+        virtual_ip: device.virtual_ip,
+    })))
 }
 
 pub async fn renew_connector(State(state): State<SharedState>, Path(id): Path<String>, body: JsonObject) -> ApiResult<Json<Value>> {
@@ -131,7 +132,7 @@ pub async fn renew_connector(State(state): State<SharedState>, Path(id): Path<St
     let certificate = state.ca.sign_connector(&public_key, &connector.id, serial, state.config.certificate_lifetime).map_err(ApiError::internal)?;
     audit(&state, "connector", &connector.id, serial).await?;
     tracing::info!(connector_id = %connector.id, "connector certificate renewed over the API");
-    Ok(Json(json!({"certificate": certificate, "ca_certificate": state.ca.certificate_pem})))
+    Ok(Json(crate::api::views::json_of(&crate::api::views::ConnectorRenewal { certificate, ca_certificate: state.ca.certificate_pem.clone() })))
 }
 
 /// The device's own audit entry for leaving.

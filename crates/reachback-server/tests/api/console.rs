@@ -204,18 +204,39 @@ async fn a_superadmin_can_always_sign_in(server: TestServer) {
     for path in [format!("/api/v1/admin-sessions/{own}"), format!("/api/v1/admins/{root}/api-keys/{key_id}")] {
         let reply = server.delete(&path).await;
         assert_eq!(reply.status, StatusCode::CONFLICT, "{path}: {}", reply.text());
-        assert!(reply.text().contains("no superadmin could sign in after this change"), "{}", reply.text());
+        // (the key in use is refused first: a key does not revoke itself)
+        assert!(
+            reply.text().contains("no superadmin could sign in after this change") || reply.text().contains("the API key the request is made with"),
+            "{}",
+            reply.text()
+        );
     }
     assert_eq!(server.get("/api/v1/me").await.status, StatusCode::OK, "the key still works");
     assert_eq!(server.get("/api/v1/audit-logs").await.json()["total"], audited, "a refusal writes no audit row");
 
     // with a second superadmin who has a password, the key may go
     let backup = admin_with_password(&server, "backup", "superadmin", "correct horse battery").await;
-    assert_eq!(server.delete(&format!("/api/v1/admin-sessions/{own}")).await.status, StatusCode::NO_CONTENT);
+    // (with another credential: a key is never revoked with itself, so a script cannot lock itself out)
+    let backup_key = server.post(&format!("/api/v1/admins/{backup}/api-keys"), json!({"name": "backup script"})).await.json()["key"]
+        .as_str()
+        .expect("backup key")
+        .to_string();
+    assert_eq!(server.delete(&format!("/api/v1/admin-sessions/{own}")).await.status, StatusCode::CONFLICT);
+    let backup_key_id = server.call(Method::GET, "/api/v1/me", None, Some(&backup_key)).await.json()["session_id"].as_str().expect("session").to_string();
+    assert_eq!(server.call(Method::DELETE, &format!("/api/v1/admin-sessions/{own}"), None, Some(&backup_key)).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.call(Method::DELETE, &format!("/api/v1/admin-sessions/{backup_key_id}"), None, Some(&backup_key)).await.status, StatusCode::CONFLICT);
+    assert_eq!(
+        server.call(Method::DELETE, &format!("/api/v1/admin-sessions/{backup_key_id}"), None, Some(crate::harness::TOKEN)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let own_route = format!("/api/v1/admins/{backup}/api-keys/{}", backup_key_id.trim_start_matches("key:"));
+    assert_eq!(server.call(Method::DELETE, &own_route, None, Some(&backup_key)).await.status, StatusCode::CONFLICT);
     assert_eq!(server.get("/api/v1/me").await.status, StatusCode::UNAUTHORIZED);
+    let (cookie, csrf) = sign_in(&server, "backup", "correct horse battery").await;
+    let revoked = with_cookie(&server, Method::DELETE, &own_route, &cookie, Some(&csrf), None).await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT, "{}", revoked.text());
 
     // now that password is the only way in: it cannot be cleared
-    let (cookie, csrf) = sign_in(&server, "backup", "correct horse battery").await;
     let clear = json!({"password": null});
     let reply = with_cookie(&server, Method::PATCH, &format!("/api/v1/admins/{backup}"), &cookie, Some(&csrf), Some(clear.clone())).await;
     assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());

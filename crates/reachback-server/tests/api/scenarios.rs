@@ -26,6 +26,7 @@ on_both_backends!(
     restart_keeps_bindings_sticky,
     deep_pages_match_row_by_row_order,
     export_order_across_chunks,
+    an_export_whose_database_fails_mid_stream_ends_in_an_error,
     substring_filters_agree_with_a_plain_scan,
     listing_tables_vacuumed_when_due,
 );
@@ -326,10 +327,13 @@ async fn enrollment_refusals(server: TestServer) {
     let good = public_key();
     let call = |body: Value| server.call(Method::POST, "/api/v1/enroll", Some(body), None);
     // authentication first: a bad key is a 401 whatever else is wrong
-    for bad_key in [json!("rbe_nope"), json!(""), Value::Null, json!(5)] {
+    for bad_key in [json!("rbe_nope"), json!(""), json!(5)] {
         let reply = call(json!({"enrollment_key": bad_key, "hostname": "-bad-", "platform": "beos", "public_key": "x"})).await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{bad_key}");
     }
+    // a null where the document allows none is a malformed request, told before anything is looked up
+    let reply = call(json!({"enrollment_key": null, "hostname": "-bad-", "platform": "beos", "public_key": "x"})).await;
+    assert_eq!((reply.status, reply.json()["errors"][0]["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("enrollment_key")), "{}", reply.text());
     let cases = [
         (json!({"enrollment_key": key, "hostname": "laptop", "platform": "windows", "public_key": good}), "hostname"),
         (json!({"enrollment_key": key, "hostname": "bad_host.corp.example", "platform": "windows", "public_key": good}), "hostname"),
@@ -652,16 +656,48 @@ async fn operations_endpoints(server: TestServer) {
     assert_eq!(server.get("/api/v1/nothing-here").await.status, StatusCode::NOT_FOUND);
     // request bodies as documented: the schema's fields are exactly those the handler
     // takes (an unknown field is refused with the list of allowed ones)
+    // a `$ref` into the components, followed
+    let resolve = |schema: &Value| -> Value {
+        match schema["$ref"].as_str().and_then(|reference| reference.strip_prefix("#/components/schemas/")) {
+            Some(name) => openapi["components"]["schemas"][name].clone(),
+            None => schema.clone(),
+        }
+    };
     let ranges = &openapi["paths"]["/api/v1/ip-ranges"];
-    assert_eq!(ranges["post"]["requestBody"]["content"]["application/json"]["schema"]["required"], json!(["name", "range"]));
-    assert_eq!(ranges["post"]["requestBody"]["content"]["application/json"]["schema"]["additionalProperties"], false);
-    let patch = &openapi["paths"]["/api/v1/ip-ranges/{id}"]["patch"]["requestBody"]["content"]["application/json"]["schema"];
+    let create = resolve(&ranges["post"]["requestBody"]["content"]["application/json"]["schema"]);
+    assert_eq!(create["required"], json!(["name", "range"]));
+    assert_eq!(create["additionalProperties"], false);
+    assert_eq!(create["properties"]["name"]["maxLength"], 128, "the limits the handler enforces");
+    let patch = resolve(&openapi["paths"]["/api/v1/ip-ranges/{id}"]["patch"]["requestBody"]["content"]["application/json"]["schema"]);
     assert_eq!(patch["required"], json!([]));
-    assert_eq!(patch["properties"]["location"]["oneOf"][0]["$ref"], "#/components/schemas/Location");
+    assert_eq!(patch["additionalProperties"], false);
+    let location = &patch["properties"]["location"]["oneOf"];
+    assert!(location.as_array().is_some_and(|branches| branches.contains(&json!({"type": "null"}))), "null clears a location: {location}");
+    assert_eq!(patch["properties"]["enabled"]["type"], "boolean", "enabled takes no null");
+    // every operation's success answer has its schema, and every reference resolves
+    for route in reachback_server::ROUTES {
+        let operation = &openapi["paths"][route.path][route.method];
+        assert_eq!(operation["operationId"], route.operation_id());
+        let success = &operation["responses"][route.success.to_string()];
+        assert!(success.is_object(), "{} {}: no {} response", route.method, route.path, route.success);
+        if route.success != 204 {
+            let content = success["content"].as_object().expect("content");
+            let schema = content.values().next().expect("a media type")["schema"].clone();
+            assert!(!resolve(&schema).is_null() && resolve(&schema) != json!({}), "{} {}: no schema", route.method, route.path);
+        }
+    }
+    let text = openapi.to_string();
+    for reference in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = reference.split('"').next().expect("name");
+        assert!(openapi["components"]["schemas"].get(name).is_some(), "dangling reference to {name}");
+    }
+    // links from a creation to the operations that use its id
+    let links = &ranges["post"]["responses"]["201"]["links"];
+    assert_eq!(links["ranges_get"]["parameters"]["id"], "$response.body#/id", "{links}");
     let mut checked = 0;
     for (path, operations) in openapi["paths"].as_object().expect("paths") {
         for (method, operation) in operations.as_object().expect("operations") {
-            let Some(schema) = operation.pointer("/requestBody/content/application~1json/schema") else { continue };
+            let Some(schema) = operation.pointer("/requestBody/content/application~1json/schema").map(resolve) else { continue };
             if path.contains('{') {
                 continue;
             }
@@ -814,6 +850,57 @@ async fn deep_pages_match_row_by_row_order(server: TestServer) {
             }
         }
     }
+}
+
+/// The database failing in the middle of a real export, on each backend: the
+/// bindings table is renamed away after the response's first bytes went out, so
+/// the parts (ranges) read after that fail inside the database. The body ends in
+/// an error, never as a complete file (the HTTP framing of that error, a missing
+/// chunked terminator, is checked in `hostile.rs`).
+async fn an_export_whose_database_fails_mid_stream_ends_in_an_error(server: TestServer) {
+    use http_body_util::BodyExt;
+    // eight small ranges filled one after the other: the export in address order reads them one by one
+    for index in 0..8 {
+        create_range(&server, json!({"name": format!("R{index}"), "range": format!("100.64.{index}.0/29")})).await;
+    }
+    let key = create_key(&server, "carol", true).await;
+    let public_key = public_key();
+    let mut enrolled = 0;
+    for index in 0..48 {
+        let reply = enroll(&server, &key, &format!("m{index:02}.corp.example"), &public_key, Value::Null).await;
+        if reply.status == StatusCode::CREATED {
+            enrolled += 1;
+        }
+    }
+    assert!(enrolled >= 40, "{enrolled} enrolled");
+    let state = server.state.as_ref().expect("state");
+    state.store.set_export_chunk(1);
+    // the whole export, as a baseline
+    let complete = server.get("/api/v1/ip-bindings/export.csv?sort=ip").await;
+    assert_eq!(complete.status, StatusCode::OK);
+    assert_eq!(complete.text().lines().count(), enrolled + 1);
+    let request = Request::builder()
+        .uri("/api/v1/ip-bindings/export.csv?sort=ip")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::empty())
+        .expect("request");
+    let response = tower::ServiceExt::oneshot(server.router.clone(), request).await.expect("router answers");
+    assert_eq!(response.status(), StatusCode::OK, "the export starts");
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("a first frame").expect("the header goes out").into_data().expect("data");
+    assert!(String::from_utf8_lossy(&first).starts_with("ip,"), "{first:?}");
+    // the database fails under the running export
+    server.raw_sql("ALTER TABLE bindings RENAME TO bindings_gone").await;
+    let mut received = first.len();
+    let outcome = loop {
+        match body.frame().await {
+            None => break Ok(received),
+            Some(Ok(frame)) => received += frame.into_data().map(|data| data.len()).unwrap_or(0),
+            Some(Err(error)) => break Err(error.to_string()),
+        }
+    };
+    assert!(outcome.is_err(), "the body ends in an error, not as a file of {} bytes (complete: {})", received, complete.body.len());
+    assert!(received < complete.body.len(), "the cut-off export is shorter than the complete one");
 }
 
 async fn export_order_across_chunks(server: TestServer) {
