@@ -25,6 +25,7 @@ pub const SETTINGS_BODY: &[BodyField] = &[
     optional("release_quarantine_seconds", Kind::Integer),
     optional("provisioning_key_ttl_seconds", Kind::Integer),
     optional("export_limit", Kind::Integer),
+    optional("binding_history_retention_days", Kind::Integer),
 ];
 use crate::state::{Settings, SharedState};
 use crate::validate;
@@ -249,6 +250,10 @@ pub async fn patch_settings(State(state): State<SharedState>, caller: Caller, bo
     }
     if let Some(ttl) = fields.integer("provisioning_key_ttl_seconds", 60, crate::api::dataplane::MAX_PROVISIONING_KEY_SECONDS) {
         after.provisioning_key_ttl_seconds = ttl;
+    }
+    let retention = crate::state::HISTORY_RETENTION_DAYS;
+    if let Some(days) = fields.integer("binding_history_retention_days", *retention.start(), *retention.end()) {
+        after.binding_history_retention_days = days;
     }
     fields.finish()?;
     save_settings(&state, &caller, &before, &after).await?;
