@@ -281,9 +281,9 @@ impl QueryParams {
     pub fn timestamp(&self, key: &str) -> Result<Option<i64>, ApiError> {
         match self.text(key) {
             None => Ok(None),
-            Some(text) => {
-                parse_time(&text).map(Some).ok_or_else(|| ApiError::bad_parameter(key, format!("'{key}' must be an RFC 3339 timestamp such as 2026-01-31T12:00:00Z")))
-            }
+            Some(text) => parse_time(&text)
+                .map(Some)
+                .ok_or_else(|| ApiError::bad_parameter(key, format!("'{key}' must be an RFC 3339 timestamp such as 2026-01-31T12:00:00Z"))),
         }
     }
 

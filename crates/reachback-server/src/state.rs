@@ -55,11 +55,9 @@ impl Settings {
                 ("release_quarantine_seconds", Some(value)) => value.as_i64().map(|number| settings.release_quarantine_seconds = number).is_some(),
                 ("export_limit", Some(value)) => value.as_i64().map(|number| settings.export_limit = number).is_some(),
                 ("provisioning_key_ttl_seconds", Some(value)) => value.as_i64().map(|number| settings.provisioning_key_ttl_seconds = number).is_some(),
-                ("binding_history_retention_days", Some(value)) => value
-                    .as_i64()
-                    .filter(|days| HISTORY_RETENTION_DAYS.contains(days))
-                    .map(|days| settings.binding_history_retention_days = days)
-                    .is_some(),
+                ("binding_history_retention_days", Some(value)) => {
+                    value.as_i64().filter(|days| HISTORY_RETENTION_DAYS.contains(days)).map(|days| settings.binding_history_retention_days = days).is_some()
+                }
                 _ => false,
             };
             if !applied {

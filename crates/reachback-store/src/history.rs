@@ -171,7 +171,8 @@ pub(crate) struct HistoryOpen {
 }
 
 /// The multi-row insert that opens intervals ([`HISTORY_COLUMNS`] a row).
-pub(crate) const HISTORY_INSERT: &str = "INSERT INTO binding_history (ip_key, ip, device_id, username, client_hostname, platform, range_id, range_name, bound_at, bound_reason) VALUES {rows}";
+pub(crate) const HISTORY_INSERT: &str =
+    "INSERT INTO binding_history (ip_key, ip, device_id, username, client_hostname, platform, range_id, range_name, bound_at, bound_reason) VALUES {rows}";
 pub(crate) const HISTORY_COLUMNS: usize = 10;
 
 /// Closes the open interval of an address (`$1`) at `$2` for reason `$3`. An end
@@ -203,7 +204,8 @@ pub(crate) async fn close_range_in(connection: &mut sqlx::AnyConnection, range_i
     Ok(sqlx::query(sqlx::AssertSqlSafe(sql)).bind(range_id).bind(now).bind(reason.as_str()).execute(&mut *connection).await?.rows_affected())
 }
 
-const HISTORY_SELECT: &str = "h.id, h.ip, h.device_id, h.username, h.client_hostname, h.platform, h.range_id, h.range_name, h.bound_at, h.bound_reason, h.released_at, h.reason";
+const HISTORY_SELECT: &str =
+    "h.id, h.ip, h.device_id, h.username, h.client_hostname, h.platform, h.range_id, h.range_name, h.bound_at, h.bound_reason, h.released_at, h.reason";
 
 fn history_from_row(row: &AnyRow) -> Result<HistoryRow> {
     Ok(HistoryRow {
@@ -347,14 +349,13 @@ impl Store {
         let mut deleted = 0u64;
         loop {
             let mut tx = self.write().await?;
-            let gone = sqlx::query(
-                "DELETE FROM binding_history WHERE id IN (SELECT id FROM binding_history WHERE released_at < $1 ORDER BY released_at LIMIT $2)",
-            )
-            .bind(cutoff)
-            .bind(batch_rows)
-            .execute(&mut *tx.transaction)
-            .await?
-            .rows_affected();
+            let gone =
+                sqlx::query("DELETE FROM binding_history WHERE id IN (SELECT id FROM binding_history WHERE released_at < $1 ORDER BY released_at LIMIT $2)")
+                    .bind(cutoff)
+                    .bind(batch_rows)
+                    .execute(&mut *tx.transaction)
+                    .await?
+                    .rows_affected();
             tx.commit().await?;
             deleted += gone;
             if gone < u64::try_from(batch_rows).unwrap_or(u64::MAX) {

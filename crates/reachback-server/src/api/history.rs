@@ -47,7 +47,8 @@ pub const TRACE_QUERY: &[&str] = &["ip", "at"];
 const SORTS: &[&str] = &["bound_at", "released_at", "ip", "username", "client_hostname", "platform", "range_name", "device_id"];
 
 /// The CSV export's columns, in order.
-pub const CSV_HEADER: &[&str] = &["ip", "device_id", "username", "client_hostname", "platform", "range_name", "bound_at", "released_at", "reason", "bound_reason"];
+pub const CSV_HEADER: &[&str] =
+    &["ip", "device_id", "username", "client_hostname", "platform", "range_name", "bound_at", "released_at", "reason", "bound_reason"];
 
 /// A history query from the request's parameters; every bad value is a 400 naming
 /// its parameter. Without `sort` the newest intervals come first.
@@ -141,8 +142,7 @@ pub async fn trace(State(state): State<SharedState>, caller: Caller, RawQuery(ra
     let Some(text) = query.text("ip") else {
         return Err(ApiError::bad_parameter("ip", "'ip' is required: the address to trace"));
     };
-    let (family, value) =
-        parse_address(&text).ok_or_else(|| ApiError::bad_parameter("ip", format!("'ip' must be one IP address (no CIDR), got '{text}'")))?;
+    let (family, value) = parse_address(&text).ok_or_else(|| ApiError::bad_parameter("ip", format!("'ip' must be one IP address (no CIDR), got '{text}'")))?;
     let at = query.timestamp("at")?.unwrap_or_else(now_micros);
     let trace = state.store.trace_address(&address_key(family, value), at).await?;
     let render = |row: &Option<HistoryRow>| row.as_ref().map_or(Value::Null, history_json);

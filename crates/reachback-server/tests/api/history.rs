@@ -41,12 +41,7 @@ async fn create_key(server: &TestServer, username: &str) -> String {
 
 async fn enroll(server: &TestServer, key: &str, hostname: &str, public_key: &str) -> Reply {
     server
-        .call(
-            Method::POST,
-            "/api/v1/enroll",
-            Some(json!({"enrollment_key": key, "hostname": hostname, "platform": "windows", "public_key": public_key})),
-            None,
-        )
+        .call(Method::POST, "/api/v1/enroll", Some(json!({"enrollment_key": key, "hostname": hostname, "platform": "windows", "public_key": public_key})), None)
         .await
 }
 
@@ -151,13 +146,13 @@ async fn an_address_is_traced_through_release_and_reuse_by_another_device(server
 
     // each instant gives the device that held the address then, or nobody
     assert_eq!(holders(&server, &ip, a_from - 1).await, Vec::<String>::new(), "before A was bound: nobody");
-    assert_eq!(holders(&server, &ip, a_from).await, [alice.clone()], "the start is inclusive");
-    assert_eq!(holders(&server, &ip, (a_from + a_until) / 2).await, [alice.clone()]);
-    assert_eq!(holders(&server, &ip, a_until - 1).await, [alice.clone()], "A held until just before its release");
+    assert_eq!(holders(&server, &ip, a_from).await, [alice.as_str()], "the start is inclusive");
+    assert_eq!(holders(&server, &ip, (a_from + a_until) / 2).await, [alice.as_str()]);
+    assert_eq!(holders(&server, &ip, a_until - 1).await, [alice.as_str()], "A held until just before its release");
     assert_eq!(holders(&server, &ip, a_until).await, Vec::<String>::new(), "the end is exclusive: not A at its release, and B came later");
     assert_eq!(holders(&server, &ip, b_from - 1).await, Vec::<String>::new());
-    assert_eq!(holders(&server, &ip, b_from).await, [bob.clone()]);
-    assert_eq!(holders(&server, &ip, now() + 86_400_000_000).await, [bob.clone()], "B still holds it");
+    assert_eq!(holders(&server, &ip, b_from).await, [bob.as_str()]);
+    assert_eq!(holders(&server, &ip, now() + 86_400_000_000).await, [bob.as_str()], "B still holds it");
     // the `at` filter over the whole range agrees with the interval rule at every boundary
     for at in [a_from - 1, a_from, a_until - 1, a_until, a_until + 1, b_from - 1, b_from, b_from + 1] {
         let expected: Vec<String> = rows
@@ -529,7 +524,11 @@ async fn history_export_is_limited_and_neutralises_formulas(server: TestServer) 
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "ip,device_id,username,client_hostname,platform,range_name,bound_at,released_at,reason,bound_reason");
     assert_eq!(lines.len(), 3, "{text}");
-    assert!(lines[1].starts_with("100.64.0.1,") && lines[1].contains(",\"'=HYPERLINK(\"\"http://x\"\")\",a.corp.example,windows,'=Evil range,"), "{}", lines[1]);
+    assert!(
+        lines[1].starts_with("100.64.0.1,") && lines[1].contains(",\"'=HYPERLINK(\"\"http://x\"\")\",a.corp.example,windows,'=Evil range,"),
+        "{}",
+        lines[1]
+    );
     assert!(lines[1].ends_with(",,,enrolled"), "an open interval has no end: {}", lines[1]);
     assert!(lines[2].contains(",'+cmd,b.corp.example,windows,'=Evil range,") && lines[2].ends_with(",admin_release,enrolled"), "{}", lines[2]);
     assert_eq!(server.get("/api/v1/ip-bindings/history/export.csv?page=1").await.status, StatusCode::BAD_REQUEST, "no paging in an export");
@@ -578,12 +577,17 @@ async fn retention_deletes_only_closed_intervals_older_than_the_cutoff(server: T
     // batches of one: the loop goes on until fewer than a batch are left
     assert_eq!(store.prune_history(ends[3] + 1, 1, audit).await.expect("prune"), 3);
     let left = all_history(&server).await;
-    assert_eq!((left.len(), left[0]["released_at"].clone(), field(&left[0], "ip")), (1, Value::Null, addresses[4].clone()), "the open interval is never deleted");
+    assert_eq!(
+        (left.len(), left[0]["released_at"].clone(), field(&left[0], "ip")),
+        (1, Value::Null, addresses[4].clone()),
+        "the open interval is never deleted"
+    );
     assert_eq!(store.prune_history(i64::MAX, 1000, audit).await.expect("prune"), 0);
     consistent(&server).await;
 
     // the setting: validated, audited, and what the server's retention round uses
-    for bad in [json!({"binding_history_retention_days": 0}), json!({"binding_history_retention_days": 3651}), json!({"binding_history_retention_days": "400"})] {
+    for bad in [json!({"binding_history_retention_days": 0}), json!({"binding_history_retention_days": 3651}), json!({"binding_history_retention_days": "400"})]
+    {
         let reply = server.patch("/api/v1/settings", bad.clone()).await;
         assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
         assert_eq!(reply.json()["errors"][0]["field"], "binding_history_retention_days");

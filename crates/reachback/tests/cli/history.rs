@@ -44,12 +44,12 @@ fn bindings_trace_and_history_in_the_cli() {
     let (ok, stdout, stderr) = ctl(&["bindings", "trace", "100.64.0.1", "--at", &a_from]);
     assert!(ok, "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(
-        lines[0],
-        format!("100.64.0.1 at {a_from}: held by alice@corp.example (alice-laptop.corp.example, windows, device {alice})"),
+    assert_eq!(lines[0], format!("100.64.0.1 at {a_from}: held by alice@corp.example (alice-laptop.corp.example, windows, device {alice})"), "{stdout}");
+    assert!(
+        lines[1].starts_with("WHEN")
+            && ["USERNAME", "CLIENT_HOSTNAME", "BOUND_AT", "RELEASED_AT", "REASON", "DEVICE_ID"].iter().all(|column| lines[1].contains(column)),
         "{stdout}"
     );
-    assert!(lines[1].starts_with("WHEN") && ["USERNAME", "CLIENT_HOSTNAME", "BOUND_AT", "RELEASED_AT", "REASON", "DEVICE_ID"].iter().all(|column| lines[1].contains(column)), "{stdout}");
     let row = |when: &str| lines.iter().find(|line| line.starts_with(when)).unwrap_or_else(|| panic!("no {when} row: {stdout}")).to_string();
     assert!(row("before").contains("(none)"), "{stdout}");
     let then = row("then");
