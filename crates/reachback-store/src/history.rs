@@ -237,8 +237,12 @@ pub const PRUNE_BATCH_ROWS: i64 = 5_000;
 impl Store {
     fn history_filter(&self, query: &HistoryQuery) -> Filter {
         let mut filter = Filter::new();
-        if let Some((first, last)) = query.ip_keys {
-            filter.push("h.ip_key >= ? AND h.ip_key <= ?", [FilterValue::Bytes(first.to_vec()), FilterValue::Bytes(last.to_vec())]);
+        match query.ip_keys {
+            // one address: an equality, so the index on (ip_key, bound_at) is also
+            // bounded by `at`/`to` and gives the intervals in start order
+            Some((first, last)) if first == last => filter.push("h.ip_key = ?", [FilterValue::Bytes(first.to_vec())]),
+            Some((first, last)) => filter.push("h.ip_key >= ? AND h.ip_key <= ?", [FilterValue::Bytes(first.to_vec()), FilterValue::Bytes(last.to_vec())]),
+            None => {}
         }
         if let Some(at) = query.at {
             filter.push("h.bound_at <= ? AND (h.released_at IS NULL OR h.released_at > ?)", [FilterValue::Int(at), FilterValue::Int(at)]);
