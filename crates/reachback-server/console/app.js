@@ -387,6 +387,72 @@ pages.ranges = () => {
   return [h('h1', {}, 'IP Ranges'), view.element];
 };
 
+// ---- binding history ----------------------------------------------------------
+
+/// One history interval in a sentence: who, which machine, from when until when.
+function describeInterval(row) {
+  if (!row) return 'nobody';
+  const until = row.released_at ? `${when(row.released_at)} (${row.reason.replace(/_/g, ' ')})` : 'now (still bound)';
+  return `${row.username} on ${row.client_hostname} (${row.platform}, device ${row.device_id}), ${when(row.bound_at)} until ${until}`;
+}
+
+/// The Trace box: an address and an instant (a firewall or server log line) give the
+/// device and user that held the address then, with the holders before and after.
+function traceBox() {
+  const address = h('input', { id: 'trace-ip', name: 'trace-ip', placeholder: '100.64.3.7', autocomplete: 'off', required: true, 'data-test': 'trace-ip' });
+  const instant = h('input', { id: 'trace-at', name: 'trace-at', type: 'datetime-local', step: 1, 'data-test': 'trace-at' });
+  const zone = h('select', { id: 'trace-zone', name: 'trace-zone', 'aria-label': 'Time zone of the date and time', 'data-test': 'trace-zone' },
+    h('option', { value: 'local' }, 'local time'), h('option', { value: 'utc' }, 'UTC'));
+  const result = h('div', { 'aria-live': 'polite', 'data-test': 'trace-result' });
+  async function run(event) {
+    event.preventDefault();
+    result.replaceChildren();
+    const query = new URLSearchParams({ ip: address.value.trim() });
+    if (instant.value) {
+      const moment = new Date(zone.value === 'utc' ? instant.value + 'Z' : instant.value);
+      if (Number.isNaN(moment.getTime())) { result.append(notice('The date and time cannot be read.', 'error')); return; }
+      query.set('at', moment.toISOString());
+    }
+    try {
+      const trace = await api('GET', '/ip-bindings/history/trace?' + query.toString());
+      result.replaceChildren(h('dl', { class: 'trace-answer' },
+        h('dt', {}, `${trace.ip} at ${when(trace.at)} (${trace.at})`),
+        h('dd', { 'data-test': 'trace-holder' }, trace.holder ? describeInterval(trace.holder) : 'Nobody held this address then.'),
+        h('dt', {}, 'Before'), h('dd', { 'data-test': 'trace-previous' }, describeInterval(trace.previous)),
+        h('dt', {}, 'After'), h('dd', { 'data-test': 'trace-next' }, describeInterval(trace.next))));
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      result.append(notice(error.message, 'error'));
+    }
+  }
+  return h('form', { class: 'card trace', 'data-test': 'trace', novalidate: true, onsubmit: run },
+    h('h2', {}, 'Trace an address'),
+    h('p', {}, 'Who held a virtual IP at a given moment, and who held it before and after. Leave the time empty for now.'),
+    h('div', { class: 'trace-fields' },
+      h('label', { for: 'trace-ip' }, 'Virtual IP'), address,
+      h('label', { for: 'trace-at' }, 'Date and time'), instant, zone,
+      h('button', { type: 'submit', class: 'primary', 'data-test': 'trace-submit' }, 'Trace')),
+    result);
+}
+
+/// The ten newest history intervals matching `filter` (an address or a device), as a small table.
+function historyTable(filter, test) {
+  const holder = h('div', { 'data-test': test }, 'Loading…');
+  const query = new URLSearchParams(filter);
+  query.set('page_size', '10');
+  api('GET', '/ip-bindings/history?' + query.toString()).then((data) => {
+    if (!data.items.length) { holder.replaceChildren('No history.'); return; }
+    const head = ['Virtual IP', 'Username', 'Client Hostname', 'From', 'Until', 'Ended by'].map((label) => h('th', { scope: 'col' }, label));
+    const rows = data.items.map((item) => h('tr', {},
+      h('td', { 'data-column': 'ip' }, item.ip), h('td', { 'data-column': 'username' }, item.username), h('td', { 'data-column': 'client_hostname' }, item.client_hostname),
+      h('td', { 'data-column': 'bound_at' }, when(item.bound_at)), h('td', { 'data-column': 'released_at' }, item.released_at ? when(item.released_at) : 'still bound'),
+      h('td', { 'data-column': 'reason' }, item.reason ? item.reason.replace(/_/g, ' ') : '')));
+    holder.replaceChildren(h('table', { class: 'history' }, h('thead', {}, h('tr', {}, head)), h('tbody', {}, rows)),
+      data.total > data.items.length ? h('p', {}, `The newest ${data.items.length} of ${data.total.toLocaleString()}.`) : null);
+  }).catch((error) => holder.replaceChildren(notice(error.message, 'error')));
+  return holder;
+}
+
 pages.bindings = () => {
   const message = h('div', { 'aria-live': 'polite' });
   let view;
@@ -418,11 +484,15 @@ pages.bindings = () => {
       link.remove();
       message.append(notice(`Downloading ${count.total.toLocaleString()} bindings as CSV.`));
     } }, 'Download CSV'),
+    details: (row) => h('div', { class: 'binding-details' },
+      h('dl', {}, h('dt', {}, 'Device'), h('dd', {}, row.device_id), h('dt', {}, 'Range'), h('dd', {}, row.range_name)),
+      h('h3', {}, `History of ${row.ip}`), historyTable({ ip: row.ip }, 'address-history'),
+      h('h3', {}, 'Addresses this device held'), historyTable({ device_id: row.device_id }, 'device-history')),
     actions: (row, reload) => canWrite() ? [h('button', { type: 'button', class: 'danger', onclick: async () => {
       if (await confirmDialog('Release binding', `Release ${row.ip} (${row.client_hostname})? The address goes to quarantine and the device gets a new one at its next connect.`, 'Release')) { await api('DELETE', '/ip-bindings/' + row.ip); reload(); }
     } }, 'Release')] : [],
   });
-  return [h('h1', {}, 'IP Bindings'), message, view.element];
+  return [h('h1', {}, 'IP Bindings'), traceBox(), message, view.element];
 };
 
 function simpleList(title, options) {

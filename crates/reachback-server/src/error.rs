@@ -38,6 +38,12 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "Bad request", detail)
     }
 
+    /// 400 for a bad query parameter, named in `errors` as a form would need it.
+    pub fn bad_parameter(name: &str, detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        ApiError { errors: vec![FieldError { field: name.to_string(), message: detail.clone() }], ..Self::bad_request(detail) }
+    }
+
     pub fn unauthorized(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "Unauthorized", detail)
     }

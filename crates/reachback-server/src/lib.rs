@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, keys, ranges, renew, views};
+use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, history, keys, ranges, renew, views};
 use crate::ops::Reply::{Csv, List, Nothing, One};
 pub use crate::ops::RouteDoc;
 use crate::ops::schema;
@@ -82,6 +82,9 @@ api_routes! {
     post "/api/v1/ip-ranges/{id}/enable" => ranges::enable, "admin", 200, "Enable an IP range", [], One(schema::<views::RangeView>);
     post "/api/v1/ip-ranges/{id}/disable" => ranges::disable, "admin", 200, "Disable an IP range", [], One(schema::<views::RangeView>);
     get "/api/v1/ip-bindings" => bindings::list, "viewer", 200, "List IP bindings", ["page", "page_size", "sort", "ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before"] sort bindings::SORTS, List(schema::<views::BindingView>);
+    get "/api/v1/ip-bindings/history" => history::list, "viewer", 200, "Binding history: one row per interval an address was bound to a device (newest first)", ["page", "page_size", "sort", "ip", "at", "device_id", "username", "client_hostname", "from", "to"] sort history::SORTS, List(schema::<views::HistoryView>);
+    get "/api/v1/ip-bindings/history/export.csv" => history::export, "viewer", 200, "Export the binding history as CSV", ["sort", "ip", "at", "device_id", "username", "client_hostname", "from", "to"] sort history::SORTS, Csv;
+    get "/api/v1/ip-bindings/history/trace" => history::trace, "viewer", 200, "Who held an address at an instant (default now), with the holders before and after", ["ip", "at"], One(schema::<views::Trace>);
     get "/api/v1/ip-bindings/export.csv" => bindings::export, "viewer", 200, "Export IP bindings as CSV", ["sort", "ip", "range_name", "range_location", "username", "platform", "client_hostname", "updated_after", "updated_before"] sort bindings::SORTS, Csv;
     get "/api/v1/ip-bindings/{ip}" => bindings::get, "viewer", 200, "Get the binding of an address", [], One(schema::<views::BindingView>);
     delete "/api/v1/ip-bindings/{ip}" => bindings::release, "admin", 204, "Release a binding into quarantine", [], Nothing;
@@ -230,6 +233,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         background.push(tokio::spawn(sync_replicas(Arc::downgrade(&state))));
     }
     background.push(tokio::spawn(release_idle_bindings(Arc::downgrade(&state))));
+    background.push(tokio::spawn(prune_history_hourly(Arc::downgrade(&state))));
     background.push(tokio::spawn(sync_broker(Arc::downgrade(&state))));
     let tls = match serve::api_certificate(&state.config) {
         Some(source) => {
@@ -393,23 +397,72 @@ async fn release_idle_bindings(state: std::sync::Weak<AppState>) {
     loop {
         interval.tick().await;
         let Some(state) = state.upgrade() else { return };
-        let ttl = state.settings().binding_idle_ttl_seconds;
-        if ttl == 0 {
-            continue;
-        }
-        let cutoff = reachback_store::now_micros() - ttl.saturating_mul(1_000_000);
-        let mut engine = state.engine.lock().await;
-        match state.store.release_idle(cutoff).await {
-            Ok(released) => {
-                let now = reachback_store::now_micros();
-                for (range_id, value) in &released {
-                    engine.release(range_id, *value, now);
-                }
-                if !released.is_empty() {
-                    tracing::info!(count = released.len(), "released idle bindings");
-                }
-            }
-            Err(error) => tracing::warn!(%error, "could not release idle bindings"),
+        if let Err(error) = release_idle_now(&state, reachback_store::now_micros()).await {
+            tracing::warn!(%error, "could not release idle bindings");
         }
     }
+}
+
+/// One round of the idle-TTL release as seen from `now` (what the background task
+/// does every five minutes; tests call it with a `now` in the future): the bindings
+/// of devices not seen for `binding_idle_ttl_seconds` go to quarantine, their history
+/// intervals close as `idle_ttl`. Returns how many were released.
+pub async fn release_idle_now(state: &AppState, now: i64) -> anyhow::Result<usize> {
+    let ttl = state.settings().binding_idle_ttl_seconds;
+    if ttl == 0 {
+        return Ok(0);
+    }
+    let cutoff = now - ttl.saturating_mul(1_000_000);
+    let mut engine = state.engine.lock().await;
+    let released = state.store.release_idle(cutoff).await?;
+    let released_at = reachback_store::now_micros();
+    for (range_id, value) in &released {
+        engine.release(range_id, *value, released_at);
+    }
+    if !released.is_empty() {
+        tracing::info!(count = released.len(), "released idle bindings");
+    }
+    Ok(released.len())
+}
+
+/// Deletes binding-history intervals that ended more than
+/// `binding_history_retention_days` ago, once an hour (the first round at start).
+async fn prune_history_hourly(state: std::sync::Weak<AppState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(3600));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        if let Err(error) = prune_history_now(&state, reachback_store::now_micros()).await {
+            tracing::warn!(%error, "could not delete old binding history");
+        }
+    }
+}
+
+/// One retention round as seen from `now`: closed intervals that ended before
+/// `now` − `binding_history_retention_days` are deleted in batches (open intervals
+/// never are); the round is audited as `prune_history` by `system` when it deleted
+/// any. Returns how many rows went.
+pub async fn prune_history_now(state: &AppState, now: i64) -> anyhow::Result<u64> {
+    let settings = state.settings();
+    let cutoff = settings.history_cutoff(now);
+    let deleted = state
+        .store
+        .prune_history(cutoff, reachback_store::PRUNE_BATCH_ROWS, |deleted| reachback_store::AuditEntry {
+            actor: "system".into(),
+            action: "prune_history".into(),
+            resource_type: "ip_binding_history".into(),
+            resource_id: "*".into(),
+            after: Some(serde_json::json!({
+                "deleted": deleted,
+                "released_before": request::format_time(cutoff),
+                "retention_days": settings.binding_history_retention_days,
+            })),
+            ..reachback_store::AuditEntry::default()
+        })
+        .await?;
+    if deleted > 0 {
+        tracing::info!(deleted, retention_days = settings.binding_history_retention_days, "deleted old binding history");
+    }
+    Ok(deleted)
 }

@@ -188,12 +188,17 @@ fn query_schema(route: &RouteDoc, name: &str) -> (Value, &'static str) {
             let values: Vec<String> = route.sorts.iter().flat_map(|sort| [sort.to_string(), format!("-{sort}")]).collect();
             (json!({"type": "string", "enum": values}), "the order; a leading `-` reverses it")
         }
-        "updated_after" | "updated_before" | "after" | "before" => (json!({"type": "string", "format": "date-time"}), "an RFC 3339 instant (inclusive)"),
+        "updated_after" | "updated_before" | "after" | "before" | "at" | "from" | "to" => {
+            (json!({"type": "string", "format": "date-time"}), "an RFC 3339 instant (inclusive)")
+        }
         "force" => (json!({"type": "boolean", "default": false}), "also release the range's bindings"),
         "enabled" => (json!({"type": "boolean"}), "only enabled (true) or disabled (false) ones"),
         "status" if route.path == "/api/v1/connectors" => (json!({"type": "string", "enum": ["online", "offline"]}), "only connectors in this state"),
         "status" => (json!({"type": "string", "enum": ["enabled", "disabled"]}), "only ranges in this state"),
         "days" => (json!({"type": "integer", "minimum": 1, "maximum": 366, "default": 30}), "how many days back, today included"),
+        "ip" if route.path.ends_with("/trace") => {
+            (json!({"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}]}), "the address to trace (required)")
+        }
         "ip" => (
             json!({"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}, {"type": "string", "pattern": CIDR}]}),
             "an address (exact) or a CIDR (every address inside; IPv6 CIDRs such as `fd7a:115c:a1e0::/64` too)",
@@ -303,7 +308,8 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
             .collect();
         parameters.extend(route.query.iter().map(|name| {
             let (schema, description) = query_schema(route, name);
-            json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description})
+            let required = route.path.ends_with("/trace") && *name == "ip";
+            json!({"name": name, "in": "query", "required": required, "schema": schema, "description": description})
         }));
         let mut responses = Map::new();
         let success = match route.reply {

@@ -227,13 +227,13 @@ impl QueryParams {
         let mut values = BTreeMap::new();
         for (key, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
             if !allowed.contains(&key.as_ref()) {
-                return Err(ApiError::bad_request(format!("unknown query parameter '{key}'; allowed: {}", allowed.join(", "))));
+                return Err(ApiError::bad_parameter(&key, format!("unknown query parameter '{key}'; allowed: {}", allowed.join(", "))));
             }
             if value.chars().count() > MAX_QUERY_VALUE {
                 return Err(ApiError::bad_request(format!("query parameter '{key}' is longer than {MAX_QUERY_VALUE} characters")));
             }
             if values.insert(key.to_string(), value.to_string()).is_some() {
-                return Err(ApiError::bad_request(format!("query parameter '{key}' is given more than once")));
+                return Err(ApiError::bad_parameter(&key, format!("query parameter '{key}' is given more than once")));
             }
         }
         Ok(QueryParams { values })
@@ -248,19 +248,19 @@ impl QueryParams {
         let number = |key: &str, default: i64| -> Result<i64, ApiError> {
             match self.values.get(key) {
                 None => Ok(default),
-                Some(text) => text.parse::<i64>().map_err(|_| ApiError::bad_request(format!("'{key}' must be a whole number, got '{text}'"))),
+                Some(text) => text.parse::<i64>().map_err(|_| ApiError::bad_parameter(key, format!("'{key}' must be a whole number, got '{text}'"))),
             }
         };
         let page = number("page", 1)?;
         let page_size = number("page_size", 50)?;
         if !(1..=MAX_PAGE).contains(&page) {
-            return Err(ApiError::bad_request(format!("'page' must be from 1 to {MAX_PAGE}")));
+            return Err(ApiError::bad_parameter("page", format!("'page' must be from 1 to {MAX_PAGE}")));
         }
         if !(1..=1000).contains(&page_size) {
-            return Err(ApiError::bad_request("'page_size' must be from 1 to 1000"));
+            return Err(ApiError::bad_parameter("page_size", "'page_size' must be from 1 to 1000"));
         }
         if (page - 1).checked_mul(page_size).is_none_or(|offset| offset > MAX_OFFSET) {
-            return Err(ApiError::bad_request("'page' is beyond any possible result"));
+            return Err(ApiError::bad_parameter("page", "'page' is beyond any possible result"));
         }
         Ok(Paging { page, page_size })
     }
@@ -274,7 +274,7 @@ impl QueryParams {
         };
         match allowed.iter().find(|field| **field == name) {
             Some(field) => Ok((field, descending)),
-            None => Err(ApiError::bad_request(format!("cannot sort by '{name}'; sort by one of: {}", allowed.join(", ")))),
+            None => Err(ApiError::bad_parameter("sort", format!("cannot sort by '{name}'; sort by one of: {}", allowed.join(", ")))),
         }
     }
 
@@ -291,9 +291,9 @@ impl QueryParams {
     pub fn timestamp(&self, key: &str) -> Result<Option<i64>, ApiError> {
         match self.value(key)? {
             None => Ok(None),
-            Some(text) => {
-                parse_time(&text).map(Some).ok_or_else(|| ApiError::bad_request(format!("'{key}' must be an RFC 3339 timestamp such as 2026-01-31T12:00:00Z")))
-            }
+            Some(text) => parse_time(&text)
+                .map(Some)
+                .ok_or_else(|| ApiError::bad_parameter(key, format!("'{key}' must be an RFC 3339 timestamp such as 2026-01-31T12:00:00Z"))),
         }
     }
 
@@ -301,7 +301,7 @@ impl QueryParams {
         match self.values.get(key).map(String::as_str) {
             None | Some("false") => Ok(false),
             Some("true") => Ok(true),
-            Some(other) => Err(ApiError::bad_request(format!("'{key}' must be true or false, got '{other}'"))),
+            Some(other) => Err(ApiError::bad_parameter(key, format!("'{key}' must be true or false, got '{other}'"))),
         }
     }
 }

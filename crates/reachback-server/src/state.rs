@@ -30,6 +30,8 @@ pub struct Settings {
     pub export_limit: i64,
     /// how long a connector's new provisioning key stays valid unless its creator says otherwise
     pub provisioning_key_ttl_seconds: i64,
+    /// closed binding-history intervals older than this many days are deleted
+    pub binding_history_retention_days: i64,
 }
 
 impl Default for Settings {
@@ -40,6 +42,7 @@ impl Default for Settings {
             release_quarantine_seconds: 3600,
             export_limit: 1_000_000,
             provisioning_key_ttl_seconds: 86_400,
+            binding_history_retention_days: DEFAULT_HISTORY_RETENTION_DAYS,
         }
     }
 }
@@ -56,6 +59,9 @@ impl Settings {
                 ("release_quarantine_seconds", Some(value)) => value.as_i64().map(|number| settings.release_quarantine_seconds = number).is_some(),
                 ("export_limit", Some(value)) => value.as_i64().map(|number| settings.export_limit = number).is_some(),
                 ("provisioning_key_ttl_seconds", Some(value)) => value.as_i64().map(|number| settings.provisioning_key_ttl_seconds = number).is_some(),
+                ("binding_history_retention_days", Some(value)) => {
+                    value.as_i64().filter(|days| HISTORY_RETENTION_DAYS.contains(days)).map(|days| settings.binding_history_retention_days = days).is_some()
+                }
                 _ => false,
             };
             if !applied {
@@ -68,7 +74,18 @@ impl Settings {
     pub fn quarantine_micros(&self) -> i64 {
         self.release_quarantine_seconds.saturating_mul(1_000_000)
     }
+
+    /// The instant before which closed history intervals are deleted, seen from `now`.
+    pub fn history_cutoff(&self, now: i64) -> i64 {
+        now.saturating_sub(self.binding_history_retention_days.saturating_mul(86_400_000_000))
+    }
 }
+
+/// Binding history is kept 400 days by default: a year of incidents, and the
+/// firewall logs of last year's audit, can still be traced.
+pub const DEFAULT_HISTORY_RETENTION_DAYS: i64 = 400;
+/// The retention an admin may set: a day to ten years.
+pub const HISTORY_RETENTION_DAYS: std::ops::RangeInclusive<i64> = 1..=3650;
 
 /// What `reachback server` is started with.
 #[derive(Clone, Debug)]

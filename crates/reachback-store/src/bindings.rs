@@ -12,6 +12,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::audit::AuditEntry;
+use crate::history::ReleaseReason;
 use crate::ranges::{RangeRow, location_from_row};
 use crate::{Filter, FilterValue, Result, Store, StoreError, like_pattern, now_micros};
 
@@ -470,7 +471,7 @@ impl Store {
         let sql = format!("SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE b.ip_key = $1 AND b.device_id IS NOT NULL");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ip_key.to_vec()).fetch_optional(&mut *tx.transaction).await?.ok_or(StoreError::NotFound)?;
         let binding = binding_from_row(&row)?;
-        release_in(&mut tx.transaction, ip_key, &binding.range_id).await?;
+        release_in(&mut tx.transaction, ip_key, &binding.range_id, ReleaseReason::AdminRelease).await?;
         crate::audit::record(&mut tx.transaction, audit(&binding)).await?;
         tx.commit().await?;
         Ok(binding)
@@ -758,11 +759,12 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|index| u8::from_str_radix(text.get(index..index + 2)?, 16).ok()).collect()
 }
 
-/// Turns a bound address into a quarantine row and lowers its range's counter.
-/// Releases one bound address into quarantine, in the caller's transaction. The
-/// device's live sessions go with it: the replica holding one sees its row gone and
-/// disconnects the agent, which comes back for a new address.
-pub(crate) async fn release_in(connection: &mut sqlx::AnyConnection, ip_key: &[u8; 17], range_id: &str) -> Result<()> {
+/// Releases one bound address into quarantine, in the caller's transaction: the
+/// binding becomes a quarantine row, its range's counter goes down, and its
+/// history interval closes with `reason` — every release passes here, so none goes
+/// unrecorded. The device's live sessions go with it: the replica holding one sees
+/// its row gone and disconnects the agent, which comes back for a new address.
+pub(crate) async fn release_in(connection: &mut sqlx::AnyConnection, ip_key: &[u8; 17], range_id: &str, reason: ReleaseReason) -> Result<()> {
     let now = now_micros();
     sqlx::query("DELETE FROM client_sessions WHERE device_id = (SELECT device_id FROM bindings WHERE ip_key = $1)")
         .bind(ip_key.to_vec())
@@ -778,6 +780,7 @@ pub(crate) async fn release_in(connection: &mut sqlx::AnyConnection, ip_key: &[u
     .rows_affected();
     if released > 0 {
         sqlx::query("UPDATE ip_ranges SET used_ips = used_ips - 1 WHERE id = $1").bind(range_id).execute(&mut *connection).await?;
+        crate::history::close_in(connection, ip_key, reason, now).await?;
     }
     Ok(())
 }
@@ -800,7 +803,7 @@ impl Store {
             let range_id: String = row.try_get(1)?;
             let key: [u8; 17] = key.as_slice().try_into().map_err(|_| StoreError::Corrupt("address key".into()))?;
             let (_, value) = address_from_key(&key).ok_or_else(|| StoreError::Corrupt("address key".into()))?;
-            release_in(&mut tx.transaction, &key, &range_id).await?;
+            release_in(&mut tx.transaction, &key, &range_id, ReleaseReason::IdleTtl).await?;
             released.push((range_id, value));
         }
         if !released.is_empty() {

@@ -5,6 +5,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::audit::AuditEntry;
+use crate::history::ReleaseReason;
 use crate::ranges::location_from_row;
 use crate::{Filter, FilterValue, Result, Store, StoreError, like_pattern, now_micros};
 
@@ -117,14 +118,15 @@ impl Store {
         Ok(row.is_some())
     }
 
-    /// Deletes a device: releases its binding, revokes its certificate.
-    pub async fn delete_device(&self, id: &str, audit: impl FnOnce(&DeviceRow) -> AuditEntry) -> Result<DeviceRow> {
+    /// Deletes a device: releases its binding (closing its history interval for
+    /// `reason`: an admin's delete or the device's own leave), revokes its certificate.
+    pub async fn delete_device(&self, id: &str, reason: ReleaseReason, audit: impl FnOnce(&DeviceRow) -> AuditEntry) -> Result<DeviceRow> {
         let mut tx = self.write().await?;
         let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices d LEFT JOIN bindings b ON b.device_id = d.id WHERE d.id = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *tx.transaction).await?.ok_or(StoreError::NotFound)?;
         let device = device_from_row(&row)?;
         if let (Some((family, value)), Some(range_id)) = (device.virtual_ip.as_deref().and_then(parse_address), &device.range_id) {
-            crate::bindings::release_in(&mut tx.transaction, &address_key(family, value), range_id).await?;
+            crate::bindings::release_in(&mut tx.transaction, &address_key(family, value), range_id, reason).await?;
         }
         sqlx::query("DELETE FROM devices WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;
         sqlx::query("INSERT INTO revoked_certificates (serial, device_id, revoked_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")

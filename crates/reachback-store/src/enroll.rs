@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use reachback_ipam::{Allocation, Engine, Location, Place, address_key, join_address};
 use sqlx::Row;
 
+use crate::history::{BindReason, HISTORY_COLUMNS, HISTORY_INSERT, HistoryOpen};
 use crate::{Result, Store, WriteTx, now_micros};
 
 /// One enrollment request, validated but not yet authenticated.
@@ -187,6 +188,8 @@ pub(crate) trait EnrollWrites {
     async fn touch_devices(&mut self, ids: &[String], now: i64) -> Result<()>;
     /// Writes the audit rows of the batch's enrollments (multi-row inserts).
     async fn insert_audit(&mut self, rows: &[EnrollAudit]) -> Result<()>;
+    /// Opens the history intervals of the bindings the batch wrote (multi-row inserts).
+    async fn insert_history(&mut self, rows: &[HistoryOpen]) -> Result<()>;
     async fn commit(self) -> Result<()>;
 }
 
@@ -428,6 +431,8 @@ async fn enroll_in<W: EnrollWrites>(
         }
     }
     let mut range_deltas: BTreeMap<String, i64> = BTreeMap::new();
+    // every binding written here, and only those, opens a history interval
+    let mut opened: Vec<HistoryOpen> = Vec::new();
     for (index, allocation) in proposals {
         let mut bound = written.contains(address_key(allocation.family, allocation.value).as_slice()).then_some(allocation.clone());
         if bound.is_none() {
@@ -439,14 +444,16 @@ async fn enroll_in<W: EnrollWrites>(
             Some(allocation) => {
                 let Plan::Bind { device_id, username, new_device, .. } = &plans[index] else { continue };
                 *range_deltas.entry(allocation.range_id.clone()).or_default() += 1;
-                Ok(EnrollOutcome {
+                let outcome = EnrollOutcome {
                     created: *new_device,
                     device_id: device_id.clone(),
                     username: username.clone(),
                     virtual_ip: join_address(allocation.family, allocation.value).to_string(),
                     range_name: engine.range(&allocation.range_id).map(|spec| spec.name.clone()).unwrap_or_default(),
-                    range_id: allocation.range_id,
-                })
+                    range_id: allocation.range_id.clone(),
+                };
+                opened.push(history_open(&jobs[index], &outcome, &allocation, now));
+                Ok(outcome)
             }
             None => Err(EnrollFailure::Exhausted),
         });
@@ -484,6 +491,9 @@ async fn enroll_in<W: EnrollWrites>(
     if !audit.is_empty() {
         writes.insert_audit(&audit).await?;
     }
+    if !opened.is_empty() {
+        writes.insert_history(&opened).await?;
+    }
     writes.commit().await?;
     Ok(outcomes.into_iter().map(|outcome| outcome.unwrap_or(Err(EnrollFailure::Exhausted))).collect())
 }
@@ -519,6 +529,28 @@ fn enrollment_audit(
             })
         })
         .collect()
+}
+
+/// The history interval a written binding opens: why it began — a new device, a
+/// known one bound again, or an address taken out of quarantine early.
+fn history_open(job: &EnrollJob, outcome: &EnrollOutcome, allocation: &Allocation, now: i64) -> HistoryOpen {
+    let bound_reason = match (allocation.quarantined_since.is_some(), outcome.created) {
+        (true, _) => BindReason::QuarantineReuse,
+        (false, true) => BindReason::Enrolled,
+        (false, false) => BindReason::Rebound,
+    };
+    HistoryOpen {
+        ip_key: address_key(allocation.family, allocation.value).to_vec(),
+        ip: outcome.virtual_ip.clone(),
+        device_id: outcome.device_id.clone(),
+        username: outcome.username.clone(),
+        client_hostname: job.hostname.clone(),
+        platform: job.platform.clone(),
+        range_id: outcome.range_id.clone(),
+        range_name: outcome.range_name.clone(),
+        bound_at: now,
+        bound_reason,
+    }
 }
 
 /// The binding row of a planned job.
@@ -768,6 +800,28 @@ impl EnrollWrites for SqlxWrites<'_> {
                     .bind(row.device_id.as_str())
                     .bind(row.after.as_str())
                     .bind(row.source_ip.as_deref());
+            }
+            query.execute(&mut *self.tx.transaction).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_history(&mut self, rows: &[HistoryOpen]) -> Result<()> {
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let sql = HISTORY_INSERT.replace("{rows}", &placeholders(PG_MARK, chunk.len(), HISTORY_COLUMNS, 1));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for row in chunk {
+                query = query
+                    .bind(row.ip_key.as_slice())
+                    .bind(row.ip.as_str())
+                    .bind(row.device_id.as_str())
+                    .bind(row.username.as_str())
+                    .bind(row.client_hostname.as_str())
+                    .bind(row.platform.as_str())
+                    .bind(row.range_id.as_str())
+                    .bind(row.range_name.as_str())
+                    .bind(row.bound_at)
+                    .bind(row.bound_reason.as_str());
             }
             query.execute(&mut *self.tx.transaction).await?;
         }

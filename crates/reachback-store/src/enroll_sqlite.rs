@@ -20,6 +20,7 @@ use crate::enroll::{
     AUDIT_COLUMNS, AUDIT_INSERT, BINDING_UPSERT, DEVICE_DELETE, DEVICE_INSERT, DEVICES_SELECT, DEVICES_TOUCH, DeviceRecord, EnrollAudit, EnrollWrites,
     INSERT_CHUNK, KEY_GIVE_BACK, KEY_TAKE, KEY_USES, KEYS_SELECT, KeyRecord, NewBinding, NewDevice, USED_IPS_UPDATE, parameter_list, placeholders,
 };
+use crate::history::{HISTORY_COLUMNS, HISTORY_INSERT, HistoryOpen};
 use crate::{Result, StoreError};
 
 /// Statements kept prepared: a batch's multi-row statements differ by their row
@@ -215,6 +216,29 @@ impl EnrollWrites for SqliteWrites<'_> {
                 parameters.extend_from_slice(&[&row.id, &row.now, &row.actor, &ACTION, &RESOURCE, &row.device_id, &row.after, &row.source_ip]);
             }
             self.execute(&AUDIT_INSERT.replace("{rows}", &placeholders('?', chunk.len(), AUDIT_COLUMNS, 1)), &parameters)?;
+        }
+        Ok(())
+    }
+
+    async fn insert_history(&mut self, rows: &[HistoryOpen]) -> Result<()> {
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let reasons: Vec<&str> = chunk.iter().map(|row| row.bound_reason.as_str()).collect();
+            let mut parameters: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * HISTORY_COLUMNS);
+            for (row, reason) in chunk.iter().zip(&reasons) {
+                parameters.extend_from_slice(&[
+                    &row.ip_key,
+                    &row.ip,
+                    &row.device_id,
+                    &row.username,
+                    &row.client_hostname,
+                    &row.platform,
+                    &row.range_id,
+                    &row.range_name,
+                    &row.bound_at,
+                    reason,
+                ]);
+            }
+            self.execute(&HISTORY_INSERT.replace("{rows}", &placeholders('?', chunk.len(), HISTORY_COLUMNS, 1)), &parameters)?;
         }
         Ok(())
     }

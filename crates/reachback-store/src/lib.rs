@@ -15,6 +15,7 @@ mod dataplane;
 mod devices;
 mod enroll;
 mod enroll_sqlite;
+mod history;
 mod keys;
 mod names;
 mod ranges;
@@ -34,6 +35,7 @@ pub use console::SavedFilterRow;
 pub use dataplane::{ClientSessionRow, ConnectorRow, DocKind, DocRow, ProvisioningKey};
 pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
 pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
+pub use history::{BindReason, HistoryQuery, HistoryRow, HistorySort, PRUNE_BATCH_ROWS, ReleaseReason, Trace, holds_at, overlaps_window};
 pub use keys::{EnrollmentKeyRow, hostname_allowed};
 pub use names::NameChange;
 pub use ranges::{RangeRow, RangeWrite};
@@ -129,6 +131,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (8, include_str!("../migrations/0008_connector_key.sql"), ""),
     (9, include_str!("../migrations/0009_connector_dns.sql"), ""),
     (10, include_str!("../migrations/0010_name_skeletons.sql"), ""),
+    (11, include_str!("../migrations/0011_binding_history_sqlite.sql"), include_str!("../migrations/0011_binding_history_postgres.sql")),
 ];
 
 /// The rows of the range whose id is the parameter `$N` (`alias` is the bindings
@@ -203,7 +206,7 @@ const PG_LOCK_VACUUM: i64 = 0x7265_6163_6862_0003;
 const PG_LOCK_CREDENTIALS: i64 = 0x7265_6163_6862_0004;
 
 /// The tables whose sort indexes serve listings, vacuumed by the server itself.
-const VACUUMED_TABLES: [&str; 2] = ["bindings", "devices"];
+const VACUUMED_TABLES: [&str; 3] = ["bindings", "devices", "binding_history"];
 
 /// Rows written since a table's last vacuum that make the server vacuum it.
 const VACUUM_AFTER_ROWS: i64 = 10_000;

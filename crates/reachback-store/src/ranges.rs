@@ -197,6 +197,7 @@ impl Store {
             crate::range_rows("", "$1")
         );
         sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(&mut *tx.transaction).await?;
+        crate::history::close_range_in(&mut tx.transaction, id, crate::ReleaseReason::RangeDeleted, now_micros()).await?;
         let sql = format!("DELETE FROM bindings WHERE {}", crate::range_rows("", "$1"));
         sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(&mut *tx.transaction).await?;
         sqlx::query("DELETE FROM ip_ranges WHERE id = $1").bind(id).execute(&mut *tx.transaction).await?;

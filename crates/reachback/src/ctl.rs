@@ -339,6 +339,48 @@ enum BindingCommand {
         #[command(flatten)]
         filters: BindingFilters,
     },
+    /// Who held an address at an instant, with the holders just before and after
+    Trace {
+        /// The virtual IP address
+        ip: String,
+        /// The instant: RFC 3339 (2026-01-31T14:02:00Z, or with an offset) or 'now'
+        #[arg(long, default_value = "now")]
+        at: String,
+    },
+    /// The binding history: one row per interval an address was bound to a device, newest first
+    History {
+        #[command(flatten)]
+        list: ListArgs,
+        #[command(flatten)]
+        filters: HistoryFilters,
+        /// Download every matching row as CSV to this file ('-' for standard output) instead of listing a page
+        #[arg(long)]
+        export: Option<String>,
+    },
+}
+
+#[derive(Args, Default)]
+struct HistoryFilters {
+    /// An address or CIDR
+    #[arg(long)]
+    ip: Option<String>,
+    /// Only the intervals holding at this instant (RFC 3339)
+    #[arg(long)]
+    at: Option<String>,
+    #[arg(long)]
+    device_id: Option<String>,
+    /// Substring, case-insensitively
+    #[arg(long)]
+    username: Option<String>,
+    /// Substring, case-insensitively
+    #[arg(long)]
+    client_hostname: Option<String>,
+    /// Only intervals held at some instant from this time on (RFC 3339)
+    #[arg(long)]
+    from: Option<String>,
+    /// Only intervals held at some instant up to this time (RFC 3339)
+    #[arg(long)]
+    to: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -440,6 +482,9 @@ enum SettingsCommand {
         binding_idle_ttl_seconds: Option<i64>,
         #[arg(long)]
         export_limit: Option<i64>,
+        /// Days closed binding-history intervals are kept (1-3650)
+        #[arg(long)]
+        binding_history_retention_days: Option<i64>,
     },
 }
 
@@ -640,6 +685,48 @@ fn binding_query(filters: &BindingFilters) -> Vec<(&'static str, Option<String>)
     ]
 }
 
+fn history_query(filters: HistoryFilters) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("ip", filters.ip),
+        ("at", filters.at),
+        ("device_id", filters.device_id),
+        ("username", filters.username),
+        ("client_hostname", filters.client_hostname),
+        ("from", filters.from),
+        ("to", filters.to),
+    ]
+}
+
+/// The columns of a binding-history interval in tables.
+const HISTORY_COLUMNS: &[&str] = &["ip", "username", "client_hostname", "platform", "bound_at", "released_at", "reason", "range_name", "device_id"];
+
+/// Prints a trace: a line saying who held the address then, and the intervals
+/// before, at and after the instant as a table.
+fn print_trace(trace: &Value, output: &str) {
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(trace).unwrap_or_default());
+        return;
+    }
+    let text = |value: &Value| value.as_str().unwrap_or_default().to_string();
+    let holder = &trace["holder"];
+    let summary = if holder.is_null() {
+        "nobody".to_string()
+    } else {
+        format!("{} ({}, {}, device {})", text(&holder["username"]), text(&holder["client_hostname"]), text(&holder["platform"]), text(&holder["device_id"]))
+    };
+    println!("{} at {}: held by {summary}", text(&trace["ip"]), text(&trace["at"]));
+    let columns: Vec<&str> = ["when"].iter().chain(HISTORY_COLUMNS.iter().skip(1)).copied().collect();
+    let items: Vec<Value> = [("before", &trace["previous"]), ("then", holder), ("after", &trace["next"])]
+        .into_iter()
+        .map(|(when, row)| {
+            let mut item = if row.is_null() { json!({"username": "(none)"}) } else { row.clone() };
+            item["when"] = json!(when);
+            item
+        })
+        .collect();
+    table(&items, &columns);
+}
+
 fn range_body(fields: &RangeFields) -> Value {
     let mut body = Map::new();
     for (key, value) in [("name", &fields.name), ("description", &fields.description), ("range", &fields.range)] {
@@ -674,16 +761,6 @@ fn print(value: &Value, output: &str, columns: &[&str]) {
         println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
         return;
     }
-    let cell = |item: &Value, column: &str| -> String {
-        match &item[column] {
-            Value::Null => String::new(),
-            Value::String(text) => text.clone(),
-            Value::Object(object) if column.ends_with("location") => {
-                ["city", "state", "country"].iter().filter_map(|key| object.get(*key).and_then(Value::as_str)).collect::<Vec<_>>().join(", ")
-            }
-            other => other.to_string(),
-        }
-    };
     let (items, footer) = match value.get("items").and_then(Value::as_array) {
         Some(items) => (items.clone(), Some(format!("{} of {} (page {})", items.len(), value["total"], value["page"]))),
         None if value.is_null() => {
@@ -699,6 +776,24 @@ fn print(value: &Value, output: &str, columns: &[&str]) {
                 println!("{key:>18}  {text}");
             }
             return;
+        }
+    };
+    table(&items, columns);
+    if let Some(footer) = footer {
+        println!("{footer}");
+    }
+}
+
+/// Prints `items` as a table of `columns` (upper-case headers, cells cut at 48 characters).
+fn table(items: &[Value], columns: &[&str]) {
+    let cell = |item: &Value, column: &str| -> String {
+        match &item[column] {
+            Value::Null => String::new(),
+            Value::String(text) => text.clone(),
+            Value::Object(object) if column.ends_with("location") => {
+                ["city", "state", "country"].iter().filter_map(|key| object.get(*key).and_then(Value::as_str)).collect::<Vec<_>>().join(", ")
+            }
+            other => other.to_string(),
         }
     };
     let rows: Vec<Vec<String>> = items.iter().map(|item| columns.iter().map(|column| cell(item, column)).collect()).collect();
@@ -718,9 +813,6 @@ fn print(value: &Value, output: &str, columns: &[&str]) {
     println!("{}", line(columns.iter().map(|column| column.to_uppercase()).collect()));
     for row in rows {
         println!("{}", line(row));
-    }
-    if let Some(footer) = footer {
-        println!("{footer}");
     }
 }
 
@@ -779,6 +871,26 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 query.push(("sort", sort));
                 client.download("/api/v1/ip-bindings/export.csv", &query, &file)?;
             }
+            BindingCommand::Trace { ip, at } => {
+                // without `at` the server traces the present
+                let at = (!at.eq_ignore_ascii_case("now")).then_some(at);
+                print_trace(&client.json("GET", "/api/v1/ip-bindings/history/trace", &[("ip", Some(ip)), ("at", at)], None)?, output);
+            }
+            BindingCommand::History { list, filters, export } => match export {
+                Some(file) => {
+                    if list.page.is_some() || list.page_size.is_some() {
+                        bail!("--page and --page-size list one page; --export downloads every matching row");
+                    }
+                    let mut query = history_query(filters);
+                    query.push(("sort", list.sort));
+                    client.download("/api/v1/ip-bindings/history/export.csv", &query, &file)?;
+                }
+                None => {
+                    let mut query = list_query(&list);
+                    query.extend(history_query(filters));
+                    print(&client.json("GET", "/api/v1/ip-bindings/history", &query, None)?, output, HISTORY_COLUMNS);
+                }
+            },
         },
         CtlCommand::Keys(command) => match command {
             KeyCommand::List { list } => print(
@@ -912,7 +1024,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         },
         CtlCommand::Settings(command) => match command {
             SettingsCommand::Get => print(&client.json("GET", "/api/v1/settings", &[], None)?, output, &[]),
-            SettingsCommand::Set { client_domains, release_quarantine_seconds, binding_idle_ttl_seconds, export_limit } => {
+            SettingsCommand::Set { client_domains, release_quarantine_seconds, binding_idle_ttl_seconds, export_limit, binding_history_retention_days } => {
                 let mut body = Map::new();
                 if let Some(domains) = client_domains {
                     let list: Vec<&str> = domains.split(',').map(str::trim).filter(|domain| !domain.is_empty()).collect();
@@ -922,6 +1034,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                     ("release_quarantine_seconds", release_quarantine_seconds),
                     ("binding_idle_ttl_seconds", binding_idle_ttl_seconds),
                     ("export_limit", export_limit),
+                    ("binding_history_retention_days", binding_history_retention_days),
                 ] {
                     if let Some(value) = value {
                         body.insert(key.into(), json!(value));

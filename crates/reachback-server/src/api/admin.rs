@@ -240,6 +240,10 @@ pub async fn patch_settings(State(state): State<SharedState>, caller: Caller, bo
     if let Some(ttl) = fields.integer("provisioning_key_ttl_seconds", 60, crate::api::dataplane::MAX_PROVISIONING_KEY_SECONDS) {
         after.provisioning_key_ttl_seconds = ttl;
     }
+    let retention = crate::state::HISTORY_RETENTION_DAYS;
+    if let Some(days) = fields.integer("binding_history_retention_days", *retention.start(), *retention.end()) {
+        after.binding_history_retention_days = days;
+    }
     fields.finish()?;
     save_settings(&state, &caller, &before, &after).await?;
     Ok(Json(json!(after)))

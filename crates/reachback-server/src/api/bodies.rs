@@ -177,6 +177,9 @@ pub struct SettingsBody {
     provisioning_key_ttl_seconds: Option<i64>,
     #[schema(nullable = false, minimum = 1, maximum = 100_000_000)]
     export_limit: Option<i64>,
+    /// how long a closed binding interval is kept (1 to 3,650 days)
+    #[schema(nullable = false, minimum = 1, maximum = 3650)]
+    binding_history_retention_days: Option<i64>,
 }
 
 /// Console sign-in.

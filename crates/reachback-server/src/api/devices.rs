@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 use reachback_ipam::parse_address;
-use reachback_store::{DeviceQuery, DeviceRow, DeviceSort};
+use reachback_store::{DeviceQuery, DeviceRow, DeviceSort, ReleaseReason};
 use serde_json::Value;
 
 use crate::api::{list_json, no_content};
@@ -50,15 +50,21 @@ pub async fn get(State(state): State<SharedState>, caller: Caller, Path(id): Pat
 
 pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
-    remove(&state, &id, |row| caller.audit("delete", "device", &id, Some(device_json(row)), None)).await?;
+    remove(&state, &id, ReleaseReason::DeviceDeleted, |row| caller.audit("delete", "device", &id, Some(device_json(row)), None)).await?;
     Ok(no_content())
 }
 
 /// Deletes a device (its binding released, its certificate revoked) with `audit`, and
-/// ends its live tunnel: an admin's delete, or the device's own leave.
-pub async fn remove(state: &SharedState, id: &str, audit: impl FnOnce(&reachback_store::DeviceRow) -> reachback_store::AuditEntry) -> ApiResult<()> {
+/// ends its live tunnel: an admin's delete, or the device's own leave (`reason` says
+/// which, in the binding's history).
+pub async fn remove(
+    state: &SharedState,
+    id: &str,
+    reason: ReleaseReason,
+    audit: impl FnOnce(&reachback_store::DeviceRow) -> reachback_store::AuditEntry,
+) -> ApiResult<()> {
     let mut engine = state.engine.lock().await;
-    let device = state.store.delete_device(id, audit).await.map_err(|error| ApiError::not_found_or(error, "device"))?;
+    let device = state.store.delete_device(id, reason, audit).await.map_err(|error| ApiError::not_found_or(error, "device"))?;
     if let (Some(range_id), Some((_, value))) = (&device.range_id, device.virtual_ip.as_deref().and_then(parse_address)) {
         engine.release(range_id, value, reachback_store::now_micros());
     }

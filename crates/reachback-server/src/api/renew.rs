@@ -155,7 +155,10 @@ pub async fn leave_device(State(state): State<SharedState>, Path(id): Path<Strin
         Ok(_) | Err(reachback_store::StoreError::NotFound) => return Err(refused()),
         Err(error) => return Err(error.into()),
     }
-    crate::api::devices::remove(&state, &id, |row| left("device", &id, Some(json!({"hostname": row.hostname, "virtual_ip": row.virtual_ip})))).await?;
+    crate::api::devices::remove(&state, &id, reachback_store::ReleaseReason::DeviceLeft, |row| {
+        left("device", &id, Some(json!({"hostname": row.hostname, "virtual_ip": row.virtual_ip})))
+    })
+    .await?;
     tracing::info!(device_id = %id, "a device left (it enrolled anew elsewhere)");
     Ok(crate::api::no_content())
 }

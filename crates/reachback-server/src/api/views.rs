@@ -3,7 +3,9 @@
 //! from the same types (utoipa), so the two cannot drift apart.
 
 use reachback_ipam::Location;
-use reachback_store::{AdminRow, ApiKeyRow, AuditRow, BindingRow, ClientSessionRow, DeviceRow, DocRow, EnrollmentKeyRow, RangeRow, SavedFilterRow, SessionRow};
+use reachback_store::{
+    AdminRow, ApiKeyRow, AuditRow, BindingRow, ClientSessionRow, DeviceRow, DocRow, EnrollmentKeyRow, HistoryRow, RangeRow, SavedFilterRow, SessionRow,
+};
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -643,6 +645,57 @@ pub struct CaInfo {
     /// `sha256:…` of the CA's public key, for `--ca-pin`
     pub pin: String,
     pub api_urls: Vec<String>,
+}
+
+/// One interval an address was bound to a device: `bound_at` inclusive,
+/// `released_at` exclusive (null while held).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[schema(as = BindingInterval)]
+pub struct HistoryView {
+    pub id: String,
+    pub ip: String,
+    pub device_id: String,
+    pub username: String,
+    pub client_hostname: String,
+    #[schema(value_type = Platform)]
+    pub platform: String,
+    pub range_id: String,
+    pub range_name: String,
+    pub bound_at: Timestamp,
+    /// how it began: `enrolled`, `rebound`, `quarantine_reuse`, `migrated`
+    pub bound_reason: String,
+    pub released_at: Option<Timestamp>,
+    /// why it ended: `admin_release`, `device_deleted`, `device_left`, `range_deleted`, `idle_ttl`; null while held
+    pub reason: Option<String>,
+}
+
+impl From<&HistoryRow> for HistoryView {
+    fn from(row: &HistoryRow) -> Self {
+        HistoryView {
+            id: row.id.to_string(),
+            ip: row.ip.clone(),
+            device_id: row.device_id.clone(),
+            username: row.username.clone(),
+            client_hostname: row.client_hostname.clone(),
+            platform: row.platform.clone(),
+            range_id: row.range_id.clone(),
+            range_name: row.range_name.clone(),
+            bound_at: Timestamp::at(row.bound_at),
+            bound_reason: row.bound_reason.clone(),
+            released_at: Timestamp::maybe(row.released_at),
+            reason: row.reason.clone(),
+        }
+    }
+}
+
+/// Who held an address at an instant, and the holders before and after.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Trace {
+    pub ip: String,
+    pub at: Timestamp,
+    pub holder: Option<HistoryView>,
+    pub previous: Option<HistoryView>,
+    pub next: Option<HistoryView>,
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 mod console;
 mod dataplane;
 mod harness;
+mod history;
 mod hostile;
 mod scenarios;
 mod security;

@@ -410,6 +410,10 @@ async fn single_use_keys_raced_in_one_batch(server: TestServer) {
     for (id, _) in &keys {
         assert_eq!(server.get(&format!("/api/v1/enrollment-keys/{id}")).await.json()["used_count"], 1);
     }
+    // the batch opened one history interval per binding it wrote, and none for the refused
+    let store = &server.state.as_ref().expect("state").store;
+    assert_eq!(store.verify_history().await.expect("history"), Vec::<String>::new());
+    assert_eq!(server.get("/api/v1/ip-bindings/history").await.json()["total"], 8);
 }
 
 async fn allocation_by_location_quarantine_and_exhaustion(server: TestServer) {
@@ -595,7 +599,7 @@ async fn settings_and_client_domains(server: TestServer) {
     let settings = server.get("/api/v1/settings").await.json();
     assert_eq!(
         settings,
-        json!({"client_domains": [], "binding_idle_ttl_seconds": 2592000, "release_quarantine_seconds": 3600, "export_limit": 1000000, "provisioning_key_ttl_seconds": 86400})
+        json!({"client_domains": [], "binding_idle_ttl_seconds": 2592000, "release_quarantine_seconds": 3600, "export_limit": 1000000, "provisioning_key_ttl_seconds": 86400, "binding_history_retention_days": 400})
     );
     let reply = server.patch("/api/v1/settings", json!({"client_domains": ["Corp.Example"], "release_quarantine_seconds": 0})).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -778,6 +782,7 @@ async fn restart_keeps_bindings_sticky(mut server: TestServer) {
     assert_eq!(server.get("/api/v1/ip-ranges").await.json()["items"][0]["used_ips"], 2);
     let state = server.state.as_ref().expect("state");
     assert_eq!(state.store.verify_counters().await.expect("counters"), Vec::<(String, i64, i64)>::new());
+    assert_eq!(state.store.verify_history().await.expect("history"), Vec::<String>::new());
 }
 
 async fn deep_pages_match_row_by_row_order(server: TestServer) {

@@ -1,7 +1,8 @@
 //! The web console in headless Chromium (Debian's `chromium` and
 //! `chromium-driver`), against a real `reachback server` process: sign-in, the
 //! ranges page (add, overlap error beside the field, copy, disable with
-//! confirmation), bindings sorted by address, a saved filter that survives a
+//! confirmation), bindings sorted by address, the Trace box and a binding's
+//! history in its details, a saved filter that survives a
 //! sign-out, CSV download of the filtered rows, a viewer without write controls,
 //! script injection through every free-text value, sign-out. Screenshots of each
 //! page at 1280×800 go to `target/console-screenshots/` (not committed).
@@ -169,6 +170,33 @@ fn console_in_a_real_browser() {
     browser.click(&browser.find("th[data-column=ip] button.sort"));
     browser.wait_until("descending order", |browser| row_texts(browser, "ip-bindings", "ip").first().map(String::as_str) == Some("100.64.0.11"));
     browser.screenshot(&shots.join("ip-bindings.png"));
+
+    // the Trace box: who holds an address now, and nobody before anything was bound
+    browser.type_text(&browser.find("[data-test=trace-ip]"), "100.64.0.3");
+    browser.click(&browser.find("[data-test=trace-submit]"));
+    browser.wait_until("the trace", |browser| {
+        browser.find_all("[data-test=trace-holder]").first().is_some_and(|cell| browser.text(cell).contains("laptop-3.corp.example"))
+    });
+    assert!(browser.text(&browser.find("[data-test=trace-holder]")).starts_with("bob@corp.example on laptop-3.corp.example (windows"));
+    assert_eq!(browser.text(&browser.find("[data-test=trace-previous]")), "nobody");
+    browser.execute(
+        "document.querySelector('[data-test=trace-at]').value = '2001-01-01T00:00:00'; document.querySelector('[data-test=trace-zone]').value = 'utc';",
+        vec![],
+    );
+    browser.click(&browser.find("[data-test=trace-submit]"));
+    browser.wait_until("nobody in 2001", |browser| browser.page_text().contains("Nobody held this address then."));
+    assert!(browser.page_text().contains("(2001-01-01T00:00:00Z)"), "the instant as asked, in UTC");
+    assert!(browser.text(&browser.find("[data-test=trace-next]")).contains("laptop-3.corp.example"));
+    browser.screenshot(&shots.join("ip-bindings-trace.png"));
+    // a binding's details show the history of its address and of its device
+    browser.click(&browser.find("tr[data-row] button[aria-label=Details]"));
+    browser.wait_until("the address history", |browser| {
+        browser.find_all("[data-test=address-history] td[data-column=released_at]").first().is_some_and(|cell| browser.text(cell) == "still bound")
+    });
+    assert_eq!(row_texts(&browser, "ip-bindings", "ip").first().map(String::as_str), Some("100.64.0.11"));
+    browser.wait_until("the device history", |browser| !browser.find_all("[data-test=device-history] td[data-column=ip]").is_empty());
+    browser.screenshot(&shots.join("ip-bindings-history.png"));
+    browser.click(&browser.find("tr[data-row] button[aria-label=Details][aria-expanded=true]"));
 
     // filter, save the filter, sign out and in, pick it again
     let filter = browser.find("input[data-filter=username]");

@@ -99,6 +99,12 @@ fn three_replicas_never_bind_an_address_twice() {
     assert_eq!(ranges["items"][0]["used_ips"], 2046);
     let (_, bindings) = request(&http, "GET", &format!("{}/api/v1/ip-bindings?ip=100.64.0.0/21&page_size=1", bases[1]), Some(TOKEN), None);
     assert_eq!(bindings["total"], 2046);
+    // the history has exactly the bindings written, each once, whichever replica won
+    // the address: addresses another replica took first left no interval behind
+    let (_, history) = request(&http, "GET", &format!("{}/api/v1/ip-bindings/history?ip=100.64.0.0/21&page_size=1", bases[2]), Some(TOKEN), None);
+    assert_eq!(history["total"], 2046);
+    let (_, open) = request(&http, "GET", &format!("{}/api/v1/ip-bindings/history?from=9999-01-01T00:00:00Z&page_size=1", bases[0]), Some(TOKEN), None);
+    assert_eq!(open["total"], 2046, "every interval is still open");
 
     // single-use keys raced on all three replicas at once: the database's
     // conditional update lets each key serve exactly one of them
