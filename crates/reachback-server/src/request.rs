@@ -230,7 +230,7 @@ impl QueryParams {
                 return Err(ApiError::bad_parameter(&key, format!("unknown query parameter '{key}'; allowed: {}", allowed.join(", "))));
             }
             if value.chars().count() > MAX_QUERY_VALUE {
-                return Err(ApiError::bad_request(format!("query parameter '{key}' is longer than {MAX_QUERY_VALUE} characters")));
+                return Err(ApiError::bad_parameter(&key, format!("query parameter '{key}' is longer than {MAX_QUERY_VALUE} characters")));
             }
             if values.insert(key.to_string(), value.to_string()).is_some() {
                 return Err(ApiError::bad_parameter(&key, format!("query parameter '{key}' is given more than once")));
@@ -283,7 +283,7 @@ impl QueryParams {
     pub fn value(&self, key: &str) -> Result<Option<String>, ApiError> {
         match self.values.get(key).map(|value| value.trim()) {
             None => Ok(None),
-            Some("") => Err(ApiError::bad_request(format!("'{key}' is empty; leave the parameter out instead"))),
+            Some("") => Err(ApiError::bad_parameter(key, format!("'{key}' is empty; leave the parameter out instead"))),
             Some(value) => Ok(Some(value.to_string())),
         }
     }

@@ -215,6 +215,9 @@ pub async fn patch_settings(State(state): State<SharedState>, caller: Caller, bo
     let before = state.settings();
     let mut after = before.clone();
     if let Some(domains) = fields.string_list("client_domains") {
+        if domains.len() > 100 {
+            fields.error("client_domains", "at most 100 domains");
+        }
         let mut cleaned = Vec::new();
         for domain in domains {
             match validate::fqdn(domain.trim()) {
