@@ -353,6 +353,17 @@ mod tests {
         // attributes need literals; the constants name them for readers and are checked here
         let schema = serde_json::to_value(<RangeBody as utoipa::PartialSchema>::schema()).unwrap_or_default();
         assert_eq!(schema["properties"]["name"]["pattern"], NAME_PATTERN);
+        // the name rule is written out on each named resource (utoipa takes literals only): the copies agree
+        for (body, field) in [
+            (<AdminBody as utoipa::PartialSchema>::schema(), "username"),
+            (<SegmentBody as utoipa::PartialSchema>::schema(), "name"),
+            (<PolicyBody as utoipa::PartialSchema>::schema(), "name"),
+            (<ConnectorBody as utoipa::PartialSchema>::schema(), "name"),
+        ] {
+            let body = serde_json::to_value(body).unwrap_or_default();
+            assert_eq!(body["properties"][field]["pattern"], NAME_PATTERN, "{field}");
+            assert_eq!((body["properties"][field]["minLength"].clone(), body["properties"][field]["maxLength"].clone()), (1.into(), 128.into()), "{field}");
+        }
         assert_eq!(schema["properties"]["range"]["pattern"], RANGE_PATTERN);
         assert_eq!(schema["properties"]["description"]["pattern"], PLAIN_PATTERN);
         let enroll = serde_json::to_value(<EnrollBody as utoipa::PartialSchema>::schema()).unwrap_or_default();
