@@ -143,7 +143,7 @@ fn read_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
 /// the database encrypted under the secret key; one an older version stored in
 /// plaintext is encrypted now (one transaction, audited). The certificate goes to
 /// `ca.pem`; a private key file an older version wrote beside it is deleted.
-pub async fn load_ca(store: &Store, config: &ServerConfig) -> anyhow::Result<CertificateAuthority> {
+pub async fn load_ca(store: &Store, config: &ServerConfig) -> anyhow::Result<(CertificateAuthority, SecretKey)> {
     let stored = store.load_ca().await?;
     let sealed_in_database = stored.as_ref().is_some_and(|(_, key)| key.starts_with("rbenc"));
     let secret = secret_key(config, sealed_in_database)?;
@@ -193,5 +193,5 @@ pub async fn load_ca(store: &Store, config: &ServerConfig) -> anyhow::Result<Cer
         std::fs::remove_file(&legacy).with_context(|| format!("deleting {}", legacy.display()))?;
         tracing::info!(path = %legacy.display(), "deleted the CA private key file an earlier version wrote (the key is kept encrypted in the database)");
     }
-    Ok(ca)
+    Ok((ca, secret))
 }

@@ -11,6 +11,7 @@ pub mod console;
 pub mod crypto;
 pub mod edge;
 mod error;
+pub mod events;
 pub mod limit;
 pub mod ops;
 pub mod request;
@@ -35,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, history, keys, ranges, renew, views};
+use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, history, keys, ranges, renew, sinks, views};
 use crate::ops::Reply::{Csv, List, Nothing, One};
 pub use crate::ops::RouteDoc;
 use crate::ops::schema;
@@ -139,6 +140,11 @@ api_routes! {
     get "/api/v1/saved-filters" => console_api::list_filters, "viewer", 200, "The caller's saved filters", ["page"], One(schema::<views::SavedFilterList>);
     post "/api/v1/saved-filters" => console_api::save_filter, "viewer", 201, "Save a filter under a name (replaces one of the same name)", [], One(schema::<views::SavedFilter>), body bodies::FilterBody;
     delete "/api/v1/saved-filters/{id}" => console_api::delete_filter, "viewer", 204, "Delete a saved filter", [], Nothing;
+    get "/api/v1/event-sinks" => sinks::list, "superadmin", 200, "List event sinks (webhooks, syslog) and how their delivery stands", ["page", "page_size"], List(schema::<views::EventSinkView>);
+    post "/api/v1/event-sinks" => sinks::create, "superadmin", 201, "Add an event sink (a webhook's signing secret shown once)", [], One(schema::<views::NewEventSink>), body bodies::SinkBody;
+    get "/api/v1/event-sinks/{id}" => sinks::get, "superadmin", 200, "Get an event sink", [], One(schema::<views::EventSinkView>);
+    patch "/api/v1/event-sinks/{id}" => sinks::patch, "superadmin", 200, "Change an event sink (disabling it drops what waited for it)", [], One(schema::<views::NewEventSink>), body bodies::SinkBody;
+    delete "/api/v1/event-sinks/{id}" => sinks::delete, "superadmin", 204, "Remove an event sink and what waited for it", [], Nothing;
     get "/api/v1/audit-logs" => audit::list, "viewer", 200, "List audit-log entries, newest first", ["page", "page_size", "sort", "actor", "action", "resource_type", "after", "before"] sort audit::SORTS, List(schema::<views::AuditEntry>);
     get "/api/v1/audit-logs/export.csv" => audit::export, "viewer", 200, "Export the audit log as CSV", ["sort", "actor", "action", "resource_type", "after", "before"] sort audit::SORTS, Csv;
 }
@@ -177,7 +183,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
     at_rest::prepare_data_dir(&config)?;
     let store = Store::connect(&config.database_url()).await.context("opening the database")?;
     at_rest::check_private_files(&config)?;
-    let ca = at_rest::load_ca(&store, &config).await?;
+    let (ca, secret_key) = at_rest::load_ca(&store, &config).await?;
 
     let mut bootstrap_token = None;
     if store.count_admins().await? == 0 {
@@ -221,6 +227,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         settings: RwLock::new(settings),
         settings_sync: tokio::sync::Mutex::new(()),
         ca,
+        secret_key,
         metrics: Metrics::new(),
         enroll_tx,
         config,
@@ -235,6 +242,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
     background.push(tokio::spawn(release_idle_bindings(Arc::downgrade(&state))));
     background.push(tokio::spawn(prune_history_hourly(Arc::downgrade(&state))));
     background.push(tokio::spawn(sync_broker(Arc::downgrade(&state))));
+    background.push(tokio::spawn(events::deliver(Arc::downgrade(&state))));
     let tls = match serve::api_certificate(&state.config) {
         Some(source) => {
             let tls = serve::ApiTls::new(&state, source).context("preparing the API's TLS")?;
@@ -435,6 +443,15 @@ async fn prune_history_hourly(state: std::sync::Weak<AppState>) {
         let Some(state) = state.upgrade() else { return };
         if let Err(error) = prune_history_now(&state, reachback_store::now_micros()).await {
             tracing::warn!(%error, "could not delete old binding history");
+        }
+        let before = reachback_store::now_micros() - events::OUTBOX_KEEP_DAYS * 86_400_000_000;
+        match state.store.prune_outbox(before).await {
+            Ok(0) => {}
+            Ok(dropped) => {
+                state.metrics.events.dropped.inc_by(dropped);
+                tracing::warn!(dropped, keep_days = events::OUTBOX_KEEP_DAYS, "dropped events no sink took in time");
+            }
+            Err(error) => tracing::warn!(%error, "could not drop expired events"),
         }
     }
 }

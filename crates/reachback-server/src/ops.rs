@@ -94,6 +94,9 @@ pub async fn metrics(State(state): State<SharedState>, headers: axum::http::Head
         }
         state.metrics.bindings.set(bound);
     }
+    if let Ok(sinks) = state.store.list_sinks().await {
+        crate::events::observe(&state.metrics.events, &sinks, reachback_store::now_micros());
+    }
     let mut text = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &state.metrics.registry) {
         return crate::error::ApiError::internal(error).into_response();

@@ -225,6 +225,33 @@ pub struct Metrics {
     /// UDP flows (the same under `reachback_udp_`)
     pub udp: FlowMetrics,
     pub certificates_renewed: Counter,
+    pub events: EventMetrics,
+}
+
+/// Event delivery to the sinks, by sink name.
+#[derive(Clone, Default)]
+pub struct EventMetrics {
+    pub delivered: Family<Vec<(String, String)>, Counter>,
+    pub failures: Family<Vec<(String, String)>, Counter>,
+    pub pending: Family<Vec<(String, String)>, Gauge>,
+    pub lag_seconds: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
+    pub dropped: Counter,
+}
+
+impl EventMetrics {
+    fn register(registry: &mut Registry) -> EventMetrics {
+        let metrics = EventMetrics::default();
+        registry.register("events_delivered", "Events delivered to a sink", metrics.delivered.clone());
+        registry.register("event_delivery_failures", "Failed deliveries to a sink (each retried with backoff)", metrics.failures.clone());
+        registry.register("event_sink_pending", "Events waiting for a sink", metrics.pending.clone());
+        registry.register("event_sink_lag_seconds", "Age of the oldest event waiting for a sink", metrics.lag_seconds.clone());
+        registry.register("events_expired", "Events dropped after waiting longer than the outbox keeps them", metrics.dropped.clone());
+        metrics
+    }
+
+    pub fn labels(sink: &str) -> Vec<(String, String)> {
+        vec![("sink".to_string(), sink.to_string())]
+    }
 }
 
 /// The broker's counters for the flows of one protocol.
@@ -299,6 +326,7 @@ impl Metrics {
         let udp = FlowMetrics::register(&mut registry, "udp_", "UDP flows");
         let certificates_renewed = Counter::default();
         registry.register("certificates_renewed", "Device and connector certificates renewed (over the tunnel or the API)", certificates_renewed.clone());
+        let events = EventMetrics::register(&mut registry);
         Metrics {
             registry,
             enrollments,
@@ -315,6 +343,7 @@ impl Metrics {
             tcp,
             udp,
             certificates_renewed,
+            events,
         }
     }
 
@@ -342,6 +371,8 @@ pub struct AppState {
     /// older copy after the change (as policy reloads are serialised)
     pub settings_sync: tokio::sync::Mutex<()>,
     pub ca: CertificateAuthority,
+    /// the key that seals secrets in the database (the CA key, sinks' signing secrets)
+    pub secret_key: crate::crypto::SecretKey,
     pub metrics: Metrics,
     pub enroll_tx: mpsc::Sender<EnrollRequest>,
     pub config: ServerConfig,

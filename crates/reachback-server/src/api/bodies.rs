@@ -332,6 +332,31 @@ pub struct ProvisioningKeyBody {
     provisioning_key_reusable: Option<bool>,
 }
 
+/// The fields of an event sink; `name`, `kind` and `target` are required when creating.
+#[derive(ToSchema)]
+#[schema(as = EventSinkFields)]
+pub struct SinkBody {
+    #[schema(min_length = 1, max_length = 128)]
+    name: String,
+    kind: crate::api::views::SinkKind,
+    /// a webhook's `https://` URL (no credentials in it), or `tcp://host:port` / `tls://host:port` for syslog
+    #[schema(max_length = 2048, pattern = r"^(?:https?://[^\s@/?#]+(?:[/?#][^\s]*)?|(?:tcp|tls)://[^\s@/?#]+:[0-9]{1,5})$")]
+    target: String,
+    /// CloudEvents type prefixes to send (`com.reachback.binding.`, `com.reachback.ip_range.`); none: every event
+    #[schema(nullable = false, max_items = 64, inline)]
+    event_types: Option<Vec<EventTypePrefix>>,
+    #[schema(nullable = false)]
+    enabled: Option<bool>,
+    /// PEM CA certificates for the sink's TLS (`null`: the system's roots)
+    #[schema(max_length = 65536, pattern = "-----BEGIN CERTIFICATE-----")]
+    ca_certificate: Option<String>,
+}
+
+/// A prefix of CloudEvents types.
+#[derive(ToSchema)]
+#[schema(value_type = String, pattern = r"^com\.reachback\.[A-Za-z0-9_.]{0,100}$")]
+pub struct EventTypePrefix(String);
+
 /// A connector's enrollment.
 #[derive(ToSchema)]
 #[schema(as = ConnectorEnrollmentFields)]

@@ -12,6 +12,7 @@ pub mod history;
 pub mod keys;
 pub mod ranges;
 pub mod renew;
+pub mod sinks;
 pub mod views;
 
 use axum::Json;

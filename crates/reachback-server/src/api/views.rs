@@ -4,7 +4,7 @@
 
 use reachback_ipam::Location;
 use reachback_store::{
-    AdminRow, ApiKeyRow, AuditRow, BindingRow, ClientSessionRow, DeviceRow, DocRow, EnrollmentKeyRow, HistoryRow, RangeRow, SavedFilterRow, SessionRow,
+    AdminRow, ApiKeyRow, AuditRow, BindingRow, ClientSessionRow, DeviceRow, DocRow, EnrollmentKeyRow, HistoryRow, RangeRow, SavedFilterRow, SessionRow, SinkRow,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -696,6 +696,81 @@ pub struct Trace {
     pub holder: Option<HistoryView>,
     pub previous: Option<HistoryView>,
     pub next: Option<HistoryView>,
+}
+
+/// Where a sink sends events.
+#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// HTTPS POST of CloudEvents batches, signed per Standard Webhooks
+    Webhook,
+    /// RFC 5424 over TCP (`tcp://host:port`) or TLS (`tls://host:port`)
+    Syslog,
+}
+
+/// An event sink and how its delivery stands.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[schema(as = EventSink)]
+pub struct EventSinkView {
+    pub id: String,
+    pub name: String,
+    #[schema(value_type = SinkKind)]
+    pub kind: String,
+    pub target: String,
+    /// CloudEvents type prefixes it receives (empty: every event)
+    pub event_types: Vec<String>,
+    pub enabled: bool,
+    /// PEM CA certificates its TLS certificate is checked against (null: the system's)
+    pub ca_certificate: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub delivered_total: i64,
+    /// events waiting for it
+    pub pending: i64,
+    /// when the oldest waiting event happened
+    pub oldest_pending_at: Option<Timestamp>,
+    /// failed attempts since the last delivery
+    pub failures: i64,
+    pub last_error: Option<String>,
+    pub last_attempt_at: Option<Timestamp>,
+    pub last_delivery_at: Option<Timestamp>,
+    /// when the next attempt is due after failures (null: now)
+    pub next_attempt_at: Option<Timestamp>,
+}
+
+impl From<&SinkRow> for EventSinkView {
+    fn from(row: &SinkRow) -> Self {
+        EventSinkView {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            kind: row.kind.clone(),
+            target: row.target.clone(),
+            event_types: row.event_types.clone(),
+            enabled: row.enabled,
+            ca_certificate: row.ca_certificate.clone(),
+            created_at: Timestamp::at(row.created_at),
+            updated_at: Timestamp::at(row.updated_at),
+            delivered_total: row.delivered_total,
+            pending: row.pending,
+            oldest_pending_at: Timestamp::maybe(row.oldest_pending_at),
+            failures: row.failures,
+            last_error: row.last_error.clone(),
+            last_attempt_at: Timestamp::maybe(row.last_attempt_at),
+            last_delivery_at: Timestamp::maybe(row.last_delivery_at),
+            next_attempt_at: (row.next_attempt_at > 0).then(|| Timestamp::at(row.next_attempt_at)),
+        }
+    }
+}
+
+/// A sink as created or changed, with a webhook's new signing secret (shown once).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct NewEventSink {
+    #[serde(flatten)]
+    pub sink: EventSinkView,
+    /// `whsec_…`: verify the `webhook-signature` header with it (Standard Webhooks);
+    /// present only when the server made a new one
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 mod console;
 mod dataplane;
+mod events;
 mod harness;
 mod history;
 mod hostile;

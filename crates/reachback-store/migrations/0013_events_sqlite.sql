@@ -1,0 +1,69 @@
+-- Events for the security team's tools (issue 22), SQLite. Sinks (webhooks, syslog)
+-- and, per sink, an outbox of the events it has yet to receive. The outbox rows are
+-- written by triggers in the very transaction that writes the audit entry or the
+-- binding interval, so no change can happen without its event, and none is lost
+-- across a restart or a sink outage (a row goes only when its sink has it).
+-- Without an enabled sink the triggers write nothing.
+CREATE TABLE event_sinks (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('webhook', 'syslog')),
+    target TEXT NOT NULL,
+    secret_sealed TEXT,
+    ca_certificate TEXT,
+    event_types TEXT NOT NULL,
+    enabled INTEGER NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    delivered_total BIGINT NOT NULL DEFAULT 0,
+    failures BIGINT NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_attempt_at BIGINT,
+    last_delivery_at BIGINT,
+    next_attempt_at BIGINT NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until BIGINT NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX event_sinks_name ON event_sinks (lower(name));
+
+CREATE TABLE event_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sink_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX event_outbox_sink ON event_outbox (sink_id, id);
+
+CREATE TRIGGER audit_log_events AFTER INSERT ON audit_log
+WHEN EXISTS (SELECT 1 FROM event_sinks WHERE enabled = 1)
+BEGIN
+    INSERT INTO event_outbox (sink_id, type, subject, at, data)
+    SELECT s.id, 'com.reachback.' || NEW.resource_type || '.' || NEW.action, NEW.resource_id, NEW.at,
+        json_object('audit_id', NEW.id, 'actor', NEW.actor, 'action', NEW.action, 'resource_type', NEW.resource_type,
+            'resource_id', NEW.resource_id, 'before', json(NEW.before_json), 'after', json(NEW.after_json), 'source_ip', NEW.source_ip)
+    FROM event_sinks s WHERE s.enabled = 1;
+END;
+
+CREATE TRIGGER binding_history_bound_events AFTER INSERT ON binding_history
+WHEN EXISTS (SELECT 1 FROM event_sinks WHERE enabled = 1)
+BEGIN
+    INSERT INTO event_outbox (sink_id, type, subject, at, data)
+    SELECT s.id, 'com.reachback.binding.bound', NEW.ip, NEW.bound_at,
+        json_object('interval_id', NEW.id, 'ip', NEW.ip, 'device_id', NEW.device_id, 'username', NEW.username,
+            'client_hostname', NEW.client_hostname, 'platform', NEW.platform, 'range_id', NEW.range_id, 'range_name', NEW.range_name,
+            'bound_at', NEW.bound_at, 'bound_reason', NEW.bound_reason)
+    FROM event_sinks s WHERE s.enabled = 1;
+END;
+
+CREATE TRIGGER binding_history_released_events AFTER UPDATE OF released_at ON binding_history
+WHEN OLD.released_at IS NULL AND NEW.released_at IS NOT NULL AND EXISTS (SELECT 1 FROM event_sinks WHERE enabled = 1)
+BEGIN
+    INSERT INTO event_outbox (sink_id, type, subject, at, data)
+    SELECT s.id, 'com.reachback.binding.released', NEW.ip, NEW.released_at,
+        json_object('interval_id', NEW.id, 'ip', NEW.ip, 'device_id', NEW.device_id, 'username', NEW.username,
+            'client_hostname', NEW.client_hostname, 'platform', NEW.platform, 'range_id', NEW.range_id, 'range_name', NEW.range_name,
+            'bound_at', NEW.bound_at, 'released_at', NEW.released_at, 'reason', NEW.reason)
+    FROM event_sinks s WHERE s.enabled = 1;
+END;
