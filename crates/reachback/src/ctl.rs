@@ -66,6 +66,9 @@ enum CtlCommand {
     /// Live client sessions (agent tunnels)
     #[command(subcommand)]
     ClientSessions(ClientSessionCommand),
+    /// Event sinks: webhooks and syslog servers that receive the events (superadmin)
+    #[command(subcommand)]
+    EventSinks(EventSinkCommand),
     /// Who the token belongs to
     Me,
     /// The internal certificate authority
@@ -168,6 +171,38 @@ enum ConnectorCommand {
         key: ProvisioningKeyArgs,
     },
     /// Revoke a connector and disconnect it
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum EventSinkCommand {
+    /// List sinks with their delivery state (pending events, failures, last error)
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Add a sink; a webhook's signing secret is shown once
+    Create {
+        #[arg(long)]
+        name: String,
+        /// webhook or syslog
+        #[arg(long)]
+        kind: String,
+        /// a webhook's https:// URL, or tcp://host:port / tls://host:port for syslog
+        #[arg(long)]
+        target: String,
+        /// CloudEvents type prefixes to send (repeat; e.g. com.reachback.binding.) [default: every event]
+        #[arg(long = "event-type")]
+        event_types: Vec<String>,
+        /// PEM file of the CA certificates the sink's TLS certificate is checked against [default: the system's]
+        #[arg(long)]
+        ca_certificate: Option<std::path::PathBuf>,
+    },
+    /// Stop sending to a sink (what waited for it is dropped)
+    Disable { id: String },
+    /// Send to a sink again (from the events of now on)
+    Enable { id: String },
+    /// Remove a sink
     Delete { id: String },
 }
 
@@ -966,6 +1001,32 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 }
             }
             ConnectorCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/connectors/{id}"), &[], None)?, output, &[]),
+        },
+        CtlCommand::EventSinks(command) => match command {
+            EventSinkCommand::List { list } => print(
+                &client.json("GET", "/api/v1/event-sinks", &list_query(&list), None)?,
+                output,
+                &["id", "name", "kind", "target", "enabled", "pending", "failures", "last_error"],
+            ),
+            EventSinkCommand::Create { name, kind, target, event_types, ca_certificate } => {
+                let mut body = json!({"name": name, "kind": kind, "target": target, "event_types": event_types});
+                if let Some(path) = ca_certificate {
+                    let pem = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    body["ca_certificate"] = json!(pem);
+                }
+                let created = client.json("POST", "/api/v1/event-sinks", &[], Some(body))?;
+                print(&created, output, &[]);
+                if created["secret"].is_string() {
+                    eprintln!("Verify the webhook-signature header of each request with this secret (Standard Webhooks); it is not shown again.");
+                }
+            }
+            EventSinkCommand::Disable { id } => {
+                print(&client.json("PATCH", &format!("/api/v1/event-sinks/{id}"), &[], Some(json!({"enabled": false})))?, output, &[])
+            }
+            EventSinkCommand::Enable { id } => {
+                print(&client.json("PATCH", &format!("/api/v1/event-sinks/{id}"), &[], Some(json!({"enabled": true})))?, output, &[])
+            }
+            EventSinkCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/event-sinks/{id}"), &[], None)?, output, &[]),
         },
         CtlCommand::ClientSessions(command) => match command {
             ClientSessionCommand::List { list, username, client_hostname, virtual_ip, platform } => {

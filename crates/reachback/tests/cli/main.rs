@@ -6,6 +6,7 @@ mod console;
 mod dataplane;
 mod dns;
 mod durability;
+mod events;
 mod history;
 mod process;
 mod renewal;
