@@ -718,6 +718,45 @@ pages['admin-sessions'] = simpleList('Admin Sessions', {
   actions: (row, reload) => [h('button', { type: 'button', class: 'danger', onclick: async () => { if (await confirmDialog('End session', `End this session of ${row.admin_username}? It stops working at once.`, 'End')) { await api('DELETE', '/admin-sessions/' + row.id); reload(); } } }, 'End')],
 });
 
+pages['event-sinks'] = () => {
+  let view;
+  view = dataTable({
+    page: 'event-sinks', endpoint: '/event-sinks', sort: '',
+    columns: [
+      { key: 'name', label: 'Name' },
+      { key: 'kind', label: 'Kind' },
+      { key: 'target', label: 'Target' },
+      { key: 'event_types', label: 'Event Types', render: (row) => row.event_types.length ? row.event_types.join(', ') : '(all)' },
+      { key: 'enabled', label: 'Enabled', render: (row) => row.enabled ? 'yes' : 'no' },
+      { key: 'pending', label: 'Waiting', render: (row) => h('span', { 'data-test': 'sink-pending' }, String(row.pending)) },
+      { key: 'oldest_pending_at', label: 'Oldest Waiting', render: (row) => when(row.oldest_pending_at) },
+      { key: 'failures', label: 'Failures', render: (row) => h('span', { 'data-test': 'sink-failures', class: row.failures ? 'error' : '' }, String(row.failures)) },
+      { key: 'last_error', label: 'Last Error', render: (row) => row.last_error || '' },
+      { key: 'last_delivery_at', label: 'Last Delivery', render: (row) => when(row.last_delivery_at) },
+      { key: 'delivered_total', label: 'Delivered' },
+    ],
+    toolbar: () => h('button', { type: 'button', class: 'primary', 'data-test': 'add-sink', onclick: () => formDialog('Add event sink', [
+      { name: 'name', label: 'Name' },
+      { name: 'kind', label: 'Kind', type: 'select', value: 'webhook', options: [['webhook', 'Webhook (HTTPS POST, CloudEvents, signed)'], ['syslog', 'Syslog (RFC 5424 over TCP or TLS)']] },
+      { name: 'target', label: 'Target', hint: 'https://siem.example/hook, or tcp://host:514 / tls://host:6514 for syslog' },
+      { name: 'event_types', label: 'Event type prefixes (optional)', hint: 'comma-separated, e.g. com.reachback.binding., com.reachback.device.' },
+    ], 'Add', async (values) => {
+      const types = values.event_types.split(',').map((text) => text.trim()).filter(Boolean);
+      const created = await api('POST', '/event-sinks', { name: values.name, kind: values.kind, target: values.target, event_types: types });
+      view.table.load();
+      if (created.secret) {
+        openDialog('Signing secret', [h('p', {}, 'Verify the webhook-signature header of each request with this secret (Standard Webhooks). It is not shown again.'), h('pre', { 'data-test': 'sink-secret' }, created.secret)],
+          [h('button', { type: 'button', onclick: (event) => event.target.closest('dialog').close() }, 'Close')]);
+      }
+    }) }, 'Add sink'),
+    actions: (row, reload) => [
+      h('button', { type: 'button', onclick: async () => { try { await api('PATCH', '/event-sinks/' + row.id, { enabled: !row.enabled }); } catch (error) { alertError(error); } reload(); } }, row.enabled ? 'Disable' : 'Enable'),
+      h('button', { type: 'button', class: 'danger', onclick: async () => { if (await confirmDialog('Remove sink', `Remove ${row.name}? Events waiting for it are dropped.`, 'Remove')) { await api('DELETE', '/event-sinks/' + row.id); reload(); } } }, 'Remove'),
+    ],
+  });
+  return [h('h1', {}, 'Event Sinks'), view.element];
+};
+
 pages.settings = () => {
   const area = h('div', {}, 'Loading…');
   api('GET', '/settings').then((settings) => {
@@ -793,7 +832,7 @@ pages.dashboard = () => {
 const NAV = [
   ['dashboard', 'Dashboard'], ['ranges', 'IP Ranges'], ['bindings', 'IP Bindings'], ['sessions', 'Client Sessions'], ['devices', 'Devices'],
   ['keys', 'Enrollment Keys'], ['segments', 'Application Segments'], ['policies', 'Access Policies'], ['connectors', 'Connectors'],
-  ['audit', 'Audit Logs'], ['admins', 'Administrators', true], ['admin-sessions', 'Admin Sessions', true], ['settings', 'Settings'],
+  ['audit', 'Audit Logs'], ['admins', 'Administrators', true], ['admin-sessions', 'Admin Sessions', true], ['event-sinks', 'Event Sinks', true], ['settings', 'Settings'],
 ];
 
 function route() {

@@ -207,6 +207,7 @@ pub enum ConsolePage {
     Connectors,
     Admins,
     AdminSessions,
+    EventSinks,
 }
 
 /// A saved filter: the console page, a name and the page's query string.

@@ -33,6 +33,7 @@ const PAGES: &[&str] = &[
     "connectors",
     "admins",
     "admin-sessions",
+    "event-sinks",
 ];
 
 /// A real hash to check unknown usernames against.

@@ -285,6 +285,26 @@ fn console_in_a_real_browser() {
         browser.screenshot(&shots.join(format!("{page}.png")));
     }
 
+    // event sinks (superadmin): a webhook added from the console shows its signing
+    // secret once, then its delivery state (nothing listens there: failures count up)
+    open_page(&browser, &base, "event-sinks");
+    browser.click(&browser.find("[data-test=add-sink]"));
+    browser.type_text(&dialog_input(&browser, "name"), "SIEM webhook");
+    browser.type_text(&dialog_input(&browser, "target"), "http://127.0.0.1:9/hook");
+    submit_dialog(&browser);
+    browser.wait_until("the signing secret", |browser| !browser.find_all("dialog[open] [data-test=sink-secret]").is_empty());
+    assert!(browser.text(&browser.find("dialog[open] [data-test=sink-secret]")).starts_with("whsec_"));
+    browser.type_text(&browser.active(), ESCAPE);
+    browser.wait_until("the sink in the table", |browser| row_texts(browser, "event-sinks", "name") == ["SIEM webhook"]);
+    api("POST", "/ip-ranges", Some(json!({"name": "Events range", "range": "100.69.0.0/24"})));
+    browser.wait_until("a failed delivery shown", |browser| {
+        browser.click(&browser.find("[data-test=refresh]"));
+        std::thread::sleep(Duration::from_millis(200));
+        row_texts(browser, "event-sinks", "failures").first().is_some_and(|failures| failures != "0")
+    });
+    assert!(row_texts(&browser, "event-sinks", "last_error").first().is_some_and(|error| error.contains("POST failed")), "the last error shows");
+    browser.screenshot(&shots.join("event-sinks.png"));
+
     // a viewer sees no write controls, and the API refuses a write made with its session anyway
     sign_out(&browser);
     sign_in(&browser, &base, "vera", "viewer password 1");
