@@ -56,7 +56,8 @@ fn start(data_dir: &std::path::Path, database: Option<&str>) -> Server {
 }
 
 fn api(agent: &ureq::Agent, method: &str, url: &str, body: Option<Value>) -> Value {
-    let request = ureq::http::Request::builder().method(method).uri(url).header("authorization", format!("Bearer {TOKEN}")).header("content-type", "application/json");
+    let request =
+        ureq::http::Request::builder().method(method).uri(url).header("authorization", format!("Bearer {TOKEN}")).header("content-type", "application/json");
     let request = request.body(body.map(|body| body.to_string()).unwrap_or_default()).expect("request");
     let mut response = agent.run(request).expect("API answers");
     let text = response.body_mut().read_to_string().unwrap_or_default();
@@ -146,7 +147,8 @@ fn run(label: &str, database: Option<&str>) {
                         if number >= end {
                             return;
                         }
-                        let body = json!({"enrollment_key": key, "hostname": format!("d{number}.bench.example"), "platform": "linux", "public_key": public_key});
+                        let body =
+                            json!({"enrollment_key": key, "hostname": format!("d{number}.bench.example"), "platform": "linux", "public_key": public_key});
                         let _ = agent.post(&format!("{base}/api/v1/enroll")).header("content-type", "application/json").send(body.to_string());
                     }
                 });
@@ -182,7 +184,12 @@ fn run(label: &str, database: Option<&str>) {
         rates.push(rate);
     }
     let state = api(&agent, "GET", &sink_url, None);
-    println!("{label}: median {:.0} events/s over {rounds} rounds (goal ≥ 5,000); sink after: pending {}, delivered {}", median(rates), state["pending"], state["delivered_total"]);
+    println!(
+        "{label}: median {:.0} events/s over {rounds} rounds (goal ≥ 5,000); sink after: pending {}, delivered {}",
+        median(rates),
+        state["pending"],
+        state["delivered_total"]
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
