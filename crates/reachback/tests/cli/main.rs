@@ -8,6 +8,7 @@ mod dns;
 mod durability;
 mod history;
 mod process;
+mod reference;
 mod renewal;
 mod replicas;
 mod secrets;
