@@ -331,7 +331,13 @@ impl ServerArgs {
             database_url: self.database_url.or(file.database_url),
             bootstrap_token: self.bootstrap_token.or(file.bootstrap_token),
             broker_endpoints: self.broker_endpoints.or(file.broker_endpoints).unwrap_or_default(),
-            node_name: self.node_name.or(file.node_name).unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "reachback".into())),
+            // HOSTNAME is a shell variable that is rarely exported (never under systemd): without the
+            // kernel's host name every replica was "reachback", and one replica's start cleared the others' sessions
+            node_name: self
+                .node_name
+                .or(file.node_name)
+                .or_else(|| std::env::var("HOSTNAME").ok().filter(|name| !name.trim().is_empty()))
+                .unwrap_or_else(reachback_server::state::local_host_name),
             flow_idle_timeout: std::time::Duration::from_secs(self.flow_idle_timeout.or(file.flow_idle_timeout).unwrap_or(3600)),
             tcp_congestion: reachback_tunnel::Congestion::resolve(self.tcp_congestion.or(file.tcp_congestion).as_deref())?,
             tls_files: match (self.tls_cert.or(file.tls_cert), self.tls_key.or(file.tls_key)) {

@@ -9,6 +9,7 @@ mod durability;
 mod events;
 mod history;
 mod process;
+mod reference;
 mod renewal;
 mod replicas;
 mod secrets;
