@@ -15,6 +15,7 @@ mod dataplane;
 mod devices;
 mod enroll;
 mod enroll_sqlite;
+mod flows;
 mod history;
 mod keys;
 mod names;
@@ -35,6 +36,7 @@ pub use console::SavedFilterRow;
 pub use dataplane::{ClientSessionRow, ConnectorRow, DocKind, DocRow, ProvisioningKey};
 pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
 pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
+pub use flows::{FLOW_PRUNE_BATCH_ROWS, FlowProtocol, FlowQuery, FlowRecord, FlowRow, FlowSort, FlowVerdict, flow_overlaps};
 pub use history::{BindReason, HistoryQuery, HistoryRow, HistorySort, PRUNE_BATCH_ROWS, ReleaseReason, Trace, holds_at, overlaps_window};
 pub use keys::{EnrollmentKeyRow, hostname_allowed};
 pub use names::NameChange;
@@ -132,6 +134,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (9, include_str!("../migrations/0009_connector_dns.sql"), ""),
     (10, include_str!("../migrations/0010_name_skeletons.sql"), ""),
     (11, include_str!("../migrations/0011_binding_history_sqlite.sql"), include_str!("../migrations/0011_binding_history_postgres.sql")),
+    (12, include_str!("../migrations/0012_flow_log_sqlite.sql"), include_str!("../migrations/0012_flow_log_postgres.sql")),
 ];
 
 /// The rows of the range whose id is the parameter `$N` (`alias` is the bindings
