@@ -3,6 +3,7 @@
 
 mod console;
 mod dataplane;
+mod flows;
 mod harness;
 mod history;
 mod hostile;
