@@ -244,6 +244,31 @@ mod tests {
         assert_eq!((dropped(&metrics, "shutdown"), dropped(&metrics, "queue_full")), (1, 0));
     }
 
+    /// The writer takes the queue in transactions of at most `BATCH_ROWS`, and a
+    /// shutdown writes what is queued before the writer stops: nothing queued is lost.
+    #[tokio::test]
+    async fn the_writer_batches_and_writes_the_queue_before_it_stops() {
+        let directory = std::env::temp_dir().join(format!("reachback_flowlog_{}_{}", std::process::id(), reachback_store::now_micros()));
+        std::fs::create_dir_all(&directory).expect("directory");
+        let store = Store::connect(&format!("sqlite://{}?mode=rwc", directory.join("test.db").display())).await.expect("store");
+        let server_metrics = crate::state::Metrics::new();
+        let (log, writer) = FlowLog::new(4096, server_metrics.flow_log.clone());
+        // queued before the writer runs: it finds 2,500 waiting
+        assert!((0..2500).all(|port| log.record(flow(port))));
+        log.shutdown();
+        let task = tokio::spawn(writer.run(store.clone(), "node-a".into()));
+        tokio::time::timeout(Duration::from_secs(30), task).await.expect("the writer stops once the queue is written").expect("join");
+        assert_eq!(store.count_flows(&reachback_store::FlowQuery::default()).await.expect("count"), 2500, "every queued flow was written");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &server_metrics.registry).expect("metrics");
+        assert!(text.contains("reachback_flow_log_written_total 2500"), "{text}");
+        assert!(text.contains("reachback_flow_log_batch_duration_seconds_count 3"), "1,000 + 1,000 + 500: {text}");
+        assert!(!log.record(flow(1)), "after the writer stopped, flows are dropped");
+        assert_eq!(dropped(&server_metrics.flow_log, "shutdown"), 1);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+
     #[test]
     fn warnings_about_drops_come_at_most_once_a_minute_with_the_count() {
         let warning = RateLimitedWarning::default();
