@@ -47,12 +47,23 @@ CREATE INDEX flow_log_server ON flow_log (server_key, started_at);
 CREATE INDEX flow_log_device ON flow_log (device_id, started_at);
 -- the rare verdicts (denied, refused, offline) without reading the allowed ones
 CREATE INDEX flow_log_verdict ON flow_log (verdict, started_at);
--- substring filters on usernames and hostnames: a trigram index over the log's own
--- copies; it narrows candidates and the LIKE condition stays the exact test
-CREATE VIRTUAL TABLE flow_log_search USING fts5(username, client_hostname, content = 'flow_log', content_rowid = 'id', tokenize = 'trigram');
-CREATE TRIGGER flow_log_search_insert AFTER INSERT ON flow_log BEGIN
-    INSERT INTO flow_log_search (rowid, username, client_hostname) VALUES (new.id, new.username, new.client_hostname);
+-- substring filters on usernames and hostnames: the log's distinct (device, username,
+-- hostname) triples, written with each batch, carry the trigram index — a few rows
+-- per device instead of a trigram entry per flow; a filter finds the matching
+-- devices there and reads their flows through flow_log_device, and the LIKE on the
+-- flow's own copy stays the exact test. Triples outlive their flows (harmless: they
+-- can only widen the candidates).
+CREATE TABLE flow_log_clients (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    username TEXT NOT NULL,
+    client_hostname TEXT NOT NULL,
+    UNIQUE (device_id, username, client_hostname)
+);
+CREATE VIRTUAL TABLE flow_log_clients_search USING fts5(username, client_hostname, content = 'flow_log_clients', content_rowid = 'id', tokenize = 'trigram');
+CREATE TRIGGER flow_log_clients_search_insert AFTER INSERT ON flow_log_clients BEGIN
+    INSERT INTO flow_log_clients_search (rowid, username, client_hostname) VALUES (new.id, new.username, new.client_hostname);
 END;
-CREATE TRIGGER flow_log_search_delete AFTER DELETE ON flow_log BEGIN
-    INSERT INTO flow_log_search (flow_log_search, rowid, username, client_hostname) VALUES ('delete', old.id, old.username, old.client_hostname);
+CREATE TRIGGER flow_log_clients_search_delete AFTER DELETE ON flow_log_clients BEGIN
+    INSERT INTO flow_log_clients_search (flow_log_clients_search, rowid, username, client_hostname) VALUES ('delete', old.id, old.username, old.client_hostname);
 END;

@@ -186,6 +186,8 @@ const FLOW_COLUMNS: usize = 23;
 const FLOW_INSERT: &str = "INSERT INTO flow_log (started_at, ended_at, protocol, verdict, reason, policy_id, policy_name, connector_id, connector_name, \
      server_key, server_ip, server_port, virtual_key, virtual_ip, virtual_port, device_id, username, client_hostname, platform, socks_user, \
      bytes_to_client, bytes_from_client, node_name) VALUES {rows}";
+/// Keeps the distinct (device, username, hostname) triples the substring filters search.
+const CLIENTS_INSERT: &str = "INSERT INTO flow_log_clients (device_id, username, client_hostname) VALUES {rows} ON CONFLICT DO NOTHING";
 /// Rows per INSERT statement (23 parameters each: 11,500 a statement).
 const FLOW_INSERT_CHUNK: usize = 500;
 
@@ -293,6 +295,19 @@ impl Store {
             }
             query.execute(&mut *tx.transaction).await?;
         }
+        // the batch's (device, username, hostname) triples the search does not know yet
+        let mut clients: Vec<(&str, &str, &str)> =
+            flows.iter().filter_map(|flow| Some((flow.device_id.as_deref()?, flow.username.as_deref()?, flow.client_hostname.as_deref()?))).collect();
+        clients.sort_unstable();
+        clients.dedup();
+        for chunk in clients.chunks(FLOW_INSERT_CHUNK) {
+            let sql = CLIENTS_INSERT.replace("{rows}", &placeholders(mark, chunk.len(), 3, 1));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (device_id, username, client_hostname) in chunk {
+                query = query.bind(*device_id).bind(*username).bind(*client_hostname);
+            }
+            query.execute(&mut *tx.transaction).await?;
+        }
         tx.commit().await
     }
 
@@ -326,13 +341,19 @@ impl Store {
         }
         for (column, value) in [("username", &query.username), ("client_hostname", &query.client_hostname)] {
             let Some(needle) = value else { continue };
-            filter.push(&format!("lower(f.{column}) LIKE ? ESCAPE '\\'"), [FilterValue::Text(like_pattern(needle))]);
-            // SQLite: the trigram table names the candidate rows first (PostgreSQL's
-            // GIN index serves the LIKE itself); it can only narrow, the LIKE decides
+            // the devices whose triples match, found over the few triples (by their trigram
+            // index: SQLite's full-text table for three characters or more, PostgreSQL's
+            // GIN index serving the LIKE), then their flows by the device index; the LIKE
+            // on the flow's own copy decides
+            let pattern = FilterValue::Text(like_pattern(needle));
+            let mut candidates = format!("SELECT c.device_id FROM flow_log_clients c WHERE lower(c.{column}) LIKE ? ESCAPE '\\'");
+            let mut values = vec![pattern.clone()];
             if self.backend == Backend::Sqlite && needle.chars().count() >= 3 {
-                let phrase = format!("{column} : \"{}\"", needle.to_lowercase().replace('"', "\"\""));
-                filter.push("f.id IN (SELECT rowid FROM flow_log_search WHERE flow_log_search MATCH ?)", [FilterValue::Text(phrase)]);
+                candidates.push_str(" AND c.id IN (SELECT rowid FROM flow_log_clients_search WHERE flow_log_clients_search MATCH ?)");
+                values.push(FilterValue::Text(format!("{column} : \"{}\"", needle.to_lowercase().replace('"', "\"\""))));
             }
+            filter.push(&format!("f.device_id IN ({candidates})"), values);
+            filter.push(&format!("lower(f.{column}) LIKE ? ESCAPE '\\'"), [pattern]);
         }
         filter
     }
