@@ -17,7 +17,8 @@
 //! The `flowlog` phase sets the sequential flow rate with the flow log on against off
 //! in the same run: the `flow_log_enabled` setting is switched through the API between
 //! runs of sequential connect + 1-byte echo + close, in REACHBACK_BENCH_ROUNDS rounds
-//! (5 by default) of one run each way, the first way alternating.
+//! (5 by default) of one run each way, the first way alternating (the server host
+//! reuses TIME_WAIT ports for it: `net.ipv4.tcp_tw_reuse=1` in its namespace).
 //! The `tun` phase (last, as it swaps the connector) sets TUN mode against TPROXY
 //! mode in the same run: the connector is restarted in each mode in turn
 //! (REACHBACK_BENCH_ROUNDS rounds, 2 by default), and each round measures
@@ -410,7 +411,14 @@ fn median(values: &[f64]) -> f64 {
 /// connect + 1-byte echo + close, one run each way per round, the first way
 /// alternating from round to round (so a drift of the machine falls on both).
 fn flow_log_on_against_off(lab: &Lab, flows: usize, rounds: usize) {
+    // tens of thousands of connects to one address and port within a minute: without
+    // reuse, the server host's TIME_WAIT sockets use up its connect ports after some
+    // 14,000 flows and every connect then searches (a sevenfold slowdown, whatever the
+    // flow log); the server host is the lab's client tool, not a Reachback component
+    let reuse = lab.run("srv", "sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    assert!(reuse.status.success(), "sysctl tcp_tw_reuse on the server host");
     println!("\n## flow log on against off ({rounds} rounds of {flows} sequential connect + 1-byte echo + close each way, alternating)");
+    println!("(the server host reuses TIME_WAIT ports: net.ipv4.tcp_tw_reuse=1)");
     println!("| round | flow log | flows/s | p50 µs | p90 µs | p99 µs | failures | rows written |");
     println!("|---|---|---|---|---|---|---|---|");
     let count = flows.to_string();
@@ -421,6 +429,8 @@ fn flow_log_on_against_off(lab: &Lab, flows: usize, rounds: usize) {
         for on in order {
             let (status, settings) = lab.api("PATCH", "/settings", Some(json!({"flow_log_enabled": on})));
             assert_eq!((status, settings["flow_log_enabled"].as_bool()), (200, Some(on)), "{settings}");
+            // what the writer still had from the last run is written before this one starts
+            std::thread::sleep(Duration::from_millis(500));
             let written_before = lab.metric("reachback_flow_log_written_total");
             let run = run_helper(lab, "srv", &["flows", "100.64.0.1:7000", &count]);
             // the writer's last batch goes within 200 ms of the last flow
