@@ -163,7 +163,8 @@ function dataTable(options) {
     page: 1,
     pageSize: 50,
     sort: options.sort || '',
-    filters: {},
+    // a page opened from a link starts with that link's filters (#/flows?device_id=…)
+    filters: { ...(options.filters || {}) },
     hidden: new Set(stored || options.columns.filter((column) => column.hidden).map((column) => column.key)),
     showFilters: true,
     expanded: new Set(),
@@ -499,6 +500,79 @@ function simpleList(title, options) {
   return () => [h('h1', {}, title), dataTable(options).element];
 }
 
+// ---- flow log ------------------------------------------------------------------
+
+const VERDICTS = ['allowed', 'denied', 'offline', 'refused_by_agent', 'failed'];
+const bytes = (count) => Number(count).toLocaleString();
+
+/// The filters in the page's address (`#/flows?device_id=…`), for pages other pages link to.
+function hashFilters() {
+  const query = location.hash.split('?')[1];
+  return query ? Object.fromEntries(new URLSearchParams(query)) : {};
+}
+
+/// A link to the flow log filtered to one device, newest first.
+function flowsLink(deviceId, label) {
+  return h('a', { href: '#/flows?' + new URLSearchParams({ device_id: deviceId }).toString(), 'data-test': 'flows-link' }, label || 'Flows');
+}
+
+/// One flow's decision in words: the verdict with the policy or the agent's reason.
+function verdictText(row) {
+  const verdict = row.verdict.replace(/_/g, ' ');
+  if (row.verdict === 'denied') return `${verdict} (${row.policy_name || 'no policy allows it'})`;
+  if (row.reason) return `${verdict} (${row.reason.replace(/_/g, ' ')})`;
+  return verdict;
+}
+
+pages.flows = () => {
+  const message = h('div', { 'aria-live': 'polite' });
+  const initial = hashFilters();
+  const view = dataTable({
+    page: 'flows',
+    endpoint: '/flows',
+    sort: '',
+    filters: initial,
+    columns: [
+      { key: 'started_at', label: 'Started', sort: 'started_at', filter: 'from', placeholder: 'from 2026-01-31T14:00:00Z', render: (row) => when(row.started_at) },
+      { key: 'ended_at', label: 'Ended', sort: 'ended_at', filter: 'to', placeholder: 'to 2026-01-31T15:00:00Z', render: (row) => when(row.ended_at) },
+      { key: 'verdict', label: 'Verdict', sort: 'verdict', filter: 'verdict', choices: VERDICTS, render: (row) => h('span', { class: 'verdict-' + row.verdict }, verdictText(row)) },
+      { key: 'protocol', label: 'Protocol', sort: 'protocol', filter: 'protocol', choices: ['tcp', 'udp'] },
+      { key: 'server_ip', label: 'Server', sort: 'server_ip', filter: 'server_ip', placeholder: 'address or CIDR', render: (row) => `${row.server_ip}:${row.server_port}` },
+      { key: 'virtual_ip', label: 'Virtual IP', sort: 'virtual_ip', filter: 'virtual_ip', placeholder: 'address or CIDR', render: (row) => `${row.virtual_ip}:${row.virtual_port}` },
+      { key: 'username', label: 'Username', sort: 'username', filter: 'username' },
+      { key: 'client_hostname', label: 'Client Hostname', sort: 'client_hostname', filter: 'client_hostname' },
+      { key: 'device_id', label: 'Device', filter: 'device_id', hidden: !initial.device_id },
+      { key: 'connector_name', label: 'Connector', sort: 'connector_name', filter: 'connector_id', placeholder: 'connector id' },
+      { key: 'bytes_to_client', label: 'Bytes to client', sort: 'bytes_to_client', numeric: true, render: (row) => bytes(row.bytes_to_client) },
+      { key: 'bytes_from_client', label: 'Bytes from client', sort: 'bytes_from_client', numeric: true, render: (row) => bytes(row.bytes_from_client) },
+      { key: 'node_name', label: 'Broker Node', hidden: true },
+    ],
+    details: (row) => h('dl', {},
+      h('dt', {}, 'When'), h('dd', {}, `${row.started_at} – ${row.ended_at}`),
+      h('dt', {}, 'Decision'), h('dd', {}, verdictText(row) + (row.policy_id ? ` · policy ${row.policy_id}` : '')),
+      h('dt', {}, 'Client'), h('dd', {}, row.device_id ? `${row.username} on ${row.client_hostname} (${row.platform}, device ${row.device_id})` : 'no agent held the address'),
+      h('dt', {}, 'Connector'), h('dd', {}, `${row.connector_name} (${row.connector_id})` + (row.socks_user ? ` · SOCKS5 user ${row.socks_user}` : '')),
+      h('dt', {}, 'Bytes'), h('dd', {}, `${bytes(row.bytes_to_client)} to the client, ${bytes(row.bytes_from_client)} from it`)),
+    toolbar: (table) => h('button', { type: 'button', 'data-test': 'download-csv', onclick: async () => {
+      message.replaceChildren();
+      const settings = await api('GET', '/settings');
+      const count = await api('GET', '/flows?page_size=1&' + table.query().toString());
+      if (count.total > settings.export_limit) {
+        message.append(notice(`${count.total.toLocaleString()} flows match, more than the export limit of ${settings.export_limit.toLocaleString()}. Narrow the time window or filter by address, device or verdict, and download again.`, 'error'));
+        return;
+      }
+      const link = h('a', { href: '/api/v1/flows/export.csv?' + table.query().toString(), download: 'flow-log.csv' });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      message.append(notice(`Downloading ${count.total.toLocaleString()} flows as CSV.`));
+    } }, 'Download CSV'),
+  });
+  return [h('h1', {}, 'Flow Log'),
+    h('p', {}, 'Every flow a connector brought in: which server reached which client address and port, who held it then, what was decided, and the bytes each way. Newest first.'),
+    message, view.element];
+};
+
 pages.sessions = simpleList('Client Sessions', {
   page: 'client-sessions', endpoint: '/client-sessions', sort: '',
   columns: [
@@ -509,6 +583,7 @@ pages.sessions = simpleList('Client Sessions', {
     { key: 'broker_node', label: 'Broker Node' },
     { key: 'remote_addr', label: 'Remote Address' },
     { key: 'connected_at', label: 'Connected Since', sort: 'connected_at', render: (row) => when(row.connected_at) },
+    { key: 'flows', label: 'Recent Flows', render: (row) => flowsLink(row.device_id, 'Flows') },
   ],
   actions: (row, reload) => canWrite() ? [h('button', { type: 'button', class: 'danger', onclick: async () => { if (await confirmDialog('Disconnect', `Disconnect ${row.client_hostname}? The agent may reconnect.`, 'Disconnect')) { await api('DELETE', '/client-sessions/' + row.id); reload(); } } }, 'Disconnect')] : [],
 });
@@ -521,6 +596,7 @@ pages.devices = simpleList('Devices', {
     { key: 'platform', label: 'Platform', filter: 'platform', choices: ['windows', 'macos', 'linux', 'ios', 'android'] },
     { key: 'virtual_ip', label: 'Virtual IP' },
     { key: 'last_seen', label: 'Last Seen', sort: 'last_seen', render: (row) => when(row.last_seen) },
+    { key: 'flows', label: 'Recent Flows', render: (row) => flowsLink(row.id, 'Flows') },
   ],
   actions: (row, reload) => canWrite() ? [h('button', { type: 'button', class: 'danger', onclick: async () => { if (await confirmDialog('Revoke device', `Revoke ${row.hostname}? Its certificate stops working, its address is released and its tunnel ends.`, 'Revoke')) { await api('DELETE', '/devices/' + row.id); reload(); } } }, 'Revoke')] : [],
 });
@@ -765,6 +841,8 @@ pages.settings = () => {
       ['Release quarantine', settings.release_quarantine_seconds + ' s'],
       ['Binding idle TTL', settings.binding_idle_ttl_seconds + ' s'],
       ['Export limit', settings.export_limit.toLocaleString() + ' rows'],
+      ['Binding history kept', settings.binding_history_retention_days + ' days'],
+      ['Flow log', settings.flow_log_enabled ? `on, kept ${settings.flow_log_retention_days} days` : 'off'],
     ];
     area.replaceChildren(h('dl', {}, rows.map(([name, value]) => [h('dt', {}, name), h('dd', {}, value)])),
       canWrite() ? h('button', { type: 'button', class: 'primary', onclick: () => formDialog('Settings', [
@@ -772,8 +850,10 @@ pages.settings = () => {
         { name: 'release_quarantine_seconds', label: 'Release quarantine (seconds)', type: 'number', value: settings.release_quarantine_seconds },
         { name: 'binding_idle_ttl_seconds', label: 'Binding idle TTL (seconds)', type: 'number', value: settings.binding_idle_ttl_seconds },
         { name: 'export_limit', label: 'Export limit (rows)', type: 'number', value: settings.export_limit },
+        { name: 'flow_log_enabled', label: 'Record every flow in the flow log', type: 'checkbox', value: settings.flow_log_enabled },
+        { name: 'flow_log_retention_days', label: 'Flow log kept (days)', type: 'number', value: settings.flow_log_retention_days },
       ], 'Save', async (values) => {
-        await api('PATCH', '/settings', { client_domains: splitList(values.client_domains), release_quarantine_seconds: Number(values.release_quarantine_seconds), binding_idle_ttl_seconds: Number(values.binding_idle_ttl_seconds), export_limit: Number(values.export_limit) });
+        await api('PATCH', '/settings', { client_domains: splitList(values.client_domains), release_quarantine_seconds: Number(values.release_quarantine_seconds), binding_idle_ttl_seconds: Number(values.binding_idle_ttl_seconds), export_limit: Number(values.export_limit), flow_log_enabled: values.flow_log_enabled, flow_log_retention_days: Number(values.flow_log_retention_days) });
         route();
       }) }, 'Change settings') : null);
   }).catch((error) => area.replaceChildren(notice(error.message, 'error')));
@@ -830,7 +910,7 @@ pages.dashboard = () => {
 // ---- shell ---------------------------------------------------------------------
 
 const NAV = [
-  ['dashboard', 'Dashboard'], ['ranges', 'IP Ranges'], ['bindings', 'IP Bindings'], ['sessions', 'Client Sessions'], ['devices', 'Devices'],
+  ['dashboard', 'Dashboard'], ['ranges', 'IP Ranges'], ['bindings', 'IP Bindings'], ['sessions', 'Client Sessions'], ['flows', 'Flow Log'], ['devices', 'Devices'],
   ['keys', 'Enrollment Keys'], ['segments', 'Application Segments'], ['policies', 'Access Policies'], ['connectors', 'Connectors'],
   ['audit', 'Audit Logs'], ['admins', 'Administrators', true], ['admin-sessions', 'Admin Sessions', true], ['event-sinks', 'Event Sinks', true], ['settings', 'Settings'],
 ];

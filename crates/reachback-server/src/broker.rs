@@ -743,10 +743,10 @@ async fn serve_connector(
     let flows = {
         let state = state.clone();
         let connection = connection.clone();
-        let connector_id = connector.id.clone();
+        let flow_connector = FlowConnector { id: Arc::from(connector.id.as_str()), name: Arc::from(connector.name.as_str()) };
         tokio::spawn(async move {
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(serve_flow(state.clone(), connector_id.clone(), send, recv));
+                tokio::spawn(serve_flow(state.clone(), flow_connector.clone(), send, recv));
             }
         })
     };
@@ -784,9 +784,92 @@ async fn reply(send: &mut SendStream, reply: &FlowReply) {
     let _ = write_frame(send, reply).await;
 }
 
-/// One flow from a connector: policy, open at the agent, relay.
-async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStream, mut recv: RecvStream) {
+/// The connector a flow came through, as the flow log names it.
+#[derive(Clone)]
+struct FlowConnector {
+    id: Arc<str>,
+    name: Arc<str>,
+}
+
+/// What the flow log records of a flow, gathered as the flow is decided; each way a
+/// flow ends hands it to the flow log once (`finish`), off the data path.
+struct FlowLogEntry {
+    record: Option<reachback_store::FlowRecord>,
+}
+
+impl FlowLogEntry {
+    /// `None` inside when the flow log is off: nothing is gathered.
+    fn new(state: &AppState, started_at: i64, open: &FlowOpen, connector: &FlowConnector) -> FlowLogEntry {
+        if !state.flow_log.enabled() {
+            return FlowLogEntry { record: None };
+        }
+        let protocol = match open.protocol {
+            Transport::Tcp => reachback_store::FlowProtocol::Tcp,
+            Transport::Udp => reachback_store::FlowProtocol::Udp,
+        };
+        FlowLogEntry {
+            record: Some(reachback_store::FlowRecord {
+                started_at,
+                ended_at: started_at,
+                protocol,
+                verdict: reachback_store::FlowVerdict::Offline,
+                reason: None,
+                policy_id: None,
+                policy_name: None,
+                connector_id: connector.id.clone(),
+                connector_name: connector.name.clone(),
+                server: open.source,
+                destination: open.destination,
+                device_id: None,
+                username: None,
+                client_hostname: None,
+                platform: None,
+                socks_user: open.user.clone(),
+                bytes_to_client: 0,
+                bytes_from_client: 0,
+            }),
+        }
+    }
+
+    /// The agent that holds the virtual address (who the flow reached).
+    fn agent(&mut self, agent: &AgentSession) {
+        if let Some(record) = &mut self.record {
+            record.device_id = Some(agent.device_id.clone());
+            record.username = Some(agent.username.clone());
+            record.client_hostname = Some(agent.hostname.clone());
+            record.platform = Some(agent.platform.clone());
+        }
+    }
+
+    /// The policy that decided.
+    fn policy(&mut self, id: Option<&String>, name: Option<&String>) {
+        if let Some(record) = &mut self.record {
+            record.policy_id = id.cloned();
+            record.policy_name = name.cloned();
+        }
+    }
+
+    /// Hands the flow to the flow log with its verdict (and the bytes each way).
+    fn finish(self, state: &AppState, verdict: reachback_store::FlowVerdict, reason: Option<&'static str>, totals: Option<&reachback_tunnel::RelayTotals>) {
+        let Some(mut record) = self.record else { return };
+        record.ended_at = now_micros().max(record.started_at);
+        record.verdict = verdict;
+        record.reason = reason;
+        if let Some(totals) = totals {
+            record.bytes_to_client = totals.server_to_client;
+            record.bytes_from_client = totals.client_to_server;
+        }
+        state.flow_log.record(record);
+    }
+}
+
+/// One flow from a connector: policy, open at the agent, relay. Every flow whose
+/// request could be read ends in the flow log with its verdict.
+async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: SendStream, mut recv: RecvStream) {
+    use reachback_store::FlowVerdict;
     let started = Instant::now();
+    let started_at = now_micros();
+    let connector_id = &*connector.id;
     let open: FlowOpen = match tokio::time::timeout(FLOW_OPEN_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(Some(open))) => open,
         Ok(Ok(None)) => return,
@@ -803,6 +886,7 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
             return;
         }
     };
+    let mut entry = FlowLogEntry::new(&state, started_at, &open, &connector);
     let destination = open.destination;
     let (metrics, protocol) = match open.protocol {
         Transport::Tcp => (&state.metrics.tcp, Protocol::Tcp),
@@ -814,20 +898,23 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
         count_failure(metrics, "offline");
         reply(&mut send, &FlowReply::Refused(Refusal::Offline)).await;
         let _ = send.finish();
+        entry.finish(&state, FlowVerdict::Offline, None, None);
         return;
     };
+    entry.agent(&agent);
     let facts = FlowFacts {
         protocol,
         source: open.source.ip(),
         destination: destination.ip(),
         port: destination.port(),
-        connector_id: &connector_id,
+        connector_id,
         client_hostname: &agent.hostname,
         username: &agent.username,
         platform: &agent.platform,
         range_id: &agent.range_id,
     };
     let decision = state.broker.policy().evaluate(&facts);
+    entry.policy(decision.rule_id.as_ref(), decision.rule_name.as_ref());
     if let Some(user) = &open.user {
         tracing::debug!(%destination, source = %open.source, user = %user, "flow from an authenticated SOCKS5 user");
     }
@@ -836,6 +923,7 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
         tracing::info!(%destination, source = %open.source, connector_id = %connector_id, protocol = open.protocol.as_str(), rule = decision.rule_name.as_deref().unwrap_or("default deny"), "flow denied");
         reply(&mut send, &FlowReply::Refused(Refusal::Denied { rule: decision.rule_name })).await;
         let _ = send.finish();
+        entry.finish(&state, FlowVerdict::Denied, None, None);
         return;
     }
     let (mut agent_send, agent_recv) = match agent.connection.open_bi().await {
@@ -845,12 +933,14 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
             count_failure(metrics, "agent_error");
             reply(&mut send, &FlowReply::Refused(Refusal::ConnectFailed { reason: "the agent's tunnel failed".into() })).await;
             let _ = send.finish();
+            entry.finish(&state, FlowVerdict::Failed, Some("agent_error"), None);
             return;
         }
     };
     if write_frame(&mut agent_send, &open).await.is_err() {
         count_failure(metrics, "agent_error");
         End::Stream { send, recv }.reset();
+        entry.finish(&state, FlowVerdict::Failed, Some("agent_error"), None);
         return;
     }
     tracing::trace!(%destination, source = %open.source, "flow requested at the agent");
@@ -880,14 +970,16 @@ async fn serve_flow(state: SharedState, connector_id: String, mut send: SendStre
     let totals = reachback_tunnel::relay(End::Stream { send, recv }, End::Stream { send: agent_send, recv: agent_recv }, options).await;
     if accepted.load(std::sync::atomic::Ordering::Relaxed) {
         metrics.active.dec();
+        entry.finish(&state, FlowVerdict::Allowed, None, Some(&totals));
     } else {
-        let reason = match &totals.refusal {
-            Some(Refusal::PortNotAllowed) => "port_not_allowed",
-            Some(_) => "connect_failed",
-            None => "timeout",
+        let (verdict, reason) = match &totals.refusal {
+            Some(Refusal::PortNotAllowed) => (FlowVerdict::RefusedByAgent, "port_not_allowed"),
+            Some(_) => (FlowVerdict::RefusedByAgent, "connect_failed"),
+            None => (FlowVerdict::Failed, "timeout"),
         };
         count_failure(metrics, reason);
         tracing::debug!(%destination, refusal = ?totals.refusal, "the agent did not take the flow");
+        entry.finish(&state, verdict, Some(reason), Some(&totals));
     }
     tracing::trace!(%destination, up = totals.server_to_client, down = totals.client_to_server, clean = totals.clean, "flow closed");
 }

@@ -46,6 +46,9 @@ pub fn event_id(event: &OutboxEvent, data: &Value) -> String {
         let edge = event.kind.rsplit('.').next().unwrap_or("binding");
         return format!("binding-{interval}-{edge}");
     }
+    if let Some(flow) = data.get("flow_id").and_then(Value::as_i64) {
+        return format!("flow-{flow}");
+    }
     format!("outbox-{}", event.id)
 }
 
@@ -361,6 +364,9 @@ mod tests {
         assert_eq!(released["data"]["ip"], "100.64.0.9");
         let audit = cloud_event(&event("com.reachback.ip_range.create", json!({"audit_id": "abc"})));
         assert_eq!(audit["id"], "audit-abc");
+        let denied = cloud_event(&event("com.reachback.flow.denied", json!({"flow_id": 9})));
+        assert_eq!(denied["id"], "flow-9");
+        assert!(String::from_utf8(syslog_frame(&denied, "h")).unwrap_or_default().contains("<109>1 "), "a denial is a notice");
     }
 
     #[test]

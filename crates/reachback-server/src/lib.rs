@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod edge;
 mod error;
 pub mod events;
+pub mod flowlog;
 pub mod limit;
 pub mod ops;
 pub mod request;
@@ -36,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, history, keys, ranges, renew, sinks, views};
+use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, flows, history, keys, ranges, renew, sinks, views};
 use crate::ops::Reply::{Csv, List, Nothing, One};
 pub use crate::ops::RouteDoc;
 use crate::ops::schema;
@@ -114,6 +115,8 @@ api_routes! {
     patch "/api/v1/settings" => admin::patch_settings, "admin", 200, "Change settings", [], One(schema::<state::Settings>), body bodies::SettingsBody;
     get "/api/v1/client-sessions" => dataplane::list_sessions, "viewer", 200, "List live client sessions (agent tunnels)", ["page", "page_size", "sort", "client_hostname", "username", "virtual_ip", "platform"] sort dataplane::SESSION_SORTS, List(schema::<views::ClientSession>);
     delete "/api/v1/client-sessions/{id}" => dataplane::delete_session, "admin", 204, "Disconnect a client session", [], Nothing;
+    get "/api/v1/flows" => flows::list, "viewer", 200, "The flow log: one row per flow through a connector, with its verdict and bytes (newest first)", ["page", "page_size", "sort", "device_id", "username", "client_hostname", "virtual_ip", "server_ip", "connector_id", "verdict", "protocol", "from", "to"] sort flows::SORTS, List(schema::<views::FlowView>);
+    get "/api/v1/flows/export.csv" => flows::export, "viewer", 200, "Export the flow log as CSV", ["sort", "device_id", "username", "client_hostname", "virtual_ip", "server_ip", "connector_id", "verdict", "protocol", "from", "to"] sort flows::SORTS, Csv;
     get "/api/v1/app-segments" => dataplane::list_segments, "viewer", 200, "List application segments", ["page", "page_size", "sort", "name", "enabled"] sort dataplane::DOC_SORTS, List(schema::<views::SegmentView>);
     post "/api/v1/app-segments" => dataplane::create_segment, "admin", 201, "Create an application segment", [], One(schema::<views::SegmentView>), body bodies::SegmentBody;
     get "/api/v1/app-segments/{id}" => dataplane::get_segment, "viewer", 200, "Get an application segment", [], One(schema::<views::SegmentView>);
@@ -158,6 +161,8 @@ pub struct App {
     /// the API's TLS, when it is served over HTTPS
     pub tls: Option<serve::ApiTls>,
     writer: tokio::sync::oneshot::Receiver<()>,
+    /// the flow log's writer: it ends after `FlowLog::shutdown`, once the queue is written
+    flow_writer: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -221,6 +226,9 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
     tracing::info!(ranges = snapshot.ranges.len(), elapsed_ms = started.elapsed().as_millis() as u64, "allocation engine loaded");
 
     let (enroll_tx, enroll_rx) = mpsc::channel(4096);
+    let metrics = Metrics::new();
+    let (flow_log, flow_log_writer) = flowlog::FlowLog::new(flowlog::QUEUE_CAPACITY, metrics.flow_log.clone());
+    flow_log.set_enabled(settings.flow_log_enabled);
     let state = Arc::new(AppState {
         store,
         engine: Mutex::new(engine),
@@ -228,19 +236,22 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         settings_sync: tokio::sync::Mutex::new(()),
         ca,
         secret_key,
-        metrics: Metrics::new(),
+        metrics,
         enroll_tx,
         config,
         broker: broker::Broker::default(),
+        flow_log,
         login_limiter: std::sync::Mutex::new(limit::LoginLimiter::default()),
     });
     let writer = writer::spawn(Arc::downgrade(&state), enroll_rx).context("starting the enrollment writer")?;
+    let flow_writer = tokio::spawn(flow_log_writer.run(state.store.clone(), state.config.node_name.clone()));
     let mut background = Vec::new();
     if state.store.backend() == Backend::Postgres {
         background.push(tokio::spawn(sync_replicas(Arc::downgrade(&state))));
     }
     background.push(tokio::spawn(release_idle_bindings(Arc::downgrade(&state))));
     background.push(tokio::spawn(prune_history_hourly(Arc::downgrade(&state))));
+    background.push(tokio::spawn(prune_flow_log_hourly(Arc::downgrade(&state))));
     background.push(tokio::spawn(sync_broker(Arc::downgrade(&state))));
     background.push(tokio::spawn(events::deliver(Arc::downgrade(&state))));
     let tls = match serve::api_certificate(&state.config) {
@@ -252,7 +263,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         None => None,
     };
     let router = router(state.clone());
-    Ok(App { router, state, bootstrap_token, tls, writer, background })
+    Ok(App { router, state, bootstrap_token, tls, writer, flow_writer, background })
 }
 
 /// The full HTTP router over a state.
@@ -294,18 +305,24 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains requests and the enrollment queue.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let App { router, state, writer, background, tls, .. } = self;
+        let App { router, state, writer, flow_writer, background, tls, .. } = self;
         let acceptor = tls.map(|tls| tls.acceptor);
         serve::serve(listener, router, acceptor, state.config.http_limits.clone(), shutdown).await.context("serving HTTP")?;
         state.broker.close_all();
         for task in background {
             task.abort();
         }
+        // the flows the closed tunnels ended reach the queue as their tasks see the close
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state.flow_log.shutdown();
         let store = state.store.clone();
         drop(state);
         // the writer ends once every queued enrollment is written and all senders are gone
         if tokio::time::timeout(Duration::from_secs(10), writer).await.is_err() {
             tracing::warn!("enrollment writer did not finish in time");
+        }
+        if tokio::time::timeout(Duration::from_secs(10), flow_writer).await.is_err() {
+            tracing::warn!("the flow log's writer did not finish in time");
         }
         store.close().await;
         Ok(())
@@ -480,6 +497,47 @@ pub async fn prune_history_now(state: &AppState, now: i64) -> anyhow::Result<u64
         .await?;
     if deleted > 0 {
         tracing::info!(deleted, retention_days = settings.binding_history_retention_days, "deleted old binding history");
+    }
+    Ok(deleted)
+}
+
+/// Deletes flows that ended more than `flow_log_retention_days` ago, once an hour
+/// (the first round at start).
+async fn prune_flow_log_hourly(state: std::sync::Weak<AppState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(3600));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        if let Err(error) = prune_flow_log_now(&state, reachback_store::now_micros()).await {
+            tracing::warn!(%error, "could not delete old flow log rows");
+        }
+    }
+}
+
+/// One flow-log retention round as seen from `now`: flows that ended before `now` −
+/// `flow_log_retention_days` are deleted in batches; the round is audited as
+/// `prune_flow_log` by `system` when it deleted any. Returns how many rows went.
+pub async fn prune_flow_log_now(state: &AppState, now: i64) -> anyhow::Result<u64> {
+    let settings = state.settings();
+    let cutoff = settings.flow_log_cutoff(now);
+    let deleted = state
+        .store
+        .prune_flows(cutoff, reachback_store::FLOW_PRUNE_BATCH_ROWS, |deleted| reachback_store::AuditEntry {
+            actor: "system".into(),
+            action: "prune_flow_log".into(),
+            resource_type: "flow_log".into(),
+            resource_id: "*".into(),
+            after: Some(serde_json::json!({
+                "deleted": deleted,
+                "ended_before": request::format_time(cutoff),
+                "retention_days": settings.flow_log_retention_days,
+            })),
+            ..reachback_store::AuditEntry::default()
+        })
+        .await?;
+    if deleted > 0 {
+        tracing::info!(deleted, retention_days = settings.flow_log_retention_days, "deleted old flow log rows");
     }
     Ok(deleted)
 }

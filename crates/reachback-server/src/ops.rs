@@ -206,6 +206,13 @@ fn query_schema(route: &RouteDoc, name: &str) -> (Value, &'static str) {
             json!({"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}, {"type": "string", "pattern": CIDR}]}),
             "an address (exact) or a CIDR (every address inside; IPv6 CIDRs such as `fd7a:115c:a1e0::/64` too)",
         ),
+        "virtual_ip" | "server_ip" if route.path.starts_with("/api/v1/flows") => (
+            json!({"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}, {"type": "string", "pattern": CIDR}]}),
+            "an address (exact) or a CIDR (every address inside)",
+        ),
+        "verdict" => (json!({"$ref": "#/components/schemas/FlowVerdict"}), "only flows with this verdict"),
+        "protocol" => (json!({"$ref": "#/components/schemas/FlowProtocol"}), "only flows of this transport"),
+        "device_id" | "connector_id" => (json!({"type": "string", "maxLength": MAX_QUERY_VALUE, "pattern": NO_CONTROLS}), "an id (exact)"),
         _ => text("case-insensitive substring (some filters also take exact forms; see API.md)"),
     }
 }
@@ -294,6 +301,8 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
     // shared enums the parameters refer to
     schema::<crate::api::views::Platform>(&mut components);
     schema::<crate::api::bodies::ConsolePage>(&mut components);
+    schema::<crate::api::views::FlowVerdict>(&mut components);
+    schema::<crate::api::views::FlowProtocol>(&mut components);
     let mut paths = Map::new();
     for route in routes {
         let mut parameters: Vec<Value> = route

@@ -32,6 +32,10 @@ pub struct Settings {
     pub provisioning_key_ttl_seconds: i64,
     /// closed binding-history intervals older than this many days are deleted
     pub binding_history_retention_days: i64,
+    /// whether the broker records every flow in the flow log
+    pub flow_log_enabled: bool,
+    /// flows that ended more than this many days ago are deleted from the flow log
+    pub flow_log_retention_days: i64,
 }
 
 impl Default for Settings {
@@ -43,6 +47,8 @@ impl Default for Settings {
             export_limit: 1_000_000,
             provisioning_key_ttl_seconds: 86_400,
             binding_history_retention_days: DEFAULT_HISTORY_RETENTION_DAYS,
+            flow_log_enabled: true,
+            flow_log_retention_days: DEFAULT_FLOW_LOG_RETENTION_DAYS,
         }
     }
 }
@@ -62,6 +68,10 @@ impl Settings {
                 ("binding_history_retention_days", Some(value)) => {
                     value.as_i64().filter(|days| HISTORY_RETENTION_DAYS.contains(days)).map(|days| settings.binding_history_retention_days = days).is_some()
                 }
+                ("flow_log_enabled", Some(value)) => value.as_bool().map(|enabled| settings.flow_log_enabled = enabled).is_some(),
+                ("flow_log_retention_days", Some(value)) => {
+                    value.as_i64().filter(|days| FLOW_LOG_RETENTION_DAYS.contains(days)).map(|days| settings.flow_log_retention_days = days).is_some()
+                }
                 _ => false,
             };
             if !applied {
@@ -79,6 +89,11 @@ impl Settings {
     pub fn history_cutoff(&self, now: i64) -> i64 {
         now.saturating_sub(self.binding_history_retention_days.saturating_mul(86_400_000_000))
     }
+
+    /// The instant before which ended flows are deleted from the flow log, seen from `now`.
+    pub fn flow_log_cutoff(&self, now: i64) -> i64 {
+        now.saturating_sub(self.flow_log_retention_days.saturating_mul(86_400_000_000))
+    }
 }
 
 /// Binding history is kept 400 days by default: a year of incidents, and the
@@ -86,6 +101,12 @@ impl Settings {
 pub const DEFAULT_HISTORY_RETENTION_DAYS: i64 = 400;
 /// The retention an admin may set: a day to ten years.
 pub const HISTORY_RETENTION_DAYS: std::ops::RangeInclusive<i64> = 1..=3650;
+/// The flow log is kept 90 days by default: flows are many (one row per connection),
+/// and 90 days covers the usual incident window (and PCI DSS's "three months at
+/// hand"); who held an address for longer is the binding history's (400 days).
+pub const DEFAULT_FLOW_LOG_RETENTION_DAYS: i64 = 90;
+/// The flow-log retention an admin may set: a day to ten years.
+pub const FLOW_LOG_RETENTION_DAYS: std::ops::RangeInclusive<i64> = 1..=3650;
 
 /// What `reachback server` is started with.
 #[derive(Clone, Debug)]
@@ -225,6 +246,8 @@ pub struct Metrics {
     /// UDP flows (the same under `reachback_udp_`)
     pub udp: FlowMetrics,
     pub certificates_renewed: Counter,
+    /// the flow log's writer and its queue
+    pub flow_log: FlowLogMetrics,
     pub events: EventMetrics,
 }
 
@@ -251,6 +274,32 @@ impl EventMetrics {
 
     pub fn labels(sink: &str) -> Vec<(String, String)> {
         vec![("sink".to_string(), sink.to_string())]
+    }
+}
+
+/// The flow log's counters.
+#[derive(Clone, Debug)]
+pub struct FlowLogMetrics {
+    /// flows written to the database
+    pub written: Counter,
+    /// flows not written, by reason (`queue_full`, `write_failed`, `shutdown`)
+    pub dropped: Family<Vec<(String, String)>, Counter>,
+    /// time to write one batch
+    pub batch_seconds: Histogram,
+}
+
+impl FlowLogMetrics {
+    fn register(registry: &mut Registry) -> FlowLogMetrics {
+        let metrics = FlowLogMetrics { written: Counter::default(), dropped: Family::default(), batch_seconds: latency_histogram() };
+        registry.register("flow_log_written", "Flows written to the flow log", metrics.written.clone());
+        registry.register("flow_log_dropped", "Flows not written to the flow log, by reason (queue_full, write_failed, shutdown)", metrics.dropped.clone());
+        registry.register("flow_log_batch_duration_seconds", "Time to write one batch of the flow log", metrics.batch_seconds.clone());
+        metrics
+    }
+
+    /// Counts `count` flows dropped for `reason`.
+    pub fn count_dropped(&self, reason: &str, count: u64) {
+        self.dropped.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc_by(count);
     }
 }
 
@@ -326,6 +375,7 @@ impl Metrics {
         let udp = FlowMetrics::register(&mut registry, "udp_", "UDP flows");
         let certificates_renewed = Counter::default();
         registry.register("certificates_renewed", "Device and connector certificates renewed (over the tunnel or the API)", certificates_renewed.clone());
+        let flow_log = FlowLogMetrics::register(&mut registry);
         let events = EventMetrics::register(&mut registry);
         Metrics {
             registry,
@@ -343,6 +393,7 @@ impl Metrics {
             tcp,
             udp,
             certificates_renewed,
+            flow_log,
             events,
         }
     }
@@ -377,6 +428,8 @@ pub struct AppState {
     pub enroll_tx: mpsc::Sender<EnrollRequest>,
     pub config: ServerConfig,
     pub broker: crate::broker::Broker,
+    /// the flow log's queue (the broker records each flow's end there)
+    pub flow_log: crate::flowlog::FlowLog,
     /// failed console sign-ins, per account and per address
     pub login_limiter: std::sync::Mutex<crate::limit::LoginLimiter>,
 }
@@ -399,6 +452,7 @@ impl AppState {
     }
 
     pub fn set_settings(&self, settings: Settings) {
+        self.flow_log.set_enabled(settings.flow_log_enabled);
         match self.settings.write() {
             Ok(mut guard) => *guard = settings,
             Err(poisoned) => *poisoned.into_inner() = settings,

@@ -63,3 +63,16 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER binding_history_events AFTER INSERT OR UPDATE OF released_at ON binding_history FOR EACH ROW EXECUTE FUNCTION binding_history_events();
+
+CREATE FUNCTION flow_log_denied_events() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO event_outbox (sink_id, type, subject, at, data)
+    SELECT s.id, 'com.reachback.flow.denied', NEW.virtual_ip, NEW.started_at,
+        json_build_object('flow_id', NEW.id, 'started_at', NEW.started_at, 'protocol', NEW.protocol, 'policy_id', NEW.policy_id,
+            'policy_name', NEW.policy_name, 'connector_id', NEW.connector_id, 'connector_name', NEW.connector_name,
+            'server_ip', NEW.server_ip, 'server_port', NEW.server_port, 'virtual_ip', NEW.virtual_ip, 'virtual_port', NEW.virtual_port,
+            'device_id', NEW.device_id, 'username', NEW.username, 'client_hostname', NEW.client_hostname, 'socks_user', NEW.socks_user)::text
+    FROM event_sinks s WHERE s.enabled;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER flow_log_denied_events AFTER INSERT ON flow_log FOR EACH ROW WHEN (NEW.verdict = 'denied') EXECUTE FUNCTION flow_log_denied_events();

@@ -67,3 +67,15 @@ BEGIN
             'bound_at', NEW.bound_at, 'released_at', NEW.released_at, 'reason', NEW.reason)
     FROM event_sinks s WHERE s.enabled = 1;
 END;
+
+CREATE TRIGGER flow_log_denied_events AFTER INSERT ON flow_log
+WHEN NEW.verdict = 'denied' AND EXISTS (SELECT 1 FROM event_sinks WHERE enabled = 1)
+BEGIN
+    INSERT INTO event_outbox (sink_id, type, subject, at, data)
+    SELECT s.id, 'com.reachback.flow.denied', NEW.virtual_ip, NEW.started_at,
+        json_object('flow_id', NEW.id, 'started_at', NEW.started_at, 'protocol', NEW.protocol, 'policy_id', NEW.policy_id,
+            'policy_name', NEW.policy_name, 'connector_id', NEW.connector_id, 'connector_name', NEW.connector_name,
+            'server_ip', NEW.server_ip, 'server_port', NEW.server_port, 'virtual_ip', NEW.virtual_ip, 'virtual_port', NEW.virtual_port,
+            'device_id', NEW.device_id, 'username', NEW.username, 'client_hostname', NEW.client_hostname, 'socks_user', NEW.socks_user)
+    FROM event_sinks s WHERE s.enabled = 1;
+END;

@@ -16,6 +16,7 @@ mod devices;
 mod enroll;
 mod enroll_sqlite;
 mod events;
+mod flows;
 mod history;
 mod keys;
 mod names;
@@ -37,6 +38,7 @@ pub use dataplane::{ClientSessionRow, ConnectorRow, DocKind, DocRow, Provisionin
 pub use devices::{DeviceQuery, DeviceRow, DeviceSort};
 pub use enroll::{EnrollFailure, EnrollJob, EnrollOutcome};
 pub use events::{OutboxEvent, SinkRow, SinkWrite};
+pub use flows::{FLOW_PRUNE_BATCH_ROWS, FlowProtocol, FlowQuery, FlowRecord, FlowRow, FlowSort, FlowVerdict, flow_overlaps};
 pub use history::{BindReason, HistoryQuery, HistoryRow, HistorySort, PRUNE_BATCH_ROWS, ReleaseReason, Trace, holds_at, overlaps_window};
 pub use keys::{EnrollmentKeyRow, hostname_allowed};
 pub use names::NameChange;
@@ -134,6 +136,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (9, include_str!("../migrations/0009_connector_dns.sql"), ""),
     (10, include_str!("../migrations/0010_name_skeletons.sql"), ""),
     (11, include_str!("../migrations/0011_binding_history_sqlite.sql"), include_str!("../migrations/0011_binding_history_postgres.sql")),
+    (12, include_str!("../migrations/0012_flow_log_sqlite.sql"), include_str!("../migrations/0012_flow_log_postgres.sql")),
     (13, include_str!("../migrations/0013_events_sqlite.sql"), include_str!("../migrations/0013_events_postgres.sql")),
 ];
 

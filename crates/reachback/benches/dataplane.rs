@@ -12,8 +12,13 @@
 //! connected agents on one server (memory per session); the agent's idle RSS.
 //! REACHBACK_BENCH_FLOWS, REACHBACK_BENCH_CONCURRENT, REACHBACK_BENCH_AGENTS and
 //! REACHBACK_BENCH_SECONDS change the sizes; REACHBACK_BENCH_PHASES (a comma list of
-//! `bulk`, `flows`, `concurrent`, `agents`, `tun`; all by default) picks what runs, and
-//! REACHBACK_BENCH_BINARY runs another build of `reachback` (A/B runs on one day).
+//! `bulk`, `flows`, `concurrent`, `agents`, `flowlog`, `tun`; all by default) picks what
+//! runs, and REACHBACK_BENCH_BINARY runs another build of `reachback` (A/B runs on one day).
+//! The `flowlog` phase sets the sequential flow rate with the flow log on against off
+//! in the same run: the `flow_log_enabled` setting is switched through the API between
+//! runs of sequential connect + 1-byte echo + close, in REACHBACK_BENCH_ROUNDS rounds
+//! (5 by default) of one run each way, the first way alternating (the server host
+//! reuses TIME_WAIT ports for it: `net.ipv4.tcp_tw_reuse=1` in its namespace).
 //! The `tun` phase (last, as it swaps the connector) sets TUN mode against TPROXY
 //! mode in the same run: the connector is restarted in each mode in turn
 //! (REACHBACK_BENCH_ROUNDS rounds, 2 by default), and each round measures
@@ -245,7 +250,7 @@ fn start_holder(lab: &Lab, host: &str, args: &[&str]) -> (std::process::Child, V
 fn orchestrate() {
     let bin = std::env::var_os("REACHBACK_BENCH_BINARY").map_or_else(|| Path::new(env!("CARGO_BIN_EXE_reachback")).to_path_buf(), std::path::PathBuf::from);
     let bin = bin.as_path();
-    let phases = std::env::var("REACHBACK_BENCH_PHASES").unwrap_or_else(|_| "bulk,flows,concurrent,agents,tun".into());
+    let phases = std::env::var("REACHBACK_BENCH_PHASES").unwrap_or_else(|_| "bulk,flows,concurrent,agents,flowlog,tun".into());
     let phase = |name: &str| phases.split(',').any(|listed| listed.trim() == name);
     let seconds = env_number("REACHBACK_BENCH_SECONDS", 5).to_string();
     let flows = env_number("REACHBACK_BENCH_FLOWS", 2000);
@@ -383,9 +388,76 @@ fn orchestrate() {
         drop(swarm_child.stdin.take());
         let _ = swarm_child.wait();
     }
+    if phase("flowlog") {
+        flow_log_on_against_off(&lab, flows, env_number("REACHBACK_BENCH_ROUNDS", 5));
+    }
     if phase("tun") {
         tun_against_tproxy(&mut lab, &seconds, flows, env_number("REACHBACK_BENCH_ROUNDS", 2));
     }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        length if length % 2 == 1 => sorted[length / 2],
+        length => (sorted[length / 2 - 1] + sorted[length / 2]) / 2.0,
+    }
+}
+
+/// The sequential flow rate with the flow log on against off, in one run: the
+/// setting is switched through the API before each run of `flows` sequential
+/// connect + 1-byte echo + close, one run each way per round, the first way
+/// alternating from round to round (so a drift of the machine falls on both).
+fn flow_log_on_against_off(lab: &Lab, flows: usize, rounds: usize) {
+    // tens of thousands of connects to one address and port within a minute: without
+    // reuse, the server host's TIME_WAIT sockets use up its connect ports after some
+    // 14,000 flows and every connect then searches (a sevenfold slowdown, whatever the
+    // flow log); the server host is the lab's client tool, not a Reachback component
+    let reuse = lab.run("srv", "sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    assert!(reuse.status.success(), "sysctl tcp_tw_reuse on the server host");
+    println!("\n## flow log on against off ({rounds} rounds of {flows} sequential connect + 1-byte echo + close each way, alternating)");
+    println!("(the server host reuses TIME_WAIT ports: net.ipv4.tcp_tw_reuse=1)");
+    println!("| round | flow log | flows/s | p50 µs | p90 µs | p99 µs | failures | rows written |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let count = flows.to_string();
+    let (mut on_rates, mut off_rates) = (Vec::new(), Vec::new());
+    let dropped_before = lab.metric("reachback_flow_log_dropped_total");
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 { [true, false] } else { [false, true] };
+        for on in order {
+            let (status, settings) = lab.api("PATCH", "/settings", Some(json!({"flow_log_enabled": on})));
+            assert_eq!((status, settings["flow_log_enabled"].as_bool()), (200, Some(on)), "{settings}");
+            // what the writer still had from the last run is written before this one starts
+            std::thread::sleep(Duration::from_millis(500));
+            let written_before = lab.metric("reachback_flow_log_written_total");
+            let run = run_helper(lab, "srv", &["flows", "100.64.0.1:7000", &count]);
+            // the writer's last batch goes within 200 ms of the last flow
+            std::thread::sleep(Duration::from_millis(500));
+            let written = lab.metric("reachback_flow_log_written_total") - written_before;
+            let mut latencies: Vec<u64> = run["latencies_us"].as_array().expect("latencies").iter().filter_map(Value::as_u64).collect();
+            latencies.sort_unstable();
+            let rate = latencies.len() as f64 / run["seconds"].as_f64().unwrap_or(1.0);
+            println!(
+                "| {round} | {} | {rate:.0} | {} | {} | {} | {} | {written:.0} |",
+                if on { "on" } else { "off" },
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.9),
+                percentile(&latencies, 0.99),
+                run["failures"]
+            );
+            if on { on_rates.push(rate) } else { off_rates.push(rate) }
+        }
+    }
+    let (on, off) = (median(&on_rates), median(&off_rates));
+    println!(
+        "median flows/s: flow log on {on:.0}, off {off:.0}; on ÷ off {:.3} (goal ≥ 0.95); flow records dropped: {:.0}",
+        on / off.max(1.0),
+        lab.metric("reachback_flow_log_dropped_total") - dropped_before
+    );
+    let (status, _) = lab.api("PATCH", "/settings", Some(json!({"flow_log_enabled": true})));
+    assert_eq!(status, 200);
 }
 
 /// Restarts the connector in `mode` as a new connector (a provisioning key of its

@@ -69,6 +69,16 @@ enum CtlCommand {
     /// Event sinks: webhooks and syslog servers that receive the events (superadmin)
     #[command(subcommand)]
     EventSinks(EventSinkCommand),
+    /// The flow log: one row per flow through a connector, newest first (filters narrow it)
+    Flows {
+        #[command(flatten)]
+        list: ListArgs,
+        #[command(flatten)]
+        filters: FlowFilters,
+        /// Download every matching flow as CSV to this file ('-' for standard output) instead of listing a page
+        #[arg(long)]
+        export: Option<String>,
+    },
     /// Who the token belongs to
     Me,
     /// The internal certificate authority
@@ -418,6 +428,38 @@ struct HistoryFilters {
     to: Option<String>,
 }
 
+#[derive(Args, Default)]
+struct FlowFilters {
+    #[arg(long)]
+    device_id: Option<String>,
+    /// Substring, case-insensitively
+    #[arg(long)]
+    username: Option<String>,
+    /// Substring, case-insensitively
+    #[arg(long)]
+    client_hostname: Option<String>,
+    /// The virtual address asked for: an address or CIDR
+    #[arg(long)]
+    virtual_ip: Option<String>,
+    /// The server's source address: an address or CIDR
+    #[arg(long)]
+    server_ip: Option<String>,
+    #[arg(long)]
+    connector_id: Option<String>,
+    /// allowed, denied, offline, refused_by_agent or failed
+    #[arg(long)]
+    verdict: Option<String>,
+    /// tcp or udp
+    #[arg(long)]
+    protocol: Option<String>,
+    /// Only flows still going on at or after this time (RFC 3339)
+    #[arg(long)]
+    from: Option<String>,
+    /// Only flows started at or before this time (RFC 3339)
+    #[arg(long)]
+    to: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum KeyCommand {
     /// List enrollment keys (without their secrets)
@@ -520,6 +562,12 @@ enum SettingsCommand {
         /// Days closed binding-history intervals are kept (1-3650)
         #[arg(long)]
         binding_history_retention_days: Option<i64>,
+        /// Record every flow in the flow log (on or off)
+        #[arg(long, value_parser = ["on", "off"])]
+        flow_log: Option<String>,
+        /// Days ended flows are kept in the flow log (1-3650)
+        #[arg(long)]
+        flow_log_retention_days: Option<i64>,
     },
 }
 
@@ -731,6 +779,38 @@ fn history_query(filters: HistoryFilters) -> Vec<(&'static str, Option<String>)>
         ("to", filters.to),
     ]
 }
+
+fn flow_query(filters: FlowFilters) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("device_id", filters.device_id),
+        ("username", filters.username),
+        ("client_hostname", filters.client_hostname),
+        ("virtual_ip", filters.virtual_ip),
+        ("server_ip", filters.server_ip),
+        ("connector_id", filters.connector_id),
+        ("verdict", filters.verdict),
+        ("protocol", filters.protocol),
+        ("from", filters.from),
+        ("to", filters.to),
+    ]
+}
+
+/// The columns of a flow in tables.
+const FLOW_COLUMNS: &[&str] = &[
+    "started_at",
+    "ended_at",
+    "protocol",
+    "verdict",
+    "server_ip",
+    "server_port",
+    "virtual_ip",
+    "virtual_port",
+    "username",
+    "client_hostname",
+    "connector_name",
+    "bytes_to_client",
+    "bytes_from_client",
+];
 
 /// The columns of a binding-history interval in tables.
 const HISTORY_COLUMNS: &[&str] = &["ip", "username", "client_hostname", "platform", "bound_at", "released_at", "reason", "range_name", "device_id"];
@@ -1040,6 +1120,21 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             ClientSessionCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/client-sessions/{id}"), &[], None)?, output, &[]),
         },
+        CtlCommand::Flows { list, filters, export } => match export {
+            Some(file) => {
+                if list.page.is_some() || list.page_size.is_some() {
+                    bail!("--page and --page-size list one page; --export downloads every matching flow");
+                }
+                let mut query = flow_query(filters);
+                query.push(("sort", list.sort));
+                client.download("/api/v1/flows/export.csv", &query, &file)?;
+            }
+            None => {
+                let mut query = list_query(&list);
+                query.extend(flow_query(filters));
+                print(&client.json("GET", "/api/v1/flows", &query, None)?, output, FLOW_COLUMNS);
+            }
+        },
         CtlCommand::Devices(command) => match command {
             DeviceCommand::List { list, hostname, username, platform } => {
                 let mut query = list_query(&list);
@@ -1085,7 +1180,15 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         },
         CtlCommand::Settings(command) => match command {
             SettingsCommand::Get => print(&client.json("GET", "/api/v1/settings", &[], None)?, output, &[]),
-            SettingsCommand::Set { client_domains, release_quarantine_seconds, binding_idle_ttl_seconds, export_limit, binding_history_retention_days } => {
+            SettingsCommand::Set {
+                client_domains,
+                release_quarantine_seconds,
+                binding_idle_ttl_seconds,
+                export_limit,
+                binding_history_retention_days,
+                flow_log,
+                flow_log_retention_days,
+            } => {
                 let mut body = Map::new();
                 if let Some(domains) = client_domains {
                     let list: Vec<&str> = domains.split(',').map(str::trim).filter(|domain| !domain.is_empty()).collect();
@@ -1096,10 +1199,14 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                     ("binding_idle_ttl_seconds", binding_idle_ttl_seconds),
                     ("export_limit", export_limit),
                     ("binding_history_retention_days", binding_history_retention_days),
+                    ("flow_log_retention_days", flow_log_retention_days),
                 ] {
                     if let Some(value) = value {
                         body.insert(key.into(), json!(value));
                     }
+                }
+                if let Some(flow_log) = flow_log {
+                    body.insert("flow_log_enabled".into(), json!(flow_log == "on"));
                 }
                 print(&client.json("PATCH", "/api/v1/settings", &[], Some(Value::Object(body)))?, output, &[]);
             }

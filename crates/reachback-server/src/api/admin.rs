@@ -247,6 +247,13 @@ pub async fn patch_settings(State(state): State<SharedState>, caller: Caller, bo
     if let Some(days) = fields.integer("binding_history_retention_days", *retention.start(), *retention.end()) {
         after.binding_history_retention_days = days;
     }
+    if let Some(enabled) = fields.boolean("flow_log_enabled") {
+        after.flow_log_enabled = enabled;
+    }
+    let retention = crate::state::FLOW_LOG_RETENTION_DAYS;
+    if let Some(days) = fields.integer("flow_log_retention_days", *retention.start(), *retention.end()) {
+        after.flow_log_retention_days = days;
+    }
     fields.finish()?;
     save_settings(&state, &caller, &before, &after).await?;
     Ok(Json(json!(after)))

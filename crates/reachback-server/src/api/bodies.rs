@@ -180,6 +180,12 @@ pub struct SettingsBody {
     /// how long a closed binding interval is kept (1 to 3,650 days)
     #[schema(nullable = false, minimum = 1, maximum = 3650)]
     binding_history_retention_days: Option<i64>,
+    /// whether the broker records every flow in the flow log
+    #[schema(nullable = false)]
+    flow_log_enabled: Option<bool>,
+    /// how long an ended flow is kept in the flow log (1 to 3,650 days)
+    #[schema(nullable = false, minimum = 1, maximum = 3650)]
+    flow_log_retention_days: Option<i64>,
 }
 
 /// Console sign-in.
@@ -200,6 +206,7 @@ pub enum ConsolePage {
     IpBindings,
     Devices,
     ClientSessions,
+    Flows,
     AuditLogs,
     EnrollmentKeys,
     AppSegments,

@@ -26,6 +26,7 @@ const PAGES: &[&str] = &[
     "ip-bindings",
     "devices",
     "client-sessions",
+    "flows",
     "audit-logs",
     "enrollment-keys",
     "app-segments",

@@ -8,6 +8,7 @@ pub mod console;
 pub mod dataplane;
 pub mod devices;
 pub mod enroll;
+pub mod flows;
 pub mod history;
 pub mod keys;
 pub mod ranges;

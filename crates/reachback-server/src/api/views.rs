@@ -4,7 +4,8 @@
 
 use reachback_ipam::Location;
 use reachback_store::{
-    AdminRow, ApiKeyRow, AuditRow, BindingRow, ClientSessionRow, DeviceRow, DocRow, EnrollmentKeyRow, HistoryRow, RangeRow, SavedFilterRow, SessionRow, SinkRow,
+    AdminRow, ApiKeyRow, AuditRow, BindingRow, ClientSessionRow, DeviceRow, DocRow, EnrollmentKeyRow, FlowRow, HistoryRow, RangeRow, SavedFilterRow,
+    SessionRow, SinkRow,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -698,6 +699,106 @@ pub struct Trace {
     pub next: Option<HistoryView>,
 }
 
+/// What became of a flow.
+#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowVerdict {
+    /// the policy allowed it and the agent took it
+    Allowed,
+    /// the access policy denied it (`policy_name`; null: no policy matched, the default deny)
+    Denied,
+    /// no agent held the virtual address
+    Offline,
+    /// the agent said no: its allow-list (`port_not_allowed`) or its local connect (`connect_failed`)
+    RefusedByAgent,
+    /// no answer came: the agent's tunnel failed (`agent_error`) or the agent did not answer in time (`timeout`)
+    Failed,
+}
+
+/// A flow's transport.
+#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowProtocol {
+    Tcp,
+    Udp,
+}
+
+/// One flow through a connector: from `started_at` (its request arrived) to
+/// `ended_at` (both inclusive; a refusal ends when it is decided), who it reached,
+/// the verdict, the bytes.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[schema(as = Flow)]
+pub struct FlowView {
+    pub id: String,
+    pub started_at: Timestamp,
+    pub ended_at: Timestamp,
+    #[schema(value_type = FlowProtocol)]
+    pub protocol: String,
+    #[schema(value_type = FlowVerdict)]
+    pub verdict: String,
+    /// why the agent refused or the flow failed: `port_not_allowed`, `connect_failed`, `agent_error`, `timeout`
+    pub reason: Option<String>,
+    /// the policy that allowed or denied it; null for a default deny (or no decision: offline)
+    pub policy_id: Option<String>,
+    pub policy_name: Option<String>,
+    pub connector_id: String,
+    /// the connector's name when the flow came through it
+    pub connector_name: String,
+    /// the server's source address and port
+    pub server_ip: String,
+    #[schema(minimum = 0, maximum = 65535)]
+    pub server_port: i64,
+    /// the virtual address and port the server asked for
+    pub virtual_ip: String,
+    #[schema(minimum = 0, maximum = 65535)]
+    pub virtual_port: i64,
+    /// the device that held the virtual address then (null: offline, no agent held it)
+    pub device_id: Option<String>,
+    pub username: Option<String>,
+    pub client_hostname: Option<String>,
+    #[schema(value_type = Option<Platform>)]
+    pub platform: Option<String>,
+    /// the SOCKS5 user the connector authenticated (flows that came in over SOCKS5)
+    pub socks_user: Option<String>,
+    /// bytes relayed towards the client device (for UDP, datagrams with their 2-byte length)
+    #[schema(minimum = 0)]
+    pub bytes_to_client: i64,
+    /// bytes relayed from the client device towards the server
+    #[schema(minimum = 0)]
+    pub bytes_from_client: i64,
+    /// the replica whose broker relayed it
+    pub node_name: String,
+}
+
+impl From<&FlowRow> for FlowView {
+    fn from(row: &FlowRow) -> Self {
+        FlowView {
+            id: row.id.to_string(),
+            started_at: Timestamp::at(row.started_at),
+            ended_at: Timestamp::at(row.ended_at),
+            protocol: row.protocol.clone(),
+            verdict: row.verdict.clone(),
+            reason: row.reason.clone(),
+            policy_id: row.policy_id.clone(),
+            policy_name: row.policy_name.clone(),
+            connector_id: row.connector_id.clone(),
+            connector_name: row.connector_name.clone(),
+            server_ip: row.server_ip.clone(),
+            server_port: row.server_port,
+            virtual_ip: row.virtual_ip.clone(),
+            virtual_port: row.virtual_port,
+            device_id: row.device_id.clone(),
+            username: row.username.clone(),
+            client_hostname: row.client_hostname.clone(),
+            platform: row.platform.clone(),
+            socks_user: row.socks_user.clone(),
+            bytes_to_client: row.bytes_to_client,
+            bytes_from_client: row.bytes_from_client,
+            node_name: row.node_name.clone(),
+        }
+    }
+}
+
 /// Where a sink sends events.
 #[derive(Clone, Copy, Debug, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -776,6 +877,17 @@ pub struct NewEventSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_flow_enums_are_the_stored_names() {
+        let verdicts: Vec<Value> =
+            [FlowVerdict::Allowed, FlowVerdict::Denied, FlowVerdict::Offline, FlowVerdict::RefusedByAgent, FlowVerdict::Failed].iter().map(json_of).collect();
+        let stored: Vec<Value> = reachback_store::FlowVerdict::ALL.iter().map(|verdict| Value::from(verdict.as_str())).collect();
+        assert_eq!(verdicts, stored);
+        let protocols: Vec<Value> = [FlowProtocol::Tcp, FlowProtocol::Udp].iter().map(json_of).collect();
+        let stored: Vec<Value> = reachback_store::FlowProtocol::ALL.iter().map(|protocol| Value::from(protocol.as_str())).collect();
+        assert_eq!(protocols, stored);
+    }
 
     #[test]
     fn the_platform_enum_is_the_validated_list() {

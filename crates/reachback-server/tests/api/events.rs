@@ -19,6 +19,7 @@ on_both_backends!(
     a_webhook_gets_every_event_signed_and_nothing_is_lost_while_it_is_down,
     a_syslog_receiver_gets_rfc5424_messages,
     sinks_are_validated_filtered_and_audited,
+    denied_flows_are_events,
 );
 
 /// What a receiver got: the requests (headers, body) and whether it answers 503.
@@ -296,4 +297,31 @@ async fn sinks_are_validated_filtered_and_audited(server: TestServer) {
     let audit = server.get("/api/v1/audit-logs?resource_type=event_sink&page_size=100").await.json();
     let actions: Vec<&str> = audit["items"].as_array().expect("items").iter().filter_map(|entry| entry["action"].as_str()).collect();
     assert_eq!(actions, ["delete", "update", "update", "create"], "every change is audited");
+}
+
+/// Flows the access policy denied are events (`com.reachback.flow.denied`), one per
+/// denied flow with its sides and the deciding policy; other verdicts are not.
+async fn denied_flows_are_events(server: TestServer) {
+    let (receiver, url) = Receiver::start().await;
+    let created =
+        server.post("/api/v1/event-sinks", json!({"name": "denials", "kind": "webhook", "target": url, "event_types": ["com.reachback.flow."]})).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    let secret = created.json()["secret"].as_str().expect("secret").to_string();
+    let records = crate::flows::varied_flows(reachback_store::now_micros() - 3_600_000_000);
+    let denied: Vec<&reachback_store::FlowRecord> = records.iter().filter(|record| record.verdict == reachback_store::FlowVerdict::Denied).collect();
+    assert!(denied.len() >= 3, "the sample has denials");
+    server.state.as_ref().expect("state").store.insert_flows(&records, "node-a").await.expect("insert");
+    eventually("the denied flows", || receiver.events(&secret).len() >= denied.len()).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let events = receiver.events(&secret);
+    assert_eq!(events.len(), denied.len(), "one event per denied flow, none for the other verdicts");
+    for (event, record) in events.iter().zip(&denied) {
+        assert_eq!(event["type"], "com.reachback.flow.denied");
+        assert_eq!(event["subject"], record.destination.ip().to_string());
+        assert_eq!(event["data"]["server_ip"], record.server.ip().to_string());
+        assert_eq!(event["data"]["virtual_port"], record.destination.port());
+        assert_eq!(event["data"]["policy_name"].as_str(), record.policy_name.as_deref());
+        assert_eq!(event["data"]["username"].as_str(), record.username.as_deref());
+        assert!(event["id"].as_str().is_some_and(|id| id.starts_with("flow-")), "{event}");
+    }
 }

@@ -4,6 +4,7 @@
 mod console;
 mod dataplane;
 mod events;
+mod flows;
 mod harness;
 mod history;
 mod hostile;

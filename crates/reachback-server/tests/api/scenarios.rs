@@ -599,7 +599,7 @@ async fn settings_and_client_domains(server: TestServer) {
     let settings = server.get("/api/v1/settings").await.json();
     assert_eq!(
         settings,
-        json!({"client_domains": [], "binding_idle_ttl_seconds": 2592000, "release_quarantine_seconds": 3600, "export_limit": 1000000, "provisioning_key_ttl_seconds": 86400, "binding_history_retention_days": 400})
+        json!({"client_domains": [], "binding_idle_ttl_seconds": 2592000, "release_quarantine_seconds": 3600, "export_limit": 1000000, "provisioning_key_ttl_seconds": 86400, "binding_history_retention_days": 400, "flow_log_enabled": true, "flow_log_retention_days": 90})
     );
     let reply = server.patch("/api/v1/settings", json!({"client_domains": ["Corp.Example"], "release_quarantine_seconds": 0})).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());

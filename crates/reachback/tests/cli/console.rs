@@ -2,7 +2,7 @@
 //! `chromium-driver`), against a real `reachback server` process: sign-in, the
 //! ranges page (add, overlap error beside the field, copy, disable with
 //! confirmation), bindings sorted by address, the Trace box and a binding's
-//! history in its details, a saved filter that survives a
+//! history in its details, the flow log opened from a device's link, a saved filter that survives a
 //! sign-out, CSV download of the filtered rows, a viewer without write controls,
 //! script injection through every free-text value, sign-out. Screenshots of each
 //! page at 1280×800 go to `target/console-screenshots/` (not committed).
@@ -279,11 +279,22 @@ fn console_in_a_real_browser() {
         }
         browser.screenshot(&shots.join(format!("{page}.png")));
     }
-    for page in ["sessions", "devices", "admins", "admin-sessions", "settings"] {
+    for page in ["sessions", "flows", "devices", "admins", "admin-sessions", "settings"] {
         open_page(&browser, &base, page);
         std::thread::sleep(Duration::from_millis(300));
         browser.screenshot(&shots.join(format!("{page}.png")));
     }
+    // a device's link to its recent flows opens the flow log filtered to that device
+    open_page(&browser, &base, "devices");
+    let link = browser.find("a[data-test=flows-link]");
+    let href = browser.property(&link, "href").as_str().unwrap_or_default().to_string();
+    let device = href.split("device_id=").nth(1).unwrap_or_default().to_string();
+    assert!(!device.is_empty(), "{href}");
+    browser.click(&link);
+    let filtered = "return document.querySelector('[data-filter=device_id]')?.value === arguments[0] && !document.querySelector('main [aria-busy=true]') \
+                    && document.querySelector('main h1')?.textContent === 'Flow Log'";
+    browser.wait_until("the device's flows", |browser| browser.execute(filtered, vec![json!(device)]) == json!(true));
+    browser.screenshot(&shots.join("device-flows.png"));
 
     // event sinks (superadmin): a webhook added from the console shows its signing
     // secret once, then its delivery state (nothing listens there: failures count up)

@@ -146,8 +146,62 @@ fn socks5_connector_reaches_a_client_and_reports_refusals() {
     assert_eq!(echoed.as_deref(), Some(&b"datagram through socks"[..]), "UDP over SOCKS5 came back, its header naming the virtual address");
     assert_eq!(udp_associate(socks, &"100.64.0.1:9".parse().expect("address"), b"denied"), None, "a UDP port outside every segment gets nothing back");
 
-    // off loopback a SOCKS5 listener requires RFC 1929 username/password: refused to start without
     drop(connector);
+    // the flow log has each of them, as `ctl flows` shows it: a UDP flow ends when the
+    // connector forgets it (idle) or goes, here when it goes; the writer batches every 200 ms
+    let flows = |args: &[&str]| {
+        let mut all = vec!["flows", "-o", "json", "--sort", "started_at", "--page-size", "1000"];
+        all.extend_from_slice(args);
+        let (ok, stdout, stderr) = server.ctl(TOKEN, &all);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).expect("json")
+    };
+    let kinds = |listing: &serde_json::Value| -> Vec<(String, String, u64)> {
+        let text = |value: &serde_json::Value| value.as_str().unwrap_or("").to_string();
+        listing["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|row| (text(&row["verdict"]), text(&row["protocol"]), row["virtual_port"].as_u64().unwrap_or(0)))
+            .collect()
+    };
+    let expected: Vec<(String, String, u64)> = [
+        ("allowed", "tcp", web_port),
+        ("refused_by_agent", "tcp", other_port),
+        ("denied", "tcp", 9),
+        ("offline", "tcp", web_port),
+        ("allowed", "udp", echo_port),
+        ("denied", "udp", 9),
+    ]
+    .iter()
+    .map(|(verdict, protocol, port)| (verdict.to_string(), protocol.to_string(), u64::from(*port)))
+    .collect();
+    let started = Instant::now();
+    let mut logged = flows(&[]);
+    while !expected.iter().all(|kind| kinds(&logged).contains(kind)) && started.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+        logged = flows(&[]);
+    }
+    assert!(expected.iter().all(|kind| kinds(&logged).contains(kind)), "{logged}");
+    let fetched =
+        logged["items"].as_array().expect("items").iter().rev().find(|row| row["verdict"] == "allowed" && row["protocol"] == "tcp").expect("the curl");
+    assert!(fetched["bytes_from_client"].as_u64() > Some(17), "the page and its headers came back: {fetched}");
+    assert_eq!(
+        (fetched["username"].clone(), fetched["connector_name"].clone(), fetched["server_ip"].clone()),
+        (json!("alice"), json!("socks"), json!("127.0.0.1"))
+    );
+    assert_eq!(flows(&["--verdict", "denied", "--virtual-ip", "100.64.0.0/24"])["total"], 2);
+    assert_eq!(flows(&["--protocol", "udp", "--username", "ALI"])["total"], 2);
+    let (ok, stdout, stderr) = server.ctl(TOKEN, &["flows", "--verdict", "denied"]);
+    assert!(ok && stdout.lines().next().is_some_and(|header| header.starts_with("STARTED_AT") && header.contains("BYTES_FROM_CLIENT")), "{stdout}{stderr}");
+    let csv = temp.0.join("flows.csv");
+    let (ok, _, stderr) = server.ctl(TOKEN, &["flows", "--export", &csv.to_string_lossy(), "--protocol", "udp"]);
+    assert!(ok && stderr.contains("2 rows"), "{stderr}");
+    assert!(std::fs::read_to_string(&csv).expect("csv").starts_with("started_at,ended_at,protocol,verdict,"));
+    let (ok, _, stderr) = server.ctl(TOKEN, &["flows", "--verdict", "maybe"]);
+    assert!(!ok && stderr.contains("400") && stderr.contains("'verdict'"), "{stderr}");
+
+    // off loopback a SOCKS5 listener requires RFC 1929 username/password: refused to start without
     let open_socks = free_port();
     let open_listen = format!("0.0.0.0:{open_socks}");
     let refused = Command::new(BIN)
@@ -200,4 +254,16 @@ fn socks5_connector_reaches_a_client_and_reports_refusals() {
     assert_ne!(with_user(Some("helpdesk:wrong")).0, 0, "a wrong password is refused");
     assert_ne!(with_user(Some("nobody:correct horse")).0, 0, "an unknown user is refused");
     assert_ne!(with_user(None).0, 0, "no authentication is refused");
+    // the flow log names the SOCKS5 user a flow came in as
+    let started = Instant::now();
+    let by_user = || {
+        let (ok, stdout, stderr) = server.ctl(TOKEN, &["flows", "-o", "json", "--server-ip", "127.0.0.1", "--verdict", "allowed"]);
+        assert!(ok, "{stderr}");
+        let listing: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+        listing["items"].as_array().expect("items").iter().filter(|row| row["socks_user"] == "helpdesk").count()
+    };
+    while by_user() == 0 && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(by_user() >= 1, "a flow from the authenticated user is logged with its name");
 }
