@@ -41,10 +41,24 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
 
 /// The fields a request-body type has, and whether each takes `null`, from the
 /// type's schema (the same schema the OpenAPI document shows).
-pub fn body_fields<T: utoipa::PartialSchema>() -> Vec<(String, bool)> {
+/// Worked out once per type (the schema does not change while the server runs).
+pub fn body_fields<T: utoipa::PartialSchema + 'static>() -> std::sync::Arc<[(String, bool)]> {
+    type Cache = std::sync::RwLock<std::collections::HashMap<std::any::TypeId, std::sync::Arc<[(String, bool)]>>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = std::any::TypeId::of::<T>();
+    if let Some(fields) = cache.read().ok().and_then(|cache| cache.get(&key).cloned()) {
+        return fields;
+    }
     let schema = serde_json::to_value(T::schema()).unwrap_or(Value::Null);
-    let Some(properties) = schema.get("properties").and_then(Value::as_object) else { return Vec::new() };
-    properties.iter().map(|(name, property)| (name.clone(), takes_null(property))).collect()
+    let fields: std::sync::Arc<[(String, bool)]> = match schema.get("properties").and_then(Value::as_object) {
+        Some(properties) => properties.iter().map(|(name, property)| (name.clone(), takes_null(property))).collect(),
+        None => std::sync::Arc::from(Vec::new()),
+    };
+    if let Ok(mut cache) = cache.write() {
+        cache.insert(key, fields.clone());
+    }
+    fields
 }
 
 /// Whether a JSON schema admits `null`: `type: [.., "null"]`, or a `null` branch of a `oneOf`/`anyOf`.
@@ -67,7 +81,7 @@ impl Fields {
     /// Reads a body of type `T`: refuses (400) any field `T` does not have, and
     /// (422) `null` for a field whose schema does not take it (leaving a field out
     /// is how a client keeps a value; `null` clears only where the document says so).
-    pub fn of<T: utoipa::PartialSchema>(JsonObject(map): JsonObject) -> Result<Self, ApiError> {
+    pub fn of<T: utoipa::PartialSchema + 'static>(JsonObject(map): JsonObject) -> Result<Self, ApiError> {
         let allowed = body_fields::<T>();
         let unknown: Vec<&str> = map.keys().map(String::as_str).filter(|key| !allowed.iter().any(|(name, _)| name == key)).collect();
         if !unknown.is_empty() {
@@ -75,7 +89,7 @@ impl Fields {
             return Err(ApiError::bad_request(format!("unknown field(s): {}; allowed: {}", unknown.join(", "), names.join(", "))));
         }
         let mut fields = Fields { map, errors: Vec::new() };
-        for (name, nullable) in &allowed {
+        for (name, nullable) in allowed.iter() {
             if !nullable && fields.map.get(name).is_some_and(Value::is_null) {
                 fields.error(name, "must not be null; leave the field out to keep its value");
             }
