@@ -259,11 +259,18 @@ impl Store {
         for (column, value) in [("username", &query.username), ("client_hostname", &query.client_hostname)] {
             let Some(needle) = value else { continue };
             filter.push(&format!("lower(h.{column}) LIKE ? ESCAPE '\\'"), [FilterValue::Text(like_pattern(needle))]);
-            // SQLite: the trigram table names the candidate rows first (PostgreSQL's
-            // GIN index serves the LIKE itself); it can only narrow, the LIKE decides
+            // SQLite: the devices whose current or former names match are the
+            // candidates (migration 17: the devices' trigram index and the former
+            // names'); PostgreSQL's GIN index serves the LIKE itself. It can only
+            // narrow, the LIKE on the interval's own copy decides
             if self.backend == Backend::Sqlite && needle.chars().count() >= 3 {
-                let phrase = format!("{column} : \"{}\"", needle.to_lowercase().replace('"', "\"\""));
-                filter.push("h.id IN (SELECT rowid FROM binding_history_search WHERE binding_history_search MATCH ?)", [FilterValue::Text(phrase)]);
+                let quoted = format!("\"{}\"", needle.to_lowercase().replace('"', "\"\""));
+                let device_column = if column == "username" { "username" } else { "hostname" };
+                filter.push(
+                    "h.device_id IN (SELECT d.id FROM devices d WHERE d.rowid IN (SELECT rowid FROM device_search WHERE device_search MATCH ?) \
+                     UNION ALL SELECT n.device_id FROM history_names n WHERE n.id IN (SELECT rowid FROM history_names_search WHERE history_names_search MATCH ?))",
+                    [FilterValue::Text(format!("{device_column} : {quoted}")), FilterValue::Text(format!("{column} : {quoted}"))],
+                );
             }
         }
         filter
@@ -391,8 +398,91 @@ impl Store {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    /// SQLite (migration 17): a substring search of the history finds an interval by
+    /// its device's current names (the devices' trigram index) and, once the device
+    /// is deleted or renamed, by the names it had (`history_names`). Both halves are
+    /// needed: without either, a case below is missed. Runs on a store of its own:
+    /// no server, nothing else writes.
+    #[tokio::test]
+    async fn a_substring_search_finds_intervals_of_present_renamed_and_deleted_devices() {
+        let dir = std::env::temp_dir().join(format!("reachback_history_names_{}_{}", std::process::id(), crate::new_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::connect(&format!("sqlite://{}?mode=rwc", dir.join("db").display())).await.unwrap();
+        for (id, username, hostname) in [("d1", "ann@corp.example", "pc1.corp.example"), ("d2", "bob@corp.example", "pc2.corp.example")] {
+            sqlx::query(
+                "INSERT INTO devices (id, hostname, hostname_key, username, platform, public_key_fingerprint, certificate_serial, created_at, last_seen) \
+                 VALUES ($1, $2, $3, $4, 'linux', $5, '01', 0, 0)",
+            )
+            .bind(id)
+            .bind(hostname)
+            .bind(hostname)
+            .bind(username)
+            .bind(id.as_bytes().to_vec())
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+        let interval = |id: i64, device: &'static str, username: &'static str, hostname: &'static str| {
+            sqlx::query(
+                "INSERT INTO binding_history (id, ip_key, ip, device_id, username, client_hostname, platform, range_id, range_name, bound_at, bound_reason) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'linux', 'r', 'R', $7, 'enrolled')",
+            )
+            .bind(id)
+            .bind(id.to_be_bytes().to_vec())
+            .bind(format!("100.64.0.{id}"))
+            .bind(device)
+            .bind(username)
+            .bind(hostname)
+            .bind(id * 10)
+            .execute(&store.pool)
+        };
+        let search = |column: &'static str, needle: &'static str| {
+            let mut query = HistoryQuery { sort: HistorySort::BoundAt, limit: 100, ..Default::default() };
+            match column {
+                "username" => query.username = Some(needle.to_string()),
+                _ => query.client_hostname = Some(needle.to_string()),
+            }
+            let store = &store;
+            async move { store.history_page(&query).await.unwrap().iter().map(|row| row.id).collect::<Vec<i64>>() }
+        };
+        let sound = || async {
+            for table in ["device_search", "history_names_search"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {table} ({table}) VALUES ('integrity-check')"))).execute(&store.pool).await.unwrap();
+            }
+        };
+        interval(1, "d1", "ann@corp.example", "pc1.corp.example").await.unwrap();
+        interval(2, "d2", "bob@corp.example", "pc2.corp.example").await.unwrap();
+        // present devices: by their current names, through the devices' index
+        assert_eq!(search("username", "ann@").await, [1]);
+        assert_eq!(search("client_hostname", "CORP.exa").await, [1, 2]);
+        assert_eq!(sqlx::query("SELECT COUNT(*) FROM history_names").fetch_one(&store.pool).await.unwrap().try_get::<i64, _>(0).unwrap(), 0, "nothing kept yet");
+        // d1 renamed (its user and host): its old interval by the old names, the new one by the new
+        sqlx::query("UPDATE devices SET username = 'carol@corp.example', hostname = 'lab7.corp.example', hostname_key = 'lab7.corp.example' WHERE id = 'd1'")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        interval(3, "d1", "carol@corp.example", "lab7.corp.example").await.unwrap();
+        assert_eq!(search("username", "ann@").await, [1], "a renamed device's former name");
+        assert_eq!(search("client_hostname", "pc1.").await, [1]);
+        assert_eq!(search("username", "carol").await, [3]);
+        assert_eq!(search("client_hostname", "lab7").await, [3]);
+        // d2 deleted: its interval stays findable by the names it had
+        sqlx::query("DELETE FROM devices WHERE id = 'd2'").execute(&store.pool).await.unwrap();
+        assert_eq!(search("username", "bob@").await, [2], "a deleted device's names");
+        assert_eq!(search("client_hostname", "pc2").await, [2]);
+        assert_eq!(search("client_hostname", "corp.example").await, [1, 2, 3]);
+        assert_eq!(search("username", "nobody").await, Vec::<i64>::new());
+        // a hostname that only changes case keeps matching (the index folds case)
+        sqlx::query("UPDATE devices SET hostname = 'LAB7.corp.example' WHERE id = 'd1'").execute(&store.pool).await.unwrap();
+        assert_eq!(search("client_hostname", "lab7.CORP").await, [3]);
+        sound().await;
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn an_interval_holds_from_its_start_until_just_before_its_end() {

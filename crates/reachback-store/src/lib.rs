@@ -138,6 +138,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (11, include_str!("../migrations/0011_binding_history_sqlite.sql"), include_str!("../migrations/0011_binding_history_postgres.sql")),
     (12, include_str!("../migrations/0012_flow_log_sqlite.sql"), include_str!("../migrations/0012_flow_log_postgres.sql")),
     (13, include_str!("../migrations/0013_events_sqlite.sql"), include_str!("../migrations/0013_events_postgres.sql")),
+    (17, include_str!("../migrations/0017_history_names_sqlite.sql"), include_str!("../migrations/0017_history_names_postgres.sql")),
 ];
 
 /// The rows of the range whose id is the parameter `$N` (`alias` is the bindings

@@ -696,8 +696,12 @@ async fn bindings_held_before_history_began_are_recorded_as_migrated(mut server:
     assert_eq!(server.delete(&format!("/api/v1/ip-bindings/{released_ip}")).await.status, StatusCode::NO_CONTENT);
     let updated = server.get(&format!("/api/v1/ip-bindings/{kept_ip}")).await.json()["last_updated"].clone();
     let undo = match server.state.as_ref().expect("state").store.backend() {
-        reachback_store::Backend::Sqlite => "DROP TABLE binding_history_search; DROP TABLE binding_history; DELETE FROM schema_migrations WHERE version = 11;",
-        reachback_store::Backend::Postgres => "DROP TABLE binding_history; DELETE FROM schema_migrations WHERE version = 11;",
+        // (and migration 17, which builds on it)
+        reachback_store::Backend::Sqlite => {
+            "DROP TABLE history_names_search; DROP TABLE history_names; DROP TRIGGER devices_history_names_delete; \
+             DROP TRIGGER devices_history_names_update; DROP TABLE binding_history; DELETE FROM schema_migrations WHERE version IN (11, 17);"
+        }
+        reachback_store::Backend::Postgres => "DROP TABLE binding_history; DELETE FROM schema_migrations WHERE version IN (11, 17);",
     };
     server.raw_sql(undo).await;
     server.restart().await;
