@@ -588,6 +588,23 @@ pages.sessions = simpleList('Client Sessions', {
   actions: (row, reload) => canWrite() ? [h('button', { type: 'button', class: 'danger', onclick: async () => { if (await confirmDialog('Disconnect', `Disconnect ${row.client_hostname}? The agent may reconnect.`, 'Disconnect')) { await api('DELETE', '/client-sessions/' + row.id); reload(); } } }, 'Disconnect')] : [],
 });
 
+pages.replicas = () => [
+  h('h1', {}, 'Replicas'),
+  h('p', {}, 'The server processes sharing this database. A replica without a heartbeat for 3 seconds is dead: its client sessions are deleted and its agents reconnect elsewhere. Dead replicas stay listed for a day.'),
+  dataTable({
+    page: 'replicas', endpoint: '/replicas', sort: '',
+    columns: [
+      { key: 'node_name', label: 'Node Name' },
+      { key: 'status', label: 'Status', render: (row) => h('span', { class: 'status-' + row.status }, row.status) },
+      { key: 'tunnel_endpoint', label: 'Tunnel Endpoint' },
+      { key: 'client_sessions', label: 'Client Sessions' },
+      { key: 'connectors', label: 'Connectors' },
+      { key: 'started_at', label: 'Started', render: (row) => when(row.started_at) },
+      { key: 'last_heartbeat', label: 'Last Heartbeat', render: (row) => when(row.last_heartbeat) },
+    ],
+  }).element,
+];
+
 pages.devices = simpleList('Devices', {
   page: 'devices', endpoint: '/devices', sort: 'hostname',
   columns: [
@@ -911,7 +928,7 @@ pages.dashboard = () => {
 
 const NAV = [
   ['dashboard', 'Dashboard'], ['ranges', 'IP Ranges'], ['bindings', 'IP Bindings'], ['sessions', 'Client Sessions'], ['flows', 'Flow Log'], ['devices', 'Devices'],
-  ['keys', 'Enrollment Keys'], ['segments', 'Application Segments'], ['policies', 'Access Policies'], ['connectors', 'Connectors'],
+  ['keys', 'Enrollment Keys'], ['segments', 'Application Segments'], ['policies', 'Access Policies'], ['connectors', 'Connectors'], ['replicas', 'Replicas'],
   ['audit', 'Audit Logs'], ['admins', 'Administrators', true], ['admin-sessions', 'Admin Sessions', true], ['event-sinks', 'Event Sinks', true], ['settings', 'Settings'],
 ];
 

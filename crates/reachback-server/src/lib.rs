@@ -15,13 +15,13 @@ pub mod events;
 pub mod flowlog;
 pub mod limit;
 pub mod ops;
+pub mod replicas;
 pub mod request;
 pub mod serve;
 pub mod state;
 pub mod validate;
 pub mod writer;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -32,12 +32,12 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
 use reachback_ipam::{Engine, RangeSpec};
-use reachback_store::{Backend, Store};
+use reachback_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, flows, history, keys, ranges, renew, sinks, views};
+use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, flows, history, keys, ranges, renew, replicas as replicas_api, sinks, views};
 use crate::ops::Reply::{Csv, List, Nothing, One};
 pub use crate::ops::RouteDoc;
 use crate::ops::schema;
@@ -115,6 +115,7 @@ api_routes! {
     patch "/api/v1/settings" => admin::patch_settings, "admin", 200, "Change settings", [], One(schema::<state::Settings>), body bodies::SettingsBody;
     get "/api/v1/client-sessions" => dataplane::list_sessions, "viewer", 200, "List live client sessions (agent tunnels)", ["page", "page_size", "sort", "client_hostname", "username", "virtual_ip", "platform"] sort dataplane::SESSION_SORTS, List(schema::<views::ClientSession>);
     delete "/api/v1/client-sessions/{id}" => dataplane::delete_session, "admin", 204, "Disconnect a client session", [], Nothing;
+    get "/api/v1/replicas" => replicas_api::list, "viewer", 200, "List the server replicas sharing the database, alive or dead, with their client sessions and connectors", ["page", "page_size"], List(schema::<views::ReplicaView>);
     get "/api/v1/flows" => flows::list, "viewer", 200, "The flow log: one row per flow through a connector, with its verdict and bytes (newest first)", ["page", "page_size", "sort", "device_id", "username", "client_hostname", "virtual_ip", "server_ip", "connector_id", "verdict", "protocol", "from", "to"] sort flows::SORTS, List(schema::<views::FlowView>);
     get "/api/v1/flows/export.csv" => flows::export, "viewer", 200, "Export the flow log as CSV", ["sort", "device_id", "username", "client_hostname", "virtual_ip", "server_ip", "connector_id", "verdict", "protocol", "from", "to"] sort flows::SORTS, Csv;
     get "/api/v1/app-segments" => dataplane::list_segments, "viewer", 200, "List application segments", ["page", "page_size", "sort", "name", "enabled"] sort dataplane::DOC_SORTS, List(schema::<views::SegmentView>);
@@ -178,7 +179,7 @@ pub fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn range_spec(row: &reachback_store::RangeRow) -> RangeSpec {
+pub(crate) fn range_spec(row: &reachback_store::RangeRow) -> RangeSpec {
     RangeSpec { id: row.id.clone(), name: row.name.clone(), range: row.range, location: row.location.clone(), enabled: row.enabled }
 }
 
@@ -208,6 +209,9 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
             bootstrap_token = Some(token);
         }
     }
+
+    // before anything acts under the node name (the broker clears the name's sessions at start)
+    let registration = replicas::register(&store, &config.node_name, &config.tunnel_endpoint()).await?;
 
     let settings = Settings::from_stored(&store.load_settings().await?);
 
@@ -242,17 +246,16 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         broker: broker::Broker::default(),
         flow_log,
         login_limiter: std::sync::Mutex::new(limit::LoginLimiter::default()),
+        registration,
+        changes: Arc::default(),
     });
     let writer = writer::spawn(Arc::downgrade(&state), enroll_rx).context("starting the enrollment writer")?;
     let flow_writer = tokio::spawn(flow_log_writer.run(state.store.clone(), state.config.node_name.clone()));
-    let mut background = Vec::new();
-    if state.store.backend() == Backend::Postgres {
-        background.push(tokio::spawn(sync_replicas(Arc::downgrade(&state))));
-    }
+    let mut background = replicas::spawn(&state);
+    background.push(tokio::spawn(replicas::heartbeat(Arc::downgrade(&state))));
     background.push(tokio::spawn(release_idle_bindings(Arc::downgrade(&state))));
     background.push(tokio::spawn(prune_history_hourly(Arc::downgrade(&state))));
     background.push(tokio::spawn(prune_flow_log_hourly(Arc::downgrade(&state))));
-    background.push(tokio::spawn(sync_broker(Arc::downgrade(&state))));
     background.push(tokio::spawn(events::deliver(Arc::downgrade(&state))));
     let tls = match serve::api_certificate(&state.config) {
         Some(source) => {
@@ -312,6 +315,7 @@ impl App {
         for task in background {
             task.abort();
         }
+        replicas::stopped(&state).await;
         // the flows the closed tunnels ended reach the queue as their tasks see the close
         tokio::time::sleep(Duration::from_millis(100)).await;
         state.flow_log.shutdown();
@@ -326,93 +330,6 @@ impl App {
         }
         store.close().await;
         Ok(())
-    }
-}
-
-/// On PostgreSQL several replicas share the database: pick up ranges and settings
-/// that other replicas changed. Addresses other replicas bound are found on insert
-/// (the primary key refuses them) and skipped.
-async fn sync_replicas(state: std::sync::Weak<AppState>) {
-    let mut known: HashMap<String, i64> = HashMap::new();
-    let mut interval = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        interval.tick().await;
-        let Some(state) = state.upgrade() else { return };
-        // the list is read under the engine's lock: a range this replica creates or deletes
-        // meanwhile (its handler holds the lock across the write) cannot be taken for one
-        // another replica removed or made
-        let mut engine = state.engine.lock().await;
-        let Ok(ranges) = state.store.list_ranges().await else { continue };
-        for row in &ranges {
-            if !known.contains_key(&row.id) && engine.range(&row.id).is_some() {
-                // loaded at start or made here: current
-                known.insert(row.id.clone(), row.updated_at);
-                continue;
-            }
-            if (known.get(&row.id) != Some(&row.updated_at) || engine.range(&row.id).is_none())
-                && let Ok((bound, quarantined)) = state.store.range_addresses(&row.id).await
-                && engine.load_range(range_spec(row), bound, quarantined).is_ok()
-            {
-                known.insert(row.id.clone(), row.updated_at);
-            }
-        }
-        let live: std::collections::HashSet<&str> = ranges.iter().map(|row| row.id.as_str()).collect();
-        let gone: Vec<String> = engine.range_ids().filter(|id| !live.contains(id)).map(str::to_string).collect();
-        for id in gone {
-            engine.remove_range(&id);
-            known.remove(&id);
-        }
-        drop(engine);
-        let _one_at_a_time = state.settings_sync.lock().await;
-        if let Ok(values) = state.store.load_settings().await {
-            let settings = Settings::from_stored(&values);
-            state.engine.lock().await.set_quarantine_duration(settings.quarantine_micros());
-            state.set_settings(settings);
-        }
-    }
-}
-
-/// Keeps the broker in step with the store, every second: policy changes made by
-/// other replicas; sessions whose row is gone (deleted, or their device deleted or
-/// its binding released, through any replica) are disconnected; connectors revoked
-/// or enrolled anew elsewhere are disconnected. Every minute the devices with a live
-/// session here are marked seen, so an idle-TTL release never takes a connected
-/// device's address.
-async fn sync_broker(state: std::sync::Weak<AppState>) {
-    let mut interval = tokio::time::interval(Duration::from_secs(1));
-    let mut last_touch = std::time::Instant::now();
-    loop {
-        interval.tick().await;
-        let Some(state) = state.upgrade() else { return };
-        if let Err(error) = broker::reload_policy(&state, false).await {
-            tracing::warn!(error = format!("{error:#}"), "could not reload the access policy");
-        }
-        if state.broker.has_connectors()
-            && let Ok(connectors) = state.store.list_connectors().await
-        {
-            let current = connectors.into_iter().map(|row| (row.id, row.key_fingerprint)).collect();
-            let kicked = state.broker.kick_stale_connectors(&current);
-            if kicked > 0 {
-                tracing::info!(kicked, "connectors revoked or enrolled anew elsewhere; disconnected");
-            }
-        }
-        let live = state.broker.session_ids();
-        if live.is_empty() {
-            continue;
-        }
-        if last_touch.elapsed() >= Duration::from_secs(60) {
-            last_touch = std::time::Instant::now();
-            if let Err(error) = state.store.touch_sessions_on(&state.config.node_name).await {
-                tracing::warn!(%error, "could not mark the connected devices as seen");
-            }
-        }
-        let Ok(stored) = state.store.client_session_ids_on(&state.config.node_name).await else { continue };
-        let stored: std::collections::HashSet<String> = stored.into_iter().collect();
-        for session_id in live.iter().filter(|id| !stored.contains(*id)) {
-            if state.broker.kick_session(session_id) {
-                tracing::info!(session_id = %session_id, "session ended elsewhere (deleted, device deleted or address released); disconnected");
-            }
-        }
     }
 }
 

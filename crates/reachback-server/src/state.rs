@@ -142,6 +142,9 @@ pub struct ServerConfig {
     pub tunnel_memory: u64,
     /// the secret key and the metrics token
     pub security: SecurityConfig,
+    /// PostgreSQL: the period of the full check for changes made by other replicas,
+    /// a backstop for lost notifications (`replicas::DEFAULT_BACKSTOP`)
+    pub sync_backstop: std::time::Duration,
 }
 
 /// Secrets the server is started with.
@@ -219,6 +222,11 @@ impl ServerConfig {
         let host = if host.contains(':') { format!("[{host}]") } else { host };
         vec![format!("{host}:{}", tunnel.port())]
     }
+    /// The tunnel endpoint the replica registry shows before the broker is bound.
+    pub fn tunnel_endpoint(&self) -> String {
+        self.broker_endpoints_for(self.tunnel_listen, None).join(",")
+    }
+
     pub fn database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),
@@ -241,6 +249,8 @@ pub struct Metrics {
     pub enroll_batch_seconds: Histogram,
     pub client_sessions: Gauge,
     pub connectors_online: Gauge,
+    /// replicas alive in the registry, as this replica saw at its last heartbeat
+    pub replicas_alive: Gauge,
     /// TCP flows (`reachback_flows_*`, `reachback_bytes_relayed_total`)
     pub tcp: FlowMetrics,
     /// UDP flows (the same under `reachback_udp_`)
@@ -371,6 +381,8 @@ impl Metrics {
         let connectors_online = Gauge::default();
         registry.register("client_sessions", "Live agent tunnels on this replica", client_sessions.clone());
         registry.register("connectors_online", "Live connector tunnels on this replica", connectors_online.clone());
+        let replicas_alive = Gauge::default();
+        registry.register("replicas_alive", "Server replicas alive on the shared database (with their heartbeat within 3 s)", replicas_alive.clone());
         let tcp = FlowMetrics::register(&mut registry, "", "TCP flows");
         let udp = FlowMetrics::register(&mut registry, "udp_", "UDP flows");
         let certificates_renewed = Counter::default();
@@ -390,6 +402,7 @@ impl Metrics {
             enroll_batch_seconds,
             client_sessions,
             connectors_online,
+            replicas_alive,
             tcp,
             udp,
             certificates_renewed,
@@ -432,6 +445,10 @@ pub struct AppState {
     pub flow_log: crate::flowlog::FlowLog,
     /// failed console sign-ins, per account and per address
     pub login_limiter: std::sync::Mutex<crate::limit::LoginLimiter>,
+    /// this process in the replica registry
+    pub registration: crate::replicas::Registration,
+    /// changes made elsewhere that this replica has yet to apply
+    pub changes: Arc<crate::replicas::Changes>,
 }
 
 pub type SharedState = Arc<AppState>;

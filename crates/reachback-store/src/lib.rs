@@ -21,6 +21,7 @@ mod history;
 mod keys;
 mod names;
 mod ranges;
+mod replicas;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub use history::{BindReason, HistoryQuery, HistoryRow, HistorySort, PRUNE_BATCH
 pub use keys::{EnrollmentKeyRow, hostname_allowed};
 pub use names::NameChange;
 pub use ranges::{RangeRow, RangeWrite};
+pub use replicas::{CHANGE_CHANNEL, Heartbeat, NodeLock, ReplicaRow};
 
 /// What went wrong in the store. Conflicts are typed so the API can map them.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,9 @@ pub struct Store {
     /// PostgreSQL only: typed connections for streamed exports (rows decoded straight
     /// from the wire format, without the `Any` driver's per-value conversions)
     export_pool: Option<sqlx::PgPool>,
+    /// PostgreSQL only: the URL's options, for the connections held apart from the
+    /// pools (the change listener, the node-name lock)
+    pg_options: Option<sqlx::postgres::PgConnectOptions>,
     backend: Backend,
     write_gate: Arc<tokio::sync::Mutex<()>>,
     /// SQLite only (a database file): the enrollment writer's own connection
@@ -138,6 +143,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (11, include_str!("../migrations/0011_binding_history_sqlite.sql"), include_str!("../migrations/0011_binding_history_postgres.sql")),
     (12, include_str!("../migrations/0012_flow_log_sqlite.sql"), include_str!("../migrations/0012_flow_log_postgres.sql")),
     (13, include_str!("../migrations/0013_events_sqlite.sql"), include_str!("../migrations/0013_events_postgres.sql")),
+    (14, include_str!("../migrations/0014_replicas_sqlite.sql"), include_str!("../migrations/0014_replicas_postgres.sql")),
     (17, include_str!("../migrations/0017_history_names_sqlite.sql"), include_str!("../migrations/0017_history_names_postgres.sql")),
 ];
 
@@ -344,10 +350,15 @@ impl Store {
                     .connect_lazy_with(sqlx::postgres::PgConnectOptions::from_str(url)?),
             ),
         };
+        let pg_options = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(replicas::pg_options(url)?),
+        };
         let mut store = Store {
             pool,
             writer,
             export_pool,
+            pg_options,
             backend,
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
             enroll_connection: None,

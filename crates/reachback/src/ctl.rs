@@ -79,6 +79,15 @@ enum CtlCommand {
         #[arg(long)]
         export: Option<String>,
     },
+    /// The server replicas sharing the database: alive or dead, their client sessions and connectors
+    Replicas {
+        /// Page number (1-based)
+        #[arg(long)]
+        page: Option<u64>,
+        /// Rows per page (at most 1000)
+        #[arg(long)]
+        page_size: Option<u64>,
+    },
     /// Who the token belongs to
     Me,
     /// The internal certificate authority
@@ -1120,6 +1129,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             ClientSessionCommand::Delete { id } => print(&client.json("DELETE", &format!("/api/v1/client-sessions/{id}"), &[], None)?, output, &[]),
         },
+        CtlCommand::Replicas { page, page_size } => print(
+            &client.json("GET", "/api/v1/replicas", &[("page", page.map(|n| n.to_string())), ("page_size", page_size.map(|n| n.to_string()))], None)?,
+            output,
+            &["node_name", "status", "tunnel_endpoint", "client_sessions", "connectors", "started_at", "last_heartbeat"],
+        ),
         CtlCommand::Flows { list, filters, export } => match export {
             Some(file) => {
                 if list.page.is_some() || list.page_size.is_some() {

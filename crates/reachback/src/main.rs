@@ -275,6 +275,10 @@ struct ServerArgs {
     /// Log format
     #[arg(long, env = "REACHBACK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Seconds between full checks for other replicas' changes (PostgreSQL), a backstop
+    /// for lost notifications; for tests and benchmarks that show the notifications alone
+    #[arg(long, env = "REACHBACK_SYNC_BACKSTOP_SECONDS", hide = true, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    sync_backstop_seconds: Option<u64>,
 }
 
 /// The TOML configuration file: every key optional, unknown keys refused.
@@ -369,6 +373,7 @@ impl ServerArgs {
                 .or(file.tunnel_memory_mib)
                 .map_or(reachback_server::state::DEFAULT_TUNNEL_MEMORY, |mib| mib.saturating_mul(1024 * 1024)),
             security: security_config(self.secret_key_file.or(file.secret_key_file), self.metrics_token.or(file.metrics_token))?,
+            sync_backstop: self.sync_backstop_seconds.map_or(reachback_server::replicas::DEFAULT_BACKSTOP, std::time::Duration::from_secs),
         };
         validate(&config)?;
         tracing::debug!(listen = %config.listen, data_dir = %config.data_dir.display(), bootstrap_token = ?Masked(&config.bootstrap_token), "configuration");

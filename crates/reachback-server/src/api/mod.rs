@@ -13,6 +13,7 @@ pub mod history;
 pub mod keys;
 pub mod ranges;
 pub mod renew;
+pub mod replicas;
 pub mod sinks;
 pub mod views;
 

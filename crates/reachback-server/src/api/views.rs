@@ -522,6 +522,31 @@ pub struct ConnectorEnrollment {
     pub broker_endpoints: Vec<String>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaStatus {
+    Alive,
+    Dead,
+}
+
+/// A server replica sharing the database.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[schema(as = Replica)]
+pub struct ReplicaView {
+    /// its `--node-name`
+    pub node_name: String,
+    /// the tunnel endpoint it hands agents and connectors (comma-separated when several)
+    pub tunnel_endpoint: String,
+    pub started_at: Timestamp,
+    pub last_heartbeat: Timestamp,
+    /// `dead`: no heartbeat for 3 s (its client sessions are deleted); dead replicas are listed for a day
+    pub status: ReplicaStatus,
+    /// client sessions (agent tunnels) it holds
+    pub client_sessions: i64,
+    /// connectors holding a tunnel to it, as of its last heartbeat
+    pub connectors: i64,
+}
+
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ClientSession {
     pub id: String,

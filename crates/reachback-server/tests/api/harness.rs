@@ -108,7 +108,9 @@ impl TestServer {
             database_url: self.database_url.clone(),
             bootstrap_token: Some(TOKEN.into()),
             broker_endpoints: vec![format!("127.0.0.1:{}", self.tunnel_port)],
-            node_name: "test".into(),
+            // a restart builds a new server while the earlier one's state lives on in the
+            // test: two live replicas, so each needs its own node name (PostgreSQL refuses a shared one)
+            node_name: if self.app.is_none() { "test".into() } else { unique("test") },
             flow_idle_timeout: std::time::Duration::from_secs(3600),
             tcp_congestion: reachback_tunnel::Congestion::resolve(None).expect("the default congestion control"),
             tls_files: None,
@@ -119,6 +121,7 @@ impl TestServer {
             tunnel_max_flows: reachback_server::state::DEFAULT_TUNNEL_MAX_FLOWS,
             tunnel_memory: reachback_server::state::DEFAULT_TUNNEL_MEMORY,
             security: self.security.clone(),
+            sync_backstop: reachback_server::replicas::DEFAULT_BACKSTOP,
         }
     }
 

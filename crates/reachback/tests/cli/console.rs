@@ -284,6 +284,10 @@ fn console_in_a_real_browser() {
         std::thread::sleep(Duration::from_millis(300));
         browser.screenshot(&shots.join(format!("{page}.png")));
     }
+    // the replicas: on SQLite this server alone, alive
+    open_page(&browser, &base, "replicas");
+    browser.wait_until("this replica listed alive", |browser| row_texts(browser, "replicas", "status") == ["alive"]);
+    browser.screenshot(&shots.join("replicas.png"));
     // a device's link to its recent flows opens the flow log filtered to that device
     open_page(&browser, &base, "devices");
     let link = browser.find("a[data-test=flows-link]");

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
-use crate::process::{Server, TOKEN, TempDir, agent, public_key, request, unique};
+use crate::process::{Server, TOKEN, TempDir, agent, public_key, request, server_refuses, unique};
 
 struct Database {
     admin_url: String,
@@ -48,8 +48,8 @@ fn three_replicas_never_bind_an_address_twice() {
     let secret = dirs[0].0.join("shared-secret.key");
     std::fs::write(&secret, format!("{}\n", "5e".repeat(32))).expect("secret key file");
     let secret = secret.to_str().expect("UTF-8 path").to_string();
-    let replica_args = ["--bootstrap-token", TOKEN, "--secret-key-file", secret.as_str()];
-    let first = Server::start(&dirs[0].0, Some(&url), &replica_args);
+    let replica_args = |name: &'static str| ["--bootstrap-token", TOKEN, "--secret-key-file", secret.as_str(), "--node-name", name];
+    let first = Server::start(&dirs[0].0, Some(&url), &replica_args("first"));
     let http = agent();
     // 2,046 addresses for 3,000 enrollments: some must be refused, cleanly
     let (status, _) =
@@ -58,7 +58,8 @@ fn three_replicas_never_bind_an_address_twice() {
     let (_, key) =
         request(&http, "POST", &format!("{}/api/v1/enrollment-keys", first.base), Some(TOKEN), Some(&json!({"username": "fleet", "reusable": true})));
     let key = key["key"].as_str().expect("key").to_string();
-    let others: Vec<Server> = dirs[1..].iter().map(|dir| Server::start(&dir.0, Some(&url), &replica_args)).collect();
+    let others: Vec<Server> =
+        dirs[1..].iter().zip(["second", "third"]).map(|(dir, name)| Server::start(&dir.0, Some(&url), &replica_args(name))).collect();
     let bases: Vec<String> = std::iter::once(first.base.clone()).chain(others.iter().map(|server| server.base.clone())).collect();
 
     let next = Arc::new(AtomicUsize::new(0));
@@ -111,8 +112,16 @@ fn three_replicas_never_bind_an_address_twice() {
     let (status, _) =
         request(&http, "POST", &format!("{}/api/v1/ip-ranges", first.base), Some(TOKEN), Some(&json!({"name": "Keys", "range": "100.65.0.0/24"})));
     assert_eq!(status, 201);
-    // the other replicas pick up range changes every 2 s
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // the other replicas pick up the range when notified: wait until both can enroll into it
+    let probe_key = request(&http, "POST", &format!("{}/api/v1/enrollment-keys", first.base), Some(TOKEN), Some(&json!({"username": "probe", "reusable": true}))).1;
+    let probe_key = probe_key["key"].as_str().expect("key").to_string();
+    for base in &bases[1..] {
+        time_until("the new range at every replica", || {
+            let body = json!({"enrollment_key": probe_key, "hostname": unique("probe"), "platform": "linux", "public_key": public_key()});
+            let (status, reply) = request(&http, "POST", &format!("{base}/api/v1/enroll"), None, Some(&body));
+            status == 201 && reply["virtual_ip"].as_str().is_some_and(|ip| ip.starts_with("100.65.0."))
+        });
+    }
     let keys: Vec<(String, String)> = (0..20)
         .map(|index| {
             let (status, key) = request(
@@ -152,7 +161,7 @@ fn three_replicas_never_bind_an_address_twice() {
         assert_eq!(stored["used_count"], 1, "key {index}");
     }
     let (_, bindings) = request(&http, "GET", &format!("{}/api/v1/ip-bindings?ip=100.65.0.0/24&page_size=1", bases[0]), Some(TOKEN), None);
-    assert_eq!(bindings["total"], 20);
+    assert_eq!(bindings["total"], 20 + 2, "the twenty keys and the two probes");
 }
 
 /// A long-running `reachback` process (agent or connector) and its log.
@@ -323,4 +332,121 @@ fn revocations_through_one_replica_disconnect_at_the_other() {
     eprintln!("connector revoke through A → the connector at B stopped in {took:?}");
     assert!(took < std::time::Duration::from_secs(5), "{took:?}\n{}", dc1.log());
     assert!(!laptop.exited(), "the other agent is unaffected");
+}
+
+/// The replica registry and changes pushed between replicas (issue 21): three
+/// replicas on one PostgreSQL whose periodic full check is an hour away, so what
+/// reaches B and C during the test came through the change notifications. (a) every
+/// replica lists the three alive with their session counts; (b) a replica killed
+/// with SIGKILL is listed dead by the others within 5 s and its sessions are
+/// deleted; (c) a range and a setting changed through A are in force at B and C
+/// (the figures are printed; the timing goal is measured by the `replicas` bench).
+/// A node name a live process holds is refused.
+#[test]
+fn three_replicas_list_each_other_and_receive_changes_by_notification() {
+    let Some(admin_url) = std::env::var("REACHBACK_TEST_POSTGRES").ok().filter(|url| !url.is_empty()) else {
+        eprintln!("REACHBACK_TEST_POSTGRES not set: replica test off");
+        return;
+    };
+    let database = Database::create(&admin_url);
+    let url = database.url();
+    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new()).collect();
+    let secret = dirs[0].0.join("shared-secret.key");
+    std::fs::write(&secret, format!("{}\n", "3c".repeat(32))).expect("secret key file");
+    let secret = secret.to_string_lossy().into_owned();
+    let args = |name: &'static str| ["--bootstrap-token", TOKEN, "--secret-key-file", secret.as_str(), "--node-name", name, "--sync-backstop-seconds", "3600"];
+    let mut replicas: Vec<Server> =
+        ["replica-a", "replica-b", "replica-c"].iter().zip(&dirs).map(|(name, dir)| Server::start(&dir.0, Some(&url), &args(name))).collect();
+    let bases: Vec<String> = replicas.iter().map(|server| server.base.clone()).collect();
+    let http = agent();
+    let at = |index: usize, method: &str, path: &str, body: Option<serde_json::Value>| {
+        request(&http, method, &format!("{}/api/v1{path}", bases[index]), Some(TOKEN), body.as_ref())
+    };
+
+    // two live processes never share a node name
+    let stderr = server_refuses(&dirs[3].0, Some(&url), &args("replica-b"), &[]);
+    assert!(stderr.contains("another live server process uses the node name \"replica-b\""), "{stderr}");
+
+    // (c) a range created through A: B and C enroll into it
+    assert_eq!(at(0, "POST", "/ip-ranges", Some(json!({"name": "Main", "range": "100.64.0.0/24"}))).0, 201);
+    let (_, key) = at(0, "POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example", "reusable": true})));
+    let key = key["key"].as_str().expect("key").to_string();
+    for index in [1, 2] {
+        let took = time_until("the range created through A to be used at B and C", || {
+            let body = json!({"enrollment_key": key, "hostname": unique("probe"), "platform": "linux", "public_key": public_key()});
+            request(&http, "POST", &format!("{}/api/v1/enroll", bases[index]), None, Some(&body)).0 == 201
+        });
+        eprintln!("range created through A → an enrollment into it at replica {index} after {took:?}");
+    }
+    // (c) a setting changed through A: in force at B and C (GET /settings answers from memory)
+    for index in [1, 2] {
+        assert_eq!(at(index, "GET", "/settings", None).1["release_quarantine_seconds"], 3600);
+    }
+    assert_eq!(at(0, "PATCH", "/settings", Some(json!({"release_quarantine_seconds": 7200}))).0, 200);
+    for index in [1, 2] {
+        let took = time_until("the setting changed through A at B and C", || at(index, "GET", "/settings", None).1["release_quarantine_seconds"] == 7200);
+        eprintln!("setting changed through A → in force at replica {index} after {took:?}");
+    }
+
+    // agents: two attached to B, one to C
+    let work = TempDir::new();
+    let enroll = |index: usize, name: &str| {
+        let state = work.0.join(name).to_string_lossy().into_owned();
+        let output = std::process::Command::new(crate::process::BIN)
+            .args(["agent", "enroll", "--server", &bases[index], "--key", &key, "--hostname", &format!("{name}.corp.example"), "--state-dir", &state])
+            .output()
+            .expect("enroll");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        Peer::start(&work.0, name, &["agent", "run", "--state-dir", &state])
+    };
+    let _agents = [enroll(1, "laptop-b1"), enroll(1, "laptop-b2"), enroll(2, "laptop-c1")];
+    let listing = |index: usize| -> Vec<(String, String, i64)> {
+        let (status, replicas) = at(index, "GET", "/replicas", None);
+        assert_eq!(status, 200, "{replicas}");
+        replicas["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|item| {
+                        (
+                            item["node_name"].as_str().unwrap_or_default().to_string(),
+                            item["status"].as_str().unwrap_or_default().to_string(),
+                            item["client_sessions"].as_i64().unwrap_or(-1),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let row = |name: &str, status: &str, sessions: i64| (name.to_string(), status.to_string(), sessions);
+
+    // (a) every replica lists the three alive, with their sessions
+    let all_alive = vec![row("replica-a", "alive", 0), row("replica-b", "alive", 2), row("replica-c", "alive", 1)];
+    for index in 0..3 {
+        time_until("every replica alive with its sessions", || listing(index) == all_alive);
+    }
+    let (_, listed) = at(1, "GET", "/replicas", None);
+    assert_eq!(listed["total"], 3);
+    for item in listed["items"].as_array().expect("items") {
+        assert!(item["tunnel_endpoint"].as_str().is_some_and(|endpoint| endpoint.starts_with("127.0.0.1:")), "{item}");
+        assert!(item["started_at"].as_str().is_some_and(|at| at.ends_with('Z')) && item["last_heartbeat"].as_str().is_some(), "{item}");
+        assert_eq!(item["connectors"], 0);
+    }
+
+    // (b) C killed: A and B list it dead within 5 s, and its sessions are gone
+    replicas[2].kill();
+    let killed = std::time::Instant::now();
+    for index in [0, 1] {
+        time_until("the killed replica listed dead", || listing(index) == vec![row("replica-a", "alive", 0), row("replica-b", "alive", 2), row("replica-c", "dead", 0)]);
+    }
+    let took = killed.elapsed();
+    eprintln!("replica C killed → listed dead with its sessions deleted at A and B after {took:?}");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    let (_, sessions) = at(0, "GET", "/client-sessions", None);
+    assert_eq!(sessions["total"], 2, "{sessions}");
+    assert!(sessions["items"].as_array().expect("items").iter().all(|item| item["broker_node"] == "replica-b"), "{sessions}");
+    time_until("the alive gauge", || {
+        agent().get(&format!("{}/metrics", bases[0])).call().ok().and_then(|mut reply| reply.body_mut().read_to_string().ok()).is_some_and(|text| text.lines().any(|line| line == "reachback_replicas_alive 2"))
+    });
 }
