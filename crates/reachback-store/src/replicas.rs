@@ -204,7 +204,7 @@ impl Store {
         let now = db_now(self.backend);
         let sql = format!(
             "SELECT r.node_name, r.tunnel_endpoint, r.started_at, r.last_heartbeat, r.connectors, \
-             CASE WHEN r.status = 'alive' AND r.last_heartbeat >= {now} - $1 THEN 1 ELSE 0 END AS alive, \
+             CAST(CASE WHEN r.status = 'alive' AND r.last_heartbeat >= {now} - $1 THEN 1 ELSE 0 END AS BIGINT) AS alive, \
              (SELECT COUNT(*) FROM client_sessions s WHERE s.broker_node = r.node_name) AS client_sessions \
              FROM replicas r ORDER BY r.node_name"
         );

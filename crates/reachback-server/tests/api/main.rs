@@ -8,5 +8,6 @@ mod flows;
 mod harness;
 mod history;
 mod hostile;
+mod replicas;
 mod scenarios;
 mod security;
