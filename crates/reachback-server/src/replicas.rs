@@ -221,7 +221,7 @@ async fn listen(state: Weak<AppState>) {
                     let received = listener.try_recv().await;
                     let Some(state) = state.upgrade() else { return };
                     match received {
-                        Ok(Some(notification)) => match topic::of(notification.payload()) {
+                        Ok(Some(notification)) => match topic::of(notification.payload()).inspect(|_| tracing::trace!(topic = notification.payload(), "notified")) {
                             Some(bits) => state.changes.mark(bits),
                             None => tracing::debug!(payload = notification.payload(), "ignoring an unknown change notification"),
                         },
@@ -255,6 +255,7 @@ async fn apply(state: Weak<AppState>) {
         let topics = changes.take();
         drop(changes);
         let Some(state) = state.upgrade() else { return };
+        tracing::trace!(topics, "applying changes made elsewhere");
         if state.store.backend() == Backend::Postgres {
             if topics & topic::RANGES != 0 {
                 ranges.sync(&state).await;

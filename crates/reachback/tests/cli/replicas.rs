@@ -117,7 +117,7 @@ fn three_replicas_never_bind_an_address_twice() {
     let probe_key = probe_key["key"].as_str().expect("key").to_string();
     for base in &bases[1..] {
         time_until("the new range at every replica", || {
-            let body = json!({"enrollment_key": probe_key, "hostname": unique("probe"), "platform": "linux", "public_key": public_key()});
+            let body = json!({"enrollment_key": probe_key, "hostname": format!("{}.corp.example", unique("probe").replace('_', "-")), "platform": "linux", "public_key": public_key()});
             let (status, reply) = request(&http, "POST", &format!("{base}/api/v1/enroll"), None, Some(&body));
             status == 201 && reply["virtual_ip"].as_str().is_some_and(|ip| ip.starts_with("100.65.0."))
         });
@@ -373,7 +373,7 @@ fn three_replicas_list_each_other_and_receive_changes_by_notification() {
     let key = key["key"].as_str().expect("key").to_string();
     for index in [1, 2] {
         let took = time_until("the range created through A to be used at B and C", || {
-            let body = json!({"enrollment_key": key, "hostname": unique("probe"), "platform": "linux", "public_key": public_key()});
+            let body = json!({"enrollment_key": key, "hostname": format!("{}.corp.example", unique("probe").replace('_', "-")), "platform": "linux", "public_key": public_key()});
             request(&http, "POST", &format!("{}/api/v1/enroll", bases[index]), None, Some(&body)).0 == 201
         });
         eprintln!("range created through A → an enrollment into it at replica {index} after {took:?}");
