@@ -37,7 +37,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::api::{admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, flows, history, keys, ranges, renew, replicas as replicas_api, sinks, views};
+use crate::api::{
+    admin, audit, bindings, bodies, console as console_api, dataplane, devices, enroll, flows, history, keys, ranges, renew, replicas as replicas_api, sinks,
+    views,
+};
 use crate::ops::Reply::{Csv, List, Nothing, One};
 pub use crate::ops::RouteDoc;
 use crate::ops::schema;

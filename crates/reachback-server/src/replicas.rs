@@ -107,7 +107,9 @@ pub async fn heartbeat(state: Weak<AppState>) {
         if let Some(lock) = registration.lock.lock().await.as_mut() {
             match lock.check().await {
                 Ok(true) => {}
-                Ok(false) => tracing::error!(node = %node, "another server process took this node name while the database connection was lost; give each replica its own --node-name"),
+                Ok(false) => {
+                    tracing::error!(node = %node, "another server process took this node name while the database connection was lost; give each replica its own --node-name")
+                }
                 Err(error) => tracing::warn!(%error, "could not check the node name's lock"),
             }
         }
@@ -221,10 +223,12 @@ async fn listen(state: Weak<AppState>) {
                     let received = listener.try_recv().await;
                     let Some(state) = state.upgrade() else { return };
                     match received {
-                        Ok(Some(notification)) => match topic::of(notification.payload()).inspect(|_| tracing::trace!(topic = notification.payload(), "notified")) {
-                            Some(bits) => state.changes.mark(bits),
-                            None => tracing::debug!(payload = notification.payload(), "ignoring an unknown change notification"),
-                        },
+                        Ok(Some(notification)) => {
+                            match topic::of(notification.payload()).inspect(|_| tracing::trace!(topic = notification.payload(), "notified")) {
+                                Some(bits) => state.changes.mark(bits),
+                                None => tracing::debug!(payload = notification.payload(), "ignoring an unknown change notification"),
+                            }
+                        }
                         Ok(None) => {
                             tracing::warn!("the change listener's connection was lost; reconnected, checking everything");
                             state.changes.mark(topic::ALL);
@@ -360,7 +364,13 @@ mod tests {
 
     #[test]
     fn topics_are_the_triggers_payloads() {
-        for (payload, bit) in [("ranges", topic::RANGES), ("settings", topic::SETTINGS), ("policy", topic::POLICY), ("sessions", topic::SESSIONS), ("connectors", topic::CONNECTORS)] {
+        for (payload, bit) in [
+            ("ranges", topic::RANGES),
+            ("settings", topic::SETTINGS),
+            ("policy", topic::POLICY),
+            ("sessions", topic::SESSIONS),
+            ("connectors", topic::CONNECTORS),
+        ] {
             assert_eq!(topic::of(payload), Some(bit));
             // the migration's triggers send exactly these payloads
             let migration = include_str!("../../reachback-store/migrations/0014_replicas_postgres.sql");

@@ -56,7 +56,12 @@ async fn dead_replicas_are_declared_and_cleaned_up(server: TestServer) {
     let key = server.post("/api/v1/enrollment-keys", json!({"username": "alice", "reusable": true})).await.json()["key"].as_str().expect("key").to_string();
     let public_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key").public_key_pem();
     let enrolled = server
-        .call(Method::POST, "/api/v1/enroll", Some(json!({"enrollment_key": key, "hostname": "laptop.corp.example", "platform": "windows", "public_key": public_key})), None)
+        .call(
+            Method::POST,
+            "/api/v1/enroll",
+            Some(json!({"enrollment_key": key, "hostname": "laptop.corp.example", "platform": "windows", "public_key": public_key})),
+            None,
+        )
         .await
         .json();
     store.register_replica("other", "run-1", "10.0.0.2:8443").await.expect("register");

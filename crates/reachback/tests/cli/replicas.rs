@@ -58,8 +58,7 @@ fn three_replicas_never_bind_an_address_twice() {
     let (_, key) =
         request(&http, "POST", &format!("{}/api/v1/enrollment-keys", first.base), Some(TOKEN), Some(&json!({"username": "fleet", "reusable": true})));
     let key = key["key"].as_str().expect("key").to_string();
-    let others: Vec<Server> =
-        dirs[1..].iter().zip(["second", "third"]).map(|(dir, name)| Server::start(&dir.0, Some(&url), &replica_args(name))).collect();
+    let others: Vec<Server> = dirs[1..].iter().zip(["second", "third"]).map(|(dir, name)| Server::start(&dir.0, Some(&url), &replica_args(name))).collect();
     let bases: Vec<String> = std::iter::once(first.base.clone()).chain(others.iter().map(|server| server.base.clone())).collect();
 
     let next = Arc::new(AtomicUsize::new(0));
@@ -113,7 +112,8 @@ fn three_replicas_never_bind_an_address_twice() {
         request(&http, "POST", &format!("{}/api/v1/ip-ranges", first.base), Some(TOKEN), Some(&json!({"name": "Keys", "range": "100.65.0.0/24"})));
     assert_eq!(status, 201);
     // the other replicas pick up the range when notified: wait until both can enroll into it
-    let probe_key = request(&http, "POST", &format!("{}/api/v1/enrollment-keys", first.base), Some(TOKEN), Some(&json!({"username": "probe", "reusable": true}))).1;
+    let probe_key =
+        request(&http, "POST", &format!("{}/api/v1/enrollment-keys", first.base), Some(TOKEN), Some(&json!({"username": "probe", "reusable": true}))).1;
     let probe_key = probe_key["key"].as_str().expect("key").to_string();
     for base in &bases[1..] {
         time_until("the new range at every replica", || {
@@ -237,7 +237,7 @@ fn revocations_through_one_replica_disconnect_at_the_other() {
     };
     assert_eq!(api("POST", "/ip-ranges", Some(json!({"name": "Main", "range": "100.64.0.0/24"}))).0, 201);
     assert_eq!(api("POST", "/ip-ranges", Some(json!({"name": "Doomed", "range": "100.66.0.0/24", "location": {"country": "JP"}}))).0, 201);
-    std::thread::sleep(std::time::Duration::from_secs(3)); // replica B learns the ranges (polled today)
+    std::thread::sleep(std::time::Duration::from_secs(1)); // replica B learns the ranges (notified)
     let (_, key) = api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example", "reusable": true})));
     let key = key["key"].as_str().expect("key").to_string();
     let work = TempDir::new();
@@ -438,7 +438,9 @@ fn three_replicas_list_each_other_and_receive_changes_by_notification() {
     replicas[2].kill();
     let killed = std::time::Instant::now();
     for index in [0, 1] {
-        time_until("the killed replica listed dead", || listing(index) == vec![row("replica-a", "alive", 0), row("replica-b", "alive", 2), row("replica-c", "dead", 0)]);
+        time_until("the killed replica listed dead", || {
+            listing(index) == vec![row("replica-a", "alive", 0), row("replica-b", "alive", 2), row("replica-c", "dead", 0)]
+        });
     }
     let took = killed.elapsed();
     eprintln!("replica C killed → listed dead with its sessions deleted at A and B after {took:?}");
@@ -446,7 +448,21 @@ fn three_replicas_list_each_other_and_receive_changes_by_notification() {
     let (_, sessions) = at(0, "GET", "/client-sessions", None);
     assert_eq!(sessions["total"], 2, "{sessions}");
     assert!(sessions["items"].as_array().expect("items").iter().all(|item| item["broker_node"] == "replica-b"), "{sessions}");
+    // `ctl replicas` lists the same
+    let (ok, stdout, stderr) = replicas[0].ctl(TOKEN, &["replicas"]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<Vec<&str>> = stdout.lines().map(|line| line.split_whitespace().collect()).collect();
+    assert!(lines.first().is_some_and(|header| header.starts_with(&["NODE_NAME", "STATUS"])), "{stdout}");
+    assert!(
+        lines.iter().any(|line| line.starts_with(&["replica-c", "dead"])) && lines.iter().any(|line| line.starts_with(&["replica-b", "alive"])),
+        "{stdout}"
+    );
     time_until("the alive gauge", || {
-        agent().get(&format!("{}/metrics", bases[0])).call().ok().and_then(|mut reply| reply.body_mut().read_to_string().ok()).is_some_and(|text| text.lines().any(|line| line == "reachback_replicas_alive 2"))
+        agent()
+            .get(&format!("{}/metrics", bases[0]))
+            .call()
+            .ok()
+            .and_then(|mut reply| reply.body_mut().read_to_string().ok())
+            .is_some_and(|text| text.lines().any(|line| line == "reachback_replicas_alive 2"))
     });
 }
