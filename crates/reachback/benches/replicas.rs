@@ -16,7 +16,9 @@
 //! the work).
 //!
 //! REACHBACK_BENCH_CHANGES (default 200) sets the number of changes;
-//! REACHBACK_BENCH_BACKSTOP_SECONDS passes `--sync-backstop-seconds` to the replicas.
+//! REACHBACK_BENCH_BACKSTOP_SECONDS passes `--sync-backstop-seconds` to the replicas;
+//! REACHBACK_BENCH_BINARY runs another `reachback` binary as the replicas (a build
+//! from before the notifications, for the same measurement against polling).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -135,7 +137,7 @@ fn run(url: &str, work: &std::path::Path, changes: usize, backstop: Option<&str>
     for index in 0..REPLICAS {
         let port = free_port();
         let data = work.join(format!("replica-{index}"));
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(std::env::var("REACHBACK_BENCH_BINARY").unwrap_or_else(|_| BIN.to_string()));
         command
             .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--tunnel-listen", "127.0.0.1:0", "--bootstrap-token", TOKEN, "--database", url])
             .args(["--node-name", &format!("replica-{index}"), "--secret-key-file"])
