@@ -66,6 +66,16 @@ pub struct Registration {
     lock: tokio::sync::Mutex<Option<NodeLock>>,
 }
 
+impl Registration {
+    /// Gives the node name up (PostgreSQL: its lock), as the process's end would: for
+    /// a test that builds another server under the same name in the same process.
+    pub async fn release(&self) {
+        if let Some(lock) = self.lock.lock().await.take() {
+            lock.release().await;
+        }
+    }
+}
+
 /// Registers this process under its node name. On PostgreSQL the name's advisory
 /// lock is taken first: a name another live process holds is refused, so two
 /// processes never share a row (or clear each other's sessions at start).

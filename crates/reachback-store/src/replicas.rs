@@ -92,6 +92,17 @@ impl NodeLock {
     }
 }
 
+impl NodeLock {
+    /// Gives the name up now (the lock released, its connection closed).
+    pub async fn release(mut self) {
+        use sqlx::Connection;
+        if let Some(mut connection) = self.connection.take() {
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(self.key).execute(&mut connection).await;
+            let _ = connection.close().await;
+        }
+    }
+}
+
 fn replica_from_row(row: &AnyRow) -> Result<ReplicaRow> {
     Ok(ReplicaRow {
         node_name: row.try_get("node_name")?,

@@ -108,9 +108,7 @@ impl TestServer {
             database_url: self.database_url.clone(),
             bootstrap_token: Some(TOKEN.into()),
             broker_endpoints: vec![format!("127.0.0.1:{}", self.tunnel_port)],
-            // a restart builds a new server while the earlier one's state lives on in the
-            // test: two live replicas, so each needs its own node name (PostgreSQL refuses a shared one)
-            node_name: if self.app.is_none() { "test".into() } else { unique("test") },
+            node_name: "test".into(),
             flow_idle_timeout: std::time::Duration::from_secs(3600),
             tcp_congestion: reachback_tunnel::Congestion::resolve(None).expect("the default congestion control"),
             tls_files: None,
@@ -152,8 +150,13 @@ impl TestServer {
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut connection).await.expect("the SQL runs");
     }
 
-    /// Builds a new server over the same database, as a restart would.
+    /// Builds a new server over the same database, as a restart would. The earlier
+    /// one's state lives on in the test: it gives its node name up first, as a
+    /// process's end would (a live process holding the name would be refused).
     pub async fn restart(&mut self) {
+        if let Some(state) = &self.state {
+            state.registration.release().await;
+        }
         self.boot().await;
     }
 
