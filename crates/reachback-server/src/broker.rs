@@ -540,8 +540,11 @@ async fn control_loop(
     let (mut incoming, reader) = reachback_tunnel::spawn_reader::<Control>(recv);
     let mut liveness = Liveness::new(Instant::now(), KEEPALIVE, LIVENESS_TIMEOUT);
     let mut range_check = tokio::time::interval(Duration::from_secs(3));
+    // ranges this replica just synced (changed here or, notified, elsewhere): checked at once
+    let mut range_changes = ranges.as_ref().map(|(state, _)| state.ranges_changed.subscribe());
     let result = loop {
         tokio::select! {
+            Some(()) = async { range_changes.as_mut()?.changed().await.ok() }, if range_changes.is_some() => range_check.reset_immediately(),
             frame = incoming.recv() => {
                 liveness.heard(Instant::now());
                 match frame {

@@ -251,6 +251,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         login_limiter: std::sync::Mutex::new(limit::LoginLimiter::default()),
         registration,
         changes: Arc::default(),
+        ranges_changed: tokio::sync::watch::channel(()).0,
     });
     let writer = writer::spawn(Arc::downgrade(&state), enroll_rx).context("starting the enrollment writer")?;
     let flow_writer = tokio::spawn(flow_log_writer.run(state.store.clone(), state.config.node_name.clone()));

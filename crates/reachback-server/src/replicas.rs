@@ -273,6 +273,8 @@ async fn apply(state: Weak<AppState>) {
         if state.store.backend() == Backend::Postgres {
             if topics & topic::RANGES != 0 {
                 ranges.sync(&state).await;
+                // connectors' range lists (changes made here notify this replica too)
+                state.ranges_changed.send_replace(());
             }
             if topics & topic::SETTINGS != 0 {
                 sync_settings(&state).await;

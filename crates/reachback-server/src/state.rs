@@ -449,6 +449,9 @@ pub struct AppState {
     pub registration: crate::replicas::Registration,
     /// changes made elsewhere that this replica has yet to apply
     pub changes: Arc<crate::replicas::Changes>,
+    /// bumped when the ranges were synced after a change notification: each connector's
+    /// tunnel compares its range list at once (else every 3 s)
+    pub ranges_changed: tokio::sync::watch::Sender<()>,
 }
 
 pub type SharedState = Arc<AppState>;
