@@ -299,6 +299,8 @@ async fn ca_key_is_encrypted_under_the_secret_key(server: TestServer) {
     // another replica with another secret refuses to start, and says why
     let mut other = server.config();
     other.data_dir = server.data_dir.join("other-replica");
+    // (a replica of its own: two live processes never share a node name)
+    other.node_name = "other-replica".into();
     // the same database (on SQLite too: the first server's file)
     other.database_url = Some(server.config().database_url());
     other.security.secret_key = reachback_server::SecretKeySource::Value(reachback_server::crypto::SecretKey::generate().expect("key"));
