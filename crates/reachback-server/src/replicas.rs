@@ -117,9 +117,8 @@ pub async fn heartbeat(state: Weak<AppState>) {
         if let Some(lock) = registration.lock.lock().await.as_mut() {
             match lock.check().await {
                 Ok(true) => {}
-                Ok(false) => {
-                    tracing::error!(node = %node, "another server process took this node name while the database connection was lost; give each replica its own --node-name")
-                }
+                // the heartbeat below finds the row taken and says so, once
+                Ok(false) => tracing::debug!(node = %node, "another server process holds this node name's lock"),
                 Err(error) => tracing::warn!(%error, "could not check the node name's lock"),
             }
         }
