@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub enum ClientRole {
     Agent,
     Connector,
+    /// another server replica, relaying flows that entered there to agents attached here
+    Replica,
 }
 
 /// The broker's answer to [`Control::Hello`].

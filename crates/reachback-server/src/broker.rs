@@ -80,7 +80,30 @@ pub struct Broker {
     names: tokio::sync::broadcast::Sender<Arc<NameUpdate>>,
     /// held while the access policy is reloaded
     policy_reload: tokio::sync::Mutex<()>,
+    /// set when the replica stops: tunnels are told to move elsewhere, no new ones are taken
+    draining: tokio::sync::watch::Sender<bool>,
+    /// tunnels being served (any role), for the drain to wait on
+    tunnels: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Counts a tunnel while it is served.
+struct Serving(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Serving {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Serving {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Serving(count.clone())
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What a draining replica tells its tunnels (a `Bye` that is not final: reconnect elsewhere).
+pub const DRAIN_REASON: &str = "this replica is shutting down; reconnect to another";
 
 /// One tunnel of an identity, counted while it lives.
 pub struct Held {
@@ -112,6 +135,8 @@ impl Default for Broker {
             held: Arc::default(),
             names: tokio::sync::broadcast::channel(NAME_FEED_CAPACITY).0,
             policy_reload: tokio::sync::Mutex::new(()),
+            draining: tokio::sync::watch::channel(false).0,
+            tunnels: Arc::default(),
         }
     }
 }
@@ -203,6 +228,31 @@ impl Broker {
         read(&self.policy).clone()
     }
 
+    /// Starts the drain of a stopping replica: no new tunnels are taken, and every
+    /// tunnel is told (a `Bye` that is not final) to reconnect to another replica;
+    /// its open flows go on until they end or [`Broker::close_all`].
+    pub fn begin_drain(&self) {
+        if !self.draining.send_replace(true) {
+            tracing::info!(tunnels = self.tunnels.load(std::sync::atomic::Ordering::Relaxed), "draining: tunnels are told to move to another replica");
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Waits until every tunnel has ended or `deadline` passed; returns the tunnels left.
+    pub async fn drained(&self, deadline: Duration) -> usize {
+        let until = Instant::now() + deadline;
+        loop {
+            let left = self.tunnels.load(std::sync::atomic::Ordering::Relaxed);
+            if left == 0 || Instant::now() >= until {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Closes every tunnel (shutdown).
     pub fn close_all(&self) {
         let _ = self.shutdown.send(true);
@@ -253,9 +303,14 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
     );
     let local = listener.local_addr()?;
     let _ = state.broker.tunnel_address.set(local);
+    // where the other replicas relay flows to this one (only replicas on PostgreSQL have peers)
+    if state.store.backend() == reachback_store::Backend::Postgres {
+        state.store.set_relay_endpoints(&state.config.node_name, &crate::peers::relay_endpoints(local).join(",")).await?;
+    }
     tokio::spawn(feed_names(Arc::downgrade(&state)));
     tokio::spawn(renew_broker_certificate(Arc::downgrade(&state), certificate, names));
     let mut shutdown = state.broker.shutdown.subscribe();
+    let mut draining = state.broker.draining.subscribe();
     let cleared = state.store.clear_client_sessions_on(&state.config.node_name).await?;
     if cleared > 0 {
         tracing::info!(cleared, "cleared client sessions left by an earlier run of this node");
@@ -268,6 +323,8 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = shutdown.wait_for(|stop| *stop) => break,
+                // a draining replica takes no new tunnels: the listener closes, clients go elsewhere
+                _ = draining.wait_for(|draining| *draining) => break,
             };
             let (stream, remote) = match accepted {
                 Ok(accepted) => accepted,
@@ -282,7 +339,9 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
             let listener = listener.clone();
             // handshakes and hellos in progress are capped: a flood of them waits in the backlog
             let Ok(permit) = greetings.clone().acquire_owned().await else { break };
+            let serving = Serving::new(&state.broker.tunnels);
             tokio::spawn(async move {
+                let _serving = serving;
                 let connection = match listener.handshake(stream, remote).await {
                     Ok(connection) => connection,
                     Err(error) => return tracing::info!(%remote, error = format!("{error:#}"), "tunnel handshake failed"),
@@ -293,8 +352,14 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
                     connection.close(CLOSE_REFUSED, b"too many tunnels for one identity");
                     return;
                 };
-                if let Err(error) = serve_tunnel(state, connection.clone(), permit).await {
+                if let Err(error) = serve_tunnel(state.clone(), connection.clone(), permit).await {
                     tracing::info!(%remote, error = format!("{error:#}"), "tunnel ended");
+                }
+                if state.broker.is_draining() {
+                    // told to move: its open flows finish here first (the drain's deadline closes it otherwise)
+                    while connection.open_streams() > 0 && connection.close_reason().is_none() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
                 connection.close(CLOSE_SHUTDOWN, b"tunnel ended");
             });
@@ -350,6 +415,7 @@ async fn serve_tunnel(state: SharedState, connection: Connection, greeting: toki
     }
     match (role, identity.kind.as_str()) {
         (ClientRole::Agent, "device") => serve_agent(state, connection, identity, send, recv).await,
+        (ClientRole::Replica, crate::crypto::REPLICA_UNIT) => serve_replica(state, connection, identity, send, recv).await,
         (ClientRole::Connector, "connector") => {
             let dns_listeners = dns_listeners(&dns_listen);
             serve_connector(state, connection, identity, version, mode, names, dns_listeners, send, recv).await
@@ -432,7 +498,7 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
     let result = async {
         write_frame(&mut send, &Control::Welcome(welcome)).await?;
         let renewer = Renewer::new(&state, &connection, &identity, Some(device.hostname.clone()))?;
-        control_loop(&connection, send, recv, None, renewer, None).await
+        control_loop(&connection, send, recv, None, Some(renewer), None, state.broker.draining.subscribe()).await
     }
     .await;
     {
@@ -534,10 +600,12 @@ async fn control_loop(
     mut send: SendStream,
     recv: RecvStream,
     mut ranges: Option<(SharedState, Vec<String>)>,
-    mut renewer: Renewer,
+    mut renewer: Option<Renewer>,
     mut names: Option<tokio::sync::broadcast::Receiver<Arc<NameUpdate>>>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (mut incoming, reader) = reachback_tunnel::spawn_reader::<Control>(recv);
+    let mut told_to_move = false;
     let mut liveness = Liveness::new(Instant::now(), KEEPALIVE, LIVENESS_TIMEOUT);
     let mut range_check = tokio::time::interval(Duration::from_secs(3));
     // ranges this replica just synced (changed here or, notified, elsewhere): checked at once
@@ -553,7 +621,8 @@ async fn control_loop(
                         liveness.sent(Instant::now());
                     }
                     Some(Ok(Some(Control::Pong { .. }))) => {}
-                    Some(Ok(Some(Control::Renew))) => {
+                    Some(Ok(Some(Control::Renew))) if renewer.is_some() => {
+                        let Some(renewer) = renewer.as_mut() else { continue };
                         let certificate = renewer.renew().await?;
                         write_frame(&mut send, &Control::Certificate { certificate }).await?;
                     }
@@ -584,6 +653,11 @@ async fn control_loop(
                     // fell behind the feed: a new tunnel brings a new snapshot
                     None => break Err(anyhow::anyhow!("the connector fell behind the name feed")),
                 }
+            }
+            _ = async { draining.wait_for(|draining| *draining).await.is_ok() }, if !told_to_move => {
+                // the peer reconnects elsewhere and ends this tunnel once its flows are done
+                write_frame(&mut send, &Control::Bye { reason: DRAIN_REASON.into(), r#final: false }).await?;
+                told_to_move = true;
             }
             reason = connection.closed() => break Err(anyhow::anyhow!("{reason}")),
         }
@@ -763,7 +837,7 @@ async fn serve_connector(
         None
     };
     let result = match Renewer::new(&state, &connection, &identity, None) {
-        Ok(renewer) => control_loop(&connection, send, recv, Some((state.clone(), ranges)), renewer, feed).await,
+        Ok(renewer) => control_loop(&connection, send, recv, Some((state.clone(), ranges)), Some(renewer), feed, state.broker.draining.subscribe()).await,
         Err(error) => Err(error),
     };
     flows.abort();
@@ -835,12 +909,12 @@ impl FlowLogEntry {
     }
 
     /// The agent that holds the virtual address (who the flow reached).
-    fn agent(&mut self, agent: &AgentSession) {
+    fn agent(&mut self, agent: &AgentFacts<'_>) {
         if let Some(record) = &mut self.record {
-            record.device_id = Some(agent.device_id.clone());
-            record.username = Some(agent.username.clone());
-            record.client_hostname = Some(agent.hostname.clone());
-            record.platform = Some(agent.platform.clone());
+            record.device_id = Some(agent.device_id.to_string());
+            record.username = Some(agent.username.to_string());
+            record.client_hostname = Some(agent.hostname.to_string());
+            record.platform = Some(agent.platform.to_string());
         }
     }
 
@@ -864,6 +938,111 @@ impl FlowLogEntry {
         }
         state.flow_log.record(record);
     }
+}
+
+/// Who holds a flow's address: an agent attached here, or one attached to another replica.
+enum Holder {
+    Here(AgentSession),
+    Replica(crate::peers::RemoteAgent),
+}
+
+/// What the policy and the flow log know of the agent a flow reaches.
+struct AgentFacts<'a> {
+    device_id: &'a str,
+    hostname: &'a str,
+    username: &'a str,
+    platform: &'a str,
+    range_id: &'a str,
+}
+
+impl Holder {
+    fn facts(&self) -> AgentFacts<'_> {
+        match self {
+            Holder::Here(agent) => AgentFacts {
+                device_id: &agent.device_id,
+                hostname: &agent.hostname,
+                username: &agent.username,
+                platform: &agent.platform,
+                range_id: &agent.range_id,
+            },
+            Holder::Replica(remote) => AgentFacts {
+                device_id: &remote.device_id,
+                hostname: &remote.hostname,
+                username: &remote.username,
+                platform: &remote.platform,
+                range_id: &remote.range_id,
+            },
+        }
+    }
+}
+
+/// Another replica's tunnel: it relays flows that entered there (policy checked
+/// there) to agents attached here. A replica's certificate comes only from the CA's
+/// holders, which are the replicas.
+async fn serve_replica(state: SharedState, connection: Connection, identity: PeerIdentity, mut send: SendStream, recv: RecvStream) -> anyhow::Result<()> {
+    let peer: Arc<str> = Arc::from(identity.id.as_str());
+    connection.set_max_unaccepted_streams(reachback_tunnel::mux::DEFAULT_MAX_UNACCEPTED_STREAMS);
+    let welcome = Welcome { session_id: state.config.node_name.clone(), virtual_ip: None, ranges: Vec::new(), keepalive_seconds: KEEPALIVE.as_secs() };
+    write_frame(&mut send, &Control::Welcome(welcome)).await?;
+    tracing::info!(peer = %peer, remote = %connection.remote_address(), "peer replica connected");
+    let flows = {
+        let state = state.clone();
+        let connection = connection.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                tokio::spawn(serve_relayed_flow(state.clone(), peer.clone(), send, recv));
+            }
+        })
+    };
+    let result = control_loop(&connection, send, recv, None, None, None, state.broker.draining.subscribe()).await;
+    flows.abort();
+    tracing::info!(peer = %peer, "peer replica disconnected");
+    result
+}
+
+/// A flow another replica relays here: hand it to the agent that holds the address
+/// and splice the bytes (the agent's answer goes back unread; the entry replica
+/// checked the policy and keeps the flow log).
+async fn serve_relayed_flow(state: SharedState, peer: Arc<str>, mut send: SendStream, mut recv: RecvStream) {
+    let open: FlowOpen = match tokio::time::timeout(FLOW_OPEN_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Ok(Some(open))) => open,
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            tracing::warn!(peer = %peer, error = %error, "bad relayed flow request refused");
+            reply(&mut send, &FlowReply::Refused(Refusal::BadRequest { reason: error.to_string() })).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => {
+            End::Stream { send, recv }.reset();
+            return;
+        }
+    };
+    state.metrics.relayed_flows.get_or_create(&vec![("direction".to_string(), "in".to_string())]).inc();
+    let destination = open.destination;
+    let Some(agent) = read(&state.broker.agents).get(&destination.ip()).cloned() else {
+        tracing::debug!(peer = %peer, %destination, "relayed flow to an address no agent here holds");
+        reply(&mut send, &FlowReply::Refused(Refusal::Offline)).await;
+        let _ = send.finish();
+        return;
+    };
+    let (mut agent_send, agent_recv) = match agent.connection.open_bi().await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::info!(%destination, error = %error, "the agent's tunnel failed (relayed flow)");
+            reply(&mut send, &FlowReply::Refused(Refusal::ConnectFailed { reason: "the agent's tunnel failed".into() })).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if write_frame(&mut agent_send, &open).await.is_err() {
+        End::Stream { send, recv }.reset();
+        return;
+    }
+    let options = reachback_tunnel::RelayOptions { idle_timeout: state.config.flow_idle_timeout, await_reply: None, on_bytes: &|_, _| {}, on_accepted: &|| {} };
+    let totals = reachback_tunnel::relay(End::Stream { send, recv }, End::Stream { send: agent_send, recv: agent_recv }, options).await;
+    tracing::trace!(peer = %peer, %destination, up = totals.server_to_client, down = totals.client_to_server, clean = totals.clean, "relayed flow closed");
 }
 
 /// One flow from a connector: policy, open at the agent, relay. Every flow whose
@@ -895,8 +1074,19 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         Transport::Tcp => (&state.metrics.tcp, Protocol::Tcp),
         Transport::Udp => (&state.metrics.udp, Protocol::Udp),
     };
-    let agent = read(&state.broker.agents).get(&destination.ip()).cloned();
-    let Some(agent) = agent else {
+    let local = read(&state.broker.agents).get(&destination.ip()).cloned();
+    let holder = match local {
+        Some(agent) => Some(Holder::Here(agent)),
+        // held by another replica: relayed there (policy is checked here, where the flow enters)
+        None => match state.peers.locate(&state, destination.ip()).await {
+            Ok(remote) => remote.map(Holder::Replica),
+            Err(error) => {
+                tracing::warn!(%destination, error = format!("{error:#}"), "could not look up which replica holds the address");
+                None
+            }
+        },
+    };
+    let Some(holder) = holder else {
         tracing::debug!(%destination, source = %open.source, "flow to an address no live agent holds");
         count_failure(metrics, "offline");
         reply(&mut send, &FlowReply::Refused(Refusal::Offline)).await;
@@ -904,6 +1094,7 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         entry.finish(&state, FlowVerdict::Offline, None, None);
         return;
     };
+    let agent = holder.facts();
     entry.agent(&agent);
     let facts = FlowFacts {
         protocol,
@@ -911,10 +1102,10 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         destination: destination.ip(),
         port: destination.port(),
         connector_id,
-        client_hostname: &agent.hostname,
-        username: &agent.username,
-        platform: &agent.platform,
-        range_id: &agent.range_id,
+        client_hostname: agent.hostname,
+        username: agent.username,
+        platform: agent.platform,
+        range_id: agent.range_id,
     };
     let decision = state.broker.policy().evaluate(&facts);
     entry.policy(decision.rule_id.as_ref(), decision.rule_name.as_ref());
@@ -929,10 +1120,20 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         entry.finish(&state, FlowVerdict::Denied, None, None);
         return;
     }
-    let (mut agent_send, agent_recv) = match agent.connection.open_bi().await {
+    let opened = match &holder {
+        Holder::Here(agent) => agent.connection.open_bi().await.map_err(anyhow::Error::from),
+        Holder::Replica(remote) => {
+            state.metrics.relayed_flows.get_or_create(&vec![("direction".to_string(), "out".to_string())]).inc();
+            state.peers.open(&state, &remote.node).await
+        }
+    };
+    let (mut agent_send, agent_recv) = match opened {
         Ok(stream) => stream,
         Err(error) => {
-            tracing::info!(%destination, error = %error, "the agent's tunnel failed");
+            tracing::info!(%destination, error = format!("{error:#}"), "the agent's tunnel failed");
+            if let Holder::Replica(_) = &holder {
+                state.peers.forget(destination.ip());
+            }
             count_failure(metrics, "agent_error");
             reply(&mut send, &FlowReply::Refused(Refusal::ConnectFailed { reason: "the agent's tunnel failed".into() })).await;
             let _ = send.finish();
@@ -976,6 +1177,11 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         entry.finish(&state, FlowVerdict::Allowed, None, Some(&totals));
     } else {
         let (verdict, reason) = match &totals.refusal {
+            // the replica it was relayed to no longer holds the agent
+            Some(Refusal::Offline) => {
+                state.peers.forget(destination.ip());
+                (FlowVerdict::Offline, "offline")
+            }
             Some(Refusal::PortNotAllowed) => (FlowVerdict::RefusedByAgent, "port_not_allowed"),
             Some(_) => (FlowVerdict::RefusedByAgent, "connect_failed"),
             None => (FlowVerdict::Failed, "timeout"),

@@ -280,6 +280,24 @@ impl CertificateAuthority {
         Ok(certificate.pem())
     }
 
+    /// A fresh key and client certificate for this replica when it relays flows to
+    /// another replica: CN is the node name, OU `replica` (only the CA's holders — the
+    /// replicas, who share its key — can make one; no enrollment issues this unit).
+    pub fn sign_replica(&self, node_name: &str, lifetime: Duration) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the replica key")?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, node_name);
+        name.push(DnType::OrganizationalUnitName, REPLICA_UNIT);
+        params.distinguished_name = name;
+        params.serial_number = Some(SerialNumber::from_slice(&Self::new_serial()));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity(&mut params, lifetime);
+        let certificate = params.signed_by(&key, &self.issuer).context("signing the replica certificate")?;
+        Ok((certificate.pem(), key.serialize_pem()))
+    }
+
     /// A fresh key and certificate for this replica's tunnel endpoint, named
     /// [`reachback_proto::BROKER_SERVER_NAME`] (clients trust only the CA and dial with that
     /// name, so one name serves every replica) and the names it is advertised under.
@@ -322,6 +340,9 @@ impl CertificateAuthority {
         Ok((certificate.pem(), key.serialize_pem()))
     }
 }
+
+/// The organisational unit of a replica's client certificate.
+pub const REPLICA_UNIT: &str = "replica";
 
 /// Valid from a little before now (clocks differ) for `lifetime`.
 fn set_validity(params: &mut CertificateParams, lifetime: Duration) {

@@ -16,6 +16,7 @@ pub mod flowlog;
 pub mod limit;
 pub mod ops;
 pub mod replicas;
+pub mod peers;
 pub mod request;
 pub mod serve;
 pub mod state;
@@ -247,6 +248,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
         enroll_tx,
         config,
         broker: broker::Broker::default(),
+        peers: peers::Peers::default(),
         flow_log,
         login_limiter: std::sync::Mutex::new(limit::LoginLimiter::default()),
         registration,
@@ -314,8 +316,22 @@ impl App {
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let App { router, state, writer, flow_writer, background, tls, .. } = self;
         let acceptor = tls.map(|tls| tls.acceptor);
+        // the tunnels start to drain when the signal comes, alongside the HTTP requests in flight
+        let shutdown = {
+            let state = state.clone();
+            async move {
+                shutdown.await;
+                state.broker.begin_drain();
+            }
+        };
         serve::serve(listener, router, acceptor, state.config.http_limits.clone(), shutdown).await.context("serving HTTP")?;
+        state.broker.begin_drain();
+        let left = state.broker.drained(state.config.drain_timeout).await;
+        if left > 0 {
+            tracing::warn!(tunnels = left, deadline_seconds = state.config.drain_timeout.as_secs(), "drain deadline passed; closing the tunnels left");
+        }
         state.broker.close_all();
+        state.peers.close_all();
         for task in background {
             task.abort();
         }

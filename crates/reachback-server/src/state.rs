@@ -123,6 +123,9 @@ pub struct ServerConfig {
     pub node_name: String,
     /// flows with no byte either way for this long are reset
     pub flow_idle_timeout: std::time::Duration,
+    /// how long a stopping replica waits for its tunnels' open flows after telling
+    /// agents and connectors to reconnect elsewhere
+    pub drain_timeout: std::time::Duration,
     /// TCP congestion control of the accepted tunnels
     pub tcp_congestion: reachback_tunnel::Congestion,
     /// the operator's certificate chain and key for the API (PEM files), re-read on SIGHUP
@@ -259,6 +262,8 @@ pub struct Metrics {
     /// the flow log's writer and its queue
     pub flow_log: FlowLogMetrics,
     pub events: EventMetrics,
+    /// flows relayed between replicas: `out` entered here, `in` reached an agent here
+    pub relayed_flows: Family<Vec<(String, String)>, Counter>,
 }
 
 /// Event delivery to the sinks, by sink name.
@@ -389,6 +394,12 @@ impl Metrics {
         registry.register("certificates_renewed", "Device and connector certificates renewed (over the tunnel or the API)", certificates_renewed.clone());
         let flow_log = FlowLogMetrics::register(&mut registry);
         let events = EventMetrics::register(&mut registry);
+        let relayed_flows = Family::default();
+        registry.register(
+            "replica_relayed_flows",
+            "Flows relayed between replicas: out = entered here for an agent on another replica, in = from another replica to an agent here",
+            relayed_flows.clone(),
+        );
         Metrics {
             registry,
             enrollments,
@@ -408,6 +419,7 @@ impl Metrics {
             certificates_renewed,
             flow_log,
             events,
+            relayed_flows,
         }
     }
 
@@ -441,6 +453,8 @@ pub struct AppState {
     pub enroll_tx: mpsc::Sender<EnrollRequest>,
     pub config: ServerConfig,
     pub broker: crate::broker::Broker,
+    /// tunnels to the other replicas (flows that cross them)
+    pub peers: crate::peers::Peers,
     /// the flow log's queue (the broker records each flow's end there)
     pub flow_log: crate::flowlog::FlowLog,
     /// failed console sign-ins, per account and per address

@@ -468,6 +468,39 @@ impl Store {
     }
 
     /// Every live session, newest first (a few thousand at most per replica; the API pages in memory).
+    /// The newest session another replica holds for a virtual address, with its device's
+    /// range (a flow that entered here is relayed to that replica). `None` when no other
+    /// replica holds one.
+    pub async fn remote_session_for(&self, virtual_ip: &str, this_node: &str) -> Result<Option<(ClientSessionRow, String)>> {
+        let row = sqlx::query(
+            "SELECT s.id, s.device_id, d.hostname, d.username, d.platform, s.virtual_ip, s.broker_node, s.remote_addr, s.connected_at, \
+             COALESCE(b.range_id, '') AS range_id FROM client_sessions s JOIN devices d ON d.id = s.device_id LEFT JOIN bindings b ON b.device_id = s.device_id \
+             WHERE s.virtual_ip = $1 AND s.broker_node <> $2 ORDER BY s.connected_at DESC LIMIT 1",
+        )
+        .bind(virtual_ip)
+        .bind(this_node)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok((session_from_row(&row)?, row.try_get("range_id")?))).transpose()
+    }
+
+    /// The addresses another replica's tunnel endpoint is reached at by its peers
+    /// (comma-separated), while it is registered alive.
+    pub async fn replica_relay_endpoints(&self, node: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT relay_endpoints FROM replicas WHERE node_name = $1 AND status = 'alive' AND relay_endpoints <> ''")
+            .bind(node)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| row.try_get(0).map_err(StoreError::from)).transpose()
+    }
+
+    /// Records where this replica's tunnel endpoint is reached by its peers.
+    pub async fn set_relay_endpoints(&self, node: &str, endpoints: &str) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE replicas SET relay_endpoints = $2 WHERE node_name = $1").bind(node).bind(endpoints).execute(&mut *tx.transaction).await?;
+        tx.commit().await
+    }
+
     pub async fn list_client_sessions(&self) -> Result<Vec<ClientSessionRow>> {
         let sql = format!("{SESSION_SELECT} ORDER BY s.connected_at DESC, s.id");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;

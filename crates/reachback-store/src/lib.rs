@@ -144,6 +144,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (12, include_str!("../migrations/0012_flow_log_sqlite.sql"), include_str!("../migrations/0012_flow_log_postgres.sql")),
     (13, include_str!("../migrations/0013_events_sqlite.sql"), include_str!("../migrations/0013_events_postgres.sql")),
     (14, include_str!("../migrations/0014_replicas_sqlite.sql"), include_str!("../migrations/0014_replicas_postgres.sql")),
+    (16, include_str!("../migrations/0016_session_address.sql"), ""),
     (17, include_str!("../migrations/0017_history_names_sqlite.sql"), include_str!("../migrations/0017_history_names_postgres.sql")),
 ];
 

@@ -175,7 +175,13 @@ pub enum TunnelEnd {
     Final(String),
     /// lost or closed; reconnect
     Lost(String),
+    /// the replica is going away (a `Bye` that is not final): reconnect elsewhere now
+    Moved(String),
 }
+
+/// Clients told to move reconnect within this, spread at random (a draining replica's
+/// clients do not all land on the others in the same instant).
+const MOVE_SPREAD: Duration = Duration::from_millis(500);
 
 async fn resolve(endpoint: &str) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(tokio::net::lookup_host(endpoint).await.with_context(|| format!("resolving {endpoint}"))?.collect())
@@ -199,37 +205,106 @@ pub struct Hello<'a> {
     pub dns_listen: &'a [String],
 }
 
-/// Connects to the first endpoint that answers, saying `hello`.
+/// How long an attempt has to itself before the next address is tried alongside it:
+/// a replica that died without a word (no reset, the host gone) costs this, not a
+/// whole connect timeout.
+const ATTEMPT_STAGGER: Duration = Duration::from_millis(400);
+/// How long one attempt (TCP, TLS, hello and welcome) may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the broker endpoints, saying `hello`: every address of every
+/// endpoint (a DNS name may stand for several replicas), in an order drawn afresh
+/// for each call so that clients spread over the replicas, tried one after the
+/// other but overlapping (a new attempt starts every [`ATTEMPT_STAGGER`] while
+/// earlier ones are pending); the first welcome wins and the others are dropped.
+/// A final refusal (a revoked certificate) ends the search at once.
 pub async fn connect_with(connector: &TunnelConnector, brokers: &[String], hello_message: Hello<'_>) -> anyhow::Result<Tunnel> {
     let mut last_error = anyhow::anyhow!("no broker endpoint configured");
+    let mut addresses: Vec<SocketAddr> = Vec::new();
     for broker in brokers {
-        let addresses = match resolve(broker).await {
-            Ok(addresses) => addresses,
-            Err(error) => {
-                last_error = error;
-                continue;
-            }
-        };
-        for address in addresses {
-            match tokio::time::timeout(Duration::from_secs(10), hello(connector, address, &hello_message)).await {
-                Ok(Ok(tunnel)) => return Ok(tunnel),
-                Ok(Err(error)) => last_error = error.context(format!("broker {address}")),
-                Err(_) => last_error = anyhow::anyhow!("broker {address}: no answer in 10 s"),
+        match resolve(broker).await {
+            Ok(resolved) => addresses.extend(resolved.into_iter().filter(|address| !addresses.contains(address)).collect::<Vec<_>>()),
+            Err(error) => last_error = error,
+        }
+    }
+    shuffle(&mut addresses, jitter());
+    let Hello { role, mode, version, names, dns_listen } = hello_message;
+    let hello = Control::Hello { role, version: version.to_string(), mode: mode.map(str::to_string), names, dns_listen: dns_listen.to_vec() };
+    let mut waiting = addresses.into_iter();
+    let mut attempts = tokio::task::JoinSet::new();
+    let start = |attempts: &mut tokio::task::JoinSet<(SocketAddr, anyhow::Result<Tunnel>)>, address: SocketAddr| {
+        let connector = connector.clone();
+        let hello = hello.clone();
+        attempts.spawn(async move {
+            let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, say_hello(&connector, address, hello)).await {
+                Ok(result) => result,
+                Err(_) => Err(anyhow::anyhow!("no answer in {} s", ATTEMPT_TIMEOUT.as_secs())),
+            };
+            (address, result)
+        });
+    };
+    match waiting.next() {
+        Some(address) => start(&mut attempts, address),
+        None => return Err(last_error),
+    }
+    loop {
+        let more = waiting.len() > 0;
+        tokio::select! {
+            finished = attempts.join_next() => match finished {
+                Some(Ok((_, Ok(tunnel)))) => {
+                    // a slower attempt that also got in is closed, not left holding a session
+                    attempts.abort_all();
+                    while let Some(finished) = attempts.try_join_next() {
+                        if let Ok((_, Ok(extra))) = finished {
+                            extra.connection.close(0, b"another broker answered first");
+                        }
+                    }
+                    return Ok(tunnel);
+                }
+                Some(Ok((address, Err(error)))) => {
+                    if error.downcast_ref::<FinalRefusal>().is_some() {
+                        return Err(error);
+                    }
+                    last_error = error.context(format!("broker {address}"));
+                    // a failure that came quickly (refused, reset) hands over at once
+                    if let Some(address) = waiting.next() {
+                        start(&mut attempts, address);
+                    }
+                }
+                Some(Err(error)) => last_error = anyhow::anyhow!("a connection attempt failed: {error}"),
+                None => return Err(last_error),
+            },
+            _ = tokio::time::sleep(ATTEMPT_STAGGER), if more => {
+                if let Some(address) = waiting.next() {
+                    start(&mut attempts, address);
+                }
             }
         }
     }
-    Err(last_error)
 }
 
-async fn hello(connector: &TunnelConnector, address: SocketAddr, message: &Hello<'_>) -> anyhow::Result<Tunnel> {
-    let Hello { role, mode, version, names, dns_listen } = *message;
+/// Puts `items` in a pseudo-random order drawn from `seed` in `[0, 1)`.
+fn shuffle<T>(items: &mut [T], seed: f64) {
+    let mut state = ((seed * (1u64 << 53) as f64) as u64) | 1;
+    for index in (1..items.len()).rev() {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let draw = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        items.swap(index, (draw % (index as u64 + 1)) as usize);
+    }
+}
+
+async fn say_hello(connector: &TunnelConnector, address: SocketAddr, hello: Control) -> anyhow::Result<Tunnel> {
     let connection = connector.connect(address).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
-    let hello = Control::Hello { role, version: version.to_string(), mode: mode.map(str::to_string), names, dns_listen: dns_listen.to_vec() };
     write_frame(&mut send, &hello).await?;
     match read_frame::<Control>(&mut recv).await? {
         Some(Control::Welcome(welcome)) => Ok(Tunnel { connection, welcome, send, recv }),
-        Some(Control::Bye { reason, .. }) => Err(anyhow::anyhow!(FinalRefusal(reason))),
+        Some(Control::Bye { reason, r#final: true }) => Err(anyhow::anyhow!(FinalRefusal(reason))),
+        // a replica that is draining: another one takes the client
+        Some(Control::Bye { reason, .. }) => anyhow::bail!("the broker turned the client away: {reason}"),
         Some(other) => anyhow::bail!("unexpected answer to hello: {other:?}"),
         None => anyhow::bail!("the broker closed the control stream"),
     }
@@ -395,7 +470,7 @@ impl Tunnel {
                             }
                         }
                         Some(Ok(Some(Control::Bye { reason, r#final: true }))) => break TunnelEnd::Final(reason),
-                        Some(Ok(Some(Control::Bye { reason, .. }))) => break TunnelEnd::Lost(reason),
+                        Some(Ok(Some(Control::Bye { reason, .. }))) => break TunnelEnd::Moved(reason),
                         Some(Ok(Some(other))) => break TunnelEnd::Lost(format!("unexpected control message {other:?}")),
                         Some(Ok(None)) | None => break TunnelEnd::Lost("the broker closed the control stream".into()),
                         Some(Err(error)) => break TunnelEnd::Lost(format!("{error:#}")),
@@ -425,6 +500,11 @@ pub fn after_tunnel(backoff: &mut reachback_proto::Backoff, outcome: Result<Tunn
         Ok(TunnelEnd::Final(reason)) => anyhow::bail!(FinalRefusal(reason)),
         Err(error) if error.downcast_ref::<FinalRefusal>().is_some() => return Err(error),
         Ok(TunnelEnd::Lost(reason)) => (reason, "tunnel lost"),
+        Ok(TunnelEnd::Moved(reason)) => {
+            let delay = MOVE_SPREAD.mul_f64(jitter());
+            tracing::info!(%reason, retry_in_ms = delay.as_millis() as u64, "told to move to another replica");
+            return Ok(delay);
+        }
         Err(error) => (format!("{error:#}"), "cannot reach the broker"),
     };
     let delay = backoff.next_delay(Instant::now(), jitter());
@@ -437,4 +517,31 @@ pub fn jitter() -> f64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.subsec_nanos()).unwrap_or(0);
     let mixed = (nanos as u64 ^ (std::process::id() as u64).rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (mixed >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shuffle;
+
+    #[test]
+    fn a_shuffle_keeps_every_endpoint_and_spreads_the_first_choice() {
+        let endpoints: Vec<u32> = (0..3).collect();
+        let mut first = [0usize; 3];
+        for draw in 0..3000 {
+            let mut order = endpoints.clone();
+            shuffle(&mut order, draw as f64 / 3000.0);
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, endpoints, "a permutation");
+            first[order[0] as usize] += 1;
+        }
+        // clients spread over the replicas: each is tried first by about a third
+        for (endpoint, count) in first.iter().enumerate() {
+            assert!((700..1300).contains(count), "endpoint {endpoint} first {count} times of 3000: {first:?}");
+        }
+        let mut one: Vec<u32> = vec![7];
+        shuffle(&mut one, 0.5);
+        assert_eq!(one, [7]);
+        shuffle(&mut Vec::<u32>::new(), 0.5);
+    }
 }

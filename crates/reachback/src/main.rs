@@ -230,6 +230,9 @@ struct ServerArgs {
     /// Seconds a relayed flow may stay silent both ways before it is reset [default: 3600]
     #[arg(long, env = "REACHBACK_FLOW_IDLE_TIMEOUT")]
     flow_idle_timeout: Option<u64>,
+    /// Seconds a stopping server (SIGTERM) waits for open flows after telling agents and connectors to move to another replica [default: 30]
+    #[arg(long, env = "REACHBACK_DRAIN_TIMEOUT")]
+    drain_timeout: Option<u64>,
     /// TCP congestion control of the tunnels: `system` keeps the machine's [default: cubic where available]
     #[arg(long, env = "REACHBACK_TCP_CONGESTION")]
     tcp_congestion: Option<String>,
@@ -293,6 +296,7 @@ struct ConfigFile {
     broker_endpoints: Option<Vec<String>>,
     node_name: Option<String>,
     flow_idle_timeout: Option<u64>,
+    drain_timeout: Option<u64>,
     tcp_congestion: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -343,6 +347,7 @@ impl ServerArgs {
                 .or_else(|| std::env::var("HOSTNAME").ok().filter(|name| !name.trim().is_empty()))
                 .unwrap_or_else(reachback_server::state::local_host_name),
             flow_idle_timeout: std::time::Duration::from_secs(self.flow_idle_timeout.or(file.flow_idle_timeout).unwrap_or(3600)),
+            drain_timeout: std::time::Duration::from_secs(self.drain_timeout.or(file.drain_timeout).unwrap_or(30)),
             tcp_congestion: reachback_tunnel::Congestion::resolve(self.tcp_congestion.or(file.tcp_congestion).as_deref())?,
             tls_files: match (self.tls_cert.or(file.tls_cert), self.tls_key.or(file.tls_key)) {
                 (Some(certificate), Some(key)) => Some((certificate, key)),
@@ -412,6 +417,9 @@ fn validate(config: &ServerConfig) -> anyhow::Result<()> {
     }
     if config.flow_idle_timeout.is_zero() || config.flow_idle_timeout.as_secs() > 7 * 86_400 {
         anyhow::bail!("--flow-idle-timeout must be 1 to 604800 seconds");
+    }
+    if config.drain_timeout.as_secs() > 3600 {
+        anyhow::bail!("--drain-timeout must be 0 to 3600 seconds");
     }
     if config.broker_endpoints.iter().any(|endpoint| endpoint.trim().is_empty()) {
         anyhow::bail!("--broker-endpoints may not hold an empty endpoint");

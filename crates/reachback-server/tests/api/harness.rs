@@ -110,6 +110,7 @@ impl TestServer {
             broker_endpoints: vec![format!("127.0.0.1:{}", self.tunnel_port)],
             node_name: "test".into(),
             flow_idle_timeout: std::time::Duration::from_secs(3600),
+            drain_timeout: std::time::Duration::from_secs(5),
             tcp_congestion: reachback_tunnel::Congestion::resolve(None).expect("the default congestion control"),
             tls_files: None,
             api_names: Vec::new(),

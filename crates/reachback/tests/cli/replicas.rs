@@ -466,3 +466,144 @@ fn three_replicas_list_each_other_and_receive_changes_by_notification() {
             .is_some_and(|text| text.lines().any(|line| line == "reachback_replicas_alive 2"))
     });
 }
+
+fn curl_socks(socks: u16, url: &str) -> Result<String, String> {
+    let output = std::process::Command::new("curl").args(["-sS", "-m", "5", "--socks5", &format!("127.0.0.1:{socks}"), url]).output().expect("curl runs");
+    if output.status.success() { Ok(String::from_utf8_lossy(&output.stdout).into_owned()) } else { Err(String::from_utf8_lossy(&output.stderr).into_owned()) }
+}
+
+/// Polls a curl through the connector every 100 ms for up to 15 s; returns the time to the first success.
+fn time_until_reachable(socks: u16, url: &str, expected: &str) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let mut last = Err(String::new());
+    while started.elapsed() < std::time::Duration::from_secs(15) {
+        last = curl_socks(socks, url);
+        if last.as_deref() == Ok(expected) {
+            return started.elapsed();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{url} not reachable through the connector in 15 s: {last:?}");
+}
+
+/// A metric's value in a replica's /metrics (0 when absent).
+fn metric(http: &ureq::Agent, base: &str, line_start: &str) -> f64 {
+    let text = http.get(&format!("{base}/metrics")).call().ok().and_then(|mut reply| reply.body_mut().read_to_string().ok()).unwrap_or_default();
+    text.lines().find(|line| line.starts_with(line_start)).and_then(|line| line.rsplit(' ').next()).and_then(|value| value.parse().ok()).unwrap_or(0.0)
+}
+
+/// Issue 21: a connector attached to replica A reaches an agent attached to another
+/// replica (one relay hop; A checks the policy); the holding replica killed with
+/// SIGKILL, the agent comes back through the third with the same virtual IP and the
+/// flow works again; the holder stopped with SIGTERM tells the agent to move (a
+/// `Bye` that is not final), the agent moves to the replica started again, and the
+/// stopped replica exits cleanly.
+#[test]
+fn flows_cross_replicas_and_follow_the_agent_when_its_replica_goes() {
+    let Some(admin_url) = std::env::var("REACHBACK_TEST_POSTGRES").ok().filter(|url| !url.is_empty()) else {
+        eprintln!("REACHBACK_TEST_POSTGRES not set: replica test off");
+        return;
+    };
+    let database = Database::create(&admin_url);
+    let url = database.url();
+    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new()).collect();
+    let secret = dirs[0].0.join("shared-secret.key");
+    std::fs::write(&secret, format!("{}\n", "3c".repeat(32))).expect("secret key file");
+    let secret = secret.to_string_lossy().into_owned();
+    let tunnels: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", crate::process::free_port())).collect();
+    // the connector knows only A; the agent knows B and C (each replica hands out its list)
+    let b_and_c = format!("{},{}", tunnels[1], tunnels[2]);
+    let start = |index: usize, name: &str, endpoints: &str| {
+        Server::start(
+            &dirs[index].0,
+            Some(&url),
+            &["--bootstrap-token", TOKEN, "--node-name", name, "--secret-key-file", &secret, "--tunnel-listen", &tunnels[index.min(2)], "--broker-endpoints", endpoints],
+        )
+    };
+    let replica_a = start(0, "replica-a", &tunnels[0]);
+    let mut replica_b = start(1, "replica-b", &b_and_c);
+    let mut replica_c = start(2, "replica-c", &b_and_c);
+    let http = agent();
+    let api = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        request(&http, method, &format!("{}/api/v1{path}", replica_a.base), Some(TOKEN), body.as_ref())
+    };
+    assert_eq!(api("POST", "/ip-ranges", Some(json!({"name": "Main", "range": "100.64.0.0/24"}))).0, 201);
+    let web_port = crate::process::free_port();
+    let segment = api("POST", "/app-segments", Some(json!({"name": "web", "destinations": ["100.64.0.0/24"], "tcp_ports": [web_port.to_string()]}))).1;
+    assert_eq!(api("POST", "/access-policies", Some(json!({"name": "web", "action": "allow", "segment_ids": [segment["id"]]}))).0, 201);
+    let (_, key) = api("POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example"})));
+    let key = key["key"].as_str().expect("key").to_string();
+    let (_, connector) = api("POST", "/connectors", Some(json!({"name": "dc1"})));
+    let provisioning_key = connector["provisioning_key"].as_str().expect("key").to_string();
+
+    let work = TempDir::new();
+    let www = work.0.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("hello.txt"), "hello across replicas\n").expect("file");
+    let mut web = std::process::Command::new("python3")
+        .args(["-m", "http.server", &web_port.to_string(), "--bind", "127.0.0.1", "--directory", &www.to_string_lossy()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 web server");
+    let agent_state = work.0.join("agent").to_string_lossy().into_owned();
+    let output = std::process::Command::new(crate::process::BIN)
+        .args(["agent", "enroll", "--server", &replica_b.base, "--key", &key, "--hostname", "laptop.corp.example", "--state-dir", &agent_state])
+        .output()
+        .expect("enroll");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let laptop = Peer::start(&work.0, "laptop", &["agent", "run", "--allow-ports", &web_port.to_string(), "--state-dir", &agent_state]);
+    let socks = crate::process::free_port();
+    let connector_state = work.0.join("connector").to_string_lossy().into_owned();
+    let socks_listen = format!("127.0.0.1:{socks}");
+    let dc1 = Peer::start(
+        &work.0,
+        "connector",
+        &["connector", "run", "--server", &replica_a.base, "--key", &provisioning_key, "--mode", "socks5", "--socks5-listen", &socks_listen, "--state-dir", &connector_state],
+    );
+    let holder = || -> Option<String> {
+        let (_, sessions) = api("GET", "/client-sessions?client_hostname=laptop", None);
+        let mut items: Vec<serde_json::Value> = sessions["items"].as_array().cloned().unwrap_or_default();
+        items.sort_by_key(|item| item["connected_at"].as_str().unwrap_or_default().to_string());
+        items.last().and_then(|item| item["broker_node"].as_str().map(str::to_string))
+    };
+    time_until("the agent's session", || holder().is_some_and(|node| node != "replica-a"));
+    let (_, binding) = api("GET", "/ip-bindings?client_hostname=laptop", None);
+    let ip = binding["items"][0]["ip"].as_str().expect("ip").to_string();
+    let page = format!("http://{ip}:{web_port}/hello.txt");
+
+    // 1. across replicas: the connector at A, the agent at B or C
+    let first = holder().expect("holder");
+    let took = time_until_reachable(socks, &page, "hello across replicas\n");
+    eprintln!("first flow A → {first} after {took:?}");
+    let relayed = |base: &str, direction: &str| metric(&http, base, &format!("reachback_replica_relayed_flows_total{{direction=\"{direction}\"}}"));
+    assert!(relayed(&replica_a.base, "out") >= 1.0, "the flow entered at A and was relayed");
+    let holder_base = if first == "replica-b" { replica_b.base.clone() } else { replica_c.base.clone() };
+    assert!(relayed(&holder_base, "in") >= 1.0, "and reached the agent at {first}");
+
+    // 2. the holder killed: the agent comes back through the other, same address
+    if first == "replica-b" { replica_b.kill() } else { replica_c.kill() }
+    let took = time_until_reachable(socks, &page, "hello across replicas\n");
+    let second = holder().expect("holder");
+    eprintln!("{first} killed → reachable again through {second} in {took:?}");
+    assert_ne!(second, first);
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}\n{}", laptop.log());
+    let (_, binding) = api("GET", "/ip-bindings?client_hostname=laptop", None);
+    assert_eq!(binding["items"][0]["ip"], ip.as_str(), "the same virtual IP");
+
+    // 3. the killed one back, then the holder stopped with SIGTERM: it tells the agent to
+    // move, the agent moves to the one back, and the stopped one exits cleanly
+    let restarted = if first == "replica-b" { start(1, "replica-b", &b_and_c) } else { start(2, "replica-c", &b_and_c) };
+    let stopped = std::time::Instant::now();
+    let status = if second == "replica-b" { replica_b.terminate() } else { replica_c.terminate() };
+    eprintln!("{second} stopped (SIGTERM) in {:?}: {status}", stopped.elapsed());
+    assert!(status.success(), "a drained replica exits cleanly: {status}");
+    let took = time_until_reachable(socks, &page, "hello across replicas\n");
+    eprintln!("{second} drained → reachable through {} in {took:?}", holder().unwrap_or_default());
+    assert_eq!(holder().as_deref(), Some(first.as_str()), "the agent moved to the replica that came back");
+    assert!(laptop.log().contains(reachback_server::broker::DRAIN_REASON), "the agent was told why: {}", laptop.log());
+    drop(restarted);
+    drop(dc1);
+    let _ = web.kill();
+    let _ = web.wait();
+}

@@ -1,0 +1,212 @@
+//! Flows that cross replicas. A connector's flow enters at the replica the connector
+//! is attached to; when the agent that holds the address is attached to another
+//! replica, the entry replica checks the policy (once, there) and relays the flow to
+//! that replica over a tunnel of its own: mutual TLS 1.3 with a client certificate
+//! the internal CA issues to the replica (OU `replica`), the same multiplexer as
+//! agents and connectors, one tunnel per pair of replicas, opened on the first flow
+//! and kept. The holding replica hands the stream to its agent and splices the
+//! bytes; the agent's answer travels back unchanged. One extra hop, never more.
+//!
+//! Which replica holds an address is read from the client sessions in the database
+//! and kept for a moment ([`LOCATION_TTL`]); a relay that finds the agent gone
+//! forgets it at once.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use reachback_proto::ClientRole;
+use reachback_tunnel::tls::TlsMaterial;
+use reachback_tunnel::{Connection, RecvStream, SendStream, TunnelConnector};
+
+use crate::state::AppState;
+
+/// How long where an address is held is trusted without asking the database again.
+/// Sessions move rarely (a replica dies, an agent reconnects); a relay that finds
+/// the agent gone forgets the entry at once.
+pub const LOCATION_TTL: Duration = Duration::from_secs(2);
+/// Addresses whose location is remembered at once (a scan of the virtual range must
+/// not grow the cache without bound).
+const LOCATION_CAPACITY: usize = 65_536;
+/// How long connecting to a peer replica may take before the flow is refused.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Relay endpoints of one replica tried at most (its registry row is a peer's word).
+const MAX_RELAY_ENDPOINTS: usize = 16;
+/// How long the replica's own client certificate is valid; a new one is made when
+/// half of it has passed.
+const REPLICA_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// Where this replica's tunnel endpoint is reached by its peers: the address it is
+/// bound to, or for a wildcard every address of the host's interfaces (loopback
+/// last, for replicas on one host), with the bound port.
+pub fn relay_endpoints(bound: std::net::SocketAddr) -> Vec<String> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound.to_string()];
+    }
+    let mut addresses: Vec<IpAddr> =
+        if_addrs::get_if_addrs().map(|interfaces| interfaces.into_iter().map(|interface| interface.ip()).collect()).unwrap_or_default();
+    addresses.retain(|address| {
+        let link_local_v6 = matches!(address, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+        !address.is_unspecified() && !link_local_v6 && (bound.is_ipv6() || address.is_ipv4())
+    });
+    addresses.sort_by_key(IpAddr::is_loopback);
+    addresses.dedup();
+    addresses.into_iter().take(MAX_RELAY_ENDPOINTS).map(|address| std::net::SocketAddr::new(address, bound.port()).to_string()).collect()
+}
+
+/// An agent attached to another replica, as the entry replica sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteAgent {
+    /// the replica that holds the session
+    pub node: String,
+    pub device_id: String,
+    pub hostname: String,
+    pub username: String,
+    pub platform: String,
+    pub range_id: String,
+}
+
+/// The tunnels to other replicas and where addresses are held.
+#[derive(Default)]
+pub struct Peers {
+    /// one slot per peer node: its tunnel, when open (connecting holds the slot)
+    links: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    /// virtual address → (when read, holder)
+    located: std::sync::Mutex<HashMap<IpAddr, (Instant, Option<RemoteAgent>)>>,
+    /// this replica's client identity towards the others, and when it was made
+    identity: std::sync::Mutex<Option<(TunnelConnector, SystemTime)>>,
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Peers {
+    /// The replica that holds `address`, if another one does.
+    pub async fn locate(&self, state: &AppState, address: IpAddr) -> anyhow::Result<Option<RemoteAgent>> {
+        if let Some((at, holder)) = lock(&self.located).get(&address)
+            && at.elapsed() < LOCATION_TTL
+        {
+            return Ok(holder.clone());
+        }
+        let found = state.store.remote_session_for(&address.to_string(), &state.config.node_name).await?;
+        let holder = found.map(|(session, range_id)| RemoteAgent {
+            node: session.broker_node,
+            device_id: session.device_id,
+            hostname: session.client_hostname,
+            username: session.username,
+            platform: session.platform,
+            range_id,
+        });
+        let mut located = lock(&self.located);
+        if located.len() >= LOCATION_CAPACITY {
+            located.retain(|_, (at, _)| at.elapsed() < LOCATION_TTL);
+            if located.len() >= LOCATION_CAPACITY {
+                located.clear();
+            }
+        }
+        located.insert(address, (Instant::now(), holder.clone()));
+        Ok(holder)
+    }
+
+    /// Forgets where `address` is held (the holder said it is not there).
+    pub fn forget(&self, address: IpAddr) {
+        lock(&self.located).remove(&address);
+    }
+
+    /// Opens a stream to the replica `node`, over the tunnel to it (made when there is none).
+    pub async fn open(&self, state: &AppState, node: &str) -> anyhow::Result<(SendStream, RecvStream)> {
+        let slot = lock(&self.links).entry(node.to_string()).or_default().clone();
+        let mut link = slot.lock().await;
+        if let Some(connection) = link.as_ref()
+            && let Ok(stream) = connection.open_bi().await
+        {
+            return Ok(stream);
+        }
+        *link = None;
+        let connection =
+            tokio::time::timeout(PEER_CONNECT_TIMEOUT, self.connect(state, node, slot.clone())).await.context("the replica did not answer in time")??;
+        let stream = connection.open_bi().await?;
+        *link = Some(connection);
+        Ok(stream)
+    }
+
+    /// Closes every tunnel to other replicas (shutdown).
+    pub fn close_all(&self) {
+        for slot in lock(&self.links).values() {
+            if let Ok(link) = slot.try_lock()
+                && let Some(connection) = link.as_ref()
+            {
+                connection.close(0, b"replica stopping");
+            }
+        }
+    }
+
+    /// The tunnels open to other replicas.
+    pub fn open_links(&self) -> usize {
+        lock(&self.links).values().filter(|slot| slot.try_lock().map(|link| link.as_ref().is_some_and(|c| c.close_reason().is_none())).unwrap_or(true)).count()
+    }
+
+    async fn connect(&self, state: &AppState, node: &str, slot: Arc<tokio::sync::Mutex<Option<Connection>>>) -> anyhow::Result<Connection> {
+        let endpoints = state.store.replica_relay_endpoints(node).await?.with_context(|| format!("replica {node} is not registered alive"))?;
+        let connector = self.identity(state)?;
+        let hello = reachback_tunnel::client::Hello { role: ClientRole::Replica, mode: None, version: env!("CARGO_PKG_VERSION"), names: false, dns_listen: &[] };
+        // the replica's own addresses, in turn: the one that answers as that node wins
+        let mut last_error = anyhow::anyhow!("replica {node} has no relay endpoint");
+        let mut found = None;
+        for endpoint in endpoints.split(',').filter(|endpoint| !endpoint.is_empty()).take(MAX_RELAY_ENDPOINTS) {
+            match reachback_tunnel::client::connect_with(&connector, &[endpoint.to_string()], hello).await {
+                Ok(tunnel) if tunnel.welcome.session_id == node => {
+                    found = Some((tunnel, endpoint.to_string()));
+                    break;
+                }
+                Ok(tunnel) => {
+                    last_error = anyhow::anyhow!("{endpoint} answers as replica {}, not {node}", tunnel.welcome.session_id);
+                    tunnel.connection.close(0, b"not the replica asked for");
+                }
+                Err(error) => last_error = error.context(format!("relay endpoint {endpoint}")),
+            }
+        }
+        let Some((tunnel, endpoint)) = found else { return Err(last_error) };
+        tracing::info!(peer = %node, %endpoint, "tunnel to a peer replica up");
+        let connection = tunnel.connection.clone();
+        let peer = node.to_string();
+        // the control stream: keepalives both ways until either side closes or the peer
+        // drains; then no new flow takes this tunnel (those on it finish)
+        let id = connection.stable_id();
+        tokio::spawn(async move {
+            let end = tunnel.run_control(None, |_| {}).await;
+            tracing::info!(peer = %peer, end = ?end, "tunnel to a peer replica ended");
+            let mut link = slot.lock().await;
+            if link.as_ref().is_some_and(|current| current.stable_id() == id) {
+                *link = None;
+            }
+        });
+        Ok(connection)
+    }
+
+    /// The client certificate this replica shows other replicas (made again when half its life passed).
+    fn identity(&self, state: &AppState) -> anyhow::Result<TunnelConnector> {
+        let mut identity = lock(&self.identity);
+        if let Some((connector, made)) = identity.as_ref()
+            && made.elapsed().unwrap_or_default() < REPLICA_CERTIFICATE_LIFETIME / 2
+        {
+            return Ok(connector.clone());
+        }
+        let (certificate_pem, private_key_pem) = state.ca.sign_replica(&state.config.node_name, REPLICA_CERTIFICATE_LIFETIME)?;
+        let material = TlsMaterial { certificate_pem, private_key_pem, ca_pem: state.ca.certificate_pem.clone() };
+        let connector = TunnelConnector::new(&material)?
+            .with_congestion(state.config.tcp_congestion.clone())
+            .with_limits(reachback_tunnel::MuxLimits {
+                max_streams: state.config.tunnel_max_flows,
+                connection_window: state.config.tunnel_memory,
+                // the peer never opens streams towards the replica that dialled
+                accept_streams: false,
+                ..Default::default()
+            });
+        *identity = Some((connector.clone(), SystemTime::now()));
+        Ok(connector)
+    }
+}
