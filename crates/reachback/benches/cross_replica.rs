@@ -79,6 +79,27 @@ async fn socks_connect(socks: u16, target: std::net::SocketAddrV4) -> tokio::net
     stream
 }
 
+/// Whether one flow goes through yet (the connector up, its tunnel and the agent's in place).
+async fn one_flow(socks: u16, target: std::net::SocketAddrV4) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", socks)).await.ok()?;
+        stream.write_all(&[5, 1, 0]).await.ok()?;
+        let mut method = [0u8; 2];
+        stream.read_exact(&mut method).await.ok()?;
+        let mut request = vec![5, 1, 0, 1];
+        request.extend_from_slice(&target.ip().octets());
+        request.extend_from_slice(&target.port().to_be_bytes());
+        stream.write_all(&request).await.ok()?;
+        let mut reply = [0u8; 10];
+        stream.read_exact(&mut reply).await.ok()?;
+        (reply[1] == 0).then_some(())?;
+        stream.write_all(b"x").await.ok()?;
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt).await.ok().flatten().is_some()
+}
+
 /// Sequential flows: connect, one byte each way, close; the latency of each, in µs.
 async fn sequential(socks: u16, target: std::net::SocketAddrV4, flows: usize) -> Vec<u64> {
     let mut latencies = Vec::with_capacity(flows);
@@ -225,9 +246,7 @@ fn main() {
     let (echo_target, source_target) = (std::net::SocketAddrV4::new(ip, echo), std::net::SocketAddrV4::new(ip, source));
     // both connectors up and the path warm
     for &socks in &socks_ports {
-        wait_until("a flow through the connector", || {
-            runtime.block_on(async { tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", socks))).await.is_ok_and(|c| c.is_ok()) })
-        });
+        wait_until("a flow through the connector", || runtime.block_on(one_flow(socks, echo_target)));
         runtime.block_on(sequential(socks, echo_target, 50));
     }
     println!("two replicas on PostgreSQL, one agent on B; connector 'same' on B, 'cross' on A (relayed A → B); {rounds} rounds, alternating");
