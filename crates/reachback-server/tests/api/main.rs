@@ -8,5 +8,6 @@ mod flows;
 mod harness;
 mod history;
 mod hostile;
+mod listing;
 mod scenarios;
 mod security;
