@@ -120,18 +120,16 @@ async fn seed(url: &str, postgres: bool, range_ids: &[String], total: i64) {
     let mut first_n = 0i64;
     // devices seen now: the idle release (30 days by default) leaves them bound
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_micros() as i64).unwrap_or(0);
-    let platform = "CASE WHEN n % 20 < 8 THEN 'windows' WHEN n % 20 < 13 THEN 'macos' WHEN n % 20 < 16 THEN 'linux' WHEN n % 20 < 18 THEN 'ios' ELSE 'android' END";
+    let platform =
+        "CASE WHEN n % 20 < 8 THEN 'windows' WHEN n % 20 < 13 THEN 'macos' WHEN n % 20 < 16 THEN 'linux' WHEN n % 20 < 18 THEN 'ios' ELSE 'android' END";
     type Render = fn(&str) -> String;
     let (pad6, pad2, hex8): (Render, Render, Render) = if postgres {
         (|e: &str| format!("lpad(({e})::text, 6, '0')"), |e: &str| format!("lpad(({e})::text, 2, '0')"), |e: &str| format!("lpad(to_hex({e}), 8, '0')"))
     } else {
         (|e: &str| format!("printf('%06d', {e})"), |e: &str| format!("printf('%02d', {e})"), |e: &str| format!("printf('%08x', {e})"))
     };
-    let username = format!(
-        "CASE WHEN n % 10 = 0 THEN 'kiosk' || {} ELSE 'user' || {} END || '@corp.example'",
-        pad2("(n / 10) % 20"),
-        pad6("(n * 7919) % 400000")
-    );
+    let username =
+        format!("CASE WHEN n % 10 = 0 THEN 'kiosk' || {} ELSE 'user' || {} END || '@corp.example'", pad2("(n / 10) % 20"), pad6("(n * 7919) % 400000"));
     let kind = sql_case("n % 4", &KINDS);
     let dept = sql_case("(n / 7) % 6", &DEPTS);
     for (r, range_id) in range_ids.iter().enumerate() {

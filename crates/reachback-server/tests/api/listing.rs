@@ -28,9 +28,27 @@ struct RangeSpec {
 
 fn ranges() -> Vec<RangeSpec> {
     vec![
-        RangeSpec { name: "Paris laptops", cidr: "100.64.0.0/16", v6: false, base: 0x6440_0000, location: json!({"city": "Paris", "state": "Ile-de-France", "country": "FR"}) },
-        RangeSpec { name: "berlin Servers", cidr: "100.65.0.0/16", v6: false, base: 0x6441_0000, location: json!({"city": "Berlin", "state": "Berlin", "country": "DE"}) },
-        RangeSpec { name: "Zulu", cidr: "100.66.0.0/16", v6: false, base: 0x6442_0000, location: json!({"city": "Lyon", "state": "Auvergne-Rhone-Alpes", "country": "FR"}) },
+        RangeSpec {
+            name: "Paris laptops",
+            cidr: "100.64.0.0/16",
+            v6: false,
+            base: 0x6440_0000,
+            location: json!({"city": "Paris", "state": "Ile-de-France", "country": "FR"}),
+        },
+        RangeSpec {
+            name: "berlin Servers",
+            cidr: "100.65.0.0/16",
+            v6: false,
+            base: 0x6441_0000,
+            location: json!({"city": "Berlin", "state": "Berlin", "country": "DE"}),
+        },
+        RangeSpec {
+            name: "Zulu",
+            cidr: "100.66.0.0/16",
+            v6: false,
+            base: 0x6442_0000,
+            location: json!({"city": "Lyon", "state": "Auvergne-Rhone-Alpes", "country": "FR"}),
+        },
         RangeSpec { name: "alpha", cidr: "10.1.0.0/16", v6: false, base: 0x0a01_0000, location: Value::Null },
         RangeSpec { name: "v6 lab", cidr: "fd00::/112", v6: true, base: 0, location: json!({"city": "Austin", "state": "Texas", "country": "US"}) },
         RangeSpec { name: "Lyon kiosks", cidr: "100.67.0.0/16", v6: false, base: 0x6443_0000, location: json!({"city": "Lyon", "country": "FR"}) },
@@ -61,7 +79,9 @@ async fn seed(server: &mut TestServer, rows: i64) -> Vec<(String, [u8; 17], [u8;
         let series = if postgres {
             format!("SELECT n, 1 + n / {count} AS i FROM generate_series(0::bigint, {}::bigint) AS n WHERE n % {count} = {index}", rows - 1)
         } else {
-            format!("WITH RECURSIVE s(n) AS (SELECT {index} UNION ALL SELECT n + {count} FROM s WHERE n + {count} < {rows}) SELECT n, 1 + n / {count} AS i FROM s")
+            format!(
+                "WITH RECURSIVE s(n) AS (SELECT {index} UNION ALL SELECT n + {count} FROM s WHERE n + {count} < {rows}) SELECT n, 1 + n / {count} AS i FROM s"
+            )
         };
         type Render = fn(&str) -> String;
         let (hex8, hex): (Render, Render) = if postgres {
@@ -187,7 +207,8 @@ fn draw_filter(draw: &mut Draw, kind: u64, postgres: bool, rows: i64, bounds: &[
             };
             let _ = last;
             // the key bounds, as the server computes them
-            let (family, value, width) = if spec.v6 { (6u8, 0xfd00u128 << 112 | u128::from(offset), 128u32) } else { (4u8, u128::from(spec.base + offset), 32) };
+            let (family, value, width) =
+                if spec.v6 { (6u8, 0xfd00u128 << 112 | u128::from(offset), 128u32) } else { (4u8, u128::from(spec.base + offset), 32) };
             let host_bits = width - first;
             let mask = if host_bits >= 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
             let value = if spec.v6 && first == 120 { 0xfd00u128 << 112 | u128::from(offset & !0xff) } else { value };
@@ -230,7 +251,10 @@ fn draw_filter(draw: &mut Draw, kind: u64, postgres: bool, rows: i64, bounds: &[
             let before = after + draw.pick(&[60i64, 3600, 10 * 3600, 30 * 3600]);
             match draw.below(3) {
                 0 => Filter { parameter: format!("updated_after={}", instant(after)), condition: format!("b.last_updated > {}", after * 1_000_000) },
-                1 => Filter { parameter: format!("updated_before={}", instant(before.min(T0 + 86_399))), condition: format!("b.last_updated < {}", before.min(T0 + 86_399) * 1_000_000) },
+                1 => Filter {
+                    parameter: format!("updated_before={}", instant(before.min(T0 + 86_399))),
+                    condition: format!("b.last_updated < {}", before.min(T0 + 86_399) * 1_000_000),
+                },
                 _ => Filter {
                     parameter: format!("updated_after={}&updated_before={}", instant(after), instant(before.min(T0 + 86_399))),
                     condition: format!("b.last_updated > {} AND b.last_updated < {}", after * 1_000_000, before.min(T0 + 86_399) * 1_000_000),
@@ -248,7 +272,14 @@ fn ips(value: &Value) -> Vec<String> {
 async fn agree(server: &TestServer, rows: i64, bounds: &[(String, [u8; 17], [u8; 17])], queries: usize, exports: bool, seed: u64) {
     let postgres = server.is_postgres();
     let mut draw = Draw(seed);
-    let sorts = [("ip", "b.ip_key"), ("username", "b.username"), ("platform", "b.platform"), ("client_hostname", "b.client_hostname"), ("range_name", "r.name_key"), ("last_updated", "b.last_updated")];
+    let sorts = [
+        ("ip", "b.ip_key"),
+        ("username", "b.username"),
+        ("platform", "b.platform"),
+        ("client_hostname", "b.client_hostname"),
+        ("range_name", "r.name_key"),
+        ("last_updated", "b.last_updated"),
+    ];
     for round in 0..queries {
         let filter_count = draw.pick(&[0u64, 1, 1, 2, 2, 2, 3]);
         let mut kinds: Vec<u64> = Vec::new();
@@ -263,12 +294,10 @@ async fn agree(server: &TestServer, rows: i64, bounds: &[(String, [u8; 17], [u8;
         let descending = draw.below(2) == 1;
         let direction = if descending { "DESC" } else { "ASC" };
         let order = if sort == "ip" { format!("b.ip_key {direction}") } else { format!("{column} {direction}, b.ip_key {direction}") };
-        let conditions: Vec<String> = std::iter::once("b.device_id IS NOT NULL".to_string()).chain(filters.iter().map(|filter| filter.condition.clone())).collect();
+        let conditions: Vec<String> =
+            std::iter::once("b.device_id IS NOT NULL".to_string()).chain(filters.iter().map(|filter| filter.condition.clone())).collect();
         let reference = server
-            .query_texts(&format!(
-                "SELECT b.ip FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE {} ORDER BY {order}",
-                conditions.join(" AND ")
-            ))
+            .query_texts(&format!("SELECT b.ip FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE {} ORDER BY {order}", conditions.join(" AND ")))
             .await;
         let total = reference.len();
         let page_size = draw.pick(&[1usize, 3, 7, 50, 50, 200, 1000]);
@@ -301,9 +330,10 @@ async fn agree(server: &TestServer, rows: i64, bounds: &[(String, [u8; 17], [u8;
 }
 
 fn seed_of_run() -> u64 {
-    std::env::var("REACHBACK_TEST_SEED").ok().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_nanos() as u64).unwrap_or(23)
-    })
+    std::env::var("REACHBACK_TEST_SEED")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_nanos() as u64).unwrap_or(23))
 }
 
 async fn listings_agree_with_the_reference_query_small(mut server: TestServer) {
