@@ -51,6 +51,10 @@ pub struct BindingQuery {
     pub range_location: Option<String>,
     pub username: Option<String>,
     pub platform: Option<String>,
+    /// The platforms a binding may have (the server validates every enrollment's
+    /// against this list): when set, the `platform` substring filter becomes a test
+    /// of the matching names, which the platform index answers and counts alone.
+    pub known_platforms: Option<&'static [&'static str]>,
     pub client_hostname: Option<String>,
     pub updated_after: Option<i64>,
     pub updated_before: Option<i64>,
@@ -146,12 +150,26 @@ impl Store {
     /// The conditions of a bindings query, the ranges it is limited to (`None`: all),
     /// and how many addresses all ranges have bound (0 without a range filter).
     async fn binding_filter(&self, query: &BindingQuery) -> Result<Option<(Filter, Option<Vec<RangeRow>>, i64)>> {
+        self.binding_filter_for(query, false).await
+    }
+
+    /// The conditions of a bindings query; for a count (`counting`), the "bound?" test
+    /// goes to a column the filter's own access path reads anyway, not to the sort's
+    /// index: a count has no order, and a test on the last-updated index (`released_at
+    /// IS NULL`) drew SQLite's planner into scanning that whole index with a row read
+    /// per entry (0.6–1.6 s for a count of two rows found by a username).
+    async fn binding_filter_for(&self, query: &BindingQuery, counting: bool) -> Result<Option<(Filter, Option<Vec<RangeRow>>, i64)>> {
         let mut filter = Filter::new();
         // bound rows are exactly those with these columns set and `released_at` NULL (CHECKs
         // in the schema); testing a column of the sort index lets the index answer the
         // condition without reading rows
+        let text_filters = query.username.is_some() || query.client_hostname.is_some() || query.platform.is_some();
         filter.push(
             match query.sort {
+                // the platform index answers a platform filter alone; the other text filters
+                // and address bounds read the rows, which hold the platform
+                _ if counting && (text_filters || query.updated_after.is_none() && query.updated_before.is_none()) => "b.platform IS NOT NULL",
+                _ if counting => "b.released_at IS NULL",
                 BindingSort::Username => "b.username IS NOT NULL",
                 BindingSort::Platform => "b.platform IS NOT NULL",
                 BindingSort::ClientHostname => "b.client_hostname IS NOT NULL",
@@ -186,15 +204,45 @@ impl Store {
         if let Some((first, last)) = query.ip_keys {
             filter.push("b.ip_key >= ? AND b.ip_key <= ?", [FilterValue::Bytes(first.to_vec()), FilterValue::Bytes(last.to_vec())]);
         }
-        for (column, value) in [("b.username", &query.username), ("b.platform", &query.platform), ("b.client_hostname", &query.client_hostname)] {
+        if let (Some(needle), Some(known)) = (&query.platform, query.known_platforms) {
+            // the names that contain the needle: an index range each, no string test per row
+            let needle = needle.to_lowercase();
+            let names: Vec<&str> = known.iter().copied().filter(|name| name.to_lowercase().contains(&needle)).collect();
+            if names.is_empty() {
+                return Ok(None);
+            }
+            filter.push(&format!("b.platform IN ({})", vec!["?"; names.len()].join(", ")), names.iter().map(|name| FilterValue::Text((*name).to_string())));
+        }
+        let platform_test = if query.known_platforms.is_some() { &None } else { &query.platform };
+        for (column, value) in [("b.username", &query.username), ("b.platform", platform_test), ("b.client_hostname", &query.client_hostname)] {
             if let Some(value) = value {
                 filter.push(&format!("lower({column}) LIKE ? ESCAPE '\\'"), [FilterValue::Text(like_pattern(value))]);
             }
         }
-        // the trigram index names the candidate devices first
+        // the trigram index names the candidate devices first, unless the needle is in
+        // so many devices (`corp`, `example`) that reading them one by one through the
+        // device index costs more than testing every row (8.9 s against a scan's
+        // fraction of a second for a hostname in every device, 1,000,000 bindings):
+        // the LIKE test above stays the exact test either way
         for (column, value) in [("username", &query.username), ("hostname", &query.client_hostname)] {
             if let Some((clause, value)) = value.as_deref().and_then(|needle| crate::device_search(self.backend, column, needle)) {
-                filter.push(&format!("b.device_id IN (SELECT id FROM devices WHERE {clause})"), [value]);
+                let probe = format!("SELECT COUNT(*) FROM (SELECT 1 FROM devices WHERE {} LIMIT {SEARCH_CANDIDATES_MAX}) c", clause.replace('?', "$1"));
+                let bind = match &value {
+                    FilterValue::Text(text) => text.clone(),
+                    _ => String::new(),
+                };
+                // SQLite only: PostgreSQL's planner weighs the trigram index by its statistics,
+                // and there the probe (a GIN bitmap built in full) cost more than it saved
+                // (a range name with a username substring: 9 -> 189 ms median)
+                let candidates: i64 = match self.backend {
+                    crate::Backend::Sqlite => sqlx::query(sqlx::AssertSqlSafe(probe)).bind(bind).fetch_one(&self.pool).await?.try_get(0)?,
+                    crate::Backend::Postgres => 0,
+                };
+                if candidates < SEARCH_CANDIDATES_MAX {
+                    filter.push(&format!("b.device_id IN (SELECT id FROM devices WHERE {clause})"), [value]);
+                } else {
+                    tracing::debug!(column, candidates, "substring search skipped: too many candidates");
+                }
             }
         }
         if let Some(after) = query.updated_after {
@@ -210,7 +258,8 @@ impl Store {
     /// (through the primary key, by range) and sorted: the order's leading term is an
     /// expression with the column's order and collation (`x || ''`, `x + 0`), which no
     /// index serves, so the planner cannot walk the sort index instead.
-    fn binding_select(&self, filter: &Filter, query: &BindingQuery, sort_rows: bool) -> String {
+    fn binding_select(&self, filter: &Filter, query: &BindingQuery, plan: PagePlan) -> String {
+        let sort_rows = plan == PagePlan::Sort;
         let direction = if query.descending { "DESC" } else { "ASC" };
         let column = match query.sort {
             BindingSort::Ip => None,
@@ -227,7 +276,22 @@ impl Store {
         });
         let order = match leading {
             Some(leading) => format!("{leading} {direction}, b.ip_key {direction}"),
+            // address order sorted: an expression of the key, in the key's order, that the
+            // primary key does not serve
+            None if sort_rows => match self.backend {
+                crate::Backend::Sqlite => format!("+b.ip_key {direction}"),
+                crate::Backend::Postgres => format!("(b.ip_key || '\\x'::bytea) {direction}, b.ip_key {direction}"),
+            },
             None => format!("b.ip_key {direction}"),
+        };
+        // a walk on SQLite names the sort's index (the planner may otherwise read the rows
+        // a filter's index finds and sort them all for the first page); PostgreSQL's
+        // planner, which estimates from statistics, is left to choose the walk (a
+        // session-wide `enable_sort = off` would also turn the outer sort of a deep
+        // page's 50 rows into a walk of the whole index)
+        let table = match (plan, self.backend, sort_index(query.sort)) {
+            (PagePlan::Walk, crate::Backend::Sqlite, Some(index)) => format!("bindings b INDEXED BY {index}"),
+            _ => "bindings b".to_string(),
         };
         if query.limit > 0 && query.offset >= DEFERRED_JOIN_OFFSET {
             // a deep page: the rows to skip are counted over the sort index alone (it
@@ -236,13 +300,13 @@ impl Store {
             let join = if query.sort == BindingSort::RangeName { " JOIN ip_ranges r ON r.id = b.range_id" } else { "" };
             return format!(
                 "SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id WHERE b.ip_key IN \
-                 (SELECT b.ip_key FROM bindings b{join}{} ORDER BY {order} LIMIT {} OFFSET {}) ORDER BY {order}",
+                 (SELECT b.ip_key FROM {table}{join}{} ORDER BY {order} LIMIT {} OFFSET {}) ORDER BY {order}",
                 filter.sql(),
                 query.limit,
                 query.offset
             );
         }
-        let mut sql = format!("SELECT {BINDING_COLUMNS} FROM bindings b JOIN ip_ranges r ON r.id = b.range_id{} ORDER BY {order}", filter.sql());
+        let mut sql = format!("SELECT {BINDING_COLUMNS} FROM {table} JOIN ip_ranges r ON r.id = b.range_id{} ORDER BY {order}", filter.sql());
         if query.limit > 0 {
             sql.push_str(&format!(" LIMIT {} OFFSET {}", query.limit, query.offset.max(0)));
         }
@@ -252,7 +316,7 @@ impl Store {
     /// How many bindings match. Without filters other than on ranges this is read from
     /// the ranges' maintained counters instead of counting rows.
     pub async fn count_bindings(&self, query: &BindingQuery) -> Result<i64> {
-        let Some((filter, ranges, _)) = self.binding_filter(query).await? else {
+        let Some((filter, ranges, _)) = self.binding_filter_for(query, true).await? else {
             return Ok(0);
         };
         if query.only_range_filters() {
@@ -278,28 +342,59 @@ impl Store {
         match from_the_other_end(query.offset, query.limit, total) {
             Some((offset, limit)) => {
                 let reversed = BindingQuery { descending: !query.descending, offset, limit, ..query.clone() };
-                let mut rows = self.binding_page(&reversed).await?;
+                let mut rows = self.binding_page_of(&reversed, Some(total)).await?;
                 rows.reverse();
                 Ok(rows)
             }
-            None => self.binding_page(query).await,
+            None => self.binding_page_of(query, Some(total)).await,
         }
     }
 
     /// One page of bindings.
     pub async fn binding_page(&self, query: &BindingQuery) -> Result<Vec<BindingRow>> {
+        self.binding_page_of(query, None).await
+    }
+
+    /// One page of bindings, knowing (when `matched` is given) how many rows match:
+    /// the page is read by walking the sort's index or by sorting the matching rows,
+    /// whichever the estimate says passes less (`page_plan`).
+    async fn binding_page_of(&self, query: &BindingQuery, matched: Option<i64>) -> Result<Vec<BindingRow>> {
         let Some((filter, ranges, all_bound)) = self.binding_filter(query).await? else {
             return Ok(Vec::new());
         };
-        // a listing limited to a few ranges: sort their rows when the sort index would
-        // have to be walked further (range-name order has no index of its own to walk)
-        let sort_rows = query.sort != BindingSort::Ip
-            && ranges.as_ref().is_some_and(|ranges| {
-                let matched = ranges.iter().map(|range| range.used_ips).sum();
-                ranges.len() <= MAX_RANGE_BLOCKS
-                    && (query.sort == BindingSort::RangeName || sort_the_ranges_rows(query.offset, query.limit, matched, all_bound))
-            });
-        let sql = self.binding_select(&filter, query, sort_rows);
+        let few_ranges = ranges.as_ref().is_some_and(|ranges| ranges.len() <= MAX_RANGE_BLOCKS);
+        let all_bound = if ranges.is_some() { all_bound } else { self.list_ranges().await?.iter().map(|range| range.used_ips).sum() };
+        let matched = match (matched, &ranges) {
+            (Some(matched), _) => Some(matched),
+            (None, Some(ranges)) if query.only_range_filters() => Some(ranges.iter().map(|range| range.used_ips).sum()),
+            _ => None,
+        };
+        let shape = FilterShape {
+            // a few ranges' blocks and an address filter are tests of the address key,
+            // which every sort index holds; a filter on the sort's own column is in its index
+            row_tests: query.username.as_ref().is_some_and(|_| query.sort != BindingSort::Username)
+                || query.platform.as_ref().is_some_and(|_| query.sort != BindingSort::Platform)
+                || query.client_hostname.as_ref().is_some_and(|_| query.sort != BindingSort::ClientHostname)
+                || ((query.updated_after.is_some() || query.updated_before.is_some()) && query.sort != BindingSort::LastUpdated)
+                || (ranges.is_some() && !few_ranges),
+            narrowed_by_key: query.ip_keys.is_some() || few_ranges,
+            narrowed_by_index: query.updated_after.is_some()
+                || query.updated_before.is_some()
+                || [("username", &query.username), ("hostname", &query.client_hostname)]
+                    .iter()
+                    .any(|(column, value)| value.as_deref().is_some_and(|needle| crate::device_search(self.backend, column, needle).is_some())),
+        };
+        let plan = if query.sort == BindingSort::RangeName {
+            // no index holds range-name order
+            if few_ranges { PagePlan::Sort } else { PagePlan::Planner }
+        } else {
+            match matched {
+                Some(matched) => page_plan(query.offset, query.limit, matched, all_bound, shape),
+                None => PagePlan::Planner,
+            }
+        };
+        tracing::debug!(?plan, ?matched, all_bound, sort = ?query.sort, offset = query.offset, "bindings page plan");
+        let sql = self.binding_select(&filter, query, plan);
         let statement = filter.bind(sqlx::query(sqlx::AssertSqlSafe(sql)));
         let rows = match self.backend {
             crate::Backend::Sqlite => statement.fetch_all(&self.pool).await?,
@@ -588,22 +683,81 @@ const EXPORT_RANGES_AHEAD_POSTGRES: usize = 3;
 /// Up to this many ranges in a filter also narrow the rows by their address blocks.
 const MAX_RANGE_BLOCKS: usize = 32;
 
+/// A substring needle found in this many devices or more is tested on the rows
+/// instead of narrowed by the trigram index (each candidate costs a lookup in the
+/// devices and one in the bindings, about 2 µs on SQLite).
+const SEARCH_CANDIDATES_MAX: i64 = 20_000;
+
 /// From this many rows to skip on, a page is found before its rows are read.
 const DEFERRED_JOIN_OFFSET: i64 = 200;
 
-/// Whether a page of `limit` rows at `offset`, in a listing limited to ranges that
-/// hold `matched` of all `all` bound addresses, is read faster by sorting those
-/// ranges' rows than by walking the sort index up to the page. The walk passes
-/// about (offset + limit) × all / matched index entries, at about 0.25 µs each; the
-/// sort reads `matched` rows, at about 0.6 µs each (SQLite 3.51, 1,000,000
-/// bindings: docs/benchmarks.md, tenth session). Exports (no limit) stream in
-/// index order.
-fn sort_the_ranges_rows(offset: i64, limit: i64, matched: i64, all: i64) -> bool {
-    if limit <= 0 || matched <= 0 {
-        return false;
+/// How a page of a listing is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PagePlan {
+    /// as the database's planner chooses (nothing known to estimate from)
+    Planner,
+    /// walk the sort's index from the page's near end, testing each entry
+    Walk,
+    /// read the matching rows through the filter's narrowest index and sort them
+    Sort,
+}
+
+/// What a filter costs on each path.
+#[derive(Clone, Copy, Debug, Default)]
+struct FilterShape {
+    /// some condition needs a column the sort's index does not hold (a row read per walked entry)
+    row_tests: bool,
+    /// the matching rows lie within key bounds (an address filter, a few ranges' blocks)
+    narrowed_by_key: bool,
+    /// another index names candidates (last-updated window, trigram search)
+    narrowed_by_index: bool,
+}
+
+/// The sort's own index, which a walk names on SQLite (none for address order: the
+/// primary key is the table).
+fn sort_index(sort: BindingSort) -> Option<&'static str> {
+    match sort {
+        BindingSort::Username => Some("bindings_username"),
+        BindingSort::Platform => Some("bindings_platform"),
+        BindingSort::ClientHostname => Some("bindings_hostname"),
+        BindingSort::LastUpdated => Some("bindings_updated"),
+        BindingSort::Ip | BindingSort::RangeName => None,
     }
-    let walked = i128::from(offset.max(0)).saturating_add(i128::from(limit)).saturating_mul(i128::from(all.max(matched))) / i128::from(matched);
-    walked.saturating_mul(2) > i128::from(matched).saturating_mul(5)
+}
+
+/// Costs in µs per entry or row (SQLite 3.51 with 1,000,000 bindings, docs/benchmarks.md,
+/// issue 23): an index entry walked and tested on its own columns, one walked with a row
+/// read to test it, a row read through key bounds and sorted, one read through another
+/// index and sorted, one read by a full scan.
+const WALK_ENTRY_US: f64 = 0.25;
+const WALK_ROW_US: f64 = 2.0;
+const SORT_KEYED_ROW_US: f64 = 0.6;
+const SORT_INDEXED_ROW_US: f64 = 2.0;
+const SCAN_ROW_US: f64 = 0.4;
+
+/// How to read a page of `limit` rows at `offset` (counted from the end it is read
+/// from) when `matched` of all `all` bound addresses pass the filter: walking the
+/// sort's index passes about (offset + limit) × all ÷ matched entries; sorting reads
+/// the matching rows through the narrowest index the filter has (or every row) and
+/// sorts them. The cheaper estimate wins. Exports (no limit) stream in index order.
+fn page_plan(offset: i64, limit: i64, matched: i64, all: i64, shape: FilterShape) -> PagePlan {
+    if limit <= 0 {
+        return PagePlan::Planner;
+    }
+    if matched <= 0 {
+        return PagePlan::Sort;
+    }
+    let (offset, limit, matched, all) = (offset.max(0) as f64, limit as f64, matched as f64, all.max(matched) as f64);
+    let walked = ((offset + limit) * all / matched).min(all);
+    let walk = walked * if shape.row_tests { WALK_ROW_US } else { WALK_ENTRY_US };
+    let sort = if shape.narrowed_by_key {
+        matched * SORT_KEYED_ROW_US
+    } else if shape.narrowed_by_index {
+        matched * SORT_INDEXED_ROW_US
+    } else {
+        all * SCAN_ROW_US + matched * SORT_KEYED_ROW_US
+    };
+    if sort < walk { PagePlan::Sort } else { PagePlan::Walk }
 }
 
 /// Where a deep page of `limit` rows at `offset` in `total` rows starts when read
@@ -830,21 +984,29 @@ mod tests {
     use super::from_the_other_end;
 
     #[test]
-    fn a_few_ranges_rows_are_sorted_when_the_walk_would_be_longer() {
-        use super::sort_the_ranges_rows;
+    fn a_page_walks_or_sorts_whichever_passes_less() {
+        use super::{FilterShape, PagePlan, page_plan};
+        let ranges = FilterShape { narrowed_by_key: true, ..FilterShape::default() };
         // 11 ranges of 5,000 among 1,000,000: the first pages walk the index, deep ones sort
-        assert!(!sort_the_ranges_rows(0, 50, 55_000, 1_000_000));
-        assert!(!sort_the_ranges_rows(4_450, 50, 55_000, 1_000_000), "about 82,000 entries walked against 55,000 rows sorted");
-        assert!(sort_the_ranges_rows(10_000, 50, 55_000, 1_000_000));
+        assert_eq!(page_plan(0, 50, 55_000, 1_000_000, ranges), PagePlan::Walk);
+        assert_eq!(page_plan(4_450, 50, 55_000, 1_000_000, ranges), PagePlan::Walk, "about 82,000 entries walked against 55,000 rows sorted");
+        assert_eq!(page_plan(10_000, 50, 55_000, 1_000_000, ranges), PagePlan::Sort);
         // one small range: sorting its rows beats walking past the others' from page 2 on
-        assert!(!sort_the_ranges_rows(0, 10, 5_000, 1_000_000));
-        assert!(sort_the_ranges_rows(50, 50, 5_000, 1_000_000));
+        assert_eq!(page_plan(0, 10, 5_000, 1_000_000, ranges), PagePlan::Walk);
+        assert_eq!(page_plan(50, 50, 5_000, 1_000_000, ranges), PagePlan::Sort);
         // the ranges hold every row: the index order is the rows' order
-        assert!(!sort_the_ranges_rows(900_000, 50, 1_000_000, 1_000_000));
-        // exports, empty ranges and absurd values
-        assert!(!sort_the_ranges_rows(0, 0, 5_000, 1_000_000));
-        assert!(!sort_the_ranges_rows(100, 50, 0, 1_000_000));
-        assert!(sort_the_ranges_rows(i64::MAX, i64::MAX, 1, i64::MAX));
+        assert_eq!(page_plan(900_000, 50, 1_000_000, 1_000_000, ranges), PagePlan::Walk);
+        // a trigram-narrowed username matching 225 rows, in last-update order: sorted at once
+        let searched = FilterShape { row_tests: true, narrowed_by_index: true, ..FilterShape::default() };
+        assert_eq!(page_plan(0, 50, 225, 1_000_000, searched), PagePlan::Sort);
+        // a platform (no index narrows it) matching 40 %: walked, even deep (a scan reads everything)
+        let scanned = FilterShape { row_tests: true, ..FilterShape::default() };
+        assert_eq!(page_plan(0, 50, 400_000, 1_000_000, scanned), PagePlan::Walk);
+        assert_eq!(page_plan(150_000, 50, 400_000, 1_000_000, scanned), PagePlan::Sort);
+        // exports, empty matches and absurd values
+        assert_eq!(page_plan(0, 0, 5_000, 1_000_000, ranges), PagePlan::Planner);
+        assert_eq!(page_plan(100, 50, 0, 1_000_000, ranges), PagePlan::Sort);
+        assert_eq!(page_plan(i64::MAX, i64::MAX, 1, i64::MAX, ranges), PagePlan::Sort);
     }
 
     #[test]

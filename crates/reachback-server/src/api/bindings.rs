@@ -55,6 +55,8 @@ fn binding_query(query: &QueryParams, paging: Option<Paging>) -> ApiResult<Bindi
         range_location: query.text("range_location"),
         username: query.text("username"),
         platform: query.text("platform"),
+        // enrollment refuses any other platform, and it is the only writer of the column
+        known_platforms: Some(crate::validate::PLATFORMS),
         client_hostname: query.text("client_hostname"),
         updated_after: query.timestamp("updated_after")?,
         updated_before: query.timestamp("updated_before")?,

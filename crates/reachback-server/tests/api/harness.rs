@@ -151,6 +151,20 @@ impl TestServer {
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut connection).await.expect("the SQL runs");
     }
 
+    /// The first column of every row a query returns, as text, over a connection of
+    /// the test's own (reference queries).
+    pub async fn query_texts(&self, sql: &str) -> Vec<String> {
+        use sqlx::Row;
+        let url = self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("reachback.db").display()));
+        let mut connection = sqlx::AnyConnection::connect(&url).await.expect("a connection of the test's own");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).fetch_all(&mut connection).await.unwrap_or_else(|error| panic!("{sql}: {error}"));
+        rows.iter().map(|row| row.try_get::<String, _>(0).expect("a text column")).collect()
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.is_some()
+    }
+
     /// Builds a new server over the same database, as a restart would. The earlier
     /// one's state lives on in the test: it gives its node name up first, as a
     /// process's end would (a live process holding the name would be refused).

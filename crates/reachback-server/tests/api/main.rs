@@ -9,5 +9,6 @@ mod harness;
 mod history;
 mod hostile;
 mod replicas;
+mod listing;
 mod scenarios;
 mod security;
