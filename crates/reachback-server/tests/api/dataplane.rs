@@ -280,6 +280,16 @@ async fn tunnel_flows_and_refusals(mut server: TestServer) {
     let forged_endpoint = TunnelConnector::new(&forged).expect("connector");
     let refused = reachback_tunnel::client::connect(&forged_endpoint, &brokers, ClientRole::Connector, None, "test").await;
     assert!(refused.is_err(), "a foreign client certificate is refused");
+    // a connector (or device) certificate that says it is a replica never gets to relay
+    // flows past the policy: only a certificate the CA issued to a replica may
+    let hello = reachback_tunnel::client::Hello { role: ClientRole::Replica, mode: None, version: "test", names: false, dns_listen: &[] };
+    let posing = reachback_tunnel::client::connect_with(&endpoint, &brokers, hello).await;
+    assert!(posing.is_err(), "a connector posing as a replica is refused");
+    let (replica_pem, replica_key) = server.state.as_ref().expect("state").ca.sign_replica("peer-replica", Duration::from_secs(3600)).expect("sign");
+    let replica = TlsMaterial { certificate_pem: replica_pem, private_key_pem: replica_key, ca_pem: material.ca_pem.clone() };
+    let peer = reachback_tunnel::client::connect_with(&TunnelConnector::new(&replica).expect("replica"), &brokers, hello).await.expect("a replica is taken");
+    assert_eq!(peer.welcome.session_id, "test", "it is told which replica it reached");
+    peer.connection.close(0, b"done");
 
     // deleting the session disconnects the agent, which comes back; deleting the device revokes it
     let session_id = sessions["items"][0]["id"].as_str().expect("id").to_string();
