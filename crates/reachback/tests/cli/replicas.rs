@@ -35,19 +35,34 @@ impl Drop for Database {
     }
 }
 
+/// What the replica tests share: a database of their own, data directories, and
+/// the secret every replica needs (the CA key is sealed under it). `None`, said
+/// aloud, when REACHBACK_TEST_POSTGRES is not set.
+struct Shared {
+    database: Database,
+    url: String,
+    dirs: Vec<TempDir>,
+    secret: String,
+}
+
+impl Shared {
+    fn new(replicas: usize) -> Option<Shared> {
+        let Some(admin_url) = std::env::var("REACHBACK_TEST_POSTGRES").ok().filter(|url| !url.is_empty()) else {
+            eprintln!("REACHBACK_TEST_POSTGRES not set: replica test off");
+            return None;
+        };
+        let database = Database::create(&admin_url);
+        let url = database.url();
+        let dirs: Vec<TempDir> = (0..replicas).map(|_| TempDir::new()).collect();
+        let secret = dirs[0].0.join("shared-secret.key");
+        std::fs::write(&secret, format!("{}\n", "5e".repeat(32))).expect("secret key file");
+        Some(Shared { database, url, dirs, secret: secret.to_string_lossy().into_owned() })
+    }
+}
+
 #[test]
 fn three_replicas_never_bind_an_address_twice() {
-    let Some(admin_url) = std::env::var("REACHBACK_TEST_POSTGRES").ok().filter(|url| !url.is_empty()) else {
-        eprintln!("REACHBACK_TEST_POSTGRES not set: replica test off");
-        return;
-    };
-    let database = Database::create(&admin_url);
-    let url = database.url();
-    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new()).collect();
-    // every replica needs the secret key the CA's private key is encrypted under
-    let secret = dirs[0].0.join("shared-secret.key");
-    std::fs::write(&secret, format!("{}\n", "5e".repeat(32))).expect("secret key file");
-    let secret = secret.to_str().expect("UTF-8 path").to_string();
+    let Some(Shared { database: _database, url, dirs, secret }) = Shared::new(3) else { return };
     let replica_args = |name: &'static str| ["--bootstrap-token", TOKEN, "--secret-key-file", secret.as_str(), "--node-name", name];
     let first = Server::start(&dirs[0].0, Some(&url), &replica_args("first"));
     let http = agent();
@@ -218,17 +233,7 @@ fn time_until(what: &str, mut check: impl FnMut() -> bool) -> std::time::Duratio
 /// assertion leaves room for a slow CI machine and the figure is printed).
 #[test]
 fn revocations_through_one_replica_disconnect_at_the_other() {
-    let Some(admin_url) = std::env::var("REACHBACK_TEST_POSTGRES").ok().filter(|url| !url.is_empty()) else {
-        eprintln!("REACHBACK_TEST_POSTGRES not set: replica test off");
-        return;
-    };
-    let database = Database::create(&admin_url);
-    let url = database.url();
-    let dirs: Vec<TempDir> = (0..2).map(|_| TempDir::new()).collect();
-    // both replicas share the secret the CA's key is encrypted under
-    let secret = dirs[0].0.join("shared-secret.key");
-    std::fs::write(&secret, format!("{}\n", "a7".repeat(32))).expect("secret key file");
-    let secret = secret.to_string_lossy().into_owned();
+    let Some(Shared { database: _database, url, dirs, secret }) = Shared::new(2) else { return };
     let replica_a = Server::start(&dirs[0].0, Some(&url), &["--bootstrap-token", TOKEN, "--node-name", "replica-a", "--secret-key-file", &secret]);
     let replica_b = Server::start(&dirs[1].0, Some(&url), &["--bootstrap-token", TOKEN, "--node-name", "replica-b", "--secret-key-file", &secret]);
     let http = agent();
@@ -344,16 +349,7 @@ fn revocations_through_one_replica_disconnect_at_the_other() {
 /// A node name a live process holds is refused.
 #[test]
 fn three_replicas_list_each_other_and_receive_changes_by_notification() {
-    let Some(admin_url) = std::env::var("REACHBACK_TEST_POSTGRES").ok().filter(|url| !url.is_empty()) else {
-        eprintln!("REACHBACK_TEST_POSTGRES not set: replica test off");
-        return;
-    };
-    let database = Database::create(&admin_url);
-    let url = database.url();
-    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new()).collect();
-    let secret = dirs[0].0.join("shared-secret.key");
-    std::fs::write(&secret, format!("{}\n", "3c".repeat(32))).expect("secret key file");
-    let secret = secret.to_string_lossy().into_owned();
+    let Some(Shared { database: _database, url, dirs, secret }) = Shared::new(4) else { return };
     let args = |name: &'static str| ["--bootstrap-token", TOKEN, "--secret-key-file", secret.as_str(), "--node-name", name, "--sync-backstop-seconds", "3600"];
     let mut replicas: Vec<Server> =
         ["replica-a", "replica-b", "replica-c"].iter().zip(&dirs).map(|(name, dir)| Server::start(&dir.0, Some(&url), &args(name))).collect();
@@ -500,16 +496,7 @@ fn metric(http: &ureq::Agent, base: &str, line_start: &str) -> f64 {
 /// stopped replica exits cleanly.
 #[test]
 fn flows_cross_replicas_and_follow_the_agent_when_its_replica_goes() {
-    let Some(admin_url) = std::env::var("REACHBACK_TEST_POSTGRES").ok().filter(|url| !url.is_empty()) else {
-        eprintln!("REACHBACK_TEST_POSTGRES not set: replica test off");
-        return;
-    };
-    let database = Database::create(&admin_url);
-    let url = database.url();
-    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new()).collect();
-    let secret = dirs[0].0.join("shared-secret.key");
-    std::fs::write(&secret, format!("{}\n", "3c".repeat(32))).expect("secret key file");
-    let secret = secret.to_string_lossy().into_owned();
+    let Some(Shared { database: _database, url, dirs, secret }) = Shared::new(4) else { return };
     let tunnels: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", crate::process::free_port())).collect();
     // the connector knows only A; the agent knows B and C (each replica hands out its list)
     let b_and_c = format!("{},{}", tunnels[1], tunnels[2]);
