@@ -152,7 +152,8 @@ impl Peers {
     async fn connect(&self, state: &AppState, node: &str, slot: Arc<tokio::sync::Mutex<Option<Connection>>>) -> anyhow::Result<Connection> {
         let endpoints = state.store.replica_relay_endpoints(node).await?.with_context(|| format!("replica {node} is not registered alive"))?;
         let connector = self.identity(state)?;
-        let hello = reachback_tunnel::client::Hello { role: ClientRole::Replica, mode: None, version: env!("CARGO_PKG_VERSION"), names: false, dns_listen: &[] };
+        let hello =
+            reachback_tunnel::client::Hello { role: ClientRole::Replica, mode: None, version: env!("CARGO_PKG_VERSION"), names: false, dns_listen: &[] };
         // the replica's own addresses, in turn: the one that answers as that node wins
         let mut last_error = anyhow::anyhow!("replica {node} has no relay endpoint");
         let mut found = None;
@@ -197,15 +198,13 @@ impl Peers {
         }
         let (certificate_pem, private_key_pem) = state.ca.sign_replica(&state.config.node_name, REPLICA_CERTIFICATE_LIFETIME)?;
         let material = TlsMaterial { certificate_pem, private_key_pem, ca_pem: state.ca.certificate_pem.clone() };
-        let connector = TunnelConnector::new(&material)?
-            .with_congestion(state.config.tcp_congestion.clone())
-            .with_limits(reachback_tunnel::MuxLimits {
-                max_streams: state.config.tunnel_max_flows,
-                connection_window: state.config.tunnel_memory,
-                // the peer never opens streams towards the replica that dialled
-                accept_streams: false,
-                ..Default::default()
-            });
+        let connector = TunnelConnector::new(&material)?.with_congestion(state.config.tcp_congestion.clone()).with_limits(reachback_tunnel::MuxLimits {
+            max_streams: state.config.tunnel_max_flows,
+            connection_window: state.config.tunnel_memory,
+            // the peer never opens streams towards the replica that dialled
+            accept_streams: false,
+            ..Default::default()
+        });
         *identity = Some((connector.clone(), SystemTime::now()));
         Ok(connector)
     }

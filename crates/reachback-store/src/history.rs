@@ -459,7 +459,11 @@ mod tests {
         // present devices: by their current names, through the devices' index
         assert_eq!(search("username", "ann@").await, [1]);
         assert_eq!(search("client_hostname", "CORP.exa").await, [1, 2]);
-        assert_eq!(sqlx::query("SELECT COUNT(*) FROM history_names").fetch_one(&store.pool).await.unwrap().try_get::<i64, _>(0).unwrap(), 0, "nothing kept yet");
+        assert_eq!(
+            sqlx::query("SELECT COUNT(*) FROM history_names").fetch_one(&store.pool).await.unwrap().try_get::<i64, _>(0).unwrap(),
+            0,
+            "nothing kept yet"
+        );
         // d1 renamed (its user and host): its old interval by the old names, the new one by the new
         sqlx::query("UPDATE devices SET username = 'carol@corp.example', hostname = 'lab7.corp.example', hostname_key = 'lab7.corp.example' WHERE id = 'd1'")
             .execute(&store.pool)

@@ -446,3 +446,52 @@ pub fn machine_line() -> String {
     let congestion = read("/proc/sys/net/ipv4/tcp_congestion_control");
     format!("machine: {cpus} CPUs usable, cpuidle {idle}, guest halt polling {halt_poll}, system congestion control {congestion}")
 }
+
+/// A `reachback server` a bench started on loopback (free ports for the API and the
+/// tunnel), killed when dropped.
+pub struct ServerProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub port: u16,
+}
+
+impl ServerProcess {
+    /// Starts `binary server` with `token` as the bootstrap API key, `data_dir`, and
+    /// `database` (PostgreSQL) when given; returns once `/readyz` answers 200 (a
+    /// store of a million rows takes a while to load).
+    pub fn start(binary: &str, token: &str, data_dir: &std::path::Path, database: Option<&str>) -> ServerProcess {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+        let (port, tunnel) = (free(), free());
+        let mut command = std::process::Command::new(binary);
+        command
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--tunnel-listen",
+                &format!("127.0.0.1:{tunnel}"),
+                "--bootstrap-token",
+                token,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null());
+        if let Some(database) = database {
+            command.args(["--database", database]);
+        }
+        let server = ServerProcess { child: command.spawn().expect("server"), base: format!("http://127.0.0.1:{port}"), port };
+        wait_for("the server to be ready", Duration::from_secs(900), || {
+            ureq::get(&format!("{}/readyz", server.base)).call().is_ok_and(|reply| reply.status() == 200)
+        });
+        server
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

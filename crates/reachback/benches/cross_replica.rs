@@ -204,8 +204,23 @@ fn main() {
         let data = work.join(node).to_string_lossy().into_owned();
         replicas.push(spawn(
             &[
-                "server", "--listen", &format!("127.0.0.1:{http}"), "--tunnel-listen", &tunnel, "--broker-endpoints", &tunnel, "--data-dir", &data,
-                "--database", &database, "--bootstrap-token", TOKEN, "--node-name", node, "--secret-key-file", &secret,
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{http}"),
+                "--tunnel-listen",
+                &tunnel,
+                "--broker-endpoints",
+                &tunnel,
+                "--data-dir",
+                &data,
+                "--database",
+                &database,
+                "--bootstrap-token",
+                TOKEN,
+                "--node-name",
+                node,
+                "--secret-key-file",
+                &secret,
             ],
             &work.join(format!("{node}.log")),
         ));
@@ -216,7 +231,8 @@ fn main() {
     let (a, b) = (&bases[0], &bases[1]);
     let (echo, source) = (free_port(), free_port());
     api(a, "POST", "/ip-ranges", Some(json!({"name": "bench", "range": "100.64.0.0/24"})));
-    let segment = api(a, "POST", "/app-segments", Some(json!({"name": "bench", "destinations": ["100.64.0.0/24"], "tcp_ports": [echo.to_string(), source.to_string()]})));
+    let segment =
+        api(a, "POST", "/app-segments", Some(json!({"name": "bench", "destinations": ["100.64.0.0/24"], "tcp_ports": [echo.to_string(), source.to_string()]})));
     api(a, "POST", "/access-policies", Some(json!({"name": "bench", "action": "allow", "segment_ids": [segment["id"]]})));
     let key = api(a, "POST", "/enrollment-keys", Some(json!({"username": "bench@corp.example"})))["key"].as_str().expect("key").to_string();
     let agent_state = work.join("agent").to_string_lossy().into_owned();
@@ -236,7 +252,20 @@ fn main() {
         let socks = free_port();
         let state = work.join(format!("connector-{label}")).to_string_lossy().into_owned();
         connectors.push(spawn(
-            &["connector", "run", "--server", base, "--key", &provisioning, "--mode", "socks5", "--socks5-listen", &format!("127.0.0.1:{socks}"), "--state-dir", &state],
+            &[
+                "connector",
+                "run",
+                "--server",
+                base,
+                "--key",
+                &provisioning,
+                "--mode",
+                "socks5",
+                "--socks5-listen",
+                &format!("127.0.0.1:{socks}"),
+                "--state-dir",
+                &state,
+            ],
             &work.join(format!("connector-{label}.log")),
         ));
         socks_ports.push(socks);
@@ -283,9 +312,14 @@ fn main() {
     let (same_p50, cross_p50) = (median(&mut p50[0]), median(&mut p50[1]));
     let (same_p99, cross_p99) = (median(&mut p99[0]), median(&mut p99[1]));
     let (same_bits, cross_bits) = (median(&mut throughput[0]), median(&mut throughput[1]));
-    println!("sequential flows ({flows} per round), medians of the rounds: same p50 {same_p50:.0} µs, p99 {same_p99:.0} µs; cross p50 {cross_p50:.0} µs, p99 {cross_p99:.0} µs");
+    println!(
+        "sequential flows ({flows} per round), medians of the rounds: same p50 {same_p50:.0} µs, p99 {same_p99:.0} µs; cross p50 {cross_p50:.0} µs, p99 {cross_p99:.0} µs"
+    );
     println!("  p50 cross ÷ same = {:.2} (goal ≤ 1.3); p99 cross ÷ same = {:.2}", cross_p50 / same_p50, cross_p99 / same_p99);
-    println!("one stream, {mib} MiB per round, medians: same {same_bits:.0} Mbit/s, cross {cross_bits:.0} Mbit/s; cross ÷ same = {:.2} (goal ≥ 0.7)", cross_bits / same_bits);
+    println!(
+        "one stream, {mib} MiB per round, medians: same {same_bits:.0} Mbit/s, cross {cross_bits:.0} Mbit/s; cross ÷ same = {:.2} (goal ≥ 0.7)",
+        cross_bits / same_bits
+    );
     drop(connectors);
     drop(replicas);
     let _ = Command::new("psql").args([admin_url.as_str(), "-qc", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")]).status();

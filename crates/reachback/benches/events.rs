@@ -11,7 +11,7 @@
 //! REACHBACK_BENCH_ENROLLMENTS (default 10000) enrollments a round;
 //! REACHBACK_BENCH_ROUNDS (default 5).
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -19,40 +19,13 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use reachback_testkit::ServerProcess;
+
 const BIN: &str = env!("CARGO_BIN_EXE_reachback");
 const TOKEN: &str = "rbk_bench_bootstrap_token_0123456789";
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data_dir: &std::path::Path, database: Option<&str>) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
-    let tunnel = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
-    let mut command = Command::new(BIN);
-    command
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--tunnel-listen", &format!("127.0.0.1:{tunnel}"), "--bootstrap-token", TOKEN, "--data-dir"])
-        .arg(data_dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null());
-    if let Some(database) = database {
-        command.args(["--database", database]);
-    }
-    let server = Server { child: command.spawn().expect("server"), base: format!("http://127.0.0.1:{port}") };
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(60), "server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    server
+fn start(data_dir: &std::path::Path, database: Option<&str>) -> ServerProcess {
+    ServerProcess::start(BIN, TOKEN, data_dir, database)
 }
 
 fn api(agent: &ureq::Agent, method: &str, url: &str, body: Option<Value>) -> Value {

@@ -12,10 +12,12 @@
 //!
 //! REACHBACK_BENCH_HISTORY_ROWS (default 10000000); REACHBACK_BENCH_QUERIES (default 2000).
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
+
+use reachback_testkit::ServerProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_reachback");
 const TOKEN: &str = "rbk_bench_bootstrap_token_0123456789";
@@ -25,34 +27,8 @@ const T0: i64 = 1_767_225_600_000_000;
 const SPAN: i64 = 2 * 86_400_000_000;
 const ADDRESSES: i64 = 65_536;
 
-struct Server(Child, String);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(data_dir: &std::path::Path, database: Option<&str>) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
-    let tunnel = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
-    let mut command = Command::new(BIN);
-    command
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--tunnel-listen", &format!("127.0.0.1:{tunnel}"), "--bootstrap-token", TOKEN, "--data-dir"])
-        .arg(data_dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null());
-    if let Some(database) = database {
-        command.args(["--database", database]);
-    }
-    let server = Server(command.spawn().expect("server"), format!("http://127.0.0.1:{port}"));
-    let started = Instant::now();
-    while !ureq::get(&format!("{}/healthz", server.1)).call().is_ok_and(|reply| reply.status() == 200) {
-        assert!(started.elapsed() < Duration::from_secs(300), "server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    server
+fn start(data_dir: &std::path::Path, database: Option<&str>) -> ServerProcess {
+    ServerProcess::start(BIN, TOKEN, data_dir, database)
 }
 
 /// Fills the history with `rows` intervals in statements of 1,000,000.
@@ -178,10 +154,10 @@ fn run(label: &str, database: Option<(&str, &str)>) {
     let address = |value: u64| format!("100.64.{}.{}", (value >> 8) % 256, value % 256);
     let at = move |value: u64| instant(T0 - 5 * 86_400_000_000 + (value as i64 % (end - T0 + 10 * 86_400_000_000)));
     println!("{label}: {queries} queries each, random addresses and instants over the whole period");
-    let (_, p99) = measure(&server.1, "ip + at (the trace)", queries, 1, |value| format!("ip={}&at={}", address(value), at(spread(value))));
-    measure(&server.1, "ip + at, sorted by bound_at", queries, 2, |value| format!("ip={}&at={}&sort=bound_at", address(value), at(spread(value))));
-    measure(&server.1, "ip alone (newest intervals first)", queries, 3, |value| format!("ip={}", address(value)));
-    measure(&server.1, "ip + from/to (one week)", queries, 4, |value| {
+    let (_, p99) = measure(&server.base, "ip + at (the trace)", queries, 1, |value| format!("ip={}&at={}", address(value), at(spread(value))));
+    measure(&server.base, "ip + at, sorted by bound_at", queries, 2, |value| format!("ip={}&at={}&sort=bound_at", address(value), at(spread(value))));
+    measure(&server.base, "ip alone (newest intervals first)", queries, 3, |value| format!("ip={}", address(value)));
+    measure(&server.base, "ip + from/to (one week)", queries, 4, |value| {
         let from = T0 + spread(value) as i64 % (end - T0);
         format!("ip={}&from={}&to={}", address(value), instant(from), instant(from + 7 * 86_400_000_000))
     });

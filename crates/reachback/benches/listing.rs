@@ -30,11 +30,13 @@
 //! REACHBACK_BENCH_ONLY runs only the filter sets whose label contains it.
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sqlx::Connection;
+
+use reachback_testkit::ServerProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_reachback");
 const TOKEN: &str = "rbk_bench_bootstrap_token_0123456789";
@@ -52,34 +54,8 @@ const PLATFORMS: [&str; 5] = ["windows", "macos", "linux", "ios", "android"];
 const KINDS: [&str; 4] = ["lt", "ws", "vm", "mb"];
 const DEPTS: [&str; 6] = ["sales", "eng", "ops", "hr", "fin", "it"];
 
-struct Server(Child, String);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(data_dir: &std::path::Path, database: Option<&str>) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
-    let tunnel = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
-    let mut command = Command::new(std::env::var("REACHBACK_BENCH_BINARY").unwrap_or_else(|_| BIN.to_string()));
-    command
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--tunnel-listen", &format!("127.0.0.1:{tunnel}"), "--bootstrap-token", TOKEN, "--data-dir"])
-        .arg(data_dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null());
-    if let Some(database) = database {
-        command.args(["--database", database]);
-    }
-    let server = Server(command.spawn().expect("server"), format!("http://127.0.0.1:{port}"));
-    let started = Instant::now();
-    while !ureq::get(&format!("{}/readyz", server.1)).call().is_ok_and(|reply| reply.status() == 200) {
-        assert!(started.elapsed() < Duration::from_secs(900), "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    server
+fn start(data_dir: &std::path::Path, database: Option<&str>) -> ServerProcess {
+    ServerProcess::start(&std::env::var("REACHBACK_BENCH_BINARY").unwrap_or_else(|_| BIN.to_string()), TOKEN, data_dir, database)
 }
 
 fn agent() -> ureq::Agent {
@@ -418,7 +394,7 @@ fn run(label: &str, data_dir: &std::path::Path, database: Option<&str>, fresh: b
             let body = json!({"name": name, "range": format!("100.{}.{}.0/18", (base >> 16) & 255, (base >> 8) & 255),
                               "location": {"city": city_name, "state": state, "country": country}});
             let mut reply = agent
-                .post(&format!("{}/api/v1/ip-ranges", server.1))
+                .post(&format!("{}/api/v1/ip-ranges", server.base))
                 .header("authorization", format!("Bearer {TOKEN}"))
                 .header("content-type", "application/json")
                 .send(body.to_string())
@@ -444,10 +420,10 @@ fn run(label: &str, data_dir: &std::path::Path, database: Option<&str>, fresh: b
     // warm the caches as a running server's would be
     let agent = agent();
     for sort in ["ip", "username", "platform", "client_hostname", "range_name", "last_updated"] {
-        let _ = timed_get(&agent, &format!("{}/api/v1/ip-bindings?sort={sort}&page=10000", server.1));
+        let _ = timed_get(&agent, &format!("{}/api/v1/ip-bindings?sort={sort}&page=10000", server.base));
     }
     let started = Instant::now();
-    let mut outcomes = sweep(label, &server.1, total);
+    let mut outcomes = sweep(label, &server.base, total);
     println!("{label}: swept in {:.0} s", started.elapsed().as_secs_f64());
     summary(label, &mut outcomes);
 }

@@ -8,7 +8,7 @@ mod flows;
 mod harness;
 mod history;
 mod hostile;
-mod replicas;
 mod listing;
+mod replicas;
 mod scenarios;
 mod security;

@@ -504,7 +504,18 @@ fn flows_cross_replicas_and_follow_the_agent_when_its_replica_goes() {
         Server::start(
             &dirs[index].0,
             Some(&url),
-            &["--bootstrap-token", TOKEN, "--node-name", name, "--secret-key-file", &secret, "--tunnel-listen", &tunnels[index.min(2)], "--broker-endpoints", endpoints],
+            &[
+                "--bootstrap-token",
+                TOKEN,
+                "--node-name",
+                name,
+                "--secret-key-file",
+                &secret,
+                "--tunnel-listen",
+                &tunnels[index.min(2)],
+                "--broker-endpoints",
+                endpoints,
+            ],
         )
     };
     let replica_a = start(0, "replica-a", &tunnels[0]);
@@ -546,7 +557,20 @@ fn flows_cross_replicas_and_follow_the_agent_when_its_replica_goes() {
     let dc1 = Peer::start(
         &work.0,
         "connector",
-        &["connector", "run", "--server", &replica_a.base, "--key", &provisioning_key, "--mode", "socks5", "--socks5-listen", &socks_listen, "--state-dir", &connector_state],
+        &[
+            "connector",
+            "run",
+            "--server",
+            &replica_a.base,
+            "--key",
+            &provisioning_key,
+            "--mode",
+            "socks5",
+            "--socks5-listen",
+            &socks_listen,
+            "--state-dir",
+            &connector_state,
+        ],
     );
     let holder = || -> Option<String> {
         let (_, sessions) = api("GET", "/client-sessions?client_hostname=laptop", None);
@@ -569,7 +593,11 @@ fn flows_cross_replicas_and_follow_the_agent_when_its_replica_goes() {
     assert!(relayed(&holder_base, "in") >= 1.0, "and reached the agent at {first}");
 
     // 2. the holder killed: the agent comes back through the other, same address
-    if first == "replica-b" { replica_b.kill() } else { replica_c.kill() }
+    if first == "replica-b" {
+        replica_b.kill()
+    } else {
+        replica_c.kill()
+    }
     let took = time_until_reachable(socks, &page, "hello across replicas\n");
     let second = holder().expect("holder");
     eprintln!("{first} killed → reachable again through {second} in {took:?}");
