@@ -284,18 +284,10 @@ impl CertificateAuthority {
     /// another replica: CN is the node name, OU `replica` (only the CA's holders — the
     /// replicas, who share its key — can make one; no enrollment issues this unit).
     pub fn sign_replica(&self, node_name: &str, lifetime: Duration) -> anyhow::Result<(String, String)> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the replica key")?;
-        let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         name.push(DnType::CommonName, node_name);
         name.push(DnType::OrganizationalUnitName, REPLICA_UNIT);
-        params.distinguished_name = name;
-        params.serial_number = Some(SerialNumber::from_slice(&Self::new_serial()));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        set_validity(&mut params, lifetime);
-        let certificate = params.signed_by(&key, &self.issuer).context("signing the replica certificate")?;
-        Ok((certificate.pem(), key.serialize_pem()))
+        self.sign_with_new_key(CertificateParams::default(), name, ExtendedKeyUsagePurpose::ClientAuth, lifetime)
     }
 
     /// A fresh key and certificate for this replica's tunnel endpoint, named
@@ -320,7 +312,6 @@ impl CertificateAuthority {
     }
 
     fn sign_server(&self, common_name: &str, names: &[String], lifetime: Duration) -> anyhow::Result<(String, String)> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the server key")?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = names
             .iter()
@@ -331,12 +322,25 @@ impl CertificateAuthority {
             .collect::<anyhow::Result<_>>()?;
         let mut name = DistinguishedName::new();
         name.push(DnType::CommonName, common_name);
+        self.sign_with_new_key(params, name, ExtendedKeyUsagePurpose::ServerAuth, lifetime)
+    }
+
+    /// A fresh P-256 key and a certificate for it with `name`, one usage, a new serial
+    /// and `lifetime`: (certificate PEM, key PEM).
+    fn sign_with_new_key(
+        &self,
+        mut params: CertificateParams,
+        name: DistinguishedName,
+        usage: ExtendedKeyUsagePurpose,
+        lifetime: Duration,
+    ) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating a key")?;
         params.distinguished_name = name;
         params.serial_number = Some(SerialNumber::from_slice(&Self::new_serial()));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = vec![usage];
         set_validity(&mut params, lifetime);
-        let certificate = params.signed_by(&key, &self.issuer).context("signing the server certificate")?;
+        let certificate = params.signed_by(&key, &self.issuer).context("signing the certificate")?;
         Ok((certificate.pem(), key.serialize_pem()))
     }
 }
