@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 
+use reachback_server::request::format_time;
 use reachback_testkit::ServerProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_reachback");
@@ -111,26 +112,6 @@ fn measure(base: &str, label: &str, queries: usize, seed: u64, query: impl Fn(u6
     (p50, p99)
 }
 
-fn instant(micros: i64) -> String {
-    let seconds = micros.div_euclid(1_000_000);
-    let nanos = (micros.rem_euclid(1_000_000) * 1000) as u32;
-    let moment = std::time::UNIX_EPOCH + Duration::new(seconds as u64, nanos);
-    let since = moment.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    // RFC 3339 by hand: days since the epoch to a civil date (Howard Hinnant's algorithm)
-    let days = (since.as_secs() / 86_400) as i64;
-    let rest = since.as_secs() % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z", rest / 3600, rest % 3600 / 60, rest % 60, since.subsec_micros())
-}
-
 fn run(label: &str, database: Option<(&str, &str)>) {
     let rows: i64 = std::env::var("REACHBACK_BENCH_HISTORY_ROWS").ok().and_then(|value| value.parse().ok()).unwrap_or(10_000_000);
     let queries: usize = std::env::var("REACHBACK_BENCH_QUERIES").ok().and_then(|value| value.parse().ok()).unwrap_or(2000);
@@ -152,14 +133,14 @@ fn run(label: &str, database: Option<(&str, &str)>) {
     let per_address = rows / ADDRESSES;
     let end = T0 + per_address * SPAN;
     let address = |value: u64| format!("100.64.{}.{}", (value >> 8) % 256, value % 256);
-    let at = move |value: u64| instant(T0 - 5 * 86_400_000_000 + (value as i64 % (end - T0 + 10 * 86_400_000_000)));
+    let at = move |value: u64| format_time(T0 - 5 * 86_400_000_000 + (value as i64 % (end - T0 + 10 * 86_400_000_000)));
     println!("{label}: {queries} queries each, random addresses and instants over the whole period");
     let (_, p99) = measure(&server.base, "ip + at (the trace)", queries, 1, |value| format!("ip={}&at={}", address(value), at(spread(value))));
     measure(&server.base, "ip + at, sorted by bound_at", queries, 2, |value| format!("ip={}&at={}&sort=bound_at", address(value), at(spread(value))));
     measure(&server.base, "ip alone (newest intervals first)", queries, 3, |value| format!("ip={}", address(value)));
     measure(&server.base, "ip + from/to (one week)", queries, 4, |value| {
         let from = T0 + spread(value) as i64 % (end - T0);
-        format!("ip={}&from={}&to={}", address(value), instant(from), instant(from + 7 * 86_400_000_000))
+        format!("ip={}&from={}&to={}", address(value), format_time(from), format_time(from + 7 * 86_400_000_000))
     });
     println!("{label}: the trace at p99 {p99:.2} ms (goal < 20 ms) over {rows} intervals");
     drop(server);

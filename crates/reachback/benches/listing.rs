@@ -29,6 +29,7 @@
 //! REACHBACK_BENCH_SKIP_SQLITE; REACHBACK_BENCH_BINARY runs another build;
 //! REACHBACK_BENCH_ONLY runs only the filter sets whose label contains it.
 
+use reachback_testkit::Draw;
 use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
+use reachback_server::request::format_time;
 use reachback_testkit::ServerProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_reachback");
@@ -147,24 +149,6 @@ async fn seed(url: &str, postgres: bool, range_ids: &[String], total: i64) {
     sqlx::raw_sql(analyze).execute(&mut connection).await.expect("analyze");
 }
 
-/// A small deterministic generator (one per sample, so runs draw the same values).
-struct Draw(u64);
-
-impl Draw {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 17
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
 /// The filter forms of the grid: (label, parameter, value drawn per sample).
 type Form = (&'static str, &'static str, fn(&mut Draw, i64) -> String);
 
@@ -225,25 +209,9 @@ fn forms() -> Vec<Form> {
         ("updated=window", "updated_after", |draw, _| {
             let length = [86_400_000_000i64, WEEK, 4 * WEEK][draw.below(3) as usize];
             let from = T0 + draw.below((8 * WEEK - length) as u64 / 1_000_000) as i64 * 1_000_000;
-            format!("{}&updated_before={}", instant(from), instant(from + length))
+            format!("{}&updated_before={}", format_time(from), format_time(from + length))
         }),
     ]
-}
-
-fn instant(micros: i64) -> String {
-    let since = Duration::from_micros(micros as u64);
-    let days = (since.as_secs() / 86_400) as i64;
-    let rest = since.as_secs() % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
 }
 
 fn encode(text: &str) -> String {

@@ -6,6 +6,7 @@
 //! bindings seeded in SQL, on both backends.
 
 use axum::http::StatusCode;
+use reachback_testkit::Draw;
 use serde_json::{Value, json};
 
 use crate::harness::TestServer;
@@ -141,24 +142,6 @@ async fn seed(server: &mut TestServer, rows: i64) -> Vec<(String, [u8; 17], [u8;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     }
     bounds
-}
-
-/// A deterministic generator: the same seed draws the same queries.
-struct Draw(u64);
-
-impl Draw {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 17
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pick<T: Clone>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize].clone()
-    }
 }
 
 fn instant(seconds: i64) -> String {
