@@ -487,8 +487,9 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         tracing::info!(address = %local, scheme = app.api_scheme(), "API listening");
         // a wildcard is no address to give anyone: name the host instead
         let shown = if local.ip().is_unspecified() { format!("{}:{}", reachback_server::state::local_host_name(), local.port()) } else { local.to_string() };
-        println!("Reachback API listening on {}://{shown}", app.api_scheme());
-        println!("CA pin: {}", app.ca_pin()?);
+        // one write, so whoever waits for the first line finds the pin beside it
+        let pin = app.ca_pin()?;
+        print!("Reachback API listening on {}://{shown}\nCA pin: {pin}\n", app.api_scheme());
         if insecure_http {
             println!("WARNING: plain HTTP on {local} (--insecure-http): keys and tokens cross the network in the clear unless a TLS proxy is in front");
             tracing::warn!(address = %local, "serving the API over plain HTTP on a non-loopback address (--insecure-http)");

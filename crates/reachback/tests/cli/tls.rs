@@ -33,7 +33,7 @@ impl Started {
             .expect("server starts");
         let started = Started { child, stdout };
         let began = Instant::now();
-        while !started.output().contains("Reachback API listening on") {
+        while !started.output().contains("CA pin: ") {
             assert!(began.elapsed() < Duration::from_secs(30), "the server did not start: {}", started.output());
             std::thread::sleep(Duration::from_millis(50));
         }
