@@ -37,8 +37,9 @@ const NAME_SNAPSHOT_PAGE: i64 = 20_000;
 
 /// Tunnels one certificate key may hold at once (a reconnect overlapping its old tunnel needs two).
 pub const MAX_TUNNELS_PER_IDENTITY: usize = 4;
-const KEEPALIVE: Duration = Duration::from_secs(10);
-const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// A tunnel is dead from this side after this many keepalive intervals without a
+/// frame (the client's own rule is 2.5: it is the one that must move in time).
+const LIVENESS_INTERVALS: u32 = 3;
 /// Close codes the peer sees.
 const CLOSE_KICKED: u32 = 1;
 const CLOSE_REFUSED: u32 = 2;
@@ -494,11 +495,11 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
     tracing::info!(session_id = %session_id, device_id = %device.id, virtual_ip = ?virtual_ip, "agent connected");
     tracing::debug!(session_id = %session_id, hostname = %device.hostname, username = %device.username, "agent identity");
     let welcome =
-        Welcome { session_id: session_id.clone(), virtual_ip: virtual_ip.map(|ip| ip.to_string()), ranges: Vec::new(), keepalive_seconds: KEEPALIVE.as_secs() };
+        Welcome { session_id: session_id.clone(), virtual_ip: virtual_ip.map(|ip| ip.to_string()), ranges: Vec::new(), keepalive_seconds: state.config.client_keepalive.as_secs() };
     let result = async {
         write_frame(&mut send, &Control::Welcome(welcome)).await?;
         let renewer = Renewer::new(&state, &connection, &identity, Some(device.hostname.clone()))?;
-        control_loop(&connection, send, recv, None, Some(renewer), None, state.broker.draining.subscribe()).await
+        control_loop(&connection, send, recv, None, Some(renewer), None, control_timing(&state)).await
     }
     .await;
     {
@@ -595,6 +596,11 @@ impl Renewer {
     }
 }
 
+/// The keepalive interval of a tunnel's control loop, and the drain signal it obeys.
+fn control_timing(state: &AppState) -> (Duration, tokio::sync::watch::Receiver<bool>) {
+    (state.config.client_keepalive, state.broker.draining.subscribe())
+}
+
 async fn control_loop(
     connection: &Connection,
     mut send: SendStream,
@@ -602,11 +608,12 @@ async fn control_loop(
     mut ranges: Option<(SharedState, Vec<String>)>,
     mut renewer: Option<Renewer>,
     mut names: Option<tokio::sync::broadcast::Receiver<Arc<NameUpdate>>>,
-    mut draining: tokio::sync::watch::Receiver<bool>,
+    (keepalive, mut draining): (Duration, tokio::sync::watch::Receiver<bool>),
 ) -> anyhow::Result<()> {
     let (mut incoming, reader) = reachback_tunnel::spawn_reader::<Control>(recv);
     let mut told_to_move = false;
-    let mut liveness = Liveness::new(Instant::now(), KEEPALIVE, LIVENESS_TIMEOUT);
+    let liveness_timeout = keepalive * LIVENESS_INTERVALS;
+    let mut liveness = Liveness::new(Instant::now(), keepalive, liveness_timeout);
     let mut range_check = tokio::time::interval(Duration::from_secs(3));
     // ranges this replica just synced (changed here or, notified, elsewhere): checked at once
     let mut range_changes = ranges.as_ref().map(|(state, _)| state.ranges_changed.subscribe());
@@ -634,7 +641,7 @@ async fn control_loop(
             _ = tokio::time::sleep_until(liveness.poll_timeout().into()) => {
                 match liveness.handle_timeout(Instant::now()) {
                     Some(LivenessAction::SendPing(seq)) => write_frame(&mut send, &Control::Ping { seq }).await?,
-                    Some(LivenessAction::Dead) => break Err(anyhow::anyhow!("no keepalive for {LIVENESS_TIMEOUT:?}")),
+                    Some(LivenessAction::Dead) => break Err(anyhow::anyhow!("no keepalive for {liveness_timeout:?}")),
                     None => {}
                 }
             }
@@ -815,7 +822,7 @@ async fn serve_connector(
     // queries): the small cap that held it before its hello no longer applies
     connection.set_max_unaccepted_streams(reachback_tunnel::mux::DEFAULT_MAX_UNACCEPTED_STREAMS);
     let ranges = virtual_ranges(&state).await?;
-    let welcome = Welcome { session_id: connector.id.clone(), virtual_ip: None, ranges: ranges.clone(), keepalive_seconds: KEEPALIVE.as_secs() };
+    let welcome = Welcome { session_id: connector.id.clone(), virtual_ip: None, ranges: ranges.clone(), keepalive_seconds: state.config.client_keepalive.as_secs() };
     write_frame(&mut send, &Control::Welcome(welcome)).await?;
     let flows = {
         let state = state.clone();
@@ -837,7 +844,7 @@ async fn serve_connector(
         None
     };
     let result = match Renewer::new(&state, &connection, &identity, None) {
-        Ok(renewer) => control_loop(&connection, send, recv, Some((state.clone(), ranges)), Some(renewer), feed, state.broker.draining.subscribe()).await,
+        Ok(renewer) => control_loop(&connection, send, recv, Some((state.clone(), ranges)), Some(renewer), feed, control_timing(&state)).await,
         Err(error) => Err(error),
     };
     flows.abort();
@@ -982,7 +989,7 @@ impl Holder {
 async fn serve_replica(state: SharedState, connection: Connection, identity: PeerIdentity, mut send: SendStream, recv: RecvStream) -> anyhow::Result<()> {
     let peer: Arc<str> = Arc::from(identity.id.as_str());
     connection.set_max_unaccepted_streams(reachback_tunnel::mux::DEFAULT_MAX_UNACCEPTED_STREAMS);
-    let welcome = Welcome { session_id: state.config.node_name.clone(), virtual_ip: None, ranges: Vec::new(), keepalive_seconds: KEEPALIVE.as_secs() };
+    let welcome = Welcome { session_id: state.config.node_name.clone(), virtual_ip: None, ranges: Vec::new(), keepalive_seconds: state.config.client_keepalive.as_secs() };
     write_frame(&mut send, &Control::Welcome(welcome)).await?;
     tracing::info!(peer = %peer, remote = %connection.remote_address(), "peer replica connected");
     let flows = {
@@ -995,7 +1002,7 @@ async fn serve_replica(state: SharedState, connection: Connection, identity: Pee
             }
         })
     };
-    let result = control_loop(&connection, send, recv, None, None, None, state.broker.draining.subscribe()).await;
+    let result = control_loop(&connection, send, recv, None, None, None, control_timing(&state)).await;
     flows.abort();
     tracing::info!(peer = %peer, "peer replica disconnected");
     result

@@ -126,6 +126,9 @@ pub struct ServerConfig {
     /// how long a stopping replica waits for its tunnels' open flows after telling
     /// agents and connectors to reconnect elsewhere
     pub drain_timeout: std::time::Duration,
+    /// the keepalive interval of quiet tunnels, told to agents and connectors in the
+    /// welcome: they declare a silent replica dead after 2.5 of them, this side after 3
+    pub client_keepalive: std::time::Duration,
     /// TCP congestion control of the accepted tunnels
     pub tcp_congestion: reachback_tunnel::Congestion,
     /// the operator's certificate chain and key for the API (PEM files), re-read on SIGHUP

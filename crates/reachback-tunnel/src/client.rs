@@ -157,6 +157,8 @@ pub struct Tunnel {
     pub welcome: Welcome,
     send: SendStream,
     recv: RecvStream,
+    /// the replica's address this tunnel went to
+    address: SocketAddr,
 }
 
 /// What the broker pushes on the control stream besides liveness.
@@ -228,6 +230,9 @@ pub async fn connect_with(connector: &TunnelConnector, brokers: &[String], hello
         }
     }
     shuffle(&mut addresses, jitter());
+    // where a tunnel was just lost or an attempt just failed goes last: a replica
+    // whose host died is not the first one tried again
+    suspected::put_last(&mut addresses);
     let Hello { role, mode, version, names, dns_listen } = hello_message;
     let hello = Control::Hello { role, version: version.to_string(), mode: mode.map(str::to_string), names, dns_listen: dns_listen.to_vec() };
     let mut waiting = addresses.into_iter();
@@ -251,7 +256,8 @@ pub async fn connect_with(connector: &TunnelConnector, brokers: &[String], hello
         let more = waiting.len() > 0;
         tokio::select! {
             finished = attempts.join_next() => match finished {
-                Some(Ok((_, Ok(tunnel)))) => {
+                Some(Ok((address, Ok(tunnel)))) => {
+                    suspected::clear(address);
                     // a slower attempt that also got in is closed, not left holding a session
                     attempts.abort_all();
                     while let Some(finished) = attempts.try_join_next() {
@@ -265,6 +271,7 @@ pub async fn connect_with(connector: &TunnelConnector, brokers: &[String], hello
                     if error.downcast_ref::<FinalRefusal>().is_some() {
                         return Err(error);
                     }
+                    suspected::note(address);
                     last_error = error.context(format!("broker {address}"));
                     // a failure that came quickly (refused, reset) hands over at once
                     if let Some(address) = waiting.next() {
@@ -280,6 +287,53 @@ pub async fn connect_with(connector: &TunnelConnector, brokers: &[String], hello
                 }
             }
         }
+    }
+}
+
+/// Broker addresses this process lately lost a tunnel to or failed to reach. A
+/// reconnection tries them after the others (they stay in the list: with one
+/// replica, or all of them suspected, the order is the shuffle's). Bounded in count
+/// and in age.
+mod suspected {
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// How long a failure counts against an address.
+    const MEMORY: Duration = Duration::from_secs(30);
+    /// Addresses remembered at most (oldest forgotten first).
+    const CAPACITY: usize = 32;
+
+    static SUSPECTED: Mutex<Vec<(SocketAddr, Instant)>> = Mutex::new(Vec::new());
+
+    fn with<T>(work: impl FnOnce(&mut Vec<(SocketAddr, Instant)>) -> T) -> T {
+        let mut list = SUSPECTED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        list.retain(|(_, at)| at.elapsed() < MEMORY);
+        work(&mut list)
+    }
+
+    pub fn note(address: SocketAddr) {
+        with(|list| {
+            list.retain(|(known, _)| *known != address);
+            if list.len() >= CAPACITY {
+                list.remove(0);
+            }
+            list.push((address, Instant::now()));
+        });
+    }
+
+    pub fn clear(address: SocketAddr) {
+        with(|list| list.retain(|(known, _)| *known != address));
+    }
+
+    pub fn put_last(addresses: &mut [SocketAddr]) {
+        let suspected: Vec<SocketAddr> = with(|list| list.iter().map(|(address, _)| *address).collect());
+        order(addresses, &suspected);
+    }
+
+    /// Stable: the shuffle's order holds within the trusted and within the suspected.
+    pub(super) fn order(addresses: &mut [SocketAddr], suspected: &[SocketAddr]) {
+        addresses.sort_by_key(|address| suspected.contains(address));
     }
 }
 
@@ -301,7 +355,7 @@ async fn say_hello(connector: &TunnelConnector, address: SocketAddr, hello: Cont
     let (mut send, mut recv) = connection.open_bi().await?;
     write_frame(&mut send, &hello).await?;
     match read_frame::<Control>(&mut recv).await? {
-        Some(Control::Welcome(welcome)) => Ok(Tunnel { connection, welcome, send, recv }),
+        Some(Control::Welcome(welcome)) => Ok(Tunnel { connection, welcome, send, recv, address }),
         Some(Control::Bye { reason, r#final: true }) => Err(anyhow::anyhow!(FinalRefusal(reason))),
         // a replica that is draining: another one takes the client
         Some(Control::Bye { reason, .. }) => anyhow::bail!("the broker turned the client away: {reason}"),
@@ -428,13 +482,22 @@ pub fn leave(dir: &Path, kind: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a client waits without a frame from its replica before it gives the
+/// tunnel up and moves: two keepalive intervals and a half. The replica pings a
+/// quiet tunnel every interval, so a live one is heard at least that often; a
+/// replica whose host died silently is left after 2.5 s at the default of 1 s, and
+/// the reconnection (at most 0.5 s) lands on a live replica within 3 s.
+pub fn dead_after(keepalive: Duration) -> Duration {
+    keepalive * 5 / 2
+}
+
 impl Tunnel {
     /// Runs the control stream until the tunnel ends; `on_update` sees range and name updates.
     /// With `renewal`, the certificate is renewed over this stream when it is due.
     pub async fn run_control(self, mut renewal: Option<Renewal>, mut on_update: impl FnMut(Update)) -> TunnelEnd {
-        let Tunnel { connection, welcome, mut send, recv } = self;
+        let Tunnel { connection, welcome, mut send, recv, address } = self;
         let keepalive = Duration::from_secs(welcome.keepalive_seconds.clamp(1, 300));
-        let mut liveness = Liveness::new(Instant::now(), keepalive, keepalive * 3);
+        let mut liveness = Liveness::new(Instant::now(), keepalive, dead_after(keepalive));
         let (mut frames, reader) = crate::spawn_reader::<Control>(recv);
         let mut renew_at = renewal.as_ref().map(Renewal::next_request);
         let end = loop {
@@ -489,6 +552,10 @@ impl Tunnel {
             }
         };
         reader.abort();
+        // a replica that went silent, closed or is draining is tried last next time
+        if matches!(end, TunnelEnd::Lost(_) | TunnelEnd::Moved(_)) {
+            suspected::note(address);
+        }
         end
     }
 }
@@ -543,5 +610,23 @@ mod tests {
         shuffle(&mut one, 0.5);
         assert_eq!(one, [7]);
         shuffle(&mut Vec::<u32>::new(), 0.5);
+    }
+
+    #[test]
+    fn suspected_addresses_go_last_and_the_rest_keep_their_order() {
+        let address = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut addresses = vec![address(1), address(2), address(3), address(4)];
+        super::suspected::order(&mut addresses, &[address(3), address(1)]);
+        assert_eq!(addresses, [address(2), address(4), address(1), address(3)]);
+        // all suspected: the shuffle's order stands
+        let mut addresses = vec![address(2), address(1)];
+        super::suspected::order(&mut addresses, &[address(1), address(2)]);
+        assert_eq!(addresses, [address(2), address(1)]);
+    }
+
+    #[test]
+    fn dead_after_is_two_and_a_half_keepalives() {
+        assert_eq!(super::dead_after(std::time::Duration::from_secs(1)), std::time::Duration::from_millis(2500));
+        assert_eq!(super::dead_after(std::time::Duration::from_secs(10)), std::time::Duration::from_secs(25));
     }
 }

@@ -233,6 +233,9 @@ struct ServerArgs {
     /// Seconds a stopping server (SIGTERM) waits for open flows after telling agents and connectors to move to another replica [default: 30]
     #[arg(long, env = "REACHBACK_DRAIN_TIMEOUT")]
     drain_timeout: Option<u64>,
+    /// Seconds between keepalives on quiet tunnels; agents and connectors give up on a silent replica after 2.5 of them and move to another [default: 1]
+    #[arg(long, env = "REACHBACK_CLIENT_KEEPALIVE")]
+    client_keepalive: Option<u64>,
     /// TCP congestion control of the tunnels: `system` keeps the machine's [default: cubic where available]
     #[arg(long, env = "REACHBACK_TCP_CONGESTION")]
     tcp_congestion: Option<String>,
@@ -297,6 +300,7 @@ struct ConfigFile {
     node_name: Option<String>,
     flow_idle_timeout: Option<u64>,
     drain_timeout: Option<u64>,
+    client_keepalive: Option<u64>,
     tcp_congestion: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -348,6 +352,7 @@ impl ServerArgs {
                 .unwrap_or_else(reachback_server::state::local_host_name),
             flow_idle_timeout: std::time::Duration::from_secs(self.flow_idle_timeout.or(file.flow_idle_timeout).unwrap_or(3600)),
             drain_timeout: std::time::Duration::from_secs(self.drain_timeout.or(file.drain_timeout).unwrap_or(30)),
+            client_keepalive: std::time::Duration::from_secs(self.client_keepalive.or(file.client_keepalive).unwrap_or(1)),
             tcp_congestion: reachback_tunnel::Congestion::resolve(self.tcp_congestion.or(file.tcp_congestion).as_deref())?,
             tls_files: match (self.tls_cert.or(file.tls_cert), self.tls_key.or(file.tls_key)) {
                 (Some(certificate), Some(key)) => Some((certificate, key)),
@@ -420,6 +425,9 @@ fn validate(config: &ServerConfig) -> anyhow::Result<()> {
     }
     if config.drain_timeout.as_secs() > 3600 {
         anyhow::bail!("--drain-timeout must be 0 to 3600 seconds");
+    }
+    if !(1..=300).contains(&config.client_keepalive.as_secs()) {
+        anyhow::bail!("--client-keepalive must be 1 to 300 seconds");
     }
     if config.broker_endpoints.iter().any(|endpoint| endpoint.trim().is_empty()) {
         anyhow::bail!("--broker-endpoints may not hold an empty endpoint");

@@ -111,6 +111,7 @@ impl TestServer {
             node_name: "test".into(),
             flow_idle_timeout: std::time::Duration::from_secs(3600),
             drain_timeout: std::time::Duration::from_secs(5),
+            client_keepalive: std::time::Duration::from_secs(1),
             tcp_congestion: reachback_tunnel::Congestion::resolve(None).expect("the default congestion control"),
             tls_files: None,
             api_names: Vec::new(),
