@@ -494,8 +494,12 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
     state.metrics.client_sessions.inc();
     tracing::info!(session_id = %session_id, device_id = %device.id, virtual_ip = ?virtual_ip, "agent connected");
     tracing::debug!(session_id = %session_id, hostname = %device.hostname, username = %device.username, "agent identity");
-    let welcome =
-        Welcome { session_id: session_id.clone(), virtual_ip: virtual_ip.map(|ip| ip.to_string()), ranges: Vec::new(), keepalive_seconds: state.config.client_keepalive.as_secs() };
+    let welcome = Welcome {
+        session_id: session_id.clone(),
+        virtual_ip: virtual_ip.map(|ip| ip.to_string()),
+        ranges: Vec::new(),
+        keepalive_seconds: state.config.client_keepalive.as_secs(),
+    };
     let result = async {
         write_frame(&mut send, &Control::Welcome(welcome)).await?;
         let renewer = Renewer::new(&state, &connection, &identity, Some(device.hostname.clone()))?;
@@ -822,7 +826,8 @@ async fn serve_connector(
     // queries): the small cap that held it before its hello no longer applies
     connection.set_max_unaccepted_streams(reachback_tunnel::mux::DEFAULT_MAX_UNACCEPTED_STREAMS);
     let ranges = virtual_ranges(&state).await?;
-    let welcome = Welcome { session_id: connector.id.clone(), virtual_ip: None, ranges: ranges.clone(), keepalive_seconds: state.config.client_keepalive.as_secs() };
+    let welcome =
+        Welcome { session_id: connector.id.clone(), virtual_ip: None, ranges: ranges.clone(), keepalive_seconds: state.config.client_keepalive.as_secs() };
     write_frame(&mut send, &Control::Welcome(welcome)).await?;
     let flows = {
         let state = state.clone();
@@ -989,7 +994,12 @@ impl Holder {
 async fn serve_replica(state: SharedState, connection: Connection, identity: PeerIdentity, mut send: SendStream, recv: RecvStream) -> anyhow::Result<()> {
     let peer: Arc<str> = Arc::from(identity.id.as_str());
     connection.set_max_unaccepted_streams(reachback_tunnel::mux::DEFAULT_MAX_UNACCEPTED_STREAMS);
-    let welcome = Welcome { session_id: state.config.node_name.clone(), virtual_ip: None, ranges: Vec::new(), keepalive_seconds: state.config.client_keepalive.as_secs() };
+    let welcome = Welcome {
+        session_id: state.config.node_name.clone(),
+        virtual_ip: None,
+        ranges: Vec::new(),
+        keepalive_seconds: state.config.client_keepalive.as_secs(),
+    };
     write_frame(&mut send, &Control::Welcome(welcome)).await?;
     tracing::info!(peer = %peer, remote = %connection.remote_address(), "peer replica connected");
     let flows = {

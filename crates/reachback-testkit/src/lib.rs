@@ -52,14 +52,23 @@ pub struct Lab {
 
 impl Lab {
     pub fn up(bin: &Path) -> Lab {
+        Lab::build(bin, "up")
+    }
+
+    /// The lab with three more server hosts and a database host (`scripts/netns-lab replicas`).
+    pub fn up_replicas(bin: &Path) -> Lab {
+        Lab::build(bin, "replicas")
+    }
+
+    fn build(bin: &Path, action: &str) -> Lab {
         for tool in ["ip", "nft", "curl", "ssh", "sshd", "ssh-keygen", "iperf3", "python3"] {
             let found =
                 Command::new("sh").args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")]).output().is_ok_and(|out| out.status.success());
             assert!(found, "{tool} is missing: install nftables iproute2 curl openssh-client openssh-server iperf3 python3");
         }
         let prefix = format!("rb{}", std::process::id() % 100_000);
-        let status = Command::new(script()).args(["up", &prefix]).status().expect("netns-lab runs");
-        assert!(status.success(), "scripts/netns-lab up failed (root needed)");
+        let status = Command::new(script()).args([action, &prefix]).status().expect("netns-lab runs");
+        assert!(status.success(), "scripts/netns-lab {action} failed (root needed)");
         Lab { prefix, dir: TempDir::new("reachback_lab"), children: Vec::new(), bin: bin.to_path_buf(), token: String::new(), ca_pin: String::new() }
     }
 

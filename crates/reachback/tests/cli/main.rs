@@ -12,6 +12,7 @@ mod process;
 mod reference;
 mod renewal;
 mod replicas;
+mod replicas_netns;
 mod secrets;
 mod socks5;
 mod tls;
