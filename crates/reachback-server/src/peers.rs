@@ -68,13 +68,57 @@ pub struct RemoteAgent {
     pub range_id: String,
 }
 
+/// Where addresses are held, as last read: bounded in age ([`LOCATION_TTL`]) and in
+/// count ([`LOCATION_CAPACITY`]), so a scan of the virtual range through a connector
+/// costs reads, not memory.
+struct Locations {
+    /// virtual address → (when read, holder)
+    entries: HashMap<IpAddr, (Instant, Option<RemoteAgent>)>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+impl Default for Locations {
+    fn default() -> Self {
+        Locations { entries: HashMap::new(), ttl: LOCATION_TTL, capacity: LOCATION_CAPACITY }
+    }
+}
+
+impl Locations {
+    /// The remembered holder (`Some(None)`: known to be held by no other replica), if fresh.
+    fn get(&self, address: IpAddr, now: Instant) -> Option<Option<RemoteAgent>> {
+        let (at, holder) = self.entries.get(&address)?;
+        (now.saturating_duration_since(*at) < self.ttl).then(|| holder.clone())
+    }
+
+    fn insert(&mut self, address: IpAddr, now: Instant, holder: Option<RemoteAgent>) {
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&address) {
+            let ttl = self.ttl;
+            self.entries.retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
+            if self.entries.len() >= self.capacity {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(address, (now, holder));
+    }
+
+    fn forget(&mut self, address: IpAddr) {
+        self.entries.remove(&address);
+    }
+}
+
+/// The endpoints to try of a peer's registry row (a peer's word: at most
+/// [`MAX_RELAY_ENDPOINTS`], empty entries skipped).
+fn relay_candidates(registered: &str) -> impl Iterator<Item = &str> {
+    registered.split(',').map(str::trim).filter(|endpoint| !endpoint.is_empty()).take(MAX_RELAY_ENDPOINTS)
+}
+
 /// The tunnels to other replicas and where addresses are held.
 #[derive(Default)]
 pub struct Peers {
     /// one slot per peer node: its tunnel, when open (connecting holds the slot)
     links: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
-    /// virtual address → (when read, holder)
-    located: std::sync::Mutex<HashMap<IpAddr, (Instant, Option<RemoteAgent>)>>,
+    located: std::sync::Mutex<Locations>,
     /// this replica's client identity towards the others, and when it was made
     identity: std::sync::Mutex<Option<(TunnelConnector, SystemTime)>>,
 }
@@ -86,10 +130,8 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Peers {
     /// The replica that holds `address`, if another one does.
     pub async fn locate(&self, state: &AppState, address: IpAddr) -> anyhow::Result<Option<RemoteAgent>> {
-        if let Some((at, holder)) = lock(&self.located).get(&address)
-            && at.elapsed() < LOCATION_TTL
-        {
-            return Ok(holder.clone());
+        if let Some(holder) = lock(&self.located).get(address, Instant::now()) {
+            return Ok(holder);
         }
         let found = state.store.remote_session_for(&address.to_string(), &state.config.node_name).await?;
         let holder = found.map(|(session, range_id)| RemoteAgent {
@@ -100,20 +142,13 @@ impl Peers {
             platform: session.platform,
             range_id,
         });
-        let mut located = lock(&self.located);
-        if located.len() >= LOCATION_CAPACITY {
-            located.retain(|_, (at, _)| at.elapsed() < LOCATION_TTL);
-            if located.len() >= LOCATION_CAPACITY {
-                located.clear();
-            }
-        }
-        located.insert(address, (Instant::now(), holder.clone()));
+        lock(&self.located).insert(address, Instant::now(), holder.clone());
         Ok(holder)
     }
 
     /// Forgets where `address` is held (the holder said it is not there).
     pub fn forget(&self, address: IpAddr) {
-        lock(&self.located).remove(&address);
+        lock(&self.located).forget(address);
     }
 
     /// Opens a stream to the replica `node`, over the tunnel to it (made when there is none).
@@ -157,7 +192,7 @@ impl Peers {
         // the replica's own addresses, in turn: the one that answers as that node wins
         let mut last_error = anyhow::anyhow!("replica {node} has no relay endpoint");
         let mut found = None;
-        for endpoint in endpoints.split(',').filter(|endpoint| !endpoint.is_empty()).take(MAX_RELAY_ENDPOINTS) {
+        for endpoint in relay_candidates(&endpoints) {
             match reachback_tunnel::client::connect_with(&connector, &[endpoint.to_string()], hello).await {
                 Ok(tunnel) if tunnel.welcome.session_id == node => {
                     found = Some((tunnel, endpoint.to_string()));
@@ -207,5 +242,57 @@ impl Peers {
         });
         *identity = Some((connector.clone(), SystemTime::now()));
         Ok(connector)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(node: &str) -> Option<RemoteAgent> {
+        Some(RemoteAgent {
+            node: node.into(),
+            device_id: "d".into(),
+            hostname: "h".into(),
+            username: "u".into(),
+            platform: "linux".into(),
+            range_id: "r".into(),
+        })
+    }
+
+    #[test]
+    fn locations_expire_and_a_scan_cannot_grow_them_past_the_capacity() {
+        let start = Instant::now();
+        let mut locations = Locations { capacity: 100, ..Locations::default() };
+        let address = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x6440_0000 + n));
+        locations.insert(address(0), start, holder("replica-b"));
+        assert_eq!(locations.get(address(0), start + Duration::from_secs(1)), Some(holder("replica-b")));
+        assert_eq!(locations.get(address(0), start + LOCATION_TTL), None, "stale after the TTL");
+        // a scan of 10,000 addresses in one instant: never more than the capacity held
+        for n in 1..10_000 {
+            locations.insert(address(n), start, None);
+            assert!(locations.entries.len() <= 100, "{} entries after {n}", locations.entries.len());
+        }
+        // fresh entries survive a sweep of stale ones
+        let later = start + LOCATION_TTL;
+        let mut locations = Locations { capacity: 3, ..Locations::default() };
+        locations.insert(address(1), start, None);
+        locations.insert(address(2), start, None);
+        locations.insert(address(3), later, holder("replica-c"));
+        locations.insert(address(4), later, None);
+        assert_eq!(locations.entries.len(), 2);
+        assert_eq!(locations.get(address(3), later), Some(holder("replica-c")));
+        locations.forget(address(3));
+        assert_eq!(locations.get(address(3), later), None);
+    }
+
+    #[test]
+    fn a_peers_endpoint_list_is_capped_and_empty_entries_skipped() {
+        let many: Vec<String> = (0..100).map(|n| format!("10.0.0.{n}:8443")).collect();
+        let text = format!(",, {}", many.join(","));
+        let candidates: Vec<&str> = relay_candidates(&text).collect();
+        assert_eq!(candidates.len(), MAX_RELAY_ENDPOINTS);
+        assert_eq!(candidates[0], "10.0.0.0:8443");
+        assert_eq!(relay_candidates("").count(), 0);
     }
 }
