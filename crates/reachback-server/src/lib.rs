@@ -6,16 +6,13 @@
 pub mod api;
 pub mod at_rest;
 pub mod auth;
-pub mod broker;
+mod broker_context;
 pub mod console;
-pub mod crypto;
 pub mod edge;
 mod error;
 pub mod events;
-pub mod flowlog;
 pub mod limit;
 pub mod ops;
-pub mod peers;
 pub mod replicas;
 pub mod request;
 pub mod serve;
@@ -47,6 +44,11 @@ pub use crate::ops::RouteDoc;
 use crate::ops::schema;
 use crate::state::{AppState, Metrics, Settings};
 pub use crate::state::{SecretKeySource, SecurityConfig, ServerConfig, SharedState};
+/// The tunnel broker, a crate of its own (`reachback-broker`).
+pub use reachback_broker as broker;
+pub use reachback_broker::flowlog;
+/// Secrets, hashes and the internal CA, a crate of its own (`reachback-crypto`).
+pub use reachback_crypto as crypto;
 
 /// The largest request body the API reads.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -235,25 +237,37 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
 
     let (enroll_tx, enroll_rx) = mpsc::channel(4096);
     let metrics = Metrics::new();
-    let (flow_log, flow_log_writer) = flowlog::FlowLog::new(flowlog::QUEUE_CAPACITY, metrics.flow_log.clone());
+    let (flow_log, flow_log_writer) = flowlog::FlowLog::new(flowlog::QUEUE_CAPACITY, metrics.broker.flow_log.clone());
     flow_log.set_enabled(settings.flow_log_enabled);
+    let settings = Arc::new(RwLock::new(settings));
+    let ca = Arc::new(ca);
+    let ranges_changed = tokio::sync::watch::channel(()).0;
+    // the broker gets what it uses, never the state
+    let broker = Arc::new(broker::Broker::new(broker::BrokerContext {
+        store: store.clone(),
+        config: broker_context::broker_config(&config),
+        metrics: metrics.broker.clone(),
+        flow_log,
+        ca: ca.clone(),
+        settings: Arc::new(broker_context::SharedSettings(settings.clone())),
+        ranges_changed: ranges_changed.clone(),
+        allocator: Arc::new(broker_context::EnrollQueue(enroll_tx.clone())),
+    }));
     let state = Arc::new(AppState {
         store,
         engine: Mutex::new(engine),
-        settings: RwLock::new(settings),
+        settings,
         settings_sync: tokio::sync::Mutex::new(()),
         ca,
         secret_key,
         metrics,
         enroll_tx,
         config,
-        broker: broker::Broker::default(),
-        peers: peers::Peers::default(),
-        flow_log,
+        broker,
         login_limiter: std::sync::Mutex::new(limit::LoginLimiter::default()),
         registration,
         changes: Arc::default(),
-        ranges_changed: tokio::sync::watch::channel(()).0,
+        ranges_changed,
     });
     let writer = writer::spawn(Arc::downgrade(&state), enroll_rx).context("starting the enrollment writer")?;
     let flow_writer = tokio::spawn(flow_log_writer.run(state.store.clone(), state.config.node_name.clone()));
@@ -297,7 +311,8 @@ pub fn router(state: SharedState) -> Router {
 impl App {
     /// Binds the tunnel endpoint (`tunnel_listen`) and starts accepting agents and connectors.
     pub async fn start_broker(&mut self) -> anyhow::Result<std::net::SocketAddr> {
-        let (local, task) = broker::start(self.state.clone()).await?;
+        let names = broker_context::advertised_names(&self.state.config);
+        let (local, task) = broker::start(self.state.broker.clone(), names).await?;
         self.background.push(task);
         Ok(local)
     }
@@ -331,14 +346,14 @@ impl App {
             tracing::warn!(tunnels = left, deadline_seconds = state.config.drain_timeout.as_secs(), "drain deadline passed; closing the tunnels left");
         }
         state.broker.close_all();
-        state.peers.close_all();
+        state.broker.peers().close_all();
         for task in background {
             task.abort();
         }
         replicas::stopped(&state).await;
         // the flows the closed tunnels ended reach the queue as their tasks see the close
         tokio::time::sleep(Duration::from_millis(100)).await;
-        state.flow_log.shutdown();
+        state.broker.flow_log().shutdown();
         let store = state.store.clone();
         drop(state);
         // the writer ends once every queued enrollment is written and all senders are gone

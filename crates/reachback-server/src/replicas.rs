@@ -122,7 +122,7 @@ pub async fn heartbeat(state: Weak<AppState>) {
                 Err(error) => tracing::warn!(%error, "could not check the node name's lock"),
             }
         }
-        let connectors = state.metrics.connectors_online.get();
+        let connectors = state.metrics.broker.connectors_online.get();
         match state.store.replica_heartbeat(node, &registration.instance_id, &tunnel_endpoint(&state), connectors).await {
             Ok(Heartbeat::Alive) => lost_logged = false,
             Ok(Heartbeat::Revived) => {
@@ -280,7 +280,7 @@ async fn apply(state: Weak<AppState>) {
             }
         }
         if topics & topic::POLICY != 0
-            && let Err(error) = crate::broker::reload_policy(&state, false).await
+            && let Err(error) = state.broker.reload_policy(false).await
         {
             tracing::warn!(error = format!("{error:#}"), "could not reload the access policy");
         }

@@ -14,6 +14,7 @@ use reachback_store::Store;
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 
+use crate::broker::BrokerMetrics;
 use crate::crypto::CertificateAuthority;
 use crate::writer::EnrollRequest;
 
@@ -253,20 +254,12 @@ pub struct Metrics {
     pub bindings: Gauge,
     pub enroll_batch_size: Histogram,
     pub enroll_batch_seconds: Histogram,
-    pub client_sessions: Gauge,
-    pub connectors_online: Gauge,
     /// replicas alive in the registry, as this replica saw at its last heartbeat
     pub replicas_alive: Gauge,
-    /// TCP flows (`reachback_flows_*`, `reachback_bytes_relayed_total`)
-    pub tcp: FlowMetrics,
-    /// UDP flows (the same under `reachback_udp_`)
-    pub udp: FlowMetrics,
-    pub certificates_renewed: Counter,
-    /// the flow log's writer and its queue
-    pub flow_log: FlowLogMetrics,
     pub events: EventMetrics,
-    /// flows relayed between replicas: `out` entered here, `in` reached an agent here
-    pub relayed_flows: Family<Vec<(String, String)>, Counter>,
+    /// the broker's families: tunnels, flows, renewals, the flow log, relays (a
+    /// clone of these handles is in the broker's context)
+    pub broker: BrokerMetrics,
 }
 
 /// Event delivery to the sinks, by sink name.
@@ -295,72 +288,6 @@ impl EventMetrics {
     }
 }
 
-/// The flow log's counters.
-#[derive(Clone, Debug)]
-pub struct FlowLogMetrics {
-    /// flows written to the database
-    pub written: Counter,
-    /// flows not written, by reason (`queue_full`, `write_failed`, `shutdown`)
-    pub dropped: Family<Vec<(String, String)>, Counter>,
-    /// time to write one batch
-    pub batch_seconds: Histogram,
-}
-
-impl FlowLogMetrics {
-    fn register(registry: &mut Registry) -> FlowLogMetrics {
-        let metrics = FlowLogMetrics { written: Counter::default(), dropped: Family::default(), batch_seconds: latency_histogram() };
-        registry.register("flow_log_written", "Flows written to the flow log", metrics.written.clone());
-        registry.register("flow_log_dropped", "Flows not written to the flow log, by reason (queue_full, write_failed, shutdown)", metrics.dropped.clone());
-        registry.register("flow_log_batch_duration_seconds", "Time to write one batch of the flow log", metrics.batch_seconds.clone());
-        metrics
-    }
-
-    /// Counts `count` flows dropped for `reason`.
-    pub fn count_dropped(&self, reason: &str, count: u64) {
-        self.dropped.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc_by(count);
-    }
-}
-
-/// The broker's counters for the flows of one protocol.
-#[derive(Clone, Debug)]
-pub struct FlowMetrics {
-    pub opened: Counter,
-    pub active: Gauge,
-    pub denied: Counter,
-    pub failed: Family<Vec<(String, String)>, Counter>,
-    pub bytes_relayed: Family<Vec<(String, String)>, Counter>,
-    pub setup_seconds: Histogram,
-}
-
-impl FlowMetrics {
-    /// Registers the family under `prefix` (`""` for TCP, `"udp_"`), `what` naming the flows in the help texts.
-    fn register(registry: &mut Registry, prefix: &str, what: &str) -> FlowMetrics {
-        let metrics = FlowMetrics {
-            opened: Counter::default(),
-            active: Gauge::default(),
-            denied: Counter::default(),
-            failed: Family::default(),
-            bytes_relayed: Family::default(),
-            setup_seconds: Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
-        };
-        registry.register(format!("{prefix}flows_opened"), format!("{what} relayed to an agent"), metrics.opened.clone());
-        registry.register(format!("{prefix}flows_active"), format!("{what} being relayed now"), metrics.active.clone());
-        registry.register(format!("{prefix}flows_denied"), format!("{what} refused by the access policy"), metrics.denied.clone());
-        registry.register(format!("{prefix}flows_failed"), format!("{what} that could not be opened, by reason"), metrics.failed.clone());
-        registry.register(
-            format!("{prefix}bytes_relayed"),
-            format!("Bytes of {what} relayed, by direction (to_client, to_server)"),
-            metrics.bytes_relayed.clone(),
-        );
-        registry.register(
-            format!("{prefix}flow_setup_duration_seconds"),
-            format!("Time from a connector's request for one of the {what} to the agent's answer"),
-            metrics.setup_seconds.clone(),
-        );
-        metrics
-    }
-}
-
 /// Histograms by label set, each made by one constructor (the buckets).
 pub type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
 
@@ -385,24 +312,14 @@ impl Metrics {
         registry.register("bindings", "Bound addresses in all ranges", bindings.clone());
         registry.register("enroll_batch_size", "Enrollments written per transaction", enroll_batch_size.clone());
         registry.register("enroll_batch_duration_seconds", "Time to write one enrollment transaction", enroll_batch_seconds.clone());
-        let client_sessions = Gauge::default();
-        let connectors_online = Gauge::default();
-        registry.register("client_sessions", "Live agent tunnels on this replica", client_sessions.clone());
-        registry.register("connectors_online", "Live connector tunnels on this replica", connectors_online.clone());
+        // the broker's families keep their place among the server's
+        let broker = BrokerMetrics::default();
+        broker.register_tunnels(&mut registry);
         let replicas_alive = Gauge::default();
         registry.register("replicas_alive", "Server replicas alive on the shared database (with their heartbeat within 3 s)", replicas_alive.clone());
-        let tcp = FlowMetrics::register(&mut registry, "", "TCP flows");
-        let udp = FlowMetrics::register(&mut registry, "udp_", "UDP flows");
-        let certificates_renewed = Counter::default();
-        registry.register("certificates_renewed", "Device and connector certificates renewed (over the tunnel or the API)", certificates_renewed.clone());
-        let flow_log = FlowLogMetrics::register(&mut registry);
+        broker.register_flows(&mut registry);
         let events = EventMetrics::register(&mut registry);
-        let relayed_flows = Family::default();
-        registry.register(
-            "replica_relayed_flows",
-            "Flows relayed between replicas: out = entered here for an agent on another replica, in = from another replica to an agent here",
-            relayed_flows.clone(),
-        );
+        broker.register_relays(&mut registry);
         Metrics {
             registry,
             enrollments,
@@ -414,15 +331,9 @@ impl Metrics {
             bindings,
             enroll_batch_size,
             enroll_batch_seconds,
-            client_sessions,
-            connectors_online,
             replicas_alive,
-            tcp,
-            udp,
-            certificates_renewed,
-            flow_log,
             events,
-            relayed_flows,
+            broker,
         }
     }
 
@@ -444,22 +355,20 @@ impl Default for Metrics {
 pub struct AppState {
     pub store: Store,
     pub engine: Mutex<Engine>,
-    pub settings: RwLock<Settings>,
+    /// shared with the broker, which reads the client domains (`SettingsView`)
+    pub settings: Arc<RwLock<Settings>>,
     /// held from reading (or writing) the stored settings to installing them, so a
     /// background reload that read the store before a change cannot install its
     /// older copy after the change (as policy reloads are serialised)
     pub settings_sync: tokio::sync::Mutex<()>,
-    pub ca: CertificateAuthority,
+    pub ca: Arc<CertificateAuthority>,
     /// the key that seals secrets in the database (the CA key, sinks' signing secrets)
     pub secret_key: crate::crypto::SecretKey,
     pub metrics: Metrics,
     pub enroll_tx: mpsc::Sender<EnrollRequest>,
     pub config: ServerConfig,
-    pub broker: crate::broker::Broker,
-    /// tunnels to the other replicas (flows that cross them)
-    pub peers: crate::peers::Peers,
-    /// the flow log's queue (the broker records each flow's end there)
-    pub flow_log: crate::flowlog::FlowLog,
+    /// the tunnel broker (its own crate; it sees only its context, never this state)
+    pub broker: Arc<crate::broker::Broker>,
     /// failed console sign-ins, per account and per address
     pub login_limiter: std::sync::Mutex<crate::limit::LoginLimiter>,
     /// this process in the replica registry
@@ -489,7 +398,7 @@ impl AppState {
     }
 
     pub fn set_settings(&self, settings: Settings) {
-        self.flow_log.set_enabled(settings.flow_log_enabled);
+        self.broker.flow_log().set_enabled(settings.flow_log_enabled);
         match self.settings.write() {
             Ok(mut guard) => *guard = settings,
             Err(poisoned) => *poisoned.into_inner() = settings,

@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
-use reachback_policy::{Action, PolicySet, Rule, Segment, parse_cidr, parse_destination, parse_port_range};
+use reachback_policy::{parse_cidr, parse_destination, parse_port_range};
 use reachback_store::{AuditEntry, ClientSessionRow, ConnectorRow, DocKind, DocRow, ProvisioningKey, new_id, now_micros};
 use serde_json::{Value, json};
 
@@ -49,38 +49,6 @@ fn render(kind: DocKind, doc: &DocRow) -> Value {
         DocKind::Segment => segment_json(doc),
         DocKind::Policy => policy_json(doc),
     }
-}
-
-/// Builds the evaluator from stored rows (validated when written).
-pub fn compile_policy(segments: &[DocRow], policies: &[DocRow]) -> PolicySet {
-    let segments = segments
-        .iter()
-        .map(|doc| Segment {
-            id: doc.id.clone(),
-            name: doc.name.clone(),
-            destinations: text_list(&doc.spec, "destinations").iter().filter_map(|text| parse_destination(text).ok()).collect(),
-            tcp_ports: text_list(&doc.spec, "tcp_ports").iter().filter_map(|text| parse_port_range(text).ok()).collect(),
-            udp_ports: text_list(&doc.spec, "udp_ports").iter().filter_map(|text| parse_port_range(text).ok()).collect(),
-            enabled: doc.enabled,
-        })
-        .collect();
-    let rules = policies
-        .iter()
-        .map(|doc| Rule {
-            id: doc.id.clone(),
-            name: doc.name.clone(),
-            order: doc.position,
-            action: if doc.spec["action"] == "allow" { Action::Allow } else { Action::Deny },
-            segment_ids: text_list(&doc.spec, "segment_ids"),
-            connector_ids: text_list(&doc.spec, "connector_ids"),
-            source_cidrs: text_list(&doc.spec, "source_cidrs").iter().filter_map(|text| parse_cidr(text).ok()).collect(),
-            usernames: text_list(&doc.spec, "usernames"),
-            platforms: text_list(&doc.spec, "platforms"),
-            range_ids: text_list(&doc.spec, "range_ids"),
-            enabled: doc.enabled,
-        })
-        .collect();
-    PolicySet::new(segments, rules)
 }
 
 /// Reads a list field: from the body when present (each entry checked by `check`,
@@ -211,7 +179,7 @@ async fn create_doc(state: SharedState, caller: Caller, body: JsonObject, kind: 
     let after = render(kind, &doc);
     let resource = resource_type(kind);
     state.store.create_doc(kind, &doc, caller.audit("create", resource, &doc.id, None, Some(after.clone()))).await?;
-    crate::broker::reload_policy(&state, true).await.map_err(ApiError::internal)?;
+    state.broker.reload_policy(true).await.map_err(ApiError::internal)?;
     Ok(created(after))
 }
 
@@ -250,7 +218,7 @@ async fn patch_doc(state: SharedState, caller: Caller, id: String, body: JsonObj
         )
         .await
         .map_err(|error| ApiError::not_found_or(error, doc_kind_name(kind)))?;
-    crate::broker::reload_policy(&state, true).await.map_err(ApiError::internal)?;
+    state.broker.reload_policy(true).await.map_err(ApiError::internal)?;
     Ok(Json(render(kind, &after)))
 }
 
@@ -262,7 +230,7 @@ async fn delete_doc(state: SharedState, caller: Caller, id: String, kind: DocKin
         .delete_doc(kind, &id, |doc| caller.audit("delete", resource, &id, Some(render(kind, doc)), None))
         .await
         .map_err(|error| ApiError::not_found_or(error, doc_kind_name(kind)))?;
-    crate::broker::reload_policy(&state, true).await.map_err(ApiError::internal)?;
+    state.broker.reload_policy(true).await.map_err(ApiError::internal)?;
     Ok(no_content())
 }
 

@@ -97,7 +97,7 @@ async fn audit(state: &SharedState, kind: &str, id: &str, serial: [u8; 16]) -> A
             ..Default::default()
         })
         .await?;
-    state.metrics.certificates_renewed.inc();
+    state.metrics.broker.certificates_renewed.inc();
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use reachback_store::{FlowRecord, Store};
 use tokio::sync::{mpsc, watch};
 
-use crate::state::FlowLogMetrics;
+use crate::metrics::FlowLogMetrics;
 
 /// Flows waiting for the writer at most (about 300 bytes each: 5 MiB at most).
 pub const QUEUE_CAPACITY: usize = 16_384;
@@ -25,7 +25,7 @@ const WARN_INTERVAL: Duration = Duration::from_secs(60);
 /// A failed batch is tried once more after this pause, then dropped.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
-/// The broker's end of the flow log, kept in the server's state.
+/// The broker's end of the flow log, kept in its context.
 pub struct FlowLog {
     sender: mpsc::Sender<FlowRecord>,
     enabled: AtomicBool,
@@ -213,7 +213,7 @@ mod tests {
     }
 
     fn metrics() -> FlowLogMetrics {
-        crate::state::Metrics::new().flow_log
+        FlowLogMetrics::default()
     }
 
     /// A full queue drops and counts instead of waiting: `record` is a plain
@@ -251,7 +251,9 @@ mod tests {
         let directory = std::env::temp_dir().join(format!("reachback_flowlog_{}_{}", std::process::id(), reachback_store::now_micros()));
         std::fs::create_dir_all(&directory).expect("directory");
         let store = Store::connect(&format!("sqlite://{}?mode=rwc", directory.join("test.db").display())).await.expect("store");
-        let server_metrics = crate::state::Metrics::new();
+        let mut registry = prometheus_client::registry::Registry::with_prefix("reachback");
+        let server_metrics = crate::BrokerMetrics::default();
+        server_metrics.register_flows(&mut registry);
         let (log, writer) = FlowLog::new(4096, server_metrics.flow_log.clone());
         // queued before the writer runs: it finds 2,500 waiting
         assert!((0..2500).all(|port| log.record(flow(port))));
@@ -260,7 +262,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), task).await.expect("the writer stops once the queue is written").expect("join");
         assert_eq!(store.count_flows(&reachback_store::FlowQuery::default()).await.expect("count"), 2500, "every queued flow was written");
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &server_metrics.registry).expect("metrics");
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("metrics");
         assert!(text.contains("reachback_flow_log_written_total 2500"), "{text}");
         assert!(text.contains("reachback_flow_log_batch_duration_seconds_count 3"), "1,000 + 1,000 + 500: {text}");
         assert!(!log.record(flow(1)), "after the writer stopped, flows are dropped");

@@ -21,7 +21,7 @@ use reachback_proto::ClientRole;
 use reachback_tunnel::tls::TlsMaterial;
 use reachback_tunnel::{Connection, RecvStream, SendStream, TunnelConnector};
 
-use crate::state::AppState;
+use crate::BrokerContext;
 
 /// How long where an address is held is trusted without asking the database again.
 /// Sessions move rarely (a replica dies, an agent reconnects); a relay that finds
@@ -129,11 +129,11 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Peers {
     /// The replica that holds `address`, if another one does.
-    pub async fn locate(&self, state: &AppState, address: IpAddr) -> anyhow::Result<Option<RemoteAgent>> {
+    pub async fn locate(&self, context: &BrokerContext, address: IpAddr) -> anyhow::Result<Option<RemoteAgent>> {
         if let Some(holder) = lock(&self.located).get(address, Instant::now()) {
             return Ok(holder);
         }
-        let found = state.store.remote_session_for(&address.to_string(), &state.config.node_name).await?;
+        let found = context.store.remote_session_for(&address.to_string(), &context.config.node_name).await?;
         let holder = found.map(|(session, range_id)| RemoteAgent {
             node: session.broker_node,
             device_id: session.device_id,
@@ -152,7 +152,7 @@ impl Peers {
     }
 
     /// Opens a stream to the replica `node`, over the tunnel to it (made when there is none).
-    pub async fn open(&self, state: &AppState, node: &str) -> anyhow::Result<(SendStream, RecvStream)> {
+    pub async fn open(&self, context: &BrokerContext, node: &str) -> anyhow::Result<(SendStream, RecvStream)> {
         let slot = lock(&self.links).entry(node.to_string()).or_default().clone();
         let mut link = slot.lock().await;
         if let Some(connection) = link.as_ref()
@@ -162,7 +162,7 @@ impl Peers {
         }
         *link = None;
         let connection =
-            tokio::time::timeout(PEER_CONNECT_TIMEOUT, self.connect(state, node, slot.clone())).await.context("the replica did not answer in time")??;
+            tokio::time::timeout(PEER_CONNECT_TIMEOUT, self.connect(context, node, slot.clone())).await.context("the replica did not answer in time")??;
         let stream = connection.open_bi().await?;
         *link = Some(connection);
         Ok(stream)
@@ -184,9 +184,9 @@ impl Peers {
         lock(&self.links).values().filter(|slot| slot.try_lock().map(|link| link.as_ref().is_some_and(|c| c.close_reason().is_none())).unwrap_or(true)).count()
     }
 
-    async fn connect(&self, state: &AppState, node: &str, slot: Arc<tokio::sync::Mutex<Option<Connection>>>) -> anyhow::Result<Connection> {
-        let endpoints = state.store.replica_relay_endpoints(node).await?.with_context(|| format!("replica {node} is not registered alive"))?;
-        let connector = self.identity(state)?;
+    async fn connect(&self, context: &BrokerContext, node: &str, slot: Arc<tokio::sync::Mutex<Option<Connection>>>) -> anyhow::Result<Connection> {
+        let endpoints = context.store.replica_relay_endpoints(node).await?.with_context(|| format!("replica {node} is not registered alive"))?;
+        let connector = self.identity(context)?;
         let hello =
             reachback_tunnel::client::Hello { role: ClientRole::Replica, mode: None, version: env!("CARGO_PKG_VERSION"), names: false, dns_listen: &[] };
         // the replica's own addresses, in turn: the one that answers as that node wins
@@ -224,18 +224,18 @@ impl Peers {
     }
 
     /// The client certificate this replica shows other replicas (made again when half its life passed).
-    fn identity(&self, state: &AppState) -> anyhow::Result<TunnelConnector> {
+    fn identity(&self, context: &BrokerContext) -> anyhow::Result<TunnelConnector> {
         let mut identity = lock(&self.identity);
         if let Some((connector, made)) = identity.as_ref()
             && made.elapsed().unwrap_or_default() < REPLICA_CERTIFICATE_LIFETIME / 2
         {
             return Ok(connector.clone());
         }
-        let (certificate_pem, private_key_pem) = state.ca.sign_replica(&state.config.node_name, REPLICA_CERTIFICATE_LIFETIME)?;
-        let material = TlsMaterial { certificate_pem, private_key_pem, ca_pem: state.ca.certificate_pem.clone() };
-        let connector = TunnelConnector::new(&material)?.with_congestion(state.config.tcp_congestion.clone()).with_limits(reachback_tunnel::MuxLimits {
-            max_streams: state.config.tunnel_max_flows,
-            connection_window: state.config.tunnel_memory,
+        let (certificate_pem, private_key_pem) = context.ca.sign_replica(&context.config.node_name, REPLICA_CERTIFICATE_LIFETIME)?;
+        let material = TlsMaterial { certificate_pem, private_key_pem, ca_pem: context.ca.certificate_pem.clone() };
+        let connector = TunnelConnector::new(&material)?.with_congestion(context.config.tcp_congestion.clone()).with_limits(reachback_tunnel::MuxLimits {
+            max_streams: context.config.tunnel_max_flows,
+            connection_window: context.config.tunnel_memory,
             // the peer never opens streams towards the replica that dialled
             accept_streams: false,
             ..Default::default()

@@ -19,7 +19,9 @@ use reachback_store::{ClientSessionRow, new_id, now_micros};
 use reachback_tunnel::tls::CertificateSlot;
 use reachback_tunnel::{Connection, End, PeerIdentity, RecvStream, SendStream, TunnelListener, read_frame, write_frame};
 
-use crate::state::{AppState, FlowMetrics, SharedState};
+use crate::metrics::FlowMetrics;
+use crate::peers::Peers;
+use crate::{BrokerContext, flowlog};
 
 /// How long an agent has to answer a flow request (its local connect included).
 pub const FLOW_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,6 +70,10 @@ struct ConnectorSession {
 
 /// The broker's live state, shared with the API (kicks, status, policy reloads).
 pub struct Broker {
+    /// what the broker uses of the server: nothing else
+    context: BrokerContext,
+    /// tunnels to the other replicas (flows that cross them)
+    peers: Peers,
     agents: RwLock<HashMap<IpAddr, AgentSession>>,
     connectors: RwLock<HashMap<String, ConnectorSession>>,
     policy: RwLock<Arc<PolicySet>>,
@@ -124,9 +130,12 @@ impl Drop for Held {
     }
 }
 
-impl Default for Broker {
-    fn default() -> Self {
+impl Broker {
+    /// A broker over `context`, with no tunnel yet ([`start`] binds the endpoint).
+    pub fn new(context: BrokerContext) -> Broker {
         Broker {
+            context,
+            peers: Peers::default(),
             agents: RwLock::default(),
             connectors: RwLock::default(),
             policy: RwLock::default(),
@@ -151,6 +160,21 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Broker {
+    /// What the broker was given.
+    pub fn context(&self) -> &BrokerContext {
+        &self.context
+    }
+
+    /// The flow log's queue (the server turns it on and off and stops it).
+    pub fn flow_log(&self) -> &flowlog::FlowLog {
+        &self.context.flow_log
+    }
+
+    /// The tunnels to other replicas.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
     /// Counts a tunnel of the identity with this key; `None` when it holds the most it may.
     pub fn hold(&self, key: &[u8]) -> Option<Held> {
         let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -264,60 +288,61 @@ impl Broker {
             session.connection.close(CLOSE_SHUTDOWN, b"server shutting down");
         }
     }
-}
 
-/// Reloads segments and policies from the store when they changed (or when `force`).
-pub async fn reload_policy(state: &AppState, force: bool) -> anyhow::Result<()> {
-    // one reload at a time: a slower one that read the store before a change must
-    // not install its older set after a newer one
-    let _one_at_a_time = state.broker.policy_reload.lock().await;
-    let version = state.store.policy_version().await?;
-    if !force && *read(&state.broker.policy_version) == Some(version) {
-        return Ok(());
+    /// Reloads segments and policies from the store when they changed (or when `force`).
+    pub async fn reload_policy(&self, force: bool) -> anyhow::Result<()> {
+        // one reload at a time: a slower one that read the store before a change must
+        // not install its older set after a newer one
+        let _one_at_a_time = self.policy_reload.lock().await;
+        let version = self.context.store.policy_version().await?;
+        if !force && *read(&self.policy_version) == Some(version) {
+            return Ok(());
+        }
+        let segments = self.context.store.list_docs(reachback_store::DocKind::Segment).await?;
+        let policies = self.context.store.list_docs(reachback_store::DocKind::Policy).await?;
+        let set = crate::policy::compile_policy(&segments, &policies);
+        *write(&self.policy) = Arc::new(set);
+        *write(&self.policy_version) = Some(version);
+        tracing::debug!(segments = segments.len(), policies = policies.len(), "access policy loaded");
+        Ok(())
     }
-    let segments = state.store.list_docs(reachback_store::DocKind::Segment).await?;
-    let policies = state.store.list_docs(reachback_store::DocKind::Policy).await?;
-    let set = crate::api::dataplane::compile_policy(&segments, &policies);
-    *write(&state.broker.policy) = Arc::new(set);
-    *write(&state.broker.policy_version) = Some(version);
-    tracing::debug!(segments = segments.len(), policies = policies.len(), "access policy loaded");
-    Ok(())
 }
 
-/// Binds the tunnel endpoint and accepts tunnels until the endpoint closes.
-pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let names = advertised_names(&state.config);
-    let (certificate_pem, private_key_pem) = state.ca.sign_broker(&names, state.config.certificate_lifetime)?;
+/// Binds the tunnel endpoint and accepts tunnels until the endpoint closes. `names`
+/// are the names the endpoint is reached by (its certificate's, besides
+/// [`reachback_proto::BROKER_SERVER_NAME`]).
+pub async fn start(broker: Arc<Broker>, names: Vec<String>) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let (certificate_pem, private_key_pem) = broker.context.ca.sign_broker(&names, broker.context.config.certificate_lifetime)?;
     let certificate = Arc::new(CertificateSlot::new(&certificate_pem, &private_key_pem).context("the broker certificate")?);
     let listener = Arc::new(
-        TunnelListener::bind_with_certificate(state.config.tunnel_listen, &state.ca.certificate_pem, certificate.clone())
+        TunnelListener::bind_with_certificate(broker.context.config.tunnel_listen, &broker.context.ca.certificate_pem, certificate.clone())
             .await?
-            .with_congestion(state.config.tcp_congestion.clone())
+            .with_congestion(broker.context.config.tcp_congestion.clone())
             .with_limits(reachback_tunnel::MuxLimits {
-                max_streams: state.config.tunnel_max_flows,
+                max_streams: broker.context.config.tunnel_max_flows,
                 // streams waiting for the broker to take them: it takes them at once, so
                 // only a peer opening streams before its hello fills this
                 max_unaccepted_streams: 64,
-                connection_window: state.config.tunnel_memory,
+                connection_window: broker.context.config.tunnel_memory,
                 ..reachback_tunnel::MuxLimits::default()
             }),
     );
     let local = listener.local_addr()?;
-    let _ = state.broker.tunnel_address.set(local);
+    let _ = broker.tunnel_address.set(local);
     // where the other replicas relay flows to this one (only replicas on PostgreSQL have peers)
-    if state.store.backend() == reachback_store::Backend::Postgres {
-        state.store.set_relay_endpoints(&state.config.node_name, &crate::peers::relay_endpoints(local).join(",")).await?;
+    if broker.context.store.backend() == reachback_store::Backend::Postgres {
+        broker.context.store.set_relay_endpoints(&broker.context.config.node_name, &crate::peers::relay_endpoints(local).join(",")).await?;
     }
-    tokio::spawn(feed_names(Arc::downgrade(&state)));
-    tokio::spawn(renew_broker_certificate(Arc::downgrade(&state), certificate, names));
-    let mut shutdown = state.broker.shutdown.subscribe();
-    let mut draining = state.broker.draining.subscribe();
-    let cleared = state.store.clear_client_sessions_on(&state.config.node_name).await?;
+    tokio::spawn(feed_names(Arc::downgrade(&broker)));
+    tokio::spawn(renew_broker_certificate(Arc::downgrade(&broker), certificate, names));
+    let mut shutdown = broker.shutdown.subscribe();
+    let mut draining = broker.draining.subscribe();
+    let cleared = broker.context.store.clear_client_sessions_on(&broker.context.config.node_name).await?;
     if cleared > 0 {
         tracing::info!(cleared, "cleared client sessions left by an earlier run of this node");
     }
-    reload_policy(&state, true).await?;
-    let weak = Arc::downgrade(&state);
+    broker.reload_policy(true).await?;
+    let weak = Arc::downgrade(&broker);
     let greetings = Arc::new(tokio::sync::Semaphore::new(MAX_GREETINGS));
     let task = tokio::spawn(async move {
         loop {
@@ -336,11 +361,11 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
                     continue;
                 }
             };
-            let Some(state) = weak.upgrade() else { break };
+            let Some(broker) = weak.upgrade() else { break };
             let listener = listener.clone();
             // handshakes and hellos in progress are capped: a flood of them waits in the backlog
             let Ok(permit) = greetings.clone().acquire_owned().await else { break };
-            let serving = Serving::new(&state.broker.tunnels);
+            let serving = Serving::new(&broker.tunnels);
             tokio::spawn(async move {
                 let _serving = serving;
                 let connection = match listener.handshake(stream, remote).await {
@@ -348,15 +373,15 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
                     Err(error) => return tracing::info!(%remote, error = format!("{error:#}"), "tunnel handshake failed"),
                 };
                 // one identity holds a few tunnels at most: a stolen key cannot multiply its budget
-                let Some(_held) = reachback_tunnel::peer_identity(&connection).ok().and_then(|identity| state.broker.hold(&identity.key_fingerprint)) else {
+                let Some(_held) = reachback_tunnel::peer_identity(&connection).ok().and_then(|identity| broker.hold(&identity.key_fingerprint)) else {
                     tracing::warn!(%remote, "tunnel refused: this identity holds {MAX_TUNNELS_PER_IDENTITY} tunnels already");
                     connection.close(CLOSE_REFUSED, b"too many tunnels for one identity");
                     return;
                 };
-                if let Err(error) = serve_tunnel(state.clone(), connection.clone(), permit).await {
+                if let Err(error) = serve_tunnel(broker.clone(), connection.clone(), permit).await {
                     tracing::info!(%remote, error = format!("{error:#}"), "tunnel ended");
                 }
-                if state.broker.is_draining() {
+                if broker.is_draining() {
                     // told to move: its open flows finish here first (the drain's deadline closes it otherwise)
                     while connection.open_streams() > 0 && connection.close_reason().is_none() {
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -370,26 +395,17 @@ pub async fn start(state: SharedState) -> anyhow::Result<(SocketAddr, tokio::tas
     Ok((local, task))
 }
 
-/// The names the tunnel endpoint is reached by: the hosts of `--broker-endpoints`, or
-/// the addresses (and host name) it listens on.
-fn advertised_names(config: &crate::state::ServerConfig) -> Vec<String> {
-    if !config.broker_endpoints.is_empty() {
-        return config.broker_endpoints.iter().filter_map(|endpoint| crate::state::host_of(endpoint)).collect();
-    }
-    crate::serve::default_api_names(config.tunnel_listen.ip())
-}
-
 /// Issues the tunnel endpoint a fresh certificate once two thirds of the current one's
 /// lifetime have passed; tunnels already up keep going, new ones get the new one.
-async fn renew_broker_certificate(state: std::sync::Weak<AppState>, certificate: Arc<CertificateSlot>, names: Vec<String>) {
+async fn renew_broker_certificate(broker: std::sync::Weak<Broker>, certificate: Arc<CertificateSlot>, names: Vec<String>) {
     loop {
         let wait = certificate.until_renewal(std::time::SystemTime::now()).clamp(Duration::from_millis(200), Duration::from_secs(3600));
         tokio::time::sleep(wait).await;
-        let Some(state) = state.upgrade() else { return };
+        let Some(broker) = broker.upgrade() else { return };
         if !certificate.due_for_renewal(std::time::SystemTime::now()) {
             continue;
         }
-        match state.ca.sign_broker(&names, state.config.certificate_lifetime).and_then(|(pem, key)| certificate.replace(&pem, &key)) {
+        match broker.context.ca.sign_broker(&names, broker.context.config.certificate_lifetime).and_then(|(pem, key)| certificate.replace(&pem, &key)) {
             Ok(()) => tracing::info!("the tunnel endpoint's certificate was renewed"),
             Err(error) => tracing::warn!(error = format!("{error:#}"), "could not renew the tunnel endpoint's certificate"),
         }
@@ -403,7 +419,7 @@ fn dns_listeners(claimed: &[String]) -> Option<String> {
     (!listeners.is_empty()).then(|| listeners.join(","))
 }
 
-async fn serve_tunnel(state: SharedState, connection: Connection, greeting: tokio::sync::OwnedSemaphorePermit) -> anyhow::Result<()> {
+async fn serve_tunnel(broker: Arc<Broker>, connection: Connection, greeting: tokio::sync::OwnedSemaphorePermit) -> anyhow::Result<()> {
     let remote = connection.remote_address();
     let identity = reachback_tunnel::peer_identity(&connection)?;
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await.context("no control stream in time")??;
@@ -415,11 +431,11 @@ async fn serve_tunnel(state: SharedState, connection: Connection, greeting: toki
         connection.stop_accepting();
     }
     match (role, identity.kind.as_str()) {
-        (ClientRole::Agent, "device") => serve_agent(state, connection, identity, send, recv).await,
-        (ClientRole::Replica, crate::crypto::REPLICA_UNIT) => serve_replica(state, connection, identity, send, recv).await,
+        (ClientRole::Agent, "device") => serve_agent(broker, connection, identity, send, recv).await,
+        (ClientRole::Replica, reachback_crypto::REPLICA_UNIT) => serve_replica(broker, connection, identity, send, recv).await,
         (ClientRole::Connector, "connector") => {
             let dns_listeners = dns_listeners(&dns_listen);
-            serve_connector(state, connection, identity, version, mode, names, dns_listeners, send, recv).await
+            serve_connector(broker, connection, identity, version, mode, names, dns_listeners, send, recv).await
         }
         _ => {
             let bye = Control::Bye { reason: "the certificate does not match the role".into(), r#final: true };
@@ -438,8 +454,8 @@ async fn refuse(connection: &Connection, send: &mut SendStream, reason: &str) {
     connection.close(CLOSE_REFUSED, reason.as_bytes());
 }
 
-async fn serve_agent(state: SharedState, connection: Connection, identity: PeerIdentity, mut send: SendStream, recv: RecvStream) -> anyhow::Result<()> {
-    let device = match state.store.get_device(&identity.id).await {
+async fn serve_agent(broker: Arc<Broker>, connection: Connection, identity: PeerIdentity, mut send: SendStream, recv: RecvStream) -> anyhow::Result<()> {
+    let device = match broker.context.store.get_device(&identity.id).await {
         // the device row exists (deleting it revokes) and holds the key the certificate carries
         // (re-enrollment with the same key pair issues a new certificate for it)
         Ok(device) if device.public_key_fingerprint == identity.key_fingerprint => device,
@@ -452,7 +468,7 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
     let mut device = device;
     if device.virtual_ip.is_none() {
         // the binding was released (admin, forced range delete, idle TTL): a new address now
-        match rebind(&state, &device).await {
+        match rebind(&broker, &device).await {
             Ok((virtual_ip, range_id)) => {
                 tracing::info!(device_id = %device.id, virtual_ip = %virtual_ip, "device bound to a new address at connect");
                 device.virtual_ip = Some(virtual_ip);
@@ -470,11 +486,11 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
         username: device.username.clone(),
         platform: device.platform.clone(),
         virtual_ip: virtual_ip.map(|ip| ip.to_string()),
-        broker_node: state.config.node_name.clone(),
+        broker_node: broker.context.config.node_name.clone(),
         remote_addr: connection.remote_address().to_string(),
         connected_at: now_micros(),
     };
-    state.store.insert_client_session(&row).await?;
+    broker.context.store.insert_client_session(&row).await?;
     let session = virtual_ip.map(|virtual_ip| AgentSession {
         session_id: session_id.clone(),
         device_id: device.id.clone(),
@@ -487,46 +503,47 @@ async fn serve_agent(state: SharedState, connection: Connection, identity: PeerI
     });
     if let Some(session) = &session {
         // a newer tunnel of the same device replaces an older one
-        if let Some(previous) = write(&state.broker.agents).insert(session.virtual_ip, session.clone()) {
+        if let Some(previous) = write(&broker.agents).insert(session.virtual_ip, session.clone()) {
             previous.connection.close(CLOSE_KICKED, b"replaced by a newer tunnel");
         }
     }
-    state.metrics.client_sessions.inc();
+    broker.context.metrics.client_sessions.inc();
     tracing::info!(session_id = %session_id, device_id = %device.id, virtual_ip = ?virtual_ip, "agent connected");
     tracing::debug!(session_id = %session_id, hostname = %device.hostname, username = %device.username, "agent identity");
     let welcome = Welcome {
         session_id: session_id.clone(),
         virtual_ip: virtual_ip.map(|ip| ip.to_string()),
         ranges: Vec::new(),
-        keepalive_seconds: state.config.client_keepalive.as_secs(),
+        keepalive_seconds: broker.context.config.client_keepalive.as_secs(),
     };
     let result = async {
         write_frame(&mut send, &Control::Welcome(welcome)).await?;
-        let renewer = Renewer::new(&state, &connection, &identity, Some(device.hostname.clone()))?;
-        control_loop(&connection, send, recv, None, Some(renewer), None, control_timing(&state)).await
+        let renewer = Renewer::new(&broker, &connection, &identity, Some(device.hostname.clone()))?;
+        control_loop(&connection, send, recv, None, Some(renewer), None, control_timing(&broker)).await
     }
     .await;
     {
-        let mut agents = write(&state.broker.agents);
+        let mut agents = write(&broker.agents);
         if let Some(ip) = virtual_ip
             && agents.get(&ip).is_some_and(|current| current.session_id == session_id)
         {
             agents.remove(&ip);
         }
     }
-    state.metrics.client_sessions.dec();
-    if let Err(error) = state.store.end_client_session(&session_id).await {
+    broker.context.metrics.client_sessions.dec();
+    if let Err(error) = broker.context.store.end_client_session(&session_id).await {
         tracing::warn!(%error, session_id = %session_id, "could not remove the ended session");
     }
     tracing::info!(session_id = %session_id, "agent disconnected");
     result
 }
 
-/// Binds a device that has no address, through the enrollment writer (the same
-/// allocation, the same transaction shape as a re-enrollment of the device).
-async fn rebind(state: &SharedState, device: &reachback_store::DeviceRow) -> anyhow::Result<(String, String)> {
+/// Binds a device that has no address, through the server's enrollment writer
+/// ([`crate::Allocator`]: the same allocation, the same transaction shape as a
+/// re-enrollment of the device).
+async fn rebind(broker: &Arc<Broker>, device: &reachback_store::DeviceRow) -> anyhow::Result<(String, String)> {
     let key_id = device.enrollment_key_id.as_deref().context("the device has no enrollment key on record")?;
-    let key_hash = state.store.enrollment_key_hash(key_id).await?.context("the device's enrollment key is gone")?;
+    let key_hash = broker.context.store.enrollment_key_hash(key_id).await?.context("the device's enrollment key is gone")?;
     let job = reachback_store::EnrollJob {
         key_hash,
         new_device_id: new_id(),
@@ -537,48 +554,46 @@ async fn rebind(state: &SharedState, device: &reachback_store::DeviceRow) -> any
         location: device.location.clone(),
         source_ip: None,
     };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    state.enroll_tx.send(crate::writer::EnrollRequest { job, reply }).await.map_err(|_| anyhow::anyhow!("the server is shutting down"))?;
-    let outcome = answer.await.map_err(|_| anyhow::anyhow!("the server is shutting down"))?.map_err(|error| anyhow::anyhow!("{}", error.detail))??;
-    Ok((outcome.virtual_ip, outcome.range_id))
+    broker.context.allocator.rebind(job).await
 }
 
 /// Runs the control stream: answers pings, sends keepalives, detects a dead peer,
 /// and (for connectors) pushes range changes. Ends when the tunnel does.
 /// Issues a peer fresh certificates for the key it connected with (`Control::Renew`).
 struct Renewer {
-    state: SharedState,
+    broker: Arc<Broker>,
     identity: PeerIdentity,
     /// the device's hostname (its certificate's name); `None` for a connector
     hostname: Option<String>,
-    public_key: crate::crypto::DevicePublicKey,
+    public_key: reachback_crypto::DevicePublicKey,
     /// the last certificate issued on this tunnel: asked again too soon, it is sent again
     last: Option<(Instant, String)>,
 }
 
 impl Renewer {
-    fn new(state: &SharedState, connection: &Connection, identity: &PeerIdentity, hostname: Option<String>) -> anyhow::Result<Renewer> {
+    fn new(broker: &Arc<Broker>, connection: &Connection, identity: &PeerIdentity, hostname: Option<String>) -> anyhow::Result<Renewer> {
         let leaf = connection.peer_certificates().first().context("no peer certificate")?;
         let (_, certificate) = x509_parser::parse_x509_certificate(leaf).map_err(|error| anyhow::anyhow!("unreadable peer certificate: {error}"))?;
-        let public_key = crate::crypto::public_key_from_spki_der(certificate.public_key().raw).map_err(|error| anyhow::anyhow!("the peer's key {error}"))?;
-        Ok(Renewer { state: state.clone(), identity: identity.clone(), hostname, public_key, last: None })
+        let public_key = reachback_crypto::public_key_from_spki_der(certificate.public_key().raw).map_err(|error| anyhow::anyhow!("the peer's key {error}"))?;
+        Ok(Renewer { broker: broker.clone(), identity: identity.clone(), hostname, public_key, last: None })
     }
 
     /// A fresh certificate (PEM), audited; at most one per third of the lifetime per tunnel.
     async fn renew(&mut self) -> anyhow::Result<String> {
-        let lifetime = self.state.config.certificate_lifetime;
+        let lifetime = self.broker.context.config.certificate_lifetime;
         if let Some((at, certificate)) = &self.last
             && at.elapsed() < lifetime / 3
         {
             return Ok(certificate.clone());
         }
-        let serial = crate::crypto::CertificateAuthority::new_serial();
+        let serial = reachback_crypto::CertificateAuthority::new_serial();
         let certificate = match &self.hostname {
-            Some(hostname) => self.state.ca.sign_device(&self.public_key, &self.identity.id, hostname, serial, lifetime)?,
-            None => self.state.ca.sign_connector(&self.public_key, &self.identity.id, serial, lifetime)?,
+            Some(hostname) => self.broker.context.ca.sign_device(&self.public_key, &self.identity.id, hostname, serial, lifetime)?,
+            None => self.broker.context.ca.sign_connector(&self.public_key, &self.identity.id, serial, lifetime)?,
         };
         let kind = if self.hostname.is_some() { "device" } else { "connector" };
-        self.state
+        self.broker
+            .context
             .store
             .record_audit(reachback_store::AuditEntry {
                 actor: format!("{kind}:{}", self.identity.id),
@@ -593,7 +608,7 @@ impl Renewer {
                 ..Default::default()
             })
             .await?;
-        self.state.metrics.certificates_renewed.inc();
+        self.broker.context.metrics.certificates_renewed.inc();
         tracing::info!(kind, id = %self.identity.id, "certificate renewed over the tunnel");
         self.last = Some((Instant::now(), certificate.clone()));
         Ok(certificate)
@@ -601,15 +616,15 @@ impl Renewer {
 }
 
 /// The keepalive interval of a tunnel's control loop, and the drain signal it obeys.
-fn control_timing(state: &AppState) -> (Duration, tokio::sync::watch::Receiver<bool>) {
-    (state.config.client_keepalive, state.broker.draining.subscribe())
+fn control_timing(broker: &Broker) -> (Duration, tokio::sync::watch::Receiver<bool>) {
+    (broker.context.config.client_keepalive, broker.draining.subscribe())
 }
 
 async fn control_loop(
     connection: &Connection,
     mut send: SendStream,
     recv: RecvStream,
-    mut ranges: Option<(SharedState, Vec<String>)>,
+    mut ranges: Option<(Arc<Broker>, Vec<String>)>,
     mut renewer: Option<Renewer>,
     mut names: Option<tokio::sync::broadcast::Receiver<Arc<NameUpdate>>>,
     (keepalive, mut draining): (Duration, tokio::sync::watch::Receiver<bool>),
@@ -620,7 +635,7 @@ async fn control_loop(
     let mut liveness = Liveness::new(Instant::now(), keepalive, liveness_timeout);
     let mut range_check = tokio::time::interval(Duration::from_secs(3));
     // ranges this replica just synced (changed here or, notified, elsewhere): checked at once
-    let mut range_changes = ranges.as_ref().map(|(state, _)| state.ranges_changed.subscribe());
+    let mut range_changes = ranges.as_ref().map(|(broker, _)| broker.context.ranges_changed.subscribe());
     let result = loop {
         tokio::select! {
             Some(()) = async { range_changes.as_mut()?.changed().await.ok() }, if range_changes.is_some() => range_check.reset_immediately(),
@@ -650,8 +665,8 @@ async fn control_loop(
                 }
             }
             _ = range_check.tick(), if ranges.is_some() => {
-                if let Some((state, known)) = ranges.as_mut()
-                    && let Ok(current) = virtual_ranges(state).await
+                if let Some((broker, known)) = ranges.as_mut()
+                    && let Ok(current) = virtual_ranges(broker).await
                     && current != *known
                 {
                     write_frame(&mut send, &Control::Ranges { ranges: current.clone() }).await?;
@@ -678,19 +693,19 @@ async fn control_loop(
 }
 
 /// The zones the connector answers for: the client domains of the settings.
-fn name_zones(state: &AppState) -> Vec<String> {
-    state.settings().client_domains
+fn name_zones(broker: &Broker) -> Vec<String> {
+    broker.context.settings.client_domains()
 }
 
 /// Sends the bound hostnames in chunks: the first resets the connector's table,
 /// the last says it is complete.
-async fn send_name_snapshot(state: &AppState, send: &mut SendStream) -> anyhow::Result<()> {
+async fn send_name_snapshot(broker: &Broker, send: &mut SendStream) -> anyhow::Result<()> {
     let started = Instant::now();
-    write_frame(send, &Control::Names(NameUpdate { reset: true, zones: Some(name_zones(state)), ..NameUpdate::default() })).await?;
+    write_frame(send, &Control::Names(NameUpdate { reset: true, zones: Some(name_zones(broker)), ..NameUpdate::default() })).await?;
     let mut after: Option<Vec<u8>> = None;
     let mut total = 0usize;
     loop {
-        let (page, last) = state.store.bound_names(after.as_deref(), NAME_SNAPSHOT_PAGE).await?;
+        let (page, last) = broker.context.store.bound_names(after.as_deref(), NAME_SNAPSHOT_PAGE).await?;
         total += page.len();
         for update in NameUpdate::chunks(page, Vec::new()) {
             write_frame(send, &Control::Names(update)).await?;
@@ -710,7 +725,7 @@ async fn send_name_snapshot(state: &AppState, send: &mut SendStream) -> anyhow::
 /// replicas' clocks may lag ours; a change applied twice changes nothing), the
 /// zones when they change, and the ranges that were deleted (their rows go without
 /// an update). Reads nothing while no connector listens.
-pub async fn feed_names(state: std::sync::Weak<AppState>) {
+pub async fn feed_names(broker: std::sync::Weak<Broker>) {
     let mut since = reachback_store::now_micros();
     let mut zones: Option<Vec<String>> = None;
     let mut ranges: Option<HashMap<String, String>> = None;
@@ -719,8 +734,8 @@ pub async fn feed_names(state: std::sync::Weak<AppState>) {
     let mut interval = tokio::time::interval(NAME_FEED_INTERVAL);
     loop {
         interval.tick().await;
-        let Some(state) = state.upgrade() else { return };
-        if state.broker.names.receiver_count() == 0 {
+        let Some(broker) = broker.upgrade() else { return };
+        if broker.names.receiver_count() == 0 {
             since = reachback_store::now_micros();
             zones = None;
             ranges = None;
@@ -728,19 +743,19 @@ pub async fn feed_names(state: std::sync::Weak<AppState>) {
             continue;
         }
         let mut update = NameUpdate::default();
-        let current_zones = name_zones(&state);
+        let current_zones = name_zones(&broker);
         if zones.as_ref().is_some_and(|zones| *zones != current_zones) {
             update.zones = Some(current_zones.clone());
         }
         zones = Some(current_zones);
-        if let Ok(rows) = state.store.list_ranges().await {
+        if let Ok(rows) = broker.context.store.list_ranges().await {
             let current: HashMap<String, String> = rows.iter().map(|row| (row.id.clone(), row.range.to_string())).collect();
             if let Some(known) = &ranges {
                 update.unbind_ranges = known.iter().filter(|(id, _)| !current.contains_key(*id)).map(|(_, range)| range.clone()).collect();
             }
             ranges = Some(current);
         }
-        let changes = match state.store.name_changes_since(since - 2_000_000, 50_000).await {
+        let changes = match broker.context.store.name_changes_since(since - 2_000_000, 50_000).await {
             Ok(changes) => changes,
             Err(error) => {
                 tracing::debug!(%error, "could not read binding changes for the DNS feed");
@@ -772,20 +787,20 @@ pub async fn feed_names(state: std::sync::Weak<AppState>) {
             updates.insert(0, update);
         }
         for update in updates {
-            let _ = state.broker.names.send(Arc::new(update));
+            let _ = broker.names.send(Arc::new(update));
         }
     }
 }
 
-async fn virtual_ranges(state: &AppState) -> anyhow::Result<Vec<String>> {
-    let mut ranges: Vec<String> = state.store.list_ranges().await?.iter().map(|row| row.range.to_string()).collect();
+async fn virtual_ranges(broker: &Broker) -> anyhow::Result<Vec<String>> {
+    let mut ranges: Vec<String> = broker.context.store.list_ranges().await?.iter().map(|row| row.range.to_string()).collect();
     ranges.sort();
     Ok(ranges)
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn serve_connector(
-    state: SharedState,
+    broker: Arc<Broker>,
     connection: Connection,
     identity: PeerIdentity,
     version: String,
@@ -795,7 +810,7 @@ async fn serve_connector(
     mut send: SendStream,
     recv: RecvStream,
 ) -> anyhow::Result<()> {
-    let connector = match state.store.get_connector(&identity.id).await {
+    let connector = match broker.context.store.get_connector(&identity.id).await {
         // the key it enrolled with (a renewed certificate keeps it); before keys were kept, the last serial
         Ok(connector)
             if !connector.revoked
@@ -814,53 +829,57 @@ async fn serve_connector(
     };
     let version: String = version.chars().take(64).collect();
     let mode: Option<String> = mode.map(|mode| mode.chars().take(16).collect());
-    state.store.connector_seen(&connector.id, &version, mode.as_deref(), dns_listeners.as_deref()).await?;
-    if let Some(previous) = write(&state.broker.connectors)
+    broker.context.store.connector_seen(&connector.id, &version, mode.as_deref(), dns_listeners.as_deref()).await?;
+    if let Some(previous) = write(&broker.connectors)
         .insert(connector.id.clone(), ConnectorSession { connection: connection.clone(), key_fingerprint: identity.key_fingerprint.clone() })
     {
         previous.connection.close(CLOSE_KICKED, b"replaced by a newer tunnel");
     }
-    state.metrics.connectors_online.inc();
+    broker.context.metrics.connectors_online.inc();
     tracing::info!(connector_id = %connector.id, %version, mode = ?mode, "connector connected");
     // a connector opens a stream per new flow, in bursts (a scan, a wave of UDP
     // queries): the small cap that held it before its hello no longer applies
     connection.set_max_unaccepted_streams(reachback_tunnel::mux::DEFAULT_MAX_UNACCEPTED_STREAMS);
-    let ranges = virtual_ranges(&state).await?;
-    let welcome =
-        Welcome { session_id: connector.id.clone(), virtual_ip: None, ranges: ranges.clone(), keepalive_seconds: state.config.client_keepalive.as_secs() };
+    let ranges = virtual_ranges(&broker).await?;
+    let welcome = Welcome {
+        session_id: connector.id.clone(),
+        virtual_ip: None,
+        ranges: ranges.clone(),
+        keepalive_seconds: broker.context.config.client_keepalive.as_secs(),
+    };
     write_frame(&mut send, &Control::Welcome(welcome)).await?;
     let flows = {
-        let state = state.clone();
+        let broker = broker.clone();
         let connection = connection.clone();
         let flow_connector = FlowConnector { id: Arc::from(connector.id.as_str()), name: Arc::from(connector.name.as_str()) };
         tokio::spawn(async move {
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(serve_flow(state.clone(), flow_connector.clone(), send, recv));
+                tokio::spawn(serve_flow(broker.clone(), flow_connector.clone(), send, recv));
             }
         })
     };
     // a connector answering DNS: subscribe first, then the snapshot (changes made while it
     // is read arrive after it, and applying one twice changes nothing)
     let feed = if names {
-        let feed = state.broker.names.subscribe();
-        send_name_snapshot(&state, &mut send).await?;
+        let feed = broker.names.subscribe();
+        send_name_snapshot(&broker, &mut send).await?;
         Some(feed)
     } else {
         None
     };
-    let result = match Renewer::new(&state, &connection, &identity, None) {
-        Ok(renewer) => control_loop(&connection, send, recv, Some((state.clone(), ranges)), Some(renewer), feed, control_timing(&state)).await,
+    let result = match Renewer::new(&broker, &connection, &identity, None) {
+        Ok(renewer) => control_loop(&connection, send, recv, Some((broker.clone(), ranges)), Some(renewer), feed, control_timing(&broker)).await,
         Err(error) => Err(error),
     };
     flows.abort();
     {
-        let mut connectors = write(&state.broker.connectors);
+        let mut connectors = write(&broker.connectors);
         if connectors.get(&connector.id).is_some_and(|current| current.connection.stable_id() == connection.stable_id()) {
             connectors.remove(&connector.id);
         }
     }
-    state.metrics.connectors_online.dec();
-    let _ = state.store.connector_seen(&connector.id, &version, mode.as_deref(), dns_listeners.as_deref()).await;
+    broker.context.metrics.connectors_online.dec();
+    let _ = broker.context.store.connector_seen(&connector.id, &version, mode.as_deref(), dns_listeners.as_deref()).await;
     tracing::info!(connector_id = %connector.id, "connector disconnected");
     result
 }
@@ -888,8 +907,8 @@ struct FlowLogEntry {
 
 impl FlowLogEntry {
     /// `None` inside when the flow log is off: nothing is gathered.
-    fn new(state: &AppState, started_at: i64, open: &FlowOpen, connector: &FlowConnector) -> FlowLogEntry {
-        if !state.flow_log.enabled() {
+    fn new(broker: &Broker, started_at: i64, open: &FlowOpen, connector: &FlowConnector) -> FlowLogEntry {
+        if !broker.context.flow_log.enabled() {
             return FlowLogEntry { record: None };
         }
         let protocol = match open.protocol {
@@ -939,7 +958,7 @@ impl FlowLogEntry {
     }
 
     /// Hands the flow to the flow log with its verdict (and the bytes each way).
-    fn finish(self, state: &AppState, verdict: reachback_store::FlowVerdict, reason: Option<&'static str>, totals: Option<&reachback_tunnel::RelayTotals>) {
+    fn finish(self, broker: &Broker, verdict: reachback_store::FlowVerdict, reason: Option<&'static str>, totals: Option<&reachback_tunnel::RelayTotals>) {
         let Some(mut record) = self.record else { return };
         record.ended_at = now_micros().max(record.started_at);
         record.verdict = verdict;
@@ -948,7 +967,7 @@ impl FlowLogEntry {
             record.bytes_to_client = totals.server_to_client;
             record.bytes_from_client = totals.client_to_server;
         }
-        state.flow_log.record(record);
+        broker.context.flow_log.record(record);
     }
 }
 
@@ -991,28 +1010,28 @@ impl Holder {
 /// Another replica's tunnel: it relays flows that entered there (policy checked
 /// there) to agents attached here. A replica's certificate comes only from the CA's
 /// holders, which are the replicas.
-async fn serve_replica(state: SharedState, connection: Connection, identity: PeerIdentity, mut send: SendStream, recv: RecvStream) -> anyhow::Result<()> {
+async fn serve_replica(broker: Arc<Broker>, connection: Connection, identity: PeerIdentity, mut send: SendStream, recv: RecvStream) -> anyhow::Result<()> {
     let peer: Arc<str> = Arc::from(identity.id.as_str());
     connection.set_max_unaccepted_streams(reachback_tunnel::mux::DEFAULT_MAX_UNACCEPTED_STREAMS);
     let welcome = Welcome {
-        session_id: state.config.node_name.clone(),
+        session_id: broker.context.config.node_name.clone(),
         virtual_ip: None,
         ranges: Vec::new(),
-        keepalive_seconds: state.config.client_keepalive.as_secs(),
+        keepalive_seconds: broker.context.config.client_keepalive.as_secs(),
     };
     write_frame(&mut send, &Control::Welcome(welcome)).await?;
     tracing::info!(peer = %peer, remote = %connection.remote_address(), "peer replica connected");
     let flows = {
-        let state = state.clone();
+        let broker = broker.clone();
         let connection = connection.clone();
         let peer = peer.clone();
         tokio::spawn(async move {
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(serve_relayed_flow(state.clone(), peer.clone(), send, recv));
+                tokio::spawn(serve_relayed_flow(broker.clone(), peer.clone(), send, recv));
             }
         })
     };
-    let result = control_loop(&connection, send, recv, None, None, None, control_timing(&state)).await;
+    let result = control_loop(&connection, send, recv, None, None, None, control_timing(&broker)).await;
     flows.abort();
     tracing::info!(peer = %peer, "peer replica disconnected");
     result
@@ -1021,7 +1040,7 @@ async fn serve_replica(state: SharedState, connection: Connection, identity: Pee
 /// A flow another replica relays here: hand it to the agent that holds the address
 /// and splice the bytes (the agent's answer goes back unread; the entry replica
 /// checked the policy and keeps the flow log).
-async fn serve_relayed_flow(state: SharedState, peer: Arc<str>, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_relayed_flow(broker: Arc<Broker>, peer: Arc<str>, mut send: SendStream, mut recv: RecvStream) {
     let open: FlowOpen = match tokio::time::timeout(FLOW_OPEN_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(Some(open))) => open,
         Ok(Ok(None)) => return,
@@ -1036,9 +1055,9 @@ async fn serve_relayed_flow(state: SharedState, peer: Arc<str>, mut send: SendSt
             return;
         }
     };
-    state.metrics.relayed_flows.get_or_create(&vec![("direction".to_string(), "in".to_string())]).inc();
+    broker.context.metrics.relayed_flows.get_or_create(&vec![("direction".to_string(), "in".to_string())]).inc();
     let destination = open.destination;
-    let Some(agent) = read(&state.broker.agents).get(&destination.ip()).cloned() else {
+    let Some(agent) = read(&broker.agents).get(&destination.ip()).cloned() else {
         tracing::debug!(peer = %peer, %destination, "relayed flow to an address no agent here holds");
         reply(&mut send, &FlowReply::Refused(Refusal::Offline)).await;
         let _ = send.finish();
@@ -1057,14 +1076,15 @@ async fn serve_relayed_flow(state: SharedState, peer: Arc<str>, mut send: SendSt
         End::Stream { send, recv }.reset();
         return;
     }
-    let options = reachback_tunnel::RelayOptions { idle_timeout: state.config.flow_idle_timeout, await_reply: None, on_bytes: &|_, _| {}, on_accepted: &|| {} };
+    let options =
+        reachback_tunnel::RelayOptions { idle_timeout: broker.context.config.flow_idle_timeout, await_reply: None, on_bytes: &|_, _| {}, on_accepted: &|| {} };
     let totals = reachback_tunnel::relay(End::Stream { send, recv }, End::Stream { send: agent_send, recv: agent_recv }, options).await;
     tracing::trace!(peer = %peer, %destination, up = totals.server_to_client, down = totals.client_to_server, clean = totals.clean, "relayed flow closed");
 }
 
 /// One flow from a connector: policy, open at the agent, relay. Every flow whose
 /// request could be read ends in the flow log with its verdict.
-async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_flow(broker: Arc<Broker>, connector: FlowConnector, mut send: SendStream, mut recv: RecvStream) {
     use reachback_store::FlowVerdict;
     let started = Instant::now();
     let started_at = now_micros();
@@ -1074,28 +1094,28 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
             tracing::info!(connector_id = %connector_id, error = %error, "bad flow request refused");
-            count_failure(&state.metrics.tcp, "bad_request");
+            count_failure(&broker.context.metrics.tcp, "bad_request");
             reply(&mut send, &FlowReply::Refused(Refusal::BadRequest { reason: error.to_string() })).await;
             let _ = send.finish();
             return;
         }
         Err(_) => {
-            count_failure(&state.metrics.tcp, "timeout");
+            count_failure(&broker.context.metrics.tcp, "timeout");
             End::Stream { send, recv }.reset();
             return;
         }
     };
-    let mut entry = FlowLogEntry::new(&state, started_at, &open, &connector);
+    let mut entry = FlowLogEntry::new(&broker, started_at, &open, &connector);
     let destination = open.destination;
     let (metrics, protocol) = match open.protocol {
-        Transport::Tcp => (&state.metrics.tcp, Protocol::Tcp),
-        Transport::Udp => (&state.metrics.udp, Protocol::Udp),
+        Transport::Tcp => (&broker.context.metrics.tcp, Protocol::Tcp),
+        Transport::Udp => (&broker.context.metrics.udp, Protocol::Udp),
     };
-    let local = read(&state.broker.agents).get(&destination.ip()).cloned();
+    let local = read(&broker.agents).get(&destination.ip()).cloned();
     let holder = match local {
         Some(agent) => Some(Holder::Here(agent)),
         // held by another replica: relayed there (policy is checked here, where the flow enters)
-        None => match state.peers.locate(&state, destination.ip()).await {
+        None => match broker.peers.locate(&broker.context, destination.ip()).await {
             Ok(remote) => remote.map(Holder::Replica),
             Err(error) => {
                 tracing::warn!(%destination, error = format!("{error:#}"), "could not look up which replica holds the address");
@@ -1108,7 +1128,7 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         count_failure(metrics, "offline");
         reply(&mut send, &FlowReply::Refused(Refusal::Offline)).await;
         let _ = send.finish();
-        entry.finish(&state, FlowVerdict::Offline, None, None);
+        entry.finish(&broker, FlowVerdict::Offline, None, None);
         return;
     };
     let agent = holder.facts();
@@ -1124,7 +1144,7 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         platform: agent.platform,
         range_id: agent.range_id,
     };
-    let decision = state.broker.policy().evaluate(&facts);
+    let decision = broker.policy().evaluate(&facts);
     entry.policy(decision.rule_id.as_ref(), decision.rule_name.as_ref());
     if let Some(user) = &open.user {
         tracing::debug!(%destination, source = %open.source, user = %user, "flow from an authenticated SOCKS5 user");
@@ -1134,14 +1154,14 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         tracing::info!(%destination, source = %open.source, connector_id = %connector_id, protocol = open.protocol.as_str(), rule = decision.rule_name.as_deref().unwrap_or("default deny"), "flow denied");
         reply(&mut send, &FlowReply::Refused(Refusal::Denied { rule: decision.rule_name })).await;
         let _ = send.finish();
-        entry.finish(&state, FlowVerdict::Denied, None, None);
+        entry.finish(&broker, FlowVerdict::Denied, None, None);
         return;
     }
     let opened = match &holder {
         Holder::Here(agent) => agent.connection.open_bi().await.map_err(anyhow::Error::from),
         Holder::Replica(remote) => {
-            state.metrics.relayed_flows.get_or_create(&vec![("direction".to_string(), "out".to_string())]).inc();
-            state.peers.open(&state, &remote.node).await
+            broker.context.metrics.relayed_flows.get_or_create(&vec![("direction".to_string(), "out".to_string())]).inc();
+            broker.peers.open(&broker.context, &remote.node).await
         }
     };
     let (mut agent_send, agent_recv) = match opened {
@@ -1149,19 +1169,19 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         Err(error) => {
             tracing::info!(%destination, error = format!("{error:#}"), "the agent's tunnel failed");
             if let Holder::Replica(_) = &holder {
-                state.peers.forget(destination.ip());
+                broker.peers.forget(destination.ip());
             }
             count_failure(metrics, "agent_error");
             reply(&mut send, &FlowReply::Refused(Refusal::ConnectFailed { reason: "the agent's tunnel failed".into() })).await;
             let _ = send.finish();
-            entry.finish(&state, FlowVerdict::Failed, Some("agent_error"), None);
+            entry.finish(&broker, FlowVerdict::Failed, Some("agent_error"), None);
             return;
         }
     };
     if write_frame(&mut agent_send, &open).await.is_err() {
         count_failure(metrics, "agent_error");
         End::Stream { send, recv }.reset();
-        entry.finish(&state, FlowVerdict::Failed, Some("agent_error"), None);
+        entry.finish(&broker, FlowVerdict::Failed, Some("agent_error"), None);
         return;
     }
     tracing::trace!(%destination, source = %open.source, "flow requested at the agent");
@@ -1183,7 +1203,7 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
     // the connector's first bytes travel to the agent with the request; the agent's
     // answer comes back through the relay and is passed on to the connector
     let options = reachback_tunnel::RelayOptions {
-        idle_timeout: state.config.flow_idle_timeout,
+        idle_timeout: broker.context.config.flow_idle_timeout,
         await_reply: Some(reachback_tunnel::AwaitReply { timeout: FLOW_OPEN_TIMEOUT, forward: true }),
         on_bytes: &on_bytes,
         on_accepted: &on_accepted,
@@ -1191,12 +1211,12 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
     let totals = reachback_tunnel::relay(End::Stream { send, recv }, End::Stream { send: agent_send, recv: agent_recv }, options).await;
     if accepted.load(std::sync::atomic::Ordering::Relaxed) {
         metrics.active.dec();
-        entry.finish(&state, FlowVerdict::Allowed, None, Some(&totals));
+        entry.finish(&broker, FlowVerdict::Allowed, None, Some(&totals));
     } else {
         let (verdict, reason) = match &totals.refusal {
             // the replica it was relayed to no longer holds the agent
             Some(Refusal::Offline) => {
-                state.peers.forget(destination.ip());
+                broker.peers.forget(destination.ip());
                 (FlowVerdict::Offline, "offline")
             }
             Some(Refusal::PortNotAllowed) => (FlowVerdict::RefusedByAgent, "port_not_allowed"),
@@ -1205,7 +1225,7 @@ async fn serve_flow(state: SharedState, connector: FlowConnector, mut send: Send
         };
         count_failure(metrics, reason);
         tracing::debug!(%destination, refusal = ?totals.refusal, "the agent did not take the flow");
-        entry.finish(&state, verdict, Some(reason), Some(&totals));
+        entry.finish(&broker, verdict, Some(reason), Some(&totals));
     }
     tracing::trace!(%destination, up = totals.server_to_client, down = totals.client_to_server, clean = totals.clean, "flow closed");
 }
