@@ -123,7 +123,9 @@ pub async fn heartbeat(state: Weak<AppState>) {
             }
         }
         let connectors = state.metrics.connectors_online.get();
-        match state.store.replica_heartbeat(node, &registration.instance_id, &tunnel_endpoint(&state), connectors).await {
+        // the flows that entered here (a relayed flow is counted where it entered)
+        let flows = state.metrics.tcp.active.get() + state.metrics.udp.active.get();
+        match state.store.replica_heartbeat(node, &registration.instance_id, &tunnel_endpoint(&state), connectors, flows).await {
             Ok(Heartbeat::Alive) => lost_logged = false,
             Ok(Heartbeat::Revived) => {
                 // its sessions were deleted by whoever declared it dead: the session sync disconnects them
