@@ -34,7 +34,7 @@ struct Guarded {
 }
 
 /// The engine's description of a stored range.
-pub(crate) fn range_spec(row: &RangeRow) -> RangeSpec {
+fn range_spec(row: &RangeRow) -> RangeSpec {
     RangeSpec { id: row.id.clone(), name: row.name.clone(), range: row.range, location: row.location.clone(), enabled: row.enabled }
 }
 
