@@ -599,6 +599,7 @@ pages.replicas = () => [
       { key: 'tunnel_endpoint', label: 'Tunnel Endpoint' },
       { key: 'client_sessions', label: 'Client Sessions' },
       { key: 'connectors', label: 'Connectors' },
+      { key: 'flows', label: 'Open Flows' },
       { key: 'started_at', label: 'Started', render: (row) => when(row.started_at) },
       { key: 'last_heartbeat', label: 'Last Heartbeat', render: (row) => when(row.last_heartbeat) },
     ],

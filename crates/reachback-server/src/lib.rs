@@ -1,8 +1,9 @@
 //! `reachback server`: the control plane's HTTP API, enrollment, the internal CA,
-//! and the allocation engine kept in step with the store.
+//! and the allocation service that keeps the allocation engine in step with the store.
 //!
 //! The only crate that speaks HTTP on the server side.
 
+pub mod allocation;
 pub mod api;
 pub mod at_rest;
 pub mod auth;
@@ -29,10 +30,9 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
-use reachback_ipam::{Engine, RangeSpec};
 use reachback_store::Store;
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::api::{
@@ -185,10 +185,6 @@ pub fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn range_spec(row: &reachback_store::RangeRow) -> RangeSpec {
-    RangeSpec { id: row.id.clone(), name: row.name.clone(), range: row.range, location: row.location.clone(), enabled: row.enabled }
-}
-
 /// Prepares everything: data directory, store and migrations, bootstrap admin, CA,
 /// settings, the allocation engine loaded from the store, the enrollment writer.
 pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
@@ -221,19 +217,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
 
     let settings = Settings::from_stored(&store.load_settings().await?);
 
-    let started = std::time::Instant::now();
-    let snapshot = store.engine_snapshot().await?;
-    let mut engine = Engine::new(settings.quarantine_micros());
-    let mut snapshot_bound = snapshot.bound;
-    let mut snapshot_quarantined = snapshot.quarantined;
-    for row in &snapshot.ranges {
-        let bound = snapshot_bound.remove(&row.id).unwrap_or_default();
-        let quarantined = snapshot_quarantined.remove(&row.id).unwrap_or_default();
-        if let Err(error) = engine.load_range(range_spec(row), bound, quarantined) {
-            tracing::error!(%error, range_id = %row.id, "stored range refused by the engine");
-        }
-    }
-    tracing::info!(ranges = snapshot.ranges.len(), elapsed_ms = started.elapsed().as_millis() as u64, "allocation engine loaded");
+    let allocation = allocation::AllocationService::load(store.clone(), settings.quarantine_micros()).await?;
 
     let (enroll_tx, enroll_rx) = mpsc::channel(4096);
     let metrics = Metrics::new();
@@ -255,7 +239,7 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
     }));
     let state = Arc::new(AppState {
         store,
-        engine: Mutex::new(engine),
+        allocation,
         settings,
         settings_sync: tokio::sync::Mutex::new(()),
         ca,
@@ -390,16 +374,11 @@ pub async fn release_idle_now(state: &AppState, now: i64) -> anyhow::Result<usiz
         return Ok(0);
     }
     let cutoff = now - ttl.saturating_mul(1_000_000);
-    let mut engine = state.engine.lock().await;
-    let released = state.store.release_idle(cutoff).await?;
-    let released_at = reachback_store::now_micros();
-    for (range_id, value) in &released {
-        engine.release(range_id, *value, released_at);
+    let released = state.allocation.release_idle(cutoff).await?;
+    if released > 0 {
+        tracing::info!(count = released, "released idle bindings");
     }
-    if !released.is_empty() {
-        tracing::info!(count = released.len(), "released idle bindings");
-    }
-    Ok(released.len())
+    Ok(released)
 }
 
 /// Deletes binding-history intervals that ended more than

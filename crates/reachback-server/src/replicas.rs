@@ -11,7 +11,6 @@
 //!  apply() ── coalesces 20 ms, takes the bits ──► sync of ranges / settings / policy / sessions / connectors
 //! ```
 
-use std::collections::HashMap;
 use std::sync::Weak;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -123,7 +122,9 @@ pub async fn heartbeat(state: Weak<AppState>) {
             }
         }
         let connectors = state.metrics.broker.connectors_online.get();
-        match state.store.replica_heartbeat(node, &registration.instance_id, &tunnel_endpoint(&state), connectors).await {
+        // the flows that entered here (a relayed flow is counted where it entered)
+        let flows = state.metrics.broker.tcp.active.get() + state.metrics.broker.udp.active.get();
+        match state.store.replica_heartbeat(node, &registration.instance_id, &tunnel_endpoint(&state), connectors, flows).await {
             Ok(Heartbeat::Alive) => lost_logged = false,
             Ok(Heartbeat::Revived) => {
                 // its sessions were deleted by whoever declared it dead: the session sync disconnects them
@@ -260,7 +261,6 @@ async fn listen(state: Weak<AppState>) {
 /// then runs the matching syncs once. Marks made meanwhile wait for the next round,
 /// so a flood of notifications costs at most one round at a time.
 async fn apply(state: Weak<AppState>) {
-    let mut ranges = RangeSync::default();
     loop {
         let Some(changes) = state.upgrade().map(|state| state.changes.clone()) else { return };
         changes.wake.notified().await;
@@ -271,7 +271,7 @@ async fn apply(state: Weak<AppState>) {
         tracing::trace!(topics, "applying changes made elsewhere");
         if state.store.backend() == Backend::Postgres {
             if topics & topic::RANGES != 0 {
-                ranges.sync(&state).await;
+                state.allocation.reload_ranges().await;
                 // connectors' range lists (changes made here notify this replica too)
                 state.ranges_changed.send_replace(());
             }
@@ -293,49 +293,12 @@ async fn apply(state: Weak<AppState>) {
     }
 }
 
-/// The ranges as this replica last loaded them (id → `updated_at`).
-#[derive(Default)]
-struct RangeSync {
-    known: HashMap<String, i64>,
-}
-
-impl RangeSync {
-    /// Picks up ranges other replicas created, changed or deleted. Addresses other
-    /// replicas bound are found on insert (the primary key refuses them) and skipped.
-    async fn sync(&mut self, state: &AppState) {
-        // the list is read under the engine's lock: a range this replica creates or deletes
-        // meanwhile (its handler holds the lock across the write) cannot be taken for one
-        // another replica removed or made
-        let mut engine = state.engine.lock().await;
-        let Ok(ranges) = state.store.list_ranges().await else { return };
-        for row in &ranges {
-            if !self.known.contains_key(&row.id) && engine.range(&row.id).is_some() {
-                // loaded at start or made here: current
-                self.known.insert(row.id.clone(), row.updated_at);
-                continue;
-            }
-            if (self.known.get(&row.id) != Some(&row.updated_at) || engine.range(&row.id).is_none())
-                && let Ok((bound, quarantined)) = state.store.range_addresses(&row.id).await
-                && engine.load_range(crate::range_spec(row), bound, quarantined).is_ok()
-            {
-                self.known.insert(row.id.clone(), row.updated_at);
-            }
-        }
-        let live: std::collections::HashSet<&str> = ranges.iter().map(|row| row.id.as_str()).collect();
-        let gone: Vec<String> = engine.range_ids().filter(|id| !live.contains(id)).map(str::to_string).collect();
-        for id in gone {
-            engine.remove_range(&id);
-            self.known.remove(&id);
-        }
-    }
-}
-
 /// Installs the stored settings (one install at a time: see `settings_sync`).
 async fn sync_settings(state: &AppState) {
     let _one_at_a_time = state.settings_sync.lock().await;
     if let Ok(values) = state.store.load_settings().await {
         let settings = Settings::from_stored(&values);
-        state.engine.lock().await.set_quarantine_duration(settings.quarantine_micros());
+        state.allocation.set_quarantine_duration(settings.quarantine_micros()).await;
         state.set_settings(settings);
     }
 }

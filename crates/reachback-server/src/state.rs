@@ -1,4 +1,4 @@
-//! Shared server state: store, allocation engine, settings, CA, metrics, the enrollment writer.
+//! Shared server state: store, allocation service, settings, CA, metrics, the enrollment writer.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -9,10 +9,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use reachback_ipam::Engine;
 use reachback_store::Store;
 use serde::Serialize;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 
 use crate::broker::BrokerMetrics;
 use crate::crypto::CertificateAuthority;
@@ -354,7 +353,9 @@ impl Default for Metrics {
 
 pub struct AppState {
     pub store: Store,
-    pub engine: Mutex<Engine>,
+    /// the allocation engine and every store call that changes addresses: the only
+    /// way to them
+    pub allocation: crate::allocation::AllocationService,
     /// shared with the broker, which reads the client domains (`SettingsView`)
     pub settings: Arc<RwLock<Settings>>,
     /// held from reading (or writing) the stored settings to installing them, so a

@@ -1,5 +1,6 @@
 //! The enrollment writer: one task that takes enrollments off a queue and writes
-//! them in batches (group commit), holding the allocation engine while it does.
+//! them in batches (group commit) through the allocation service, which holds the
+//! allocation engine while each batch is written.
 
 use reachback_store::{EnrollFailure, EnrollJob, EnrollOutcome};
 use tokio::sync::{mpsc, oneshot};
@@ -51,10 +52,7 @@ pub async fn run(state: std::sync::Weak<AppState>, mut queue: mpsc::Receiver<Enr
         let (jobs, replies): (Vec<EnrollJob>, Vec<_>) = batch.drain(..).map(|request| (request.job, request.reply)).unzip();
         let quarantine = state.settings().quarantine_micros();
         let started = std::time::Instant::now();
-        let result = {
-            let mut engine = state.engine.lock().await;
-            state.store.enroll_batch(&jobs, &mut engine, quarantine).await
-        };
+        let result = state.allocation.enroll_batch(&jobs, quarantine).await;
         state.metrics.enroll_batch_size.observe(jobs.len() as f64);
         state.metrics.enroll_batch_seconds.observe(started.elapsed().as_secs_f64());
         tracing::trace!(size = jobs.len(), "enrollment batch written");

@@ -146,6 +146,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (14, include_str!("../migrations/0014_replicas_sqlite.sql"), include_str!("../migrations/0014_replicas_postgres.sql")),
     (16, include_str!("../migrations/0016_session_address.sql"), ""),
     (17, include_str!("../migrations/0017_history_names_sqlite.sql"), include_str!("../migrations/0017_history_names_postgres.sql")),
+    (18, include_str!("../migrations/0018_replica_flows.sql"), ""),
 ];
 
 /// The rows of the range whose id is the parameter `$N` (`alias` is the bindings

@@ -30,6 +30,8 @@ pub struct ReplicaRow {
     pub client_sessions: i64,
     /// connectors holding a tunnel to it, as of its last heartbeat
     pub connectors: i64,
+    /// flows open that entered at it (policy checked there), as of its last heartbeat
+    pub flows: i64,
 }
 
 /// What a heartbeat found.
@@ -112,6 +114,7 @@ fn replica_from_row(row: &AnyRow) -> Result<ReplicaRow> {
         alive: crate::get_bool(row, "alive")?,
         client_sessions: row.try_get("client_sessions")?,
         connectors: row.try_get("connectors")?,
+        flows: row.try_get("flows")?,
     })
 }
 
@@ -135,17 +138,17 @@ impl Store {
             "INSERT INTO replicas (node_name, instance_id, tunnel_endpoint, started_at, last_heartbeat, status, connectors) \
              VALUES ($1, $2, $3, {now}, {now}, 'alive', 0) ON CONFLICT (node_name) DO UPDATE SET instance_id = excluded.instance_id, \
              tunnel_endpoint = excluded.tunnel_endpoint, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat, \
-             status = 'alive', connectors = 0"
+             status = 'alive', connectors = 0, flows = 0"
         );
         let mut tx = self.write().await?;
         sqlx::query(sqlx::AssertSqlSafe(sql)).bind(node_name).bind(instance_id).bind(tunnel_endpoint).execute(&mut *tx.transaction).await?;
         tx.commit().await
     }
 
-    /// This process's heartbeat: the row's time, endpoint and connector count. A row
+    /// This process's heartbeat: the row's time, endpoint, connector and flow counts. A row
     /// another replica declared dead is made alive again ([`Heartbeat::Revived`]); a
     /// row of another process is left alone ([`Heartbeat::Lost`]).
-    pub async fn replica_heartbeat(&self, node_name: &str, instance_id: &str, tunnel_endpoint: &str, connectors: i64) -> Result<Heartbeat> {
+    pub async fn replica_heartbeat(&self, node_name: &str, instance_id: &str, tunnel_endpoint: &str, connectors: i64, flows: i64) -> Result<Heartbeat> {
         let now = db_now(self.backend);
         let mut tx = self.write().await?;
         let status: Option<String> = sqlx::query("SELECT status FROM replicas WHERE node_name = $1 AND instance_id = $2")
@@ -159,9 +162,17 @@ impl Store {
             return Ok(Heartbeat::Lost);
         };
         let sql = format!(
-            "UPDATE replicas SET last_heartbeat = {now}, status = 'alive', tunnel_endpoint = $3, connectors = $4 WHERE node_name = $1 AND instance_id = $2"
+            "UPDATE replicas SET last_heartbeat = {now}, status = 'alive', tunnel_endpoint = $3, connectors = $4, flows = $5 \
+             WHERE node_name = $1 AND instance_id = $2"
         );
-        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(node_name).bind(instance_id).bind(tunnel_endpoint).bind(connectors).execute(&mut *tx.transaction).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(node_name)
+            .bind(instance_id)
+            .bind(tunnel_endpoint)
+            .bind(connectors)
+            .bind(flows)
+            .execute(&mut *tx.transaction)
+            .await?;
         tx.commit().await?;
         Ok(if status == "alive" { Heartbeat::Alive } else { Heartbeat::Revived })
     }
@@ -174,7 +185,9 @@ impl Store {
     pub async fn sweep_dead_replicas(&self, dead_after_micros: i64, forget_after_micros: i64) -> Result<Vec<(String, u64)>> {
         let now = db_now(self.backend);
         let mut tx = self.write().await?;
-        let sql = format!("UPDATE replicas SET status = 'dead', connectors = 0 WHERE status = 'alive' AND last_heartbeat < {now} - $1 RETURNING node_name");
+        let sql = format!(
+            "UPDATE replicas SET status = 'dead', connectors = 0, flows = 0 WHERE status = 'alive' AND last_heartbeat < {now} - $1 RETURNING node_name"
+        );
         let dead: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(dead_after_micros)
             .fetch_all(&mut *tx.transaction)
@@ -197,7 +210,7 @@ impl Store {
     /// tunnels are closed), if the row is still this process's.
     pub async fn replica_stopped(&self, node_name: &str, instance_id: &str) -> Result<()> {
         let mut tx = self.write().await?;
-        let mine = sqlx::query("UPDATE replicas SET status = 'dead', connectors = 0 WHERE node_name = $1 AND instance_id = $2")
+        let mine = sqlx::query("UPDATE replicas SET status = 'dead', connectors = 0, flows = 0 WHERE node_name = $1 AND instance_id = $2")
             .bind(node_name)
             .bind(instance_id)
             .execute(&mut *tx.transaction)
@@ -214,7 +227,7 @@ impl Store {
     pub async fn list_replicas(&self, dead_after_micros: i64) -> Result<Vec<ReplicaRow>> {
         let now = db_now(self.backend);
         let sql = format!(
-            "SELECT r.node_name, r.tunnel_endpoint, r.started_at, r.last_heartbeat, r.connectors, \
+            "SELECT r.node_name, r.tunnel_endpoint, r.started_at, r.last_heartbeat, r.connectors, r.flows, \
              CAST(CASE WHEN r.status = 'alive' AND r.last_heartbeat >= {now} - $1 THEN 1 ELSE 0 END AS BIGINT) AS alive, \
              (SELECT COUNT(*) FROM client_sessions s WHERE s.broker_node = r.node_name) AS client_sessions \
              FROM replicas r ORDER BY r.node_name"

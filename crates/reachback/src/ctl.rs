@@ -79,7 +79,7 @@ enum CtlCommand {
         #[arg(long)]
         export: Option<String>,
     },
-    /// The server replicas sharing the database: alive or dead, their client sessions and connectors
+    /// The server replicas sharing the database: alive or dead, their client sessions, connectors and open flows
     Replicas {
         /// Page number (1-based)
         #[arg(long)]
@@ -1132,7 +1132,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Replicas { page, page_size } => print(
             &client.json("GET", "/api/v1/replicas", &[("page", page.map(|n| n.to_string())), ("page_size", page_size.map(|n| n.to_string()))], None)?,
             output,
-            &["node_name", "status", "tunnel_endpoint", "client_sessions", "connectors", "started_at", "last_heartbeat"],
+            &["node_name", "status", "tunnel_endpoint", "client_sessions", "connectors", "flows", "started_at", "last_heartbeat"],
         ),
         CtlCommand::Flows { list, filters, export } => match export {
             Some(file) => {

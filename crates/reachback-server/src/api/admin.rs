@@ -266,7 +266,7 @@ async fn save_settings(state: &SharedState, caller: &Caller, before: &Settings, 
         _ => Vec::new(),
     };
     state.store.save_settings(&values, caller.audit("update", "settings", "settings", Some(json!(before)), Some(json!(after)))).await?;
-    state.engine.lock().await.set_quarantine_duration(after.quarantine_micros());
+    state.allocation.set_quarantine_duration(after.quarantine_micros()).await;
     state.set_settings(after.clone());
     Ok(())
 }

@@ -145,30 +145,22 @@ async fn seek(state: &SharedState, query: &BindingQuery) -> ApiResult<Option<See
     if query.descending {
         ranges.reverse();
     }
-    let mut remaining = u128::try_from(query.offset).unwrap_or(0);
-    let sqlite = state.store.backend() == reachback_store::Backend::Sqlite;
-    // only SQLite counts with the engine: on PostgreSQL its lock (held by enrollment batches) is not needed
-    let engine = if sqlite { Some(state.engine.lock().await) } else { None };
-    let used = |range: &reachback_store::RangeRow| match &engine {
-        Some(engine) => engine.used(&range.id).unwrap_or(0),
-        None => u128::try_from(range.used_ips).unwrap_or(0),
-    };
-    let Some(first) = ranges.iter().position(|range| {
-        let used = used(range);
-        let inside = remaining < used;
-        if !inside {
-            remaining -= used;
-        }
-        inside
-    }) else {
-        return Ok(Some(Seek::PastTheEnd));
-    };
-    let range = &ranges[first];
-    let key = if let Some(engine) = &engine {
-        engine.nth_bound(&range.id, remaining, query.descending).map(|value| address_key(range.range.family(), value))
+    let offset = u128::try_from(query.offset).unwrap_or(0);
+    let (first, key) = if state.store.backend() == reachback_store::Backend::Sqlite {
+        // only SQLite counts with the engine: on PostgreSQL its lock (held by enrollment batches) is not needed
+        let range_ids: Vec<&str> = ranges.iter().map(|range| range.id.as_str()).collect();
+        let Some((first, value)) = state.allocation.nth_bound_across(&range_ids, offset, query.descending).await else {
+            return Ok(Some(Seek::PastTheEnd));
+        };
+        (first, value.map(|value| address_key(ranges[first].range.family(), value)))
     } else {
+        let used = ranges.iter().map(|range| u128::try_from(range.used_ips).unwrap_or(0));
+        let Some((first, remaining)) = crate::allocation::position(used, offset) else {
+            return Ok(Some(Seek::PastTheEnd));
+        };
         // None: the counter ran ahead of the rows this statement saw (a write in between)
-        state.store.nth_bound_key(&range.id, i64::try_from(remaining).unwrap_or(i64::MAX), query.descending).await?
+        let key = state.store.nth_bound_key(&ranges[first].id, i64::try_from(remaining).unwrap_or(i64::MAX), query.descending).await?;
+        (first, key)
     };
     Ok(key.map(|key| Seek::From { ranges: ranges.split_off(first), key }))
 }
@@ -188,16 +180,11 @@ pub async fn get(State(state): State<SharedState>, caller: Caller, Path(ip): Pat
 pub async fn release(State(state): State<SharedState>, caller: Caller, Path(ip): Path<String>) -> ApiResult<Response> {
     caller.require(Role::Admin)?;
     let key = address_param(&ip)?;
-    let mut engine = state.engine.lock().await;
     let row = state
-        .store
+        .allocation
         .release_binding(&key, |row| caller.audit("release", "ip_binding", &row.ip, Some(binding_json(row)), None))
         .await
         .map_err(|error| ApiError::not_found_or(error, "IP binding"))?;
-    if let Some((_, value)) = parse_address(&row.ip) {
-        engine.release(&row.range_id, value, reachback_store::now_micros());
-    }
-    drop(engine);
     // the device's tunnel ends; at its next connect it gets a new address
     state.broker.kick_device(&row.device_id);
     Ok(no_content())

@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
-use reachback_ipam::parse_address;
 use reachback_store::{DeviceQuery, DeviceRow, DeviceSort, ReleaseReason};
 use serde_json::Value;
 
@@ -63,12 +62,7 @@ pub async fn remove(
     reason: ReleaseReason,
     audit: impl FnOnce(&reachback_store::DeviceRow) -> reachback_store::AuditEntry,
 ) -> ApiResult<()> {
-    let mut engine = state.engine.lock().await;
-    let device = state.store.delete_device(id, reason, audit).await.map_err(|error| ApiError::not_found_or(error, "device"))?;
-    if let (Some(range_id), Some((_, value))) = (&device.range_id, device.virtual_ip.as_deref().and_then(parse_address)) {
-        engine.release(range_id, value, reachback_store::now_micros());
-    }
-    drop(engine);
+    state.allocation.delete_device(id, reason, audit).await.map_err(|error| ApiError::not_found_or(error, "device"))?;
     // its certificate no longer opens a tunnel; the live one ends now
     state.broker.kick_device(id);
     Ok(())

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
-use reachback_ipam::{AddressRange, RangeSpec};
+use reachback_ipam::AddressRange;
 use reachback_store::{RangeRow, RangeWrite, new_id};
 use serde_json::{Value, json};
 
@@ -19,10 +19,6 @@ pub const SORTS: &[&str] = &["name", "status", "range", "used_ips", "total_ips",
 
 pub fn range_json(row: &RangeRow) -> Value {
     crate::api::views::json_of(&crate::api::views::RangeView::from(row))
-}
-
-fn spec_of(row: &RangeRow) -> RangeSpec {
-    RangeSpec { id: row.id.clone(), name: row.name.clone(), range: row.range, location: row.location.clone(), enabled: row.enabled }
 }
 
 /// Reads the writable fields over `base` (all required when there is no base).
@@ -85,16 +81,11 @@ pub async fn create(State(state): State<SharedState>, caller: Caller, body: Json
     caller.require(Role::Admin)?;
     let write = read_write(Fields::of::<crate::api::bodies::RangeBody>(body)?, None)?;
     let id = new_id();
-    let mut engine = state.engine.lock().await;
     let row = state
-        .store
+        .allocation
         .create_range(&id, &write, caller.audit("create", "ip_range", &id, None, Some(json!({"name": write.name, "range": write.range.to_string(), "enabled": write.enabled, "location": crate::api::views::json_of(&crate::api::views::LocationView::of(&write.location)), "description": write.description}))))
         .await
         .map_err(overlap_error)?;
-    if let Err(error) = engine.load_range(spec_of(&row), [], []) {
-        tracing::error!(%error, "engine refused a range the store accepted");
-    }
-    drop(engine);
     Ok(created(range_json(&row)))
 }
 
@@ -158,24 +149,15 @@ pub async fn get(State(state): State<SharedState>, caller: Caller, Path(id): Pat
 async fn apply(state: &SharedState, caller: &Caller, id: &str, action: &str, build: impl FnOnce(&RangeRow) -> ApiResult<RangeWrite>) -> ApiResult<Json<Value>> {
     let current = state.store.get_range(id).await.map_err(|error| ApiError::not_found_or(error, "IP range"))?;
     let write = build(&current)?;
-    let mut engine = state.engine.lock().await;
     let before_json = range_json(&current);
-    let (before, after) =
-        state.store.update_range(id, &write, |after| caller.audit(action, "ip_range", id, Some(before_json.clone()), Some(range_json(after)))).await.map_err(
-            |error| match error {
-                reachback_store::StoreError::NotFound => ApiError::not_found("IP range"),
-                other => overlap_error(other),
-            },
-        )?;
-    if before.range != after.range {
-        let (bound, quarantined) = state.store.range_addresses(id).await?;
-        if let Err(error) = engine.load_range(spec_of(&after), bound, quarantined) {
-            tracing::error!(%error, "engine refused an edited range the store accepted");
-        }
-    } else if let Err(error) = engine.update_range(id, &after.name, after.location.clone(), after.enabled) {
-        tracing::error!(%error, "engine does not know an edited range");
-    }
-    drop(engine);
+    let (_, after) = state
+        .allocation
+        .update_range(id, &write, |after| caller.audit(action, "ip_range", id, Some(before_json.clone()), Some(range_json(after))))
+        .await
+        .map_err(|error| match error {
+            reachback_store::StoreError::NotFound => ApiError::not_found("IP range"),
+            other => overlap_error(other),
+        })?;
     Ok(Json(range_json(&after)))
 }
 
@@ -212,9 +194,8 @@ pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): 
     caller.require(Role::Admin)?;
     let query = QueryParams::parse(raw.as_deref(), &["force"])?;
     let force = query.flag("force")?;
-    let mut engine = state.engine.lock().await;
     let (_, released) = state
-        .store
+        .allocation
         .delete_range(&id, force, |row, released| {
             caller.audit(
                 if released > 0 { "force_delete" } else { "delete" },
@@ -226,8 +207,6 @@ pub async fn delete(State(state): State<SharedState>, caller: Caller, Path(id): 
         })
         .await
         .map_err(|error| ApiError::not_found_or(error, "IP range"))?;
-    engine.remove_range(&id);
-    drop(engine);
     if released > 0 {
         // agents that held addresses of the range reconnect and get new ones
         state.broker.kick_range(&id);

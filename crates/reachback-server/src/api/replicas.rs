@@ -30,6 +30,7 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
                 status: if row.alive { ReplicaStatus::Alive } else { ReplicaStatus::Dead },
                 client_sessions: row.client_sessions,
                 connectors: row.connectors,
+                flows: row.flows,
             })
         })
         .collect();

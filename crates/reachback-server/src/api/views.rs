@@ -545,6 +545,9 @@ pub struct ReplicaView {
     pub client_sessions: i64,
     /// connectors holding a tunnel to it, as of its last heartbeat
     pub connectors: i64,
+    /// flows open that entered at it (the policy was checked there; a flow relayed to
+    /// another replica's agent counts here), as of its last heartbeat
+    pub flows: i64,
 }
 
 #[derive(Clone, Debug, Serialize, ToSchema)]

@@ -1,6 +1,7 @@
 //! API tests: every endpoint through the real router, on SQLite and (when
 //! `REACHBACK_TEST_POSTGRES` is set) on PostgreSQL, each test on a fresh database.
 
+mod allocation;
 mod console;
 mod dataplane;
 mod events;

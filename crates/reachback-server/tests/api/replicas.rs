@@ -27,7 +27,7 @@ async fn the_registry_lists_this_replica(server: TestServer) {
     assert!(item["last_heartbeat"].as_str().is_some_and(|at| at.ends_with('Z')), "{item}");
     let mut fields: Vec<&String> = item.as_object().expect("object").keys().collect();
     fields.sort();
-    assert_eq!(fields, ["client_sessions", "connectors", "last_heartbeat", "node_name", "started_at", "status", "tunnel_endpoint"]);
+    assert_eq!(fields, ["client_sessions", "connectors", "flows", "last_heartbeat", "node_name", "started_at", "status", "tunnel_endpoint"]);
     // the heartbeat moves
     let first = item["last_heartbeat"].clone();
     let mut later = first.clone();
@@ -101,19 +101,22 @@ async fn dead_replicas_are_declared_and_cleaned_up(server: TestServer) {
     server.raw_sql("DELETE FROM replicas WHERE node_name = 'third'").await;
     assert_eq!(server.get("/api/v1/client-sessions").await.json()["total"], 0);
     let other = listed("other").await.expect("still listed");
-    assert_eq!((other["status"].clone(), other["client_sessions"].clone(), other["connectors"].clone()), (json!("dead"), json!(0), json!(0)));
+    assert_eq!(
+        (other["status"].clone(), other["client_sessions"].clone(), other["connectors"].clone(), other["flows"].clone()),
+        (json!("dead"), json!(0), json!(0), json!(0))
+    );
     assert_eq!(listed("test").await.expect("this replica")["status"], "alive");
 
     // the process was alive after all (heartbeats late): its next heartbeat brings it back
-    assert_eq!(store.replica_heartbeat("other", "run-1", "10.0.0.2:8443", 2).await.expect("heartbeat"), Heartbeat::Revived);
-    assert_eq!(store.replica_heartbeat("other", "run-1", "10.0.0.2:8443", 2).await.expect("heartbeat"), Heartbeat::Alive);
+    assert_eq!(store.replica_heartbeat("other", "run-1", "10.0.0.2:8443", 2, 7).await.expect("heartbeat"), Heartbeat::Revived);
+    assert_eq!(store.replica_heartbeat("other", "run-1", "10.0.0.2:8443", 2, 7).await.expect("heartbeat"), Heartbeat::Alive);
     let other = listed("other").await.expect("listed");
-    assert_eq!((other["status"].clone(), other["connectors"].clone()), (json!("alive"), json!(2)));
+    assert_eq!((other["status"].clone(), other["connectors"].clone(), other["flows"].clone()), (json!("alive"), json!(2), json!(7)));
     // a new run under the name takes the row over: the old run's heartbeat no longer writes it
     store.register_replica("other", "run-2", "10.0.0.3:8443").await.expect("register");
-    assert_eq!(store.replica_heartbeat("other", "run-1", "10.0.0.2:8443", 5).await.expect("heartbeat"), Heartbeat::Lost);
+    assert_eq!(store.replica_heartbeat("other", "run-1", "10.0.0.2:8443", 5, 9).await.expect("heartbeat"), Heartbeat::Lost);
     let other = listed("other").await.expect("listed");
-    assert_eq!((other["tunnel_endpoint"].clone(), other["connectors"].clone()), (json!("10.0.0.3:8443"), json!(0)));
+    assert_eq!((other["tunnel_endpoint"].clone(), other["connectors"].clone(), other["flows"].clone()), (json!("10.0.0.3:8443"), json!(0), json!(0)));
 
     // a clean stop marks it dead; a day later it is forgotten
     store.replica_stopped("other", "run-2").await.expect("stopped");

@@ -468,6 +468,25 @@ fn curl_socks(socks: u16, url: &str) -> Result<String, String> {
     if output.status.success() { Ok(String::from_utf8_lossy(&output.stdout).into_owned()) } else { Err(String::from_utf8_lossy(&output.stderr).into_owned()) }
 }
 
+/// A TCP flow through the SOCKS5 connector to `ip:port`, connected and left open.
+fn socks5_connect(socks: u16, ip: &str, port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", socks)).expect("SOCKS5 listener");
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    stream.write_all(&[5, 1, 0]).expect("greeting");
+    let mut choice = [0u8; 2];
+    stream.read_exact(&mut choice).expect("method");
+    let address: std::net::Ipv4Addr = ip.parse().expect("IPv4 address");
+    let mut request = vec![5, 1, 0, 1];
+    request.extend(address.octets());
+    request.extend(port.to_be_bytes());
+    stream.write_all(&request).expect("connect request");
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply).expect("reply");
+    assert_eq!(reply[1], 0, "the flow was accepted: {reply:?}");
+    stream
+}
+
 /// Polls a curl through the connector every 100 ms for up to 15 s; returns the time to the first success.
 fn time_until_reachable(socks: u16, url: &str, expected: &str) -> std::time::Duration {
     let started = std::time::Instant::now();
@@ -592,6 +611,16 @@ fn flows_cross_replicas_and_follow_the_agent_when_its_replica_goes() {
     assert!(relayed(&replica_a.base, "out") >= 1.0, "the flow entered at A and was relayed");
     let holder_base = if first == "replica-b" { replica_b.base.clone() } else { replica_c.base.clone() };
     assert!(relayed(&holder_base, "in") >= 1.0, "and reached the agent at {first}");
+    // a flow held open is listed with the replica it entered at (within a heartbeat)
+    let open_flow = socks5_connect(socks, &ip, web_port);
+    let open_flows = |node: &str| -> i64 {
+        let (_, replicas) = api("GET", "/replicas", None);
+        replicas["items"].as_array().and_then(|items| items.iter().find(|item| item["node_name"] == node)).and_then(|item| item["flows"].as_i64()).unwrap_or(-1)
+    };
+    time_until("the open flow listed at replica A", || open_flows("replica-a") == 1);
+    assert_eq!(open_flows(&first), 0, "a relayed flow counts where it entered");
+    drop(open_flow);
+    time_until("the closed flow gone from the listing", || open_flows("replica-a") == 0);
 
     // 2. the holder killed: the agent comes back through the other, same address
     if first == "replica-b" {
