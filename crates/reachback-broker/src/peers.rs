@@ -27,6 +27,11 @@ use crate::BrokerContext;
 /// Sessions move rarely (a replica dies, an agent reconnects); a relay that finds
 /// the agent gone forgets the entry at once.
 pub const LOCATION_TTL: Duration = Duration::from_secs(2);
+/// How long "no replica holds it" is trusted: an agent that is moving (its replica
+/// stopped) has no session for a moment, and its next flow must find it once it
+/// has one; a scan of unheld addresses still costs at most one read per address
+/// in this time.
+const ABSENCE_TTL: Duration = Duration::from_millis(250);
 /// Addresses whose location is remembered at once (a scan of the virtual range must
 /// not grow the cache without bound).
 const LOCATION_CAPACITY: usize = 65_536;
@@ -75,12 +80,13 @@ struct Locations {
     /// virtual address → (when read, holder)
     entries: HashMap<IpAddr, (Instant, Option<RemoteAgent>)>,
     ttl: Duration,
+    absence_ttl: Duration,
     capacity: usize,
 }
 
 impl Default for Locations {
     fn default() -> Self {
-        Locations { entries: HashMap::new(), ttl: LOCATION_TTL, capacity: LOCATION_CAPACITY }
+        Locations { entries: HashMap::new(), ttl: LOCATION_TTL, absence_ttl: ABSENCE_TTL, capacity: LOCATION_CAPACITY }
     }
 }
 
@@ -88,7 +94,8 @@ impl Locations {
     /// The remembered holder (`Some(None)`: known to be held by no other replica), if fresh.
     fn get(&self, address: IpAddr, now: Instant) -> Option<Option<RemoteAgent>> {
         let (at, holder) = self.entries.get(&address)?;
-        (now.saturating_duration_since(*at) < self.ttl).then(|| holder.clone())
+        let ttl = if holder.is_some() { self.ttl } else { self.absence_ttl };
+        (now.saturating_duration_since(*at) < ttl).then(|| holder.clone())
     }
 
     fn insert(&mut self, address: IpAddr, now: Instant, holder: Option<RemoteAgent>) {
@@ -268,6 +275,10 @@ mod tests {
         locations.insert(address(0), start, holder("replica-b"));
         assert_eq!(locations.get(address(0), start + Duration::from_secs(1)), Some(holder("replica-b")));
         assert_eq!(locations.get(address(0), start + LOCATION_TTL), None, "stale after the TTL");
+        // an absence is trusted for less: a moving agent is found again soon
+        locations.insert(address(5), start, None);
+        assert_eq!(locations.get(address(5), start + ABSENCE_TTL / 2), Some(None));
+        assert_eq!(locations.get(address(5), start + ABSENCE_TTL), None);
         // a scan of 10,000 addresses in one instant: never more than the capacity held
         for n in 1..10_000 {
             locations.insert(address(n), start, None);

@@ -263,6 +263,7 @@ pub fn address_from_key(key: &[u8]) -> Option<(Family, u128)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -325,7 +326,7 @@ mod tests {
     #[test]
     fn keys_sort_numerically() {
         let mut values =
-            vec![address_key(Family::V6, 1 << 100), address_key(Family::V4, 0x6440_0100), address_key(Family::V4, 0x6440_0002), address_key(Family::V6, 2)];
+            [address_key(Family::V6, 1 << 100), address_key(Family::V4, 0x6440_0100), address_key(Family::V4, 0x6440_0002), address_key(Family::V6, 2)];
         values.sort();
         let decoded: Vec<_> = values.iter().map(|key| address_from_key(key).unwrap()).collect();
         assert_eq!(decoded, vec![(Family::V4, 0x6440_0002), (Family::V4, 0x6440_0100), (Family::V6, 2), (Family::V6, 1 << 100)]);

@@ -18,21 +18,6 @@ pub fn until_renewal(not_before: SystemTime, not_after: SystemTime, now: SystemT
     renewal_due(not_before, not_after).duration_since(now).unwrap_or_default()
 }
 
-#[cfg(test)]
-mod renewal_tests {
-    use super::*;
-
-    #[test]
-    fn renewal_is_due_after_two_thirds_of_the_lifetime() {
-        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let end = start + Duration::from_secs(90 * 86_400);
-        assert_eq!(renewal_due(start, end), start + Duration::from_secs(60 * 86_400));
-        assert_eq!(until_renewal(start, end, start), Duration::from_secs(60 * 86_400));
-        assert_eq!(until_renewal(start, end, end), Duration::ZERO, "an expired certificate is due at once");
-        assert_eq!(renewal_due(end, start), end, "a certificate whose dates are reversed is due at once");
-    }
-}
-
 /// How far a renewal request's `signed_at` may be from the server's clock, in seconds.
 pub const RENEWAL_CLOCK_SKEW_SECONDS: i64 = 300;
 
@@ -46,4 +31,19 @@ pub fn renewal_message(kind: &str, id: &str, signed_at: i64) -> String {
 /// as another device or connector, or with another server).
 pub fn leave_message(kind: &str, id: &str, signed_at: i64) -> String {
     format!("reachback-leave:{kind}:{id}:{signed_at}")
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_after_two_thirds_of_the_lifetime() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let end = start + Duration::from_secs(90 * 86_400);
+        assert_eq!(renewal_due(start, end), start + Duration::from_secs(60 * 86_400));
+        assert_eq!(until_renewal(start, end, start), Duration::from_secs(60 * 86_400));
+        assert_eq!(until_renewal(start, end, end), Duration::ZERO, "an expired certificate is due at once");
+        assert_eq!(renewal_due(end, start), end, "a certificate whose dates are reversed is due at once");
+    }
 }

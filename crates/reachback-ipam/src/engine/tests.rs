@@ -103,10 +103,13 @@ fn ipv6_slash64_is_one_interval() {
     assert_eq!(engine.used("v6"), Some(1));
 }
 
+/// A range in the model: its spec, the addresses bound, and the quarantined ones with their ends.
+type ModelRange = (RangeSpec, BTreeSet<u128>, BTreeMap<u128, i64>);
+
 /// The reference model: plain sets, every rule spelled out the slow way.
 #[derive(Clone, Debug, Default)]
 struct Model {
-    ranges: BTreeMap<String, (RangeSpec, BTreeSet<u128>, BTreeMap<u128, i64>)>,
+    ranges: BTreeMap<String, ModelRange>,
 }
 
 impl Model {

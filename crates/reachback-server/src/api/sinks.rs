@@ -45,7 +45,10 @@ fn webhook_target(target: &str) -> Result<(), String> {
 }
 
 /// Reads a sink's fields over `base` (all required when there is none).
-fn read(fields: &mut Fields, base: Option<&SinkRow>) -> Option<(String, String, String, Vec<String>, bool, Option<String>)> {
+/// A sink's fields as read from a body: name, kind, target, event types, enabled, CA certificate.
+type SinkFields = (String, String, String, Vec<String>, bool, Option<String>);
+
+fn read(fields: &mut Fields, base: Option<&SinkRow>) -> Option<SinkFields> {
     let creating = base.is_none();
     let name = fields.string("name", creating).and_then(|name| match validate::name(&name, 128) {
         Ok(name) => Some(name),

@@ -22,10 +22,13 @@ on_both_backends!(
     denied_flows_are_events,
 );
 
-/// What a receiver got: the requests (headers, body) and whether it answers 503.
+/// One request a receiver got: its headers and body.
+type Received = (HeaderMap, Vec<u8>);
+
+/// What a receiver got: the requests and whether it answers 503.
 #[derive(Clone, Default)]
 struct Receiver {
-    requests: Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>,
+    requests: Arc<Mutex<Vec<Received>>>,
     down: Arc<std::sync::atomic::AtomicBool>,
 }
 

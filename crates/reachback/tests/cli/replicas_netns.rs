@@ -334,8 +334,7 @@ fn three_replicas_on_their_own_hosts_carry_flows_fail_over_and_restart_in_turn()
         });
         let mut restarts = Vec::new();
         std::thread::sleep(Duration::from_secs(2));
-        for index in 0..3 {
-            let name = REPLICAS[index].0;
+        for (index, (name, _, _)) in REPLICAS.iter().enumerate() {
             let began = Instant::now();
             let status = lab.stop(name, false).expect("the replica ran");
             let stopped = began.elapsed();
