@@ -20,7 +20,8 @@
 //! agent through a random replica (a SOCKS5 connector attached to each replica,
 //! connect + 1-byte echo + close), their p50 and p99 and failures.
 //!
-//! REACHBACK_BENCH_AGENTS (10000), REACHBACK_BENCH_IDLE_SECONDS (60),
+//! REACHBACK_BENCH_AGENTS (10000), REACHBACK_BENCH_IDLE_SECONDS (120: two of the
+//! devices' one-minute touches),
 //! REACHBACK_BENCH_FLOWS (200), REACHBACK_BENCH_WAVE (agents started at once, 500),
 //! REACHBACK_BENCH_SERVER_ARGS (more arguments for every replica, space-separated,
 //! e.g. `--client-keepalive 10` where the server has that flag).
@@ -294,9 +295,13 @@ fn main() {
         .status()
         .is_ok_and(|status| status.success());
     if !raised {
-        println!("note: could not raise the open-file limit to {FILE_LIMIT} (prlimit)");
+        // without CAP_SYS_RESOURCE: as far as the hard limit goes
+        let _ = Command::new("prlimit").args(["--pid", &std::process::id().to_string(), "--nofile=unlimited:"]).status();
+        let hard = Command::new("sh").args(["-c", "ulimit -Hn"]).output().map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string()).unwrap_or_default();
+        let _ = Command::new("prlimit").args(["--pid", &std::process::id().to_string(), &format!("--nofile={hard}:")]).status();
     }
     println!("{}", reachback_testkit::machine_line());
+    println!("open-file limit of this process and the replicas (inherited): {}", open_file_limit());
     let name = format!("reachback_bench_scale_{}", std::process::id());
     let status = Command::new("psql").args([admin_url.as_str(), "-qc", &format!("CREATE DATABASE {name}")]).status().expect("psql");
     assert!(status.success(), "cannot create the benchmark database");
@@ -314,9 +319,32 @@ fn main() {
     }
 }
 
+/// The soft and hard open-file limits of this process, as /proc says them.
+fn open_file_limit() -> String {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .map(|line| line.split_whitespace().skip(3).take(2).collect::<Vec<_>>().join(" soft, ") + " hard")
+        .unwrap_or_default()
+}
+
+/// The execution time of one statement as PostgreSQL measures it (EXPLAIN ANALYZE), ms;
+/// a write is rolled back.
+fn statement_ms(url: &str, statement: &str) -> f64 {
+    let output = Command::new("psql")
+        .args([url, "-qAt", "-c", "BEGIN", "-c", &format!("EXPLAIN (ANALYZE, FORMAT JSON) {statement}"), "-c", "ROLLBACK"])
+        .output()
+        .expect("psql");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let start = text.find('[').unwrap_or(0);
+    let end = text.rfind(']').map_or(text.len(), |end| end + 1);
+    serde_json::from_str::<Value>(&text[start..end]).ok().and_then(|plan| plan[0]["Execution Time"].as_f64()).unwrap_or(f64::NAN)
+}
+
 fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
     let agents = env_number("REACHBACK_BENCH_AGENTS", 10_000);
-    let idle_seconds = env_number("REACHBACK_BENCH_IDLE_SECONDS", 60);
+    let idle_seconds = env_number("REACHBACK_BENCH_IDLE_SECONDS", 120);
     let flows = env_number("REACHBACK_BENCH_FLOWS", 200);
     let wave = env_number("REACHBACK_BENCH_WAVE", 500).max(1);
     let extra: Vec<String> = std::env::var("REACHBACK_BENCH_SERVER_ARGS").unwrap_or_default().split_whitespace().map(str::to_string).collect();
@@ -531,7 +559,7 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
     println!("  PostgreSQL (all its processes): {pg_cpu:.2} CPU-s/min");
     let delta = |get: fn(&DbCounters) -> f64| (get(&db_after) - get(&db_before)) * per_minute;
     println!(
-        "  database writes per minute: {:.0} commits, {:.0} rows inserted, {:.0} updated, {:.0} deleted; WAL {:.2} MiB/min (the cluster's)",
+        "  database per minute: {:.0} transactions committed (read-only ones included), {:.0} rows inserted, {:.0} updated, {:.0} deleted; WAL {:.2} MiB/min (the cluster's)",
         delta(|counters| counters.commits),
         delta(|counters| counters.inserted),
         delta(|counters| counters.updated),
@@ -565,6 +593,29 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
     }
     let database_bytes = psql_number(database, "SELECT pg_database_size(current_database())");
     println!("  the whole database: {:.1} MiB = {:.0} bytes per agent", mib(database_bytes), database_bytes / agents as f64);
+    // what the replicas' periodic statements cost at this size (median of 5, ms)
+    let timed = |statement: &str| {
+        let mut times: Vec<f64> = (0..5).map(|_| statement_ms(database, statement)).collect();
+        times.sort_by(f64::total_cmp);
+        times[2]
+    };
+    let node = &replicas[0].node;
+    println!(
+        "  statements at this size ({}: {:.0} sessions), median of 5 (EXPLAIN ANALYZE, writes rolled back):",
+        node, gauges[0]
+    );
+    println!(
+        "    the registry listing with session counts (every replica, every second): {:.2} ms",
+        timed("SELECT r.node_name, (SELECT COUNT(*) FROM client_sessions s WHERE s.broker_node = r.node_name) FROM replicas r ORDER BY r.node_name")
+    );
+    println!(
+        "    one replica's session ids (the session sync: every 30 s and at every session deleted anywhere): {:.2} ms",
+        timed(&format!("SELECT id FROM client_sessions WHERE broker_node = '{node}'"))
+    );
+    println!(
+        "    one replica's devices marked seen (every replica, every minute): {:.2} ms",
+        timed(&format!("UPDATE devices SET last_seen = last_seen + 1 WHERE id IN (SELECT device_id FROM client_sessions WHERE broker_node = '{node}')"))
+    );
     let connections = psql(admin_url, &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}'"));
     println!("  PostgreSQL connections to the database from the three replicas: {}", connections.first().and_then(|row| row.first()).cloned().unwrap_or_default());
 
@@ -598,6 +649,8 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
     for &socks in &socks_ports {
         wait_for("a flow through each connector", Duration::from_secs(60), || runtime.block_on(one_flow(socks, first)).is_ok());
     }
+    let relayed_metric = || replicas.iter().map(|replica| metric(&replica.base, "reachback_replica_relayed_flows_total")).sum::<f64>() / 2.0;
+    let relayed_before = relayed_metric();
     let mut draw = reachback_testkit::Draw(0x5ca1e);
     let mut latencies = [Vec::new(), Vec::new()];
     let mut failed = Vec::new();
@@ -632,8 +685,7 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
         percentile(&latencies[1], 0.5),
         percentile(&latencies[1], 0.99)
     );
-    let relayed: f64 = replicas.iter().map(|replica| metric(&replica.base, "reachback_replica_relayed_flows_total")).sum::<f64>() / 2.0;
-    println!("  relayed flows counted by the replicas (in + out, halved): {relayed:.0}");
+    println!("  relayed flows counted by the replicas meanwhile (in + out, halved): {:.0}", relayed_metric() - relayed_before);
     for failure in failed.iter().take(10) {
         println!("  failed: {failure}");
     }
