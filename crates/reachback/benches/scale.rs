@@ -124,14 +124,21 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(14) + field(15)
 }
 
-/// CPU ticks of every PostgreSQL process of the machine (the exclusive lock keeps others away).
-fn postgres_ticks() -> u64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+/// CPU ticks of every PostgreSQL process of the machine, by process id (the exclusive
+/// lock keeps other users away).
+fn postgres_ticks() -> HashMap<u32, u64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return HashMap::new() };
     entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres"))
-        .map(cpu_ticks)
-        .sum()
+        .map(|pid| (pid, cpu_ticks(pid)))
+        .collect()
+}
+
+/// The ticks PostgreSQL spent between two readings: processes that lived through both,
+/// and the whole of those that started meanwhile (those that ended are lost).
+fn postgres_spent(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> u64 {
+    after.iter().map(|(pid, ticks)| ticks.saturating_sub(before.get(pid).copied().unwrap_or(0))).sum()
 }
 
 fn ticks_per_second() -> f64 {
@@ -251,6 +258,81 @@ fn db_counters(admin: &str, name: &str, database: &str) -> DbCounters {
     DbCounters { commits: cell(0), inserted: cell(1), updated: cell(2), deleted: cell(3), wal: cell(4), tables }
 }
 
+/// CPU ticks of the replicas, of this process and of PostgreSQL at one moment.
+struct Cpu {
+    replicas: Vec<u64>,
+    own: u64,
+    postgres: HashMap<u32, u64>,
+}
+
+fn cpu_now(pids: &[u32]) -> Cpu {
+    Cpu { replicas: pids.iter().map(|&pid| cpu_ticks(pid)).collect(), own: cpu_ticks(std::process::id()), postgres: postgres_ticks() }
+}
+
+/// What a window cost: CPU-seconds of each replica, of this process and of PostgreSQL,
+/// and the database's counters before and after; all per minute of wall time.
+struct Window {
+    replicas: Vec<f64>,
+    own: f64,
+    postgres: f64,
+    seconds: f64,
+    db: Option<(DbCounters, DbCounters)>,
+}
+
+impl Window {
+    fn between(before: &Cpu, after: &Cpu, seconds: f64, hz: f64) -> Window {
+        let per_minute = 60.0 / seconds / hz;
+        Window {
+            replicas: before.replicas.iter().zip(&after.replicas).map(|(before, after)| after.saturating_sub(*before) as f64 * per_minute).collect(),
+            own: after.own.saturating_sub(before.own) as f64 * per_minute,
+            postgres: postgres_spent(&before.postgres, &after.postgres) as f64 * per_minute,
+            seconds,
+            db: None,
+        }
+    }
+
+    /// Sleeps `seconds` and measures it, the database's counters included.
+    fn idle(pids: &[u32], seconds: u64, hz: f64, admin: &str, name: &str, database: &str) -> Window {
+        let db_before = db_counters(admin, name, database);
+        let before = cpu_now(pids);
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_secs(seconds));
+        let after = cpu_now(pids);
+        let mut window = Window::between(&before, &after, started.elapsed().as_secs_f64(), hz);
+        // PostgreSQL publishes its counters within a second or so of a transaction's end
+        std::thread::sleep(Duration::from_millis(1500));
+        window.db = Some((db_before, db_counters(admin, name, database)));
+        window
+    }
+
+    /// A database counter's change per minute.
+    fn db_rate(&self, get: impl Fn(&DbCounters) -> f64) -> f64 {
+        self.db.as_ref().map_or(f64::NAN, |(before, after)| (get(after) - get(before)) * 60.0 / self.seconds)
+    }
+
+    fn print_db(&self) {
+        println!(
+            "  database per minute: {:.0} transactions committed (read-only ones included), {:.0} rows inserted, {:.0} updated, {:.0} deleted; WAL {:.2} MiB/min (the cluster's)",
+            self.db_rate(|counters| counters.commits),
+            self.db_rate(|counters| counters.inserted),
+            self.db_rate(|counters| counters.updated),
+            self.db_rate(|counters| counters.deleted),
+            mib(self.db_rate(|counters| counters.wal))
+        );
+        let Some((before, after)) = &self.db else { return };
+        let mut tables: Vec<&String> = after.tables.keys().collect();
+        tables.sort();
+        for table in tables {
+            let (now, then) = (after.tables[table], before.tables.get(table).copied().unwrap_or_default());
+            let rate = |now: f64, then: f64| (now - then) * 60.0 / self.seconds;
+            let (inserted, updated, deleted) = (rate(now.0, then.0), rate(now.1, then.1), rate(now.2, then.2));
+            if inserted + updated + deleted > 0.0 {
+                println!("    {table}: {inserted:.0} inserted, {updated:.0} updated, {deleted:.0} deleted per minute");
+            }
+        }
+    }
+}
+
 struct Replica {
     process: Process,
     base: String,
@@ -345,6 +427,7 @@ fn statement_ms(url: &str, statement: &str) -> f64 {
 fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
     let agents = env_number("REACHBACK_BENCH_AGENTS", 10_000);
     let idle_seconds = env_number("REACHBACK_BENCH_IDLE_SECONDS", 120);
+    let baseline_seconds = env_number("REACHBACK_BENCH_BASELINE_SECONDS", 30);
     let flows = env_number("REACHBACK_BENCH_FLOWS", 200);
     let wave = env_number("REACHBACK_BENCH_WAVE", 500).max(1);
     let extra: Vec<String> = std::env::var("REACHBACK_BENCH_SERVER_ARGS").unwrap_or_default().split_whitespace().map(str::to_string).collect();
@@ -428,11 +511,15 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
         let (_, list) = api(index, "GET", "/replicas", None);
         list["items"].as_array().map_or(f64::NAN, |items| items.iter().filter_map(|item| item["client_sessions"].as_f64()).sum())
     };
-    std::thread::sleep(Duration::from_secs(3));
+    // the server's own vacuum after the enrollments' inserts runs within 10 s: not in the baseline
+    std::thread::sleep(Duration::from_secs(12));
     let pids: Vec<u32> = replicas.iter().map(|replica| replica.process.0.id()).collect();
     let own = std::process::id();
     let before: Vec<Snapshot> = pids.iter().map(|&pid| snapshot(pid)).collect();
     let own_before = snapshot(own);
+    // what the replicas cost with no session at all (heartbeats, registry, listener)
+    let baseline = Window::idle(&pids, baseline_seconds as u64, hz, admin_url, name, database);
+    let connect_before = cpu_now(&pids);
 
     // the agents: the library's `run`, in waves (a wave connects before the next starts)
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -471,9 +558,20 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
         slowest_wave = slowest_wave.max(wave_started.elapsed().as_secs_f64());
     }
     let connect_seconds = started.elapsed().as_secs_f64();
+    let connect = Window::between(&connect_before, &cpu_now(&pids), connect_seconds, hz);
     println!(
         "  connected {agents} agents in {connect_seconds:.1} s ({:.0} tunnels/s over the three replicas, waves of {wave}, slowest wave {slowest_wave:.1} s)",
         agents as f64 / connect_seconds
+    );
+    let spent = |per_minute: f64| per_minute * connect_seconds / 60.0;
+    println!(
+        "  CPU of the connects: replicas {:.1} s in all = {:.2} ms per tunnel (TLS handshake, hello, session row); PostgreSQL {:.1} s = {:.2} ms per tunnel; the agents {:.1} s = {:.2} ms per tunnel",
+        spent(connect.replicas.iter().sum()),
+        spent(connect.replicas.iter().sum()) * 1000.0 / agents as f64,
+        spent(connect.postgres),
+        spent(connect.postgres) * 1000.0 / agents as f64,
+        spent(connect.own),
+        spent(connect.own) * 1000.0 / agents as f64
     );
     // let the first minute's device touch and every allocation settle
     std::thread::sleep(Duration::from_secs(20));
@@ -530,55 +628,37 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
     );
 
     // the idle window: nothing but keepalives, heartbeats and the devices' touch
-    let db_before = db_counters(admin_url, name, database);
-    let cpu_before: Vec<u64> = pids.iter().map(|&pid| cpu_ticks(pid)).collect();
-    let (own_cpu_before, pg_before) = (cpu_ticks(own), postgres_ticks());
-    let window = Instant::now();
-    std::thread::sleep(Duration::from_secs(idle_seconds as u64));
-    let elapsed = window.elapsed().as_secs_f64();
-    let cpu_after: Vec<u64> = pids.iter().map(|&pid| cpu_ticks(pid)).collect();
-    let (own_cpu_after, pg_after) = (cpu_ticks(own), postgres_ticks());
-    // PostgreSQL publishes its counters within a second or so of a transaction's end
-    std::thread::sleep(Duration::from_millis(1500));
-    let db_after = db_counters(admin_url, name, database);
-    let per_minute = 60.0 / elapsed;
-    println!("idle window of {elapsed:.0} s with every session held (CPU-seconds per minute of wall time; 1 core = 60):");
+    let idle = Window::idle(&pids, idle_seconds as u64, hz, admin_url, name, database);
+    println!(
+        "idle windows: {:.0} s before the agents (no session), {:.0} s with every session held; CPU-seconds per minute of wall time (1 core = 60):",
+        baseline.seconds, idle.seconds
+    );
     for (index, replica) in replicas.iter().enumerate() {
-        let cpu = (cpu_after[index] - cpu_before[index]) as f64 / hz * per_minute;
+        let (without, with) = (baseline.replicas[index], idle.replicas[index]);
         println!(
-            "  {}: {cpu:.2} CPU-s/min for {:.0} sessions = {:.1} CPU-ms per session per minute ({:.2} % of a core)",
+            "  {}: {without:.2} without sessions → {with:.2} with {:.0} = {:.2} CPU-ms per session per minute over the baseline ({:.2} % of a core in all)",
             replica.node,
             gauges[index],
-            cpu * 1000.0 / gauges[index],
-            cpu / 60.0 * 100.0
+            (with - without) * 1000.0 / gauges[index],
+            with / 60.0 * 100.0
         );
     }
-    let own_cpu = (own_cpu_after - own_cpu_before) as f64 / hz * per_minute;
-    let pg_cpu = (pg_after - pg_before) as f64 / hz * per_minute;
-    println!("  the agents (this process): {own_cpu:.2} CPU-s/min = {:.1} CPU-ms per agent per minute", own_cpu * 1000.0 / agents as f64);
-    println!("  PostgreSQL (all its processes): {pg_cpu:.2} CPU-s/min");
-    let delta = |get: fn(&DbCounters) -> f64| (get(&db_after) - get(&db_before)) * per_minute;
+    let (without, with) = (baseline.replicas.iter().sum::<f64>(), idle.replicas.iter().sum::<f64>());
     println!(
-        "  database per minute: {:.0} transactions committed (read-only ones included), {:.0} rows inserted, {:.0} updated, {:.0} deleted; WAL {:.2} MiB/min (the cluster's)",
-        delta(|counters| counters.commits),
-        delta(|counters| counters.inserted),
-        delta(|counters| counters.updated),
-        delta(|counters| counters.deleted),
-        mib(delta(|counters| counters.wal))
+        "  the three replicas: {without:.2} → {with:.2} CPU-s/min = {:.2} CPU-ms per session per minute over the baseline",
+        (with - without) * 1000.0 / agents as f64
     );
-    let mut changed: Vec<(String, (f64, f64, f64))> = db_after
-        .tables
-        .iter()
-        .map(|(table, after)| {
-            let before = db_before.tables.get(table).copied().unwrap_or_default();
-            (table.clone(), ((after.0 - before.0) * per_minute, (after.1 - before.1) * per_minute, (after.2 - before.2) * per_minute))
-        })
-        .filter(|(_, (inserted, updated, deleted))| *inserted + *updated + *deleted > 0.0)
-        .collect();
-    changed.sort_by(|a, b| a.0.cmp(&b.0));
-    for (table, (inserted, updated, deleted)) in changed {
-        println!("    {table}: {inserted:.0} inserted, {updated:.0} updated, {deleted:.0} deleted per minute");
-    }
+    println!(
+        "  PostgreSQL (all its processes): {:.2} → {:.2} CPU-s/min = {:.3} CPU-ms per session per minute over the baseline",
+        baseline.postgres,
+        idle.postgres,
+        (idle.postgres - baseline.postgres) * 1000.0 / agents as f64
+    );
+    println!("  the agents (this process): {:.2} CPU-s/min = {:.2} CPU-ms per agent per minute", idle.own, idle.own * 1000.0 / agents as f64);
+    println!("  without sessions:");
+    baseline.print_db();
+    println!("  with every session held:");
+    idle.print_db();
 
     // what the database holds per agent
     println!("database rows and bytes (table + indexes + TOAST) per agent, {agents} agents:");
