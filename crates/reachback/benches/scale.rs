@@ -24,7 +24,9 @@
 //! devices' one-minute touches),
 //! REACHBACK_BENCH_FLOWS (200), REACHBACK_BENCH_WAVE (agents started at once, 500),
 //! REACHBACK_BENCH_SERVER_ARGS (more arguments for every replica, space-separated,
-//! e.g. `--client-keepalive 10` where the server has that flag).
+//! e.g. `--client-keepalive 10` where the server has that flag), REACHBACK_BENCH_BINARY
+//! (another `reachback` binary as the replicas), REACHBACK_BENCH_REPLICA_NOFILE (the
+//! replicas' soft open-file limit, e.g. 1024 as in a shell).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -344,7 +346,17 @@ fn start_replica(index: usize, work: &Path, database: &str, secret: &Path, extra
     let (port, tunnel) = (free_port(), format!("127.0.0.1:{}", free_port()));
     let node = format!("replica-{index}");
     let log = std::fs::File::create(work.join(format!("{node}.log"))).expect("log");
-    let mut command = Command::new(BIN);
+    // REACHBACK_BENCH_REPLICA_NOFILE starts the replicas with that soft open-file limit
+    // (as a shell's 1,024), the hard one unchanged
+    let binary = std::env::var("REACHBACK_BENCH_BINARY").unwrap_or_else(|_| BIN.to_string());
+    let mut command = match std::env::var("REACHBACK_BENCH_REPLICA_NOFILE") {
+        Ok(soft) => {
+            let mut command = Command::new("prlimit");
+            command.arg(format!("--nofile={soft}:")).arg(&binary);
+            command
+        }
+        Err(_) => Command::new(&binary),
+    };
     command
         .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--tunnel-listen", &tunnel, "--broker-endpoints", &tunnel])
         .args(["--bootstrap-token", TOKEN, "--database", database, "--node-name", &node, "--secret-key-file"])
@@ -384,6 +396,9 @@ fn main() {
     }
     println!("{}", reachback_testkit::machine_line());
     println!("open-file limit of this process and the replicas (inherited): {}", open_file_limit());
+    if let Ok(soft) = std::env::var("REACHBACK_BENCH_REPLICA_NOFILE") {
+        println!("the replicas are started with a soft open-file limit of {soft}");
+    }
     let name = format!("reachback_bench_scale_{}", std::process::id());
     let status = Command::new("psql").args([admin_url.as_str(), "-qc", &format!("CREATE DATABASE {name}")]).status().expect("psql");
     assert!(status.success(), "cannot create the benchmark database");
@@ -554,7 +569,20 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
             }));
         }
         let want = tasks.len() as f64;
-        wait_for("a wave of agents to connect", Duration::from_secs(300), || total_sessions(0) >= want);
+        let limit = Duration::from_secs(env_number("REACHBACK_BENCH_CONNECT_TIMEOUT", 300) as u64);
+        while total_sessions(0) < want {
+            if wave_started.elapsed() > limit {
+                let held = total_sessions(0);
+                for replica in &replicas {
+                    let log = std::fs::read_to_string(work.join(format!("{}.log", replica.node))).unwrap_or_default();
+                    let failed = log.lines().filter(|line| line.contains("accepting a tunnel failed")).count();
+                    let example = log.lines().find(|line| line.contains("accepting a tunnel failed")).unwrap_or("").to_string();
+                    println!("  {}: gauge {:.0}; {failed} log lines 'accepting a tunnel failed' {example}", replica.node, metric(&replica.base, "reachback_client_sessions"));
+                }
+                panic!("only {held:.0} of {want:.0} agents connected {:.0} s after their wave started", wave_started.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         slowest_wave = slowest_wave.max(wave_started.elapsed().as_secs_f64());
     }
     let connect_seconds = started.elapsed().as_secs_f64();
