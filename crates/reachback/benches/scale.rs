@@ -144,12 +144,7 @@ fn postgres_spent(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> u64 
 }
 
 fn ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    Command::new("getconf").arg("CLK_TCK").output().ok().and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok()).unwrap_or(100.0)
 }
 
 fn mib(bytes: f64) -> f64 {
@@ -170,10 +165,7 @@ fn metric(base: &str, name: &str) -> f64 {
         .ok()
         .and_then(|mut reply| reply.body_mut().read_to_string().ok())
         .map(|text| {
-            text.lines()
-                .filter(|line| line.split(['{', ' ']).next() == Some(name))
-                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
+            text.lines().filter(|line| line.split(['{', ' ']).next() == Some(name)).filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok()).sum()
         })
         .unwrap_or(f64::NAN)
 }
@@ -369,9 +361,7 @@ fn start_replica(index: usize, work: &Path, database: &str, secret: &Path, extra
         .stderr(log);
     let process = Process(command.spawn().expect("server"));
     let base = format!("http://127.0.0.1:{port}");
-    wait_for("a replica to be ready", Duration::from_secs(120), || {
-        ureq::get(&format!("{base}/readyz")).call().is_ok_and(|reply| reply.status() == 200)
-    });
+    wait_for("a replica to be ready", Duration::from_secs(120), || ureq::get(&format!("{base}/readyz")).call().is_ok_and(|reply| reply.status() == 200));
     Replica { process, base, tunnel, node }
 }
 
@@ -391,7 +381,8 @@ fn main() {
     if !raised {
         // without CAP_SYS_RESOURCE: as far as the hard limit goes
         let _ = Command::new("prlimit").args(["--pid", &std::process::id().to_string(), "--nofile=unlimited:"]).status();
-        let hard = Command::new("sh").args(["-c", "ulimit -Hn"]).output().map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string()).unwrap_or_default();
+        let hard =
+            Command::new("sh").args(["-c", "ulimit -Hn"]).output().map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string()).unwrap_or_default();
         let _ = Command::new("prlimit").args(["--pid", &std::process::id().to_string(), &format!("--nofile={hard}:")]).status();
     }
     println!("{}", reachback_testkit::machine_line());
@@ -577,7 +568,11 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
                     let log = std::fs::read_to_string(work.join(format!("{}.log", replica.node))).unwrap_or_default();
                     let failed = log.lines().filter(|line| line.contains("accepting a tunnel failed")).count();
                     let example = log.lines().find(|line| line.contains("accepting a tunnel failed")).unwrap_or("").to_string();
-                    println!("  {}: gauge {:.0}; {failed} log lines 'accepting a tunnel failed' {example}", replica.node, metric(&replica.base, "reachback_client_sessions"));
+                    println!(
+                        "  {}: gauge {:.0}; {failed} log lines 'accepting a tunnel failed' {example}",
+                        replica.node,
+                        metric(&replica.base, "reachback_client_sessions")
+                    );
                 }
                 panic!("only {held:.0} of {want:.0} agents connected {:.0} s after their wave started", wave_started.elapsed().as_secs_f64());
             }
@@ -708,10 +703,7 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
         times[2]
     };
     let node = &replicas[0].node;
-    println!(
-        "  statements at this size ({}: {:.0} sessions), median of 5 (EXPLAIN ANALYZE, writes rolled back):",
-        node, gauges[0]
-    );
+    println!("  statements at this size ({}: {:.0} sessions), median of 5 (EXPLAIN ANALYZE, writes rolled back):", node, gauges[0]);
     println!(
         "    the registry listing with session counts (every replica, every second): {:.2} ms",
         timed("SELECT r.node_name, (SELECT COUNT(*) FROM client_sessions s WHERE s.broker_node = r.node_name) FROM replicas r ORDER BY r.node_name")
@@ -725,7 +717,10 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
         timed(&format!("UPDATE devices SET last_seen = last_seen + 1 WHERE id IN (SELECT device_id FROM client_sessions WHERE broker_node = '{node}')"))
     );
     let connections = psql(admin_url, &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}'"));
-    println!("  PostgreSQL connections to the database from the three replicas: {}", connections.first().and_then(|row| row.first()).cloned().unwrap_or_default());
+    println!(
+        "  PostgreSQL connections to the database from the three replicas: {}",
+        connections.first().and_then(|row| row.first()).cloned().unwrap_or_default()
+    );
 
     // flows: a SOCKS5 connector attached to each replica, to a random agent through a random one
     let mut connectors = Vec::new();
