@@ -552,10 +552,10 @@ fn run(admin_url: &str, name: &str, database: &str, work: &Path) {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                if let Err(error) = reachback_agent::run(options, shutdown).await {
-                    if failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5 {
-                        eprintln!("an agent stopped: {error:#}");
-                    }
+                if let Err(error) = reachback_agent::run(options, shutdown).await
+                    && failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5
+                {
+                    eprintln!("an agent stopped: {error:#}");
                 }
             }));
         }
