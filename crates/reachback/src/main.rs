@@ -481,6 +481,9 @@ async fn shutdown_signal() {
 
 fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     tune_allocator();
+    // every agent and connector tunnel holds a descriptor: the soft limit (often 1,024 in a
+    // shell) is raised to the hard one, as the agent and the connector do
+    reachback_tunnel::socket::raise_file_limit();
     init_logging(&args.log_format);
     let config = args.into_config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
