@@ -189,7 +189,13 @@ pub async fn run(options: RunOptions, shutdown: impl std::future::Future<Output 
                         connection.close(0, b"agent stopping");
                         break;
                     }
-                    Some(end) => client::after_tunnel(&mut backoff, Ok(end))?,
+                    Some(end) => {
+                        // told to move: the flows open on the old tunnel finish there
+                        if matches!(end, client::TunnelEnd::Moved(_)) {
+                            client::linger(connection);
+                        }
+                        client::after_tunnel(&mut backoff, Ok(end))?
+                    }
                 }
             }
             Err(error) => client::after_tunnel(&mut backoff, Err(error))?,

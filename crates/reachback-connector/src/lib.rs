@@ -376,7 +376,8 @@ async fn tunnel_loop(
                     tracing::info!(ranges = ranges.len(), "{what} installed");
                 }
                 tracing::info!(connector_id = %tunnel.welcome.session_id, "tunnel up");
-                let _ = connection_tx.send(Some(tunnel.connection.clone()));
+                let connection = tunnel.connection.clone();
+                let _ = connection_tx.send(Some(connection.clone()));
                 let port = options.tproxy_port;
                 let on_update = |update: client::Update| match update {
                     client::Update::Ranges(ranges) => {
@@ -396,7 +397,13 @@ async fn tunnel_loop(
                 let _ = connection_tx.send(None);
                 match end {
                     None => return Ok(()),
-                    Some(end) => client::after_tunnel(&mut backoff, Ok(end))?,
+                    Some(end) => {
+                        // told to move: the flows open on the old tunnel finish there
+                        if matches!(end, client::TunnelEnd::Moved(_)) {
+                            client::linger(connection);
+                        }
+                        client::after_tunnel(&mut backoff, Ok(end))?
+                    }
                 }
             }
             Err(error) => client::after_tunnel(&mut backoff, Err(error))?,

@@ -164,21 +164,42 @@ pub async fn deliver(state: Weak<AppState>) {
         Some(state) => state.config.node_name.clone(),
         None => return,
     };
+    let mut failures: u32 = 0;
     loop {
         let Some(state) = state.upgrade() else { return };
         let busy = match round(&state, &owner).await {
-            Ok(busy) => busy,
+            Ok(busy) => {
+                if failures > 0 {
+                    tracing::info!(failed_rounds = failures, "event delivery works again");
+                    failures = 0;
+                }
+                busy
+            }
             Err(error) => {
-                tracing::warn!(%error, "event delivery round failed");
+                failures = failures.saturating_add(1);
+                // the first failure, then at each doubling: a database away for a minute is a
+                // handful of lines, not four a second
+                if failures.is_power_of_two() {
+                    tracing::warn!(%error, failed_rounds = failures, "event delivery round failed");
+                }
                 false
             }
         };
         drop(state);
         if !busy {
-            tokio::time::sleep(IDLE).await;
+            tokio::time::sleep(round_delay(failures)).await;
         }
     }
 }
+
+/// The pause before the next round: [`IDLE`], doubled for each round in a row that
+/// failed (the database unreachable), up to [`MAX_ROUND_DELAY`].
+fn round_delay(failures: u32) -> Duration {
+    IDLE.saturating_mul(1 << failures.min(16)).min(MAX_ROUND_DELAY)
+}
+
+/// The longest pause between rounds while they fail.
+const MAX_ROUND_DELAY: Duration = Duration::from_secs(30);
 
 /// One pass over the sinks; answers whether a sink still has a full batch waiting.
 async fn round(state: &Arc<AppState>, owner: &str) -> anyhow::Result<bool> {
@@ -348,6 +369,15 @@ pub fn observe(metrics: &EventMetrics, sinks: &[SinkRow], now: i64) {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    #[test]
+    fn failing_rounds_back_off_to_half_a_minute_and_start_over() {
+        assert_eq!(round_delay(0), IDLE);
+        assert_eq!(round_delay(1), IDLE * 2);
+        assert_eq!(round_delay(3), IDLE * 8);
+        assert_eq!(round_delay(10), MAX_ROUND_DELAY);
+        assert_eq!(round_delay(u32::MAX), MAX_ROUND_DELAY);
+    }
 
     fn event(kind: &str, data: Value) -> OutboxEvent {
         OutboxEvent { id: 7, kind: kind.into(), subject: "100.64.0.9".into(), at: 1_765_000_000_123_456, data: data.to_string() }

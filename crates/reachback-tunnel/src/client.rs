@@ -483,10 +483,11 @@ pub fn leave(dir: &Path, kind: &str) -> anyhow::Result<()> {
 }
 
 /// How long a client waits without a frame from its replica before it gives the
-/// tunnel up and moves: two keepalive intervals and a half. The replica pings a
-/// quiet tunnel every interval, so a live one is heard at least that often; a
-/// replica whose host died silently is left after 2.5 s at the default of 1 s, and
-/// the reconnection (at most 0.5 s) lands on a live replica within 3 s.
+/// tunnel up and moves: two keepalive intervals and a half (the replica pings a
+/// quiet tunnel every interval, so a live one is heard at least that often). This
+/// catches a replica process that stopped answering while its kernel still
+/// acknowledges (25 s at the default of 10 s); a replica whose host or network
+/// vanished is left sooner, by the kernel ([`crate::tls::CLIENT_DEAD_AFTER`]).
 pub fn dead_after(keepalive: Duration) -> Duration {
     keepalive * 5 / 2
 }
@@ -558,6 +559,26 @@ impl Tunnel {
         }
         end
     }
+}
+
+/// Keeps the tunnel a draining replica told this client to leave until the flows
+/// still open on it end (or the replica closes it at its drain deadline): the client
+/// reconnects elsewhere at once, and dropping its last handle would reset them.
+pub fn linger(connection: Connection) {
+    tokio::spawn(async move {
+        let flows_ended = async {
+            while connection.open_streams() > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            _ = flows_ended => {}
+            _ = connection.closed() => {}
+            // the replica's --drain-timeout is at most an hour
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+        connection.close(0, b"moved to another replica");
+    });
 }
 
 /// What a client's reconnect loop does after a tunnel attempt ended: stop for

@@ -62,6 +62,29 @@ impl TlsMaterial {
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client's tunnel may go without the replica's kernel acknowledging
+/// anything before the client gives it up and moves to another replica. The kernel
+/// probes a quiet tunnel every second (TCP keepalive, whole seconds) and drops the
+/// connection at the first probe when nothing, probe or data, was acknowledged for
+/// this long (`TCP_USER_TIMEOUT`): a replica whose host vanished or whose network is
+/// cut is left at the second probe, 2 s after the last thing it acknowledged, and the
+/// reconnection (at most 0.5 s) lands on a live replica within 3 s. A replica that is
+/// only slow (its process busy, its kernel still acknowledging) is not left: the
+/// application's keepalive (`--client-keepalive`) is for a process that stopped
+/// answering, and a short application-level timeout made overloaded replicas shed
+/// their clients onto the others (docs/decisions.md).
+pub const CLIENT_DEAD_AFTER: Duration = Duration::from_millis(1500);
+
+/// The client side of a tunnel: [`tune`], then the kernel-level liveness of [`CLIENT_DEAD_AFTER`].
+fn tune_client(stream: &tokio::net::TcpStream, congestion: &Congestion) {
+    tune(stream, congestion);
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(1)).with_interval(Duration::from_secs(1)).with_retries(3);
+    if let Err(error) = socket.set_tcp_keepalive(&keepalive).and_then(|()| socket.set_tcp_user_timeout(Some(CLIENT_DEAD_AFTER))) {
+        tracing::debug!(%error, "could not set the tunnel's kernel-level liveness");
+    }
+}
+
 fn tune(stream: &tokio::net::TcpStream, congestion: &Congestion) {
     let _ = stream.set_nodelay(true);
     if let Err(error) = congestion.apply(stream) {
@@ -234,7 +257,7 @@ impl TunnelConnector {
 
     pub async fn connect(&self, address: SocketAddr) -> anyhow::Result<Connection> {
         let stream = tokio::net::TcpStream::connect(address).await.with_context(|| format!("connecting to {address}"))?;
-        tune(&stream, &self.congestion);
+        tune_client(&stream, &self.congestion);
         let name = ServerName::try_from(reachback_proto::BROKER_SERVER_NAME).context("broker name")?;
         let tls =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, stream)).await.context("TLS handshake timed out")?.context("TLS handshake")?;

@@ -233,7 +233,7 @@ struct ServerArgs {
     /// Seconds a stopping server (SIGTERM) waits for open flows after telling agents and connectors to move to another replica [default: 30]
     #[arg(long, env = "REACHBACK_DRAIN_TIMEOUT")]
     drain_timeout: Option<u64>,
-    /// Seconds between keepalives on quiet tunnels; agents and connectors give up on a silent replica after 2.5 of them and move to another [default: 1]
+    /// Seconds between keepalives on quiet tunnels; agents and connectors give up on a replica that stopped answering after 2.5 of them and move to another (a replica whose host or network vanished is left within 3 s whatever this is) [default: 10]
     #[arg(long, env = "REACHBACK_CLIENT_KEEPALIVE")]
     client_keepalive: Option<u64>,
     /// TCP congestion control of the tunnels: `system` keeps the machine's [default: cubic where available]
@@ -352,7 +352,7 @@ impl ServerArgs {
                 .unwrap_or_else(reachback_server::state::local_host_name),
             flow_idle_timeout: std::time::Duration::from_secs(self.flow_idle_timeout.or(file.flow_idle_timeout).unwrap_or(3600)),
             drain_timeout: std::time::Duration::from_secs(self.drain_timeout.or(file.drain_timeout).unwrap_or(30)),
-            client_keepalive: std::time::Duration::from_secs(self.client_keepalive.or(file.client_keepalive).unwrap_or(1)),
+            client_keepalive: std::time::Duration::from_secs(self.client_keepalive.or(file.client_keepalive).unwrap_or(10)),
             tcp_congestion: reachback_tunnel::Congestion::resolve(self.tcp_congestion.or(file.tcp_congestion).as_deref())?,
             tls_files: match (self.tls_cert.or(file.tls_cert), self.tls_key.or(file.tls_key)) {
                 (Some(certificate), Some(key)) => Some((certificate, key)),

@@ -6,7 +6,8 @@
 //! (an unreachable route on its host), so every flow crosses replicas. curl and
 //! iperf3 from the server host reach the laptop through A and the agent's replica;
 //! the holder killed with SIGKILL, the laptop is reachable again through the third
-//! within 5 s with the same virtual IP; then every replica is stopped with SIGTERM
+//! within 5 s with the same virtual IP; the host of the laptop's replica vanishing from
+//! the network (its link down), the laptop moves within 3 s; then every replica is stopped with SIGTERM
 //! and started again in turn while enrollments and flows run: no enrollment that
 //! was acknowledged is lost, no address is bound twice, and every flow completes or
 //! is reset — none hangs.
@@ -297,6 +298,38 @@ fn three_replicas_on_their_own_hosts_carry_flows_fail_over_and_restart_in_turn()
     assert_eq!(holder(&lab).as_deref(), Some("replica-c"));
     assert_eq!(session_ip(&lab, a), ip, "the same virtual IP");
     start_replica(&mut lab, 1, &database, Some(&secret));
+
+    // 2b. C's host vanishes from the network (its link down: nothing answers, nothing is
+    // reset): the laptop's kernel finds its tunnel unacknowledged and it moves to B within 3 s
+    let c_link = format!("{}-y6", lab.prefix);
+    let link = |state: &str| {
+        let output = lab.run("rc", "ip", &["link", "set", &c_link, state]);
+        assert!(output.status.success(), "ip link set {state}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    link("down");
+    let vanished = Instant::now();
+    wait_for("the laptop to move off the vanished host", Duration::from_secs(15), || holder(&lab).as_deref() == Some("replica-b"));
+    let took = vanished.elapsed();
+    eprintln!("replica C's host vanished → the laptop attached to B after {took:?}");
+    assert!(took < Duration::from_secs(4), "goal 3 s (2 s to give up, at most 0.5 s to reconnect); room for a slow machine: {took:?}\n{}", lab.log("agent"));
+    let (code, body, _) = lab.curl(&page);
+    assert_eq!((code, body.as_str()), (0, "hello from the client\n"), "reachable through A and B");
+    assert_eq!(session_ip(&lab, a), ip, "the same virtual IP");
+    // back on the network (its route came down with the link), C takes up its heartbeat
+    // again (it had been declared dead)
+    link("up");
+    let output = lab.run("rc", "ip", &["route", "replace", "default", "via", "10.77.6.1"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let back = Instant::now();
+    loop {
+        let (_, replicas) = api_at(&lab, a, "GET", "/replicas", None);
+        if replicas["items"].as_array().is_some_and(|items| items.iter().any(|item| item["node_name"] == "replica-c" && item["status"] == "alive")) {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(60), "replica C not alive again: {replicas}\n{}", lab.log("replica-c"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("replica C back on the network → alive again after {:?}", back.elapsed());
 
     // 3. a rolling restart (SIGTERM, start again: A, B, C) under enrollments and flows
     let stop = AtomicBool::new(false);
