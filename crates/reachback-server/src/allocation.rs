@@ -62,8 +62,31 @@ impl AllocationService {
     /// group commit). The store plans each address with the engine and gives every
     /// planned address back when the batch fails, so the lock is held throughout.
     pub async fn enroll_batch(&self, jobs: &[EnrollJob], quarantine_micros: i64) -> Result<Vec<Result<EnrollOutcome, EnrollFailure>>, StoreError> {
-        let mut guarded = self.guarded.lock().await;
-        self.store.enroll_batch(jobs, &mut guarded.engine, quarantine_micros).await
+        let mut outcomes = {
+            let mut guarded = self.guarded.lock().await;
+            self.store.enroll_batch(jobs, &mut guarded.engine, quarantine_micros).await?
+        };
+        // with replicas, a range another replica just made reaches this engine by
+        // notification some milliseconds later: before an enrollment is refused for
+        // want of an address, the ranges are read again and it is tried once more
+        // (a refused job wrote nothing; with one server the reload finds nothing new)
+        let exhausted: Vec<usize> =
+            outcomes.iter().enumerate().filter(|(_, outcome)| matches!(outcome, Err(EnrollFailure::Exhausted))).map(|(index, _)| index).collect();
+        if exhausted.is_empty() {
+            return Ok(outcomes);
+        }
+        self.reload_ranges().await;
+        let retry: Vec<EnrollJob> = exhausted.iter().filter_map(|&index| jobs.get(index).cloned()).collect();
+        let again = {
+            let mut guarded = self.guarded.lock().await;
+            self.store.enroll_batch(&retry, &mut guarded.engine, quarantine_micros).await?
+        };
+        for (index, outcome) in exhausted.into_iter().zip(again) {
+            if let Some(slot) = outcomes.get_mut(index) {
+                *slot = outcome;
+            }
+        }
+        Ok(outcomes)
     }
 
     /// Creates a range (overlap and name checks in the store's transaction, with
@@ -249,6 +272,43 @@ mod tests {
         assert_eq!(position([2, 0, 3], 4), Some((2, 2)));
         assert_eq!(position([2, 0, 3], 5), None);
         assert_eq!(position([], 0), None);
+    }
+
+    /// An enrollment at a replica that has not yet heard of the range another replica
+    /// just made is not refused: the ranges are read again before "no free address".
+    #[tokio::test]
+    async fn an_enrollment_right_after_a_range_made_elsewhere_finds_it() {
+        let temp = temp_store().await;
+        let here = AllocationService::load(temp.store.clone(), 0).await.expect("load");
+        let there = AllocationService::load(temp.store.clone(), 0).await.expect("load");
+        let key = reachback_store::EnrollmentKeyRow {
+            id: "k1".into(),
+            username: "alice@corp.example".into(),
+            description: String::new(),
+            reusable: true,
+            expires_at: None,
+            used_count: 0,
+            revoked: false,
+            created_at: now_micros(),
+            hostname_pattern: None,
+        };
+        temp.store.create_enrollment_key(&key, b"key-hash", AuditEntry::default()).await.expect("key");
+        let job = |number: u8| EnrollJob {
+            key_hash: b"key-hash".to_vec(),
+            new_device_id: format!("device-{number}"),
+            hostname: format!("laptop{number}.corp.example"),
+            platform: "linux".into(),
+            public_key_fingerprint: vec![number; 32],
+            certificate_serial: format!("serial-{number}"),
+            location: None,
+            source_ip: None,
+        };
+        let outcomes = there.enroll_batch(&[job(1)], 0).await.expect("batch");
+        assert!(matches!(outcomes[0], Err(EnrollFailure::Exhausted)), "no range anywhere yet: {outcomes:?}");
+        here.create_range("r1", &range_write("Main", "100.64.0.0/24"), AuditEntry::default()).await.expect("create");
+        let outcomes = there.enroll_batch(&[job(2)], 0).await.expect("batch");
+        assert_eq!(outcomes[0].as_ref().map(|outcome| outcome.virtual_ip.as_str()), Ok("100.64.0.1"), "{outcomes:?}");
+        assert_eq!(engine_block(&there, "r1").await.as_deref(), Some("100.64.0.0/24"), "and this engine has the range now");
     }
 
     /// Range writes patch the engine of the service that made them, and another
