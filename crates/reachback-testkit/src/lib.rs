@@ -130,7 +130,13 @@ impl Lab {
 
     /// An API request from the broker host (HTTPS, verified against the internal CA).
     pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("https://127.0.0.1:8080/api/v1{path}");
+        self.api_at("127.0.0.1", method, path, body)
+    }
+
+    /// An API request from the broker host (the lab's router) to the server at
+    /// `address`, verified against the internal CA.
+    pub fn api_at(&self, address: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("https://{address}:8080/api/v1{path}");
         let authorization = format!("Authorization: Bearer {}", self.token);
         let ca = self.ca_file();
         let mut args =
@@ -523,5 +529,51 @@ impl Draw {
     /// One of `items`, which must not be empty.
     pub fn pick<T: Clone>(&mut self, items: &[T]) -> T {
         items[self.below(items.len() as u64) as usize].clone()
+    }
+}
+
+/// What the benches that run `reachback server` processes share.
+pub mod bench {
+    use std::process::Child;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    /// A number from the environment, or `default`.
+    pub fn env_number(name: &str, default: usize) -> usize {
+        std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+    }
+
+    /// A TCP port free on loopback now.
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
+    }
+
+    /// A child process, killed when dropped.
+    pub struct Process(pub Child);
+
+    impl Drop for Process {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// An HTTP client that hands back every status (no error for 4xx/5xx).
+    pub fn http(timeout: Duration) -> ureq::Agent {
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(timeout)).build().into()
+    }
+
+    /// One API call with a bearer token: the status and the JSON body (`Null` when none).
+    pub fn call(agent: &ureq::Agent, token: &str, method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+        let builder = ureq::http::Request::builder().method(method).uri(url).header("Authorization", format!("Bearer {token}"));
+        let result = match body {
+            Some(body) => agent.run(builder.header("Content-Type", "application/json").body(body.to_string()).expect("request")),
+            None => agent.run(builder.body(()).expect("request")),
+        };
+        let mut reply = result.expect("the API answers");
+        let status = reply.status().as_u16();
+        let text = reply.body_mut().read_to_string().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 }

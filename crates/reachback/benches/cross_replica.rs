@@ -11,32 +11,15 @@
 //! stream's download throughput (REACHBACK_BENCH_MIB per round, 256 by default).
 //! Prints the medians of the rounds and the ratios crossing ÷ not crossing.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use reachback_testkit::bench::{Process, env_number, free_port};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_reachback");
 const TOKEN: &str = "rbk_bench_bootstrap_token_0123456789";
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
-}
-
-/// A child process killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn(args: &[&str], log: &std::path::Path) -> Process {
     let file = std::fs::File::create(log).expect("log");

@@ -31,60 +31,28 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reachback_testkit::bench::{Process, env_number, free_port};
+use reachback_testkit::wait_for;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_reachback");
 const TOKEN: &str = "rbk_bench_bootstrap_token_0123456789";
-const REPLICAS: usize = 3;
-/// Open files this process and the replicas (which inherit it) may hold.
-const FILE_LIMIT: u64 = 65_536;
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
-}
-
-/// A child process, killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn http() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build().into()
+    reachback_testkit::bench::http(Duration::from_secs(60))
 }
 
 fn call(agent: &ureq::Agent, method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
-    let builder = ureq::http::Request::builder().method(method).uri(url).header("Authorization", format!("Bearer {TOKEN}"));
-    let result = match body {
-        Some(body) => agent.run(builder.header("Content-Type", "application/json").body(body.to_string()).expect("request")),
-        None => agent.run(builder.body(()).expect("request")),
-    };
-    let mut reply = result.expect("the API answers");
-    let status = reply.status().as_u16();
-    let text = reply.body_mut().read_to_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    reachback_testkit::bench::call(agent, TOKEN, method, url, body)
 }
-
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+const REPLICAS: usize = 3;
+/// Open files this process and the replicas (which inherit it) may hold.
+const FILE_LIMIT: u64 = 65_536;
 
 /// `psql -At` of one query on `url`: rows of `|`-separated cells.
 fn psql(url: &str, query: &str) -> Vec<Vec<String>> {

@@ -121,20 +121,7 @@ fn start_replica(lab: &mut Lab, index: usize, database: &str, secret: Option<&st
 /// An API request to the replica at `address`, from the broker host (the router of
 /// the lab), verified against the internal CA all replicas share.
 fn api_at(lab: &Lab, address: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let url = format!("https://{address}:8080/api/v1{path}");
-    let authorization = format!("Authorization: Bearer {}", lab.token);
-    let ca = lab.ca_file();
-    let mut args =
-        vec!["-s", "-m", "10", "--cacert", &ca, "-w", "\n%{http_code}", "-X", method, "-H", &authorization, "-H", "Content-Type: application/json", &url];
-    let text;
-    if let Some(body) = &body {
-        text = body.to_string();
-        args.extend(["-d", &text]);
-    }
-    let output = lab.run("brk", "curl", &args);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
-    (status.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+    lab.api_at(address, method, path, body)
 }
 
 fn metric_at(lab: &Lab, address: &str, name: &str) -> f64 {
