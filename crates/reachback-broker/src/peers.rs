@@ -35,6 +35,9 @@ const ABSENCE_TTL: Duration = Duration::from_millis(250);
 /// Addresses whose location is remembered at once (a scan of the virtual range must
 /// not grow the cache without bound).
 const LOCATION_CAPACITY: usize = 65_536;
+/// How long flows to a replica that could not be reached are refused at once
+/// before it is tried again.
+const PEER_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// How long connecting to a peer replica may take before the flow is refused.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Relay endpoints of one replica tried at most (its registry row is a peer's word).
@@ -126,6 +129,8 @@ pub struct Peers {
     /// one slot per peer node: its tunnel, when open (connecting holds the slot)
     links: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
     located: std::sync::Mutex<Locations>,
+    /// peers a connection to failed, and when (flows to them are refused at once for a moment)
+    unreachable: std::sync::Mutex<HashMap<String, Instant>>,
     /// this replica's client identity towards the others, and when it was made
     identity: std::sync::Mutex<Option<(TunnelConnector, SystemTime)>>,
 }
@@ -160,16 +165,38 @@ impl Peers {
 
     /// Opens a stream to the replica `node`, over the tunnel to it (made when there is none).
     pub async fn open(&self, context: &BrokerContext, node: &str) -> anyhow::Result<(SendStream, RecvStream)> {
+        // a replica that could not be reached a moment ago is not tried again by every
+        // flow in turn (each would wait for the one before it to time out)
+        if lock(&self.unreachable).get(node).is_some_and(|at| at.elapsed() < PEER_RETRY_AFTER) {
+            anyhow::bail!("replica {node} could not be reached a moment ago");
+        }
         let slot = lock(&self.links).entry(node.to_string()).or_default().clone();
-        let mut link = slot.lock().await;
+        let mut link = tokio::time::timeout(PEER_CONNECT_TIMEOUT, slot.lock()).await.context("the tunnel to the replica is busy connecting")?;
         if let Some(connection) = link.as_ref()
             && let Ok(stream) = connection.open_bi().await
         {
             return Ok(stream);
         }
         *link = None;
-        let connection =
-            tokio::time::timeout(PEER_CONNECT_TIMEOUT, self.connect(context, node, slot.clone())).await.context("the replica did not answer in time")??;
+        let connected = match tokio::time::timeout(PEER_CONNECT_TIMEOUT, self.connect(context, node, slot.clone())).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(anyhow::anyhow!("the replica did not answer in time")),
+        };
+        let connection = match connected {
+            Ok(connection) => {
+                lock(&self.unreachable).remove(node);
+                connection
+            }
+            Err(error) => {
+                let mut unreachable = lock(&self.unreachable);
+                if unreachable.len() >= MAX_RELAY_ENDPOINTS * 64 {
+                    unreachable.clear();
+                }
+                unreachable.insert(node.to_string(), Instant::now());
+                return Err(error);
+            }
+        };
         let stream = connection.open_bi().await?;
         *link = Some(connection);
         Ok(stream)

@@ -79,7 +79,17 @@ impl AllocationService {
         let retry: Vec<EnrollJob> = exhausted.iter().filter_map(|&index| jobs.get(index).cloned()).collect();
         let again = {
             let mut guarded = self.guarded.lock().await;
-            self.store.enroll_batch(&retry, &mut guarded.engine, quarantine_micros).await?
+            self.store.enroll_batch(&retry, &mut guarded.engine, quarantine_micros).await
+        };
+        // the first batch is committed: a failing retry must not turn its enrollments
+        // into errors (those devices exist and their keys are spent); the exhausted
+        // ones keep their refusal
+        let again = match again {
+            Ok(again) => again,
+            Err(error) => {
+                tracing::warn!(%error, jobs = retry.len(), "retrying enrollments after reloading the ranges failed; they stay refused");
+                return Ok(outcomes);
+            }
         };
         for (index, outcome) in exhausted.into_iter().zip(again) {
             if let Some(slot) = outcomes.get_mut(index) {

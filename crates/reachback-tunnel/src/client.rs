@@ -564,7 +564,18 @@ impl Tunnel {
 /// Keeps the tunnel a draining replica told this client to leave until the flows
 /// still open on it end (or the replica closes it at its drain deadline): the client
 /// reconnects elsewhere at once, and dropping its last handle would reset them.
+///
+/// The tunnel takes no new streams meanwhile (the replica's flows opened after its
+/// `Bye` are refused at once, not left waiting), and at most [`MAX_LINGERING`]
+/// tunnels linger at once: past that the tunnel is closed now.
 pub fn linger(connection: Connection) {
+    connection.stop_accepting();
+    let lingering = LINGERING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if lingering >= MAX_LINGERING {
+        LINGERING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        connection.close(0, b"moved to another replica");
+        return;
+    }
     tokio::spawn(async move {
         let flows_ended = async {
             while connection.open_streams() > 0 {
@@ -578,8 +589,14 @@ pub fn linger(connection: Connection) {
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
         connection.close(0, b"moved to another replica");
+        LINGERING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     });
 }
+
+/// Moved-from tunnels kept at once for their flows (a replica that says "move" again
+/// and again cannot make a client hold more).
+const MAX_LINGERING: usize = 4;
+static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// What a client's reconnect loop does after a tunnel attempt ended: stop for
 /// good when the broker refused this client, else wait a backoff delay.
@@ -589,7 +606,10 @@ pub fn after_tunnel(backoff: &mut reachback_proto::Backoff, outcome: Result<Tunn
         Err(error) if error.downcast_ref::<FinalRefusal>().is_some() => return Err(error),
         Ok(TunnelEnd::Lost(reason)) => (reason, "tunnel lost"),
         Ok(TunnelEnd::Moved(reason)) => {
-            let delay = MOVE_SPREAD.mul_f64(jitter());
+            // spread, and never faster than the backoff: a replica that welcomes and then
+            // says "move" again and again (buggy, or behind a balancer that lands on it
+            // each time) is retried less and less often, as a failing one is
+            let delay = MOVE_SPREAD.mul_f64(jitter()).max(backoff.next_delay(Instant::now(), jitter()));
             tracing::info!(%reason, retry_in_ms = delay.as_millis() as u64, "told to move to another replica");
             return Ok(delay);
         }
@@ -643,6 +663,24 @@ mod tests {
         let mut addresses = vec![address(2), address(1)];
         super::suspected::order(&mut addresses, &[address(1), address(2)]);
         assert_eq!(addresses, [address(2), address(1)]);
+    }
+
+    #[test]
+    fn a_replica_that_says_move_again_and_again_is_retried_less_and_less_often() {
+        use std::time::{Duration, Instant};
+        let moved = || Ok(super::TunnelEnd::Moved("this replica is shutting down; reconnect to another".into()));
+        let mut backoff = reachback_proto::Backoff::new(Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60));
+        // after a tunnel that stood a while: spread over half a second at most
+        backoff.connected(Instant::now().checked_sub(Duration::from_secs(61)).expect("an instant a minute ago"));
+        let first = super::after_tunnel(&mut backoff, moved()).expect("a delay");
+        assert!(first <= Duration::from_millis(500), "{first:?}");
+        // welcomed and told to move each time: the backoff's doubling, up to its ceiling
+        let mut last = first;
+        for _ in 0..8 {
+            backoff.connected(Instant::now());
+            last = super::after_tunnel(&mut backoff, moved()).expect("a delay");
+        }
+        assert!(last >= Duration::from_secs(15), "{last:?}");
     }
 
     #[test]
