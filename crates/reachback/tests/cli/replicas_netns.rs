@@ -114,14 +114,8 @@ fn start_replica(lab: &mut Lab, index: usize, database: &str, secret: Option<&st
     lab.spawn_in(name, host, &bin, &args, &cwd);
     wait_for(&format!("{name} to start"), Duration::from_secs(30), || lab.log(name).matches("CA pin: ").count() > before);
     if !lab.token.is_empty() {
-        wait_for(&format!("{name} to answer"), Duration::from_secs(30), || api_at(lab, address, "GET", "/me", None).0 == 200);
+        wait_for(&format!("{name} to answer"), Duration::from_secs(30), || lab.api_at(address, "GET", "/me", None).0 == 200);
     }
-}
-
-/// An API request to the replica at `address`, from the broker host (the router of
-/// the lab), verified against the internal CA all replicas share.
-fn api_at(lab: &Lab, address: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    lab.api_at(address, method, path, body)
 }
 
 fn metric_at(lab: &Lab, address: &str, name: &str) -> f64 {
@@ -130,20 +124,22 @@ fn metric_at(lab: &Lab, address: &str, name: &str) -> f64 {
     String::from_utf8_lossy(&output.stdout).lines().filter(|line| line.starts_with(name)).filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
-/// The replica holding the laptop's newest session, as replica A lists it.
-fn holder(lab: &Lab) -> Option<String> {
-    let (_, sessions) = api_at(lab, REPLICAS[0].2, "GET", "/client-sessions?client_hostname=laptop1", None);
+/// The laptop's newest session, as the replica at `address` lists it (`Null` when none).
+fn newest_session(lab: &Lab, address: &str) -> Value {
+    let (_, sessions) = lab.api_at(address, "GET", "/client-sessions?client_hostname=laptop1", None);
     let mut items = sessions["items"].as_array().cloned().unwrap_or_default();
     items.sort_by_key(|item| item["connected_at"].as_str().unwrap_or_default().to_string());
-    items.last().and_then(|item| item["broker_node"].as_str().map(str::to_string))
+    items.pop().unwrap_or(Value::Null)
+}
+
+/// The replica holding the laptop's newest session, as replica A lists it.
+fn holder(lab: &Lab) -> Option<String> {
+    newest_session(lab, REPLICAS[0].2)["broker_node"].as_str().map(str::to_string)
 }
 
 /// The laptop's virtual IP (its newest session, as replica `address` lists it).
 fn session_ip(lab: &Lab, address: &str) -> String {
-    let (_, sessions) = api_at(lab, address, "GET", "/client-sessions?client_hostname=laptop1", None);
-    let mut items = sessions["items"].as_array().cloned().unwrap_or_default();
-    items.sort_by_key(|item| item["connected_at"].as_str().unwrap_or_default().to_string());
-    items.last().and_then(|item| item["virtual_ip"].as_str().map(str::to_string)).unwrap_or_default()
+    newest_session(lab, address)["virtual_ip"].as_str().unwrap_or_default().to_string()
 }
 
 /// `curl` from the server host with a time limit; (exit code, body).
@@ -205,19 +201,19 @@ fn three_replicas_on_their_own_hosts_carry_flows_fail_over_and_restart_in_turn()
     lab.token = std::fs::read_to_string(lab.server_data().join("bootstrap-token")).expect("bootstrap-token").trim().to_string();
     let secret = lab.server_data().join("secret.key").to_string_lossy().into_owned();
     let a = REPLICAS[0].2;
-    wait_for("replica A to answer", Duration::from_secs(30), || api_at(&lab, a, "GET", "/me", None).0 == 200);
+    wait_for("replica A to answer", Duration::from_secs(30), || lab.api_at(a, "GET", "/me", None).0 == 200);
 
     // the control plane, through A
-    let (status, body) = api_at(&lab, a, "POST", "/ip-ranges", Some(json!({"name": "Lab laptops", "range": "100.64.0.0/16"})));
+    let (status, body) = lab.api_at(a, "POST", "/ip-ranges", Some(json!({"name": "Lab laptops", "range": "100.64.0.0/16"})));
     assert_eq!(status, 201, "{body}");
-    let (_, segment) = api_at(&lab, a, "POST", "/app-segments", Some(json!({"name": "lab", "destinations": ["100.64.0.0/10"], "tcp_ports": ["8000", "5201"]})));
-    let (status, _) = api_at(&lab, a, "POST", "/access-policies", Some(json!({"name": "lab", "action": "allow", "segment_ids": [segment["id"]]})));
+    let (_, segment) = lab.api_at(a, "POST", "/app-segments", Some(json!({"name": "lab", "destinations": ["100.64.0.0/10"], "tcp_ports": ["8000", "5201"]})));
+    let (status, _) = lab.api_at(a, "POST", "/access-policies", Some(json!({"name": "lab", "action": "allow", "segment_ids": [segment["id"]]})));
     assert_eq!(status, 201);
-    let (_, key) = api_at(&lab, a, "POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example", "reusable": false})));
+    let (_, key) = lab.api_at(a, "POST", "/enrollment-keys", Some(json!({"username": "alice@corp.example", "reusable": false})));
     let key = key["key"].as_str().expect("key").to_string();
-    let (_, load_key) = api_at(&lab, a, "POST", "/enrollment-keys", Some(json!({"username": "load@corp.example", "reusable": true})));
+    let (_, load_key) = lab.api_at(a, "POST", "/enrollment-keys", Some(json!({"username": "load@corp.example", "reusable": true})));
     let load_key = load_key["key"].as_str().expect("key").to_string();
-    let (_, connector) = api_at(&lab, a, "POST", "/connectors", Some(json!({"name": "lab connector"})));
+    let (_, connector) = lab.api_at(a, "POST", "/connectors", Some(json!({"name": "lab connector"})));
     let provisioning_key = connector["provisioning_key"].as_str().expect("provisioning key").to_string();
     lab.start_services();
     std::fs::write(lab.dir.0.join("www/big.bin"), vec![7u8; BIG_FILE_BYTES]).expect("big file");
@@ -236,7 +232,7 @@ fn three_replicas_on_their_own_hosts_carry_flows_fail_over_and_restart_in_turn()
     wait_for("the connector's interception rules", Duration::from_secs(30), || lab.log("connector").contains("interception rules installed"));
     start_replica(&mut lab, 1, &database, Some(&secret));
     start_replica(&mut lab, 2, &database, Some(&secret));
-    let (_, replicas) = api_at(&lab, a, "GET", "/replicas", None);
+    let (_, replicas) = lab.api_at(a, "GET", "/replicas", None);
     assert_eq!(replicas["items"].as_array().map(|items| items.iter().filter(|item| item["status"] == "alive").count()), Some(3), "{replicas}");
 
     // the laptop never reaches A; while C is hidden from it too, it attaches to B
@@ -309,7 +305,7 @@ fn three_replicas_on_their_own_hosts_carry_flows_fail_over_and_restart_in_turn()
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let back = Instant::now();
     loop {
-        let (_, replicas) = api_at(&lab, a, "GET", "/replicas", None);
+        let (_, replicas) = lab.api_at(a, "GET", "/replicas", None);
         if replicas["items"].as_array().is_some_and(|items| items.iter().any(|item| item["node_name"] == "replica-c" && item["status"] == "alive")) {
             break;
         }
@@ -378,7 +374,7 @@ fn three_replicas_on_their_own_hosts_carry_flows_fail_over_and_restart_in_turn()
     assert!(acknowledged.len() > 5, "enrollments went through during the restarts");
 
     // every acknowledged enrollment is there with the address it was told; no address twice
-    let (_, bindings) = api_at(&lab, REPLICAS[2].2, "GET", "/ip-bindings?page_size=1000", None);
+    let (_, bindings) = lab.api_at(REPLICAS[2].2, "GET", "/ip-bindings?page_size=1000", None);
     let items = bindings["items"].as_array().cloned().unwrap_or_default();
     assert_eq!(bindings["total"].as_u64(), Some(items.len() as u64));
     let mut seen = HashSet::new();
