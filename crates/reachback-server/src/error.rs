@@ -119,6 +119,7 @@ impl From<StoreError> for ApiError {
             StoreError::Sqlite(error) => ApiError::internal(error),
             StoreError::Corrupt(detail) => ApiError::internal(detail),
             StoreError::Unsupported(detail) => ApiError::internal(detail),
+            StoreError::Internal(detail) => ApiError::internal(detail),
         }
     }
 }

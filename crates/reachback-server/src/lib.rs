@@ -258,6 +258,10 @@ pub async fn build(config: ServerConfig) -> anyhow::Result<App> {
     let mut background = replicas::spawn(&state);
     background.push(tokio::spawn(replicas::heartbeat(Arc::downgrade(&state))));
     background.push(tokio::spawn(release_idle_bindings(Arc::downgrade(&state))));
+    background.push(tokio::spawn({
+        let store = state.store.clone();
+        async move { store.keep_listing_index().await }
+    }));
     background.push(tokio::spawn(prune_history_hourly(Arc::downgrade(&state))));
     background.push(tokio::spawn(prune_flow_log_hourly(Arc::downgrade(&state))));
     background.push(tokio::spawn(events::deliver(Arc::downgrade(&state))));

@@ -111,6 +111,41 @@ fn contains_folded(haystack: Option<&str>, needle: &str) -> bool {
     haystack.is_some_and(|value| value.to_lowercase().contains(needle))
 }
 
+/// Whether a range's name contains `name` and its city, state or country `place`
+/// (both lowercased), case-insensitively.
+fn range_matches(range: &RangeRow, name: Option<&str>, place: Option<&str>) -> bool {
+    name.is_none_or(|name| range.name.to_lowercase().contains(name))
+        && place.is_none_or(|place| {
+            range.location.as_ref().is_some_and(|location| {
+                contains_folded(location.city.as_deref(), place)
+                    || contains_folded(location.state.as_deref(), place)
+                    || contains_folded(location.country.as_deref(), place)
+            })
+        })
+}
+
+/// A row of the index as the listing shows it (`None` for a range gone since).
+fn listed_row(ranges: &HashMap<String, RangeRow>, row: crate::listing::IndexedRow) -> Option<BindingRow> {
+    let range = ranges.get(&row.range_id)?;
+    let (family, value) = reachback_ipam::address_from_key(&row.key)?;
+    let mut range_location = range.location.clone();
+    if let Some(location) = range_location.as_mut() {
+        location.latitude = None;
+        location.longitude = None;
+    }
+    Some(BindingRow {
+        ip: reachback_ipam::join_address(family, value).to_string(),
+        range_id: row.range_id,
+        range_name: range.name.clone(),
+        range_location,
+        device_id: row.device_id,
+        username: row.username,
+        platform: row.platform,
+        client_hostname: row.client_hostname,
+        last_updated: row.last_updated,
+    })
+}
+
 impl Store {
     /// The ranges a bindings query may touch, or `None` when it does not filter on ranges.
     pub async fn matching_range_ids(&self, query: &BindingQuery) -> Result<Option<Vec<RangeRow>>> {
@@ -127,24 +162,88 @@ impl Store {
         let place = query.range_location.as_deref().map(str::to_lowercase);
         let ranges = self.list_ranges().await?;
         let all_bound = ranges.iter().map(|range| range.used_ips).sum();
-        Ok((
-            Some(
-                ranges
-                    .into_iter()
-                    .filter(|range| name.as_deref().is_none_or(|name| range.name.to_lowercase().contains(name)))
-                    .filter(|range| {
-                        place.as_deref().is_none_or(|place| {
-                            range.location.as_ref().is_some_and(|location| {
-                                contains_folded(location.city.as_deref(), place)
-                                    || contains_folded(location.state.as_deref(), place)
-                                    || contains_folded(location.country.as_deref(), place)
-                            })
-                        })
-                    })
-                    .collect(),
-            ),
-            all_bound,
-        ))
+        Ok((Some(ranges.into_iter().filter(|range| range_matches(range, name.as_deref(), place.as_deref())).collect()), all_bound))
+    }
+
+    /// A listing page from the in-memory index (`None` until it has loaded): caught up
+    /// with the committed rows first, so the answer is the reference query's.
+    pub async fn indexed_page(&self, query: &BindingQuery) -> Result<Option<(i64, Vec<BindingRow>)>> {
+        let Some((selection, ranges)) = self.indexed_selection(query).await? else {
+            return Ok(None);
+        };
+        let offset = usize::try_from(query.offset).unwrap_or(0);
+        let limit = usize::try_from(query.limit).unwrap_or(0).max(1);
+        let answer = self
+            .with_listing_index(move |index| {
+                let (total, keys) = index.select(&selection, offset, limit);
+                (total, keys.iter().filter_map(|key| index.get(key)).collect::<Vec<_>>())
+            })
+            .await?;
+        Ok(answer.map(|(total, rows)| (total as i64, rows.into_iter().filter_map(|row| listed_row(&ranges, row)).collect())))
+    }
+
+    /// Every matching row, in order, from the in-memory index (`None` until it has
+    /// loaded): how many, and a stream of them read from the index a chunk at a time.
+    pub async fn indexed_export(&self, query: &BindingQuery) -> Result<Option<(i64, BoxStream<'static, Result<BindingRow>>)>> {
+        let Some((selection, ranges)) = self.indexed_selection(query).await? else {
+            return Ok(None);
+        };
+        let Some((total, keys)) = self.with_listing_index(move |index| index.select(&selection, 0, 0)).await? else {
+            return Ok(None);
+        };
+        let store = self.clone();
+        let ranges = Arc::new(ranges);
+        let chunks: Vec<Vec<crate::listing::Key>> = keys.chunks(STREAMED_CHUNK_ROWS).map(<[_]>::to_vec).collect();
+        let stream = futures_util::stream::iter(chunks)
+            .then(move |chunk| {
+                let store = store.clone();
+                let ranges = ranges.clone();
+                async move {
+                    // a row removed since the selection is left out; one changed shows as it is now
+                    let rows = store.with_listing_index(move |index| chunk.iter().filter_map(|key| index.get(key)).collect::<Vec<_>>()).await?;
+                    Ok::<_, StoreError>(rows.unwrap_or_default().into_iter().filter_map(|row| listed_row(&ranges, row)).map(Ok).collect::<Vec<_>>())
+                }
+            })
+            .flat_map(|chunk| match chunk {
+                Ok(rows) => futures_util::stream::iter(rows),
+                Err(error) => futures_util::stream::iter(vec![Err(error)]),
+            });
+        Ok(Some((total as i64, stream.boxed())))
+    }
+
+    /// The index's selection for a query, and the ranges by id; `None` before the
+    /// index has loaded.
+    async fn indexed_selection(&self, query: &BindingQuery) -> Result<Option<(crate::listing::Selection, HashMap<String, RangeRow>)>> {
+        if !self.listing_index_ready() {
+            return Ok(None);
+        }
+        self.catch_up_listing().await?;
+        // in name order, as the database collates names (`list_ranges` orders by name key)
+        let ranges = self.list_ranges().await?;
+        let name = query.range_name.as_deref().map(str::to_lowercase);
+        let place = query.range_location.as_deref().map(str::to_lowercase);
+        let filtered = (name.is_some() || place.is_some())
+            .then(|| ranges.iter().filter(|range| range_matches(range, name.as_deref(), place.as_deref())).map(|range| range.id.clone()).collect());
+        let selection = crate::listing::Selection {
+            ranges: filtered,
+            range_order: ranges.iter().map(|range| range.id.clone()).collect(),
+            ip: query.ip_keys,
+            username: query.username.clone(),
+            platform: query.platform.clone(),
+            client_hostname: query.client_hostname.clone(),
+            updated_after: query.updated_after,
+            updated_before: query.updated_before,
+            order: Some(match query.sort {
+                BindingSort::Ip => crate::listing::Order::Ip,
+                BindingSort::Username => crate::listing::Order::Username,
+                BindingSort::Platform => crate::listing::Order::Platform,
+                BindingSort::ClientHostname => crate::listing::Order::ClientHostname,
+                BindingSort::RangeName => crate::listing::Order::RangeName,
+                BindingSort::LastUpdated => crate::listing::Order::LastUpdated,
+            }),
+            descending: query.descending,
+        };
+        Ok(Some((selection, ranges.into_iter().map(|range| (range.id.clone(), range)).collect())))
     }
 
     /// The conditions of a bindings query, the ranges it is limited to (`None`: all),

@@ -19,6 +19,7 @@ mod events;
 mod flows;
 mod history;
 mod keys;
+pub mod listing;
 mod names;
 mod ranges;
 mod replicas;
@@ -85,6 +86,9 @@ pub enum StoreError {
     /// the database URL cannot serve as a store
     #[error("{0}")]
     Unsupported(String),
+    /// a task of the store's own failed (the listing index's thread)
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl StoreError {
@@ -125,6 +129,8 @@ pub struct Store {
     /// SQLite only (a database file): the enrollment writer's own connection
     enroll_connection: Option<Arc<std::sync::Mutex<rusqlite::Connection>>>,
     export_chunk: Arc<std::sync::atomic::AtomicUsize>,
+    /// the bindings listing's in-memory index and its place in the change feed
+    listing: Arc<listing::Feed>,
 }
 
 /// Schema versions: one script for both backends (with placeholders for the types
@@ -147,6 +153,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (16, include_str!("../migrations/0016_session_address.sql"), ""),
     (17, include_str!("../migrations/0017_history_names_sqlite.sql"), include_str!("../migrations/0017_history_names_postgres.sql")),
     (18, include_str!("../migrations/0018_replica_flows.sql"), ""),
+    (19, include_str!("../migrations/0019_binding_changes_sqlite.sql"), include_str!("../migrations/0019_binding_changes_postgres.sql")),
 ];
 
 /// The rows of the range whose id is the parameter `$N` (`alias` is the bindings
@@ -365,6 +372,7 @@ impl Store {
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
             enroll_connection: None,
             export_chunk: Arc::new(std::sync::atomic::AtomicUsize::new(5000)),
+            listing: Arc::new(listing::Feed::default()),
         };
         store.migrate().await?;
         store.backfill_name_skeletons().await?;

@@ -80,6 +80,10 @@ pub async fn list(State(state): State<SharedState>, caller: Caller, RawQuery(raw
     let query = QueryParams::parse(raw.as_deref(), &allowed)?;
     let paging = query.paging()?;
     let binding_query = binding_query(&query, Some(paging))?;
+    // the in-memory index once it has loaded (issue 23); the SQL paths below until then
+    if let Some((total, rows)) = state.store.indexed_page(&binding_query).await? {
+        return Ok(list_json(rows.iter().map(binding_json).collect(), total, paging));
+    }
     let total = state.store.count_bindings(&binding_query).await?;
     let rows = match seek(&state, &binding_query).await? {
         Some(Seek::PastTheEnd) => Vec::new(),
@@ -195,7 +199,11 @@ pub async fn export(State(state): State<SharedState>, caller: Caller, RawQuery(r
     let query = QueryParams::parse(raw.as_deref(), FILTERS)?;
     let binding_query = binding_query(&query, None)?;
     let limit = state.settings().export_limit;
-    let matching = state.store.count_bindings(&binding_query).await?;
+    let indexed = state.store.indexed_export(&binding_query).await?;
+    let matching = match &indexed {
+        Some((matching, _)) => *matching,
+        None => state.store.count_bindings(&binding_query).await?,
+    };
     if matching > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -204,7 +212,10 @@ pub async fn export(State(state): State<SharedState>, caller: Caller, RawQuery(r
         )
         .with("export", json!({"export_limit": limit, "matching": matching})));
     }
-    let rows = state.store.stream_bindings(&binding_query).await?;
+    let rows = match indexed {
+        Some((_, rows)) => rows,
+        None => state.store.stream_bindings(&binding_query).await?,
+    };
     let records = rows.map(|row| {
         row.map(|row| {
             vec![row.ip, row.range_name, location_text(&row.range_location), row.username, row.platform, row.client_hostname, format_time(row.last_updated)]

@@ -1,0 +1,517 @@
+//! The bindings listing's in-memory index (issue 23): every bound address with the
+//! columns the listing filters and sorts on, answering any filter with any order and
+//! any page in one pass over the rows — exact, with the same rows in the same order as
+//! `SELECT … ORDER BY <column>, ip_key` over the whole table.
+//!
+//! Pure: no I/O. The store's feed (`listing::feed`) loads it and applies each change
+//! the database records; the listing asks it which rows a page holds.
+//!
+//! Text columns (username, platform, client hostname) are interned in a
+//! [`Dictionary`] per column: one entry per distinct value, with an **order code** —
+//! a `u64` that sorts as the text sorts (bytewise, like SQLite's `BINARY` and
+//! PostgreSQL's `"C"` collation, which migration 19 gives these columns). A new value
+//! takes the midpoint between its neighbours' codes, and the whole dictionary is
+//! relabelled, evenly spaced, on the rare insert that finds no gap. Sorting a million
+//! rows then compares integers, never strings, and a substring filter tests each
+//! distinct value once, not each row.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// A binding's primary key: the address family byte and the 16-byte address value.
+pub type Key = [u8; 17];
+
+/// How text filters fold case: the database's `lower()` — ASCII letters only on SQLite,
+/// every cased letter on PostgreSQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fold {
+    Ascii,
+    Unicode,
+}
+
+impl Fold {
+    pub fn apply(self, text: &str) -> String {
+        match self {
+            Fold::Ascii => text.to_ascii_lowercase(),
+            Fold::Unicode => text.to_lowercase(),
+        }
+    }
+}
+
+/// The orders of the listing (API.md): address, or a column then the address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    Ip,
+    Username,
+    Platform,
+    ClientHostname,
+    RangeName,
+    LastUpdated,
+}
+
+struct Entry {
+    text: Arc<str>,
+    /// the folded text, when it differs from the text
+    folded: Option<Box<str>>,
+    code: u64,
+    refs: u32,
+}
+
+/// The distinct values of one text column, each with its order code.
+pub struct Dictionary {
+    by_text: BTreeMap<Arc<str>, u32>,
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+    fold: Fold,
+    relabels: u64,
+}
+
+/// The step between codes at either end: appending values in order (hostnames that
+/// count up) takes a fixed step instead of halving the last gap each time.
+const END_STEP: u64 = 1 << 32;
+
+impl Dictionary {
+    fn new(fold: Fold) -> Dictionary {
+        Dictionary { by_text: BTreeMap::new(), entries: Vec::new(), free: Vec::new(), fold, relabels: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_text.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_text.is_empty()
+    }
+
+    /// The slot of `text`, one more reference to it; a new value gets a code between its
+    /// neighbours' (`labelled` false: no code yet, the caller relabels once at the end).
+    fn intern(&mut self, text: &str, labelled: bool) -> u32 {
+        if let Some(&slot) = self.by_text.get(text) {
+            self.entries[slot as usize].refs += 1;
+            return slot;
+        }
+        let shared: Arc<str> = Arc::from(text);
+        let folded = self.fold.apply(text);
+        let entry = Entry { text: shared.clone(), folded: (folded != text).then(|| folded.into_boxed_str()), code: 0, refs: 1 };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.entries[slot as usize] = entry;
+                slot
+            }
+            None => {
+                self.entries.push(entry);
+                (self.entries.len() - 1) as u32
+            }
+        };
+        if labelled {
+            use std::ops::Bound::{Excluded, Unbounded};
+            let before = self.by_text.range::<str, _>((Unbounded, Excluded(text))).next_back().map(|(_, &slot)| self.entries[slot as usize].code);
+            let after = self.by_text.range::<str, _>((Excluded(text), Unbounded)).next().map(|(_, &slot)| self.entries[slot as usize].code);
+            let code = match (before, after) {
+                (None, None) => Some(u64::MAX / 2),
+                (Some(low), None) => low.checked_add(END_STEP).or_else(|| (u64::MAX - low >= 2).then(|| low + (u64::MAX - low) / 2)),
+                (None, Some(high)) => high.checked_sub(END_STEP).or_else(|| (high >= 2).then_some(high / 2)),
+                (Some(low), Some(high)) => (high - low >= 2).then(|| low + (high - low) / 2),
+            };
+            self.by_text.insert(shared, slot);
+            match code {
+                Some(code) => self.entries[slot as usize].code = code,
+                None => self.relabel(),
+            }
+        } else {
+            self.by_text.insert(shared, slot);
+        }
+        slot
+    }
+
+    fn release(&mut self, slot: u32) {
+        let entry = &mut self.entries[slot as usize];
+        entry.refs -= 1;
+        if entry.refs == 0 {
+            let text = entry.text.clone();
+            entry.folded = None;
+            self.by_text.remove(&*text);
+            self.entries[slot as usize].text = Arc::from("");
+            self.free.push(slot);
+        }
+    }
+
+    /// Codes evenly spaced over the whole `u64` range, in text order.
+    fn relabel(&mut self) {
+        let step = u64::MAX / (self.by_text.len() as u64 + 1);
+        for (index, &slot) in self.by_text.values().enumerate() {
+            self.entries[slot as usize].code = step * (index as u64 + 1);
+        }
+        self.relabels += 1;
+    }
+
+    pub fn text(&self, slot: u32) -> &str {
+        &self.entries[slot as usize].text
+    }
+
+    fn code(&self, slot: u32) -> u64 {
+        self.entries[slot as usize].code
+    }
+
+    /// Per slot: whether the value contains `needle` (already folded), case folded.
+    fn containing(&self, needle: &str) -> Vec<bool> {
+        let finder = memchr::memmem::Finder::new(needle.as_bytes());
+        self.entries
+            .iter()
+            .map(|entry| entry.refs > 0 && finder.find(entry.folded.as_deref().unwrap_or(&entry.text).as_bytes()).is_some())
+            .collect()
+    }
+
+    /// How many times the dictionary was relabelled (for tests and the debug log).
+    pub fn relabels(&self) -> u64 {
+        self.relabels
+    }
+}
+
+/// A bound address as the feed reads it from the database.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexedRow {
+    pub key: Key,
+    pub range_id: String,
+    pub device_id: String,
+    pub username: String,
+    pub platform: String,
+    pub client_hostname: String,
+    pub last_updated: i64,
+}
+
+/// What a listing asks.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// the ranges the rows may be in (ids), `None` for all
+    pub ranges: Option<Vec<String>>,
+    /// every range id in range-name order (for `Order::RangeName`)
+    pub range_order: Vec<String>,
+    /// inclusive key bounds
+    pub ip: Option<(Key, Key)>,
+    /// substrings, as typed (folded here)
+    pub username: Option<String>,
+    pub platform: Option<String>,
+    pub client_hostname: Option<String>,
+    /// exclusive bounds on the last update (µs)
+    pub updated_after: Option<i64>,
+    pub updated_before: Option<i64>,
+    pub order: Option<Order>,
+    pub descending: bool,
+}
+
+/// Rows in columns: a scan reads only the columns a query tests. Row `i` of every
+/// column is the same binding; a removal moves the last row into the hole.
+pub struct ListingIndex {
+    keys: Vec<Key>,
+    ranges: Vec<u32>,
+    devices: Vec<Box<str>>,
+    users: Vec<u32>,
+    platforms: Vec<u32>,
+    hosts: Vec<u32>,
+    updated: Vec<i64>,
+    position: HashMap<Key, u32>,
+    range_slots: HashMap<Box<str>, u32>,
+    range_ids: Vec<Box<str>>,
+    usernames: Dictionary,
+    platform_names: Dictionary,
+    hostnames: Dictionary,
+    /// IPv6 rows whose value is below 2^32: while there are none, an address packs into
+    /// one `u128` that sorts as its key does (IPv4 values are below 2^32, IPv6 above)
+    low_v6: usize,
+}
+
+/// A sort entry: the column's code, then the packed address (or, with low IPv6 rows,
+/// the family in the code's place for address order … see `entry`), then the row.
+type SortEntry = (u64, u128, u32);
+
+fn pack(key: &Key) -> u128 {
+    let mut value = [0u8; 16];
+    value.copy_from_slice(&key[1..]);
+    u128::from_be_bytes(value)
+}
+
+impl ListingIndex {
+    pub fn new(fold: Fold) -> ListingIndex {
+        ListingIndex {
+            keys: Vec::new(),
+            ranges: Vec::new(),
+            devices: Vec::new(),
+            users: Vec::new(),
+            platforms: Vec::new(),
+            hosts: Vec::new(),
+            updated: Vec::new(),
+            position: HashMap::new(),
+            range_slots: HashMap::new(),
+            range_ids: Vec::new(),
+            usernames: Dictionary::new(fold),
+            platform_names: Dictionary::new(fold),
+            hostnames: Dictionary::new(fold),
+            low_v6: 0,
+        }
+    }
+
+    /// An index of `rows`, built at once (one relabel per dictionary at the end).
+    pub fn build(fold: Fold, rows: impl IntoIterator<Item = IndexedRow>) -> ListingIndex {
+        let mut index = ListingIndex::new(fold);
+        for row in rows {
+            index.put(row, false);
+        }
+        index.usernames.relabel();
+        index.platform_names.relabel();
+        index.hostnames.relabel();
+        index
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn dictionaries(&self) -> [&Dictionary; 3] {
+        [&self.usernames, &self.platform_names, &self.hostnames]
+    }
+
+    fn range_slot(&mut self, id: &str) -> u32 {
+        if let Some(&slot) = self.range_slots.get(id) {
+            return slot;
+        }
+        self.range_ids.push(id.into());
+        let slot = (self.range_ids.len() - 1) as u32;
+        self.range_slots.insert(id.into(), slot);
+        slot
+    }
+
+    /// Inserts or replaces the row of `row.key`.
+    pub fn upsert(&mut self, row: IndexedRow) {
+        self.put(row, true);
+    }
+
+    fn put(&mut self, row: IndexedRow, labelled: bool) {
+        self.remove(&row.key);
+        let range = self.range_slot(&row.range_id);
+        let user = self.usernames.intern(&row.username, labelled);
+        let platform = self.platform_names.intern(&row.platform, labelled);
+        let host = self.hostnames.intern(&row.client_hostname, labelled);
+        if row.key[0] == 6 && pack(&row.key) >> 32 == 0 {
+            self.low_v6 += 1;
+        }
+        self.position.insert(row.key, self.keys.len() as u32);
+        self.keys.push(row.key);
+        self.ranges.push(range);
+        self.devices.push(row.device_id.into_boxed_str());
+        self.users.push(user);
+        self.platforms.push(platform);
+        self.hosts.push(host);
+        self.updated.push(row.last_updated);
+    }
+
+    /// Removes the row of `key`, if it is there.
+    pub fn remove(&mut self, key: &Key) {
+        let Some(at) = self.position.remove(key) else {
+            return;
+        };
+        let at = at as usize;
+        if key[0] == 6 && pack(key) >> 32 == 0 {
+            self.low_v6 -= 1;
+        }
+        self.usernames.release(self.users[at]);
+        self.platform_names.release(self.platforms[at]);
+        self.hostnames.release(self.hosts[at]);
+        let last = self.keys.len() - 1;
+        self.keys.swap_remove(at);
+        self.ranges.swap_remove(at);
+        self.devices.swap_remove(at);
+        self.users.swap_remove(at);
+        self.platforms.swap_remove(at);
+        self.hosts.swap_remove(at);
+        self.updated.swap_remove(at);
+        if at != last {
+            self.position.insert(self.keys[at], at as u32);
+        }
+    }
+
+    /// The row of `key`.
+    pub fn get(&self, key: &Key) -> Option<IndexedRow> {
+        let at = *self.position.get(key)? as usize;
+        Some(IndexedRow {
+            key: self.keys[at],
+            range_id: self.range_ids[self.ranges[at] as usize].to_string(),
+            device_id: self.devices[at].to_string(),
+            username: self.usernames.text(self.users[at]).to_string(),
+            platform: self.platform_names.text(self.platforms[at]).to_string(),
+            client_hostname: self.hostnames.text(self.hosts[at]).to_string(),
+            last_updated: self.updated[at],
+        })
+    }
+
+    /// The rows that match, how many, and the keys of rows `offset..offset + limit` in
+    /// the selection's order (`limit` 0: all of them).
+    pub fn select(&self, selection: &Selection, offset: usize, limit: usize) -> (usize, Vec<Key>) {
+        let Some(test) = self.test(selection) else {
+            return (0, Vec::new());
+        };
+        let order = selection.order.unwrap_or(Order::Ip);
+        let range_rank = self.range_ranks(selection);
+        let total = (0..self.keys.len()).filter(|&at| test.passes(self, at)).count();
+        if offset >= total {
+            return (total, Vec::new());
+        }
+        let end = if limit == 0 { total } else { (offset + limit).min(total) };
+        // the page from whichever end is nearer: the `wanted` first rows of one direction
+        let from_end = total - end < offset;
+        let (descending, skip, wanted) = if from_end { (!selection.descending, total - end, end - offset) } else { (selection.descending, offset, end - offset) };
+        let mut page = self.first_rows(&test, order, &range_rank, descending, skip + wanted);
+        let mut page: Vec<Key> = page.drain(skip.min(page.len())..).map(|(_, _, at)| self.keys[at as usize]).collect();
+        if from_end {
+            page.reverse();
+        }
+        (total, page)
+    }
+
+    /// Per range slot, its rank in range-name order.
+    fn range_ranks(&self, selection: &Selection) -> Vec<u64> {
+        let mut ranks = vec![u64::MAX; self.range_ids.len()];
+        for (rank, id) in selection.range_order.iter().enumerate() {
+            if let Some(&slot) = self.range_slots.get(id.as_str()) {
+                ranks[slot as usize] = rank as u64;
+            }
+        }
+        ranks
+    }
+
+    /// The sort entry of row `at`: equal entries are impossible (the address is unique).
+    fn entry(&self, order: Order, range_rank: &[u64], at: usize) -> SortEntry {
+        let key = &self.keys[at];
+        let code = match order {
+            Order::Ip => 0,
+            Order::Username => self.usernames.code(self.users[at]),
+            Order::Platform => self.platform_names.code(self.platforms[at]),
+            Order::ClientHostname => self.hostnames.code(self.hosts[at]),
+            Order::RangeName => range_rank[self.ranges[at] as usize],
+            // order-preserving: i64 to u64 with the sign bit flipped
+            Order::LastUpdated => (self.updated[at] as u64) ^ (1 << 63),
+        };
+        (code, pack(key), at as u32)
+    }
+
+    /// The first `count` matching rows in the order, sorted. While fewer than a few
+    /// thousand are wanted, a buffer keeps the best candidates (cut back to `count` each
+    /// time it fills, after which only rows better than the cut enter); otherwise every
+    /// match is collected and the `count` first selected.
+    fn first_rows(&self, test: &Test, order: Order, range_rank: &[u64], descending: bool, count: usize) -> Vec<SortEntry> {
+        let low_v6 = self.low_v6 > 0;
+        let keys = &self.keys;
+        let compare = |left: &SortEntry, right: &SortEntry| -> Ordering {
+            let ordering = left.0.cmp(&right.0).then_with(|| {
+                if low_v6 {
+                    // IPv6 rows below 2^32 collide with IPv4 values: the family decides first
+                    keys[left.2 as usize][0].cmp(&keys[right.2 as usize][0]).then(left.1.cmp(&right.1))
+                } else {
+                    left.1.cmp(&right.1)
+                }
+            });
+            if descending { ordering.reverse() } else { ordering }
+        };
+        let mut buffer: Vec<SortEntry> = Vec::with_capacity(if count <= 4096 { count * 2 } else { 0 });
+        let mut cut: Option<SortEntry> = None;
+        for at in 0..keys.len() {
+            if !test.passes(self, at) {
+                continue;
+            }
+            let entry = self.entry(order, range_rank, at);
+            if count <= 4096 {
+                if let Some(cut) = &cut
+                    && compare(&entry, cut) != Ordering::Less
+                {
+                    continue;
+                }
+                buffer.push(entry);
+                if buffer.len() == count * 2 {
+                    buffer.select_nth_unstable_by(count - 1, compare);
+                    buffer.truncate(count);
+                    cut = buffer.iter().max_by(|left, right| compare(left, right)).copied();
+                }
+            } else {
+                buffer.push(entry);
+            }
+        }
+        if buffer.len() > count {
+            buffer.select_nth_unstable_by(count - 1, compare);
+            buffer.truncate(count);
+        }
+        buffer.sort_unstable_by(compare);
+        buffer
+    }
+
+    fn test(&self, selection: &Selection) -> Option<Test> {
+        let ranges = match &selection.ranges {
+            None => None,
+            Some(ids) => {
+                let mut allowed = vec![false; self.range_ids.len()];
+                for id in ids {
+                    if let Some(&slot) = self.range_slots.get(id.as_str()) {
+                        allowed[slot as usize] = true;
+                    }
+                }
+                if !allowed.contains(&true) {
+                    return None;
+                }
+                Some(allowed)
+            }
+        };
+        let text = |dictionary: &Dictionary, needle: &Option<String>| -> Option<Option<Vec<bool>>> {
+            match needle {
+                None => Some(None),
+                Some(needle) => {
+                    let matching = dictionary.containing(&dictionary.fold.apply(needle));
+                    matching.contains(&true).then_some(Some(matching))
+                }
+            }
+        };
+        Some(Test {
+            ranges,
+            ip: selection.ip,
+            users: text(&self.usernames, &selection.username)?,
+            platforms: text(&self.platform_names, &selection.platform)?,
+            hosts: text(&self.hostnames, &selection.client_hostname)?,
+            after: selection.updated_after,
+            before: selection.updated_before,
+        })
+    }
+}
+
+/// A selection's filters, resolved against the index: per-slot answers for ranges and
+/// text values, bounds for the rest.
+struct Test {
+    ranges: Option<Vec<bool>>,
+    ip: Option<(Key, Key)>,
+    users: Option<Vec<bool>>,
+    platforms: Option<Vec<bool>>,
+    hosts: Option<Vec<bool>>,
+    after: Option<i64>,
+    before: Option<i64>,
+}
+
+impl Test {
+    #[inline]
+    fn passes(&self, index: &ListingIndex, at: usize) -> bool {
+        self.ranges.as_ref().is_none_or(|allowed| allowed[index.ranges[at] as usize])
+            && self.ip.as_ref().is_none_or(|(first, last)| {
+                let key = &index.keys[at];
+                key >= first && key <= last
+            })
+            && self.after.is_none_or(|after| index.updated[at] > after)
+            && self.before.is_none_or(|before| index.updated[at] < before)
+            && self.platforms.as_ref().is_none_or(|matching| matching[index.platforms[at] as usize])
+            && self.users.as_ref().is_none_or(|matching| matching[index.users[at] as usize])
+            && self.hosts.as_ref().is_none_or(|matching| matching[index.hosts[at] as usize])
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,320 @@
+//! The bindings listing served from memory (issue 23): the I/O shell around
+//! [`index::ListingIndex`]. It loads every bound address once, then follows the
+//! `binding_changes` feed (migration 19: triggers write one row per changed binding
+//! in the transaction that changes it) so the index equals the committed rows before
+//! any listing reads it:
+//!
+//! * SQLite (one writer at a time): changes after a cursor, in `seq` order.
+//! * PostgreSQL (sequence values are taken before commit, so `seq` order is not
+//!   commit order): every change of a transaction that was still running at the last
+//!   read (`xid` at or above that read's snapshot xmin) is read again, and the ones
+//!   applied already are skipped by `seq`.
+//!
+//! Applying a change reads the binding's current row by its key (present and bound:
+//! upsert; otherwise: remove), so applying one twice, or late, is harmless. Each
+//! listing catches up first (one indexed read when nothing changed), and a background
+//! task catches up every second and prunes changes older than an hour. An index that
+//! fell behind the pruning, or that finds too many changes at once, reloads.
+//!
+//! Until the first load ends (seconds at a million bindings), listings take the SQL
+//! path in `bindings.rs`, which gives the same answers more slowly.
+
+pub mod index;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use sqlx::Row;
+
+use crate::{Backend, Result, Store, StoreError, now_micros};
+pub use index::{Fold, IndexedRow, Key, ListingIndex, Order, Selection};
+
+/// Changes read in one catch-up before a reload is cheaper than applying them.
+const RELOAD_AFTER_CHANGES: usize = 200_000;
+/// Keys per read of current rows.
+const KEYS_PER_READ: usize = 500;
+/// Changes kept in the feed (µs).
+const CHANGES_KEPT: i64 = 3_600_000_000;
+
+/// Where the feed stands.
+#[derive(Default)]
+struct Cursor {
+    /// SQLite: the last `seq` applied
+    seq: i64,
+    /// PostgreSQL: the snapshot xmin of the last read
+    horizon: i64,
+    /// PostgreSQL: changes applied whose transaction may have been running (seq → xid)
+    applied: HashMap<i64, i64>,
+}
+
+/// The index and its position in the feed. One per store (shared by its clones).
+#[derive(Default)]
+pub struct Feed {
+    index: Arc<RwLock<Option<ListingIndex>>>,
+    /// held while catching up: one reader of the feed at a time
+    cursor: tokio::sync::Mutex<Option<Cursor>>,
+}
+
+/// What a catch-up did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CatchUp {
+    pub changes: usize,
+    pub reloaded: bool,
+}
+
+fn poisoned<T>(_: T) -> StoreError {
+    StoreError::Internal("the listing index lock is poisoned".into())
+}
+
+fn key_of(bytes: &[u8]) -> Option<Key> {
+    bytes.try_into().ok()
+}
+
+impl Store {
+    fn fold(&self) -> Fold {
+        match self.backend {
+            Backend::Sqlite => Fold::Ascii,
+            Backend::Postgres => Fold::Unicode,
+        }
+    }
+
+    /// Whether listings are served from the in-memory index (it has loaded).
+    pub fn listing_index_ready(&self) -> bool {
+        self.listing.index.read().map(|index| index.is_some()).unwrap_or(false)
+    }
+
+    /// Loads the index, then keeps it current until the store's pool closes: a
+    /// catch-up every second, the feed pruned every minute. Errors are logged and retried.
+    pub async fn keep_listing_index(&self) {
+        let mut round: u64 = 0;
+        loop {
+            if self.pool.is_closed() {
+                return;
+            }
+            match self.catch_up_listing().await {
+                Ok(done) if done.reloaded || done.changes > 0 => tracing::debug!(changes = done.changes, reloaded = done.reloaded, "listing index caught up"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "listing index: catching up failed; retrying"),
+            }
+            if round % 60 == 59
+                && let Err(error) = self.prune_binding_changes(now_micros() - CHANGES_KEPT).await
+            {
+                tracing::warn!(%error, "listing index: pruning the change feed failed");
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Brings the index up to the committed rows (loading it the first time).
+    pub async fn catch_up_listing(&self) -> Result<CatchUp> {
+        let mut cursor = self.listing.cursor.lock().await;
+        let Some(position) = cursor.as_mut() else {
+            let (index, position) = self.load_listing().await?;
+            *self.listing.index.write().map_err(poisoned)? = Some(index);
+            *cursor = Some(position);
+            return Ok(CatchUp { changes: 0, reloaded: true });
+        };
+        let changes = match self.read_changes(position).await? {
+            Some(changes) => changes,
+            None => {
+                tracing::info!("listing index: behind the change feed's pruning or too many changes; reloading");
+                let (index, position) = self.load_listing().await?;
+                *self.listing.index.write().map_err(poisoned)? = Some(index);
+                *cursor = Some(position);
+                return Ok(CatchUp { changes: 0, reloaded: true });
+            }
+        };
+        let count = changes.len();
+        if count > 0 {
+            let keys: Vec<Key> = changes.into_iter().collect::<HashSet<_>>().into_iter().collect();
+            let mut current = Vec::with_capacity(keys.len());
+            for chunk in keys.chunks(KEYS_PER_READ) {
+                current.extend(self.bound_rows(chunk).await?);
+            }
+            let mut found: HashMap<Key, IndexedRow> = current.into_iter().map(|row| (row.key, row)).collect();
+            let mut guard = self.listing.index.write().map_err(poisoned)?;
+            if let Some(index) = guard.as_mut() {
+                for key in keys {
+                    match found.remove(&key) {
+                        Some(row) => index.upsert(row),
+                        None => index.remove(&key),
+                    }
+                }
+            }
+        }
+        Ok(CatchUp { changes: count, reloaded: false })
+    }
+
+    /// The keys changed since `position` (which advances), or `None` when the index
+    /// must reload (the feed was pruned past it, or too many changed).
+    async fn read_changes(&self, position: &mut Cursor) -> Result<Option<Vec<Key>>> {
+        let pruned = sqlx::query("SELECT through_seq, through_xid FROM binding_changes_pruned WHERE id = 1").fetch_one(&self.pool).await?;
+        let (through_seq, through_xid): (i64, i64) = (pruned.try_get(0)?, pruned.try_get(1)?);
+        match self.backend {
+            Backend::Sqlite => {
+                if through_seq > position.seq {
+                    return Ok(None);
+                }
+                let rows = sqlx::query("SELECT seq, ip_key FROM binding_changes WHERE seq > $1 ORDER BY seq LIMIT $2")
+                    .bind(position.seq)
+                    .bind(RELOAD_AFTER_CHANGES as i64 + 1)
+                    .fetch_all(&self.pool)
+                    .await?;
+                if rows.len() > RELOAD_AFTER_CHANGES {
+                    return Ok(None);
+                }
+                let mut keys = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    position.seq = position.seq.max(row.try_get(0)?);
+                    keys.extend(key_of(&row.try_get::<Vec<u8>, _>(1)?));
+                }
+                Ok(Some(keys))
+            }
+            Backend::Postgres => {
+                if through_xid >= position.horizon {
+                    return Ok(None);
+                }
+                // the horizon first: a transaction below it had ended before the read below began
+                let horizon: i64 = sqlx::query("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetch_one(&self.pool).await?.try_get(0)?;
+                let rows = sqlx::query("SELECT seq, ip_key, xid FROM binding_changes WHERE xid >= $1 LIMIT $2")
+                    .bind(position.horizon)
+                    .bind(RELOAD_AFTER_CHANGES as i64 + 1)
+                    .fetch_all(&self.pool)
+                    .await?;
+                if rows.len() > RELOAD_AFTER_CHANGES {
+                    return Ok(None);
+                }
+                let mut keys = Vec::new();
+                for row in &rows {
+                    let seq: i64 = row.try_get(0)?;
+                    let xid: i64 = row.try_get(2)?;
+                    if position.applied.insert(seq, xid).is_none() {
+                        keys.extend(key_of(&row.try_get::<Vec<u8>, _>(1)?));
+                    }
+                }
+                position.applied.retain(|_, xid| *xid >= horizon);
+                position.horizon = horizon;
+                Ok(Some(keys))
+            }
+        }
+    }
+
+    /// Every bound address, and the feed position the load stands at.
+    async fn load_listing(&self) -> Result<(ListingIndex, Cursor)> {
+        let started = std::time::Instant::now();
+        let mut connection = self.pool.acquire().await?;
+        let mut position = Cursor::default();
+        // SQLite: the cursor and the rows from one snapshot (a read transaction); PostgreSQL:
+        // the horizon before the rows, so a transaction still open is read again later
+        let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
+        match self.backend {
+            Backend::Sqlite => {
+                position.seq = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM binding_changes").fetch_one(&mut *transaction).await?.try_get(0)?;
+                let through: i64 = sqlx::query("SELECT through_seq FROM binding_changes_pruned WHERE id = 1").fetch_one(&mut *transaction).await?.try_get(0)?;
+                position.seq = position.seq.max(through);
+            }
+            Backend::Postgres => {
+                position.horizon =
+                    sqlx::query("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetch_one(&mut *transaction).await?.try_get(0)?;
+                transaction.commit().await?;
+                transaction = sqlx::Connection::begin(&mut *connection).await?;
+            }
+        }
+        let mut rows = Vec::new();
+        {
+            let mut stream = sqlx::query(
+                "SELECT ip_key, range_id, device_id, username, platform, client_hostname, last_updated FROM bindings WHERE device_id IS NOT NULL",
+            )
+            .fetch(&mut *transaction);
+            while let Some(row) = stream.try_next().await? {
+                if let Some(row) = indexed_row(&row)? {
+                    rows.push(row);
+                }
+            }
+        }
+        transaction.commit().await?;
+        let fold = self.fold();
+        let count = rows.len();
+        let index = tokio::task::spawn_blocking(move || ListingIndex::build(fold, rows))
+            .await
+            .map_err(|error| StoreError::Internal(format!("building the listing index: {error}")))?;
+        tracing::info!(bindings = count, seconds = started.elapsed().as_secs_f64(), "listing index loaded");
+        Ok((index, position))
+    }
+
+    /// The current rows of `keys` that are bound.
+    async fn bound_rows(&self, keys: &[Key]) -> Result<Vec<IndexedRow>> {
+        let placeholders: Vec<String> = (1..=keys.len()).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "SELECT ip_key, range_id, device_id, username, platform, client_hostname, last_updated FROM bindings WHERE device_id IS NOT NULL AND ip_key IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for key in keys {
+            query = query.bind(key.to_vec());
+        }
+        let mut rows = Vec::with_capacity(keys.len());
+        for row in query.fetch_all(&self.pool).await? {
+            if let Some(row) = indexed_row(&row)? {
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Deletes changes older than `cutoff` (µs) and records how far the feed was pruned.
+    pub async fn prune_binding_changes(&self, cutoff: i64) -> Result<u64> {
+        let _gate = self.write_gate.lock().await;
+        let mut transaction = self.writer.begin().await?;
+        let last = sqlx::query("SELECT MAX(seq), MAX(xid) FROM binding_changes WHERE at < $1");
+        let last = match self.backend {
+            Backend::Sqlite => sqlx::query("SELECT MAX(seq), MAX(seq) FROM binding_changes WHERE at < $1"),
+            Backend::Postgres => last,
+        };
+        let row = last.bind(cutoff).fetch_one(&mut *transaction).await?;
+        let (Some(seq), Some(xid)) = (row.try_get::<Option<i64>, _>(0)?, row.try_get::<Option<i64>, _>(1)?) else {
+            return Ok(0);
+        };
+        let deleted = sqlx::query("DELETE FROM binding_changes WHERE seq <= $1 AND at < $2").bind(seq).bind(cutoff).execute(&mut *transaction).await?;
+        let xid = if self.backend == Backend::Sqlite { 0 } else { xid };
+        sqlx::query(
+            "UPDATE binding_changes_pruned SET through_seq = CASE WHEN through_seq > $1 THEN through_seq ELSE $1 END, \
+             through_xid = CASE WHEN through_xid > $2 THEN through_xid ELSE $2 END WHERE id = 1",
+        )
+        .bind(seq)
+        .bind(xid)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(deleted.rows_affected())
+    }
+
+    /// Runs `work` on the index (loaded) on a blocking thread; `None` before the first load.
+    pub(crate) async fn with_listing_index<T: Send + 'static>(&self, work: impl FnOnce(&ListingIndex) -> T + Send + 'static) -> Result<Option<T>> {
+        let index = self.listing.index.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = index.read().map_err(poisoned)?;
+            Ok(guard.as_ref().map(work))
+        })
+        .await
+        .map_err(|error| StoreError::Internal(format!("listing index task: {error}")))?
+    }
+}
+
+fn indexed_row(row: &sqlx::any::AnyRow) -> Result<Option<IndexedRow>> {
+    let Some(key) = key_of(&row.try_get::<Vec<u8>, _>(0)?) else {
+        return Ok(None);
+    };
+    Ok(Some(IndexedRow {
+        key,
+        range_id: row.try_get(1)?,
+        device_id: row.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+        username: row.try_get::<Option<String>, _>(3)?.unwrap_or_default(),
+        platform: row.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
+        client_hostname: row.try_get::<Option<String>, _>(5)?.unwrap_or_default(),
+        last_updated: row.try_get(6)?,
+    }))
+}
