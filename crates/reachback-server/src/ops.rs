@@ -94,6 +94,7 @@ pub async fn metrics(State(state): State<SharedState>, headers: axum::http::Head
         }
         state.metrics.bindings.set(bound);
     }
+    state.metrics.listing_index_rows.set(state.store.listing_index_rows().map_or(-1, |rows| rows as i64));
     if let Ok(sinks) = state.store.list_sinks().await {
         crate::events::observe(&state.metrics.events, &sinks, reachback_store::now_micros());
     }

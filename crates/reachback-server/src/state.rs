@@ -251,6 +251,8 @@ pub struct Metrics {
     pub range_used: Family<Vec<(String, String)>, Gauge>,
     pub range_total: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
     pub bindings: Gauge,
+    /// rows in the bindings listing's in-memory index; -1 until it has loaded
+    pub listing_index_rows: Gauge,
     pub enroll_batch_size: Histogram,
     pub enroll_batch_seconds: Histogram,
     /// replicas alive in the registry, as this replica saw at its last heartbeat
@@ -300,6 +302,8 @@ impl Metrics {
         let range_used = Family::default();
         let range_total = Family::default();
         let bindings = Gauge::default();
+        let listing_index_rows = Gauge::default();
+        listing_index_rows.set(-1);
         let enroll_batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]);
         let enroll_batch_seconds = latency_histogram();
         registry.register("enrollments", "Enrollment requests by result", enrollments.clone());
@@ -309,6 +313,7 @@ impl Metrics {
         registry.register("range_used_ips", "Bound addresses per range", range_used.clone());
         registry.register("range_total_ips", "Assignable addresses per range", range_total.clone());
         registry.register("bindings", "Bound addresses in all ranges", bindings.clone());
+        registry.register("listing_index_rows", "Bindings in the listing's in-memory index (-1 while it loads)", listing_index_rows.clone());
         registry.register("enroll_batch_size", "Enrollments written per transaction", enroll_batch_size.clone());
         registry.register("enroll_batch_duration_seconds", "Time to write one enrollment transaction", enroll_batch_seconds.clone());
         // the broker's families keep their place among the server's
@@ -328,6 +333,7 @@ impl Metrics {
             range_used,
             range_total,
             bindings,
+            listing_index_rows,
             enroll_batch_size,
             enroll_batch_seconds,
             replicas_alive,

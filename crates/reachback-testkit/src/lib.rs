@@ -475,6 +475,11 @@ impl ServerProcess {
     /// Starts `binary server` with `token` as the bootstrap API key, `data_dir`, and
     /// `database` (PostgreSQL) when given; returns once `/readyz` answers 200 (a
     /// store of a million rows takes a while to load).
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start(binary: &str, token: &str, data_dir: &std::path::Path, database: Option<&str>) -> ServerProcess {
         let free = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
         let (port, tunnel) = (free(), free());

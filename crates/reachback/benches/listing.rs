@@ -384,9 +384,22 @@ fn run(label: &str, data_dir: &std::path::Path, database: Option<&str>, fresh: b
     }
     let started = Instant::now();
     let server = start(data_dir, database);
-    println!("{label}: server ready in {:.1} s; sweeping", started.elapsed().as_secs_f64());
-    // warm the caches as a running server's would be
+    println!("{label}: server ready in {:.1} s", started.elapsed().as_secs_f64());
+    // the listing's in-memory index loads in the background: wait for it (the gauge is -1 until then)
     let agent = agent();
+    loop {
+        let metrics = agent.get(&format!("{}/metrics", server.base)).call().ok().and_then(|mut reply| reply.body_mut().read_to_string().ok()).unwrap_or_default();
+        let rows = metrics.lines().find_map(|line| line.strip_prefix("reachback_listing_index_rows ")).and_then(|value| value.trim().parse::<i64>().ok());
+        if rows.is_some_and(|rows| rows >= 0) {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap_or_default();
+            let rss = status.lines().find_map(|line| line.strip_prefix("VmRSS:")).unwrap_or("?").trim().to_string();
+            println!("{label}: listing index of {} rows loaded {:.1} s after start; server RSS {rss}", rows.unwrap_or(0), started.elapsed().as_secs_f64());
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "the listing index did not load");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // warm the caches as a running server's would be
     for sort in ["ip", "username", "platform", "client_hostname", "range_name", "last_updated"] {
         let _ = timed_get(&agent, &format!("{}/api/v1/ip-bindings?sort={sort}&page=10000", server.base));
     }

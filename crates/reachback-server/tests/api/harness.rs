@@ -162,6 +162,22 @@ impl TestServer {
         rows.iter().map(|row| row.try_get::<String, _>(0).expect("a text column")).collect()
     }
 
+    /// The test database's URL.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("reachback.db").display()))
+    }
+
+    /// Waits until the bindings listing is served from the in-memory index (it loads
+    /// in the background after each boot).
+    pub async fn wait_for_listing_index(&self) {
+        let store = &self.state.as_ref().expect("a booted server").store;
+        let started = std::time::Instant::now();
+        while !store.listing_index_ready() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(60), "the listing index did not load");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn is_postgres(&self) -> bool {
         self.database_url.is_some()
     }

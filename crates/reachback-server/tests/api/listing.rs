@@ -8,11 +8,18 @@
 use axum::http::StatusCode;
 use reachback_testkit::Draw;
 use serde_json::{Value, json};
+use sqlx::Connection;
 
 use crate::harness::TestServer;
 use crate::on_both_backends;
 
-on_both_backends!(listings_agree_with_the_reference_query_small, listings_agree_with_the_reference_query_50000);
+on_both_backends!(
+    listings_agree_with_the_reference_query_small,
+    listings_agree_with_the_reference_query_50000,
+    changes_behind_the_servers_back_show_in_the_next_listing,
+    a_pruned_change_feed_reloads_the_index,
+    a_transaction_committed_after_a_later_one_is_not_missed
+);
 
 /// 2026-01-01T00:00:00Z, in seconds.
 const T0: i64 = 1_767_225_600;
@@ -135,8 +142,9 @@ async fn seed(server: &mut TestServer, rows: i64) -> Vec<(String, [u8; 17], [u8;
     }
     server.raw_sql("ANALYZE").await;
     // the engine reads the rows again: a restart, and an edit of each range (which
-    // rebuilds its part of the engine from the store)
+    // rebuilds its part of the engine from the store); the listing index loads
     server.restart().await;
+    server.wait_for_listing_index().await;
     for id in &ids {
         let reply = server.patch(&format!("/api/v1/ip-ranges/{id}"), json!({"description": "seeded in SQL"})).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -324,6 +332,9 @@ async fn listings_agree_with_the_reference_query_small(mut server: TestServer) {
     assert_eq!(server.get("/api/v1/ip-bindings?page_size=1").await.json()["total"].as_u64(), Some(412));
     assert_eq!(server.get("/api/v1/ip-bindings?page_size=1&sort=-last_updated&page=412").await.json()["total"].as_u64(), Some(412));
     agree(&server, 420, &bounds, 200, true, seed_of_run()).await;
+    // the SQL path, which serves while the index loads after a start, answers the same
+    server.state.as_ref().expect("state").store.use_listing_index(false);
+    agree(&server, 420, &bounds, 60, true, seed_of_run() ^ 1).await;
 }
 
 async fn listings_agree_with_the_reference_query_50000(mut server: TestServer) {
@@ -331,4 +342,71 @@ async fn listings_agree_with_the_reference_query_50000(mut server: TestServer) {
     let total = server.get("/api/v1/ip-bindings?page_size=1").await.json()["total"].as_u64();
     assert_eq!(total, Some(49_000));
     agree(&server, 50_000, &bounds, 80, false, seed_of_run()).await;
+}
+
+fn hostnames(value: &Value) -> Vec<String> {
+    value["items"].as_array().map(|items| items.iter().filter_map(|item| item["client_hostname"].as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+/// Another replica, or anything writing the database, changes bindings: the next
+/// listing shows it (each listing catches the index up with the change feed first,
+/// not only the background task every second).
+async fn changes_behind_the_servers_back_show_in_the_next_listing(mut server: TestServer) {
+    seed(&mut server, 420).await;
+    let before = server.get("/api/v1/ip-bindings?page_size=1").await.json()["total"].as_u64();
+    assert_eq!(before, Some(412));
+    for round in 0..5 {
+        let renamed = format!("renamed-{round}.example");
+        server.raw_sql(&format!("UPDATE bindings SET client_hostname = '{renamed}' WHERE ip = '100.64.0.{}'", 2 + round)).await;
+        // a release, as the store writes it
+        server
+            .raw_sql(&format!(
+                "UPDATE bindings SET device_id = NULL, username = NULL, platform = NULL, client_hostname = NULL, released_at = last_updated WHERE ip = '100.65.0.{}'",
+                2 + round
+            ))
+            .await;
+        let listed = server.get(&format!("/api/v1/ip-bindings?client_hostname={renamed}")).await.json();
+        assert_eq!(hostnames(&listed), vec![renamed.clone()], "round {round}: {listed}");
+        let total = server.get("/api/v1/ip-bindings?page_size=1").await.json()["total"].as_u64();
+        assert_eq!(total, Some(411 - round), "round {round}");
+        assert!(server.state.as_ref().expect("state").store.listing_index_ready());
+    }
+    // and deleted rows go (the delete trigger)
+    server.raw_sql("DELETE FROM bindings WHERE ip LIKE '100.67.%'").await;
+    let listed = server.get("/api/v1/ip-bindings?range_name=kiosks&page_size=1").await.json();
+    assert_eq!(listed["total"].as_u64(), Some(0), "{listed}");
+}
+
+/// Changes pruned from the feed before the index read them: the index notices it is
+/// behind the pruning and reloads, instead of missing them.
+async fn a_pruned_change_feed_reloads_the_index(mut server: TestServer) {
+    seed(&mut server, 420).await;
+    let store = server.state.as_ref().expect("state").store.clone();
+    server.raw_sql("UPDATE bindings SET client_hostname = 'pruned-change.example' WHERE ip = '100.64.0.3'").await;
+    let future = reachback_store::now_micros() + 86_400_000_000;
+    assert!(store.prune_binding_changes(future).await.expect("prune") >= 1);
+    let listed = server.get("/api/v1/ip-bindings?client_hostname=pruned-change").await.json();
+    assert_eq!(hostnames(&listed), vec!["pruned-change.example".to_string()], "{listed}");
+}
+
+/// PostgreSQL takes sequence values before commit: a transaction that wrote first and
+/// commits last has the lower `seq`. An index that followed `seq` alone would have
+/// passed it; it is read again because it was running at the last read.
+async fn a_transaction_committed_after_a_later_one_is_not_missed(mut server: TestServer) {
+    if !server.is_postgres() {
+        // SQLite has one writer at a time: a later transaction cannot commit first
+        return;
+    }
+    seed(&mut server, 420).await;
+    let mut early = sqlx::PgConnection::connect(&server.database_url()).await.expect("connection");
+    sqlx::raw_sql("BEGIN; UPDATE bindings SET client_hostname = 'committed-last.example' WHERE ip = '100.64.0.4'")
+        .execute(&mut early)
+        .await
+        .expect("open transaction");
+    server.raw_sql("UPDATE bindings SET client_hostname = 'committed-first.example' WHERE ip = '100.64.0.5'").await;
+    let listed = server.get("/api/v1/ip-bindings?client_hostname=committed-").await.json();
+    assert_eq!(hostnames(&listed), vec!["committed-first.example".to_string()], "{listed}");
+    sqlx::raw_sql("COMMIT").execute(&mut early).await.expect("commit");
+    let listed = server.get("/api/v1/ip-bindings?client_hostname=committed-&sort=client_hostname").await.json();
+    assert_eq!(hostnames(&listed), vec!["committed-first.example".to_string(), "committed-last.example".to_string()], "{listed}");
 }

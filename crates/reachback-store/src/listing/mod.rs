@@ -50,11 +50,27 @@ struct Cursor {
 }
 
 /// The index and its position in the feed. One per store (shared by its clones).
-#[derive(Default)]
 pub struct Feed {
     index: Arc<RwLock<Option<ListingIndex>>>,
     /// held while catching up: one reader of the feed at a time
     cursor: tokio::sync::Mutex<Option<Cursor>>,
+    /// one scan per core at a time: a flood of listings queues here instead of
+    /// starting a blocking thread each (the runtime would start hundreds)
+    scans: Arc<tokio::sync::Semaphore>,
+    /// off: listings take the SQL path (tests of that path)
+    disabled: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Feed {
+    fn default() -> Feed {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Feed {
+            index: Arc::default(),
+            cursor: tokio::sync::Mutex::new(None),
+            scans: Arc::new(tokio::sync::Semaphore::new(cores)),
+            disabled: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 /// What a catch-up did.
@@ -82,7 +98,18 @@ impl Store {
 
     /// Whether listings are served from the in-memory index (it has loaded).
     pub fn listing_index_ready(&self) -> bool {
-        self.listing.index.read().map(|index| index.is_some()).unwrap_or(false)
+        !self.listing.disabled.load(std::sync::atomic::Ordering::Relaxed) && self.listing.index.read().map(|index| index.is_some()).unwrap_or(false)
+    }
+
+    /// Serves listings from SQL (`false`) or from the index once loaded (`true`, the
+    /// default): tests of the SQL path, which serves while the index loads.
+    pub fn use_listing_index(&self, enabled: bool) {
+        self.listing.disabled.store(!enabled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many bindings the index holds (`None` until it has loaded).
+    pub fn listing_index_rows(&self) -> Option<usize> {
+        self.listing.index.read().ok().and_then(|index| index.as_ref().map(ListingIndex::len))
     }
 
     /// Loads the index, then keeps it current until the store's pool closes: a
@@ -113,7 +140,7 @@ impl Store {
         let mut cursor = self.listing.cursor.lock().await;
         let Some(position) = cursor.as_mut() else {
             let (index, position) = self.load_listing().await?;
-            *self.listing.index.write().map_err(poisoned)? = Some(index);
+            self.replace_index(move |slot| *slot = Some(index)).await?;
             *cursor = Some(position);
             return Ok(CatchUp { changes: 0, reloaded: true });
         };
@@ -122,7 +149,7 @@ impl Store {
             None => {
                 tracing::info!("listing index: behind the change feed's pruning or too many changes; reloading");
                 let (index, position) = self.load_listing().await?;
-                *self.listing.index.write().map_err(poisoned)? = Some(index);
+                self.replace_index(move |slot| *slot = Some(index)).await?;
                 *cursor = Some(position);
                 return Ok(CatchUp { changes: 0, reloaded: true });
             }
@@ -135,15 +162,18 @@ impl Store {
                 current.extend(self.bound_rows(chunk).await?);
             }
             let mut found: HashMap<Key, IndexedRow> = current.into_iter().map(|row| (row.key, row)).collect();
-            let mut guard = self.listing.index.write().map_err(poisoned)?;
-            if let Some(index) = guard.as_mut() {
-                for key in keys {
-                    match found.remove(&key) {
-                        Some(row) => index.upsert(row),
-                        None => index.remove(&key),
+            // on a blocking thread: the write lock waits for the scans in progress
+            self.replace_index(move |slot| {
+                if let Some(index) = slot.as_mut() {
+                    for key in keys {
+                        match found.remove(&key) {
+                            Some(row) => index.upsert(row),
+                            None => index.remove(&key),
+                        }
                     }
                 }
-            }
+            })
+            .await?;
         }
         Ok(CatchUp { changes: count, reloaded: false })
     }
@@ -292,10 +322,24 @@ impl Store {
         Ok(deleted.rows_affected())
     }
 
+    /// Changes the index under its write lock, on a blocking thread.
+    async fn replace_index(&self, change: impl FnOnce(&mut Option<ListingIndex>) + Send + 'static) -> Result<()> {
+        let index = self.listing.index.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = index.write().map_err(poisoned)?;
+            change(&mut guard);
+            Ok(())
+        })
+        .await
+        .map_err(|error| StoreError::Internal(format!("listing index task: {error}")))?
+    }
+
     /// Runs `work` on the index (loaded) on a blocking thread; `None` before the first load.
     pub(crate) async fn with_listing_index<T: Send + 'static>(&self, work: impl FnOnce(&ListingIndex) -> T + Send + 'static) -> Result<Option<T>> {
         let index = self.listing.index.clone();
+        let permit = self.listing.scans.clone().acquire_owned().await.map_err(|error| StoreError::Internal(error.to_string()))?;
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let guard = index.read().map_err(poisoned)?;
             Ok(guard.as_ref().map(work))
         })
