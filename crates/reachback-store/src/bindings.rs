@@ -188,27 +188,44 @@ impl Store {
         let Some((selection, ranges)) = self.indexed_selection(query).await? else {
             return Ok(None);
         };
-        let Some((total, keys)) = self.with_listing_index(move |index| index.select(&selection, 0, 0)).await? else {
+        let Some(ordered) = self.with_listing_index(move |index| index.order_all(&selection)).await? else {
             return Ok(None);
         };
+        let total = ordered.len() as i64;
         let store = self.clone();
         let ranges = Arc::new(ranges);
-        let chunks: Vec<Vec<crate::listing::Key>> = keys.chunks(STREAMED_CHUNK_ROWS).map(<[_]>::to_vec).collect();
-        let stream = futures_util::stream::iter(chunks)
-            .then(move |chunk| {
-                let store = store.clone();
-                let ranges = ranges.clone();
-                async move {
-                    // a row removed since the selection is left out; one changed shows as it is now
-                    let rows = store.with_listing_index(move |index| chunk.iter().filter_map(|key| index.get(key)).collect::<Vec<_>>()).await?;
-                    Ok::<_, StoreError>(rows.unwrap_or_default().into_iter().filter_map(|row| listed_row(&ranges, row)).map(Ok).collect::<Vec<_>>())
+        // each chunk: its keys from the order (a selection for the first, one sort for the
+        // rest), then its rows from the index; a row removed since is left out, one
+        // changed shows as it is now
+        let chunks = futures_util::stream::unfold(Some(ordered), move |ordered| {
+            let store = store.clone();
+            let ranges = ranges.clone();
+            async move {
+                let mut ordered = ordered?;
+                let next = tokio::task::spawn_blocking(move || {
+                    let keys = ordered.next_chunk(STREAMED_CHUNK_ROWS);
+                    (ordered, keys)
+                })
+                .await;
+                let (ordered, keys) = match next {
+                    Ok(next) => next,
+                    Err(error) => return Some((Err(StoreError::Internal(format!("listing export task: {error}"))), None)),
+                };
+                if keys.is_empty() {
+                    return None;
                 }
-            })
-            .flat_map(|chunk| match chunk {
-                Ok(rows) => futures_util::stream::iter(rows),
-                Err(error) => futures_util::stream::iter(vec![Err(error)]),
-            });
-        Ok(Some((total as i64, stream.boxed())))
+                let rows = match store.with_listing_index(move |index| keys.iter().filter_map(|key| index.get(key)).collect::<Vec<_>>()).await {
+                    Ok(rows) => rows.unwrap_or_default(),
+                    Err(error) => return Some((Err(error), None)),
+                };
+                Some((Ok(rows.into_iter().filter_map(|row| listed_row(&ranges, row)).collect::<Vec<_>>()), Some(ordered)))
+            }
+        });
+        let stream = chunks.flat_map(|chunk: Result<Vec<BindingRow>>| match chunk {
+            Ok(rows) => futures_util::stream::iter(rows.into_iter().map(Ok).collect::<Vec<_>>()),
+            Err(error) => futures_util::stream::iter(vec![Err(error)]),
+        });
+        Ok(Some((total, stream.boxed())))
     }
 
     /// The index's selection for a query, and the ranges by id; `None` before the

@@ -399,6 +399,21 @@ impl ListingIndex {
         (code, pack(key), at as u32)
     }
 
+    /// Every matching row, in an order read a chunk at a time (`Ordered::next_chunk`):
+    /// the first chunk costs one selection over the matches, the rest one sort —
+    /// an export's first byte does not wait for the whole sort.
+    pub fn order_all(&self, selection: &Selection) -> Ordered {
+        let mut ordered = Ordered { entries: Vec::new(), keys: Vec::new(), descending: selection.descending, low_v6: self.low_v6 > 0, next: 0, sorted: false };
+        let Some(test) = self.test(selection) else {
+            return ordered;
+        };
+        let order = selection.order.unwrap_or(Order::Ip);
+        let range_rank = self.range_ranks(selection);
+        ordered.entries = (0..self.keys.len()).filter(|&at| test.passes(self, at)).map(|at| self.entry(order, &range_rank, at)).collect();
+        ordered.keys = self.keys.clone();
+        ordered
+    }
+
     /// The first `count` matching rows in the order, sorted. While fewer than a few
     /// thousand are wanted, a buffer keeps the best candidates (cut back to `count` each
     /// time it fills, after which only rows better than the cut enter); otherwise every
@@ -406,17 +421,7 @@ impl ListingIndex {
     fn first_rows(&self, test: &Test, order: Order, range_rank: &[u64], descending: bool, count: usize) -> Vec<SortEntry> {
         let low_v6 = self.low_v6 > 0;
         let keys = &self.keys;
-        let compare = |left: &SortEntry, right: &SortEntry| -> Ordering {
-            let ordering = left.0.cmp(&right.0).then_with(|| {
-                if low_v6 {
-                    // IPv6 rows below 2^32 collide with IPv4 values: the family decides first
-                    keys[left.2 as usize][0].cmp(&keys[right.2 as usize][0]).then(left.1.cmp(&right.1))
-                } else {
-                    left.1.cmp(&right.1)
-                }
-            });
-            if descending { ordering.reverse() } else { ordering }
-        };
+        let compare = |left: &SortEntry, right: &SortEntry| compare(keys, low_v6, descending, left, right);
         let mut buffer: Vec<SortEntry> = Vec::with_capacity(if count <= 4096 { count * 2 } else { 0 });
         let mut cut: Option<SortEntry> = None;
         for at in 0..keys.len() {
@@ -482,6 +487,62 @@ impl ListingIndex {
             after: selection.updated_after,
             before: selection.updated_before,
         })
+    }
+}
+
+/// Sort entries in the listing's order: the column's code, then the address; IPv6
+/// rows below 2^32 pack like IPv4 values, so while there are any the family decides
+/// before the packed value.
+fn compare(keys: &[Key], low_v6: bool, descending: bool, left: &SortEntry, right: &SortEntry) -> Ordering {
+    let ordering = left.0.cmp(&right.0).then_with(|| {
+        if low_v6 { keys[left.2 as usize][0].cmp(&keys[right.2 as usize][0]).then(left.1.cmp(&right.1)) } else { left.1.cmp(&right.1) }
+    });
+    if descending { ordering.reverse() } else { ordering }
+}
+
+/// Every row a selection matched, handed out in order a chunk at a time. It owns
+/// its entries and a copy of the keys, so the index may change in between.
+pub struct Ordered {
+    entries: Vec<SortEntry>,
+    keys: Vec<Key>,
+    descending: bool,
+    low_v6: bool,
+    next: usize,
+    sorted: bool,
+}
+
+impl Ordered {
+    /// How many rows matched.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The next `count` keys in order (empty at the end). The first call selects its
+    /// rows from all matches; the next sorts the rest once.
+    pub fn next_chunk(&mut self, count: usize) -> Vec<Key> {
+        let count = count.max(1);
+        let (keys, low_v6, descending) = (&self.keys, self.low_v6, self.descending);
+        let rest = &mut self.entries[self.next..];
+        if rest.is_empty() {
+            return Vec::new();
+        }
+        if !self.sorted {
+            if self.next == 0 && rest.len() > count {
+                rest.select_nth_unstable_by(count - 1, |left, right| compare(keys, low_v6, descending, left, right));
+                rest[..count].sort_unstable_by(|left, right| compare(keys, low_v6, descending, left, right));
+            } else {
+                rest.sort_unstable_by(|left, right| compare(keys, low_v6, descending, left, right));
+                self.sorted = true;
+            }
+        }
+        let end = (self.next + count).min(self.entries.len());
+        let chunk = self.entries[self.next..end].iter().map(|entry| self.keys[entry.2 as usize]).collect();
+        self.next = end;
+        chunk
     }
 }
 

@@ -124,6 +124,20 @@ fn every_selection_and_page_agrees_with_sorting_every_row() {
             let limit = [0usize, 1, 7, 50, 5000][draw.below(5) as usize];
             let offset = draw.below(rows.len() as u64 + 10) as usize;
             let offset = [0, offset, offset / 2][draw.below(3) as usize];
+            if round % 10 == 0 {
+                // the whole order, a chunk at a time
+                let mut ordered = index.order_all(&selection);
+                let chunk = [1usize, 3, 50][draw.below(3) as usize];
+                let mut keys = Vec::new();
+                loop {
+                    let next = ordered.next_chunk(chunk);
+                    if next.is_empty() {
+                        break;
+                    }
+                    keys.extend(next);
+                }
+                assert_eq!((ordered.len(), keys), reference(&rows, &selection, fold, 0, 0), "round {round}: ordered {selection:?}");
+            }
             let expected = reference(&rows, &selection, fold, offset, limit);
             assert_eq!(index.select(&selection, offset, limit), expected, "round {round}: {selection:?} offset {offset} limit {limit} ({fold:?})");
         }
