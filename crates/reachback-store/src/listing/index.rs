@@ -52,20 +52,29 @@ pub enum Order {
 
 struct Entry {
     text: Arc<str>,
-    /// the folded text, when it differs from the text
-    folded: Option<Box<str>>,
     code: u64,
     refs: u32,
+    /// where its folded text is in the arena (an index into `spans`)
+    span: u32,
 }
 
-/// The distinct values of one text column, each with its order code.
+/// The distinct values of one text column, each with its order code. The folded
+/// texts also sit one after another in an arena (each ended by a NUL), so a
+/// substring filter is one SIMD search over the arena, not a pointer chase per value.
 pub struct Dictionary {
     by_text: BTreeMap<Arc<str>, u32>,
     entries: Vec<Entry>,
     free: Vec<u32>,
     fold: Fold,
     relabels: u64,
+    arena: Vec<u8>,
+    /// per text in the arena, in arena order: where it starts and its slot (`DEAD` once removed)
+    spans: Vec<(u32, u32)>,
+    /// bytes of the arena that belong to removed values
+    garbage: usize,
 }
+
+const DEAD: u32 = u32::MAX;
 
 /// The step between codes at either end: appending values in order (hostnames that
 /// count up) takes a fixed step instead of halving the last gap each time.
@@ -73,7 +82,16 @@ const END_STEP: u64 = 1 << 32;
 
 impl Dictionary {
     fn new(fold: Fold) -> Dictionary {
-        Dictionary { by_text: BTreeMap::new(), entries: Vec::new(), free: Vec::new(), fold, relabels: 0 }
+        Dictionary {
+            by_text: BTreeMap::new(),
+            entries: Vec::new(),
+            free: Vec::new(),
+            fold,
+            relabels: 0,
+            arena: Vec::new(),
+            spans: Vec::new(),
+            garbage: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -84,16 +102,26 @@ impl Dictionary {
         self.by_text.is_empty()
     }
 
+    fn append_to_arena(&mut self, slot: u32, folded: &str) -> u32 {
+        self.spans.push((self.arena.len() as u32, slot));
+        self.arena.extend_from_slice(folded.as_bytes());
+        self.arena.push(0);
+        (self.spans.len() - 1) as u32
+    }
+
     /// The slot of `text`, one more reference to it; a new value gets a code between its
     /// neighbours' (`labelled` false: no code yet, the caller relabels once at the end).
-    fn intern(&mut self, text: &str, labelled: bool) -> u32 {
+    /// Whether the dictionary was relabelled (every code changed) comes second.
+    fn intern(&mut self, text: &str, labelled: bool) -> (u32, bool) {
         if let Some(&slot) = self.by_text.get(text) {
             self.entries[slot as usize].refs += 1;
-            return slot;
+            return (slot, false);
+        }
+        if self.arena.len() + text.len() * 4 + 1 >= u32::MAX as usize {
+            self.compact();
         }
         let shared: Arc<str> = Arc::from(text);
-        let folded = self.fold.apply(text);
-        let entry = Entry { text: shared.clone(), folded: (folded != text).then(|| folded.into_boxed_str()), code: 0, refs: 1 };
+        let entry = Entry { text: shared.clone(), code: 0, refs: 1, span: 0 };
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.entries[slot as usize] = entry;
@@ -104,6 +132,9 @@ impl Dictionary {
                 (self.entries.len() - 1) as u32
             }
         };
+        let folded = self.fold.apply(text);
+        self.entries[slot as usize].span = self.append_to_arena(slot, &folded);
+        let mut relabelled = false;
         if labelled {
             use std::ops::Bound::{Excluded, Unbounded};
             let before = self.by_text.range::<str, _>((Unbounded, Excluded(text))).next_back().map(|(_, &slot)| self.entries[slot as usize].code);
@@ -117,24 +148,49 @@ impl Dictionary {
             self.by_text.insert(shared, slot);
             match code {
                 Some(code) => self.entries[slot as usize].code = code,
-                None => self.relabel(),
+                None => {
+                    self.relabel();
+                    relabelled = true;
+                }
             }
         } else {
             self.by_text.insert(shared, slot);
         }
-        slot
+        (slot, relabelled)
     }
 
     fn release(&mut self, slot: u32) {
         let entry = &mut self.entries[slot as usize];
         entry.refs -= 1;
         if entry.refs == 0 {
-            let text = entry.text.clone();
-            entry.folded = None;
+            let text = std::mem::replace(&mut entry.text, Arc::from(""));
+            let span = entry.span as usize;
+            self.spans[span].1 = DEAD;
+            let end = self.spans.get(span + 1).map_or(self.arena.len(), |next| next.0 as usize);
+            self.garbage += end - self.spans[span].0 as usize;
             self.by_text.remove(&*text);
-            self.entries[slot as usize].text = Arc::from("");
             self.free.push(slot);
+            if self.garbage > COMPACT_AFTER && self.garbage * 2 > self.arena.len() {
+                self.compact();
+            }
         }
+    }
+
+    /// Rewrites the arena with the live values only.
+    fn compact(&mut self) {
+        let old_arena = std::mem::take(&mut self.arena);
+        let old_spans = std::mem::take(&mut self.spans);
+        for (index, &(start, slot)) in old_spans.iter().enumerate() {
+            if slot == DEAD {
+                continue;
+            }
+            // the value's bytes and its NUL
+            let end = old_spans.get(index + 1).map_or(old_arena.len(), |next| next.0 as usize);
+            self.spans.push((self.arena.len() as u32, slot));
+            self.arena.extend_from_slice(&old_arena[start as usize..end]);
+            self.entries[slot as usize].span = (self.spans.len() - 1) as u32;
+        }
+        self.garbage = 0;
     }
 
     /// Codes evenly spaced over the whole `u64` range, in text order.
@@ -154,13 +210,42 @@ impl Dictionary {
         self.entries[slot as usize].code
     }
 
+    /// The folded text of span `index` (without its NUL).
+    fn span_text(&self, index: usize) -> &[u8] {
+        let start = self.spans[index].0 as usize;
+        let end = self.spans.get(index + 1).map_or(self.arena.len(), |next| next.0 as usize);
+        &self.arena[start..end.saturating_sub(1).max(start)]
+    }
+
     /// Per slot: whether the value contains `needle` (already folded), case folded.
     fn containing(&self, needle: &str) -> Vec<bool> {
+        let mut matching = vec![false; self.entries.len()];
+        if needle.as_bytes().contains(&0) {
+            // a needle with a NUL could match across two values: test each on its own
+            let finder = memchr::memmem::Finder::new(needle.as_bytes());
+            for (index, &(_, slot)) in self.spans.iter().enumerate() {
+                if slot != DEAD && finder.find(self.span_text(index)).is_some() {
+                    matching[slot as usize] = true;
+                }
+            }
+            return matching;
+        }
+        let mut from = 0;
         let finder = memchr::memmem::Finder::new(needle.as_bytes());
-        self.entries
-            .iter()
-            .map(|entry| entry.refs > 0 && finder.find(entry.folded.as_deref().unwrap_or(&entry.text).as_bytes()).is_some())
-            .collect()
+        while let Some(found) = finder.find(&self.arena[from..]) {
+            let at = from + found;
+            let span = self.spans.partition_point(|&(start, _)| start as usize <= at) - 1;
+            let slot = self.spans[span].1;
+            if slot != DEAD {
+                matching[slot as usize] = true;
+            }
+            // on to the next value
+            from = self.spans.get(span + 1).map_or(self.arena.len(), |next| next.0 as usize);
+            if from >= self.arena.len() {
+                break;
+            }
+        }
+        matching
     }
 
     /// How many times the dictionary was relabelled (for tests and the debug log).
@@ -210,6 +295,11 @@ pub struct ListingIndex {
     users: Vec<u32>,
     platforms: Vec<u32>,
     hosts: Vec<u32>,
+    /// each row's order codes (its dictionary entries'), refreshed when one relabels:
+    /// a sort reads them in row order instead of one dictionary entry per row
+    user_codes: Vec<u64>,
+    platform_codes: Vec<u64>,
+    host_codes: Vec<u64>,
     updated: Vec<i64>,
     position: HashMap<Key, u32>,
     range_slots: HashMap<Box<str>, u32>,
@@ -220,6 +310,22 @@ pub struct ListingIndex {
     /// IPv6 rows whose value is below 2^32: while there are none, an address packs into
     /// one `u128` that sorts as its key does (IPv4 values are below 2^32, IPv6 above)
     low_v6: usize,
+}
+
+/// Pages within this many rows of either end are read by keeping the best candidates
+/// while scanning, instead of collecting every match.
+/// (Unit tests use a small value, so their few hundred rows reach every path.)
+const NEAR_END: usize = if cfg!(test) { 20 } else { 10_000 };
+
+/// Garbage in a dictionary's arena, past which (and past half the arena) it is rewritten.
+const COMPACT_AFTER: usize = if cfg!(test) { 64 } else { 1 << 20 };
+
+/// Which text column.
+#[derive(Clone, Copy)]
+enum Column {
+    Username,
+    Platform,
+    Hostname,
 }
 
 /// A sort entry: the column's code, then the packed address (or, with low IPv6 rows,
@@ -241,6 +347,9 @@ impl ListingIndex {
             users: Vec::new(),
             platforms: Vec::new(),
             hosts: Vec::new(),
+            user_codes: Vec::new(),
+            platform_codes: Vec::new(),
+            host_codes: Vec::new(),
             updated: Vec::new(),
             position: HashMap::new(),
             range_slots: HashMap::new(),
@@ -261,7 +370,22 @@ impl ListingIndex {
         index.usernames.relabel();
         index.platform_names.relabel();
         index.hostnames.relabel();
+        index.refresh_codes(Column::Username);
+        index.refresh_codes(Column::Platform);
+        index.refresh_codes(Column::Hostname);
         index
+    }
+
+    /// Copies a dictionary's codes into its column after it relabelled.
+    fn refresh_codes(&mut self, column: Column) {
+        let (dictionary, slots, codes) = match column {
+            Column::Username => (&self.usernames, &self.users, &mut self.user_codes),
+            Column::Platform => (&self.platform_names, &self.platforms, &mut self.platform_codes),
+            Column::Hostname => (&self.hostnames, &self.hosts, &mut self.host_codes),
+        };
+        for (code, &slot) in codes.iter_mut().zip(slots) {
+            *code = dictionary.code(slot);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -294,9 +418,18 @@ impl ListingIndex {
     fn put(&mut self, row: IndexedRow, labelled: bool) {
         self.remove(&row.key);
         let range = self.range_slot(&row.range_id);
-        let user = self.usernames.intern(&row.username, labelled);
-        let platform = self.platform_names.intern(&row.platform, labelled);
-        let host = self.hostnames.intern(&row.client_hostname, labelled);
+        let (user, relabelled) = self.usernames.intern(&row.username, labelled);
+        if relabelled {
+            self.refresh_codes(Column::Username);
+        }
+        let (platform, relabelled) = self.platform_names.intern(&row.platform, labelled);
+        if relabelled {
+            self.refresh_codes(Column::Platform);
+        }
+        let (host, relabelled) = self.hostnames.intern(&row.client_hostname, labelled);
+        if relabelled {
+            self.refresh_codes(Column::Hostname);
+        }
         if row.key[0] == 6 && pack(&row.key) >> 32 == 0 {
             self.low_v6 += 1;
         }
@@ -307,6 +440,9 @@ impl ListingIndex {
         self.users.push(user);
         self.platforms.push(platform);
         self.hosts.push(host);
+        self.user_codes.push(self.usernames.code(user));
+        self.platform_codes.push(self.platform_names.code(platform));
+        self.host_codes.push(self.hostnames.code(host));
         self.updated.push(row.last_updated);
     }
 
@@ -329,6 +465,9 @@ impl ListingIndex {
         self.users.swap_remove(at);
         self.platforms.swap_remove(at);
         self.hosts.swap_remove(at);
+        self.user_codes.swap_remove(at);
+        self.platform_codes.swap_remove(at);
+        self.host_codes.swap_remove(at);
         self.updated.swap_remove(at);
         if at != last {
             self.position.insert(self.keys[at], at as u32);
@@ -350,27 +489,47 @@ impl ListingIndex {
     }
 
     /// The rows that match, how many, and the keys of rows `offset..offset + limit` in
-    /// the selection's order (`limit` 0: all of them).
+    /// the selection's order (`limit` 0: all of them). A page near either end keeps
+    /// only the best candidates while it scans; a page in the middle collects every
+    /// match and selects its window (two linear-time selections, then a sort of the page).
     pub fn select(&self, selection: &Selection, offset: usize, limit: usize) -> (usize, Vec<Key>) {
         let Some(test) = self.test(selection) else {
             return (0, Vec::new());
         };
         let order = selection.order.unwrap_or(Order::Ip);
         let range_rank = self.range_ranks(selection);
+        let descending = selection.descending;
+        let to_key = |entries: &[SortEntry]| -> Vec<Key> { entries.iter().map(|entry| self.keys[entry.2 as usize]).collect() };
+        if limit > 0 && offset + limit <= NEAR_END {
+            // one pass: the count and the first rows
+            let (total, first) = self.first_rows(&test, order, &range_rank, descending, offset + limit);
+            return (total, to_key(first.get(offset..).unwrap_or(&[])));
+        }
         let total = (0..self.keys.len()).filter(|&at| test.passes(self, at)).count();
         if offset >= total {
             return (total, Vec::new());
         }
         let end = if limit == 0 { total } else { (offset + limit).min(total) };
-        // the page from whichever end is nearer: the `wanted` first rows of one direction
-        let from_end = total - end < offset;
-        let (descending, skip, wanted) = if from_end { (!selection.descending, total - end, end - offset) } else { (selection.descending, offset, end - offset) };
-        let mut page = self.first_rows(&test, order, &range_rank, descending, skip + wanted);
-        let mut page: Vec<Key> = page.drain(skip.min(page.len())..).map(|(_, _, at)| self.keys[at as usize]).collect();
-        if from_end {
+        if total - offset <= NEAR_END {
+            // near the end: the first rows of the opposite order, turned round
+            let (_, last) = self.first_rows(&test, order, &range_rank, !descending, total - offset);
+            let mut page = to_key(last.get(total - end..).unwrap_or(&[]));
             page.reverse();
+            return (total, page);
         }
-        (total, page)
+        let mut entries: Vec<SortEntry> = (0..self.keys.len()).filter(|&at| test.passes(self, at)).map(|at| self.entry(order, &range_rank, at)).collect();
+        let low_v6 = self.low_v6 > 0;
+        let compare = |left: &SortEntry, right: &SortEntry| compare(&self.keys, low_v6, descending, left, right);
+        if offset > 0 {
+            entries.select_nth_unstable_by(offset, compare);
+        }
+        let window = &mut entries[offset..];
+        let wanted = end - offset;
+        if window.len() > wanted {
+            window.select_nth_unstable_by(wanted - 1, compare);
+        }
+        window[..wanted].sort_unstable_by(compare);
+        (total, to_key(&window[..wanted]))
     }
 
     /// Per range slot, its rank in range-name order.
@@ -389,9 +548,9 @@ impl ListingIndex {
         let key = &self.keys[at];
         let code = match order {
             Order::Ip => 0,
-            Order::Username => self.usernames.code(self.users[at]),
-            Order::Platform => self.platform_names.code(self.platforms[at]),
-            Order::ClientHostname => self.hostnames.code(self.hosts[at]),
+            Order::Username => self.user_codes[at],
+            Order::Platform => self.platform_codes[at],
+            Order::ClientHostname => self.host_codes[at],
             Order::RangeName => range_rank[self.ranges[at] as usize],
             // order-preserving: i64 to u64 with the sign bit flipped
             Order::LastUpdated => (self.updated[at] as u64) ^ (1 << 63),
@@ -414,35 +573,33 @@ impl ListingIndex {
         ordered
     }
 
-    /// The first `count` matching rows in the order, sorted. While fewer than a few
-    /// thousand are wanted, a buffer keeps the best candidates (cut back to `count` each
-    /// time it fills, after which only rows better than the cut enter); otherwise every
-    /// match is collected and the `count` first selected.
-    fn first_rows(&self, test: &Test, order: Order, range_rank: &[u64], descending: bool, count: usize) -> Vec<SortEntry> {
+    /// How many rows match, and the first `count` of them in the order, sorted. A
+    /// buffer keeps the best candidates: cut back to `count` each time it fills, after
+    /// which only rows better than the cut enter.
+    fn first_rows(&self, test: &Test, order: Order, range_rank: &[u64], descending: bool, count: usize) -> (usize, Vec<SortEntry>) {
         let low_v6 = self.low_v6 > 0;
         let keys = &self.keys;
         let compare = |left: &SortEntry, right: &SortEntry| compare(keys, low_v6, descending, left, right);
-        let mut buffer: Vec<SortEntry> = Vec::with_capacity(if count <= 4096 { count * 2 } else { 0 });
+        let count = count.max(1);
+        let mut buffer: Vec<SortEntry> = Vec::with_capacity(count * 2);
         let mut cut: Option<SortEntry> = None;
+        let mut matched = 0;
         for at in 0..keys.len() {
             if !test.passes(self, at) {
                 continue;
             }
+            matched += 1;
             let entry = self.entry(order, range_rank, at);
-            if count <= 4096 {
-                if let Some(cut) = &cut
-                    && compare(&entry, cut) != Ordering::Less
-                {
-                    continue;
-                }
-                buffer.push(entry);
-                if buffer.len() == count * 2 {
-                    buffer.select_nth_unstable_by(count - 1, compare);
-                    buffer.truncate(count);
-                    cut = buffer.iter().max_by(|left, right| compare(left, right)).copied();
-                }
-            } else {
-                buffer.push(entry);
+            if let Some(cut) = &cut
+                && compare(&entry, cut) != Ordering::Less
+            {
+                continue;
+            }
+            buffer.push(entry);
+            if buffer.len() == count * 2 {
+                buffer.select_nth_unstable_by(count - 1, compare);
+                buffer.truncate(count);
+                cut = buffer.iter().max_by(|left, right| compare(left, right)).copied();
             }
         }
         if buffer.len() > count {
@@ -450,7 +607,7 @@ impl ListingIndex {
             buffer.truncate(count);
         }
         buffer.sort_unstable_by(compare);
-        buffer
+        (matched, buffer)
     }
 
     fn test(&self, selection: &Selection) -> Option<Test> {

@@ -216,3 +216,38 @@ fn values_inserted_at_one_point_relabel_and_stay_ordered() {
     let listed: Vec<String> = keys.iter().map(|key| index.get(key).map(|row| row.username).unwrap_or_default()).collect();
     assert_eq!(listed, sorted);
 }
+
+#[test]
+fn removed_values_leave_the_arena_and_searches_stay_exact() {
+    let mut index = ListingIndex::new(Fold::Ascii);
+    let row = |n: u32| IndexedRow {
+        key: key(4, u128::from(n)),
+        range_id: "r".into(),
+        device_id: format!("d{n}"),
+        username: format!("User{n:03}"),
+        platform: "linux".into(),
+        client_hostname: format!("host-{n:03}.example"),
+        last_updated: 0,
+    };
+    for n in 0..100u32 {
+        index.upsert(row(n));
+    }
+    let full = index.hostnames.arena.len();
+    for n in 0..90u32 {
+        index.remove(&key(4, u128::from(n)));
+    }
+    assert!(index.hostnames.arena.len() < full / 2, "arena {} of {full}", index.hostnames.arena.len());
+    // slots freed and reused: a search finds the new values and no removed one
+    for n in 200..205 {
+        index.upsert(row(n));
+    }
+    let selection = Selection { client_hostname: Some("HOST-00".into()), order: Some(Order::ClientHostname), ..Selection::default() };
+    assert_eq!(index.select(&selection, 0, 0), (0, Vec::new()));
+    let selection = Selection { client_hostname: Some("host-".into()), username: Some("user2".into()), order: Some(Order::Username), descending: true, ..Selection::default() };
+    let (total, keys) = index.select(&selection, 0, 0);
+    assert_eq!(total, 5);
+    assert_eq!(keys, (200..205u128).rev().map(|n| key(4, n)).collect::<Vec<_>>());
+    // a needle with a NUL is tested value by value (it cannot span two values)
+    let selection = Selection { client_hostname: Some("example\u{0}host".into()), ..Selection::default() };
+    assert_eq!(index.select(&selection, 0, 0).0, 0);
+}
