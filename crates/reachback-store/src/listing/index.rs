@@ -230,19 +230,23 @@ impl Dictionary {
             }
             return matching;
         }
-        let mut from = 0;
-        let finder = memchr::memmem::Finder::new(needle.as_bytes());
-        while let Some(found) = finder.find(&self.arena[from..]) {
-            let at = from + found;
-            let span = self.spans.partition_point(|&(start, _)| start as usize <= at) - 1;
+        if needle.is_empty() {
+            for &(_, slot) in &self.spans {
+                if slot != DEAD {
+                    matching[slot as usize] = true;
+                }
+            }
+            return matching;
+        }
+        // the matches come in arena order: the span holding each is found by walking forward
+        let mut span = 0;
+        for at in memchr::memmem::find_iter(&self.arena, needle.as_bytes()) {
+            while span + 1 < self.spans.len() && self.spans[span + 1].0 as usize <= at {
+                span += 1;
+            }
             let slot = self.spans[span].1;
             if slot != DEAD {
                 matching[slot as usize] = true;
-            }
-            // on to the next value
-            from = self.spans.get(span + 1).map_or(self.arena.len(), |next| next.0 as usize);
-            if from >= self.arena.len() {
-                break;
             }
         }
         matching
@@ -505,31 +509,25 @@ impl ListingIndex {
             let (total, first) = self.first_rows(&test, order, &range_rank, descending, offset + limit);
             return (total, to_key(first.get(offset..).unwrap_or(&[])));
         }
-        let total = (0..self.keys.len()).filter(|&at| test.passes(self, at)).count();
+        // every match collected (their count is the total), then the page's window selected
+        let mut entries: Vec<SortEntry> = (0..self.keys.len()).filter(|&at| test.passes(self, at)).map(|at| self.entry(order, &range_rank, at)).collect();
+        let total = entries.len();
         if offset >= total {
             return (total, Vec::new());
         }
         let end = if limit == 0 { total } else { (offset + limit).min(total) };
-        if total - offset <= NEAR_END {
-            // near the end: the first rows of the opposite order, turned round
-            let (_, last) = self.first_rows(&test, order, &range_rank, !descending, total - offset);
-            let mut page = to_key(last.get(total - end..).unwrap_or(&[]));
-            page.reverse();
-            return (total, page);
-        }
-        let mut entries: Vec<SortEntry> = (0..self.keys.len()).filter(|&at| test.passes(self, at)).map(|at| self.entry(order, &range_rank, at)).collect();
         let low_v6 = self.low_v6 > 0;
         let compare = |left: &SortEntry, right: &SortEntry| compare(&self.keys, low_v6, descending, left, right);
+        if limit == 0 {
+            entries.sort_unstable_by(compare);
+            return (total, to_key(&entries[offset..]));
+        }
         if offset > 0 {
             entries.select_nth_unstable_by(offset, compare);
         }
-        let window = &mut entries[offset..];
-        let wanted = end - offset;
-        if window.len() > wanted {
-            window.select_nth_unstable_by(wanted - 1, compare);
-        }
-        window[..wanted].sort_unstable_by(compare);
-        (total, to_key(&window[..wanted]))
+        // the window's rows: the first `end - offset` of what follows the offset
+        let window = smallest(&mut entries[offset..], end - offset, compare);
+        (total, to_key(&window))
     }
 
     /// Per range slot, its rank in range-name order.
@@ -544,6 +542,7 @@ impl ListingIndex {
     }
 
     /// The sort entry of row `at`: equal entries are impossible (the address is unique).
+    #[inline(always)]
     fn entry(&self, order: Order, range_rank: &[u64], at: usize) -> SortEntry {
         let key = &self.keys[at];
         let code = match order {
@@ -635,7 +634,15 @@ impl ListingIndex {
                 }
             }
         };
+        let none = ranges.is_none()
+            && selection.ip.is_none()
+            && selection.username.is_none()
+            && selection.platform.is_none()
+            && selection.client_hostname.is_none()
+            && selection.updated_after.is_none()
+            && selection.updated_before.is_none();
         Some(Test {
+            none,
             ranges,
             ip: selection.ip,
             users: text(&self.usernames, &selection.username)?,
@@ -647,9 +654,37 @@ impl ListingIndex {
     }
 }
 
+/// The `count` smallest entries of `entries` under `compare`, sorted: one pass that
+/// keeps a buffer of candidates (cut back when it fills), as `first_rows` does.
+fn smallest(entries: &mut [SortEntry], count: usize, compare: impl Fn(&SortEntry, &SortEntry) -> Ordering + Copy) -> Vec<SortEntry> {
+    let count = count.max(1);
+    let mut buffer: Vec<SortEntry> = Vec::with_capacity(count * 2);
+    let mut cut: Option<SortEntry> = None;
+    for entry in entries.iter() {
+        if let Some(cut) = &cut
+            && compare(entry, cut) != Ordering::Less
+        {
+            continue;
+        }
+        buffer.push(*entry);
+        if buffer.len() == count * 2 {
+            buffer.select_nth_unstable_by(count - 1, compare);
+            buffer.truncate(count);
+            cut = buffer.iter().max_by(|left, right| compare(left, right)).copied();
+        }
+    }
+    if buffer.len() > count {
+        buffer.select_nth_unstable_by(count - 1, compare);
+        buffer.truncate(count);
+    }
+    buffer.sort_unstable_by(compare);
+    buffer
+}
+
 /// Sort entries in the listing's order: the column's code, then the address; IPv6
 /// rows below 2^32 pack like IPv4 values, so while there are any the family decides
 /// before the packed value.
+#[inline(always)]
 fn compare(keys: &[Key], low_v6: bool, descending: bool, left: &SortEntry, right: &SortEntry) -> Ordering {
     let ordering = left.0.cmp(&right.0).then_with(|| {
         if low_v6 { keys[left.2 as usize][0].cmp(&keys[right.2 as usize][0]).then(left.1.cmp(&right.1)) } else { left.1.cmp(&right.1) }
@@ -706,6 +741,8 @@ impl Ordered {
 /// A selection's filters, resolved against the index: per-slot answers for ranges and
 /// text values, bounds for the rest.
 struct Test {
+    /// no filter at all
+    none: bool,
     ranges: Option<Vec<bool>>,
     ip: Option<(Key, Key)>,
     users: Option<Vec<bool>>,
@@ -716,8 +753,11 @@ struct Test {
 }
 
 impl Test {
-    #[inline]
+    #[inline(always)]
     fn passes(&self, index: &ListingIndex, at: usize) -> bool {
+        if self.none {
+            return true;
+        }
         self.ranges.as_ref().is_none_or(|allowed| allowed[index.ranges[at] as usize])
             && self.ip.as_ref().is_none_or(|(first, last)| {
                 let key = &index.keys[at];
