@@ -311,14 +311,33 @@ pub struct ListingIndex {
     usernames: Dictionary,
     platform_names: Dictionary,
     hostnames: Dictionary,
-    /// IPv6 rows whose value is below 2^32: while there are none, an address packs into
-    /// one `u128` that sorts as its key does (IPv4 values are below 2^32, IPv6 above)
-    low_v6: usize,
+    /// buffers of sort entries kept between listings: a million entries are 32 MB, and
+    /// a fresh allocation each time cost more in page faults than the selection itself
+    scratch: Scratch,
+}
+
+type Scratch = Arc<std::sync::Mutex<Vec<Vec<SortEntry>>>>;
+
+fn take_scratch(scratch: &Scratch) -> Vec<SortEntry> {
+    let mut entries = scratch.lock().ok().and_then(|mut pool| pool.pop()).unwrap_or_default();
+    entries.clear();
+    entries
+}
+
+fn give_back(scratch: &Scratch, entries: Vec<SortEntry>) {
+    if let Ok(mut pool) = scratch.lock()
+        && pool.len() < SCRATCH_BUFFERS
+    {
+        pool.push(entries);
+    }
 }
 
 /// Pages within this many rows of either end are read by keeping the best candidates
 /// while scanning, instead of collecting every match.
 /// (Unit tests use a small value, so their few hundred rows reach every path.)
+/// Scratch buffers kept (one per concurrent scan; the store allows one per core).
+const SCRATCH_BUFFERS: usize = 4;
+
 const NEAR_END: usize = if cfg!(test) { 20 } else { 10_000 };
 
 /// Garbage in a dictionary's arena, past which (and past half the arena) it is rewritten.
@@ -332,9 +351,23 @@ enum Column {
     Hostname,
 }
 
-/// A sort entry: the column's code, then the packed address (or, with low IPv6 rows,
-/// the family in the code's place for address order … see `entry`), then the row.
-type SortEntry = (u64, u128, u32);
+/// A sort entry: the column's code, then the address (family, then value) — the
+/// listing's order is the derived one, and the entry names its row's key itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct SortEntry {
+    code: u64,
+    family: u8,
+    value: u128,
+}
+
+impl SortEntry {
+    fn key(&self) -> Key {
+        let mut key = [0u8; 17];
+        key[0] = self.family;
+        key[1..].copy_from_slice(&self.value.to_be_bytes());
+        key
+    }
+}
 
 fn pack(key: &Key) -> u128 {
     let mut value = [0u8; 16];
@@ -361,7 +394,7 @@ impl ListingIndex {
             usernames: Dictionary::new(fold),
             platform_names: Dictionary::new(fold),
             hostnames: Dictionary::new(fold),
-            low_v6: 0,
+            scratch: Scratch::default(),
         }
     }
 
@@ -378,6 +411,17 @@ impl ListingIndex {
         index.refresh_codes(Column::Platform);
         index.refresh_codes(Column::Hostname);
         index
+    }
+
+    /// Prepares `buffers` scratch buffers for a sort of every row, touching their pages
+    /// now rather than in the first listings' time.
+    pub fn warm(&self, buffers: usize) {
+        let filler = SortEntry { code: 0, family: 0, value: 0 };
+        for _ in 0..buffers.min(SCRATCH_BUFFERS) {
+            let mut entries = vec![filler; self.keys.len()];
+            entries.iter_mut().for_each(|entry| entry.code = 1);
+            give_back(&self.scratch, entries);
+        }
     }
 
     /// Copies a dictionary's codes into its column after it relabelled.
@@ -434,9 +478,6 @@ impl ListingIndex {
         if relabelled {
             self.refresh_codes(Column::Hostname);
         }
-        if row.key[0] == 6 && pack(&row.key) >> 32 == 0 {
-            self.low_v6 += 1;
-        }
         self.position.insert(row.key, self.keys.len() as u32);
         self.keys.push(row.key);
         self.ranges.push(range);
@@ -456,9 +497,6 @@ impl ListingIndex {
             return;
         };
         let at = at as usize;
-        if key[0] == 6 && pack(key) >> 32 == 0 {
-            self.low_v6 -= 1;
-        }
         self.usernames.release(self.users[at]);
         self.platform_names.release(self.platforms[at]);
         self.hostnames.release(self.hosts[at]);
@@ -503,21 +541,30 @@ impl ListingIndex {
         let order = selection.order.unwrap_or(Order::Ip);
         let range_rank = self.range_ranks(selection);
         let descending = selection.descending;
-        let to_key = |entries: &[SortEntry]| -> Vec<Key> { entries.iter().map(|entry| self.keys[entry.2 as usize]).collect() };
+        let to_key = |entries: &[SortEntry]| -> Vec<Key> { entries.iter().map(SortEntry::key).collect() };
         if limit > 0 && offset + limit <= NEAR_END {
             // one pass: the count and the first rows
             let (total, first) = self.first_rows(&test, order, &range_rank, descending, offset + limit);
             return (total, to_key(first.get(offset..).unwrap_or(&[])));
         }
         // every match collected (their count is the total), then the page's window selected
-        let mut entries: Vec<SortEntry> = (0..self.keys.len()).filter(|&at| test.passes(self, at)).map(|at| self.entry(order, &range_rank, at)).collect();
+        let mut entries = take_scratch(&self.scratch);
+        entries.reserve(self.keys.len());
+        entries.extend((0..self.keys.len()).filter(|&at| test.passes(self, at)).map(|at| self.entry(order, &range_rank, at)));
+        let answer = self.window(&mut entries, offset, limit, descending);
+        give_back(&self.scratch, entries);
+        answer
+    }
+
+    /// The total and the page's keys from every match's entry.
+    fn window(&self, entries: &mut [SortEntry], offset: usize, limit: usize, descending: bool) -> (usize, Vec<Key>) {
+        let to_key = |entries: &[SortEntry]| -> Vec<Key> { entries.iter().map(SortEntry::key).collect() };
         let total = entries.len();
         if offset >= total {
             return (total, Vec::new());
         }
         let end = if limit == 0 { total } else { (offset + limit).min(total) };
-        let low_v6 = self.low_v6 > 0;
-        let compare = |left: &SortEntry, right: &SortEntry| compare(&self.keys, low_v6, descending, left, right);
+        let compare = |left: &SortEntry, right: &SortEntry| compare(descending, left, right);
         if limit == 0 {
             entries.sort_unstable_by(compare);
             return (total, to_key(&entries[offset..]));
@@ -554,21 +601,22 @@ impl ListingIndex {
             // order-preserving: i64 to u64 with the sign bit flipped
             Order::LastUpdated => (self.updated[at] as u64) ^ (1 << 63),
         };
-        (code, pack(key), at as u32)
+        SortEntry { code, family: key[0], value: pack(key) }
     }
 
     /// Every matching row, in an order read a chunk at a time (`Ordered::next_chunk`):
     /// the first chunk costs one selection over the matches, the rest one sort —
     /// an export's first byte does not wait for the whole sort.
     pub fn order_all(&self, selection: &Selection) -> Ordered {
-        let mut ordered = Ordered { entries: Vec::new(), keys: Vec::new(), descending: selection.descending, low_v6: self.low_v6 > 0, next: 0, sorted: false };
+        let mut ordered = Ordered { entries: Vec::new(), descending: selection.descending, next: 0, sorted: false, scratch: self.scratch.clone() };
         let Some(test) = self.test(selection) else {
             return ordered;
         };
         let order = selection.order.unwrap_or(Order::Ip);
         let range_rank = self.range_ranks(selection);
-        ordered.entries = (0..self.keys.len()).filter(|&at| test.passes(self, at)).map(|at| self.entry(order, &range_rank, at)).collect();
-        ordered.keys = self.keys.clone();
+        ordered.entries = take_scratch(&self.scratch);
+        ordered.entries.reserve(self.keys.len());
+        ordered.entries.extend((0..self.keys.len()).filter(|&at| test.passes(self, at)).map(|at| self.entry(order, &range_rank, at)));
         ordered
     }
 
@@ -576,9 +624,8 @@ impl ListingIndex {
     /// buffer keeps the best candidates: cut back to `count` each time it fills, after
     /// which only rows better than the cut enter.
     fn first_rows(&self, test: &Test, order: Order, range_rank: &[u64], descending: bool, count: usize) -> (usize, Vec<SortEntry>) {
-        let low_v6 = self.low_v6 > 0;
         let keys = &self.keys;
-        let compare = |left: &SortEntry, right: &SortEntry| compare(keys, low_v6, descending, left, right);
+        let compare = |left: &SortEntry, right: &SortEntry| compare(descending, left, right);
         let count = count.max(1);
         let mut buffer: Vec<SortEntry> = Vec::with_capacity(count * 2);
         let mut cut: Option<SortEntry> = None;
@@ -681,26 +728,27 @@ fn smallest(entries: &mut [SortEntry], count: usize, compare: impl Fn(&SortEntry
     buffer
 }
 
-/// Sort entries in the listing's order: the column's code, then the address; IPv6
-/// rows below 2^32 pack like IPv4 values, so while there are any the family decides
-/// before the packed value.
+/// Sort entries in the listing's order (the derived one, or its reverse).
 #[inline(always)]
-fn compare(keys: &[Key], low_v6: bool, descending: bool, left: &SortEntry, right: &SortEntry) -> Ordering {
-    let ordering = left.0.cmp(&right.0).then_with(|| {
-        if low_v6 { keys[left.2 as usize][0].cmp(&keys[right.2 as usize][0]).then(left.1.cmp(&right.1)) } else { left.1.cmp(&right.1) }
-    });
-    if descending { ordering.reverse() } else { ordering }
+fn compare(descending: bool, left: &SortEntry, right: &SortEntry) -> Ordering {
+    if descending { right.cmp(left) } else { left.cmp(right) }
 }
 
 /// Every row a selection matched, handed out in order a chunk at a time. It owns
-/// its entries and a copy of the keys, so the index may change in between.
+/// its entries (which name their keys), so the index may change in between.
 pub struct Ordered {
     entries: Vec<SortEntry>,
-    keys: Vec<Key>,
     descending: bool,
-    low_v6: bool,
     next: usize,
+    /// where the entries' buffer goes back when the export ends
+    scratch: Scratch,
     sorted: bool,
+}
+
+impl Drop for Ordered {
+    fn drop(&mut self) {
+        give_back(&self.scratch, std::mem::take(&mut self.entries));
+    }
 }
 
 impl Ordered {
@@ -717,22 +765,22 @@ impl Ordered {
     /// rows from all matches; the next sorts the rest once.
     pub fn next_chunk(&mut self, count: usize) -> Vec<Key> {
         let count = count.max(1);
-        let (keys, low_v6, descending) = (&self.keys, self.low_v6, self.descending);
+        let descending = self.descending;
         let rest = &mut self.entries[self.next..];
         if rest.is_empty() {
             return Vec::new();
         }
         if !self.sorted {
             if self.next == 0 && rest.len() > count {
-                rest.select_nth_unstable_by(count - 1, |left, right| compare(keys, low_v6, descending, left, right));
-                rest[..count].sort_unstable_by(|left, right| compare(keys, low_v6, descending, left, right));
+                rest.select_nth_unstable_by(count - 1, |left, right| compare(descending, left, right));
+                rest[..count].sort_unstable_by(|left, right| compare(descending, left, right));
             } else {
-                rest.sort_unstable_by(|left, right| compare(keys, low_v6, descending, left, right));
+                rest.sort_unstable_by(|left, right| compare(descending, left, right));
                 self.sorted = true;
             }
         }
         let end = (self.next + count).min(self.entries.len());
-        let chunk = self.entries[self.next..end].iter().map(|entry| self.keys[entry.2 as usize]).collect();
+        let chunk = self.entries[self.next..end].iter().map(SortEntry::key).collect();
         self.next = end;
         chunk
     }

@@ -268,7 +268,12 @@ impl Store {
         transaction.commit().await?;
         let fold = self.fold();
         let count = rows.len();
-        let index = tokio::task::spawn_blocking(move || ListingIndex::build(fold, rows))
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let index = tokio::task::spawn_blocking(move || {
+            let index = ListingIndex::build(fold, rows);
+            index.warm(cores);
+            index
+        })
             .await
             .map_err(|error| StoreError::Internal(format!("building the listing index: {error}")))?;
         tracing::info!(bindings = count, seconds = started.elapsed().as_secs_f64(), "listing index loaded");
