@@ -3,11 +3,13 @@
 -- this table to stay exact: triggers write one row per changed binding in the very
 -- transaction that changes it, so no write path (enrollment, release, idle TTL,
 -- device delete, range delete's cascade, raw SQL) can bypass it. SQLite has one
--- writer at a time, so `seq` grows in commit order and a cursor suffices.
+-- writer at a time, so `seq` grows in commit order and a cursor suffices. `seq` is
+-- the rowid (no AUTOINCREMENT: that writes `sqlite_sequence` on every change); the
+-- pruning always keeps the newest row, so numbering never starts again.
 -- Rows older than an hour are pruned; `binding_changes_pruned` remembers how far, so
 -- an index that fell behind that reloads instead of missing a change.
 CREATE TABLE binding_changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     ip_key BLOB NOT NULL,
     at BIGINT NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER) * 1000000)
 );

@@ -383,6 +383,8 @@ async fn a_pruned_change_feed_reloads_the_index(mut server: TestServer) {
     seed(&mut server, 420).await;
     let store = server.state.as_ref().expect("state").store.clone();
     server.raw_sql("UPDATE bindings SET client_hostname = 'pruned-change.example' WHERE ip = '100.64.0.3'").await;
+    // a later change: the pruning keeps the newest row, and this one is it
+    server.raw_sql("UPDATE bindings SET last_updated = last_updated + 1 WHERE ip = '100.64.0.6'").await;
     let future = reachback_store::now_micros() + 86_400_000_000;
     assert!(store.prune_binding_changes(future).await.expect("prune") >= 1);
     let listed = server.get("/api/v1/ip-bindings?client_hostname=pruned-change").await.json();

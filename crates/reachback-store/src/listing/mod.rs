@@ -21,7 +21,7 @@
 
 pub mod index;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -33,8 +33,6 @@ pub use index::{Fold, IndexedRow, Key, ListingIndex, Order, Selection};
 
 /// Changes read in one catch-up before a reload is cheaper than applying them.
 const RELOAD_AFTER_CHANGES: usize = 200_000;
-/// Keys per read of current rows.
-const KEYS_PER_READ: usize = 500;
 /// Changes kept in the feed (µs).
 const CHANGES_KEPT: i64 = 3_600_000_000;
 
@@ -156,17 +154,11 @@ impl Store {
         };
         let count = changes.len();
         if count > 0 {
-            let keys: Vec<Key> = changes.into_iter().collect::<HashSet<_>>().into_iter().collect();
-            let mut current = Vec::with_capacity(keys.len());
-            for chunk in keys.chunks(KEYS_PER_READ) {
-                current.extend(self.bound_rows(chunk).await?);
-            }
-            let mut found: HashMap<Key, IndexedRow> = current.into_iter().map(|row| (row.key, row)).collect();
             // on a blocking thread: the write lock waits for the scans in progress
             self.replace_index(move |slot| {
                 if let Some(index) = slot.as_mut() {
-                    for key in keys {
-                        match found.remove(&key) {
+                    for (key, row) in changes {
+                        match row {
                             Some(row) => index.upsert(row),
                             None => index.remove(&key),
                         }
@@ -178,30 +170,21 @@ impl Store {
         Ok(CatchUp { changes: count, reloaded: false })
     }
 
-    /// The keys changed since `position` (which advances), or `None` when the index
-    /// must reload (the feed was pruned past it, or too many changed).
-    async fn read_changes(&self, position: &mut Cursor) -> Result<Option<Vec<Key>>> {
+    /// The keys changed since `position` (which advances), each with its current row
+    /// when it is bound, in feed order (one query: the changes joined with their rows);
+    /// `None` when the index must reload (the feed was pruned past it, or too many changed).
+    async fn read_changes(&self, position: &mut Cursor) -> Result<Option<Vec<(Key, Option<IndexedRow>)>>> {
+        const CURRENT: &str = "SELECT c.ip_key, b.range_id, b.device_id, b.username, b.platform, b.client_hostname, b.last_updated, c.seq, {xid} \
+             FROM binding_changes c LEFT JOIN bindings b ON b.ip_key = c.ip_key AND b.device_id IS NOT NULL WHERE {condition} ORDER BY c.seq LIMIT $2";
         let pruned = sqlx::query("SELECT through_seq, through_xid FROM binding_changes_pruned WHERE id = 1").fetch_one(&self.pool).await?;
         let (through_seq, through_xid): (i64, i64) = (pruned.try_get(0)?, pruned.try_get(1)?);
-        match self.backend {
+        let (rows, horizon) = match self.backend {
             Backend::Sqlite => {
                 if through_seq > position.seq {
                     return Ok(None);
                 }
-                let rows = sqlx::query("SELECT seq, ip_key FROM binding_changes WHERE seq > $1 ORDER BY seq LIMIT $2")
-                    .bind(position.seq)
-                    .bind(RELOAD_AFTER_CHANGES as i64 + 1)
-                    .fetch_all(&self.pool)
-                    .await?;
-                if rows.len() > RELOAD_AFTER_CHANGES {
-                    return Ok(None);
-                }
-                let mut keys = Vec::with_capacity(rows.len());
-                for row in &rows {
-                    position.seq = position.seq.max(row.try_get(0)?);
-                    keys.extend(key_of(&row.try_get::<Vec<u8>, _>(1)?));
-                }
-                Ok(Some(keys))
+                let sql = CURRENT.replace("{xid}", "0").replace("{condition}", "c.seq > $1");
+                (sqlx::query(sqlx::AssertSqlSafe(sql)).bind(position.seq).bind(RELOAD_AFTER_CHANGES as i64 + 1).fetch_all(&self.pool).await?, 0)
             }
             Backend::Postgres => {
                 if through_xid >= position.horizon {
@@ -209,27 +192,42 @@ impl Store {
                 }
                 // the horizon first: a transaction below it had ended before the read below began
                 let horizon: i64 = sqlx::query("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetch_one(&self.pool).await?.try_get(0)?;
-                let rows = sqlx::query("SELECT seq, ip_key, xid FROM binding_changes WHERE xid >= $1 LIMIT $2")
-                    .bind(position.horizon)
-                    .bind(RELOAD_AFTER_CHANGES as i64 + 1)
-                    .fetch_all(&self.pool)
-                    .await?;
-                if rows.len() > RELOAD_AFTER_CHANGES {
-                    return Ok(None);
-                }
-                let mut keys = Vec::new();
-                for row in &rows {
-                    let seq: i64 = row.try_get(0)?;
-                    let xid: i64 = row.try_get(2)?;
-                    if position.applied.insert(seq, xid).is_none() {
-                        keys.extend(key_of(&row.try_get::<Vec<u8>, _>(1)?));
-                    }
-                }
-                position.applied.retain(|_, xid| *xid >= horizon);
-                position.horizon = horizon;
-                Ok(Some(keys))
+                let sql = CURRENT.replace("{xid}", "c.xid").replace("{condition}", "c.xid >= $1");
+                (sqlx::query(sqlx::AssertSqlSafe(sql)).bind(position.horizon).bind(RELOAD_AFTER_CHANGES as i64 + 1).fetch_all(&self.pool).await?, horizon)
             }
+        };
+        if rows.len() > RELOAD_AFTER_CHANGES {
+            return Ok(None);
         }
+        let mut changes = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = row.try_get(7)?;
+            if self.backend == Backend::Postgres && position.applied.insert(seq, row.try_get(8)?).is_some() {
+                continue;
+            }
+            position.seq = position.seq.max(seq);
+            let Some(key) = key_of(&row.try_get::<Vec<u8>, _>(0)?) else {
+                continue;
+            };
+            let current = match row.try_get::<Option<String>, _>(1)? {
+                Some(range_id) => Some(IndexedRow {
+                    key,
+                    range_id,
+                    device_id: row.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+                    username: row.try_get::<Option<String>, _>(3)?.unwrap_or_default(),
+                    platform: row.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
+                    client_hostname: row.try_get::<Option<String>, _>(5)?.unwrap_or_default(),
+                    last_updated: row.try_get(6)?,
+                }),
+                None => None,
+            };
+            changes.push((key, current));
+        }
+        if self.backend == Backend::Postgres {
+            position.applied.retain(|_, xid| *xid >= horizon);
+            position.horizon = horizon;
+        }
+        Ok(Some(changes))
     }
 
     /// Every bound address, and the feed position the load stands at.
@@ -280,40 +278,27 @@ impl Store {
         Ok((index, position))
     }
 
-    /// The current rows of `keys` that are bound.
-    async fn bound_rows(&self, keys: &[Key]) -> Result<Vec<IndexedRow>> {
-        let placeholders: Vec<String> = (1..=keys.len()).map(|n| format!("${n}")).collect();
-        let sql = format!(
-            "SELECT ip_key, range_id, device_id, username, platform, client_hostname, last_updated FROM bindings WHERE device_id IS NOT NULL AND ip_key IN ({})",
-            placeholders.join(", ")
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for key in keys {
-            query = query.bind(key.to_vec());
-        }
-        let mut rows = Vec::with_capacity(keys.len());
-        for row in query.fetch_all(&self.pool).await? {
-            if let Some(row) = indexed_row(&row)? {
-                rows.push(row);
-            }
-        }
-        Ok(rows)
-    }
-
     /// Deletes changes older than `cutoff` (µs) and records how far the feed was pruned.
     pub async fn prune_binding_changes(&self, cutoff: i64) -> Result<u64> {
         let _gate = self.write_gate.lock().await;
         let mut transaction = self.writer.begin().await?;
-        let last = sqlx::query("SELECT MAX(seq), MAX(xid) FROM binding_changes WHERE at < $1");
+        const NOT_NEWEST: &str = "at < $1 AND seq < (SELECT MAX(seq) FROM binding_changes)";
         let last = match self.backend {
-            Backend::Sqlite => sqlx::query("SELECT MAX(seq), MAX(seq) FROM binding_changes WHERE at < $1"),
-            Backend::Postgres => last,
+            Backend::Sqlite => format!("SELECT MAX(seq), MAX(seq) FROM binding_changes WHERE {NOT_NEWEST}"),
+            Backend::Postgres => format!("SELECT MAX(seq), MAX(xid) FROM binding_changes WHERE {NOT_NEWEST}"),
         };
+        let last = sqlx::query(sqlx::AssertSqlSafe(last));
         let row = last.bind(cutoff).fetch_one(&mut *transaction).await?;
         let (Some(seq), Some(xid)) = (row.try_get::<Option<i64>, _>(0)?, row.try_get::<Option<i64>, _>(1)?) else {
             return Ok(0);
         };
-        let deleted = sqlx::query("DELETE FROM binding_changes WHERE seq <= $1 AND at < $2").bind(seq).bind(cutoff).execute(&mut *transaction).await?;
+        // the newest change stays: SQLite numbers rows after the highest one left, and an
+        // empty table would start again from 1, behind every index's cursor
+        let deleted = sqlx::query("DELETE FROM binding_changes WHERE seq <= $1 AND at < $2 AND seq < (SELECT MAX(seq) FROM binding_changes)")
+            .bind(seq)
+            .bind(cutoff)
+            .execute(&mut *transaction)
+            .await?;
         let xid = if self.backend == Backend::Sqlite { 0 } else { xid };
         sqlx::query(
             "UPDATE binding_changes_pruned SET through_seq = CASE WHEN through_seq > $1 THEN through_seq ELSE $1 END, \
