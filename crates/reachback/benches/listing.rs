@@ -388,7 +388,8 @@ fn run(label: &str, data_dir: &std::path::Path, database: Option<&str>, fresh: b
     // the listing's in-memory index loads in the background: wait for it (the gauge is -1 until then)
     let agent = agent();
     loop {
-        let metrics = agent.get(&format!("{}/metrics", server.base)).call().ok().and_then(|mut reply| reply.body_mut().read_to_string().ok()).unwrap_or_default();
+        let metrics =
+            agent.get(&format!("{}/metrics", server.base)).call().ok().and_then(|mut reply| reply.body_mut().read_to_string().ok()).unwrap_or_default();
         let rows = metrics.lines().find_map(|line| line.strip_prefix("reachback_listing_index_rows ")).and_then(|value| value.trim().parse::<i64>().ok());
         if rows.is_some_and(|rows| rows >= 0) {
             let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap_or_default();

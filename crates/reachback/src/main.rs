@@ -710,6 +710,12 @@ fn apply_connector_file(args: &mut ConnectorRunArgs, matches: &clap::ArgMatches)
     Ok(())
 }
 
+/// mimalloc: the server's exports and listings allocate and free a few strings per
+/// row; with a million long-lived small allocations in the listing index, glibc's
+/// malloc made the same export 1.3–1.6× slower (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {

@@ -113,6 +113,11 @@ impl Store {
     /// Loads the index, then keeps it current until the store's pool closes: a
     /// catch-up every second, the feed pruned every minute. Errors are logged and retried.
     pub async fn keep_listing_index(&self) {
+        // a knob for benchmarks (docs/benchmarks.md): the SQL paths only, no index in memory
+        if std::env::var("REACHBACK_LISTING_INDEX").is_ok_and(|value| value == "off") {
+            tracing::info!("listing index off (REACHBACK_LISTING_INDEX=off): listings take the SQL paths");
+            return;
+        }
         let mut round: u64 = 0;
         loop {
             if self.pool.is_closed() {
@@ -253,10 +258,9 @@ impl Store {
         }
         let mut rows = Vec::new();
         {
-            let mut stream = sqlx::query(
-                "SELECT ip_key, range_id, device_id, username, platform, client_hostname, last_updated FROM bindings WHERE device_id IS NOT NULL",
-            )
-            .fetch(&mut *transaction);
+            let mut stream =
+                sqlx::query("SELECT ip_key, range_id, device_id, username, platform, client_hostname, last_updated FROM bindings WHERE device_id IS NOT NULL")
+                    .fetch(&mut *transaction);
             while let Some(row) = stream.try_next().await? {
                 if let Some(row) = indexed_row(&row)? {
                     rows.push(row);
@@ -272,8 +276,8 @@ impl Store {
             index.warm(cores);
             index
         })
-            .await
-            .map_err(|error| StoreError::Internal(format!("building the listing index: {error}")))?;
+        .await
+        .map_err(|error| StoreError::Internal(format!("building the listing index: {error}")))?;
         tracing::info!(bindings = count, seconds = started.elapsed().as_secs_f64(), "listing index loaded");
         Ok((index, position))
     }

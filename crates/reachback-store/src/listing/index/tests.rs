@@ -69,7 +69,8 @@ fn reference(rows: &[IndexedRow], selection: &Selection, fold: Fold, offset: usi
 
 fn draw_selection(draw: &mut Draw) -> Selection {
     let orders = [Order::Ip, Order::Username, Order::Platform, Order::ClientHostname, Order::RangeName, Order::LastUpdated];
-    let pick = |draw: &mut Draw, values: &[&str]| -> Option<String> { (draw.below(3) == 0).then(|| values[draw.below(values.len() as u64) as usize].to_string()) };
+    let pick =
+        |draw: &mut Draw, values: &[&str]| -> Option<String> { (draw.below(3) == 0).then(|| values[draw.below(values.len() as u64) as usize].to_string()) };
     Selection {
         ranges: (draw.below(4) == 0).then(|| {
             let count = draw.below(3) + 1;
@@ -243,7 +244,13 @@ fn removed_values_leave_the_arena_and_searches_stay_exact() {
     }
     let selection = Selection { client_hostname: Some("HOST-00".into()), order: Some(Order::ClientHostname), ..Selection::default() };
     assert_eq!(index.select(&selection, 0, 0), (0, Vec::new()));
-    let selection = Selection { client_hostname: Some("host-".into()), username: Some("user2".into()), order: Some(Order::Username), descending: true, ..Selection::default() };
+    let selection = Selection {
+        client_hostname: Some("host-".into()),
+        username: Some("user2".into()),
+        order: Some(Order::Username),
+        descending: true,
+        ..Selection::default()
+    };
     let (total, keys) = index.select(&selection, 0, 0);
     assert_eq!(total, 5);
     assert_eq!(keys, (200..205u128).rev().map(|n| key(4, n)).collect::<Vec<_>>());
