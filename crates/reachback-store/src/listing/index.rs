@@ -621,16 +621,19 @@ impl ListingIndex {
         let mut buffer: Vec<SortEntry> = Vec::with_capacity(count * 2);
         let mut cut: Option<SortEntry> = None;
         let mut matched = 0;
-        for at in 0..keys.len() {
+        // rows sit roughly in the order they were loaded (address order): a descending
+        // order scans from the end, so the best candidates come first and the cut
+        // rejects the rest instead of every row entering the buffer
+        let mut visit = |at: usize| {
             if !test.passes(self, at) {
-                continue;
+                return;
             }
             matched += 1;
             let entry = self.entry(order, range_rank, at);
             if let Some(cut) = &cut
                 && compare(&entry, cut) != Ordering::Less
             {
-                continue;
+                return;
             }
             buffer.push(entry);
             if buffer.len() == count * 2 {
@@ -638,6 +641,11 @@ impl ListingIndex {
                 buffer.truncate(count);
                 cut = buffer.iter().max_by(|left, right| compare(left, right)).copied();
             }
+        };
+        if descending {
+            (0..keys.len()).rev().for_each(&mut visit);
+        } else {
+            (0..keys.len()).for_each(&mut visit);
         }
         if buffer.len() > count {
             buffer.select_nth_unstable_by(count - 1, compare);
@@ -668,24 +676,33 @@ impl ListingIndex {
                 None => Some(None),
                 Some(needle) => {
                     let matching = dictionary.containing(&dictionary.fold.apply(needle));
-                    matching.contains(&true).then_some(Some(matching))
+                    let found = matching.iter().filter(|&&matches| matches).count();
+                    match found {
+                        0 => None,
+                        // every value matches: the filter filters nothing
+                        found if found == dictionary.len() => Some(None),
+                        _ => Some(Some(matching)),
+                    }
                 }
             }
         };
+        let users = text(&self.usernames, &selection.username)?;
+        let platforms = text(&self.platform_names, &selection.platform)?;
+        let hosts = text(&self.hostnames, &selection.client_hostname)?;
         let none = ranges.is_none()
             && selection.ip.is_none()
-            && selection.username.is_none()
-            && selection.platform.is_none()
-            && selection.client_hostname.is_none()
+            && users.is_none()
+            && platforms.is_none()
+            && hosts.is_none()
             && selection.updated_after.is_none()
             && selection.updated_before.is_none();
         Some(Test {
             none,
             ranges,
             ip: selection.ip,
-            users: text(&self.usernames, &selection.username)?,
-            platforms: text(&self.platform_names, &selection.platform)?,
-            hosts: text(&self.hostnames, &selection.client_hostname)?,
+            users,
+            platforms,
+            hosts,
             after: selection.updated_after,
             before: selection.updated_before,
         })
