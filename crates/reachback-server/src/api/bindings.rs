@@ -199,24 +199,14 @@ pub async fn export(State(state): State<SharedState>, caller: Caller, RawQuery(r
     let query = QueryParams::parse(raw.as_deref(), FILTERS)?;
     let binding_query = binding_query(&query, None)?;
     let limit = state.settings().export_limit;
-    // address order with no filter but ranges and addresses: the database streams the
-    // primary key in that order (~500,000 rows/s against the index's ~350,000, its first
-    // byte at once), so only the count comes from the index
-    let key_order = binding_query.sort == BindingSort::Ip
-        && binding_query.username.is_none()
-        && binding_query.platform.is_none()
-        && binding_query.client_hostname.is_none()
-        && binding_query.updated_after.is_none()
-        && binding_query.updated_before.is_none();
+    // address order over whole ranges (no filter, or range name and location only): the
+    // database streams the primary key in that order (~500,000 rows/s against the
+    // index's ~350,000, its first byte at once) and the ranges' counters count it
+    let key_order = binding_query.sort == BindingSort::Ip && binding_query.only_range_filters();
     let indexed = if key_order { None } else { state.store.indexed_export(&binding_query).await? };
     let matching = match &indexed {
         Some((matching, _)) => *matching,
-        // the ranges' counters count a query on ranges alone
-        None if binding_query.only_range_filters() => state.store.count_bindings(&binding_query).await?,
-        None => match state.store.indexed_page(&BindingQuery { offset: 0, limit: 1, ..binding_query.clone() }).await? {
-            Some((matching, _)) => matching,
-            None => state.store.count_bindings(&binding_query).await?,
-        },
+        None => state.store.count_bindings(&binding_query).await?,
     };
     if matching > limit {
         return Err(ApiError::new(

@@ -696,16 +696,7 @@ impl ListingIndex {
             && hosts.is_none()
             && selection.updated_after.is_none()
             && selection.updated_before.is_none();
-        Some(Test {
-            none,
-            ranges,
-            ip: selection.ip,
-            users,
-            platforms,
-            hosts,
-            after: selection.updated_after,
-            before: selection.updated_before,
-        })
+        Some(Test { none, ranges, ip: selection.ip, users, platforms, hosts, after: selection.updated_after, before: selection.updated_before })
     }
 }
 
