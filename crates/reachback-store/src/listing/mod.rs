@@ -13,8 +13,9 @@
 //! Applying a change reads the binding's current row by its key (present and bound:
 //! upsert; otherwise: remove), so applying one twice, or late, is harmless. Each
 //! listing catches up first (one indexed read when nothing changed), and a background
-//! task catches up every second and prunes changes older than an hour. An index that
-//! fell behind the pruning, or that finds too many changes at once, reloads.
+//! task catches up every second and prunes changes older than an hour (10,000 every
+//! five seconds at most). An index that fell behind the pruning, or that finds too
+//! many changes at once, reloads.
 //!
 //! Until the first load ends (seconds at a million bindings), listings take the SQL
 //! path in `bindings.rs`, which gives the same answers more slowly.
@@ -33,6 +34,8 @@ pub use index::{Fold, IndexedRow, Key, ListingIndex, Order, Selection};
 
 /// Changes read in one catch-up before a reload is cheaper than applying them.
 const RELOAD_AFTER_CHANGES: usize = 200_000;
+/// Changes deleted per pruning round (one every five seconds).
+const PRUNE_BATCH: i64 = 10_000;
 /// Changes kept in the feed (µs).
 const CHANGES_KEPT: i64 = 3_600_000_000;
 
@@ -111,7 +114,8 @@ impl Store {
     }
 
     /// Loads the index, then keeps it current until the store's pool closes: a
-    /// catch-up every second, the feed pruned every minute. Errors are logged and retried.
+    /// catch-up every second, the feed pruned every five seconds (in batches of 10,000).
+    /// Errors are logged and retried.
     pub async fn keep_listing_index(&self) {
         // a knob for benchmarks (docs/benchmarks.md): the SQL paths only, no index in memory
         if std::env::var("REACHBACK_LISTING_INDEX").is_ok_and(|value| value == "off") {
@@ -128,7 +132,7 @@ impl Store {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "listing index: catching up failed; retrying"),
             }
-            if round % 60 == 59
+            if round % 5 == 4
                 && let Err(error) = self.prune_binding_changes(now_micros() - CHANGES_KEPT).await
             {
                 tracing::warn!(%error, "listing index: pruning the change feed failed");
@@ -286,11 +290,13 @@ impl Store {
     pub async fn prune_binding_changes(&self, cutoff: i64) -> Result<u64> {
         let _gate = self.write_gate.lock().await;
         let mut transaction = self.writer.begin().await?;
-        const NOT_NEWEST: &str = "at < $1 AND seq < (SELECT MAX(seq) FROM binding_changes)";
-        let last = match self.backend {
-            Backend::Sqlite => format!("SELECT MAX(seq), MAX(seq) FROM binding_changes WHERE {NOT_NEWEST}"),
-            Backend::Postgres => format!("SELECT MAX(seq), MAX(xid) FROM binding_changes WHERE {NOT_NEWEST}"),
-        };
+        // the oldest `PRUNE_BATCH` at most: a million changes deleted at once held a core for
+        // seconds (listings' p99 showed it)
+        let oldest = format!(
+            "(SELECT seq, {xid} AS xid FROM binding_changes WHERE at < $1 AND seq < (SELECT MAX(seq) FROM binding_changes) ORDER BY seq LIMIT {PRUNE_BATCH}) oldest",
+            xid = if self.backend == Backend::Sqlite { "seq" } else { "xid" }
+        );
+        let last = format!("SELECT MAX(seq), MAX(xid) FROM {oldest}");
         let last = sqlx::query(sqlx::AssertSqlSafe(last));
         let row = last.bind(cutoff).fetch_one(&mut *transaction).await?;
         let (Some(seq), Some(xid)) = (row.try_get::<Option<i64>, _>(0)?, row.try_get::<Option<i64>, _>(1)?) else {
