@@ -250,14 +250,7 @@ impl Store {
             client_hostname: query.client_hostname.clone(),
             updated_after: query.updated_after,
             updated_before: query.updated_before,
-            order: Some(match query.sort {
-                BindingSort::Ip => crate::listing::Order::Ip,
-                BindingSort::Username => crate::listing::Order::Username,
-                BindingSort::Platform => crate::listing::Order::Platform,
-                BindingSort::ClientHostname => crate::listing::Order::ClientHostname,
-                BindingSort::RangeName => crate::listing::Order::RangeName,
-                BindingSort::LastUpdated => crate::listing::Order::LastUpdated,
-            }),
+            order: Some(query.sort),
             descending: query.descending,
         };
         Ok(Some((selection, ranges.into_iter().map(|range| (range.id.clone(), range)).collect())))

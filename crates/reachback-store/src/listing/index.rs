@@ -39,16 +39,9 @@ impl Fold {
     }
 }
 
-/// The orders of the listing (API.md): address, or a column then the address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Order {
-    Ip,
-    Username,
-    Platform,
-    ClientHostname,
-    RangeName,
-    LastUpdated,
-}
+/// The orders of the listing (API.md): address, or a column then the address — the
+/// store's own enum, a plain value.
+pub use crate::bindings::BindingSort as Order;
 
 struct Entry {
     text: Arc<str>,
