@@ -557,8 +557,9 @@ impl ListingIndex {
             entries.select_nth_unstable_by(offset, compare);
         }
         // the window's rows: the first `end - offset` of what follows the offset
-        let window = smallest(&mut entries[offset..], end - offset, compare);
-        (total, to_key(&window))
+        let mut best = Best::new(end - offset, descending);
+        entries[offset..].iter().for_each(|entry| best.offer(*entry));
+        (total, to_key(&best.sorted()))
     }
 
     /// Per range slot, its rank in range-name order.
@@ -608,44 +609,23 @@ impl ListingIndex {
     /// buffer keeps the best candidates: cut back to `count` each time it fills, after
     /// which only rows better than the cut enter.
     fn first_rows(&self, test: &Test, order: Order, range_rank: &[u64], descending: bool, count: usize) -> (usize, Vec<SortEntry>) {
-        let keys = &self.keys;
-        let compare = |left: &SortEntry, right: &SortEntry| compare(descending, left, right);
-        let count = count.max(1);
-        let mut buffer: Vec<SortEntry> = Vec::with_capacity(count * 2);
-        let mut cut: Option<SortEntry> = None;
+        let mut best = Best::new(count, descending);
         let mut matched = 0;
         // rows sit roughly in the order they were loaded (address order): a descending
         // order scans from the end, so the best candidates come first and the cut
         // rejects the rest instead of every row entering the buffer
         let mut visit = |at: usize| {
-            if !test.passes(self, at) {
-                return;
-            }
-            matched += 1;
-            let entry = self.entry(order, range_rank, at);
-            if let Some(cut) = &cut
-                && compare(&entry, cut) != Ordering::Less
-            {
-                return;
-            }
-            buffer.push(entry);
-            if buffer.len() == count * 2 {
-                buffer.select_nth_unstable_by(count - 1, compare);
-                buffer.truncate(count);
-                cut = buffer.iter().max_by(|left, right| compare(left, right)).copied();
+            if test.passes(self, at) {
+                matched += 1;
+                best.offer(self.entry(order, range_rank, at));
             }
         };
         if descending {
-            (0..keys.len()).rev().for_each(&mut visit);
+            (0..self.keys.len()).rev().for_each(&mut visit);
         } else {
-            (0..keys.len()).for_each(&mut visit);
+            (0..self.keys.len()).for_each(&mut visit);
         }
-        if buffer.len() > count {
-            buffer.select_nth_unstable_by(count - 1, compare);
-            buffer.truncate(count);
-        }
-        buffer.sort_unstable_by(compare);
-        (matched, buffer)
+        (matched, best.sorted())
     }
 
     fn test(&self, selection: &Selection) -> Option<Test> {
@@ -693,31 +673,51 @@ impl ListingIndex {
     }
 }
 
-/// The `count` smallest entries of `entries` under `compare`, sorted: one pass that
-/// keeps a buffer of candidates (cut back when it fills), as `first_rows` does.
-fn smallest(entries: &mut [SortEntry], count: usize, compare: impl Fn(&SortEntry, &SortEntry) -> Ordering + Copy) -> Vec<SortEntry> {
-    let count = count.max(1);
-    let mut buffer: Vec<SortEntry> = Vec::with_capacity(count * 2);
-    let mut cut: Option<SortEntry> = None;
-    for entry in entries.iter() {
-        if let Some(cut) = &cut
-            && compare(entry, cut) != Ordering::Less
+/// The first `count` entries offered, in the listing's order: a buffer keeps the
+/// best candidates, cut back to `count` each time it fills, after which only entries
+/// better than the cut enter.
+struct Best {
+    count: usize,
+    descending: bool,
+    buffer: Vec<SortEntry>,
+    cut: Option<SortEntry>,
+}
+
+impl Best {
+    fn new(count: usize, descending: bool) -> Best {
+        let count = count.max(1);
+        Best { count, descending, buffer: Vec::with_capacity(count * 2), cut: None }
+    }
+
+    #[inline(always)]
+    fn offer(&mut self, entry: SortEntry) {
+        let descending = self.descending;
+        if let Some(cut) = &self.cut
+            && compare(descending, &entry, cut) != Ordering::Less
         {
-            continue;
+            return;
         }
-        buffer.push(*entry);
-        if buffer.len() == count * 2 {
-            buffer.select_nth_unstable_by(count - 1, compare);
-            buffer.truncate(count);
-            cut = buffer.iter().max_by(|left, right| compare(left, right)).copied();
+        self.buffer.push(entry);
+        if self.buffer.len() == self.count * 2 {
+            self.cut_back();
+            self.cut = self.buffer.iter().max_by(|left, right| compare(descending, left, right)).copied();
         }
     }
-    if buffer.len() > count {
-        buffer.select_nth_unstable_by(count - 1, compare);
-        buffer.truncate(count);
+
+    fn cut_back(&mut self) {
+        let descending = self.descending;
+        self.buffer.select_nth_unstable_by(self.count - 1, |left, right| compare(descending, left, right));
+        self.buffer.truncate(self.count);
     }
-    buffer.sort_unstable_by(compare);
-    buffer
+
+    fn sorted(mut self) -> Vec<SortEntry> {
+        if self.buffer.len() > self.count {
+            self.cut_back();
+        }
+        let descending = self.descending;
+        self.buffer.sort_unstable_by(|left, right| compare(descending, left, right));
+        self.buffer
+    }
 }
 
 /// Sort entries in the listing's order (the derived one, or its reverse).
