@@ -18,7 +18,8 @@ on_both_backends!(
     listings_agree_with_the_reference_query_50000,
     changes_behind_the_servers_back_show_in_the_next_listing,
     a_pruned_change_feed_reloads_the_index,
-    a_transaction_committed_after_a_later_one_is_not_missed
+    a_transaction_committed_after_a_later_one_is_not_missed,
+    a_flood_of_listings_runs_one_scan_per_core
 );
 
 /// 2026-01-01T00:00:00Z, in seconds.
@@ -411,4 +412,25 @@ async fn a_transaction_committed_after_a_later_one_is_not_missed(mut server: Tes
     sqlx::raw_sql("COMMIT").execute(&mut early).await.expect("commit");
     let listed = server.get("/api/v1/ip-bindings?client_hostname=committed-&sort=client_hostname").await.json();
     assert_eq!(hostnames(&listed), vec!["committed-first.example".to_string(), "committed-last.example".to_string()], "{listed}");
+}
+
+/// Many listings at once: the scans queue, at most one per core runs (a flood would
+/// otherwise start a blocking thread each), and every one is answered.
+async fn a_flood_of_listings_runs_one_scan_per_core(mut server: TestServer) {
+    seed(&mut server, 50_000).await;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let router = std::sync::Arc::new(server);
+    let mut tasks = Vec::new();
+    for n in 0..24 {
+        let server = router.clone();
+        tasks.push(tokio::spawn(async move {
+            let sort = ["-client_hostname", "username", "-last_updated", "platform"][n % 4];
+            server.get(&format!("/api/v1/ip-bindings?sort={sort}&page=400&page_size=50")).await.status
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("listing task"), StatusCode::OK);
+    }
+    let peak = router.state.as_ref().expect("state").store.listing_scan_peak();
+    assert!((1..=cores).contains(&peak), "{peak} scans ran at once on {cores} cores");
 }

@@ -60,6 +60,9 @@ pub struct Feed {
     scans: Arc<tokio::sync::Semaphore>,
     /// off: listings take the SQL path (tests of that path)
     disabled: std::sync::atomic::AtomicBool,
+    /// scans running now, and the most seen at once (what the semaphore bounds)
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Default for Feed {
@@ -70,6 +73,8 @@ impl Default for Feed {
             cursor: tokio::sync::Mutex::new(None),
             scans: Arc::new(tokio::sync::Semaphore::new(cores)),
             disabled: std::sync::atomic::AtomicBool::new(false),
+            running: Arc::default(),
+            peak: Arc::default(),
         }
     }
 }
@@ -100,6 +105,11 @@ impl Store {
     /// Whether listings are served from the in-memory index (it has loaded).
     pub fn listing_index_ready(&self) -> bool {
         !self.listing.disabled.load(std::sync::atomic::Ordering::Relaxed) && self.listing.index.read().map(|index| index.is_some()).unwrap_or(false)
+    }
+
+    /// The most index scans that ran at once since the store opened (at most one per core).
+    pub fn listing_scan_peak(&self) -> usize {
+        self.listing.peak.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Serves listings from SQL (`false`) or from the index once loaded (`true`, the
@@ -338,10 +348,15 @@ impl Store {
     pub(crate) async fn with_listing_index<T: Send + 'static>(&self, work: impl FnOnce(&ListingIndex) -> T + Send + 'static) -> Result<Option<T>> {
         let index = self.listing.index.clone();
         let permit = self.listing.scans.clone().acquire_owned().await.map_err(|error| StoreError::Internal(error.to_string()))?;
+        let (running, peak) = (self.listing.running.clone(), self.listing.peak.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let guard = index.read().map_err(poisoned)?;
-            Ok(guard.as_ref().map(work))
+            use std::sync::atomic::Ordering::SeqCst;
+            peak.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+            let guard = index.read().map_err(poisoned);
+            let answer = guard.map(|guard| guard.as_ref().map(work));
+            running.fetch_sub(1, SeqCst);
+            answer
         })
         .await
         .map_err(|error| StoreError::Internal(format!("listing index task: {error}")))?
