@@ -19,6 +19,10 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use search::{Searches, SlotSet};
+
+mod search;
+
 /// A binding's primary key: the address family byte and the 16-byte address value.
 pub type Key = [u8; 17];
 
@@ -65,6 +69,8 @@ pub struct Dictionary {
     spans: Vec<(u32, u32)>,
     /// bytes of the arena that belong to removed values
     garbage: usize,
+    /// substring answers kept for the next listings, updated as values come and go
+    searches: Searches,
 }
 
 const DEAD: u32 = u32::MAX;
@@ -75,7 +81,7 @@ const END_STEP: u64 = 1 << 32;
 
 impl Dictionary {
     fn new(fold: Fold) -> Dictionary {
-        Dictionary { by_text: BTreeMap::new(), entries: Vec::new(), free: Vec::new(), fold, relabels: 0, arena: Vec::new(), spans: Vec::new(), garbage: 0 }
+        Dictionary { by_text: BTreeMap::new(), entries: Vec::new(), free: Vec::new(), fold, relabels: 0, arena: Vec::new(), spans: Vec::new(), garbage: 0, searches: Searches::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -118,6 +124,7 @@ impl Dictionary {
         };
         let folded = self.fold.apply(text);
         self.entries[slot as usize].span = self.append_to_arena(slot, &folded);
+        self.searches.update(slot, Some(&folded));
         let mut relabelled = false;
         if labelled {
             use std::ops::Bound::{Excluded, Unbounded};
@@ -154,6 +161,7 @@ impl Dictionary {
             self.garbage += end - self.spans[span].0 as usize;
             self.by_text.remove(&*text);
             self.free.push(slot);
+            self.searches.update(slot, None);
             if self.garbage > COMPACT_AFTER && self.garbage * 2 > self.arena.len() {
                 self.compact();
             }
@@ -194,46 +202,20 @@ impl Dictionary {
         self.entries[slot as usize].code
     }
 
-    /// The folded text of span `index` (without its NUL).
-    fn span_text(&self, index: usize) -> &[u8] {
-        let start = self.spans[index].0 as usize;
-        let end = self.spans.get(index + 1).map_or(self.arena.len(), |next| next.0 as usize);
-        &self.arena[start..end.saturating_sub(1).max(start)]
+    /// The live values that contain `needle` (already folded): a kept answer, or one
+    /// search of the arena, kept for the next listings.
+    fn containing(&self, needle: &str) -> Arc<SlotSet> {
+        if let Some(kept) = self.searches.get(needle) {
+            return kept;
+        }
+        let matching = Arc::new(search::search(&self.arena, &self.spans, needle.as_bytes(), self.entries.len()));
+        self.searches.keep(needle, matching.clone());
+        matching
     }
 
-    /// Per slot: whether the value contains `needle` (already folded), case folded.
-    fn containing(&self, needle: &str) -> Vec<bool> {
-        let mut matching = vec![false; self.entries.len()];
-        if needle.as_bytes().contains(&0) {
-            // a needle with a NUL could match across two values: test each on its own
-            let finder = memchr::memmem::Finder::new(needle.as_bytes());
-            for (index, &(_, slot)) in self.spans.iter().enumerate() {
-                if slot != DEAD && finder.find(self.span_text(index)).is_some() {
-                    matching[slot as usize] = true;
-                }
-            }
-            return matching;
-        }
-        if needle.is_empty() {
-            for &(_, slot) in &self.spans {
-                if slot != DEAD {
-                    matching[slot as usize] = true;
-                }
-            }
-            return matching;
-        }
-        // the matches come in arena order: the span holding each is found by walking forward
-        let mut span = 0;
-        for at in memchr::memmem::find_iter(&self.arena, needle.as_bytes()) {
-            while span + 1 < self.spans.len() && self.spans[span + 1].0 as usize <= at {
-                span += 1;
-            }
-            let slot = self.spans[span].1;
-            if slot != DEAD {
-                matching[slot as usize] = true;
-            }
-        }
-        matching
+    /// How many substring answers are kept (for tests).
+    pub fn searches_kept(&self) -> usize {
+        self.searches.len()
     }
 
     /// How many times the dictionary was relabelled (for tests and the debug log).
@@ -644,13 +626,12 @@ impl ListingIndex {
                 Some(allowed)
             }
         };
-        let text = |dictionary: &Dictionary, needle: &Option<String>| -> Option<Option<Vec<bool>>> {
+        let text = |dictionary: &Dictionary, needle: &Option<String>| -> Option<Option<Arc<SlotSet>>> {
             match needle {
                 None => Some(None),
                 Some(needle) => {
                     let matching = dictionary.containing(&dictionary.fold.apply(needle));
-                    let found = matching.iter().filter(|&&matches| matches).count();
-                    match found {
+                    match matching.len() {
                         0 => None,
                         // every value matches: the filter filters nothing
                         found if found == dictionary.len() => Some(None),
@@ -785,9 +766,9 @@ struct Test {
     none: bool,
     ranges: Option<Vec<bool>>,
     ip: Option<(Key, Key)>,
-    users: Option<Vec<bool>>,
-    platforms: Option<Vec<bool>>,
-    hosts: Option<Vec<bool>>,
+    users: Option<Arc<SlotSet>>,
+    platforms: Option<Arc<SlotSet>>,
+    hosts: Option<Arc<SlotSet>>,
     after: Option<i64>,
     before: Option<i64>,
 }
@@ -805,9 +786,9 @@ impl Test {
             })
             && self.after.is_none_or(|after| index.updated[at] > after)
             && self.before.is_none_or(|before| index.updated[at] < before)
-            && self.platforms.as_ref().is_none_or(|matching| matching[index.platforms[at] as usize])
-            && self.users.as_ref().is_none_or(|matching| matching[index.users[at] as usize])
-            && self.hosts.as_ref().is_none_or(|matching| matching[index.hosts[at] as usize])
+            && self.platforms.as_ref().is_none_or(|matching| matching.contains(index.platforms[at]))
+            && self.users.as_ref().is_none_or(|matching| matching.contains(index.users[at]))
+            && self.hosts.as_ref().is_none_or(|matching| matching.contains(index.hosts[at]))
     }
 }
 

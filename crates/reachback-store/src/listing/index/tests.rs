@@ -83,7 +83,8 @@ fn draw_selection(draw: &mut Draw) -> Selection {
         }),
         username: pick(draw, &["BOB", "o", "ä", "Ä", "corp", "zzz", "@"]),
         platform: pick(draw, &["WIN", "os", "linux"]),
-        client_hostname: pick(draw, &["h1", "-ws", "7-LT", ".example", "none"]),
+        // "new1", "w" and "e" match values the churn adds and removes: kept answers must follow
+        client_hostname: pick(draw, &["h1", "-ws", "7-LT", ".example", "none", "new1", "w", "e", ""]),
         updated_after: (draw.below(4) == 0).then(|| draw.below(40) as i64 - 25),
         updated_before: (draw.below(4) == 0).then(|| draw.below(40) as i64 - 15),
         order: Some(orders[draw.below(6) as usize]),
@@ -257,4 +258,51 @@ fn removed_values_leave_the_arena_and_searches_stay_exact() {
     // a needle with a NUL is tested value by value (it cannot span two values)
     let selection = Selection { client_hostname: Some("example\u{0}host".into()), ..Selection::default() };
     assert_eq!(index.select(&selection, 0, 0).0, 0);
+}
+
+#[test]
+fn kept_search_answers_follow_values_added_and_removed() {
+    let mut index = ListingIndex::new(Fold::Ascii);
+    let row = |n: u32, host: &str| IndexedRow {
+        key: key(4, u128::from(n)),
+        range_id: "r".into(),
+        device_id: format!("d{n}"),
+        username: "u".into(),
+        platform: "linux".into(),
+        client_hostname: host.into(),
+        last_updated: 0,
+    };
+    for n in 0..50u32 {
+        index.upsert(row(n, &format!("alpha-{n:02}")));
+    }
+    let alpha = Selection { client_hostname: Some("ALPHA-1".into()), ..Selection::default() };
+    let beta = Selection { client_hostname: Some("beta".into()), ..Selection::default() };
+    assert_eq!(index.select(&alpha, 0, 0).0, 10);
+    assert_eq!(index.select(&beta, 0, 0).0, 0);
+    assert_eq!(index.dictionaries()[2].searches_kept(), 2, "both answers kept");
+    // values added, renamed and removed after the answers were kept
+    index.upsert(row(60, "Alpha-1-new"));
+    index.upsert(row(61, "beta-1"));
+    index.upsert(row(10, "beta-2")); // was alpha-10
+    index.remove(&key(4, 11)); // alpha-11
+    assert_eq!(index.select(&alpha, 0, 0), (9, [12, 13, 14, 15, 16, 17, 18, 19, 60].iter().map(|&n| key(4, n)).collect()));
+    assert_eq!(index.select(&beta, 0, 0), (2, vec![key(4, 10), key(4, 61)]));
+    // a freed slot reused by a value that does not match leaves the answer
+    index.remove(&key(4, 61));
+    index.upsert(row(62, "gamma"));
+    assert_eq!(index.select(&beta, 0, 0), (1, vec![key(4, 10)]));
+    // at most SEARCHES_KEPT answers: the least recently used goes
+    for n in 0..100 {
+        let selection = Selection { client_hostname: Some(format!("x{n}")), ..Selection::default() };
+        index.select(&selection, 0, 1);
+    }
+    assert_eq!(index.dictionaries()[2].searches_kept(), 32);
+    // a removed value leaves the answer's count: with one value left, which does not
+    // match, a stale count would read "every value matches" and drop the filter
+    let mut small = ListingIndex::new(Fold::Ascii);
+    small.upsert(row(1, "beta-1"));
+    small.upsert(row(2, "gamma"));
+    assert_eq!(small.select(&beta, 0, 0), (1, vec![key(4, 1)]));
+    small.remove(&key(4, 1));
+    assert_eq!(small.select(&beta, 0, 0), (0, Vec::new()));
 }
