@@ -209,7 +209,7 @@ impl Dictionary {
             return kept;
         }
         let matching = Arc::new(search::search(&self.arena, &self.spans, needle.as_bytes(), self.entries.len()));
-        self.searches.keep(needle, matching.clone());
+        self.searches.keep(needle, matching.clone(), self.len());
         matching
     }
 

@@ -3,8 +3,8 @@
 //!
 //! A needle that most values contain ("e", ".", the domain every hostname ends in)
 //! used to cost one hit per occurrence, several per value: a million hostnames took
-//! 25–40 ms. Now a hit skips to the next value (at most one hit per value), the arena
-//! is searched in parts on every core, and the answer is kept: the listings that page
+//! 25–40 ms. Now a one-byte needle skips to the next value after a hit (at most one
+//! hit per value), the arena is searched in parts on every core, and the answer is kept: the listings that page
 //! or re-sort a filter already typed reuse it, and each value interned or removed
 //! later updates every kept answer (one `contains` per kept needle), so a kept answer
 //! is never stale.
@@ -56,8 +56,12 @@ impl SlotSet {
     }
 }
 
-/// Answers kept per dictionary: the most recently used needles.
-const SEARCHES_KEPT: usize = 32;
+/// Answers kept per dictionary: the most recently used needles, the costly ones first.
+const SEARCHES_KEPT: usize = 64;
+
+/// An answer holding at least one value in this many is costly to find again (a hit
+/// per value): it is evicted only when no cheap answer is left to evict.
+const DENSE_PART: usize = 10;
 
 /// Arenas of at least this many values are searched in parts, one per core.
 /// (Unit tests use a small value, so their few hundred values reach that path.)
@@ -88,17 +92,24 @@ impl Searches {
     }
 
     /// Keeps `matching` as the answer for `needle`, in place of the least recently used.
-    pub(super) fn keep(&self, needle: &str, matching: Arc<SlotSet>) {
+    /// `live`: how many values the dictionary holds.
+    pub(super) fn keep(&self, needle: &str, matching: Arc<SlotSet>, live: usize) {
         let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
         let (tick, answers) = &mut *kept;
         *tick += 1;
         if answers.iter().any(|answer| &*answer.needle == needle) {
             return;
         }
-        if answers.len() >= SEARCHES_KEPT
-            && let Some(oldest) = answers.iter().enumerate().min_by_key(|(_, answer)| answer.used).map(|(at, _)| at)
-        {
-            answers.swap_remove(oldest);
+        if answers.len() >= SEARCHES_KEPT {
+            // the least recently used of the cheap answers (few values: a rare needle,
+            // whose search skips through the arena), else of all: the costly answers —
+            // the short needles most values hold — stay
+            let dense = |answer: &Kept| answer.matching.len() * DENSE_PART >= live;
+            let oldest = |pool: &mut dyn Iterator<Item = (usize, &Kept)>| pool.min_by_key(|(_, answer)| answer.used).map(|(at, _)| at);
+            let victim = oldest(&mut answers.iter().enumerate().filter(|(_, answer)| !dense(answer))).or_else(|| oldest(&mut answers.iter().enumerate()));
+            if let Some(victim) = victim {
+                answers.swap_remove(victim);
+            }
         }
         answers.push(Kept { needle: needle.into(), matching, used: *tick });
     }
@@ -163,18 +174,33 @@ fn search_part(arena: &[u8], spans: &[(u32, u32)], (first, end): (usize, usize),
         }
         return found;
     }
-    // one hit per value: after a hit, the search goes on from the next value
     let mut span = first;
-    let mut from = start_of(first);
-    while from < stop {
-        let Some(hit) = finder.find(&arena[from..stop]) else {
-            break;
-        };
-        span = span_of(spans, span, end, from + hit);
+    if let [byte] = needle {
+        // one byte: after a hit, the search goes on from the next value (one hit per value)
+        let mut from = start_of(first);
+        while let Some(hit) = memchr::memchr(*byte, &arena[from..stop]) {
+            span = span_of(spans, span, end, from + hit);
+            if spans[span].1 != DEAD {
+                found.push(spans[span].1);
+            }
+            from = start_of(span + 1);
+        }
+        return found;
+    }
+    // longer needles: one search through the part (a fresh search per value cost more
+    // than the rare second hit in a value, which is skipped)
+    let base = start_of(first);
+    let mut next_value = base;
+    for hit in finder.find_iter(&arena[base..stop]) {
+        let at = base + hit;
+        if at < next_value {
+            continue;
+        }
+        span = span_of(spans, span, end, at);
         if spans[span].1 != DEAD {
             found.push(spans[span].1);
         }
-        from = start_of(span + 1);
+        next_value = start_of(span + 1);
     }
     found
 }

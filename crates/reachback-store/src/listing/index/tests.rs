@@ -291,12 +291,18 @@ fn kept_search_answers_follow_values_added_and_removed() {
     index.remove(&key(4, 61));
     index.upsert(row(62, "gamma"));
     assert_eq!(index.select(&beta, 0, 0), (1, vec![key(4, 10)]));
-    // at most SEARCHES_KEPT answers: the least recently used goes
+    // at most SEARCHES_KEPT answers: the least recently used cheap one goes, the costly
+    // (dense) ones stay
+    let dense = Selection { client_hostname: Some("a".into()), ..Selection::default() };
+    index.select(&dense, 0, 1);
     for n in 0..100 {
         let selection = Selection { client_hostname: Some(format!("x{n}")), ..Selection::default() };
         index.select(&selection, 0, 1);
     }
-    assert_eq!(index.dictionaries()[2].searches_kept(), 32);
+    assert_eq!(index.dictionaries()[2].searches_kept(), 64);
+    let kept = |index: &ListingIndex, needle: &str| index.hostnames.searches.get(needle).is_some();
+    assert!(kept(&index, "a") && kept(&index, "alpha-1"), "the dense answers were evicted");
+    assert!(kept(&index, "x99") && !kept(&index, "x0"), "the cheap answers are not the most recent");
     // a removed value leaves the answer's count: with one value left, which does not
     // match, a stale count would read "every value matches" and drop the filter
     let mut small = ListingIndex::new(Fold::Ascii);
