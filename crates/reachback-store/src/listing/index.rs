@@ -572,10 +572,10 @@ impl ListingIndex {
     }
 
     /// Every matching row, in an order read a chunk at a time (`Ordered::next_chunk`):
-    /// the first chunk costs one selection over the matches, the rest one sort —
-    /// an export's first byte does not wait for the whole sort.
+    /// the first chunk costs one selection over the matches, the rest batches of
+    /// doubling size — an export's first byte does not wait for the whole sort.
     pub fn order_all(&self, selection: &Selection) -> Ordered {
-        let mut ordered = Ordered { entries: Vec::new(), descending: selection.descending, next: 0, sorted: false, scratch: self.scratch.clone() };
+        let mut ordered = Ordered { entries: Vec::new(), descending: selection.descending, next: 0, ordered: 0, scratch: self.scratch.clone() };
         let Some(test) = self.test(selection) else {
             return ordered;
         };
@@ -715,7 +715,8 @@ pub struct Ordered {
     next: usize,
     /// where the entries' buffer goes back when the export ends
     scratch: Scratch,
-    sorted: bool,
+    /// entries `..ordered` are in their final order
+    ordered: usize,
 }
 
 impl Drop for Ordered {
@@ -734,30 +735,37 @@ impl Ordered {
         self.entries.is_empty()
     }
 
-    /// The next `count` keys in order (empty at the end). The first call selects its
-    /// rows from all matches; the next sorts the rest once.
+    /// The next `count` keys in order (empty at the end). The order is made a batch at
+    /// a time: the first as big as the chunk, then each as big as all before it (at
+    /// least `BATCH_CHUNKS` chunks) — a selection over the rest and a sort of the
+    /// batch. The first byte waits for one selection, an export whose client has gone
+    /// costs one more batch, never a sort of every row, and a whole export costs
+    /// about one sort.
     pub fn next_chunk(&mut self, count: usize) -> Vec<Key> {
         let count = count.max(1);
         let descending = self.descending;
-        let rest = &mut self.entries[self.next..];
-        if rest.is_empty() {
-            return Vec::new();
-        }
-        if !self.sorted {
-            if self.next == 0 && rest.len() > count {
-                rest.select_nth_unstable_by(count - 1, |left, right| compare(descending, left, right));
-                rest[..count].sort_unstable_by(|left, right| compare(descending, left, right));
+        let total = self.entries.len();
+        let end = (self.next + count).min(total);
+        while self.ordered < end {
+            let batch = if self.ordered == 0 { count } else { self.ordered.max(BATCH_CHUNKS * count) };
+            let rest = &mut self.entries[self.ordered..];
+            if batch < rest.len() {
+                rest.select_nth_unstable_by(batch - 1, |left, right| compare(descending, left, right));
+                rest[..batch].sort_unstable_by(|left, right| compare(descending, left, right));
+                self.ordered += batch;
             } else {
                 rest.sort_unstable_by(|left, right| compare(descending, left, right));
-                self.sorted = true;
+                self.ordered = total;
             }
         }
-        let end = (self.next + count).min(self.entries.len());
         let chunk = self.entries[self.next..end].iter().map(SortEntry::key).collect();
         self.next = end;
         chunk
     }
 }
+
+/// The smallest batch an export orders after its first chunk, in chunks.
+const BATCH_CHUNKS: usize = 16;
 
 /// A selection's filters, resolved against the index: per-slot answers for ranges and
 /// text values, bounds for the rest.
