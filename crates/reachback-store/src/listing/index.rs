@@ -81,7 +81,17 @@ const END_STEP: u64 = 1 << 32;
 
 impl Dictionary {
     fn new(fold: Fold) -> Dictionary {
-        Dictionary { by_text: BTreeMap::new(), entries: Vec::new(), free: Vec::new(), fold, relabels: 0, arena: Vec::new(), spans: Vec::new(), garbage: 0, searches: Searches::default() }
+        Dictionary {
+            by_text: BTreeMap::new(),
+            entries: Vec::new(),
+            free: Vec::new(),
+            fold,
+            relabels: 0,
+            arena: Vec::new(),
+            spans: Vec::new(),
+            garbage: 0,
+            searches: Searches::default(),
+        }
     }
 
     pub fn len(&self) -> usize {
