@@ -234,9 +234,14 @@ impl Store {
         if !self.listing_index_ready() {
             return Ok(None);
         }
+        let started = std::time::Instant::now();
         self.catch_up_listing().await?;
+        let caught_up = started.elapsed();
         // in name order, as the database collates names (`list_ranges` orders by name key)
         let ranges = self.list_ranges().await?;
+        if started.elapsed() > std::time::Duration::from_millis(10) {
+            tracing::debug!(catch_up_ms = caught_up.as_secs_f64() * 1e3, total_ms = started.elapsed().as_secs_f64() * 1e3, "slow listing preparation");
+        }
         let name = query.range_name.as_deref().map(str::to_lowercase);
         let place = query.range_location.as_deref().map(str::to_lowercase);
         let filtered = (name.is_some() || place.is_some())

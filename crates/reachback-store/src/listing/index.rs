@@ -585,7 +585,7 @@ impl ListingIndex {
     /// the first chunk costs one selection over the matches, the rest batches of
     /// doubling size — an export's first byte does not wait for the whole sort.
     pub fn order_all(&self, selection: &Selection) -> Ordered {
-        let mut ordered = Ordered { entries: Vec::new(), descending: selection.descending, next: 0, ordered: 0, scratch: self.scratch.clone() };
+        let mut ordered = Ordered { entries: Vec::new(), descending: selection.descending, next: 0, ordered: 0, scratch: self.scratch.clone(), pooled: false };
         let Some(test) = self.test(selection) else {
             return ordered;
         };
@@ -594,6 +594,16 @@ impl ListingIndex {
         ordered.entries = take_scratch(&self.scratch);
         ordered.entries.reserve(self.keys.len());
         ordered.entries.extend((0..self.keys.len()).filter(|&at| test.passes(self, at)).map(|at| self.entry(order, &range_rank, at)));
+        if ordered.entries.len() * 4 < ordered.entries.capacity() {
+            // few matches: a copy of their own, and the scratch buffer goes back now rather
+            // than when the export ends — an export held open (or whose client has gone
+            // unnoticed) would otherwise keep a buffer the size of the index, and the next
+            // listing would page-fault a fresh one in (tens of ms)
+            let few = ordered.entries.to_vec();
+            give_back(&self.scratch, std::mem::replace(&mut ordered.entries, few));
+        } else {
+            ordered.pooled = true;
+        }
         ordered
     }
 
@@ -727,11 +737,17 @@ pub struct Ordered {
     scratch: Scratch,
     /// entries `..ordered` are in their final order
     ordered: usize,
+    /// whether `entries` is a scratch buffer, to go back to the pool when the export ends
+    pooled: bool,
 }
 
 impl Drop for Ordered {
     fn drop(&mut self) {
-        give_back(&self.scratch, std::mem::take(&mut self.entries));
+        // only a scratch buffer goes back: a small or empty one in the pool would be
+        // grown (page-faulted) by the next listing that takes it
+        if self.pooled {
+            give_back(&self.scratch, std::mem::take(&mut self.entries));
+        }
     }
 }
 

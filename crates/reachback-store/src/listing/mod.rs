@@ -36,6 +36,8 @@ pub use index::{Fold, IndexedRow, Key, ListingIndex, Order, Selection};
 const RELOAD_AFTER_CHANGES: usize = 200_000;
 /// Changes deleted per pruning round (one every five seconds).
 const PRUNE_BATCH: i64 = 10_000;
+/// A scan slower than this is logged (at DEBUG) with where its time went.
+const SLOW_SCAN: std::time::Duration = std::time::Duration::from_millis(30);
 /// Changes kept in the feed (µs).
 const CHANGES_KEPT: i64 = 3_600_000_000;
 
@@ -347,15 +349,31 @@ impl Store {
     /// Runs `work` on the index (loaded) on a blocking thread; `None` before the first load.
     pub(crate) async fn with_listing_index<T: Send + 'static>(&self, work: impl FnOnce(&ListingIndex) -> T + Send + 'static) -> Result<Option<T>> {
         let index = self.listing.index.clone();
+        let asked = std::time::Instant::now();
         let permit = self.listing.scans.clone().acquire_owned().await.map_err(|error| StoreError::Internal(error.to_string()))?;
+        let permitted = asked.elapsed();
         let (running, peak) = (self.listing.running.clone(), self.listing.peak.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             use std::sync::atomic::Ordering::SeqCst;
+            let started = asked.elapsed();
             peak.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
             let guard = index.read().map_err(poisoned);
+            let locked = asked.elapsed();
             let answer = guard.map(|guard| guard.as_ref().map(work));
             running.fetch_sub(1, SeqCst);
+            let done = asked.elapsed();
+            if done > SLOW_SCAN {
+                // where a slow scan's time went: waiting for a permit, for a blocking
+                // thread, for the read lock, or in the scan itself
+                tracing::debug!(
+                    permit_ms = permitted.as_secs_f64() * 1e3,
+                    thread_ms = (started - permitted).as_secs_f64() * 1e3,
+                    lock_ms = (locked - started).as_secs_f64() * 1e3,
+                    scan_ms = (done - locked).as_secs_f64() * 1e3,
+                    "slow listing index scan"
+                );
+            }
             answer
         })
         .await

@@ -312,3 +312,27 @@ fn kept_search_answers_follow_values_added_and_removed() {
     small.remove(&key(4, 1));
     assert_eq!(small.select(&beta, 0, 0), (0, Vec::new()));
 }
+
+#[test]
+fn exports_hold_and_give_back_only_full_scratch_buffers() {
+    let mut draw = Draw(11);
+    let mut index = ListingIndex::new(Fold::Ascii);
+    for n in 0..400 {
+        index.upsert(row(&mut draw, n));
+    }
+    index.warm(2);
+    let pool = |index: &ListingIndex| index.scratch.lock().map(|pool| pool.iter().map(Vec::capacity).collect::<Vec<_>>()).unwrap_or_default();
+    let nothing = Selection { username: Some("nobody".into()), ..Selection::default() };
+    let few = Selection { client_hostname: Some("h1-lt".into()), ip: Some((key(4, 0x6440_0000), key(4, 0x6440_0040))), ..Selection::default() };
+    let all = Selection::default();
+    // an export of few rows holds no scratch buffer while it is open
+    let held = index.order_all(&few);
+    assert!(held.len() < index.len() / 4);
+    assert_eq!(pool(&index).len(), 2, "an open export of few rows holds a scratch buffer");
+    drop(held);
+    for selection in [&nothing, &few, &all] {
+        drop(index.order_all(selection));
+    }
+    let capacities = pool(&index);
+    assert!(!capacities.is_empty() && capacities.iter().all(|&capacity| capacity >= index.len()), "small buffers in the pool: {capacities:?}");
+}
